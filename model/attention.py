@@ -1,0 +1,172 @@
+"""Multi-head latent attention (MLA) with DeepSeek Sparse Attention's lightning indexer.
+
+Order inside a layer (dsv32 spec §6.7): MLA projections -> MLA cache write -> indexer (q/k,
+key-cache write, scores against every cached key including the new ones) -> causal mask and
+top-k -> attention over the selected entries only -> o_proj.
+
+Two MLA forms, equal in exact arithmetic:
+- decompressed (prefill): kv_b_proj expands each cached latent into per-head k_nope and v;
+- absorbed (decode): q_nope is folded through kv_b_proj's k part into the 512-d latent space,
+  attention runs over the cached [latent ‖ k_rope] entries directly (one shared KV head), and
+  kv_b_proj's v part is applied after attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import ForwardBatch, IndexerKeys, SeqSpan
+from .config import ModelConfig
+from .fp8 import act_quant, hadamard_rotate
+from .norm import RMSNorm
+from .rope import apply_half_split, apply_interleaved
+
+
+class Indexer(nn.Module):
+    """The lightning indexer: picks, per query token, the index_topk cached tokens MLA attends to.
+
+    exact path (fp8=False): scores in fp32 without rotation or quantisation (transformers' form).
+    FP8 path (fp8=True): q and k Hadamard-rotated and quantised to e4m3 with one ue8m0 scale per
+    128 values (DeepSeek's inference code); keys are cached as e4m3 + one fp32 scale per token.
+    """
+
+    def __init__(self, cfg: ModelConfig, fp8: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.fp8 = fp8
+        self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.softmax_scale = self.head_dim ** -0.5
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim:]
+        rot = (apply_interleaved if self.cfg.indexer_rope_interleave else apply_half_split)(rot, cos, sin)
+        return torch.cat([rot, rest], dim=-1)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> IndexerKeys:
+        """x [N, hidden] -> the N tokens' cacheable keys."""
+        k = self.wk(x)
+        k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(), 1e-6).to(x.dtype)
+        k = self._rope(k, cos, sin)
+        if not self.fp8:
+            return IndexerKeys(k)
+        kq, ks = act_quant(hadamard_rotate(k), self.head_dim)
+        return IndexerKeys(kq, ks[:, 0])
+
+    def queries(self, q_resid: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (q [N, heads, D] (float, or e4m3 on the FP8 path), head weights [N, heads] fp32 with scales folded in)."""
+        n = x.shape[0]
+        q = self._rope(self.wq_b(q_resid).view(n, self.n_heads, self.head_dim), cos, sin)
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+        if not self.fp8:
+            return q, w
+        qq, qs = act_quant(hadamard_rotate(q), self.head_dim)
+        return qq, w * qs[..., 0] * self.softmax_scale
+
+    def scores(self, q: torch.Tensor, w: torch.Tensor, keys: IndexerKeys) -> torch.Tensor:
+        """q [n, heads, D], w [n, heads], keys [L] -> index scores [n, L] fp32."""
+        if not self.fp8:
+            logits = F.relu(torch.einsum("nhd,ld->nhl", q.float(), keys.values.float()) * self.softmax_scale)
+            return torch.einsum("nh,nhl->nl", w, logits)
+        logits = F.relu(torch.einsum("nhd,ld->nhl", q.float(), keys.values.float()))
+        assert keys.scale is not None
+        return torch.einsum("nh,nhl->nl", w, logits) * keys.scale.float()[None, :]
+
+
+def select_topk(index_scores: torch.Tensor, span: SeqSpan, topk: int) -> torch.Tensor:
+    """index_scores [n, L] -> allowed [n, L] bool: causal and among the row's top-k visible keys.
+
+    Query row r sits at position context_len + r and sees keys 0..context_len + r. With at most
+    `topk` visible keys a row attends to all of them (dense causal attention).
+    """
+    n, total = index_scores.shape
+    key_pos = torch.arange(total, device=index_scores.device)
+    q_pos = torch.arange(span.context_len, span.context_len + n, device=index_scores.device)
+    causal = key_pos[None, :] <= q_pos[:, None]
+    if total <= topk:
+        return causal
+    masked = index_scores.masked_fill(~causal, float("-inf"))
+    idx = masked.topk(topk, dim=-1).indices
+    selected = torch.zeros_like(causal).scatter_(1, idx, True)
+    return selected & causal
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention for one layer (weights named as in the HF checkpoint)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, indexer_fp8: bool = False) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        h = cfg.num_attention_heads
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.latent_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=False)
+        self.indexer = Indexer(cfg, indexer_fp8)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        n, h = x.shape[0], cfg.num_attention_heads
+        q_resid = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_resid).view(n, h, cfg.qk_head_dim)
+        q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        q_rope = apply_interleaved(q_rope, cos, sin)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        entries = torch.cat([self.kv_a_layernorm(latent), apply_interleaved(k_rope, cos, sin)], dim=-1)
+        keys = self.indexer.keys(x, cos, sin)
+        for i, sp in enumerate(batch.spans):
+            batch.store.write(self.layer, i, entries[sp.start:sp.end], keys[sp.start:sp.end])
+        q_idx, w_idx = self.indexer.queries(q_resid, x, cos, sin)
+
+        out = x.new_empty(n, h, cfg.v_head_dim)
+        for i, sp in enumerate(batch.spans):
+            cache, cache_keys = batch.store.read(self.layer, i)
+            if sp.total_len <= cfg.index_topk:  # every visible key is selected: skip scoring
+                allowed = select_topk(cache.new_empty(sp.length, sp.total_len), sp, cfg.index_topk)
+            else:
+                scores = self.indexer.scores(q_idx[sp.start:sp.end], w_idx[sp.start:sp.end], cache_keys)
+                allowed = select_topk(scores, sp, cfg.index_topk)
+            attend = self._absorbed if sp.absorbed else self._decompressed
+            out[sp.start:sp.end] = attend(q_nope[sp.start:sp.end], q_rope[sp.start:sp.end], cache, allowed)
+        return self.o_proj(out.reshape(n, h * cfg.v_head_dim))
+
+    def _softmax(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() * self.cfg.softmax_scale
+        return torch.softmax(logits.masked_fill(~allowed[None], float("-inf")), dim=-1)
+
+    def _decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
+                      allowed: torch.Tensor) -> torch.Tensor:
+        """q_nope [n, H, 128], q_rope [n, H, 64], cache [L, 576], allowed [n, L] -> [n, H, v_head_dim]."""
+        cfg = self.cfg
+        lat, k_rope = cache.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(lat).view(lat.shape[0], cfg.num_attention_heads, -1)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        logits = torch.einsum("nhd,lhd->hnl", q_nope, k_nope) + torch.einsum("nhd,ld->hnl", q_rope, k_rope)
+        p = self._softmax(logits, allowed).to(v.dtype)
+        return torch.einsum("hnl,lhd->nhd", p, v)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split into W_uk [H, nope, kv_lora] and W_uv [H, v_head, kv_lora]."""
+        cfg = self.cfg
+        w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
+
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
+                  allowed: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        w_uk, w_uv = self.absorbed_weights()
+        lat, k_rope = cache.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        q_lat = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)
+        logits = torch.einsum("nhc,lc->hnl", q_lat, lat) + torch.einsum("nhd,ld->hnl", q_rope, k_rope)
+        p = self._softmax(logits, allowed).to(lat.dtype)
+        o_lat = torch.einsum("hnl,lc->nhc", p, lat)
+        return torch.einsum("nhc,hdc->nhd", o_lat, w_uv)

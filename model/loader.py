@@ -1,0 +1,198 @@
+"""Loading a Hugging Face-format DeepSeek-V3.2 checkpoint directory into `DeepseekV32`.
+
+Streams shard by shard: each tensor is read from its safetensors file, dequantised if it is FP8
+(`weight_scale_inv` blocks of 128x128; a scale stored in a later shard is waited for), copied into
+the network's preallocated parameter, and dropped, so the checkpoint is never held twice. Every
+tensor is checked against the expected name/shape table (checkpoint_format.py); the first problems
+are reported by name. A checkpoint without MTP weights (transformers writes none) loads with MTP
+unavailable, said once in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint_format import hf_tensor_shapes, layer_of, scale_shape
+from .config import ModelConfig
+from .fp8 import FP8_DTYPE, dequantize_weight
+from .network import DeepseekV32
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config: names the tensors at fault."""
+
+
+def shard_files(path: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from the index json when present, else from the files' headers."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+        if missing:
+            raise CheckpointError(f"{path}: shard file(s) named in the index are missing: {', '.join(missing)}")
+        return {k: path / v for k, v in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    out: dict[str, Path] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                out[k] = f
+    return out
+
+
+def _target(net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig
+            ) -> tuple[torch.Tensor, tuple] | None:
+    """Map an HF tensor name onto (parameter, index into it); None for known tensors not kept."""
+    if name in net_params:
+        return net_params[name], ()
+    layer = layer_of(name)
+    if layer == cfg.mtp_layer_index and name.endswith((".embed_tokens.weight", ".shared_head.head.weight")):
+        return None  # copies of the main embedding / LM head
+    if layer is not None and ".mlp.experts." in name:
+        pre = name.split(".mlp.experts.")[0] + ".mlp."
+        rest = name.split(".mlp.experts.")[1]
+        i = cfg.moe_intermediate_size
+        if rest == "gate_up_proj":
+            return net_params[pre + "w13"], ()
+        if rest == "down_proj":
+            return net_params[pre + "w2"], ()
+        e_str, proj = rest.split(".", 1)
+        e = int(e_str)
+        if proj == "gate_proj.weight":
+            return net_params[pre + "w13"], (e, slice(0, i))
+        if proj == "up_proj.weight":
+            return net_params[pre + "w13"], (e, slice(i, 2 * i))
+        if proj == "down_proj.weight":
+            return net_params[pre + "w2"], (e,)
+    raise KeyError(name)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         *, indexer_fp8: bool = False, mtp: bool = True, progress: bool | None = None) -> DeepseekV32:
+    """Build the network from a checkpoint directory.
+
+    Args:
+        path: directory with config.json and model*.safetensors (+ model.safetensors.index.json).
+        device, dtype: where and in which dtype the weights live (FP8 weights are dequantised).
+        indexer_fp8: run the lightning indexer on its FP8 path (DeepSeek's) instead of the exact one.
+        mtp: load the MTP layer when the checkpoint has one.
+        progress: log a line per shard (default: when the checkpoint is over 1 GB).
+    Raises:
+        CheckpointError naming missing, unexpected or mis-shaped tensors.
+    """
+    path = Path(path)
+    cfg = ModelConfig.from_json(path)
+    files = shard_files(path)
+    names = set(files)
+    fused = any(n.endswith("mlp.experts.gate_up_proj") for n in names)
+    mtp_prefix = f"model.layers.{cfg.mtp_layer_index}."
+    has_mtp = cfg.num_nextn_predict_layers > 0 and any(n.startswith(mtp_prefix) for n in names)
+    if cfg.num_nextn_predict_layers and not has_mtp:
+        log.warning("%s: no MTP weights (model.layers.%d.*): MTP speculative decoding is unavailable",
+                    path, cfg.mtp_layer_index)
+    use_mtp = mtp and has_mtp
+    expected = hf_tensor_shapes(cfg, mtp=has_mtp, fused_experts=fused)
+    if not use_mtp:
+        names = {n for n in names if not n.startswith(mtp_prefix)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(mtp_prefix)}
+
+    scale_names = {n for n in names if n.endswith("_scale_inv")}
+    tensor_names = names - scale_names
+    unexpected = sorted(tensor_names - expected.keys())
+    missing = sorted(expected.keys() - tensor_names)
+    orphan_scales = sorted(s for s in scale_names if s[: -len("_scale_inv")] not in names)
+    problems = []
+    if missing:
+        problems.append(f"missing tensor(s): {', '.join(missing[:10])}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensor(s): {', '.join(unexpected[:10])}" + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+    if orphan_scales:
+        problems.append(f"scale(s) without a weight: {', '.join(orphan_scales[:10])}")
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match config.json: " + "; ".join(problems))
+
+    with torch.device("meta"):
+        net = DeepseekV32(cfg, with_mtp=use_mtp, indexer_fp8=indexer_fp8)
+    net.to_empty(device=device)
+    net.to(dtype)
+    for name, mod in net.named_modules():  # the router's correction bias and the indexer's head weights stay fp32
+        if hasattr(mod, "e_score_correction_bias"):
+            mod.e_score_correction_bias.data = mod.e_score_correction_bias.data.float()
+        if name.endswith("indexer.weights_proj"):
+            mod.float()
+    net.rotary.inv_freq = net.rotary.inv_freq.to(device)
+    params: dict[str, torch.Tensor] = dict(net.named_parameters())
+    params.update(dict(net.named_buffers()))
+
+    by_file: dict[Path, list[str]] = {}
+    for n in sorted(names):
+        by_file.setdefault(files[n], []).append(n)
+    total_bytes = sum(f.stat().st_size for f in by_file)
+    show = progress if progress is not None else total_bytes > 1 << 30
+    block = cfg.weight_block_size or (128, 128)
+    pending_fp8: dict[str, torch.Tensor] = {}   # fp8 weights waiting for their scale
+    pending_scale: dict[str, torch.Tensor] = {}  # scales waiting for their weight
+    t0, done_bytes = time.monotonic(), 0
+
+    def place(name: str, value: torch.Tensor) -> None:
+        tgt = _target(params, name, cfg)
+        if tgt is None:
+            return
+        param, idx = tgt
+        dst = param[idx] if idx else param
+        if tuple(value.shape) != tuple(dst.shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(dst.shape)}")
+        dst.copy_(value.to(dst.dtype))
+
+    with torch.no_grad():
+        for i, (f, keys) in enumerate(by_file.items()):
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for name in keys:
+                    if name in scale_names:
+                        wname = name[: -len("_scale_inv")]
+                        t = sf.get_tensor(name)
+                        if wname in pending_fp8:
+                            place(wname, _dequant(path, wname, pending_fp8.pop(wname), t, block, dtype))
+                        else:
+                            pending_scale[wname] = t
+                        continue
+                    shape = tuple(sf.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise CheckpointError(f"{path}: tensor {name} has shape {shape}, expected {expected[name]}")
+                    t = sf.get_tensor(name)
+                    if t.dtype == FP8_DTYPE:
+                        if name + "_scale_inv" in pending_scale:
+                            t = _dequant(path, name, t, pending_scale.pop(name + "_scale_inv"), block, dtype)
+                        elif name + "_scale_inv" in names:
+                            pending_fp8[name] = t
+                            continue
+                        else:
+                            raise CheckpointError(f"{path}: FP8 tensor {name} has no {name}_scale_inv")
+                    place(name, t)
+            done_bytes += f.stat().st_size
+            if show:
+                el = time.monotonic() - t0
+                log.info("loading %s: shard %d/%d, %.1f/%.1f GB, %.0f s", path.name, i + 1, len(by_file),
+                         done_bytes / 1e9, total_bytes / 1e9, el)
+    if pending_fp8:
+        raise CheckpointError(f"{path}: FP8 tensor(s) without scale: {', '.join(sorted(pending_fp8)[:10])}")
+    net.eval()
+    return net
+
+
+def _dequant(path: Path, name: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+             dtype: torch.dtype) -> torch.Tensor:
+    expect = scale_shape(tuple(w.shape), block)
+    if tuple(scale.shape) != expect:
+        raise CheckpointError(f"{path}: tensor {name}_scale_inv has shape {tuple(scale.shape)}, expected {expect}")
+    return dequantize_weight(w, scale, block, dtype)

@@ -1,0 +1,141 @@
+"""The DeepSeek-V3.2 network: embedding, decoder layers (MLA + indexer, dense MLP or MoE), final
+norm, LM head, and the MTP module (checkpoint layer index num_hidden_layers).
+
+Module names follow the Hugging Face checkpoint (`model.layers.{i}.self_attn.q_a_proj`, ...), except
+the stacked routed experts (see moe.py). The MTP layer is `model.layers.{num_hidden_layers}` and
+caches like any layer, under that layer index.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .attention import MLA
+from .batch import DenseStore, ForwardBatch
+from .config import ModelConfig
+from .moe import MLP, MoE
+from .norm import RMSNorm
+from .rope import RotaryTable
+
+log = logging.getLogger(__name__)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, indexer_fp8: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer, indexer_fp8)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """One multi-token-prediction step: h' = block(eh_proj([enorm(emb(t+1)) ‖ hnorm(h_t)])).
+
+    The checkpoint's copies of embed_tokens and shared_head.head are not kept: the main model's
+    embedding and LM head are used (the copies are the same tensors in DeepSeek's release).
+    """
+
+    def __init__(self, cfg: ModelConfig, indexer_fp8: bool = False) -> None:
+        super().__init__(cfg, cfg.mtp_layer_index, indexer_fp8)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, with_mtp: bool, indexer_fp8: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        layers: list[nn.Module] = [DecoderLayer(cfg, i, indexer_fp8) for i in range(cfg.num_hidden_layers)]
+        if with_mtp:
+            layers.append(MTPLayer(cfg, indexer_fp8))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV32(nn.Module):
+    """The network. Use `splitserve.model.load()` to build one from a checkpoint."""
+
+    def __init__(self, cfg: ModelConfig, *, with_mtp: bool = True, indexer_fp8: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.indexer_fp8 = indexer_fp8
+        self.model = Backbone(cfg, with_mtp, indexer_fp8)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryTable(cfg.rope, cfg.qk_rope_head_dim, "cpu")
+
+    @property
+    def has_mtp(self) -> bool:
+        return len(self.model.layers) > self.cfg.num_hidden_layers
+
+    @property
+    def mtp(self) -> MTPLayer:
+        if not self.has_mtp:
+            raise RuntimeError("this checkpoint has no MTP weights: speculative decoding is unavailable")
+        return self.model.layers[self.cfg.num_hidden_layers]  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rotary.inv_freq.device != positions.device:
+            self.rotary.inv_freq = self.rotary.inv_freq.to(positions.device)
+        return self.rotary.cos_sin(positions, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the main layers over the batch's new tokens, writing their cache entries.
+
+        Returns the final hidden states [N, hidden] after the final RMSNorm (what the LM head and
+        the MTP module take).
+        """
+        cos, sin = self._cos_sin(batch.positions)
+        x = self.model.embed_tokens(batch.input_ids)
+        for layer in self.model.layers[: self.cfg.num_hidden_layers]:
+            x = layer(x, batch, cos, sin)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] (normed) -> logits [N, vocab] fp32."""
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One MTP step. hidden [N, hidden]: state at position p (main model's normed output, or the
+        MTP's own output when drafting recursively); next_ids [N]: the token at p + 1; batch carries
+        positions p and the MTP layer's cache. Returns the MTP hidden [N, hidden] after
+        shared_head.norm; `logits()` of it predicts the token at p + 2."""
+        mtp = self.mtp
+        cos, sin = self._cos_sin(batch.positions)
+        e = mtp.enorm(self.model.embed_tokens(next_ids))
+        x = mtp.eh_proj(torch.cat([e, mtp.hnorm(hidden)], dim=-1))
+        x = mtp(x, batch, cos, sin)
+        return mtp.shared_head.norm(x)
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Cache-free full-sequence forward: input_ids [S] -> next-token logits [S, vocab] fp32."""
+        ids = input_ids.to(self.device).long()
+        return self.logits(self.forward(ForwardBatch.single(ids, DenseStore())))
