@@ -1,0 +1,53 @@
+"""Engine configuration: cache size and layout, batching budgets, MTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How one engine (one worker's model + cache + scheduler) runs.
+
+    num_blocks: cache blocks (each holds block_size tokens of every layer's MLA latent and
+        indexer key). block_size: tokens per block (64 as DeepSeek's kernels assume; any power of 2).
+    max_batch_tokens: token budget of one step (prefill chunks + decode tokens + drafts).
+    chunk_size: the most prompt tokens one request prefills in one step (chunked prefill).
+    max_running: the most requests in the running batch.
+    mtp_draft_tokens: k drafts per decode step from the MTP layer (0 = speculative decoding off).
+    prefix_cache: share full blocks between requests with the same token prefix.
+    """
+
+    num_blocks: int = 256
+    block_size: int = 64
+    max_batch_tokens: int = 2048
+    chunk_size: int = 512
+    max_running: int = 64
+    mtp_draft_tokens: int = 0
+    prefix_cache: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    indexer_fp8: bool = False
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.chunk_size < 1 or self.max_batch_tokens < 1 or self.max_running < 1:
+            raise ValueError("chunk_size, max_batch_tokens and max_running must be >= 1")
+        if not 0 <= self.mtp_draft_tokens <= 8:
+            raise ValueError(f"mtp_draft_tokens must be in [0, 8], got {self.mtp_draft_tokens}")
+        if self.max_batch_tokens < self.mtp_draft_tokens + 1:
+            raise ValueError("max_batch_tokens must fit one decode step with its drafts")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]

@@ -1,0 +1,275 @@
+"""The engine: one network, one paged cache, one scheduler. The loop is
+
+    items = scheduler.schedule(); results = runner.execute(items); outputs = postprocess(results)
+
+Both worker kinds run it: a prefill worker adds requests with prefill_only=True (they stop after
+the first token and keep their blocks until the cache is sent); a decode worker reserves blocks,
+receives the cache into them and adopts the request (`adopt_prefilled`). On its own it is an
+offline generator (`generate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from splitserve.model import DeepseekV32
+
+from .block_manager import BlockManager
+from .cache import CachePool
+from .config import EngineConfig
+from .request import Request, RequestOutput, Status
+from .runner import ModelRunner
+from .sampler import TokenLogprobs, make_generator
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run (empty prompt, unknown token ids, too long...)."""
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    requests_done: int = 0
+    last_step_drafted: int = 0
+    last_step_accepted: int = 0
+    step_seconds: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    num_cached_prompt: int = 0
+
+
+class Engine:
+    def __init__(self, net: DeepseekV32, cfg: EngineConfig) -> None:
+        self.net, self.cfg = net, cfg
+        mcfg = net.cfg
+        self.mtp_k = cfg.mtp_draft_tokens if net.has_mtp else 0
+        if cfg.mtp_draft_tokens and not net.has_mtp:
+            log.warning("mtp_draft_tokens=%d but the checkpoint has no MTP layer: decoding without drafts",
+                        cfg.mtp_draft_tokens)
+        self.mtp_cache = self.mtp_k > 0
+        num_layers = mcfg.num_hidden_layers + (1 if net.has_mtp else 0)
+        self.pool = CachePool(mcfg, num_layers, cfg.num_blocks, cfg.block_size, net.dtype, net.device,
+                              net.indexer_fp8)
+        self.blocks = BlockManager(cfg.num_blocks, cfg.prefix_cache)
+        self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
+        self.runner = ModelRunner(net, self.pool, self.mtp_k, self.mtp_cache)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+
+    # ---- admission -------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.net.cfg.vocab_size
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len}")
+        need = self.scheduler.blocks_for(len(prompt_ids) + 1 + self.mtp_k)
+        if need > self.cfg.num_blocks:
+            raise RequestError(f"the prompt needs {need} cache blocks; this worker has {self.cfg.num_blocks}")
+        if params.logprobs is not None and params.logprobs > vocab or (params.prompt_logprobs or 0) > vocab:
+            raise RequestError("more logprobs requested than the vocabulary has tokens")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    *, prefill_only: bool = False) -> Request:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        self.validate(prompt_ids, params)
+        req = Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.net.device),
+                      prefill_only=prefill_only)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    # ---- disaggregation hooks ---------------------------------------------------------------
+    def reserve(self, num_tokens: int) -> list[int] | None:
+        """Blocks for a request whose cache will arrive from a prefill worker (None: no space)."""
+        n = self.scheduler.blocks_for(num_tokens)
+        if not self.blocks.can_allocate(n):
+            return None
+        return self.blocks.allocate(n)
+
+    def release_blocks(self, blocks: list[int]) -> None:
+        self.blocks.free(blocks)
+
+    def adopt_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, blocks: list[int],
+                        first_token: int, first_logprobs: TokenLogprobs | None, mtp_hidden: torch.Tensor | None,
+                        generator_state: torch.Tensor | None = None) -> Request:
+        """Join the running batch with a cache that is already in `blocks` (prompt fully computed,
+        the first token sampled by the prefill side). mtp_hidden: the main model's hidden state at
+        the last prompt position, [hidden], which the MTP layer needs next."""
+        req = Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.net.device))
+        if generator_state is not None and req.generator is not None:
+            req.generator.set_state(generator_state)
+        req.block_table = list(blocks)
+        req.output_ids = [first_token]
+        if first_logprobs is not None:
+            req.output_logprobs = [first_logprobs]
+        req.num_computed = len(prompt_ids)
+        if self.mtp_cache and mtp_hidden is not None:
+            req.mtp_computed = len(prompt_ids) - 1
+            req.pending_hidden = mtp_hidden.to(self.net.device, self.net.dtype).reshape(1, -1)
+        elif self.mtp_cache:
+            raise RequestError("MTP is on but the prefill side sent no MTP state")
+        self.requests[request_id] = req
+        if self._finish_reason(req, [first_token]) is not None:
+            req.status = Status.FINISHED
+            req.finish_reason = self._finish_reason(req, [first_token])
+        self.scheduler.adopt(req)
+        return req
+
+    def release_prefilled(self, request_id: str) -> None:
+        """A prefill_only request's owner is done with its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.remove(req)
+        self.blocks.free(req.block_table)
+        req.block_table = []
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        self.blocks.free(req.block_table)
+        req.block_table = []
+        req.status, req.finish_reason = Status.FINISHED, "abort"
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return any(not (r.prefill_only and r.num_computed >= r.num_tokens) for r in self.scheduler.running) \
+            or bool(self.scheduler.waiting)
+
+    def _finish_reason(self, req: Request, new: list[int]) -> str | None:
+        p = req.params
+        last = new[-1]
+        if last in p.stop_token_ids:
+            return "stop"
+        if not p.ignore_eos and last == self.net.cfg.eos_token_id:
+            return "stop"
+        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        items = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        for req in self.scheduler.finished:
+            outputs.append(self._finish(req, [], None))
+        self.scheduler.finished.clear()
+        # adopted requests that finished on their first token
+        for req in [r for r in self.scheduler.running if r.status is Status.FINISHED]:
+            outputs.append(self._finish(req, [], None))
+        if not items:
+            return outputs
+        results = self.runner.execute(items)
+        self.stats.steps += 1
+        self.stats.last_step_drafted = self.stats.last_step_accepted = 0
+        for it in items:
+            req = it.req
+            res = results[req.request_id]
+            if it.decode:
+                self.stats.decode_steps += 1
+                self.stats.last_step_drafted += res.drafted
+                self.stats.last_step_accepted += res.accepted
+                self.stats.draft_tokens += res.drafted
+                self.stats.accepted_draft_tokens += res.accepted
+            else:
+                self.stats.prefill_tokens += it.num_tokens
+            new, lps = res.new_tokens, res.new_logprobs
+            reason = None
+            kept: list[int] = []
+            for i, t in enumerate(new):  # truncate at the first finishing token
+                kept.append(t)
+                req.output_ids.append(t)
+                if lps is not None and lps[i] is not None:
+                    req.output_logprobs.append(lps[i])
+                reason = self._finish_reason(req, kept)
+                if reason is not None:
+                    break
+            if len(kept) < len(new):
+                req.num_computed = min(req.num_computed, req.num_tokens - 1)
+            if kept and req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+            self.scheduler.register_full_blocks(req)
+            klps = lps[: len(kept)] if lps is not None else None
+            if reason is not None or (req.prefill_only and kept):
+                outputs.append(self._finish(req, kept, klps, reason or "prefilled"))
+            else:
+                outputs.append(RequestOutput(req.request_id, kept, klps, False, None,
+                                             num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids)))
+            if kept and req.prompt_logprobs is not None and len(req.output_ids) == len(kept):
+                outputs[-1].prompt_logprobs = req.prompt_logprobs
+        self.stats.step_seconds = time.perf_counter() - t0
+        return outputs
+
+    def _finish(self, req: Request, new: list[int], lps: list | None, reason: str | None = None) -> RequestOutput:
+        reason = reason or req.finish_reason
+        req.status, req.finish_reason = Status.FINISHED, reason
+        if reason == "prefilled":
+            pass  # blocks stay with the request until release_prefilled()
+        else:
+            self.scheduler.remove(req)
+            self.blocks.free(req.block_table)
+            req.block_table = []
+            self.requests.pop(req.request_id, None)
+            self.stats.requests_done += 1
+        return RequestOutput(req.request_id, new, lps, True, reason, prompt_logprobs=None,
+                             num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids),
+                             num_cached_prompt=req.num_cached_prompt, draft_tokens=req.draft_tokens,
+                             accepted_draft_tokens=req.accepted_draft_tokens)
+
+    # ---- offline ----------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
+        """Run prompts to completion (continuous batching); results in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        base = f"gen-{time.monotonic_ns()}"
+        reqs = [self.add_request(f"{base}-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        pending = {r.request_id for r in reqs}
+        while pending:
+            for out in self.step():
+                if out.finished:
+                    pending.discard(out.request_id)
+            if pending and not self.has_work:
+                raise RuntimeError(f"engine idle with unfinished requests {sorted(pending)}")
+        return [GenerationResult(r.request_id, r.prompt_ids, r.output_ids, r.finish_reason, r.output_logprobs,
+                                 r.prompt_logprobs, r.draft_tokens, r.accepted_draft_tokens, r.num_cached_prompt)
+                for r in reqs]
+
+    # ---- introspection ----------------------------------------------------------------------
+    @property
+    def blocks_used(self) -> int:
+        return self.blocks.num_used
+
+    @property
+    def blocks_total(self) -> int:
+        return self.cfg.num_blocks
