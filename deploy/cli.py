@@ -1,0 +1,139 @@
+"""The `splitserve` command line.
+
+    splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S]
+    splitserve generate --model DIR|tiny --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
+                        [--seed S] [--mtp K] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+log = logging.getLogger("splitserve.cli")
+
+
+def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from splitserve.model.checkpoint import make_checkpoint
+
+    t0 = time.monotonic()
+    out = make_checkpoint(args.preset, args.out, fp8=args.fp8, seed=args.seed)
+    print(f"wrote the {args.preset} checkpoint to {out} in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.engine import Engine, RequestError
+    from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.model import load
+    from splitserve.model.presets import resolve_checkpoint
+    from splitserve.model.tokenizer import TextDecoder, apply_stop_strings, load_tokenizer
+
+    path = resolve_checkpoint(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    net = load(path, device=device, dtype=dtype)
+    tok = load_tokenizer(path)
+    ids = tok.encode(args.prompt, add_special_tokens=False).ids
+    if net.cfg.bos_token_id is not None:
+        ids = [net.cfg.bos_token_id] + ids
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
+                            stop=tuple(args.stop or ()))
+    need = -(-(len(ids) + args.max_tokens + args.mtp + 1) // 64)
+    eng = Engine(net, EngineConfig(num_blocks=max(need, 16), block_size=64, mtp_draft_tokens=args.mtp,
+                                   dtype=str(dtype).replace("torch.", ""), device=device))
+    try:
+        req = eng.add_request("cli-0", ids, params)
+    except RequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    decoder = TextDecoder(tok)
+    text, t0, t_first = "", time.perf_counter(), None
+    stopped = False
+    while not req.is_finished:
+        for out in eng.step():
+            if out.new_token_ids and t_first is None:
+                t_first = time.perf_counter()
+            delta = decoder.add(out.new_token_ids)
+            if out.finished:
+                delta += decoder.finish()
+            if params.stop:
+                full, hit = apply_stop_strings(text + delta, params.stop, max(0, len(text) - max(map(len, params.stop))))
+                delta = full[len(text):]
+                if hit:
+                    eng.abort(req.request_id)
+                    req.finish_reason, stopped = "stop", True
+            text += delta
+            if not args.json:
+                print(delta, end="", flush=True)
+        if stopped:
+            break
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    n_out = len(req.output_ids)
+    if args.json:
+        print(json.dumps({
+            "text": text, "token_ids": req.output_ids, "finish_reason": req.finish_reason,
+            "prompt_tokens": len(ids), "completion_tokens": n_out,
+            "draft_tokens": req.draft_tokens, "accepted_draft_tokens": req.accepted_draft_tokens,
+            "timings": {"prefill_seconds": t_first - t0, "decode_seconds": t_end - t_first,
+                        "tokens_per_second": (n_out - 1) / (t_end - t_first) if n_out > 1 and t_end > t_first else None},
+        }))
+    else:
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode serving for DeepSeek-V3.2 models")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the DeepSeek-V3.2 HF format")
+    mk.add_argument("--preset", choices=["tiny", "small", "bench"], required=True)
+    mk.add_argument("--out", required=True, help="output directory")
+    mk.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear weights with 128x128 weight_scale_inv blocks")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=_cmd_make_checkpoint)
+
+    g = sub.add_parser("generate", help="offline generation with the engine (no cluster)")
+    g.add_argument("--model", default="tiny", help="checkpoint directory or preset name (default: tiny, made on first use)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--mtp", type=int, default=0, help="MTP draft tokens per step (0 = off)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=_cmd_generate)
+
+    from . import cluster_cli  # noqa: F401  (adds up/status/scale/down when present)
+
+    cluster_cli.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Where preset checkpoints live: `resolve_checkpoint("tiny")` makes the tiny checkpoint on first
+use (in ~/.cache/splitserve/checkpoints/) and returns its directory; a path is returned as is."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .checkpoint import PRESETS, make_checkpoint
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "v1"
+
+
+def cache_dir() -> Path:
+    return Path.home() / ".cache" / "splitserve" / "checkpoints"
+
+
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A checkpoint directory for a path or a preset name (made once, atomically, if absent)."""
+    if str(model) not in PRESETS:
+        path = Path(model).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json); "
+                                    f"give a directory or one of the presets {sorted(PRESETS)}")
+        return path
+    target = cache_dir() / f"{model}-{CACHE_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("making the %s checkpoint in %s (first run only)...", model, target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{model}-"))
+    try:
+        make_checkpoint(str(model), tmp, seed=0)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("made the %s checkpoint", model)
+    return target

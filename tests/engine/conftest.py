@@ -1,0 +1,51 @@
+"""Engine test fixtures: the tiny network, and a 'predictable' variant whose MTP layer agrees with
+the main model often (so speculative decoding accepts drafts and the rollback paths run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.model import DeepseekV32, load
+
+
+@pytest.fixture(scope="session")
+def tiny_net(tiny_checkpoint) -> DeepseekV32:
+    return load(tiny_checkpoint, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def predictable_net(tiny_checkpoint) -> DeepseekV32:
+    """Main layers' residual branches scaled by 0.1 (the next token depends mostly, not only, on the
+    current one) and an MTP layer whose eh_proj passes the embedding through: its draft for t+2 is
+    the main model's bigram guess from t+1, right most of the time, wrong sometimes."""
+    net = load(tiny_checkpoint, dtype=torch.float32)
+    h = net.cfg.hidden_size
+    with torch.no_grad():
+        for layer in net.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.1)
+            mlp = layer.mlp
+            if hasattr(mlp, "w2"):
+                mlp.w2.mul_(0.1)
+                mlp.shared_experts.down_proj.weight.mul_(0.1)
+            else:
+                mlp.down_proj.weight.mul_(0.1)
+        mtp = net.mtp
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :h] = torch.eye(h)
+        mtp.enorm.weight.copy_(net.model.norm.weight)
+        mtp.shared_head.norm.weight.fill_(1.0)
+    return net
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy_reference(net: DeepseekV32, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by cache-free scoring of the whole sequence at every step."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(net.score(torch.tensor(ids))[-1].argmax()))
+    return ids[len(prompt):]

@@ -1,0 +1,167 @@
+"""The engine against cache-free scoring: paged prefill/decode, chunking, batching, preemption,
+prefix caching, MTP speculative decoding. Every test ends with every cache block free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.engine import Engine, RequestError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.model import load
+
+from .conftest import greedy_reference, random_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def make_engine(net, **kw) -> Engine:
+    base = dict(num_blocks=96, block_size=8, chunk_size=16, max_batch_tokens=64)
+    base.update(kw)
+    return Engine(net, EngineConfig(**base))
+
+
+@pytest.mark.parametrize("chunk,block,budget", [(4, 4, 24), (16, 8, 64), (512, 16, 2048)])
+def test_greedy_matches_cache_free_scoring(tiny_net, chunk, block, budget) -> None:
+    # lengths straddle index_topk (32): sparse attention kicks in while generating
+    prompts = random_prompts([3, 29, 45, 70], tiny_net.cfg.vocab_size, seed=chunk)
+    eng = make_engine(tiny_net, chunk_size=chunk, block_size=block, max_batch_tokens=budget)
+    res = eng.generate(prompts, GREEDY)
+    for r, p in zip(res, prompts):
+        assert r.token_ids == greedy_reference(tiny_net, p, GREEDY.max_tokens)
+    assert eng.blocks_used == 0
+
+
+def test_paged_logprobs_equal_scoring_logits(tiny_net) -> None:
+    """Prompt logprobs (paged chunked prefill) and generated-token logprobs (paged absorbed decode)
+    equal log_softmax of cache-free scoring of the final sequence."""
+    prompts = random_prompts([37, 12, 50], tiny_net.cfg.vocab_size, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    eng = make_engine(tiny_net, chunk_size=8)
+    for r in eng.generate(prompts, params):
+        full = torch.tensor(r.prompt_ids + r.token_ids)
+        ref = torch.log_softmax(tiny_net.score(full), -1)
+        assert r.prompt_logprobs[0] is None
+        for j in range(1, len(r.prompt_ids)):
+            assert r.prompt_logprobs[j].logprob == pytest.approx(ref[j - 1, full[j]].item(), abs=1e-4)
+        for i, lp in enumerate(r.logprobs):
+            pos = len(r.prompt_ids) + i
+            assert lp.token_id == full[pos].item()
+            assert lp.logprob == pytest.approx(ref[pos - 1, full[pos]].item(), abs=1e-4)
+            assert [t for t, _ in lp.top] == ref[pos - 1].topk(2).indices.tolist()
+    assert eng.blocks_used == 0
+
+
+def test_fp8_indexer_cache_matches_fp8_scoring(tiny_checkpoint) -> None:
+    net = load(tiny_checkpoint, indexer_fp8=True)
+    prompts = random_prompts([40, 66], net.cfg.vocab_size, seed=5)
+    eng = make_engine(net, chunk_size=16)
+    for r, p in zip(eng.generate(prompts, GREEDY), prompts):
+        assert r.token_ids == greedy_reference(net, p, GREEDY.max_tokens)
+    assert eng.pool.iscale is not None and eng.blocks_used == 0
+
+
+def test_seeded_sampling_is_batch_invariant(tiny_net) -> None:
+    prompts = random_prompts([20, 33, 7, 51], tiny_net.cfg.vocab_size, seed=1)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, ignore_eos=True, seed=1234)
+    alone = make_engine(tiny_net).generate([prompts[1]], params)[0].token_ids
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0]):
+        eng = make_engine(tiny_net, chunk_size=8)
+        batch = [prompts[i] for i in order]
+        ps = [SamplingParams(temperature=0.7, max_tokens=9, seed=i) if i != 1 else params for i in order]
+        res = eng.generate(batch, ps)
+        assert res[order.index(1)].token_ids == alone
+        assert eng.blocks_used == 0
+
+
+def test_preemption_and_recompute_give_the_same_output(tiny_net) -> None:
+    prompts = random_prompts([30, 30, 30, 30], tiny_net.cfg.vocab_size, seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    roomy = make_engine(tiny_net).generate(prompts, params)
+    tight = make_engine(tiny_net, num_blocks=20, block_size=8, prefix_cache=False)
+    res = tight.generate(prompts, params)
+    assert tight.scheduler.num_preemptions > 0
+    assert [r.token_ids for r in res] == [r.token_ids for r in roomy]
+    assert tight.blocks_used == 0
+
+
+def test_prefix_cache_hits_give_identical_results(tiny_net) -> None:
+    vocab = tiny_net.cfg.vocab_size
+    shared = random_prompts([40], vocab, seed=9)[0]
+    tails = random_prompts([5, 9], vocab, seed=10)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    eng = make_engine(tiny_net)
+    first = eng.generate([shared + tails[0]], params)[0]
+    second = eng.generate([shared + tails[1]], params)[0]
+    assert first.num_cached_prompt == 0 and second.num_cached_prompt == 40  # 5 full blocks of 8
+    cold = make_engine(tiny_net, prefix_cache=False).generate([shared + tails[1]], params)[0]
+    assert second.token_ids == cold.token_ids
+    for a, b in zip(second.logprobs, cold.logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    assert eng.blocks_used == 0
+
+
+def test_whole_prompt_cached_still_computes_its_last_token(tiny_net) -> None:
+    p = random_prompts([32], tiny_net.cfg.vocab_size, seed=11)[0]
+    eng = make_engine(tiny_net)
+    a = eng.generate([p], GREEDY)[0]
+    b = eng.generate([p], GREEDY)[0]
+    assert b.num_cached_prompt == 24 and a.token_ids == b.token_ids
+    assert eng.blocks_used == 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mtp_greedy_is_lossless(predictable_net, k) -> None:
+    prompts = random_prompts([6, 35, 18, 70], predictable_net.cfg.vocab_size, seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    base = make_engine(predictable_net, mtp_draft_tokens=0).generate(prompts, params)
+    eng = make_engine(predictable_net, mtp_draft_tokens=k)
+    res = eng.generate(prompts, params)
+    assert [r.token_ids for r in res] == [r.token_ids for r in base]
+    drafted = sum(r.draft_tokens for r in res)
+    accepted = sum(r.accepted_draft_tokens for r in res)
+    assert drafted > 0 and 0 < accepted < drafted  # both the accept and the rollback paths ran
+    assert eng.stats.accepted_draft_tokens == accepted
+    assert eng.blocks_used == 0
+
+
+def test_mtp_with_preemption_and_prefix_cache(predictable_net) -> None:
+    prompts = random_prompts([30, 30, 30], predictable_net.cfg.vocab_size, seed=6)
+    prompts.append(prompts[0][:24] + prompts[1][:6])
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    base = make_engine(predictable_net).generate(prompts, params)
+    eng = make_engine(predictable_net, mtp_draft_tokens=2, num_blocks=22)
+    res = eng.generate(prompts, params)
+    assert [r.token_ids for r in res] == [r.token_ids for r in base]
+    assert eng.blocks_used == 0
+
+
+def test_stop_conditions(tiny_net) -> None:
+    p = random_prompts([10], tiny_net.cfg.vocab_size, seed=12)[0]
+    free = make_engine(tiny_net).generate([p], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    stop_tok = free.token_ids[4]
+    first = free.token_ids.index(stop_tok)
+    r = make_engine(tiny_net).generate([p], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop_tok,)))[0]
+    assert r.token_ids == free.token_ids[: first + 1] and r.finish_reason == "stop"
+    r = make_engine(tiny_net).generate([p], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
+    assert len(r.token_ids) == 3 and r.finish_reason == "length"
+
+
+def test_bad_requests_are_refused(tiny_net) -> None:
+    eng = make_engine(tiny_net, num_blocks=4, block_size=8)
+    with pytest.raises(RequestError, match="empty"):
+        eng.add_request("a", [], GREEDY)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        eng.add_request("b", [5, tiny_net.cfg.vocab_size], GREEDY)
+    with pytest.raises(RequestError, match="cache blocks"):
+        eng.add_request("c", list(range(2, 60)), GREEDY)
+    assert eng.blocks_used == 0
+
+
+def test_cache_exhaustion_alone_finishes_with_length(tiny_net) -> None:
+    eng = make_engine(tiny_net, num_blocks=3, block_size=8)
+    r = eng.generate([list(range(2, 12))], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))[0]
+    # 24 cache slots hold the prompt and all but the last generated token
+    assert r.finish_reason == "length" and len(r.token_ids) == 3 * 8 - 10 + 1
+    assert eng.blocks_used == 0
