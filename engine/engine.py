@@ -165,8 +165,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return any(not (r.prefill_only and r.num_computed >= r.num_tokens) for r in self.scheduler.running) \
-            or bool(self.scheduler.waiting)
+        return any(not (r.prefill_only and r.is_finished) for r in self.scheduler.running) or bool(self.scheduler.waiting)
 
     def _finish_reason(self, req: Request, new: list[int]) -> str | None:
         p = req.params

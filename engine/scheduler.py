@@ -126,8 +126,9 @@ class Scheduler:
         while i < len(self.running):
             req = self.running[i]
             decode = req.in_decode
-            if req.prefill_only and req.num_computed >= req.num_tokens:
-                i += 1  # prefilled, waiting for its owner to take the cache
+            if req.is_finished:
+                i += 1  # prefilled (prefill_only), its blocks wait for the owner to take the cache
+                continue
                 continue
             n = 1 + self.mtp_k if decode else min(req.num_tokens - req.num_computed, self.cfg.chunk_size, budget)
             if n <= 0 or n > budget:

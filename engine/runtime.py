@@ -1,0 +1,123 @@
+"""What a worker process runs: the model, its engine in a loop thread, and a cache transport.
+
+Both worker kinds build one `WorkerRuntime` from a `WorkerSpec` (picklable: the Ray launcher
+sends it to the worker's actor). The transport registers the engine's cache pools once; its
+compatibility fields (model, cache layout, MTP) are checked first in every transfer handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+import torch
+
+from splitserve.kvtransfer import Compat, TransportConfig, make_transport
+
+from .config import EngineConfig
+from .engine import Engine
+from .loop import EngineLoop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to start (built from the cluster YAML by the launcher)."""
+
+    worker_id: str
+    role: Literal["prefill", "decode"]
+    model_path: str
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    transfer_backend: Literal["nixl", "tcp"] = "tcp"
+    transfer_host: str = "127.0.0.1"
+    transfer_timeout_s: float = 30.0
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 0
+    reserve_lease_s: float = 30.0   # decode: reserved blocks come back if no cache arrives in time
+    first_token_timeout_s: float = 120.0
+
+
+def transfer_compat(engine: Engine) -> Compat:
+    """Fields both ends of a cache transfer must agree on."""
+    cfg = engine.net.cfg
+    return Compat({"model": cfg.short_hash(), **engine.pool.layout.describe(),
+                   "mtp_layers": int(engine.net.has_mtp), "mtp_cache": engine.mtp_cache})
+
+
+class WorkerRuntime:
+    def __init__(self, spec: WorkerSpec) -> None:
+        from splitserve.model import load
+        from splitserve.model.presets import resolve_checkpoint
+
+        self.spec = spec
+        ecfg = spec.engine
+        if ecfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"worker {spec.worker_id}: device 'cuda' requested but no GPU is visible")
+        path = resolve_checkpoint(spec.model_path)
+        net = load(path, device=ecfg.device, dtype=ecfg.torch_dtype, indexer_fp8=ecfg.indexer_fp8)
+        self.checkpoint = path
+        self.engine = Engine(net, ecfg)
+        self.loop = EngineLoop(self.engine, name=f"engine-{spec.worker_id}").start()
+        self.transport = make_transport(spec.transfer_backend, spec.worker_id, transfer_compat(self.engine),
+                                        host=spec.transfer_host,
+                                        config=TransportConfig(transfer_timeout_s=spec.transfer_timeout_s))
+        self.transport.register_pools(self.engine.pool.pools())
+        self.metadata = self.transport.metadata()
+        log.info("worker %s (%s) ready: %s, %d blocks of %d tokens (%.1f MB each), transfer %s",
+                 spec.worker_id, spec.role, path, ecfg.num_blocks, ecfg.block_size,
+                 self.engine.pool.bytes_per_block / 1e6, spec.transfer_backend)
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def node(self) -> str:
+        return socket.gethostname()
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.transport.close()
+
+
+class WorkerServer:
+    """A running worker: its runtime and its gRPC server (built by each role's `serve(spec)`)."""
+
+    def __init__(self, rt: WorkerRuntime, service, add_to_server, role: str) -> None:
+        self.rt, self.service, self.role = rt, service, role
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{role}"),
+                                  options=[("grpc.max_receive_message_length", 256 << 20),
+                                           ("grpc.max_send_message_length", 256 << 20)])
+        add_to_server(service, self.server)
+        port = self.server.add_insecure_port(f"{rt.spec.grpc_host}:{rt.spec.grpc_port}")
+        if port == 0:
+            raise RuntimeError(f"cannot bind gRPC on {rt.spec.grpc_host}:{rt.spec.grpc_port}")
+        self.address = f"{rt.spec.grpc_host}:{port}"
+        self.server.start()
+        log.info("%s worker %s serving gRPC on %s", role, rt.spec.worker_id, self.address)
+
+    def info(self) -> dict:
+        return {"worker_id": self.rt.spec.worker_id, "role": self.role, "address": self.address, "pid": self.rt.pid,
+                "node": self.rt.node, "transfer_metadata": self.rt.metadata, "blocks_total": self.rt.engine.blocks_total}
+
+    def stats(self) -> dict:
+        return self.service.stats()
+
+    def drain(self) -> None:
+        self.service.draining = True
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self.service.draining = True
+        self.server.stop(grace_s).wait(grace_s + 1)
+        self.rt.close()
+
+
+def generator_state_from_bytes(data: bytes) -> torch.Tensor | None:
+    """A generator state sent as raw bytes (torch.Generator.get_state())."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None

@@ -1,0 +1,269 @@
+"""The prefill worker: a gRPC server around an engine in prefill mode.
+
+Life of a Prefill call (request id R, destination decode worker D with reserved blocks B_D):
+1. the transport adds D as a peer on first use (handshake: compat fields checked first);
+2. the engine runs R's prompt in chunks (prefill_only: it stops after sampling the first token and
+   keeps R's blocks); the prefix cache may serve leading blocks;
+3. after every engine step, blocks of R whose every layer (MTP layer included) is final are
+   written to the matching blocks of B_D — transfer overlaps the remaining chunks' compute; runs of
+   consecutive block ids travel as one descriptor per pool;
+4. once the first token is sampled, the remaining blocks go out with the notification "R:epoch",
+   which D sees only after those bytes landed;
+5. when every write is DONE, R's blocks are freed here and the reply carries the first token, its
+   logprobs, the prompt logprobs, the MTP state (main hidden state at the last prompt position) and
+   the request's generator state (so seeded sampling continues exactly on D).
+Abort, a failed write or a timeout frees R's blocks here and answers with an error; D's reserved
+blocks are D's to free (the router aborts there).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from splitserve.engine.engine import Engine, RequestError
+from splitserve.engine.request import RequestOutput
+from splitserve.engine.runtime import WorkerRuntime, WorkerServer, WorkerSpec
+from splitserve.kvtransfer import HandshakeError, TransferHandle, TransferState
+from splitserve.protos import worker_pb2 as pb
+from splitserve.protos import worker_pb2_grpc as pbg
+from splitserve.protos.convert import sampling_params_from_proto
+from splitserve.protos.tensors import logprobs_to_proto, tensor_to_proto
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    """Cache blocks of one request on their way to its decode worker."""
+
+    request_id: str
+    peer: str
+    remote_blocks: list[int]
+    epoch: int
+    prompt_len: int
+    sent: int = 0                      # leading blocks already handed to the transport
+    handles: list[TransferHandle] = field(default_factory=list)
+    final_sent: bool = False
+    error: str | None = None
+    bytes: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class PrefillService(pbg.PrefillWorkerServicer):
+    def __init__(self, rt: WorkerRuntime) -> None:
+        self.rt = rt
+        self.spec = rt.spec
+        self.peers: dict[str, str] = {}     # agent name -> transport peer name
+        self.peer_lock = threading.Lock()
+        self.streams: dict[str, _Stream] = {}
+        self.cancelled: set[str] = set()
+        self.draining = False
+        self.requests_done = 0
+        self.queued_prefill_tokens = 0
+        rt.loop.after_step.append(self._after_step)
+
+    # ---- transfer (runs in the engine loop thread) -------------------------------------------
+    def _complete_blocks(self, eng: Engine, s: _Stream) -> int:
+        req = eng.requests.get(s.request_id)
+        if req is None:
+            return s.sent
+        done = min(req.num_computed, req.mtp_computed) if eng.mtp_cache else req.num_computed
+        return min(done, s.prompt_len) // eng.cfg.block_size
+
+    def _send(self, eng: Engine, s: _Stream, upto: int, notif: bytes | None) -> None:
+        req = eng.requests.get(s.request_id)
+        if req is None:
+            s.error = "request vanished from the engine"
+            return
+        local = req.block_table[s.sent:upto]
+        remote = s.remote_blocks[s.sent:upto]
+        if not local and notif is None:
+            return
+        h = self.rt.transport.write_blocks(s.peer, local, remote, notif=notif)
+        s.handles.append(h)
+        s.bytes += h.nbytes
+        s.sent = upto
+
+    def _after_step(self, eng: Engine, outputs: list[RequestOutput]) -> None:
+        for s in list(self.streams.values()):
+            if s.final_sent or s.error:
+                continue
+            upto = self._complete_blocks(eng, s)
+            if upto > s.sent:
+                self._send(eng, s, upto, None)
+
+    def _finish_stream(self, eng: Engine, s: _Stream) -> None:
+        bs = eng.cfg.block_size
+        self._send(eng, s, -(-s.prompt_len // bs), notif=f"{s.request_id}:{s.epoch}".encode())
+        s.final_sent = True
+
+    def _peer_for(self, dest: pb.Destination) -> str:
+        with self.peer_lock:
+            p = self.peers.get(dest.agent_name)
+            if p is None:
+                p = self.rt.transport.add_peer(dest.peer_metadata)
+                self.peers[dest.agent_name] = p
+            return p
+
+    # ---- RPCs ---------------------------------------------------------------------------------
+    def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillReply:
+        rid = request.request_id
+        t_start = time.monotonic()
+
+        def error(code: int, msg: str) -> pb.PrefillReply:
+            log.warning("request %s: prefill failed: %s", rid, msg)
+            return pb.PrefillReply(error=pb.Error(code=code, message=msg))
+
+        if self.draining:
+            return error(pb.ERROR_CODE_UNAVAILABLE, "prefill worker is draining")
+        try:
+            params = sampling_params_from_proto(request.sampling)
+        except ValueError as e:
+            return error(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
+        prompt = list(request.prompt_token_ids)
+        dest = request.destination
+        bs = self.rt.engine.cfg.block_size
+        if len(dest.block_ids) * bs < len(prompt):
+            return error(pb.ERROR_CODE_INVALID_ARGUMENT,
+                         f"destination has {len(dest.block_ids)} blocks for a {len(prompt)}-token prompt")
+        try:
+            peer = self._peer_for(dest)
+        except HandshakeError as e:
+            return error(pb.ERROR_CODE_INCOMPATIBLE, f"transfer handshake with {dest.decode_worker_id} refused: {e}")
+        except Exception as e:  # noqa: BLE001
+            return error(pb.ERROR_CODE_TRANSFER_FAILED, f"cannot reach {dest.decode_worker_id}: {e}")
+
+        stream = _Stream(rid, peer, list(dest.block_ids), dest.epoch, len(prompt))
+        q = self.rt.loop.subscribe(rid)
+        self.queued_prefill_tokens += len(prompt)
+        try:
+            def add(eng: Engine) -> None:
+                eng.add_request(rid, prompt, params, prefill_only=True)
+                self.streams[rid] = stream
+            try:
+                self.rt.loop.call(add)
+            except RequestError as e:
+                return error(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
+
+            deadline = t_start + self.spec.first_token_timeout_s
+            out = self._wait_prefilled(rid, q, deadline, context)
+            if isinstance(out, str):
+                return error(pb.ERROR_CODE_ABORTED if "abort" in out else pb.ERROR_CODE_DEADLINE_EXCEEDED, out)
+            t_prefilled = time.monotonic()
+
+            def finish(eng: Engine) -> tuple:
+                req = eng.requests[rid]
+                self._finish_stream(eng, stream)
+                hidden = req.pending_hidden[-1].float().cpu() if req.pending_hidden is not None else None
+                gen = req.generator.get_state().cpu() if req.generator is not None else None
+                return hidden, gen, req.num_cached_prompt, req.prompt_logprobs
+            hidden, gen_state, cached, prompt_lps = self.rt.loop.call(finish)
+            err = self._wait_transfers(stream, t_prefilled + self.spec.transfer_timeout_s, context)
+            if err:
+                return error(pb.ERROR_CODE_TRANSFER_FAILED, err)
+            t_done = time.monotonic()
+            res = pb.PrefillResult(
+                first_token=out.new_token_ids[0], num_cached_tokens=cached, transfer_bytes=stream.bytes,
+                transfer_seconds=t_done - t_prefilled, prefill_seconds=t_prefilled - t_start,
+                generator_state=gen_state.numpy().tobytes() if gen_state is not None else b"")
+            if out.new_logprobs and out.new_logprobs[0] is not None:
+                res.first_token_logprobs.CopyFrom(logprobs_to_proto(out.new_logprobs[0]))
+            if prompt_lps is not None:
+                res.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in prompt_lps[1:])
+            if hidden is not None:
+                res.mtp_hidden.CopyFrom(tensor_to_proto(hidden))
+            self.requests_done += 1
+            log.info("request %s: prefilled %d tokens (%d cached) in %.3f s, sent %.2f MB in %.3f s",
+                     rid, len(prompt), cached, t_prefilled - t_start, stream.bytes / 1e6, t_done - t_prefilled)
+            return pb.PrefillReply(prefill=res)
+        finally:
+            self.queued_prefill_tokens -= len(prompt)
+            self.rt.loop.unsubscribe(rid)
+            self._cleanup(rid, stream)
+
+    def _wait_prefilled(self, rid: str, q, deadline: float, context: grpc.ServicerContext) -> RequestOutput | str:
+        while True:
+            if rid in self.cancelled:
+                return "aborted"
+            if not context.is_active():
+                return "aborted: the router went away"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return f"no first token within {self.spec.first_token_timeout_s:.0f} s"
+            try:
+                out = q.get(timeout=min(left, 0.5))
+            except Exception:  # queue.Empty
+                continue
+            if isinstance(out, BaseException):
+                return f"engine failed: {out!r}"
+            if out.finished:
+                if out.finish_reason != "prefilled" or not out.new_token_ids:
+                    return f"aborted ({out.finish_reason})"
+                return out
+
+    def _wait_transfers(self, s: _Stream, deadline: float, context: grpc.ServicerContext) -> str | None:
+        t = self.rt.transport
+        pending = list(s.handles)
+        while pending:
+            if s.request_id in self.cancelled:
+                return "aborted during transfer"
+            nxt = []
+            for h in pending:
+                st = t.poll(h)
+                if st is TransferState.FAILED:
+                    return f"cache transfer failed: {t.error(h)}"
+                if st is not TransferState.DONE:
+                    nxt.append(h)
+            pending = nxt
+            if pending:
+                if time.monotonic() > deadline:
+                    return f"cache transfer not done within {self.spec.transfer_timeout_s:.0f} s"
+                time.sleep(0.0005)
+        return None
+
+    def _cleanup(self, rid: str, s: _Stream) -> None:
+        def drop(eng: Engine) -> None:
+            self.streams.pop(rid, None)
+            for h in s.handles:
+                self.rt.transport.release(h)
+            if rid in eng.requests:
+                if eng.requests[rid].prefill_only and eng.requests[rid].is_finished:
+                    eng.release_prefilled(rid)
+                else:
+                    eng.abort(rid)
+        try:
+            self.rt.loop.call(drop)
+        except Exception:  # noqa: BLE001 - the loop is gone; nothing left to free
+            log.exception("request %s: cleanup failed", rid)
+        self.cancelled.discard(rid)
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
+        found = request.request_id in self.streams
+        if found:
+            self.cancelled.add(request.request_id)
+        return pb.AbortReply(found=found)
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        state = pb.SERVING_STATE_DRAINING if self.draining else pb.SERVING_STATE_SERVING
+        if not self.rt.loop.alive:
+            state = pb.SERVING_STATE_STOPPING
+        return pb.HealthReply(state=state, kind=pb.WORKER_KIND_PREFILL, worker_id=self.spec.worker_id)
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
+        return pb.StatsReply(kind=pb.WORKER_KIND_PREFILL, worker_id=self.spec.worker_id, **self.stats())
+
+    def stats(self) -> dict:
+        eng = self.rt.engine
+        return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total, running=len(self.streams),
+                    waiting=len(eng.scheduler.waiting), requests_done=self.requests_done, pid=self.rt.pid,
+                    node=self.rt.node, queued_prefill_tokens=max(0, self.queued_prefill_tokens))
+
+
+def serve(spec: WorkerSpec) -> WorkerServer:
+    rt = WorkerRuntime(spec)
+    return WorkerServer(rt, PrefillService(rt), pbg.add_PrefillWorkerServicer_to_server, "prefill")

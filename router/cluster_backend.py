@@ -1,0 +1,306 @@
+"""The router's backend over the disaggregated cluster (a request's path, DESIGN.md):
+
+1. pick a decode worker D (most free blocks, fewest running) and Reserve there; a refusal moves on
+   to the next D; when every D refuses, retry until reserve_timeout_s, then fail (the app answers
+   503 with Retry-After): prefill never runs for a request that has nowhere to decode;
+2. pick a prefill worker P (policy: least queued prefill tokens, or prefix affinity: the same
+   prompt prefix goes to the same P so its prefix cache hits) and call Prefill with D's blocks as
+   the destination; P returns the first token once D's cache is complete. A P that fails before
+   answering is retried on another P (bounded), on a fresh reservation;
+3. stream D's tokens (Generate); the first token from P is yielded before that stream opens;
+4. whatever ends the request early (client gone, stop string, error, timeout) sends Abort to D
+   and P, so every block on both sides is freed.
+
+Membership comes from the `Directory` (kept by the deploy layer); a poller refreshes each worker's
+load and liveness over gRPC Stats and fetches decode workers' transfer metadata (Handshake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.protos import worker_pb2 as pb
+from splitserve.protos import worker_pb2_grpc as pbg
+from splitserve.protos.convert import sampling_params_to_proto
+from splitserve.protos.tensors import logprobs_from_proto
+
+from .backend import GenerationDelta, TokenLogprobs
+from .membership import Directory, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+_RETRYABLE_PREFILL = {pb.ERROR_CODE_UNAVAILABLE, pb.ERROR_CODE_TRANSFER_FAILED, pb.ERROR_CODE_DEADLINE_EXCEEDED}
+
+
+class NoCapacity(RuntimeError):
+    """No decode worker could take the request within the reserve timeout."""
+
+
+def _lp(msg: pb.TokenLogprobs) -> TokenLogprobs:
+    x = logprobs_from_proto(msg)
+    return TokenLogprobs(x.token_id, x.logprob, x.top)
+
+
+class DisaggBackend:
+    def __init__(self, directory: Directory, *, policy: str = "least_loaded", reserve_timeout_s: float = 10.0,
+                 first_token_timeout_s: float = 120.0, idle_stream_timeout_s: float = 30.0,
+                 lease_s: float = 30.0, poll_interval_s: float = 0.5, prefill_attempts: int = 2,
+                 dead_after_failures: int = 3) -> None:
+        self.directory = directory
+        self.policy = policy
+        self.reserve_timeout_s = reserve_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s
+        self.idle_stream_timeout_s = idle_stream_timeout_s
+        self.lease_s = lease_s
+        self.poll_interval_s = poll_interval_s
+        self.prefill_attempts = prefill_attempts
+        self.dead_after_failures = dead_after_failures
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._poller: asyncio.Task | None = None
+        self._rr = 0
+        self.transfer_bytes = 0
+        self.transfer_seconds = 0.0
+        self.prefill_retries = 0
+        self.reserve_refusals = 0
+
+    # ---- plumbing -----------------------------------------------------------------------------
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20),
+                                                             ("grpc.max_send_message_length", 256 << 20)])
+            self._channels[address] = ch
+        return ch
+
+    def _decode(self, w: WorkerInfo) -> pbg.DecodeWorkerStub:
+        return pbg.DecodeWorkerStub(self._channel(w.address))
+
+    def _prefill(self, w: WorkerInfo) -> pbg.PrefillWorkerStub:
+        return pbg.PrefillWorkerStub(self._channel(w.address))
+
+    async def start(self) -> None:
+        if self._poller is None:
+            await self.refresh()
+            self._poller = asyncio.create_task(self._poll_forever())
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the poller must survive anything
+                log.exception("worker poll failed")
+
+    async def refresh(self) -> None:
+        """Refresh every worker's load; fetch missing transfer metadata; count failures."""
+        async def one(w: WorkerInfo) -> None:
+            stub = self._decode(w) if w.role == "decode" else self._prefill(w)
+            try:
+                st = await stub.Stats(pb.StatsRequest(), timeout=2.0)
+                changes: dict[str, object] = dict(
+                    blocks_used=st.blocks_used, blocks_total=st.blocks_total, running=st.running, waiting=st.waiting,
+                    requests_done=st.requests_done, queued_prefill_tokens=st.queued_prefill_tokens,
+                    last_seen=time.monotonic(), failures=0)
+                if w.role == "decode" and not w.transfer_metadata:
+                    hs = await self._decode(w).Handshake(pb.HandshakeRequest(), timeout=5.0)
+                    changes["transfer_metadata"] = hs.peer.transfer.agent_metadata
+                if w.state == "dead":
+                    changes["state"] = "serving"
+                self.directory.update(w.worker_id, **changes)
+            except grpc.aio.AioRpcError as e:
+                n = w.failures + 1
+                state = "dead" if n >= self.dead_after_failures and w.state != "draining" else w.state
+                if state == "dead" and w.state != "dead":
+                    log.warning("worker %s (%s) unreachable %d times: marked dead (%s)", w.worker_id, w.address,
+                                n, e.code().name)
+                self.directory.update(w.worker_id, failures=n, state=state)
+        workers = [w for w in self.directory.all() if w.state != "starting"]
+        await asyncio.gather(*(one(w) for w in workers))
+
+    # ---- routing ------------------------------------------------------------------------------
+    def _decode_order(self) -> list[WorkerInfo]:
+        ds = [w for w in self.directory.serving("decode") if w.transfer_metadata]
+        return sorted(ds, key=lambda w: (-w.free_blocks, w.running + w.waiting, w.worker_id))
+
+    def _prefill_order(self, prompt: list[int]) -> list[WorkerInfo]:
+        ps = self.directory.serving("prefill")
+        if not ps:
+            return []
+        by_load = sorted(ps, key=lambda w: (w.queued_prefill_tokens + w.running, w.worker_id))
+        if self.policy == "round_robin":
+            self._rr += 1
+            k = self._rr % len(ps)
+            ps = sorted(ps, key=lambda w: w.worker_id)
+            return ps[k:] + ps[:k]
+        if self.policy == "prefix_affinity":
+            key = hashlib.blake2b(repr(prompt[:64]).encode(), digest_size=8).digest()
+            ranked = sorted(ps, key=lambda w: hashlib.blake2b(key + w.worker_id.encode(), digest_size=8).digest())
+            home = ranked[0]
+            least = by_load[0]
+            # stay with the prefix's home worker unless it is far busier than the least loaded one
+            if home.queued_prefill_tokens <= least.queued_prefill_tokens + 4 * max(64, len(prompt)):
+                return [home] + [w for w in by_load if w is not home]
+        return by_load
+
+    async def _reserve(self, request_id: str, prompt_len: int, max_tokens: int) -> tuple[WorkerInfo, pb.Reservation]:
+        deadline = time.monotonic() + self.reserve_timeout_s
+        delay = 0.01
+        last = "no decode worker is serving"
+        while True:
+            for d in self._decode_order():
+                try:
+                    rep = await self._decode(d).Reserve(pb.ReserveRequest(
+                        request_id=request_id, prompt_len=prompt_len, max_tokens=max_tokens,
+                        lease_ms=int(self.lease_s * 1000)), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                except grpc.aio.AioRpcError as e:
+                    last = f"{d.worker_id}: {e.code().name}"
+                    continue
+                if rep.HasField("reservation"):
+                    return d, rep.reservation
+                self.reserve_refusals += 1
+                last = f"{d.worker_id}: {pb.RefusalReason.Name(rep.refusal.reason)} {rep.refusal.message}"
+                if rep.refusal.reason == pb.REFUSAL_REASON_TOO_LONG:
+                    raise NoCapacity(f"prompt of {prompt_len} tokens does not fit a decode worker's cache")
+            if time.monotonic() + delay > deadline:
+                raise NoCapacity(f"no decode worker could take the request within {self.reserve_timeout_s:.0f} s ({last})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    async def _abort(self, stub, request_id: str, epoch: int, reason: str) -> None:
+        try:
+            await stub.Abort(pb.AbortRequest(request_id=request_id, epoch=epoch, reason=reason), timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            log.info("request %s: abort (%s) not delivered: %s", request_id, reason, e.code().name)
+
+    # ---- the request ----------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[GenerationDelta]:
+        sampling = sampling_params_to_proto(params)
+        d_stub = p_stub = None
+        epoch = 0
+        finished = False
+        try:
+            result: pb.PrefillResult | None = None
+            error = "no prefill worker is serving"
+            for attempt in range(self.prefill_attempts):
+                d, res = await self._reserve(request_id, len(prompt_token_ids), params.max_tokens)
+                d_stub, epoch = self._decode(d), res.epoch
+                order = self._prefill_order(prompt_token_ids)
+                if not order:
+                    break
+                p = order[attempt % len(order)]
+                p_stub = self._prefill(p)
+                dest = pb.Destination(decode_worker_id=d.worker_id, decode_address=d.address, agent_name=res.agent_name,
+                                      block_ids=res.block_ids, epoch=res.epoch, peer_metadata=d.transfer_metadata)
+                try:
+                    rep = await p_stub.Prefill(pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                                                 sampling=sampling, destination=dest),
+                                               timeout=self.first_token_timeout_s)
+                except grpc.aio.AioRpcError as e:
+                    error = f"prefill worker {p.worker_id}: {e.code().name} {e.details() or ''}".strip()
+                    await self._abort(d_stub, request_id, epoch, "prefill failed")
+                    d_stub = None
+                    self.prefill_retries += 1
+                    continue
+                if rep.HasField("prefill"):
+                    result = rep.prefill
+                    break
+                error = f"prefill worker {p.worker_id}: {rep.error.message}"
+                await self._abort(d_stub, request_id, epoch, "prefill failed")
+                d_stub = None
+                if rep.error.code not in _RETRYABLE_PREFILL:
+                    break
+                self.prefill_retries += 1
+            if result is None:
+                finished = True
+                yield GenerationDelta([], finish_reason="abort", error=error)
+                return
+            self.transfer_bytes += result.transfer_bytes
+            self.transfer_seconds += result.transfer_seconds
+            first = GenerationDelta([result.first_token])
+            if result.HasField("first_token_logprobs") and params.logprobs is not None:
+                first.logprobs = [_lp(result.first_token_logprobs)]
+            if params.prompt_logprobs is not None:
+                first.prompt_logprobs = [None] + [_lp(x) for x in result.prompt_logprobs]
+            yield first
+
+            assert d_stub is not None
+            call = d_stub.Generate(pb.GenerateRequest(
+                request_id=request_id, epoch=epoch, prompt_token_ids=prompt_token_ids, sampling=sampling,
+                first_token=result.first_token,
+                first_token_logprobs=result.first_token_logprobs if result.HasField("first_token_logprobs") else None,
+                mtp_hidden=result.mtp_hidden if result.HasField("mtp_hidden") else None,
+                generator_state=result.generator_state))
+            it = call.__aiter__()
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(it.__anext__(), self.idle_stream_timeout_s)
+                except StopAsyncIteration:
+                    finished = True
+                    yield GenerationDelta([], finish_reason="abort", error="decode stream ended without finishing")
+                    return
+                except asyncio.TimeoutError:
+                    yield GenerationDelta([], finish_reason="abort",
+                                          error=f"no token from the decode worker for {self.idle_stream_timeout_s:.0f} s")
+                    return
+                except grpc.aio.AioRpcError as e:
+                    finished = True  # the worker is gone or refused: nothing left to abort there
+                    yield GenerationDelta([], finish_reason="abort", error=f"decode worker: {e.code().name} {e.details() or ''}")
+                    return
+                kind = chunk.WhichOneof("chunk")
+                if kind == "delta":
+                    delta = GenerationDelta(list(chunk.delta.token_ids))
+                    if params.logprobs is not None and chunk.delta.logprobs:
+                        delta.logprobs = [_lp(x) for x in chunk.delta.logprobs]
+                    yield delta
+                elif kind == "finished":
+                    finished = True
+                    yield GenerationDelta([], finish_reason=_FINISH.get(chunk.finished.finish_reason, "abort"))
+                    return
+                else:
+                    finished = True
+                    yield GenerationDelta([], finish_reason="abort", error=f"decode worker: {chunk.error.message}")
+                    return
+        finally:
+            if not finished:
+                aborts = []
+                if d_stub is not None:
+                    aborts.append(self._abort(d_stub, request_id, epoch, "client gone"))
+                if p_stub is not None:
+                    aborts.append(self._abort(p_stub, request_id, 0, "client gone"))
+                if aborts:
+                    # shielded: the caller may be cancelled, the workers must still hear of it
+                    await asyncio.shield(asyncio.gather(*aborts, return_exceptions=True))
+
+    async def health(self) -> dict:
+        ws = self.directory.all()
+        serving = {r: sum(1 for w in ws if w.role == r and w.state == "serving") for r in ("prefill", "decode")}
+        ok = serving["prefill"] > 0 and serving["decode"] > 0
+        return {"status": "ok" if ok else "unavailable", "workers": {w.worker_id: w.state for w in ws}, **serving}
+
+    def metrics(self) -> Mapping[str, float]:
+        out: dict[str, float] = {"transfer_bytes_total": float(self.transfer_bytes),
+                                 "transfer_seconds_total": self.transfer_seconds,
+                                 "prefill_retries_total": float(self.prefill_retries),
+                                 "reserve_refusals_total": float(self.reserve_refusals)}
+        for w in self.directory.all():
+            out[f"worker_blocks_used:{w.worker_id}"] = float(w.blocks_used)
+            out[f"worker_running:{w.worker_id}"] = float(w.running)
+            out[f"worker_queue_depth:{w.worker_id}"] = float(w.waiting)
+        return out
