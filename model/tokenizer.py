@@ -191,14 +191,14 @@ def _tokenizer_json(vocab_size: int) -> str:
     # Where the special tokens go.
     special_ids: dict[str, int] = {BOS_TOKEN: BOS_TOKEN_ID, EOS_TOKEN: EOS_TOKEN_ID}
     tail_start = vocab_size - len(EXTRA_SPECIAL_TOKENS)
-    for i, tok in enumerate(EXTRA_SPECIAL_TOKENS):
-        special_ids[tok] = tail_start + i
+    for i, content in enumerate(EXTRA_SPECIAL_TOKENS):
+        special_ids[content] = tail_start + i
     if max(CONFIRMED_TOKEN_IDS.values()) < tail_start:
         special_ids.update(CONFIRMED_TOKEN_IDS)
     else:
         start = tail_start - len(CONFIRMED_TOKEN_IDS)
-        for i, tok in enumerate(CONFIRMED_TOKEN_IDS):
-            special_ids[tok] = start + i
+        for i, content in enumerate(CONFIRMED_TOKEN_IDS):
+            special_ids[content] = start + i
     taken = set(special_ids.values())
     free_ids = [i for i in range(vocab_size) if i not in taken]
 
@@ -216,18 +216,21 @@ def _tokenizer_json(vocab_size: int) -> str:
     base.train_from_iterator([_CORPUS], trainer=trainer)
     trained = json.loads(base.to_str())["model"]
     learned: dict[str, int] = trained["vocab"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    merges: list[tuple[str, str]] = []
+    for m in trained["merges"]:  # "a b" strings (old format) or [a, b] pairs
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        merges.append((a, b))
     ordered = sorted(learned.items(), key=lambda kv: kv[1])
     if len(ordered) > len(free_ids):  # pragma: no cover - the trainer respects vocab_size
         raise RuntimeError("BPE trainer produced more tokens than requested")
 
     vocab: dict[str, int] = {}
-    for (token, _), new_id in zip(ordered, free_ids):
+    for (token, _), new_id in zip(ordered, free_ids, strict=False):
         vocab[token] = new_id
-    for tok, tid in special_ids.items():
-        if tok in vocab:  # pragma: no cover - the corpus contains none of the special strings
-            raise RuntimeError(f"special token {tok!r} was learned as a regular token")
-        vocab[tok] = tid
+    for content, tid in special_ids.items():
+        if content in vocab:  # pragma: no cover - the corpus contains none of the special strings
+            raise RuntimeError(f"special token {content!r} was learned as a regular token")
+        vocab[content] = tid
     reserved_ids = free_ids[len(ordered) :]
     for tid in reserved_ids:
         vocab[reserved_token(tid)] = tid
@@ -241,19 +244,14 @@ def _tokenizer_json(vocab_size: int) -> str:
         + [AddedToken(reserved_token(t), special=True, normalized=False) for t in reserved_ids]
     )
     tok.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t in (*CONFIRMED_TOKEN_IDS, *EXTRA_SPECIAL_TOKENS)
-        ]
+        [AddedToken(t, special=False, normalized=False) for t in (*CONFIRMED_TOKEN_IDS, *EXTRA_SPECIAL_TOKENS)]
     )
     if tok.get_vocab_size(with_added_tokens=True) != vocab_size:  # pragma: no cover - layout invariant
         raise RuntimeError(f"built {tok.get_vocab_size()} tokens, wanted {vocab_size}")
     for t, tid in special_ids.items():
         if tok.token_to_id(t) != tid:  # pragma: no cover - layout invariant
             raise RuntimeError(f"{t!r} got id {tok.token_to_id(t)}, wanted {tid}")
-    logger.debug(
-        "built byte-level BPE: vocab %d, %d learned, %d reserved", vocab_size, len(ordered), len(reserved_ids)
-    )
+    logger.debug("built byte-level BPE: vocab %d, %d learned, %d reserved", vocab_size, len(ordered), len(reserved_ids))
     return tok.to_str()
 
 
@@ -388,7 +386,9 @@ class TextDecoder:
 
     def _generic_step(self, final: bool) -> str:
         ids = self.token_ids
-        prefix_text = self._tokenizer.decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip)
+        prefix_text = self._tokenizer.decode(
+            ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip
+        )
         new_text = self._tokenizer.decode(ids[self._prefix_offset :], skip_special_tokens=self._skip)
         if final or (len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd")):
             if not new_text.startswith(prefix_text):  # pragma: no cover - non-concatenative decoders
@@ -423,26 +423,27 @@ def token_text(tokenizer: Tokenizer, token_bytes: TokenBytes | None, token_id: i
 
 
 def apply_stop_strings(text: str, stop: Sequence[str], search_from: int = 0) -> tuple[str, bool]:
-    """Finds the earliest stop string in ``text[search_from - (longest stop - 1):]``.
+    """Truncates `text` before the first stop string to *complete* (smallest end; on a tie, earliest start).
 
-    Returns (text truncated before the stop string, True) on a match, else (text, False). The stop string
-    itself is not part of the returned text (OpenAI semantics). `search_from` lets a caller that appends
-    to `text` re-scan only the region a new match could start in.
+    Returns (truncated text, True) on a match, else (text, False); the stop string itself is not part of the
+    returned text (OpenAI semantics). Choosing by end position makes the result the same however the text
+    was split into chunks, as if it were checked after every character. `search_from` lets a caller that
+    appends to a text already known to contain no stop string re-scan only where a new match could be.
     """
     if not stop:
         return text, False
     longest = max(len(s) for s in stop)
     start = max(0, search_from - longest + 1)
-    best = -1
+    best: tuple[int, int] | None = None  # (end, start)
     for s in stop:
         if not s:
             continue
         pos = text.find(s, start)
-        if pos != -1 and (best == -1 or pos < best):
-            best = pos
-    if best == -1:
+        if pos != -1 and (best is None or (pos + len(s), pos) < best):
+            best = (pos + len(s), pos)
+    if best is None:
         return text, False
-    return text[:best], True
+    return text[: best[1]], True
 
 
 class StopStringMatcher:

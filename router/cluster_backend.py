@@ -22,6 +22,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 
 import grpc
 
@@ -31,7 +32,7 @@ from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.protos.convert import sampling_params_to_proto
 from splitserve.protos.tensors import logprobs_from_proto
 
-from .backend import GenerationDelta, TokenLogprobs
+from .backend import GenerationDelta
 from .membership import Directory, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,22 @@ class NoCapacity(RuntimeError):
     """No decode worker could take the request within the reserve timeout."""
 
 
-def _lp(msg: pb.TokenLogprobs) -> TokenLogprobs:
-    x = logprobs_from_proto(msg)
-    return TokenLogprobs(x.token_id, x.logprob, x.top)
+class DecodeLost(RuntimeError):
+    """The decode worker of a running request is gone or silent."""
+
+    def __init__(self, worker_id: str, reason: str) -> None:
+        super().__init__(f"{worker_id}: {reason}")
+        self.worker_id, self.reason = worker_id, reason
+
+
+_lp = logprobs_from_proto
 
 
 class DisaggBackend:
     def __init__(self, directory: Directory, *, policy: str = "least_loaded", reserve_timeout_s: float = 10.0,
                  first_token_timeout_s: float = 120.0, idle_stream_timeout_s: float = 30.0,
                  lease_s: float = 30.0, poll_interval_s: float = 0.5, prefill_attempts: int = 2,
-                 dead_after_failures: int = 3) -> None:
+                 dead_after_failures: int = 3, max_migrations: int = 2) -> None:
         self.directory = directory
         self.policy = policy
         self.reserve_timeout_s = reserve_timeout_s
@@ -63,6 +70,8 @@ class DisaggBackend:
         self.poll_interval_s = poll_interval_s
         self.prefill_attempts = prefill_attempts
         self.dead_after_failures = dead_after_failures
+        self.max_migrations = max_migrations
+        self.migrations = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._poller: asyncio.Task | None = None
         self._rr = 0
@@ -158,12 +167,13 @@ class DisaggBackend:
                 return [home] + [w for w in by_load if w is not home]
         return by_load
 
-    async def _reserve(self, request_id: str, prompt_len: int, max_tokens: int) -> tuple[WorkerInfo, pb.Reservation]:
+    async def _reserve(self, request_id: str, prompt_len: int, max_tokens: int,
+                       avoid: set[str] = frozenset()) -> tuple[WorkerInfo, pb.Reservation]:
         deadline = time.monotonic() + self.reserve_timeout_s
         delay = 0.01
         last = "no decode worker is serving"
         while True:
-            for d in self._decode_order():
+            for d in [w for w in self._decode_order() if w.worker_id not in avoid] or self._decode_order():
                 try:
                     rep = await self._decode(d).Reserve(pb.ReserveRequest(
                         request_id=request_id, prompt_len=prompt_len, max_tokens=max_tokens,
@@ -191,16 +201,44 @@ class DisaggBackend:
     # ---- the request ----------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[GenerationDelta]:
+        """The request's deltas. A decode worker lost mid-stream (killed, unreachable, silent) costs a
+        migration, not the request: the prompt plus the tokens generated so far are prefilled again
+        for another decode worker, which continues (at most max_migrations times). Seeded sampling
+        after a migration is reproducible but not identical to an uninterrupted run."""
+        produced: list[int] = []
+        avoid: set[str] = set()
+        for segment in range(self.max_migrations + 1):
+            seg_id = request_id if segment == 0 else f"{request_id}~m{segment}"
+            seg_params = params if not produced else replace(
+                params, max_tokens=params.max_tokens - len(produced), prompt_logprobs=None)
+            try:
+                async for delta in self._segment(seg_id, prompt_token_ids + produced, seg_params, avoid):
+                    produced += delta.token_ids
+                    yield delta
+                return
+            except DecodeLost as lost:
+                avoid.add(lost.worker_id)
+                self.migrations += 1
+                log.warning("request %s: decode worker %s lost after %d tokens (%s)%s", request_id, lost.worker_id,
+                            len(produced), lost.reason,
+                            "; migrating" if segment < self.max_migrations else "; giving up")
+                if segment == self.max_migrations:
+                    yield GenerationDelta([], finish_reason="abort", error=f"decode worker lost: {lost.reason}")
+                    return
+
+    async def _segment(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       avoid: set[str]) -> AsyncIterator[GenerationDelta]:
         sampling = sampling_params_to_proto(params)
         d_stub = p_stub = None
+        d_id = ""
         epoch = 0
         finished = False
         try:
             result: pb.PrefillResult | None = None
             error = "no prefill worker is serving"
             for attempt in range(self.prefill_attempts):
-                d, res = await self._reserve(request_id, len(prompt_token_ids), params.max_tokens)
-                d_stub, epoch = self._decode(d), res.epoch
+                d, res = await self._reserve(request_id, len(prompt_token_ids), params.max_tokens, avoid)
+                d_stub, d_id, epoch = self._decode(d), d.worker_id, res.epoch
                 order = self._prefill_order(prompt_token_ids)
                 if not order:
                     break
@@ -252,17 +290,12 @@ class DisaggBackend:
                 try:
                     chunk = await asyncio.wait_for(it.__anext__(), self.idle_stream_timeout_s)
                 except StopAsyncIteration:
-                    finished = True
-                    yield GenerationDelta([], finish_reason="abort", error="decode stream ended without finishing")
-                    return
+                    raise DecodeLost(d_id, "stream ended without finishing") from None
                 except asyncio.TimeoutError:
-                    yield GenerationDelta([], finish_reason="abort",
-                                          error=f"no token from the decode worker for {self.idle_stream_timeout_s:.0f} s")
-                    return
+                    raise DecodeLost(d_id, f"no token for {self.idle_stream_timeout_s:.0f} s") from None
                 except grpc.aio.AioRpcError as e:
-                    finished = True  # the worker is gone or refused: nothing left to abort there
-                    yield GenerationDelta([], finish_reason="abort", error=f"decode worker: {e.code().name} {e.details() or ''}")
-                    return
+                    finished = e.code() != grpc.StatusCode.DEADLINE_EXCEEDED  # gone: nothing to abort there
+                    raise DecodeLost(d_id, f"{e.code().name} {e.details() or ''}".strip()) from None
                 kind = chunk.WhichOneof("chunk")
                 if kind == "delta":
                     delta = GenerationDelta(list(chunk.delta.token_ids))
@@ -273,6 +306,9 @@ class DisaggBackend:
                     finished = True
                     yield GenerationDelta([], finish_reason=_FINISH.get(chunk.finished.finish_reason, "abort"))
                     return
+                elif chunk.error.code in (pb.ERROR_CODE_INTERNAL, pb.ERROR_CODE_NOT_FOUND,
+                                          pb.ERROR_CODE_DEADLINE_EXCEEDED):
+                    raise DecodeLost(d_id, chunk.error.message)
                 else:
                     finished = True
                     yield GenerationDelta([], finish_reason="abort", error=f"decode worker: {chunk.error.message}")
@@ -281,9 +317,9 @@ class DisaggBackend:
             if not finished:
                 aborts = []
                 if d_stub is not None:
-                    aborts.append(self._abort(d_stub, request_id, epoch, "client gone"))
+                    aborts.append(self._abort(d_stub, request_id, epoch, "request ended early"))
                 if p_stub is not None:
-                    aborts.append(self._abort(p_stub, request_id, 0, "client gone"))
+                    aborts.append(self._abort(p_stub, request_id, 0, "request ended early"))
                 if aborts:
                     # shielded: the caller may be cancelled, the workers must still hear of it
                     await asyncio.shield(asyncio.gather(*aborts, return_exceptions=True))
@@ -298,7 +334,8 @@ class DisaggBackend:
         out: dict[str, float] = {"transfer_bytes_total": float(self.transfer_bytes),
                                  "transfer_seconds_total": self.transfer_seconds,
                                  "prefill_retries_total": float(self.prefill_retries),
-                                 "reserve_refusals_total": float(self.reserve_refusals)}
+                                 "reserve_refusals_total": float(self.reserve_refusals),
+                                 "decode_migrations_total": float(self.migrations)}
         for w in self.directory.all():
             out[f"worker_blocks_used:{w.worker_id}"] = float(w.blocks_used)
             out[f"worker_running:{w.worker_id}"] = float(w.running)
