@@ -1,0 +1,256 @@
+"""Measure block transfers between two processes: contiguous vs scattered blocks, per backend.
+
+    python -m splitserve.kvtransfer.bench                       # CPU, both backends, small table
+    python -m splitserve.kvtransfer.bench --device cuda --blocks 256 --json out.json
+
+A "decode" process owns the destination pools, a "prefill" process pushes into them; both are
+spawned. Each case writes the same number of blocks (so the same bytes): ``contiguous`` (both
+sides consecutive: one descriptor per pool), ``scattered`` (every other block on both sides: one
+descriptor per block per pool). For NIXL, the same two selections are also posted through the
+pre-built per-block descriptor lists (``prep_xfer_dlist`` + ``make_prepped_xfer``) for comparison
+with our coalesced ``initialize_xfer`` path. Correctness is checked (the destination blocks hold
+the source blocks' pattern) before anything is timed. Times are initiator-side: from
+``write_blocks`` to DONE, median of ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from . import Compat, TransferState, Transport, make_transport, nixl_available
+
+COMPAT = Compat({"bench": "kvtransfer"})
+
+
+@dataclass
+class Row:
+    backend: str
+    device: str
+    case: str
+    blocks: int
+    descriptors: int
+    mbytes: float
+    median_ms: float
+    gbps: float
+
+
+def _pools(num_blocks: int, block_kb: tuple[int, ...], device: str, fill: bool) -> list[torch.Tensor]:
+    pools = []
+    for p, kb in enumerate(block_kb):
+        t = torch.zeros(num_blocks, kb * 1024, dtype=torch.uint8, device=device)
+        if fill:  # block b of pool p holds the byte (7 b + p) mod 256
+            t += ((torch.arange(num_blocks, device=device) * 7 + p) % 256).to(torch.uint8)[:, None]
+        pools.append(t)
+    return pools
+
+
+def _child(
+    conn: Connection, role: str, backend: str, device: str, num_blocks: int, block_kb: tuple[int, ...]
+) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    t = make_transport(backend, role, COMPAT)  # type: ignore[arg-type]
+    pools = _pools(num_blocks, block_kb, device, fill=(role == "pre"))
+    t.register_pools(pools)
+    conn.send(t.metadata())
+    try:
+        while conn.poll(300):
+            cmd, args = conn.recv()
+            if cmd == "stop":
+                conn.send(None)
+                return
+            if cmd == "verify":  # decode side: do the given remote blocks hold the local pattern?
+                local, remote = args
+                ok = all(
+                    bool((p[r] == (lid * 7 + i) % 256).all())
+                    for i, p in enumerate(pools)
+                    for lid, r in zip(local, remote, strict=True)
+                )
+                conn.send(ok)
+            elif cmd == "drain":
+                t.get_notifs()
+                conn.send(None)
+            elif cmd == "bench":
+                conn.send(_run_cases(t, *args))
+            elif cmd == "add_peer":
+                conn.send(t.add_peer(args[0]))
+    finally:
+        t.close()
+
+
+def _time(fn: Any, repeats: int) -> float:
+    fn()  # warm-up (connection set-up, registration caches)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cases = {
+        "contiguous": (list(range(blocks)), list(range(blocks))),
+        "scattered": (list(range(0, 2 * blocks, 2)), list(range(0, 2 * blocks, 2))),
+    }
+    for case, (local, remote) in cases.items():
+
+        def once(local: list[int] = local, remote: list[int] = remote, case: str = case) -> None:
+            h = t.write_blocks("dec", local, remote, notif=b"bench")
+            state = t.wait(h, 60.0, interval_s=0.0)
+            if state is not TransferState.DONE:
+                raise RuntimeError(f"{case}: {state} {t.error(h)}")
+            t.release(h)
+
+        h = t.write_blocks("dec", local, remote)
+        ndesc = h.num_descriptors
+        nbytes = h.nbytes
+        t.wait(h, 60.0)
+        t.release(h)
+        out.append({"case": case, "descriptors": ndesc, "nbytes": nbytes, "s": _time(once, repeats)})
+    if t.backend == "nixl":
+        out += _nixl_prepped(t, cases, repeats)
+    return out
+
+
+def _nixl_prepped(t: Any, cases: dict[str, tuple[list[int], list[int]]], repeats: int) -> list[dict[str, Any]]:
+    """The alternative NIXL path: per-block prepped descriptor lists, blocks selected by index."""
+    agent = t.agent
+    peer_md = t._peers["dec"]  # bench-only peek at the peer's pool descriptors
+    nb = t.pool_infos[0].num_blocks
+    lists = []
+    for lp, rp in zip(t.pool_infos, peer_md.pools, strict=True):
+        ld = [(lp.base_addr + b * lp.block_bytes, lp.block_bytes, lp.dev_id) for b in range(nb)]
+        rd = [(rp.base_addr + b * rp.block_bytes, rp.block_bytes, rp.dev_id) for b in range(nb)]
+        lh = agent.prep_xfer_dlist("NIXL_INIT_AGENT", ld, lp.mem_type)
+        lists.append((lh, agent.prep_xfer_dlist("dec", rd, rp.mem_type)))
+    out = []
+    for case, (local, remote) in cases.items():
+
+        def once(local: list[int] = local, remote: list[int] = remote) -> None:
+            # the notification rides on the last request, as ours rides on our one request
+            hs = [
+                agent.make_prepped_xfer("WRITE", lh, local, rh, remote, b"bench" if i == len(lists) - 1 else b"")
+                for i, (lh, rh) in enumerate(lists)
+            ]
+            for h in hs:
+                agent.transfer(h)
+            deadline = time.monotonic() + 60
+            for h in hs:
+                while (s := agent.check_xfer_state(h)) == "PROC":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("prepped transfer timed out")
+                if s != "DONE":
+                    raise RuntimeError(f"prepped transfer {s}")
+                h.release()
+
+        out.append(
+            {
+                "case": f"{case} (nixl prepped per-block)",
+                "descriptors": len(local) * len(lists),
+                "nbytes": len(local) * sum(i.block_bytes for i in t.pool_infos),
+                "s": _time(once, repeats),
+            }
+        )
+    for lh, rh in lists:
+        lh.release()
+        rh.release()
+    return out
+
+
+def run(backend: str, device: str, blocks: int, block_kb: tuple[int, ...], repeats: int) -> list[Row]:
+    ctx = mp.get_context("spawn")
+    num_blocks = 2 * blocks
+    procs, conns = [], {}
+    try:
+        for role in ("dec", "pre"):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_child, args=(child, role, backend, device, num_blocks, block_kb), daemon=True)
+            p.start()
+            child.close()
+            procs.append(p)
+            conns[role] = parent
+
+        def call(role: str, cmd: str, *args: Any, timeout: float = 300) -> Any:
+            if cmd:
+                conns[role].send((cmd, args))
+            if not conns[role].poll(timeout):
+                raise TimeoutError(f"{role}: {cmd or 'start'} timed out")
+            return conns[role].recv()
+
+        md = {role: call(role, "") for role in ("dec", "pre")}
+        call("pre", "add_peer", md["dec"])
+        results = call("pre", "bench", blocks, repeats)
+        # correctness of what was written last (scattered): pattern of local block -> remote block
+        sc = list(range(0, 2 * blocks, 2))
+        if not call("dec", "verify", sc, sc):
+            raise RuntimeError(f"{backend}/{device}: destination blocks do not hold the sent data")
+        call("dec", "drain")
+        for role in ("pre", "dec"):
+            call(role, "stop", timeout=30)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return [
+        Row(
+            backend=backend,
+            device=device,
+            case=r["case"],
+            blocks=blocks,
+            descriptors=r["descriptors"],
+            mbytes=r["nbytes"] / 1e6,
+            median_ms=1e3 * r["s"],
+            gbps=r["nbytes"] / r["s"] / 1e9,
+        )
+        for r in results
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", nargs="+", default=["tcp", "nixl"], choices=["tcp", "nixl"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--blocks", type=int, default=64, help="blocks per transfer")
+    ap.add_argument("--block-kb", type=int, nargs="+", default=[256, 64], help="block size of each pool, KiB")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    rows: list[Row] = []
+    for backend in args.backend:
+        if backend == "nixl" and not nixl_available():
+            print("nixl is not installed: skipping the nixl backend", file=sys.stderr)
+            continue
+        rows += run(backend, args.device, args.blocks, tuple(args.block_kb), args.repeats)
+    base = {(r.backend, r.device): r.median_ms for r in rows if r.case == "contiguous"}
+    print(
+        f"{'backend':8} {'device':6} {'case':40} {'blocks':>6} {'descs':>6} {'MB':>8} {'ms':>9} {'GB/s':>7} "
+        f"{'x contig':>8}"
+    )
+    for r in rows:
+        ratio = r.median_ms / base[(r.backend, r.device)]
+        print(
+            f"{r.backend:8} {r.device:6} {r.case:40} {r.blocks:6d} {r.descriptors:6d} {r.mbytes:8.2f} "
+            f"{r.median_ms:9.3f} {r.gbps:7.2f} {ratio:8.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
