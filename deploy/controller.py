@@ -1,0 +1,791 @@
+"""The cluster controller: Ray lifecycle of the prefill and decode pools, and the router's view of them.
+
+`Controller(cfg, directory)`:
+
+* `start()` connects to Ray (starts a small local cluster when `ray.address` is null, else joins the
+  given one in the configured namespace), starts both pools in parallel — one `WorkerActor` per
+  worker — and adds each worker to the `Directory` once it serves. A worker that fails to start
+  (bad checkpoint path, no node with its resources, ...) fails `start()` with a `WorkerStartError`
+  that names it and says why; everything started so far is stopped again.
+* `scale(prefill=N, decode=M)` adds workers, or removes the newest ones after draining them: the
+  Directory marks them "draining" (the router stops routing there), the worker stops taking requests,
+  the controller waits (bounded) until it has nothing running or waiting, then removes it from the
+  Directory, stops it and kills its actor.
+* A monitor thread pings every serving worker; a dead one (its process killed, its engine loop gone,
+  or `max_missed_pings` pings unanswered) is marked "dead", removed from the Directory and replaced
+  by a fresh worker (a new id) so each pool returns to its size.
+* `status()` reports the router URL and every worker with its load; `shutdown()` stops everything
+  (and the local Ray cluster when this controller started it).
+
+Thread-safe: the CLI's HTTP admin endpoints call `scale`/`status` from other threads. Membership
+changes (scale, replacement, shutdown) are serialized by one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from splitserve.deploy.config import ClusterConfig
+from splitserve.deploy.worker_actor import (
+    ROLES,
+    RemoteWorkerActor,
+    Role,
+    actor_options,
+    resource_demand,
+    spec_for,
+    worker_id,
+)
+from splitserve.router.membership import Directory, WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Controller", "ControllerError", "WorkerStartError"]
+
+#: Object store of a local Ray cluster: cache blocks travel over the transfer backend and requests over
+#: gRPC, so Ray only carries small control messages.
+DEFAULT_OBJECT_STORE_BYTES = 100 * 1024 * 1024
+
+_LIVE_STATES = ("starting", "serving")
+
+
+class ControllerError(RuntimeError):
+    """The cluster could not be started, scaled or reached."""
+
+
+class WorkerStartError(ControllerError):
+    """One or more workers did not come up. `failures` maps worker id -> why."""
+
+    def __init__(self, failures: dict[str, str], during: str = "start") -> None:
+        self.failures = dict(failures)
+        lines = [f"  - {wid}: {why}" for wid, why in sorted(self.failures.items())]
+        n = len(self.failures)
+        super().__init__(f"{n} worker{'s' if n != 1 else ''} failed to {during}:\n" + "\n".join(lines))
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    role: Role
+    index: int
+    actor: Any  # ray ActorHandle
+    state: str = "starting"  # starting | serving | draining | dead | stopped
+    info: dict[str, Any] = field(default_factory=dict)
+    missed_pings: int = 0
+    created: float = field(default_factory=time.monotonic)
+
+
+class Controller:
+    """Starts, scales, watches and stops the worker pools of one cluster (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        directory: Directory,
+        *,
+        model_path: str | None = None,
+        router_url: str | None = None,
+        start_timeout_s: float = 600.0,
+        drain_timeout_s: float = 60.0,
+        monitor_interval_s: float = 1.0,
+        ping_timeout_s: float = 5.0,
+        max_missed_pings: int = 3,
+        stop_grace_s: float = 5.0,
+        status_timeout_s: float = 2.0,
+        object_store_bytes: int = DEFAULT_OBJECT_STORE_BYTES,
+    ) -> None:
+        """
+        Args:
+            cfg: the validated cluster config; pool sizes start at `<pool>.replicas`.
+            directory: the router's membership view, kept current by this controller.
+            model_path: the checkpoint directory workers load (default: cfg.model.path; "tiny" is
+                resolved — made on first use — once, in this process, by `start()`).
+            router_url: reported by `status()`; settable later (`router_url` attribute).
+            start_timeout_s: longest wait for a worker to load its model and serve.
+            drain_timeout_s: longest wait for a draining worker to finish its requests.
+            monitor_interval_s, ping_timeout_s, max_missed_pings: death detection.
+            stop_grace_s: time given to in-flight gRPC calls when a worker stops.
+            object_store_bytes: object store of a local Ray cluster.
+        """
+        self.cfg = cfg
+        self.directory = directory
+        self.model_path = model_path
+        self.router_url = router_url
+        self.start_timeout_s = start_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.monitor_interval_s = monitor_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.max_missed_pings = max_missed_pings
+        self.stop_grace_s = stop_grace_s
+        self.status_timeout_s = status_timeout_s
+        self.object_store_bytes = object_store_bytes
+
+        self._targets: dict[Role, int] = {"prefill": cfg.prefill.replicas, "decode": cfg.decode.replicas}
+        self._next_index: dict[Role, int] = {"prefill": 0, "decode": 0}
+        self._workers: dict[str, _Worker] = {}
+        self._lock = threading.RLock()  # guards _workers, _targets, _next_index and worker states
+        self._ops_lock = threading.Lock()  # serializes membership changes
+        self._stopping = threading.Event()
+        self._started = False
+        self._shutdown_done = False
+        self._owns_ray = False
+        self._threads: list[threading.Thread] = []
+        self._short = threading.Event()  # a pool is below its size: the replacer starts workers
+        self._replace_backoff: dict[Role, tuple[int, float]] = {}  # role -> (failures in a row, retry at)
+        self.replaced: list[tuple[str, str]] = []  # (dead worker id, why), in order
+
+    # ------------------------------------------------------------------------------------------
+    # Public API
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def targets(self) -> dict[str, int]:
+        """The size each pool is kept at."""
+        with self._lock:
+            return dict(self._targets)
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stopping.is_set()
+
+    def start(self) -> None:
+        """Connect to Ray and start both pools; returns once every worker serves.
+
+        Raises:
+            WorkerStartError: a worker failed to start (named, with the reason); nothing is left running.
+            ControllerError: Ray could not be started or joined, or no node can host a pool's workers.
+        """
+        if self._started:
+            raise ControllerError("the controller was already started")
+        self._started = True
+        t0 = time.monotonic()
+        try:
+            self._resolve_model()
+            self._connect()
+            for role in ROLES:
+                self._check_feasible(role)
+            with self._ops_lock:
+                workers, launch_error = self._launch_many(dict(self._targets))
+                if launch_error is not None:
+                    raise launch_error  # shutdown() below kills the ones created
+                _, failed = self._await_ready(workers)
+            if failed:
+                raise WorkerStartError(failed)
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("cluster up in %.1f s: %d prefill + %d decode workers", time.monotonic() - t0,
+                    self._targets["prefill"], self._targets["decode"])
+        # Health checks go on while replacements load their model (minutes for a large checkpoint).
+        self._threads = [threading.Thread(target=self._monitor_loop, name="splitserve-monitor", daemon=True),
+                         threading.Thread(target=self._replacer_loop, name="splitserve-replacer", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def scale(self, prefill: int | None = None, decode: int | None = None) -> dict[str, Any]:
+        """Set the pool sizes (None leaves a pool as it is); returns `status()` afterwards.
+
+        New workers are started in parallel; removed ones (the newest first) are drained, then stopped.
+
+        Raises:
+            ValueError: a size is not an integer >= 1.
+            WorkerStartError: a new worker failed to start (the pool keeps the workers that did).
+            ControllerError: the controller is not running.
+        """
+        wanted: dict[Role, int | None] = {"prefill": prefill, "decode": decode}
+        for role, n in wanted.items():
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{role} must be an integer >= 1, got {n!r}")
+        with self._ops_lock:
+            self._check_running()
+            with self._lock:
+                targets = {role: self._targets[role] if n is None else n for role, n in wanted.items()}
+            for role in ROLES:
+                if len(self._active(role)) < targets[role]:
+                    self._check_feasible(role)  # before anything changes
+            with self._lock:
+                self._targets.update(targets)
+            logger.info("scaling to %d prefill + %d decode workers", targets["prefill"], targets["decode"])
+            victims: list[_Worker] = []
+            more: dict[Role, int] = {}
+            for role in ROLES:
+                active = self._active(role)
+                if len(active) < targets[role]:
+                    more[role] = targets[role] - len(active)
+                elif len(active) > targets[role]:
+                    order = sorted(active, key=lambda w: w.index)  # the newest go first
+                    victims += order[targets[role]:]
+            new, launch_error = self._launch_many(more)
+            failed: dict[str, str] = {}
+            if new:
+                _, failed = self._await_ready(new)
+            if launch_error is not None:
+                with self._lock:
+                    for role in ROLES:
+                        self._targets[role] = len(self._active(role))
+                raise launch_error
+            if victims:
+                self._drain_and_stop(victims)
+            if failed:
+                with self._lock:
+                    for role in ROLES:
+                        self._targets[role] = len(self._active(role))
+                raise WorkerStartError(failed, during="start while scaling")
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        """`{"router": {"url"}, "workers": [{"id", "role", "state", "pid", "node", "gpus",
+        "blocks_used", "blocks_total", "requests_done"}]}`; load is read from the workers now
+        (bounded by status_timeout_s), else the last known values."""
+        with self._lock:
+            workers = sorted(self._workers.values(), key=lambda w: (ROLES.index(w.role), w.index))
+        fresh: dict[str, dict[str, Any]] = {}
+        live = [w for w in workers if w.state in ("serving", "draining")]
+        if live and ray.is_initialized():
+            refs = {w.actor.stats.remote(): w for w in live}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.status_timeout_s)
+            for ref in ready:
+                try:
+                    fresh[refs[ref].worker_id] = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - a worker that cannot answer keeps its last values
+                    logger.debug("status: %s did not report: %s", refs[ref].worker_id, e)
+        entries = []
+        for w in workers:
+            d = self.directory.get(w.worker_id)
+            load: dict[str, Any] = fresh.get(w.worker_id) or (
+                {"blocks_used": d.blocks_used, "blocks_total": d.blocks_total, "requests_done": d.requests_done}
+                if d is not None else {}
+            )
+            entries.append({
+                "id": w.worker_id,
+                "role": w.role,
+                "state": d.state if d is not None and w.state == "serving" else w.state,
+                "pid": w.info.get("pid"),
+                "node": w.info.get("node_ip") or w.info.get("node"),
+                "gpus": list(w.info.get("gpus", [])),
+                "blocks_used": int(load.get("blocks_used", 0)),
+                "blocks_total": int(load.get("blocks_total", w.info.get("blocks_total", 0))),
+                "requests_done": int(load.get("requests_done", 0)),
+            })
+        return {"router": {"url": self.router_url}, "workers": entries}
+
+    def worker_info(self, wid: str) -> dict[str, Any]:
+        """What worker `wid` reported when it came up (address, pid, node, node_id, node_ip, gpus, ...)."""
+        with self._lock:
+            w = self._workers.get(wid)
+            if w is None:
+                raise KeyError(f"no worker {wid!r}")
+            return dict(w.info)
+
+    def worker_ids(self, role: Role | None = None, state: str | None = "serving") -> list[str]:
+        """Ids of the workers of `role` (both when None) in `state` (any when None), oldest first."""
+        with self._lock:
+            ws = sorted(self._workers.values(), key=lambda w: (ROLES.index(w.role), w.index))
+            return [w.worker_id for w in ws if (role is None or w.role == role) and (state is None or w.state == state)]
+
+    def shutdown(self) -> None:
+        """Stop every worker and, when this controller started it, the local Ray cluster. Idempotent."""
+        with self._lock:
+            if self._shutdown_done:
+                return
+            self._shutdown_done = True
+        self._stopping.set()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(self.ping_timeout_s + 5.0)
+        got = self._ops_lock.acquire(timeout=30.0)  # scale/replacement loops see _stopping and return
+        if not got:
+            logger.warning("shutdown: a membership change is still running; stopping the workers anyway")
+        try:
+            with self._lock:
+                workers = list(self._workers.values())
+            for w in workers:
+                self.directory.remove(w.worker_id)
+            if workers and ray.is_initialized():
+                logger.info("stopping %d workers", len(workers))
+                self._stop_workers(workers, grace_s=min(self.stop_grace_s, 2.0))
+            if self._owns_ray:
+                local = _ray_descendants() if self.cfg.ray.address is None else {}
+                # also after an interrupted ray.init(): it kills whatever that init had started
+                ray.shutdown(wait_for_processes=True)
+                _reap(local, timeout_s=10.0)
+                logger.info("Ray disconnected%s", " and the local Ray cluster stopped" if
+                            self.cfg.ray.address is None else "")
+            self._owns_ray = False
+        finally:
+            if got:
+                self._ops_lock.release()
+
+    # ------------------------------------------------------------------------------------------
+    # Starting
+    # ------------------------------------------------------------------------------------------
+
+    def _resolve_model(self) -> None:
+        if self.model_path is not None:
+            return
+        if self.cfg.model.is_tiny:
+            from splitserve.model.presets import resolve_checkpoint
+
+            self.model_path = str(resolve_checkpoint(self.cfg.model.path))
+        else:
+            # The checkpoint must exist on the worker nodes, not necessarily here; workers report it.
+            self.model_path = self.cfg.model.path
+
+    def local_num_cpus(self) -> int:
+        """CPUs of a local Ray cluster: ray.num_cpus, else this machine's, at least two per initial worker
+        (each worker reserves one; the rest is headroom for scaling up and replacements)."""
+        if self.cfg.ray.num_cpus is not None:
+            return self.cfg.ray.num_cpus
+        workers = self.cfg.prefill.replicas + self.cfg.decode.replicas
+        return max(os.cpu_count() or 1, 2 * workers)
+
+    def _connect(self) -> None:
+        ns = self.cfg.ray.namespace
+        if ray.is_initialized():
+            current = ray.get_runtime_context().namespace
+            if current != ns:
+                raise ControllerError(f"this process is already connected to Ray in namespace {current!r}, "
+                                      f"but the config's ray.namespace is {ns!r}")
+            logger.info("using this process's existing Ray connection (namespace %s)", ns)
+            return
+        common: dict[str, Any] = {"namespace": ns, "logging_level": logging.WARNING}
+        address = self.cfg.ray.address
+        self._owns_ray = True  # from here on, shutdown() calls ray.shutdown() (even if init is interrupted)
+        try:
+            if address is None:
+                n = self.local_num_cpus()
+                logger.info("starting a local Ray cluster (%d CPUs, namespace %s)", n, ns)
+                # address="local": a new cluster, even where RAY_ADDRESS or a `ray start` cluster exists
+                ray.init(address="local", num_cpus=n, include_dashboard=False, object_store_memory=self.object_store_bytes,
+                         **common)
+            else:
+                logger.info("joining the Ray cluster at %s (namespace %s)", address, ns)
+                ray.init(address=address, **common)
+        except Exception as e:
+            where = "start a local Ray cluster" if address is None else f"join the Ray cluster at {address!r}"
+            hint = ""
+            if address is not None:
+                hint = (" (is it running? `ray start --head` on the head node; a cluster with token "
+                        "authentication needs RAY_AUTH_MODE=token and its token here)")
+            raise ControllerError(f"cannot {where}: {type(e).__name__}: {e}{hint}") from e
+
+    def _check_feasible(self, role: Role) -> None:
+        """Fail fast when no node of the Ray cluster has what one `role` worker asks for."""
+        demand = resource_demand(self.cfg, role)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in demand.items()) for n in nodes):
+            return
+        have = "; ".join(
+            f"{n.get('NodeManagerAddress', '?')}: "
+            + ", ".join(f"{k}={v:g}" for k, v in sorted(n.get("Resources", {}).items())
+                        if not k.startswith("node:") and k not in ("memory", "object_store_memory"))
+            for n in nodes
+        ) or "no alive nodes"
+        raise ControllerError(
+            f"no node of the Ray cluster can host a {role} worker: each needs "
+            f"{', '.join(f'{k}={v:g}' for k, v in demand.items())} (from {role}.gpus_per_worker and "
+            f"{role}.resources); nodes have: {have}"
+        )
+
+    def _launch(self, role: Role) -> _Worker:
+        with self._lock:
+            index = self._next_index[role]
+            self._next_index[role] += 1
+        wid = worker_id(role, index)
+        spec = spec_for(self.cfg, role, index, model_path=self.model_path)
+        try:
+            actor = RemoteWorkerActor.options(**actor_options(self.cfg, role, wid)).remote(spec)
+        except ValueError as e:  # e.g. the actor name is taken in this namespace
+            raise ControllerError(f"cannot create worker {wid}: {e} (another splitserve cluster in Ray "
+                                  f"namespace {self.cfg.ray.namespace!r}? give it another ray.namespace)") from e
+        w = _Worker(wid, role, index, actor)
+        with self._lock:
+            self._workers[wid] = w
+        logger.info("starting worker %s", wid)
+        return w
+
+    def _launch_many(self, counts: dict[Role, int]) -> tuple[list[_Worker], ControllerError | None]:
+        """Create count actors per role; stops at the first that cannot be created (returned)."""
+        new: list[_Worker] = []
+        try:
+            for role, n in counts.items():
+                for _ in range(n):
+                    new.append(self._launch(role))
+        except ControllerError as e:
+            logger.error("%s", e)
+            return new, e
+        return new, None
+
+    def _await_ready(self, workers: list[_Worker]) -> tuple[list[_Worker], dict[str, str]]:
+        """Wait (bounded) until each worker serves; add those to the Directory, kill the others."""
+        refs = {w.actor.info.remote(): w for w in workers}
+        pending = list(refs)
+        ready: list[_Worker] = []
+        failed: dict[str, str] = {}
+        t0 = time.monotonic()
+        deadline = t0 + self.start_timeout_s
+        next_progress = t0 + 10.0
+        while pending:
+            now = time.monotonic()
+            if self._stopping.is_set():
+                failed.update({refs[r].worker_id: "the controller is shutting down" for r in pending})
+                break
+            if now >= deadline:
+                for r in pending:
+                    failed[refs[r].worker_id] = (f"not serving after {self.start_timeout_s:.0f} s"
+                                                 f"{self._placement_hint(refs[r])}")
+                break
+            if now >= next_progress:
+                logger.info("waiting for %d worker(s) to load the model and serve (%.0f s of at most %.0f): %s",
+                            len(pending), now - t0, self.start_timeout_s,
+                            ", ".join(f"{refs[r].worker_id}{self._placement_hint(refs[r])}" for r in pending))
+                next_progress = now + 10.0
+            done, pending = ray.wait(pending, num_returns=1, timeout=min(0.5, deadline - now))
+            for r in done:
+                w = refs[r]
+                try:
+                    w.info = ray.get(r)
+                except Exception as e:  # noqa: BLE001 - any failure of a worker's creation is reported
+                    failed[w.worker_id] = _failure_reason(e)
+                else:
+                    ready.append(w)
+        for w in ready:
+            self._admit(w)
+        dead = [w for w in workers if w.worker_id in failed]
+        if dead:
+            for wid in sorted(failed):
+                logger.error("worker %s failed to start: %s", wid, failed[wid])
+            self._kill(dead)
+        return ready, failed
+
+    def _placement_hint(self, w: _Worker) -> str:
+        """Why a worker is not serving yet: placed and loading, or waiting for resources."""
+        pid = _actor_pid(w.actor)
+        if pid:
+            return f" (loading in pid {pid})"
+        demand = resource_demand(self.cfg, w.role)
+        try:
+            avail = ray.available_resources()
+        except Exception:  # noqa: BLE001
+            return ""
+        free = {k: avail.get(k, 0.0) for k in demand}
+        if pid == 0 or any(free[k] < v for k, v in demand.items()):
+            return (f" (waiting for Ray to place it: it needs "
+                    f"{', '.join(f'{k}={v:g}' for k, v in demand.items())}; free now: "
+                    f"{', '.join(f'{k}={v:g}' for k, v in free.items())})")
+        return ""
+
+    def _admit(self, w: _Worker) -> None:
+        info = w.info
+        with self._lock:
+            w.state = "serving"
+        self.directory.add(WorkerInfo(
+            worker_id=w.worker_id,
+            role=w.role,
+            address=str(info["address"]),
+            pid=int(info.get("pid") or 0),
+            node=str(info.get("node_ip") or info.get("node") or ""),
+            gpus=tuple(int(g) for g in info.get("gpus", ())),
+            state="serving",
+            transfer_metadata=bytes(info.get("transfer_metadata") or b""),
+            blocks_total=int(info.get("blocks_total") or 0),
+        ))
+        logger.info("worker %s serving at %s (pid %s, node %s)", w.worker_id, info["address"], info.get("pid"),
+                    info.get("node_ip") or info.get("node"))
+
+    # ------------------------------------------------------------------------------------------
+    # Stopping
+    # ------------------------------------------------------------------------------------------
+
+    def _active(self, role: Role) -> list[_Worker]:
+        with self._lock:
+            return [w for w in self._workers.values() if w.role == role and w.state in _LIVE_STATES]
+
+    def _drain_and_stop(self, victims: list[_Worker]) -> None:
+        with self._lock:
+            for w in victims:
+                w.state = "draining"
+        for w in victims:
+            self.directory.update(w.worker_id, state="draining")
+            logger.info("draining worker %s", w.worker_id)
+        _wait_all([w.actor.drain.remote() for w in victims], timeout_s=10.0)
+        busy = {w.worker_id: w for w in victims}
+        last: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + self.drain_timeout_s
+        while busy and time.monotonic() < deadline and not self._stopping.is_set():
+            refs = {w.actor.stats.remote(): w for w in busy.values()}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=2.0)
+            for r in ready:
+                w = refs[r]
+                try:
+                    s = ray.get(r)
+                except RayActorError:
+                    busy.pop(w.worker_id, None)  # died while draining: nothing left to wait for
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    logger.warning("worker %s: stats failed while draining: %s", w.worker_id, e)
+                    continue
+                last[w.worker_id] = s
+                if int(s.get("running", 0)) == 0 and int(s.get("waiting", 0)) == 0:
+                    busy.pop(w.worker_id, None)
+                    logger.info("worker %s drained", w.worker_id)
+            if busy:
+                time.sleep(0.2)
+        for wid in busy:
+            s = last.get(wid, {})
+            logger.warning("worker %s still has %s running / %s waiting requests after %.0f s of draining; "
+                           "stopping it anyway", wid, s.get("running", "?"), s.get("waiting", "?"),
+                           self.drain_timeout_s)
+        self._stop_workers(victims, grace_s=self.stop_grace_s)
+
+    def _stop_workers(self, workers: list[_Worker], grace_s: float) -> None:
+        """Remove from the Directory, stop gracefully (bounded), then kill the actors."""
+        for w in workers:
+            self.directory.remove(w.worker_id)
+        refs = []
+        for w in workers:
+            try:
+                refs.append(w.actor.stop.remote(grace_s))
+            except Exception as e:  # noqa: BLE001 - a dead actor needs no stop
+                logger.debug("stop %s: %s", w.worker_id, e)
+        _wait_all(refs, timeout_s=grace_s + 5.0)
+        self._kill(workers)
+        for w in workers:
+            logger.info("worker %s stopped", w.worker_id)
+
+    def _kill(self, workers: Iterable[_Worker]) -> None:
+        for w in workers:
+            try:
+                ray.kill(w.actor, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - already gone
+                logger.debug("kill %s: %s", w.worker_id, e)
+            with self._lock:
+                w.state = "stopped"
+                self._workers.pop(w.worker_id, None)
+            self.directory.remove(w.worker_id)
+
+    def _check_running(self) -> None:
+        if not self._started or self._stopping.is_set():
+            raise ControllerError("the cluster is not running")
+
+    # ------------------------------------------------------------------------------------------
+    # Monitoring
+    # ------------------------------------------------------------------------------------------
+
+    def _monitor_loop(self) -> None:
+        while not self._stopping.wait(self.monitor_interval_s):
+            try:
+                self._check_health()
+                with self._lock:
+                    short = any(len(self._active(role)) < self._targets[role] for role in ROLES)
+                if short:
+                    self._short.set()
+            except Exception:  # noqa: BLE001 - the monitor must survive anything
+                if not self._stopping.is_set():
+                    logger.exception("monitor: unexpected error")
+
+    def _replacer_loop(self) -> None:
+        while not self._stopping.is_set():
+            if not self._short.wait(0.5):
+                continue
+            self._short.clear()
+            try:
+                self._replace_missing()
+            except Exception:  # noqa: BLE001
+                if not self._stopping.is_set():
+                    logger.exception("replacing workers failed")
+
+    def _check_health(self) -> None:
+        with self._lock:
+            serving = [w for w in self._workers.values() if w.state == "serving"]
+        if not serving:
+            return
+        refs = {w.actor.ping.remote(): w for w in serving}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.ping_timeout_s)
+        for r in ready:
+            w = refs[r]
+            try:
+                p = ray.get(r)
+            except RayActorError as e:
+                self._mark_dead(w, _failure_reason(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - the worker answered with an error: count it as a miss
+                self._missed(w, f"ping failed: {type(e).__name__}: {e}")
+                continue
+            if not p.get("engine_alive", True):
+                self._mark_dead(w, "its engine loop stopped")
+                continue
+            w.missed_pings = 0
+            load = {k: int(p[k]) for k in ("blocks_used", "blocks_total", "running", "waiting", "requests_done",
+                                           "queued_prefill_tokens") if k in p}
+            self.directory.update(w.worker_id, last_seen=time.monotonic(), **load)
+        for r in pending:
+            self._missed(refs[r], f"no answer to a ping within {self.ping_timeout_s:g} s")
+
+    def _missed(self, w: _Worker, why: str) -> None:
+        w.missed_pings += 1
+        logger.warning("worker %s: %s (%d in a row)", w.worker_id, why, w.missed_pings)
+        if w.missed_pings >= self.max_missed_pings:
+            self._mark_dead(w, f"{w.missed_pings} pings in a row failed ({why})")
+
+    def _mark_dead(self, w: _Worker, why: str) -> None:
+        with self._lock:
+            if self._workers.get(w.worker_id) is not w or w.state != "serving":
+                return
+            w.state = "dead"
+        self.directory.update(w.worker_id, state="dead")
+        logger.error("worker %s (pid %s, node %s) is dead: %s", w.worker_id, w.info.get("pid"),
+                     w.info.get("node_ip") or w.info.get("node"), why)
+        self.replaced.append((w.worker_id, why))
+        self._kill([w])
+
+    def _replace_missing(self) -> None:
+        if self._stopping.is_set() or not self._ops_lock.acquire(blocking=False):
+            return  # a scale in progress reconciles the pools itself
+        try:
+            now = time.monotonic()
+            more: dict[Role, int] = {}
+            for role in ROLES:
+                with self._lock:
+                    missing = self._targets[role] - len(self._active(role))
+                fails, retry_at = self._replace_backoff.get(role, (0, 0.0))
+                if missing <= 0 or now < retry_at:
+                    continue
+                logger.info("%s pool has %d of %d workers; starting %d", role, self._targets[role] - missing,
+                            self._targets[role], missing)
+                more[role] = missing
+            new, launch_error = self._launch_many(more)
+            failed: dict[str, str] = {}
+            if new:
+                _, failed = self._await_ready(new)
+            failed_roles = {w.role for w in new if w.worker_id in failed}
+            if launch_error is not None:
+                failed_roles |= set(more)
+            for role in more:
+                if role in failed_roles:
+                    fails = self._replace_backoff.get(role, (0, 0.0))[0] + 1
+                    delay = min(60.0, 2.0 ** fails)
+                    self._replace_backoff[role] = (fails, time.monotonic() + delay)
+                    logger.error("could not replace a %s worker (%d failures in a row); retrying in %.0f s",
+                                 role, fails, delay)
+                else:
+                    self._replace_backoff.pop(role, None)
+        finally:
+            self._ops_lock.release()
+
+
+def _wait_all(refs: list[Any], timeout_s: float) -> None:
+    """Wait (bounded) for remote calls whose results do not matter (errors are logged at debug)."""
+    if not refs:
+        return
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for r in ready:
+        try:
+            ray.get(r, timeout=0)
+        except (RayActorError, GetTimeoutError) as e:
+            logger.debug("remote call: %s", e)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("remote call failed: %s", e)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ..., starttime at [19])."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _ray_descendants() -> dict[int, str]:
+    """pid -> start time of this process's descendants that are Ray's (a local cluster's gcs, raylet,
+    agents, workers). Linux only (/proc); {} elsewhere."""
+    if not os.path.isdir("/proc"):
+        return {}
+    children: dict[int, list[int]] = {}
+    start: dict[int, str] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        fields = _proc_stat(int(d))
+        if fields is None or len(fields) < 20:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d))
+        start[int(d)] = fields[19]
+    out: dict[int, str] = {}
+    stack = [os.getpid()]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c in out:
+                continue
+            try:
+                with open(f"/proc/{c}/cmdline", "rb") as f:
+                    cmd = f.read().decode(errors="replace").lower()
+            except OSError:
+                continue
+            stack.append(c)
+            if "ray" in cmd:
+                out[c] = start[c]
+    return out
+
+
+def _reap(procs: dict[int, str], timeout_s: float) -> None:
+    """Wait for these processes (pid -> start time) to exit; SIGKILL the ones still there after timeout_s.
+    A pid whose start time changed is another process by now and is left alone."""
+
+    def alive() -> list[int]:
+        out = []
+        for pid, started in procs.items():
+            fields = _proc_stat(pid)
+            if fields is not None and len(fields) >= 20 and fields[19] == started and fields[0] != "Z":
+                out.append(pid)
+        return out
+
+    deadline = time.monotonic() + timeout_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = alive()
+    if left:
+        logger.warning("killing %d Ray processes left after ray.shutdown(): %s", len(left), left)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _actor_pid(actor: Any) -> int | None:
+    """The pid of an actor's process (0: not placed yet; None: unknown). Reads Ray's actor table."""
+    try:
+        from ray._private.state import actors as actor_table
+
+        return int(actor_table(actor._actor_id.hex()).get("Pid") or 0)
+    except Exception:  # noqa: BLE001 - a private API (absent under Ray Client): no hint then
+        return None
+
+
+def _failure_reason(e: BaseException) -> str:
+    """A one-line reason from a Ray error: the worker's own exception where there is one."""
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # A creation task error ends with the worker's exception ("FileNotFoundError: ... not a checkpoint").
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if ":" in ln and (head.endswith("Error") or head.endswith("Exception")) and " " not in head:
+            if not head.startswith("ray.exceptions") and head not in ("RayActorError", "ActorDiedError"):
+                return ln
+    if isinstance(e, RayActorError):
+        for ln in lines:
+            if "killed" in ln or "died" in ln or "exit" in ln.lower():
+                return f"{type(e).__name__}: {ln[:300]}"
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"

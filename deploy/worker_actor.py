@@ -1,0 +1,225 @@
+"""One worker of a pool as a Ray actor, and how its `WorkerSpec` is built from the cluster YAML.
+
+`spec_for(cfg, role, index)` maps a `ClusterConfig` to the `WorkerSpec` of worker `<role>-<index>`;
+`actor_options(cfg, role, worker_id)` gives the Ray options of its actor (GPUs, CPUs, custom
+resources, name, namespace). `WorkerActor` is a plain class so it can be read and tested without Ray;
+`RemoteWorkerActor` is its Ray actor class. The actor's constructor starts the role's gRPC server
+(`splitserve.{prefill,decode}_worker.server.serve(spec)`) in the actor's own process, so the actor's
+pid is the worker's pid and killing the actor kills the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any, Literal
+
+import ray
+
+from splitserve.deploy.config import ClusterConfig, PoolConfig
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.runtime import WorkerServer, WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode"]
+ROLES: tuple[Role, Role] = ("prefill", "decode")
+
+#: Cache blocks of a worker whose pool sizes its cache by `cache_memory_fraction` (cuda): the engine
+#: takes a block count only, so the launcher passes this and warns (see `spec_for`).
+DEFAULT_NUM_BLOCKS = 256
+#: Engine chunk size of decode workers (they never compute prompts; the config has no field for it).
+DECODE_CHUNK_SIZE = 512
+#: Ray CPUs each worker actor reserves. On cpu the worker computes on them (Ray sets the actor's
+#: OMP_NUM_THREADS to it, so torch uses one thread per worker); on cuda it is the host-side loop.
+WORKER_NUM_CPUS = 1.0
+#: Threads serving the actor's methods: ping/stats must answer while stop() or drain() runs.
+ACTOR_MAX_CONCURRENCY = 8
+
+
+def worker_id(role: Role, index: int) -> str:
+    return f"{role}-{index}"
+
+
+def pool_config(cfg: ClusterConfig, role: Role) -> PoolConfig:
+    if role not in ROLES:
+        raise ValueError(f"unknown worker role {role!r}; expected 'prefill' or 'decode'")
+    return cfg.prefill if role == "prefill" else cfg.decode
+
+
+def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
+    """The engine settings of a `role` worker.
+
+    mtp_draft_tokens is the decode pool's value for both roles: the prefill side fills the MTP
+    layer's cache (and returns the MTP state) that decode drafts from, and the transfer handshake
+    checks that both sides agree on it.
+    """
+    pool = pool_config(cfg, role)
+    num_blocks = pool.num_blocks
+    if num_blocks is None:
+        logger.warning("%s pool: cache_memory_fraction=%s is not supported by the engine yet (it takes a block "
+                       "count); using num_blocks=%d — set %s.num_blocks to size the cache",
+                       role, pool.cache_memory_fraction, DEFAULT_NUM_BLOCKS, role)
+        num_blocks = DEFAULT_NUM_BLOCKS
+    if role == "prefill":
+        chunk_size = cfg.prefill.chunk_size
+    else:  # decode never computes prompts (their cache arrives); keep the engine default, within budget
+        chunk_size = min(DECODE_CHUNK_SIZE, pool.max_batch_tokens)
+    return EngineConfig(
+        num_blocks=num_blocks,
+        block_size=pool.block_size,
+        max_batch_tokens=pool.max_batch_tokens,
+        chunk_size=chunk_size,
+        max_running=pool.max_running_requests,
+        mtp_draft_tokens=cfg.decode.mtp_draft_tokens,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        indexer_fp8=cfg.model.indexer_fp8,
+        max_model_len=cfg.model.max_model_len or 0,
+    )
+
+
+def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | None = None) -> WorkerSpec:
+    """The `WorkerSpec` of worker `<role>-<index>`.
+
+    `model_path` replaces cfg.model.path (the launcher passes the resolved checkpoint directory so
+    workers never race to create the tiny checkpoint).
+    """
+    if index < 0:
+        raise ValueError(f"worker index must be >= 0, got {index}")
+    pool = pool_config(cfg, role)
+    return WorkerSpec(
+        worker_id=worker_id(role, index),
+        role=role,
+        model_path=model_path if model_path is not None else cfg.model.path,
+        engine=engine_config_for(cfg, role),
+        transfer_backend=cfg.transfer.backend,
+        transfer_host=cfg.transfer.host,
+        transfer_timeout_s=cfg.transfer.timeout_s,
+        grpc_host=pool.grpc_host,
+        grpc_port=0,
+        # A reservation waits for prefill + cache transfer: as long as the router waits for a first token.
+        reserve_lease_s=cfg.router.first_token_timeout_s,
+        first_token_timeout_s=cfg.router.first_token_timeout_s,
+    )
+
+
+def actor_options(cfg: ClusterConfig, role: Role, wid: str) -> dict[str, Any]:
+    """Ray actor options of worker `wid` (pass to `RemoteWorkerActor.options(**...)`)."""
+    pool = pool_config(cfg, role)
+    opts: dict[str, Any] = {
+        "name": wid,
+        "namespace": cfg.ray.namespace,
+        "num_cpus": WORKER_NUM_CPUS,
+        "num_gpus": pool.gpus_per_worker,
+        "resources": dict(pool.resources),
+        # The config has no restart setting: the controller notices a dead worker and starts a fresh
+        # one (new id, new cache, new transfer identity) instead of Ray restarting it in place.
+        "max_restarts": 0,
+        "max_task_retries": 0,
+        "max_concurrency": ACTOR_MAX_CONCURRENCY,
+    }
+    if cfg.transfer.interface is not None and cfg.transfer.backend == "nixl":
+        opts["runtime_env"] = {"env_vars": {"UCX_NET_DEVICES": cfg.transfer.interface}}
+    return opts
+
+
+def resource_demand(cfg: ClusterConfig, role: Role) -> dict[str, float]:
+    """What one `role` worker asks Ray for, in `ray.nodes()` resource names."""
+    pool = pool_config(cfg, role)
+    demand = {"CPU": WORKER_NUM_CPUS, **pool.resources}
+    if pool.gpus_per_worker:
+        demand["GPU"] = pool.gpus_per_worker
+    return demand
+
+
+def _serve(spec: WorkerSpec) -> WorkerServer:
+    if spec.role == "prefill":
+        from splitserve.prefill_worker.server import serve
+    else:
+        from splitserve.decode_worker.server import serve
+    return serve(spec)
+
+
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+class WorkerActor:
+    """A prefill or decode worker inside a Ray actor process (one actor = one worker process)."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.spec = spec
+        self._stop_lock = threading.Lock()
+        self._stopped = False
+        self.node_id, self.node_ip, self.gpus = _ray_placement()
+        self.server = _serve(spec)
+        self.address = self._advertised(self.server.address)
+        logger.info("worker %s up: pid %d, node %s (%s), gpus %s, gRPC %s", spec.worker_id, os.getpid(),
+                    self.node_ip, self.node_id[:12], list(self.gpus), self.address)
+
+    def _advertised(self, address: str) -> str:
+        """The gRPC address peers dial: a wildcard bind advertises the node's IP."""
+        host, _, port = address.rpartition(":")
+        if host in _WILDCARD_HOSTS:
+            ip = self.node_ip or socket.gethostbyname(socket.gethostname())
+            return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return address
+
+    def info(self) -> dict[str, Any]:
+        """The server's info (worker_id, role, address, pid, node, transfer_metadata, blocks_total)
+        plus where Ray placed it: node_id, node_ip, gpus."""
+        info = dict(self.server.info())
+        info.setdefault("pid", os.getpid())
+        info["address"] = self.address
+        info["node_id"] = self.node_id
+        info["node_ip"] = self.node_ip
+        info["gpus"] = list(self.gpus)
+        return info
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.server.stats())
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness plus current load: engine_alive is False once the engine loop has died."""
+        loop = getattr(getattr(self.server, "rt", None), "loop", None)
+        alive = bool(getattr(loop, "alive", True))
+        out: dict[str, Any] = {"worker_id": self.spec.worker_id, "pid": os.getpid(), "engine_alive": alive}
+        if alive and not self._stopped:
+            out.update(self.server.stats())
+        return out
+
+    def drain(self) -> None:
+        """Take no new requests; those in flight finish."""
+        self.server.drain()
+        logger.info("worker %s draining", self.spec.worker_id)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop the gRPC server (in-flight calls get `grace_s`) and the engine. Idempotent."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        logger.info("worker %s stopping", self.spec.worker_id)
+        self.server.stop(grace_s)
+
+
+def _ray_placement() -> tuple[str, str, tuple[int, ...]]:
+    """(node id, node IP, GPU ids) of this process, as Ray placed it ('' / () outside Ray)."""
+    if not ray.is_initialized():
+        return "", "", ()
+    ctx = ray.get_runtime_context()
+    gpus: list[int] = []
+    for g in ray.get_gpu_ids():
+        try:
+            gpus.append(int(g))
+        except (TypeError, ValueError):
+            continue
+    return ctx.get_node_id(), ray.util.get_node_ip_address(), tuple(gpus)
+
+
+#: The Ray actor class of `WorkerActor` (options per worker from `actor_options`).
+RemoteWorkerActor = ray.remote(WorkerActor)

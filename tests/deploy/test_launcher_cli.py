@@ -1,0 +1,192 @@
+"""The cluster CLI as a user runs it: `splitserve up --detach`, `status`, `scale`, `down`, and a foreground
+`up` stopped by SIGTERM. Real subprocesses, a real local Ray cluster, the real router; state files in a
+temporary run dir. Every wait is bounded and no process is left behind (a finalizer kills the whole
+session of an `up` that a failing test left running).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from splitserve.deploy.config import DEFAULT_CONFIG_PATH, load_config
+
+pytestmark = pytest.mark.timeout(300)
+
+KEY_ENV = "SPLITSERVE_TEST_LAUNCHER_KEY"
+KEY = "test-key-123"
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "splitserve.deploy.cli", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env=env)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def session_pids(sid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[3]) == sid:
+            out.append(int(d))
+    return out
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def write_config(path: Path, **router: object) -> Path:
+    data = load_config(DEFAULT_CONFIG_PATH).model_dump()
+    data["transfer"]["backend"] = "tcp"
+    data["router"]["port"] = 0
+    data["router"].update(router)
+    data["ray"]["num_cpus"] = 4
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def states(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("cluster-*.json"))]
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[int]]:
+    """Pids of `up` processes (session leaders) a test started; whatever is left of them is killed."""
+    leaders: list[int] = []
+    yield leaders
+    for sid in leaders:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = [p for p in session_pids(sid) if pid_alive(p)]
+            for p in pids:
+                try:
+                    os.kill(p, sig)
+                except ProcessLookupError:
+                    pass
+            if pids:
+                time.sleep(3)
+
+
+def test_up_detach_status_scale_down(tmp_path: Path, reaper: list[int]) -> None:
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "cluster.yaml", api_key_env=KEY_ENV)
+    env = {**os.environ, KEY_ENV: KEY}
+    no_key_env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+
+    # nothing runs yet
+    r = cli("status", "--run-dir", str(run_dir))
+    assert r.returncode == 1 and "no running cluster" in r.stderr
+
+    t0 = time.monotonic()
+    r = cli("up", str(config), "--detach", "--run-dir", str(run_dir), "--start-timeout", "120", env=env,
+            timeout_s=240)
+    (state,) = states(run_dir) if r.returncode == 0 else [{}]
+    if state:
+        reaper.append(int(state["pid"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 150
+    url = state["url"]
+    assert url in r.stdout and str(run_dir) in r.stdout  # the URL and the log path are printed
+    up_pid = int(state["pid"])
+    assert up_pid != os.getpid() and pid_alive(up_pid)
+    assert state["api_key_env"] == KEY_ENV and KEY not in json.dumps(state)  # never the key itself
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+    # the admin API takes the public API's key
+    assert httpx.get(f"{url}/admin/status", timeout=10).status_code == 401
+    r = cli("status", "--run-dir", str(run_dir), env=no_key_env)
+    assert r.returncode == 1 and KEY_ENV in r.stderr
+
+    r = cli("status", "--json", "--run-dir", str(run_dir), env=env)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["router"]["url"] == url
+    assert [(w["id"], w["state"]) for w in st["workers"]] == [("prefill-0", "serving"), ("decode-0", "serving")]
+    pids = {w["pid"] for w in st["workers"]}
+    assert all(pid_alive(p) and p != up_pid for p in pids)
+
+    r = cli("status", "--run-dir", str(run_dir), env=env)
+    assert r.returncode == 0
+    for wid in ("prefill-0", "decode-0"):
+        assert wid in r.stdout
+    assert url in r.stdout
+
+    r = cli("scale", "--decode", "2", "--json", "--run-dir", str(run_dir), env=env)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert [w["id"] for w in st["workers"] if w["role"] == "decode" and w["state"] == "serving"] == \
+        ["decode-0", "decode-1"]
+    pids |= {w["pid"] for w in st["workers"]}
+
+    resp = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
+    assert resp.status_code == 200, resp.text
+
+    r = cli("down", "--run-dir", str(run_dir), env=env)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: not pid_alive(up_pid), 30, "the up process to exit")
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the workers to exit")
+    wait_until(lambda: not [p for p in session_pids(up_pid) if pid_alive(p)], 30, "every Ray process to exit")
+    assert states(run_dir) == []
+    r = cli("status", "--run-dir", str(run_dir), env=env)
+    assert r.returncode == 1 and "no running cluster" in r.stderr
+
+
+def test_foreground_up_stops_everything_on_sigterm(tmp_path: Path, reaper: list[int]) -> None:
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "cluster.yaml")
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve.deploy.cli", "up", str(config), "--run-dir",
+                             str(run_dir), "--start-timeout", "120"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    reaper.append(proc.pid)
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()
+        found = [s for s in states(run_dir) if s["pid"] == proc.pid]
+        try:
+            return bool(found) and httpx.get(f"{found[0]['url']}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 150, "the cluster to serve")
+    (state,) = states(run_dir)
+    st = httpx.get(f"{state['url']}/admin/status", timeout=10).json()
+    pids = {w["pid"] for w in st["workers"]}
+    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    out = (tmp_path / "up.log").read_text()
+    assert "cluster stopped" in out
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the workers to exit")
+    wait_until(lambda: not [p for p in session_pids(proc.pid) if pid_alive(p)], 30, "every Ray process to exit")
+    assert states(run_dir) == []

@@ -1,0 +1,197 @@
+"""Fast launcher tests without a Ray cluster: YAML -> WorkerSpec / actor options, the /admin endpoints over
+a stand-in controller (auth, validation, error mapping), and the status table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from splitserve.deploy.admin import build_admin_router
+from splitserve.deploy.cluster_cli import format_status
+from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_config, parse_config
+from splitserve.deploy.controller import ControllerError, WorkerStartError
+from splitserve.deploy.worker_actor import (
+    DEFAULT_NUM_BLOCKS,
+    WORKER_NUM_CPUS,
+    actor_options,
+    resource_demand,
+    spec_for,
+)
+
+GPU_YAML = Path(DEFAULT_CONFIG_PATH).with_name("gpu-1node.yaml")
+MULTINODE_YAML = Path(DEFAULT_CONFIG_PATH).with_name("multinode.yaml")
+
+
+def cfg_with(path: Path = DEFAULT_CONFIG_PATH, **changes: Any) -> ClusterConfig:
+    data = load_config(path).model_dump()
+    for key, value in changes.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    return parse_config(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# spec_for / actor_options
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_spec_follows_the_pool_config(role: str) -> None:
+    cfg = cfg_with(prefill__num_blocks=96, prefill__max_batch_tokens=4096, prefill__chunk_size=1024,
+                   prefill__max_running_requests=7, decode__num_blocks=80, decode__max_running_requests=9,
+                   decode__mtp_draft_tokens=2, transfer__backend="tcp", transfer__timeout_s=12.5)
+    pool = cfg.prefill if role == "prefill" else cfg.decode
+    spec = spec_for(cfg, role, 3, model_path="/ckpt")  # type: ignore[arg-type]
+    assert spec.worker_id == f"{role}-3" and spec.role == role
+    assert spec.model_path == "/ckpt"
+    e = spec.engine
+    assert (e.num_blocks, e.block_size, e.max_batch_tokens, e.max_running) == (
+        pool.num_blocks, pool.block_size, pool.max_batch_tokens, pool.max_running_requests)
+    # both sides run the decode pool's MTP setting: prefill fills the MTP layer's cache decode drafts from
+    assert e.mtp_draft_tokens == cfg.decode.mtp_draft_tokens
+    assert (e.dtype, e.device, e.indexer_fp8) == (cfg.model.dtype, cfg.model.device, cfg.model.indexer_fp8)
+    assert e.chunk_size == (cfg.prefill.chunk_size if role == "prefill" else min(512, pool.max_batch_tokens))
+    assert e.chunk_size <= e.max_batch_tokens
+    assert (spec.transfer_backend, spec.transfer_host, spec.transfer_timeout_s) == (
+        cfg.transfer.backend, cfg.transfer.host, cfg.transfer.timeout_s)
+    assert spec.grpc_host == pool.grpc_host and spec.grpc_port == 0
+    assert spec.first_token_timeout_s == cfg.router.first_token_timeout_s
+
+
+def test_tiny_model_path_and_max_model_len() -> None:
+    cfg = cfg_with(model__max_model_len=2048)
+    spec = spec_for(cfg, "decode", 0)
+    assert spec.model_path == "tiny"
+    assert spec.engine.max_model_len == 2048
+    assert spec_for(cfg_with(), "decode", 0).engine.max_model_len == 0  # 0: the checkpoint's own
+
+
+def test_cuda_pool_sized_by_memory_fraction_falls_back_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(GPU_YAML)
+    with caplog.at_level(logging.WARNING):
+        spec = spec_for(cfg, "prefill", 0)
+    assert spec.engine.num_blocks == DEFAULT_NUM_BLOCKS
+    assert "cache_memory_fraction" in caplog.text
+    assert spec.engine.device == "cuda" and spec.engine.dtype == "bfloat16"
+
+
+def test_actor_options_pin_gpus_resources_and_names() -> None:
+    cfg = load_config(MULTINODE_YAML)
+    for role, pool in (("prefill", cfg.prefill), ("decode", cfg.decode)):
+        opts = actor_options(cfg, role, f"{role}-5")  # type: ignore[arg-type]
+        assert opts["name"] == f"{role}-5" and opts["namespace"] == cfg.ray.namespace
+        assert opts["num_gpus"] == pool.gpus_per_worker
+        assert opts["resources"] == pool.resources
+        assert opts["num_cpus"] == WORKER_NUM_CPUS
+        assert opts["max_restarts"] == 0  # the controller replaces dead workers itself
+        assert opts["runtime_env"] == {"env_vars": {"UCX_NET_DEVICES": cfg.transfer.interface}}
+        demand = resource_demand(cfg, role)  # type: ignore[arg-type]
+        assert demand["GPU"] == pool.gpus_per_worker and all(demand[k] == v for k, v in pool.resources.items())
+    local = cfg_with()
+    opts = actor_options(local, "decode", "decode-0")
+    assert opts["num_gpus"] == 0 and opts["resources"] == {} and "runtime_env" not in opts
+    assert "GPU" not in resource_demand(local, "decode")
+
+
+def test_bad_role_and_index() -> None:
+    with pytest.raises(ValueError, match="role"):
+        spec_for(cfg_with(), "router", 0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="index"):
+        spec_for(cfg_with(), "decode", -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# /admin over a stand-in controller
+
+
+class FakeController:
+    def __init__(self) -> None:
+        self.sizes = {"prefill": 1, "decode": 1}
+        self.fail_with: Exception | None = None
+
+    def status(self) -> dict[str, Any]:
+        workers = [{"id": f"{role}-{i}", "role": role, "state": "serving", "pid": 100 + i, "node": "n", "gpus": [],
+                    "blocks_used": 0, "blocks_total": 8, "requests_done": 0}
+                   for role in ("prefill", "decode") for i in range(self.sizes[role])]
+        return {"router": {"url": "http://x"}, "workers": workers}
+
+    def scale(self, prefill: int | None = None, decode: int | None = None) -> dict[str, Any]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        for role, n in (("prefill", prefill), ("decode", decode)):
+            if n is not None:
+                self.sizes[role] = n
+        return self.status()
+
+
+@pytest.fixture
+def admin() -> tuple[TestClient, FakeController, list[str]]:
+    ctl = FakeController()
+    calls: list[str] = []
+    app = FastAPI()
+    app.include_router(build_admin_router(ctl, api_key="sekret", request_shutdown=lambda: calls.append("shutdown")))
+    return TestClient(app), ctl, calls
+
+
+AUTH = {"Authorization": "Bearer sekret"}
+
+
+def test_admin_requires_the_api_key(admin: tuple[TestClient, FakeController, list[str]]) -> None:
+    client, _, calls = admin
+    for method, path in (("GET", "/admin/status"), ("POST", "/admin/scale"), ("POST", "/admin/shutdown")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            r = client.request(method, path, headers=headers, json={"decode": 2})
+            assert r.status_code == 401, (method, path, headers)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    assert calls == []
+    assert client.get("/admin/status", headers=AUTH).json()["router"]["url"] == "http://x"
+
+
+def test_admin_scale_validates_and_maps_errors(admin: tuple[TestClient, FakeController, list[str]]) -> None:
+    client, ctl, _ = admin
+    r = client.post("/admin/scale", headers=AUTH, json={"decode": 3})
+    assert r.status_code == 200
+    assert [w["id"] for w in r.json()["workers"] if w["role"] == "decode"] == ["decode-0", "decode-1", "decode-2"]
+    for body in ({}, {"decode": 0}, {"prefill": -1}, {"decode": "2"}, {"decode": 1.5}, {"replicas": 2}):
+        r = client.post("/admin/scale", headers=AUTH, json=body)
+        assert r.status_code == 400, body
+        assert r.json()["error"]["code"] == "invalid_scale_request"
+    assert client.post("/admin/scale", headers=AUTH, content=b"{not json").status_code == 400
+    ctl.fail_with = WorkerStartError({"decode-3": "FileNotFoundError: no config.json"})
+    r = client.post("/admin/scale", headers=AUTH, json={"decode": 4})
+    assert r.status_code == 409
+    assert r.json()["error"]["failures"] == {"decode-3": "FileNotFoundError: no config.json"}
+    assert "decode-3" in r.json()["error"]["message"]
+    ctl.fail_with = ControllerError("the cluster is not running")
+    assert client.post("/admin/scale", headers=AUTH, json={"decode": 4}).status_code == 503
+
+
+def test_admin_shutdown_answers_then_calls_back(admin: tuple[TestClient, FakeController, list[str]]) -> None:
+    client, _, calls = admin
+    r = client.post("/admin/shutdown", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"status": "shutting down"}
+    assert calls == ["shutdown"]
+
+
+def test_admin_without_key_or_shutdown_hook() -> None:
+    app = FastAPI()
+    app.include_router(build_admin_router(FakeController()))
+    client = TestClient(app)
+    assert client.get("/admin/status").status_code == 200
+    assert client.post("/admin/shutdown").status_code == 501
+
+
+def test_status_table() -> None:
+    status = FakeController().status()
+    status["workers"][1]["gpus"] = [0, 1]
+    text = format_status(status)
+    lines = text.splitlines()
+    assert lines[0] == "router: http://x"
+    assert lines[1] == "serving: 1 prefill, 1 decode"
+    assert lines[2].split() == ["ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "BLOCKS", "USED", "REQUESTS", "DONE"]
+    assert lines[3].split() == ["prefill-0", "prefill", "serving", "100", "n", "-", "0/8", "0"]
+    assert lines[4].split() == ["decode-0", "decode", "serving", "100", "n", "0,1", "0/8", "0"]

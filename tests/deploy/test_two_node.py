@@ -1,0 +1,213 @@
+"""A two-node Ray cluster on loopback: `ray start --head` labelled {"prefill_node": 1} and a second node
+labelled {"decode_node": 1}, both real daemons started here in their own sessions (unique ports, own
+temp dir). The config pins each pool to its node group through `<pool>.resources` and joins the
+cluster through `ray.address`; the workers must land on the right nodes and serve a request across them.
+
+Self-contained and serial: only the processes of the two sessions started here are stopped at the end
+(never `ray stop`, which would stop every Ray process of the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import ray
+import uvicorn
+
+from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_config, parse_config
+from splitserve.deploy.controller import Controller, WorkerStartError
+from splitserve.router.membership import Directory
+
+pytestmark = pytest.mark.timeout(300)
+
+NAMESPACE = "splitserve-two-node-test"
+
+
+def driver_auth_mode() -> str:
+    """Ray's token authentication mode of this process: a local ray.init() earlier in the process (another
+    test module) turns it on for good, and a joining driver cannot change it. The nodes started here use
+    the same mode, so the test passes alone and after the others."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_pids(sid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def kill_session(sid: int, timeout_s: float = 5.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in session_pids(sid):
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not session_pids(sid):
+            return
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def ray_start(args: list[str], env: dict[str, str], sessions: list[int]) -> None:
+    """`ray start` in a new session (its daemons keep that session id, so they can be found and stopped)."""
+    ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--num-cpus", "2",
+           "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
+    for flag in ports:
+        cmd += [flag, str(free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    sessions.append(proc.pid)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[SimpleNamespace]:
+    temp_dir = tempfile.mkdtemp(prefix="ssray", dir="/tmp")  # short: Ray puts unix sockets below it
+    env = {**os.environ, "RAY_AUTH_MODE": driver_auth_mode()}
+    env.pop("RAY_ADDRESS", None)
+    sessions: list[int] = []
+    try:
+        gcs_port = free_port()
+        ray_start(["--head", f"--port={gcs_port}", "--temp-dir", temp_dir, "--include-dashboard=false",
+                   "--ray-client-server-port", str(free_port()), "--resources", json.dumps({"prefill_node": 1})],
+                  env, sessions)
+        address = f"127.0.0.1:{gcs_port}"
+        ray_start([f"--address={address}", "--resources", json.dumps({"decode_node": 1})], env, sessions)
+        yield SimpleNamespace(address=address, sessions=sessions)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for sid in reversed(sessions):
+            kill_session(sid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        leftover = [p for sid in sessions for p in session_pids(sid)]
+        assert not leftover, f"Ray processes left running: {leftover}"
+
+
+def two_node_cfg(address: str) -> ClusterConfig:
+    data = load_config(DEFAULT_CONFIG_PATH).model_dump()
+    data["transfer"]["backend"] = "tcp"
+    data["router"]["port"] = 0
+    data["prefill"]["resources"] = {"prefill_node": 1.0}
+    data["decode"]["resources"] = {"decode_node": 1.0}
+    data["ray"].update(address=address, namespace=NAMESPACE, num_cpus=None)
+    return parse_config(data)
+
+
+class ServeThread:
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ServeThread:
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), 20, "uvicorn to start")
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+def test_pools_land_on_their_node_groups(two_nodes: SimpleNamespace) -> None:
+    cfg = two_node_cfg(two_nodes.address)
+    directory = Directory()
+    controller = Controller(cfg, directory, start_timeout_s=120, monitor_interval_s=0.5)
+    controller.start()
+    try:
+        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+        (prefill_node,) = [nid for nid, res in nodes.items() if res.get("prefill_node")]
+        (decode_node,) = [nid for nid, res in nodes.items() if res.get("decode_node")]
+        # the node each worker reports from inside its actor (ray.get_runtime_context().get_node_id())
+        assert controller.worker_info("prefill-0")["node_id"] == prefill_node
+        assert controller.worker_info("decode-0")["node_id"] == decode_node
+        assert ray.get_runtime_context().namespace == NAMESPACE
+        pids = {w["pid"] for w in controller.status()["workers"]}
+        assert len(pids) == 2 and os.getpid() not in pids
+
+        # a request served across the two nodes (prefill on one writes the cache into decode on the other)
+        from splitserve.deploy.launcher import build_router_app, resolve_model
+
+        app, _ = build_router_app(cfg, directory, resolve_model(cfg), controller=controller)
+        with ServeThread(app) as srv:
+            wait_until(lambda: httpx.get(f"{srv.url}/health", timeout=5).status_code == 200, 20, "/health")
+            r = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                           json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 6})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] >= 1
+
+        # the decode node takes one decode worker: a second one cannot be placed, and says so
+        controller.start_timeout_s = 6.0
+        with pytest.raises(WorkerStartError) as err:
+            controller.scale(decode=2)
+        assert set(err.value.failures) == {"decode-1"}
+        assert "decode_node" in err.value.failures["decode-1"]
+        assert controller.targets == {"prefill": 1, "decode": 1}
+        assert [w.worker_id for w in directory.serving("decode")] == ["decode-0"]
+    finally:
+        controller.shutdown()
+    # joined, not started here: the Ray cluster keeps running, the workers are gone
+    assert not ray.is_initialized()
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the worker processes to exit")
+    assert all(session_pids(sid) for sid in two_nodes.sessions)  # both nodes still up
