@@ -1,1 +1,35 @@
-"""splitserve.kernels"""
+"""splitserve.kernels: Triton kernels for the decode worker, each beside its PyTorch reference.
+
+Every family lives in one module with three entry points of the same signature:
+`<name>_ref` (plain PyTorch, runs anywhere), `<name>_triton` (the kernel; on a CPU it runs only
+under TRITON_INTERPRET=1, as the tests do), and `<name>` — the dispatcher exported here, which
+picks Triton for CUDA tensors when triton is installed and the reference otherwise.
+
+| function | shapes (decode) |
+|---|---|
+| indexer_topk_decode(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, topk) | q [B, 64, 128] bf16 or e4m3, keys paged [NB, L, 64, 128] (+ fp32 scales) -> [B, topk] int32 |
+| indexer_logits_decode(...) | the scores [B, W] fp32 before top-k |
+| sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] -> [B, 128, 512] |
+| rms_norm(x, w, eps, residual=None) | [..., D] -> y, or (y, x + residual) |
+| rope(x, cos, sin, interleaved) | [N, ..., d], cos/sin [N, d/2] |
+| act_quant(x, block=128, ue8m0=True) | [..., D] -> (e4m3 [..., D], fp32 [..., D/128]) |
+| moe_align(topk_ids, num_experts, block_m) | [N, k] -> sorted ids, block experts, rows used |
+| fused_moe(x, w13, w2, topk_weights, topk_ids) | [N, H], [E, 2I, H], [E, H, I] -> [N, H] |
+| fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) | e4m3 weights, 128x128 scales |
+"""
+
+from ._common import HAS_TRITON, use_triton
+from .indexer import indexer_logits_decode, indexer_topk_decode, topk_from_logits
+from .moe import fused_moe, fused_moe_fp8, moe_align
+from .norm import rms_norm
+from .quant import act_quant
+from .rotary import rope
+from .sparse_mla import sparse_mla_decode
+
+__all__ = [
+    "HAS_TRITON", "use_triton",
+    "indexer_logits_decode", "indexer_topk_decode", "topk_from_logits",
+    "sparse_mla_decode",
+    "rms_norm", "rope", "act_quant",
+    "moe_align", "fused_moe", "fused_moe_fp8",
+]

@@ -1,0 +1,46 @@
+"""What every kernel module shares: the optional Triton import and the dispatch rule.
+
+Dispatch rule (one place, no environment switches of ours): a dispatched function runs its Triton
+kernel when Triton is importable and its first tensor argument lives on a CUDA device, and its
+plain-PyTorch reference otherwise. Tests call the `*_triton` entry points directly; on a machine
+without a GPU they run under Triton's own interpreter (TRITON_INTERPRET=1, set by the tests
+before the kernel modules are imported).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:  # triton is in the `gpu` / `dev` extras; the CPU install runs the references only
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on installs without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+HAS_TRITON = triton is not None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the Triton kernel should serve a call whose main tensor is `x`."""
+    return HAS_TRITON and x.is_cuda
+
+
+def interpreting(kernel: Any) -> bool:
+    """True when `kernel` (a @triton.jit function) runs under Triton's CPU interpreter.
+
+    The interpreter mishandles bf16/fp16 operands of tl.dot (triton 3.9: it reads their bits as
+    integers), so kernels take an UPCAST constexpr and feed tl.dot fp32 operands there.
+    """
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed: install the `gpu` or `dev` extra, or call the *_ref function")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

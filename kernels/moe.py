@@ -1,0 +1,392 @@
+"""Routed-expert MoE: token permutation by expert (moe_align) and grouped GEMMs over stacked weights.
+
+Weights as model/moe.py stores them::
+
+    w13  [E, 2 * I, H]   gate rows 0..I-1, then up rows I..2I-1
+    w2   [E, H, I]
+
+Routing (from model.moe.Gate): topk_weights [N, k] fp32 (already normalised and scaled),
+topk_ids [N, k] int. Flat id f = n * k + j names the (token, slot) pair.
+
+    out[n] = sum_j topk_weights[n, j] * w2[e] @ (silu(w13[e, :I] @ x[n]) * (w13[e, I:] @ x[n])),  e = topk_ids[n, j]
+
+The shared expert is not included (the caller adds it). Triton path: moe_align (one Triton program
+for decode-sized batches, torch ops otherwise; no host synchronisation, graph-safe) sorts the flat
+ids by expert into blocks of BLOCK_M rows; then
+kernel 1 computes gate and up for one block of rows x BLOCK_N columns of both halves and writes
+silu(gate) * up; kernel 2 computes the down projection, scales by the routing weight and writes
+row f of a [N * k, H] buffer; the k rows of each token are summed in fp32.
+
+FP8 variant (`fused_moe_fp8`): e4m3 weights with one fp32 scale per 128x128 block
+(`weight_scale_inv` layout: w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]); activations
+are quantised per token per 128 values (act_quant, ue8m0) and each 128-deep K step's dot is scaled
+by a_scale * w_scale in fp32 (DeepSeek's fp8_gemm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
+from .quant import act_quant, act_quant_ref
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+# ---------------------------------------------------------------------------------------------
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """The loop of model.moe.MoE.forward (routed experts only)."""
+    out = torch.zeros_like(x)
+    flat_ids = topk_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    token_of = order // topk_ids.shape[1]
+    w_sorted = topk_weights.flatten()[order]
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        tok = token_of[start:start + c]
+        gate, up = F.linear(x[tok], w13[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e]) * w_sorted[start:start + c, None].to(x.dtype)
+        out.index_add_(0, tok, y)
+        start += c
+    return out
+
+
+def quantize_stacked(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, R, C] float (R, C multiples of block) -> (e4m3 [E, R, C], fp32 scales [E, R/block, C/block]),
+    per-block amax / 448 like model.fp8.quantize_weight, on w's device."""
+    e, r, c = w.shape
+    if r % block or c % block:
+        raise ValueError(f"{tuple(w.shape)}: rows and columns must be multiples of {block}")
+    blocks = w.float().view(e, r // block, block, c // block, block)
+    scale = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, :, None, :, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.view(e, r, c), scale
+
+
+def _dequant_stacked(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[E, R, C] e4m3 + [E, ceil(R/128), ceil(C/128)] -> [E, R, C] dtype."""
+    e, r, c = w.shape
+    full = s.repeat_interleave(128, 1)[:, :r].repeat_interleave(128, 2)[:, :, :c]
+    return (w.float() * full).to(dtype)
+
+
+def fused_moe_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                      w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """FP8 semantics in plain torch: activations round-tripped through act_quant, weights dequantised."""
+    out = torch.zeros_like(x)
+    xq, xs = act_quant_ref(x.float())
+    xd = (xq.float().unflatten(-1, (-1, 128)) * xs[..., None]).flatten(-2)
+    for e in range(w13.shape[0]):
+        rows, slots = (topk_ids == e).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        w13e = _dequant_stacked(w13[e:e + 1], w13_scale[e:e + 1], torch.float32)[0]
+        w2e = _dequant_stacked(w2[e:e + 1], w2_scale[e:e + 1], torch.float32)[0]
+        gate, up = (xd[rows] @ w13e.t()).chunk(2, dim=-1)
+        h = (F.silu(gate) * up).to(x.dtype)
+        hq, hs = act_quant_ref(h.float())
+        hd = (hq.float().unflatten(-1, (-1, 128)) * hs[..., None]).flatten(-2)
+        y = (hd @ w2e.t()) * topk_weights[rows, slots][:, None].float()
+        out.index_add_(0, rows, y.to(x.dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# token permutation
+# ---------------------------------------------------------------------------------------------
+def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the flat (token, slot) ids by expert, each expert's run padded to a multiple of block_m.
+
+    Args:
+        topk_ids: [N, k] expert id per token and slot.
+    Returns:
+        sorted_ids [P] int32: flat ids n * k + j grouped by expert; padding rows hold N * k.
+        expert_ids [P // block_m] int32: the expert of each block of block_m rows; -1 past the end.
+        num_padded [1] int32: rows in use (sum of the padded runs).
+    P = roundup(N * k + E * (block_m - 1), block_m) is a static bound, so no host sync is needed.
+    """
+    flat = topk_ids.flatten().long()
+    t = flat.numel()
+    dev = flat.device
+    p = -(-(t + num_experts * (block_m - 1)) // block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    order = flat.argsort(stable=True)
+    sorted_e = flat[order]
+    rank = torch.arange(t, device=dev) - (counts.cumsum(0) - counts)[sorted_e]
+    dest = (ends - padded)[sorted_e] + rank
+    sorted_ids = torch.full((p,), t, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(0, p, block_m, device=dev)
+    expert_ids = torch.searchsorted(ends, block_start, right=True)
+    expert_ids = torch.where(expert_ids >= num_experts, -1, expert_ids).to(torch.int32)
+    return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _moe_gate_up_kernel(
+        x_ptr, w_ptr, xs_ptr, ws_ptr, sorted_ptr, eid_ptr, npad_ptr, h_ptr,
+        num_ids, inter, hidden, top_k,
+        s_xm, s_we, s_wn, s_wk, s_xsm, s_wse, s_wsn, s_hm,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        if pid_m * BLOCK_M >= tl.load(npad_ptr):
+            return
+        e = tl.load(eid_ptr + pid_m).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ptr + rows)
+        rmask = ids < num_ids
+        tok = (ids // top_k).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < inter
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None] * s_xm + offs_k[None, :]
+        g_ptrs = w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk
+        u_ptrs = g_ptrs + inter * s_wn
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            bg = tl.load(g_ptrs, mask=nmask[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=nmask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                bg = bg.to(tl.float32)
+                bu = bu.to(tl.float32)
+            if FP8:  # one 128-deep block: scale each partial product (BLOCK_K == 128, BLOCK_N <= 128)
+                kb = k0 // BLOCK_K
+                a_s = tl.load(xs_ptr + tok * s_xsm + kb, mask=rmask, other=0.0)
+                sg = tl.load(ws_ptr + e * s_wse + ((pid_n * BLOCK_N) // 128) * s_wsn + kb)
+                su = tl.load(ws_ptr + e * s_wse + ((inter + pid_n * BLOCK_N) // 128) * s_wsn + kb)
+                acc_g += tl.dot(a, bg) * (a_s[:, None] * sg)
+                acc_u += tl.dot(a, bu) * (a_s[:, None] * su)
+            elif IEEE:
+                acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, bg, acc_g)
+                acc_u = tl.dot(a, bu, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K * s_wk
+            u_ptrs += BLOCK_K * s_wk
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * s_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _moe_down_kernel(
+        h_ptr, w_ptr, hs_ptr, ws_ptr, sorted_ptr, eid_ptr, npad_ptr, tw_ptr, y_ptr,
+        num_ids, hidden, inter,
+        s_hm, s_we, s_wn, s_wk, s_hsm, s_wse, s_wsn, s_ym,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        if pid_m * BLOCK_M >= tl.load(npad_ptr):
+            return
+        e = tl.load(eid_ptr + pid_m).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ptr + rows)
+        rmask = ids < num_ids
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hidden
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * s_hm + offs_k[None, :]
+        b_ptrs = w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if FP8:
+                kb = k0 // BLOCK_K
+                a_s = tl.load(hs_ptr + rows.to(tl.int64) * s_hsm + kb, mask=rmask, other=0.0)
+                sb = tl.load(ws_ptr + e * s_wse + ((pid_n * BLOCK_N) // 128) * s_wsn + kb)
+                acc += tl.dot(a, b) * (a_s[:, None] * sb)
+            elif IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * s_wk
+        acc = acc * tl.load(tw_ptr + ids, mask=rmask, other=0.0)[:, None]
+        tl.store(y_ptr + ids[:, None].to(tl.int64) * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+    @triton.jit
+    def _moe_align_kernel(ids_ptr, sorted_ptr, eid_ptr, npad_ptr, num_ids, num_rows, num_blocks,
+                          E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, NB: tl.constexpr,
+                          BM: tl.constexpr):
+        """moe_align in one program (small batches): counts, padded offsets and stable ranks from a
+        [tokens x experts] one-hot, then the scatter. Same output as the torch version."""
+        offs_t = tl.arange(0, BLOCK_T)
+        tmask = offs_t < num_ids
+        ids = tl.load(ids_ptr + offs_t, mask=tmask, other=-1).to(tl.int32)
+        offs_e = tl.arange(0, BLOCK_E)
+        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)                # [T, E]
+        counts = tl.sum(onehot, axis=0)
+        padded = (counts + BM - 1) // BM * BM
+        ends = tl.cumsum(padded, axis=0)
+        starts = ends - padded
+        rank = tl.cumsum(onehot, axis=0) - onehot
+        dest = tl.sum((rank + starts[None, :]) * onehot, axis=1)
+        for p0 in range(0, num_rows, BLOCK_T):
+            tl.store(sorted_ptr + p0 + offs_t, tl.full([BLOCK_T], 0, tl.int32) + num_ids, mask=p0 + offs_t < num_rows)
+        tl.debug_barrier()
+        tl.store(sorted_ptr + dest, offs_t, mask=tmask)
+        offs_b = tl.arange(0, NB)
+        bstart = offs_b * BM
+        real_e = offs_e < E
+        eid = tl.sum(((bstart[:, None] >= ends[None, :]) & real_e[None, :]).to(tl.int32), axis=1)
+        eid = tl.where(eid >= E, -1, eid)
+        tl.store(eid_ptr + offs_b, eid, mask=offs_b < num_blocks)
+        tl.store(npad_ptr, tl.max(ends, axis=0))
+
+
+def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_align as one Triton program; for small batches (tokens * k * experts <= 65536)."""
+    require_triton()
+    flat = topk_ids.reshape(-1)
+    t = flat.numel()
+    p = -(-(t + num_experts * (block_m - 1)) // block_m) * block_m
+    block_t, block_e = next_pow2(max(t, 16)), next_pow2(max(num_experts, 16))
+    if block_t * block_e > 65536:
+        raise ValueError(f"{t} ids x {num_experts} experts is too large for the one-program moe_align")
+    sorted_ids = torch.empty(p, dtype=torch.int32, device=flat.device)
+    expert_ids = torch.empty(p // block_m, dtype=torch.int32, device=flat.device)
+    npad = torch.empty(1, dtype=torch.int32, device=flat.device)
+    _moe_align_kernel[(1,)](flat, sorted_ids, expert_ids, npad, t, p, p // block_m, E=num_experts,
+                            BLOCK_T=block_t, BLOCK_E=block_e, NB=next_pow2(p // block_m), BM=block_m,
+                            num_warps=8 if block_t * block_e > 8192 else 4)
+    return sorted_ids, expert_ids, npad
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token permutation by expert (contract in moe_align_ref). On CUDA with small batches
+    (tokens * k * experts <= 65536 after rounding to powers of two) one Triton program does it
+    (6-9 us in a CUDA graph on an H100 vs 59-88 us for the torch ops, whose stable argsort dominates);
+    otherwise the torch ops run (also graph-safe)."""
+    fits = next_pow2(max(topk_ids.numel(), 16)) * next_pow2(max(num_experts, 16)) <= 65536
+    if use_triton(topk_ids) and fits:
+        return moe_align_triton(topk_ids, num_experts, block_m)
+    return moe_align_ref(topk_ids, num_experts, block_m)
+
+
+def _block_k(k: int) -> int:
+    for bk in (128, 64, 32, 16):
+        if k % bk == 0:
+            return bk
+    raise ValueError(f"hidden and intermediate sizes must be multiples of 16, got {k}")
+
+
+def _block_m(num_ids: int, num_experts: int) -> int:
+    per_expert = num_ids / max(1, num_experts)
+    return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+
+
+def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, fp8_scales=None, block_m=None, block_n=64,
+                      num_warps=4, num_stages=4):
+    require_triton()
+    n, hidden = x.shape
+    e, two_i, hid_w = w13.shape
+    inter = two_i // 2
+    if hid_w != hidden or w2.shape != (e, hidden, inter):
+        raise ValueError(f"w13 must be [E, 2I, {hidden}] and w2 [E, {hidden}, I]; got {tuple(w13.shape)}, {tuple(w2.shape)}")
+    if w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError("w13 and w2 need a contiguous last dimension")
+    top_k = topk_ids.shape[1]
+    num_ids = n * top_k
+    bm = block_m or _block_m(num_ids, e)
+    fp8 = fp8_scales is not None
+    if fp8:
+        bk1 = bk2 = 128
+        block_n = min(block_n, 128)
+        if hidden % 128 or inter % 128 or 128 % block_n:
+            raise ValueError("the FP8 path needs hidden and intermediate sizes that are multiples of 128")
+        w13_s, w2_s = fp8_scales
+        xq, xs = act_quant(x)
+    else:
+        bk1, bk2 = _block_k(hidden), _block_k(inter)
+        xq, xs = x.contiguous(), x
+        w13_s = w2_s = x
+    sorted_ids, expert_ids, npad = moe_align(topk_ids, e, bm)
+    p = sorted_ids.numel()
+    h = torch.empty(p, inter, device=x.device, dtype=x.dtype)
+    tw = topk_weights.reshape(-1).float().contiguous()
+    k1, k2 = _moe_gate_up_kernel, _moe_down_kernel
+    up = interpreting(k1)
+    k1[(p // bm, triton.cdiv(inter, block_n))](
+        xq, w13, xs, w13_s, sorted_ids, expert_ids, npad, h, num_ids, inter, hidden, top_k,
+        xq.stride(0), w13.stride(0), w13.stride(1), w13.stride(2),
+        xs.stride(0) if fp8 else 0, w13_s.stride(0) if fp8 else 0, w13_s.stride(1) if fp8 else 0, h.stride(0),
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk1, FP8=fp8, UPCAST=up, IEEE=x.dtype == torch.float32 and not fp8, num_warps=num_warps, num_stages=num_stages)
+    if fp8:
+        hq, hs = act_quant(h)
+    else:
+        hq, hs = h, h
+    y = torch.empty(num_ids, hidden, device=x.device, dtype=x.dtype)
+    k2[(p // bm, triton.cdiv(hidden, block_n))](
+        hq, w2, hs, w2_s, sorted_ids, expert_ids, npad, tw, y, num_ids, hidden, inter,
+        hq.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
+        hs.stride(0) if fp8 else 0, w2_s.stride(0) if fp8 else 0, w2_s.stride(1) if fp8 else 0, y.stride(0),
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk2, FP8=fp8, UPCAST=up, IEEE=x.dtype == torch.float32 and not fp8, num_warps=num_warps, num_stages=num_stages)
+    return y.view(n, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, **config) -> torch.Tensor:
+    return _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, None, **config)
+
+
+def fused_moe_fp8_triton(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                         w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                         **config) -> torch.Tensor:
+    return _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, (w13_scale, w2_scale), **config)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Routed experts of one MoE layer (bf16 grouped GEMMs), combined with the routing weights.
+
+    Args:
+        x: [N, H] tokens (bf16).
+        w13: [E, 2I, H] stacked gate ‖ up weights; w2: [E, H, I] stacked down weights.
+        topk_weights: [N, k] fp32 routing weights; topk_ids: [N, k] int expert ids.
+    Returns:
+        [N, H] in x's dtype (shared expert not included).
+    """
+    fn = fused_moe_triton if use_triton(x) else fused_moe_ref
+    return fn(x, w13, w2, topk_weights, topk_ids)
+
+
+def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                  w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """fused_moe with float8_e4m3fn weights and 128x128 block scales (checkpoint `weight_scale_inv`
+    stacked per expert: w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]); activations are
+    quantised per 128 values (ue8m0) inside. H and I must be multiples of 128."""
+    fn = fused_moe_fp8_triton if use_triton(x) else fused_moe_fp8_ref
+    return fn(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)

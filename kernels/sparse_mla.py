@@ -1,0 +1,254 @@
+"""Sparse MLA decode in the absorbed form, over the PAGED latent cache (FlashMLA-style sparse decode).
+
+Cache layout (engine/cache.py, block-major)::
+
+    latent  [num_blocks, num_layers, block_size, kv_lora_rank + qk_rope_head_dim]   (bf16; 512 + 64)
+            entry = [normalised latent (512) ‖ rotated k_rope (64)]
+
+For each row b (one query token) and head h, over the selected positions p = indices[b, j] >= 0
+(entries latent[block_tables[b, p // block_size], layer, p % block_size])::
+
+    logit(h, p) = (q_lat[b, h] . lat[p] + q_rope[b, h] . k_rope[p]) * softmax_scale
+    o_lat[b, h] = sum_p softmax_p(logit(h, p)) * lat[p]
+
+q_lat is q_nope folded through kv_b_proj's k part (W_uk); the caller applies W_uv to o_lat.
+Softmax is computed online in fp32; P is rounded to the cache dtype before the P.V product, as in
+model.attention.MLA._absorbed. A row with no valid index gets zeros.
+
+Triton version: one program per (row, 64-head group, split of the top-k list); each loads its
+queries once, gathers BLOCK_N selected entries per step (1152 contiguous bytes each) and runs
+two tensor-core dots per step; splits (flash-decoding) keep the GPU busy at small batch and a
+second kernel merges them by their log-sum-exp. Launch defaults (64 heads, 64 entries a step,
+8 warps, 2 stages; splits that fill the SMs once) come from a sweep on an H100
+(bench/results/kernels-h100-run2.json); `precompute_offsets=True` (positions -> entry offsets in a
+separate small kernel) measured slower there and is off by default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+
+
+def _check(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, block_tables: torch.Tensor,
+           indices: torch.Tensor) -> None:
+    if q_lat.dim() != 3 or q_rope.shape[:2] != q_lat.shape[:2]:
+        raise ValueError(f"q_lat [B, H, Dl] and q_rope [B, H, Dr] must agree; got {tuple(q_lat.shape)}, {tuple(q_rope.shape)}")
+    if latent.dim() != 4 or latent.shape[-1] < q_lat.shape[-1] + q_rope.shape[-1]:
+        raise ValueError(f"latent must be [num_blocks, num_layers, block_size, Dl + Dr], got {tuple(latent.shape)}")
+    if indices.dim() != 2 or indices.shape[0] != q_lat.shape[0] or block_tables.shape[0] != q_lat.shape[0]:
+        raise ValueError("indices [B, topk] and block_tables [B, max_blocks] must match q's batch")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference
+# ---------------------------------------------------------------------------------------------
+def sparse_mla_decode_ref(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, layer: int,
+                          block_tables: torch.Tensor, indices: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    _check(q_lat, q_rope, latent, block_tables, indices)
+    dl, dr = q_lat.shape[-1], q_rope.shape[-1]
+    bs = latent.shape[2]
+    valid = indices >= 0
+    idx = indices.long().clamp(min=0)
+    blk = block_tables.long().gather(1, (idx // bs).clamp(max=block_tables.shape[1] - 1))
+    ent = latent[blk.clamp(0, latent.shape[0] - 1), layer, idx % bs]            # [B, K, Dl + Dr]
+    lat, rope = ent[..., :dl], ent[..., dl:dl + dr]
+    logits = (torch.einsum("bhc,bkc->bhk", q_lat.float(), lat.float())
+              + torch.einsum("bhr,bkr->bhk", q_rope.float(), rope.float())) * softmax_scale
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0).to(lat.dtype)             # all-masked rows -> 0
+    return torch.einsum("bhk,bkc->bhc", p.float(), lat.float()).to(q_lat.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _sparse_mla_kernel(
+        ql_ptr, qr_ptr, lat_ptr, bt_ptr, idx_ptr, o_ptr, lse_ptr,
+        layer, topk, qk_scale, split_len,
+        s_qlb, s_qlh, s_qrb, s_qrh, s_l0, s_l1, s_l2, s_bt, s_ib,
+        s_ob, s_oh, s_os, s_lb, s_lh,
+        DL: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        MULTI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        sp = tl.program_id(2)
+        offs_dl = tl.arange(0, DL)
+        offs_dr = tl.arange(0, DR)
+        ql = tl.load(ql_ptr + b * s_qlb + heads[:, None] * s_qlh + offs_dl[None, :])
+        qr = tl.load(qr_ptr + b * s_qrb + heads[:, None] * s_qrh + offs_dr[None, :])
+        if UPCAST:
+            ql = ql.to(tl.float32)
+            qr = qr.to(tl.float32)
+        m = tl.full([BLOCK_H], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, DL], tl.float32)
+        start = sp * split_len
+        end = tl.minimum(start + split_len, topk)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            if ROWS:  # idx_ptr holds element offsets of the entries (int64), -1 = skip
+                off = tl.load(idx_ptr + b * s_ib + offs_n, mask=offs_n < end, other=-1)
+                valid = off >= 0
+                row = lat_ptr + tl.where(valid, off, 0)
+            else:
+                idx = tl.load(idx_ptr + b * s_ib + offs_n, mask=offs_n < end, other=-1)
+                valid = idx >= 0
+                idx = tl.where(valid, idx, 0)
+                blk = tl.load(bt_ptr + b * s_bt + idx // BS, mask=valid, other=0).to(tl.int64)
+                row = lat_ptr + blk * s_l0 + layer * s_l1 + (idx % BS) * s_l2
+            kl = tl.load(row[:, None] + offs_dl[None, :], mask=valid[:, None], other=0.0)
+            kr = tl.load(row[:, None] + DL + offs_dr[None, :], mask=valid[:, None], other=0.0)
+            if UPCAST:
+                kl = kl.to(tl.float32)
+                kr = kr.to(tl.float32)
+            if IEEE:
+                s = tl.dot(ql, tl.trans(kl), input_precision="ieee")
+                s = tl.dot(qr, tl.trans(kr), s, input_precision="ieee")
+            else:
+                s = tl.dot(ql, tl.trans(kl))
+                s = tl.dot(qr, tl.trans(kr), s)
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if IEEE:
+                acc = tl.dot(p.to(kl.dtype), kl, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(kl.dtype), kl, acc)
+            m = m_new
+        safe_l = tl.where(l > 0.0, l, 1.0)
+        out = acc / safe_l[:, None]
+        o_ptrs = o_ptr + b * s_ob + heads[:, None] * s_oh + sp * s_os + offs_dl[None, :]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
+        if MULTI:
+            lse = tl.where(l > 0.0, m + tl.log2(safe_l), float("-inf"))
+            tl.store(lse_ptr + b * s_lb + heads * s_lh + sp, lse)
+
+    @triton.jit
+    def _entry_offsets_kernel(idx_ptr, bt_ptr, out_ptr, layer, topk, s_ib, s_bt, s_ob, s_l0, s_l1, s_l2,
+                              BS: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < topk
+        idx = tl.load(idx_ptr + b * s_ib + offs, mask=m, other=-1)
+        valid = idx >= 0
+        idx = tl.where(valid, idx, 0)
+        blk = tl.load(bt_ptr + b * s_bt + idx // BS, mask=valid & m, other=0).to(tl.int64)
+        off = blk * s_l0 + layer * s_l1 + (idx % BS).to(tl.int64) * s_l2
+        tl.store(out_ptr + b * s_ob + offs, tl.where(valid, off, -1), mask=m)
+
+    @triton.jit
+    def _merge_splits_kernel(part_ptr, lse_ptr, o_ptr, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
+                             DL: tl.constexpr, SPLITS: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS)
+        offs_d = tl.arange(0, DL)
+        lse = tl.load(lse_ptr + b * s_lb + h * s_lh + offs_s)
+        mx = tl.max(lse, axis=0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.exp2(lse - mx)
+        tot = tl.sum(w, axis=0)
+        w = w / tl.where(tot > 0.0, tot, 1.0)
+        part = tl.load(part_ptr + b * s_pb + h * s_ph + offs_s[:, None] * s_ps + offs_d[None, :])
+        out = tl.sum(part * w[:, None], axis=0)
+        tl.store(o_ptr + b * s_ob + h * s_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+
+
+def _num_splits(bsz: int, head_groups: int, topk: int, block_n: int, sms: int = 132) -> int:
+    # one CTA per SM fits (registers): fill the SMs once; more splits only add merge work
+    # (H100, bench shapes: B=64 one split 197 us vs two 225 us; B=1 32 splits 23 us vs 16 27 us)
+    splits = 1
+    max_splits = max(1, topk // block_n)
+    while splits < max_splits and bsz * head_groups * splits * 2 <= sms:
+        splits *= 2
+    return splits
+
+
+def sparse_mla_decode_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, layer: int,
+                             block_tables: torch.Tensor, indices: torch.Tensor, softmax_scale: float,
+                             *, block_h: int | None = None, block_n: int = 64, num_splits: int | None = None,
+                             num_warps: int = 8, num_stages: int = 2, precompute_offsets: bool = False) -> torch.Tensor:
+    require_triton()
+    _check(q_lat, q_rope, latent, block_tables, indices)
+    bsz, heads, dl = q_lat.shape
+    dr = q_rope.shape[-1]
+    topk = indices.shape[1]
+    bs = latent.shape[2]
+    if latent.stride(3) != 1 or q_lat.stride(2) != 1 or q_rope.stride(2) != 1 or indices.stride(1) != 1:
+        raise ValueError("latent, q_lat, q_rope and indices need a contiguous last dimension")
+    block_h = block_h or min(64, heads)
+    if heads % block_h or block_h < 16 or dl & (dl - 1) or dr & (dr - 1):
+        raise ValueError(f"heads {heads} must be a multiple of block_h {block_h} >= 16; Dl, Dr powers of two")
+    groups = heads // block_h
+    sms = torch.cuda.get_device_properties(q_lat.device).multi_processor_count if q_lat.is_cuda else 132
+    splits = num_splits or _num_splits(bsz, groups, topk, block_n, sms)
+    split_len = triton.cdiv(triton.cdiv(topk, splits), block_n) * block_n
+    splits = triton.cdiv(topk, split_len)
+    splits_p2 = 1 << (splits - 1).bit_length()
+    out = torch.empty(bsz, heads, dl, device=q_lat.device, dtype=q_lat.dtype)
+    if splits_p2 == 1:
+        part, lse = out, out
+        s_o = (out.stride(0), out.stride(1), 0)
+    else:
+        # unused split slots (splits < splits_p2) keep lse = -inf and weigh nothing in the merge
+        alloc = torch.empty if splits == splits_p2 else torch.zeros
+        part = alloc(bsz, heads, splits_p2, dl, device=q_lat.device, dtype=torch.float32)
+        lse = torch.empty(bsz, heads, splits_p2, device=q_lat.device, dtype=torch.float32)
+        if splits < splits_p2:
+            lse.fill_(float("-inf"))
+        s_o = (part.stride(0), part.stride(1), part.stride(2))
+    kern = _sparse_mla_kernel
+    sel = indices
+    if precompute_offsets:  # one small kernel turns positions into entry offsets: one dependent load less per step
+        sel = torch.empty(bsz, topk, device=q_lat.device, dtype=torch.int64)
+        _entry_offsets_kernel[(bsz, triton.cdiv(topk, 1024))](
+            indices, block_tables, sel, layer, topk, indices.stride(0), block_tables.stride(0), sel.stride(0),
+            latent.stride(0), latent.stride(1), latent.stride(2), BS=bs, BLOCK=1024, num_warps=4)
+    kern[(bsz, groups, splits)](
+        q_lat, q_rope, latent, block_tables, sel, part, lse,
+        layer, topk, softmax_scale * math.log2(math.e), split_len,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
+        latent.stride(0), latent.stride(1), latent.stride(2), block_tables.stride(0), sel.stride(0),
+        *s_o, lse.stride(0) if splits_p2 > 1 else 0, lse.stride(1) if splits_p2 > 1 else 0,
+        DL=dl, DR=dr, BS=bs, BLOCK_H=block_h, BLOCK_N=block_n, MULTI=splits_p2 > 1,
+        UPCAST=interpreting(kern), IEEE=q_lat.dtype == torch.float32, ROWS=precompute_offsets, num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits_p2 > 1:
+        _merge_splits_kernel[(bsz, heads)](
+            part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1), DL=dl, SPLITS=splits_p2, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+def sparse_mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, layer: int,
+                      block_tables: torch.Tensor, indices: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Absorbed-form MLA over the selected cache entries only.
+
+    Args:
+        q_lat: [B, H, kv_lora_rank] (512) queries in latent space (q_nope . W_uk), bf16.
+        q_rope: [B, H, qk_rope_head_dim] (64) rotated rope queries (cache's de-interleaved order).
+        latent: [num_blocks, num_layers, block_size, kv_lora_rank + qk_rope_head_dim] the latent pool.
+        layer: which layer's slice of the pool.
+        block_tables: [B, max_blocks] int32 physical block ids.
+        indices: [B, topk] int32 sequence positions to attend to; -1 entries are skipped
+            (indexer_topk_decode's output).
+        softmax_scale: the MLA softmax scale (qk_head_dim^-0.5 times YaRN's mscale^2).
+    Returns:
+        o_lat [B, H, kv_lora_rank] in q_lat's dtype (apply W_uv, then o_proj).
+    """
+    fn = sparse_mla_decode_triton if use_triton(q_lat) else sparse_mla_decode_ref
+    return fn(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale)
