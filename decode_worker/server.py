@@ -10,6 +10,12 @@ Life of a request R on this worker:
    and MTP state from the prefill side) and streams R's tokens until it finishes;
 4. the blocks are freed exactly once: when R finishes, is aborted, its client goes away, the
    lease expires, or the wait for the cache times out.
+
+Late writes: a prefill worker writes into our memory one-sidedly, so blocks of a reservation that
+ends before its cache arrived are *quarantined*, not freed: they come back when the prefill side
+says it will not write any more ("released:R:epoch", sent when it drops R), when R's data
+notification arrives after all, or after quarantine_s (the prefill side's own deadlines are
+shorter). A reused block therefore never receives a stale write.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class DecodeService(pbg.DecodeWorkerServicer):
         self.lock = threading.Lock()
         self.reservations: dict[str, _Reservation] = {}
         self.arrived: dict[str, int] = {}          # request id -> epoch whose cache has landed
+        self.released: dict[str, tuple[int, float]] = {}  # prefill side dropped (epoch, when)
+        self.quarantine: dict[tuple[str, int], tuple[list[int], float]] = {}  # (rid, epoch) -> blocks, deadline
         self.arrived_cv = threading.Condition(self.lock)
         self.cancelled: set[str] = set()
         self.epochs = itertools.count(1)
@@ -72,13 +80,25 @@ class DecodeService(pbg.DecodeWorkerServicer):
                 time.sleep(0.1)
                 continue
             if notifs:
+                free: list[list[int]] = []
                 with self.arrived_cv:
                     for msgs in notifs.values():
                         for m in msgs:
-                            rid, _, epoch = m.decode(errors="replace").rpartition(":")
-                            if rid and epoch.isdigit():
+                            text = m.decode(errors="replace")
+                            released = text.startswith("released:")
+                            rid, _, epoch = text.removeprefix("released:").rpartition(":")
+                            if not rid or not epoch.isdigit():
+                                continue
+                            key = (rid, int(epoch))
+                            if key in self.quarantine:  # nothing more will be written there
+                                free.append(self.quarantine.pop(key)[0])
+                            elif released:
+                                self.released[rid] = (int(epoch), time.monotonic())
+                            else:
                                 self.arrived[rid] = int(epoch)
                     self.arrived_cv.notify_all()
+                for blocks in free:
+                    self._release(blocks)
             self._expire_leases()
             time.sleep(0.001 if notifs else 0.002)
 
@@ -88,11 +108,31 @@ class DecodeService(pbg.DecodeWorkerServicer):
             expired = [(rid, r) for rid, r in self.reservations.items() if not r.adopted and r.deadline < now]
             for rid, _ in expired:
                 del self.reservations[rid]
-                self.arrived.pop(rid, None)
+            done = [k for k, (_, deadline) in self.quarantine.items() if deadline < now]
+            free = [self.quarantine.pop(k)[0] for k in done]
+            for rid in [r for r, (_, t) in self.released.items() if t + self.spec.quarantine_s < now]:
+                del self.released[rid]
         for rid, r in expired:
-            log.warning("request %s: reservation expired (epoch %d) with no cache; freeing %d blocks",
-                        rid, r.epoch, len(r.blocks))
-            self._release(r.blocks)
+            log.warning("request %s: reservation expired (epoch %d) with no cache", rid, r.epoch)
+            self._retire(rid, r)
+        for blocks in free:
+            log.warning("freeing %d quarantined blocks after %.0f s without word from the prefill side",
+                        len(blocks), self.spec.quarantine_s)
+            self._release(blocks)
+
+    def _retire(self, rid: str, r: _Reservation, nothing_written: bool = False) -> None:
+        """Give back a reservation that never got adopted: free at once if the cache arrived, the
+        prefill side released it or never wrote, else quarantine its blocks (a late write may come)."""
+        with self.lock:
+            landed = self.arrived.get(rid) == r.epoch or nothing_written
+            released = self.released.get(rid, (None, 0))[0] == r.epoch
+            self.arrived.pop(rid, None)
+            if released:
+                del self.released[rid]
+            if not (landed or released):
+                self.quarantine[(rid, r.epoch)] = (r.blocks, time.monotonic() + self.spec.quarantine_s)
+                return
+        self._release(r.blocks)
 
     def _release(self, blocks: list[int]) -> None:
         try:
@@ -198,7 +238,6 @@ class DecodeService(pbg.DecodeWorkerServicer):
             self.rt.loop.unsubscribe(rid)
             with self.lock:
                 self.reservations.pop(rid, None)
-                self.arrived.pop(rid, None)
             self.cancelled.discard(rid)
             if not finished:
                 if adopted:
@@ -207,8 +246,8 @@ class DecodeService(pbg.DecodeWorkerServicer):
                     except Exception:  # noqa: BLE001
                         log.exception("request %s: abort failed", rid)
                 else:
-                    self._release(res.blocks)
-                log.info("request %s: stream ended early (client gone, aborted or failed); blocks freed", rid)
+                    self._retire(rid, res)
+                log.info("request %s: stream ended early (client gone, aborted or failed)", rid)
 
     @staticmethod
     def _chunks(out: RequestOutput):
@@ -239,7 +278,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
             with self.lock:
                 still = self.reservations.pop(rid, None)
             if still is not None:
-                self._release(still.blocks)
+                self._retire(rid, still, request.nothing_written)
         return pb.AbortReply(found=True)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
@@ -255,6 +294,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
         eng = self.rt.engine
         with self.lock:
             reserved = sum(len(r.blocks) for r in self.reservations.values() if not r.adopted)
+            reserved += sum(len(b) for b, _ in self.quarantine.values())
             pending = sum(1 for r in self.reservations.values() if not r.adopted)
         return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total,
                     running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting) + pending,

@@ -42,6 +42,12 @@ class WorkerSpec:
     reserve_lease_s: float = 30.0   # decode: reserved blocks come back if no cache arrives in time
     first_token_timeout_s: float = 120.0
 
+    @property
+    def quarantine_s(self) -> float:
+        """Decode: how long blocks of an abandoned reservation wait for a possible late write
+        (longer than any prefill worker keeps writing: its first-token plus transfer deadlines)."""
+        return self.first_token_timeout_s + self.transfer_timeout_s + 5.0
+
 
 def transfer_compat(engine: Engine) -> Compat:
     """Fields both ends of a cache transfer must agree on."""

@@ -62,6 +62,7 @@ class PrefillService(pbg.PrefillWorkerServicer):
         self.peer_lock = threading.Lock()
         self.streams: dict[str, _Stream] = {}
         self.cancelled: set[str] = set()
+        self.tombstones: dict[str, float] = {}   # aborted before they arrived: refuse them for a while
         self.draining = False
         self.requests_done = 0
         self.queued_prefill_tokens = 0
@@ -121,22 +122,27 @@ class PrefillService(pbg.PrefillWorkerServicer):
 
         if self.draining:
             return error(pb.ERROR_CODE_UNAVAILABLE, "prefill worker is draining")
+        if self.tombstones.pop(rid, None) is not None:
+            return error(pb.ERROR_CODE_INVALID_ARGUMENT, "aborted before it started")  # nothing written
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return error(pb.ERROR_CODE_DEADLINE_EXCEEDED, "arrived after its deadline")
         try:
             params = sampling_params_from_proto(request.sampling)
         except ValueError as e:
             return error(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
         prompt = list(request.prompt_token_ids)
         dest = request.destination
-        bs = self.rt.engine.cfg.block_size
-        if len(dest.block_ids) * bs < len(prompt):
-            return error(pb.ERROR_CODE_INVALID_ARGUMENT,
-                         f"destination has {len(dest.block_ids)} blocks for a {len(prompt)}-token prompt")
         try:
             peer = self._peer_for(dest)
         except HandshakeError as e:
             return error(pb.ERROR_CODE_INCOMPATIBLE, f"transfer handshake with {dest.decode_worker_id} refused: {e}")
         except Exception as e:  # noqa: BLE001
             return error(pb.ERROR_CODE_TRANSFER_FAILED, f"cannot reach {dest.decode_worker_id}: {e}")
+        bs = self.rt.engine.cfg.block_size
+        if len(dest.block_ids) * bs < len(prompt):
+            return error(pb.ERROR_CODE_INVALID_ARGUMENT,
+                         f"destination has {len(dest.block_ids)} blocks for a {len(prompt)}-token prompt")
 
         stream = _Stream(rid, peer, list(dest.block_ids), dest.epoch, len(prompt))
         q = self.rt.loop.subscribe(rid)
@@ -227,10 +233,17 @@ class PrefillService(pbg.PrefillWorkerServicer):
         return None
 
     def _cleanup(self, rid: str, s: _Stream) -> None:
+        delivered = s.final_sent and all(self.rt.transport.poll(h) is TransferState.DONE for h in s.handles)
+
         def drop(eng: Engine) -> None:
             self.streams.pop(rid, None)
             for h in s.handles:
                 self.rt.transport.release(h)
+            if not delivered:  # tell the decode side nothing more will be written for this epoch
+                try:
+                    self.rt.transport.send_notif(s.peer, f"released:{rid}:{s.epoch}".encode())
+                except Exception as e:  # noqa: BLE001 - the peer may be gone; its quarantine times out
+                    log.info("request %s: 'released' notification not sent: %s", rid, e)
             if rid in eng.requests:
                 if eng.requests[rid].prefill_only and eng.requests[rid].is_finished:
                     eng.release_prefilled(rid)
@@ -243,9 +256,15 @@ class PrefillService(pbg.PrefillWorkerServicer):
         self.cancelled.discard(rid)
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
-        found = request.request_id in self.streams
+        rid = request.request_id
+        found = rid in self.streams
         if found:
-            self.cancelled.add(request.request_id)
+            self.cancelled.add(rid)
+        else:  # it may still be on its way: refuse it when it comes
+            now = time.monotonic()
+            self.tombstones[rid] = now
+            for old in [k for k, t in self.tombstones.items() if t < now - 600]:
+                del self.tombstones[old]
         return pb.AbortReply(found=found)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:

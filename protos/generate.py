@@ -24,6 +24,7 @@ import argparse
 import difflib
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -54,9 +55,14 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
     Raises:
         RuntimeError: protoc failed (its messages are on stderr).
     """
-    from grpc_tools import protoc  # grpcio-tools: a dev dependency, only needed here
+    import importlib.util
 
-    include = Path(protoc.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
+    # grpcio-tools (a dev dependency) is only located here, never imported: its native compiler
+    # crashes a process that already loaded other native libraries (UCX, triton, ...).
+    spec = importlib.util.find_spec("grpc_tools")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("grpcio-tools is not installed (pip install -e '.[dev]')")
+    include = Path(spec.origin).resolve().parent / "_proto"  # google/protobuf/*.proto
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +75,7 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
             f"--grpc_python_out={tmp}",
             *(f"{VIRTUAL_DIR}/{p}" for p in PROTOS),
         ]
-        rc = protoc.main(args)
+        rc = subprocess.run([sys.executable, "-m", *args], check=False).returncode
         if rc != 0:
             raise RuntimeError(f"protoc failed (exit {rc}): {' '.join(args[1:])}")
         stems = [Path(p).stem for p in PROTOS]

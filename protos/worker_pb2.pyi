@@ -223,14 +223,16 @@ class StatsReply(_message.Message):
     def __init__(self, kind: _Optional[_Union[WorkerKind, str]] = ..., worker_id: _Optional[str] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., requests_done: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., blocks_reserved: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_id", "epoch", "reason")
+    __slots__ = ("request_id", "epoch", "reason", "nothing_written")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    NOTHING_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     epoch: int
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    nothing_written: bool
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., nothing_written: _Optional[bool] = ...) -> None: ...
 
 class AbortReply(_message.Message):
     __slots__ = ("found",)

@@ -38,6 +38,8 @@ from .membership import Directory, WorkerInfo
 log = logging.getLogger(__name__)
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+# prefill errors answered before a single block was written to the destination
+_BEFORE_ANY_WRITE = {pb.ERROR_CODE_INCOMPATIBLE, pb.ERROR_CODE_INVALID_ARGUMENT, pb.ERROR_CODE_UNAVAILABLE}
 _RETRYABLE_PREFILL = {pb.ERROR_CODE_UNAVAILABLE, pb.ERROR_CODE_TRANSFER_FAILED, pb.ERROR_CODE_DEADLINE_EXCEEDED}
 
 
@@ -192,9 +194,10 @@ class DisaggBackend:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
-    async def _abort(self, stub, request_id: str, epoch: int, reason: str) -> None:
+    async def _abort(self, stub, request_id: str, epoch: int, reason: str, nothing_written: bool = False) -> None:
         try:
-            await stub.Abort(pb.AbortRequest(request_id=request_id, epoch=epoch, reason=reason), timeout=2.0)
+            await stub.Abort(pb.AbortRequest(request_id=request_id, epoch=epoch, reason=reason,
+                                             nothing_written=nothing_written), timeout=2.0)
         except grpc.aio.AioRpcError as e:
             log.info("request %s: abort (%s) not delivered: %s", request_id, reason, e.code().name)
 
@@ -236,13 +239,16 @@ class DisaggBackend:
         try:
             result: pb.PrefillResult | None = None
             error = "no prefill worker is serving"
-            for attempt in range(self.prefill_attempts):
+            failed_p: set[str] = set()
+            for _attempt in range(self.prefill_attempts):
                 d, res = await self._reserve(request_id, len(prompt_token_ids), params.max_tokens, avoid)
                 d_stub, d_id, epoch = self._decode(d), d.worker_id, res.epoch
-                order = self._prefill_order(prompt_token_ids)
+                order = [w for w in self._prefill_order(prompt_token_ids) if w.worker_id not in failed_p]
                 if not order:
+                    await self._abort(d_stub, request_id, epoch, "no prefill worker", nothing_written=True)
+                    d_stub = None
                     break
-                p = order[attempt % len(order)]
+                p = order[0]
                 p_stub = self._prefill(p)
                 dest = pb.Destination(decode_worker_id=d.worker_id, decode_address=d.address, agent_name=res.agent_name,
                                       block_ids=res.block_ids, epoch=res.epoch, peer_metadata=d.transfer_metadata)
@@ -253,15 +259,19 @@ class DisaggBackend:
                 except grpc.aio.AioRpcError as e:
                     error = f"prefill worker {p.worker_id}: {e.code().name} {e.details() or ''}".strip()
                     await self._abort(d_stub, request_id, epoch, "prefill failed")
-                    d_stub = None
+                    await self._abort(p_stub, request_id, 0, "prefill failed")
+                    d_stub = p_stub = None
+                    failed_p.add(p.worker_id)
                     self.prefill_retries += 1
                     continue
                 if rep.HasField("prefill"):
                     result = rep.prefill
                     break
                 error = f"prefill worker {p.worker_id}: {rep.error.message}"
-                await self._abort(d_stub, request_id, epoch, "prefill failed")
+                await self._abort(d_stub, request_id, epoch, "prefill failed",
+                                  nothing_written=rep.error.code in _BEFORE_ANY_WRITE)
                 d_stub = None
+                failed_p.add(p.worker_id)
                 if rep.error.code not in _RETRYABLE_PREFILL:
                     break
                 self.prefill_retries += 1

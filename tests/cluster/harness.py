@@ -1,0 +1,92 @@
+"""Real worker processes for cluster tests, without Ray: each worker is a spawned process running
+the role's `serve(spec)`; the router side is a `DisaggBackend` over a `Directory` in the test."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from splitserve.engine.runtime import WorkerSpec
+from splitserve.router.membership import Directory, WorkerInfo
+
+
+def _worker_main(spec: WorkerSpec, q) -> None:  # runs in the child
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if spec.role == "prefill":
+        from splitserve.prefill_worker.server import serve
+    else:
+        from splitserve.decode_worker.server import serve
+    try:
+        srv = serve(spec)
+    except BaseException as e:  # noqa: BLE001
+        q.put(("error", repr(e)))
+        return
+    q.put(("ok", srv.info()))
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    srv.stop(1.0)
+
+
+@dataclass
+class WorkerProc:
+    spec: WorkerSpec
+    proc: mp.Process
+    info: dict
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.kill()
+
+
+def start_workers(specs: list[WorkerSpec], timeout_s: float = 120.0) -> list[WorkerProc]:
+    ctx = mp.get_context("spawn")
+    started = []
+    for spec in specs:
+        q = ctx.Queue()
+        p = ctx.Process(target=_worker_main, args=(spec, q), daemon=True)
+        p.start()
+        started.append((spec, p, q))
+    out = []
+    try:
+        for spec, p, q in started:
+            status, info = q.get(timeout=timeout_s)
+            if status != "ok":
+                raise RuntimeError(f"worker {spec.worker_id} failed to start: {info}")
+            out.append(WorkerProc(spec, p, info))
+    except BaseException:
+        for _, p, _ in started:
+            if p.is_alive():
+                p.kill()
+        raise
+    return out
+
+
+def directory_of(workers: list[WorkerProc]) -> Directory:
+    d = Directory()
+    for w in workers:
+        i = w.info
+        d.add(WorkerInfo(i["worker_id"], i["role"], i["address"], pid=i["pid"], node=i["node"]))
+    return d
+
+
+def wait_for(pred, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
