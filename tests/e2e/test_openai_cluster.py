@@ -147,6 +147,20 @@ def test_32_concurrent_requests(cluster, reference) -> None:
     assert all(o.usage.completion_tokens == 12 for o in outs)
 
 
+def test_bounded_load_has_no_errors_and_no_block_growth(cluster) -> None:
+    from splitserve.bench.load import run_level
+
+    _, srv = cluster
+    for concurrency in (2, 8):
+        r = asyncio.run(run_level(srv.url, concurrency, 6.0, model="tiny", max_tokens=16, prompt_len=48,
+                                  api_key=None, max_requests=200)).summary()
+        assert r["requests"] > 0 and r["errors"] == 0 and r["rejected_429"] == 0, r
+        assert r["blocks_used_after"] == 0
+        assert r["ttft_p50_ms"] is not None and r["itl_p50_ms"] is not None
+        # a bounded level must not grow the workers' memory by more than a few percent
+        assert r["worker_rss_mb_after"] < 1.1 * r["worker_rss_mb_before"], r
+
+
 def test_scale_up_and_down_while_serving_fails_no_request(cluster) -> None:
     cl, srv = cluster
     stop = threading.Event()
