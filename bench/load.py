@@ -15,10 +15,9 @@ import asyncio
 import json
 import platform
 import random
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx

@@ -190,6 +190,9 @@ class ModelConfig(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     # Store and score the lightning indexer's keys in FP8 e4m3 (as DeepSeek-V3.2 does) instead of dtype.
     indexer_fp8: bool = False
+    # Keep the MLA latent cache in FP8 (e4m3 + one fp32 scale per 128 values, rope in bf16: FlashMLA's
+    # 656-byte token at full size) instead of in dtype.
+    latent_fp8: bool = False
     # Longest prompt + completion served, in tokens. None: the checkpoint's max_position_embeddings.
     max_model_len: typing.Annotated[int | None, Field(ge=1, le=_MAX_INT32)] = None
 
@@ -421,7 +424,8 @@ class RayConfig(BaseModel):
     ] = None
     # Ray namespace of the cluster's named actors; two clusters on one Ray cluster need two namespaces.
     namespace: typing.Annotated[str, Field(min_length=1)] = "splitserve"
-    # CPUs of a local cluster (address null). None: all of this machine's.
+    # Logical CPUs of a local cluster (address null). None: the machine's count, or 2 per initial
+    # worker if that is more (deploy/controller.py).
     num_cpus: typing.Annotated[int | None, Field(ge=1)] = None
 
     @field_validator("address")

@@ -77,6 +77,7 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
         dtype=cfg.model.dtype,
         device=cfg.model.device,
         indexer_fp8=cfg.model.indexer_fp8,
+        latent_fp8=cfg.model.latent_fp8,
         max_model_len=cfg.model.max_model_len or 0,
     )
 

@@ -3,6 +3,9 @@
 Memory layout (block-major)::
 
     latent  [num_blocks, num_layers, block_size, kv_lora_rank + qk_rope_head_dim]   model dtype
+            or, with latent_fp8, uint8 [..., token_bytes] in FlashMLA's sparse FP8 token format:
+            kv_lora_rank e4m3 values | one fp32 scale per 128 of them | the rope part in bf16
+            (512 + 16 + 128 = 656 bytes per token for DeepSeek-V3.2, vs 1152 in bf16)
     ikeys   [num_blocks, num_layers, block_size, index_head_dim]                    model dtype (exact)
             or uint8 holding e4m3 values (FP8 indexer) + iscale [num_blocks, num_layers, block_size] fp32
 
@@ -25,7 +28,7 @@ import torch
 
 from splitserve.model.batch import IndexerKeys
 from splitserve.model.config import ModelConfig
-from splitserve.model.fp8 import FP8_DTYPE
+from splitserve.model.fp8 import FP8_DTYPE, act_quant
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,22 +41,34 @@ class CacheLayout:
     index_head_dim: int
     dtype: str
     indexer_fp8: bool
+    latent_fp8: bool = False
 
     def describe(self) -> dict[str, str]:
         return {"layout": "block-major/v1", "num_layers": str(self.num_layers), "block_size": str(self.block_size),
                 "latent_dim": str(self.latent_dim), "index_head_dim": str(self.index_head_dim),
-                "dtype": self.dtype, "indexer_fp8": str(self.indexer_fp8)}
+                "dtype": self.dtype, "indexer_fp8": str(self.indexer_fp8), "latent_fp8": str(self.latent_fp8)}
 
 
 class CachePool:
     """The cache tensors of one engine. `pools()` lists them in a fixed order for transport."""
 
     def __init__(self, model_cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool) -> None:
+                 dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool, latent_fp8: bool = False) -> None:
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
         self.indexer_fp8 = indexer_fp8
+        self.dtype = dtype
         d = model_cfg.index_head_dim
-        self.latent = torch.zeros(num_blocks, num_layers, block_size, model_cfg.latent_dim, dtype=dtype, device=device)
+        self.kv_lora, self.rope_dim = model_cfg.kv_lora_rank, model_cfg.qk_rope_head_dim
+        self.latent_fp8 = latent_fp8
+        self.fp8_group = min(128, self.kv_lora)
+        if latent_fp8:
+            if self.kv_lora % self.fp8_group:
+                raise ValueError(f"kv_lora_rank {self.kv_lora} is not a multiple of 128: no FP8 latent cache")
+            token_bytes = self.kv_lora + 4 * (self.kv_lora // self.fp8_group) + 2 * self.rope_dim
+            self.latent = torch.zeros(num_blocks, num_layers, block_size, token_bytes, dtype=torch.uint8, device=device)
+        else:
+            self.latent = torch.zeros(num_blocks, num_layers, block_size, model_cfg.latent_dim, dtype=dtype,
+                                      device=device)
         if indexer_fp8:
             self.ikeys = torch.zeros(num_blocks, num_layers, block_size, d, dtype=torch.uint8, device=device)
             self.iscale = torch.zeros(num_blocks, num_layers, block_size, dtype=torch.float32, device=device)
@@ -61,7 +76,7 @@ class CachePool:
             self.ikeys = torch.zeros(num_blocks, num_layers, block_size, d, dtype=dtype, device=device)
             self.iscale = None
         self.layout = CacheLayout(num_layers, block_size, model_cfg.latent_dim, d, str(dtype).replace("torch.", ""),
-                                  indexer_fp8)
+                                  indexer_fp8, latent_fp8)
 
     def pools(self) -> list[torch.Tensor]:
         return [p for p in (self.latent, self.ikeys, self.iscale) if p is not None]
@@ -71,9 +86,24 @@ class CachePool:
         return sum(p[0].nbytes for p in self.pools())
 
     # ---- per-token access by slot (block id * block_size + offset) -----------------------
+    def _pack_fp8(self, latent: torch.Tensor) -> torch.Tensor:
+        """[n, kv_lora + rope] -> [n, token_bytes] uint8: e4m3 latent | fp32 scales | bf16 rope."""
+        nope, rope = latent[:, : self.kv_lora], latent[:, self.kv_lora:]
+        q, scale = act_quant(nope, self.fp8_group, ue8m0=False)
+        return torch.cat([q.view(torch.uint8), scale.float().contiguous().view(torch.uint8),
+                          rope.to(torch.bfloat16).contiguous().view(torch.uint8)], dim=-1)
+
+    def _unpack_fp8(self, raw: torch.Tensor) -> torch.Tensor:
+        n, k, g = raw.shape[0], self.kv_lora, self.kv_lora // self.fp8_group
+        q = raw[:, :k].contiguous().view(FP8_DTYPE).float()
+        scale = raw[:, k: k + 4 * g].contiguous().view(torch.float32)
+        rope = raw[:, k + 4 * g:].contiguous().view(torch.bfloat16)
+        nope = (q.view(n, g, self.fp8_group) * scale[:, :, None]).view(n, k)
+        return torch.cat([nope.to(self.dtype), rope.to(self.dtype)], dim=-1)
+
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, keys: IndexerKeys) -> None:
         b, o = slots // self.block_size, slots % self.block_size
-        self.latent[b, layer, o] = latent.to(self.latent.dtype)
+        self.latent[b, layer, o] = self._pack_fp8(latent) if self.latent_fp8 else latent.to(self.latent.dtype)
         if self.iscale is None:
             self.ikeys[b, layer, o] = keys.values.to(self.ikeys.dtype)
         else:
@@ -84,6 +114,8 @@ class CachePool:
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, IndexerKeys]:
         b, o = slots // self.block_size, slots % self.block_size
         lat = self.latent[b, layer, o]
+        if self.latent_fp8:
+            lat = self._unpack_fp8(lat)
         if self.iscale is None:
             return lat, IndexerKeys(self.ikeys[b, layer, o])
         return lat, IndexerKeys(self.ikeys[b, layer, o].view(FP8_DTYPE), self.iscale[b, layer, o])

@@ -20,6 +20,8 @@ class EngineConfig:
     max_running: the most requests in the running batch.
     mtp_draft_tokens: k drafts per decode step from the MTP layer (0 = speculative decoding off).
     prefix_cache: share full blocks between requests with the same token prefix.
+    indexer_fp8: run the lightning indexer on its FP8 path, its key cache in e4m3 + per-token scale.
+    latent_fp8: keep the MLA latent cache in FP8 (e4m3 + one fp32 scale per 128 values, rope in bf16).
     """
 
     num_blocks: int = 256
@@ -32,6 +34,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     indexer_fp8: bool = False
+    latent_fp8: bool = False  # MLA latent cache in FlashMLA's FP8 token format (656 B/token/layer at full size)
     max_model_len: int = 0  # 0: the model's max_position_embeddings
 
     def __post_init__(self) -> None:

@@ -71,7 +71,7 @@ class Engine:
         self.mtp_cache = self.mtp_k > 0
         num_layers = mcfg.num_hidden_layers + (1 if net.has_mtp else 0)
         self.pool = CachePool(mcfg, num_layers, cfg.num_blocks, cfg.block_size, net.dtype, net.device,
-                              net.indexer_fp8)
+                              net.indexer_fp8, cfg.latent_fp8)
         self.blocks = BlockManager(cfg.num_blocks, cfg.prefix_cache)
         self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
         self.runner = ModelRunner(net, self.pool, self.mtp_k, self.mtp_cache)

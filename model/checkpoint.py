@@ -8,7 +8,8 @@ generator and written shard by shard, so the bench preset (billions of parameter
 the whole model in memory.
 
 Presets:
-- tiny: CPU tests in seconds (hidden 64, 2 layers: 1 dense + 1 MoE, 8 experts, index_topk 32).
+- tiny: CPU tests in seconds (hidden 64, 2 layers: 1 dense + 1 MoE, 8 experts, index_topk 32; 16 indexer
+  heads, so that index scores of exactly 0 (every head's ReLU at 0), which tie in top-k, are rare).
 - small: a larger CPU config (hidden 256, 4 layers, 16 experts, index_topk 128).
 - bench: the real per-layer shapes (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, nope 128,
   rope 64, v 128, indexer 64x128, top-k 2048, moe_inter 2048, dense inter 18432, vocab 129280)
@@ -39,7 +40,7 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=1024, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
         v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
-        first_k_dense_replace=1, index_n_heads=4, index_head_dim=32, index_topk=32, max_position_embeddings=4096,
+        first_k_dense_replace=1, index_n_heads=16, index_head_dim=32, index_topk=32, max_position_embeddings=4096,
         rope=replace(_YARN, original_max_position_embeddings=256)),
     "small": ModelConfig(
         vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,

@@ -13,7 +13,7 @@ from .checkpoint import PRESETS, make_checkpoint
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"  # bump whenever a preset changes
 
 
 def cache_dir() -> Path:

@@ -94,9 +94,15 @@ class PrefillService(pbg.PrefillWorkerServicer):
         for s in list(self.streams.values()):
             if s.final_sent or s.error:
                 continue
-            upto = self._complete_blocks(eng, s)
-            if upto > s.sent:
-                self._send(eng, s, upto, None)
+            for h in s.handles:  # a failed write ends the request now, not after its whole prefill
+                if self.rt.transport.poll(h) is TransferState.FAILED:
+                    s.error = f"cache transfer failed: {self.rt.transport.error(h)}"
+                    eng.abort(s.request_id)
+                    break
+            else:
+                upto = self._complete_blocks(eng, s)
+                if upto > s.sent:
+                    self._send(eng, s, upto, None)
 
     def _finish_stream(self, eng: Engine, s: _Stream) -> None:
         bs = eng.cfg.block_size
@@ -158,6 +164,8 @@ class PrefillService(pbg.PrefillWorkerServicer):
 
             deadline = t_start + self.spec.first_token_timeout_s
             out = self._wait_prefilled(rid, q, deadline, context)
+            if stream.error:
+                return error(pb.ERROR_CODE_TRANSFER_FAILED, stream.error)
             if isinstance(out, str):
                 return error(pb.ERROR_CODE_ABORTED if "abort" in out else pb.ERROR_CODE_DEADLINE_EXCEEDED, out)
             t_prefilled = time.monotonic()
@@ -196,6 +204,9 @@ class PrefillService(pbg.PrefillWorkerServicer):
         while True:
             if rid in self.cancelled:
                 return "aborted"
+            s = self.streams.get(rid)
+            if s is not None and s.error:
+                return s.error
             if not context.is_active():
                 return "aborted: the router went away"
             left = deadline - time.monotonic()

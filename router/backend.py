@@ -24,7 +24,7 @@ Contract of `GenerationBackend.generate`:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from splitserve.engine.sampler import TokenLogprobs as _EngineTokenLogprobs

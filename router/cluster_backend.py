@@ -271,7 +271,10 @@ class DisaggBackend:
                 await self._abort(d_stub, request_id, epoch, "prefill failed",
                                   nothing_written=rep.error.code in _BEFORE_ANY_WRITE)
                 d_stub = None
-                failed_p.add(p.worker_id)
+                if rep.error.code == pb.ERROR_CODE_TRANSFER_FAILED:
+                    avoid.add(d.worker_id)  # the destination failed, not the prefill worker
+                else:
+                    failed_p.add(p.worker_id)
                 if rep.error.code not in _RETRYABLE_PREFILL:
                     break
                 self.prefill_retries += 1

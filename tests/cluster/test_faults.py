@@ -18,7 +18,6 @@ from splitserve.model import load
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.router.cluster_backend import DisaggBackend
-from splitserve.router.membership import WorkerInfo
 
 from .harness import WorkerProc, directory_of, start_workers, wait_for
 
@@ -222,3 +221,78 @@ def test_handshake_mismatch_is_refused_with_a_clear_error(cluster, tiny_checkpoi
     finally:
         odd.stop()
     assert_all_free(cluster)
+
+
+ROUTER_SCRIPT = """
+import asyncio, sys
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.router.cluster_backend import DisaggBackend
+from splitserve.router.membership import Directory, WorkerInfo
+d = Directory()
+for wid, role, addr in (("prefill-0", "prefill", sys.argv[1]), ("decode-0", "decode", sys.argv[2])):
+    d.add(WorkerInfo(wid, role, addr))
+async def main():
+    b = DisaggBackend(d)
+    await b.start()
+    async for delta in b.generate("orphan", list(range(3, 40)), SamplingParams(temperature=0.0, max_tokens=100000,
+                                                                             ignore_eos=True)):
+        if delta.token_ids:
+            print("token", flush=True)
+asyncio.run(main())
+"""
+
+
+def test_router_killed_mid_stream_frees_both_sides(cluster) -> None:
+    """A router process that dies (SIGKILL) with a request streaming: the workers notice nobody listens
+    (the gRPC stream is cancelled), abort the request and free its blocks."""
+    import subprocess
+    import sys
+
+    p, d = cluster
+    proc = subprocess.Popen([sys.executable, "-c", ROUTER_SCRIPT, p.info["address"], d.info["address"]],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(5):  # the request is streaming
+            assert proc.stdout.readline().strip() == "token"
+        assert stats(d).blocks_used > 0
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert_all_free(cluster, 10)
+
+
+def test_decode_worker_killed_during_the_transfer_frees_the_prefill_side(cluster, tiny_checkpoint) -> None:
+    """The decode worker dies while the prefill worker streams a long prompt's cache to it: the prefill
+    side's writes fail, it frees the request's blocks, and the router retries on a live decode worker."""
+    extra = start_workers([spec(tiny_checkpoint, "decode-k2", "decode")])[0]
+    slow = start_workers([spec(tiny_checkpoint, "prefill-s", "prefill", SLOW_PREFILL)])[0]
+    directory = directory_of([slow, cluster[1], extra])
+    directory.update("decode-0", state="draining")
+    long_prompt = [3 + (i * 11) % 900 for i in range(600)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def killer():
+        wait_for(lambda: stats(slow).running > 0 and stats(extra).blocks_used > 0, 30, "the transfer to start", 0.01)
+        time.sleep(0.3)  # some blocks are on their way
+        directory.update("decode-0", state="serving")
+        extra.kill()
+    t = threading.Thread(target=killer)
+    t.start()
+    try:
+        async def go():
+            b = DisaggBackend(directory, dead_after_failures=1)
+            await b.start()
+            try:
+                return await run(b, "transfer-victim", long_prompt, params), b.prefill_retries
+            finally:
+                await b.close()
+        (toks, reason, err), retries = asyncio.run(go())
+        t.join(30)
+        assert err is None and reason == "length" and retries >= 1
+        assert toks == reference(tiny_checkpoint, long_prompt, params)
+        wait_for(lambda: stats(slow).blocks_used == 0, 10, "the prefill side to free the dead peer's request")
+    finally:
+        slow.stop()
+        extra.stop()
+    assert_all_free(cluster, 30)

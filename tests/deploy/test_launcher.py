@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,13 +20,13 @@ import grpc
 import httpx
 import pytest
 import ray
-import uvicorn
 
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_config, parse_config
 from splitserve.deploy.controller import Controller, ControllerError, WorkerStartError
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.router.membership import Directory, WorkerInfo
+from splitserve.tests.helpers import ServeThread, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -117,16 +116,6 @@ def ray_descendants(root: int) -> set[int]:
     return {p for p in out if "ray" in cmd.get(p, "")}
 
 
-def wait_until(cond: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> float:
-    """Poll `cond` until true; returns the seconds it took; fails the test after `timeout_s`."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout_s:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
-    return time.monotonic() - t0
-
-
 def stub_for(info: WorkerInfo, channel: grpc.Channel) -> Any:
     return (pbg.PrefillWorkerStub if info.role == "prefill" else pbg.DecodeWorkerStub)(channel)
 
@@ -136,30 +125,6 @@ def health(info: WorkerInfo) -> tuple[pb.HealthReply, pb.StatsReply]:
         stub = stub_for(info, ch)
         return (stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S),
                 stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S))
-
-
-class ServeThread:
-    """The router app under uvicorn (lifespan on, as `splitserve up` serves it) in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServeThread:
-        self.thread.start()
-        wait_until(lambda: self.server.started or not self.thread.is_alive(), 20, "uvicorn to start")
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-        assert not self.thread.is_alive()
 
 
 # ----------------------------------------------------------------------------------------------

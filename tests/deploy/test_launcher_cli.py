@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, load_config
+from splitserve.tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,14 +55,6 @@ def session_pids(sid: int) -> list[int]:
         if int(stat[stat.rindex(")") + 2:].split()[3]) == sid:
             out.append(int(d))
     return out
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def write_config(path: Path, **router: object) -> Path:

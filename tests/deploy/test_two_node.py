@@ -17,20 +17,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
 
 import httpx
 import pytest
 import ray
-import uvicorn
 
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_config, parse_config
 from splitserve.deploy.controller import Controller, WorkerStartError
 from splitserve.router.membership import Directory
+from splitserve.tests.helpers import ServeThread, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -91,14 +89,6 @@ def kill_session(sid: int, timeout_s: float = 5.0) -> None:
             return
 
 
-def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
 def ray_start(args: list[str], env: dict[str, str], sessions: list[int]) -> None:
     """`ray start` in a new session (its daemons keep that session id, so they can be found and stopped)."""
     ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
@@ -146,27 +136,6 @@ def two_node_cfg(address: str) -> ClusterConfig:
     data["decode"]["resources"] = {"decode_node": 1.0}
     data["ray"].update(address=address, namespace=NAMESPACE, num_cpus=None)
     return parse_config(data)
-
-
-class ServeThread:
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServeThread:
-        self.thread.start()
-        wait_until(lambda: self.server.started or not self.thread.is_alive(), 20, "uvicorn to start")
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 def test_pools_land_on_their_node_groups(two_nodes: SimpleNamespace) -> None:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, load_config, parse_config
 from splitserve.deploy.launcher import Cluster
@@ -23,35 +21,11 @@ from splitserve.engine.engine import Engine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.model import load
 from splitserve.model.tokenizer import TextDecoder, load_tokenizer
+from splitserve.tests.helpers import ServeThread, wait_until
 
 pytestmark = pytest.mark.timeout(420)
 
 nixl = pytest.importorskip("nixl")
-
-
-def wait_until(pred, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
-class Served:
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started or not self.thread.is_alive(), 30, "the router to start")
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +39,11 @@ def cluster(tiny_checkpoint):
     data["prefill"].update(replicas=2, num_blocks=256, block_size=16, chunk_size=32)
     data["decode"].update(replicas=2, num_blocks=256, block_size=16, mtp_draft_tokens=1)
     cl = Cluster(parse_config(data), drain_timeout_s=60).start()
-    srv = Served(cl.app)
     try:
-        wait_until(lambda: httpx.get(f"{srv.url}/health", timeout=5).status_code == 200, 60, "/health")
-        yield cl, srv
+        with ServeThread(cl.app) as srv:
+            wait_until(lambda: httpx.get(f"{srv.url}/health", timeout=5).status_code == 200, 60, "/health")
+            yield cl, srv
     finally:
-        srv.close()
         cl.shutdown()
 
 
@@ -91,7 +64,7 @@ def prompt_ids(i: int) -> list[int]:
     return [0] + [5 + (i * 31 + j * 7) % 1000 for j in range(8 + i % 40)]
 
 
-def client(srv: Served) -> openai.OpenAI:
+def client(srv: ServeThread) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 

@@ -165,3 +165,30 @@ def test_cache_exhaustion_alone_finishes_with_length(tiny_net) -> None:
     # 24 cache slots hold the prompt and all but the last generated token
     assert r.finish_reason == "length" and len(r.token_ids) == 3 * 8 - 10 + 1
     assert eng.blocks_used == 0
+
+
+def test_fp8_latent_cache_equals_scoring_over_fp8_rounded_latents(tiny_net) -> None:
+    """FP8 latent cache (e4m3 + one fp32 scale per group, rope in bf16) gives the logits of cache-free
+    scoring whose cache entries went through the same rounding (computed here independently)."""
+    from splitserve.model import DenseStore, ForwardBatch
+    from splitserve.model.fp8 import act_quant
+
+    class RoundedStore(DenseStore):
+        def write(self, layer, seq, latent, keys):
+            kv = tiny_net.cfg.kv_lora_rank
+            q, s = act_quant(latent[:, :kv], kv, ue8m0=False)  # tiny: kv_lora 32 -> one group
+            nope = q.float() * s
+            rope = latent[:, kv:].to(torch.bfloat16).float()
+            super().write(layer, seq, torch.cat([nope, rope], -1).to(latent.dtype), keys)
+
+    prompts = random_prompts([45, 20], tiny_net.cfg.vocab_size, seed=8)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    eng = make_engine(tiny_net, latent_fp8=True)
+    assert eng.pool.latent.dtype == torch.uint8  # 32 e4m3 + 4 B scale + 16 bf16 rope = 68 B per token
+    assert eng.pool.latent.shape[-1] == 32 + 4 + 2 * 16
+    for r in eng.generate(prompts, params):
+        full = torch.tensor(r.prompt_ids + r.token_ids)
+        ref = torch.log_softmax(tiny_net.logits(tiny_net.forward(ForwardBatch.single(full, RoundedStore()))), -1)
+        for j in range(1, len(r.prompt_ids)):
+            assert r.prompt_logprobs[j].logprob == pytest.approx(ref[j - 1, full[j]].item(), abs=1e-4)
+    assert eng.blocks_used == 0
