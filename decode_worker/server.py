@@ -60,7 +60,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
         self.released: dict[str, tuple[int, float]] = {}  # prefill side dropped (epoch, when)
         self.quarantine: dict[tuple[str, int], tuple[list[int], float]] = {}  # (rid, epoch) -> blocks, deadline
         self.arrived_cv = threading.Condition(self.lock)
-        self.cancelled: set[str] = set()
+        self.cancelled: dict[str, float] = {}      # request id -> when an Abort asked to stop it
         self.epochs = itertools.count(1)
         self.draining = False
         self.requests_done = 0
@@ -112,6 +112,8 @@ class DecodeService(pbg.DecodeWorkerServicer):
             free = [self.quarantine.pop(k)[0] for k in done]
             for rid in [r for r, (_, t) in self.released.items() if t + self.spec.quarantine_s < now]:
                 del self.released[rid]
+            for rid in [r for r, t in self.cancelled.items() if t + 600 < now]:  # nobody came to stop
+                del self.cancelled[rid]
         for rid, r in expired:
             log.warning("request %s: reservation expired (epoch %d) with no cache", rid, r.epoch)
             self._retire(rid, r)
@@ -238,7 +240,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
             self.rt.loop.unsubscribe(rid)
             with self.lock:
                 self.reservations.pop(rid, None)
-            self.cancelled.discard(rid)
+            self.cancelled.pop(rid, None)
             if not finished:
                 if adopted:
                     try:
@@ -266,19 +268,13 @@ class DecodeService(pbg.DecodeWorkerServicer):
         rid = request.request_id
         with self.lock:
             res = self.reservations.get(rid)
-            if res is not None and not res.adopted and (not request.epoch or request.epoch == res.epoch):
-                # nobody is streaming it yet: free now (a Generate waiting on the cache sees cancelled)
-                streaming = False
-            else:
-                streaming = res is not None
-        if res is None:
-            return pb.AbortReply(found=False)
-        self.cancelled.add(rid)
-        if not streaming:
-            with self.lock:
-                still = self.reservations.pop(rid, None)
-            if still is not None:
-                self._retire(rid, still, request.nothing_written)
+            if res is None:
+                return pb.AbortReply(found=False)
+            self.cancelled[rid] = time.monotonic()  # a Generate streaming it, or waiting for its cache, stops
+            if res.adopted or (request.epoch and request.epoch != res.epoch):
+                return pb.AbortReply(found=True)  # that Generate frees the blocks
+            del self.reservations[rid]
+        self._retire(rid, res, request.nothing_written)
         return pb.AbortReply(found=True)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
