@@ -117,6 +117,16 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 self.peers[dest.agent_name] = p
             return p
 
+    def _forget_peer(self, agent_name: str) -> None:
+        """After a failed write the connection may be broken: the next request handshakes afresh."""
+        with self.peer_lock:
+            peer = self.peers.pop(agent_name, None)
+        if peer is not None:
+            try:
+                self.rt.transport.remove_peer(peer)
+            except Exception as e:  # noqa: BLE001 - already gone is fine
+                log.info("removing peer %s: %s", agent_name, e)
+
     # ---- RPCs ---------------------------------------------------------------------------------
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillReply:
         rid = request.request_id
@@ -165,6 +175,7 @@ class PrefillService(pbg.PrefillWorkerServicer):
             deadline = t_start + self.spec.first_token_timeout_s
             out = self._wait_prefilled(rid, q, deadline, context)
             if stream.error:
+                self._forget_peer(dest.agent_name)
                 return error(pb.ERROR_CODE_TRANSFER_FAILED, stream.error)
             if isinstance(out, str):
                 return error(pb.ERROR_CODE_ABORTED if "abort" in out else pb.ERROR_CODE_DEADLINE_EXCEEDED, out)
@@ -179,6 +190,8 @@ class PrefillService(pbg.PrefillWorkerServicer):
             hidden, gen_state, cached, prompt_lps = self.rt.loop.call(finish)
             err = self._wait_transfers(stream, t_prefilled + self.spec.transfer_timeout_s, context)
             if err:
+                if "transfer failed" in err:
+                    self._forget_peer(dest.agent_name)
                 return error(pb.ERROR_CODE_TRANSFER_FAILED, err)
             t_done = time.monotonic()
             res = pb.PrefillResult(
