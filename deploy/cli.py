@@ -3,6 +3,7 @@
     splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S]
     splitserve generate --model DIR|tiny --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
                         [--seed S] [--mtp K] [--json]
+    splitserve bench kernels|load|transfer [its options]
 """
 
 from __future__ import annotations
@@ -90,6 +91,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {"kernels": "splitserve.bench.kernels", "load": "splitserve.bench.load",
+              "transfer": "splitserve.kvtransfer.bench"}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module(BENCHMARKS[args.name]).main(args.args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode serving for DeepSeek-V3.2 models")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -115,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench", help="run a benchmark: kernels | load | transfer (each prints a table and writes JSON)",
+                       add_help=False)
+    b.add_argument("name", choices=sorted(BENCHMARKS))
+    b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help lists them)")
+    b.set_defaults(func=_cmd_bench)
 
     from . import cluster_cli  # noqa: F401  (adds up/status/scale/down when present)
 
