@@ -26,7 +26,7 @@ from splitserve.deploy.controller import Controller, ControllerError, WorkerStar
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.router.membership import Directory, WorkerInfo
-from splitserve.tests.helpers import ServeThread, wait_until
+from splitserve.tests.helpers import ServeThread, pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -78,16 +78,6 @@ class RecordingDirectory(Directory):
     def history(self, worker_id: str) -> list[tuple[str, str | None]]:
         with self._events_lock:
             return [(kind, state) for kind, wid, state in self.events if wid == worker_id]
-
-
-def pid_alive(pid: int) -> bool:
-    """A process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def ray_descendants(root: int) -> set[int]:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, load_config
-from splitserve.tests.helpers import wait_until
+from splitserve.tests.helpers import pid_alive, session_pids, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,30 +31,6 @@ KEY = "test-key-123"
 def cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "splitserve.deploy.cli", *args], capture_output=True, text=True,
                           timeout=timeout_s, env=env)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def session_pids(sid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[3]) == sid:
-            out.append(int(d))
-    return out
 
 
 def write_config(path: Path, **router: object) -> Path:

@@ -28,7 +28,7 @@ import ray
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_config, parse_config
 from splitserve.deploy.controller import Controller, WorkerStartError
 from splitserve.router.membership import Directory
-from splitserve.tests.helpers import ServeThread, wait_until
+from splitserve.tests.helpers import ServeThread, pid_alive, session_pids, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,31 +48,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def session_pids(sid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(d))
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def kill_session(sid: int, timeout_s: float = 5.0) -> None:
