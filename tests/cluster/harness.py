@@ -3,6 +3,7 @@ the role's `serve(spec)`; the router side is a `DisaggBackend` over a `Directory
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from splitserve.engine.runtime import WorkerSpec
+from splitserve.router.cluster_backend import DisaggBackend
 from splitserve.router.membership import Directory, WorkerInfo
 
 
@@ -90,3 +92,14 @@ def wait_for(pred, timeout_s: float, what: str, interval_s: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def started_backend(directory: Directory, **options):
+    """The router's cluster backend over `directory`, started (worker poller) and closed after use."""
+    b = DisaggBackend(directory, **options)
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()

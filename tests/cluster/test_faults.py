@@ -19,7 +19,7 @@ from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.router.cluster_backend import DisaggBackend
 
-from .harness import WorkerProc, directory_of, start_workers, wait_for
+from .harness import WorkerProc, directory_of, start_workers, started_backend, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -79,12 +79,8 @@ PROMPT = list(range(3, 40))
 
 def test_requests_succeed_and_free_everything(cluster, tiny_checkpoint) -> None:
     async def go():
-        b = DisaggBackend(directory_of(cluster))
-        await b.start()
-        try:
+        async with started_backend(directory_of(cluster)) as b:
             outs = await asyncio.gather(*(run(b, f"ok-{i}", PROMPT[: 10 + i], GREEDY) for i in range(6)))
-        finally:
-            await b.close()
         return outs
     outs = asyncio.run(go())
     for i, (toks, reason, err) in enumerate(outs):
@@ -95,9 +91,7 @@ def test_requests_succeed_and_free_everything(cluster, tiny_checkpoint) -> None:
 
 def test_client_disconnect_frees_both_sides(cluster) -> None:
     async def go():
-        b = DisaggBackend(directory_of(cluster))
-        await b.start()
-        try:
+        async with started_backend(directory_of(cluster)) as b:
             gen = b.generate("gone-1", PROMPT, SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True))
             n = 0
             async for d in gen:
@@ -105,8 +99,6 @@ def test_client_disconnect_frees_both_sides(cluster) -> None:
                 if n >= 3:
                     break
             await gen.aclose()
-        finally:
-            await b.close()
     asyncio.run(go())
     assert_all_free(cluster, 10)
 
@@ -144,20 +136,16 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, tiny_checkpoint) -> N
     directory.update("decode-0", state="draining")  # the request lands on decode-k
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
-    async def go():
-        b = DisaggBackend(directory, dead_after_failures=1)
-        await b.start()
+    async def on_delta(n):
+        if n >= 5 and extra.proc.is_alive():
+            extra.kill()
+            directory.update("decode-0", state="serving")
 
-        async def on_delta(n):
-            if n >= 5 and extra.proc.is_alive():
-                extra.kill()
-                directory.update("decode-0", state="serving")
-        try:
+    async def go():
+        async with started_backend(directory, dead_after_failures=1) as b:
             t0 = time.monotonic()
             out = await run(b, "victim", PROMPT, params, on_delta)
             return out, time.monotonic() - t0, b.migrations
-        finally:
-            await b.close()
     (toks, reason, err), took, migrations = asyncio.run(go())
     assert err is None and reason == "length" and migrations == 1
     assert toks == reference(tiny_checkpoint, PROMPT, params)
@@ -165,12 +153,8 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, tiny_checkpoint) -> N
     assert_all_free(cluster)
     # the next request goes to the live worker and succeeds
     async def after():
-        b = DisaggBackend(directory)
-        await b.start()
-        try:
+        async with started_backend(directory) as b:
             return await run(b, "after-kill", PROMPT, GREEDY)
-        finally:
-            await b.close()
     toks, reason, err = asyncio.run(after())
     assert err is None and toks == reference(tiny_checkpoint, PROMPT, GREEDY)
 
@@ -190,12 +174,9 @@ def test_prefill_worker_killed_mid_prefill_is_retried(cluster, tiny_checkpoint) 
     t.start()
 
     async def go():
-        b = DisaggBackend(directory, poll_interval_s=60)  # the router learns of the death from the failed call
-        await b.start()
-        try:
+        # poll_interval_s=60: the router learns of the death from the failed call, not from its poller
+        async with started_backend(directory, poll_interval_s=60) as b:
             return await run(b, "prefill-victim", long_prompt, params), b.prefill_retries
-        finally:
-            await b.close()
     (toks, reason, err), retries = asyncio.run(go())
     t.join(30)
     assert err is None and reason == "length" and retries >= 1
@@ -209,12 +190,8 @@ def test_handshake_mismatch_is_refused_with_a_clear_error(cluster, tiny_checkpoi
         directory = directory_of([cluster[0], odd])
 
         async def go():
-            b = DisaggBackend(directory)
-            await b.start()
-            try:
+            async with started_backend(directory) as b:
                 return await run(b, "mismatch", PROMPT, GREEDY)
-            finally:
-                await b.close()
         toks, reason, err = asyncio.run(go())
         assert reason == "abort" and "block_size" in err and "refused" in err
         wait_for(lambda: stats(odd).blocks_used == 0, 5, "the refused reservation to be freed at once")
@@ -281,12 +258,8 @@ def test_decode_worker_killed_during_the_transfer_frees_the_prefill_side(cluster
     t.start()
     try:
         async def go():
-            b = DisaggBackend(directory, dead_after_failures=1)
-            await b.start()
-            try:
+            async with started_backend(directory, dead_after_failures=1) as b:
                 return await run(b, "transfer-victim", long_prompt, params), b.prefill_retries
-            finally:
-                await b.close()
         (toks, reason, err), retries = asyncio.run(go())
         t.join(30)
         assert err is None and reason == "length" and retries >= 1
