@@ -70,22 +70,37 @@ def bench_ms(fn: Callable[[], Any], rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
-def measure_ceilings() -> dict[str, float]:
-    n = 1 << 30  # 1 GiB
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEV)
+def measure_ceilings(device: str = DEV) -> dict[str, float]:
+    """HBM copy bandwidth (bytes read + written) and bf16 matmul rate on `device` (a CPU gets small
+    sizes and wall-clock medians: only for smoke tests of the benchmark harnesses)."""
+    gpu = device == "cuda"
+    n = 1 << 30 if gpu else 1 << 26
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), rep=200)
+    timer = bench_ms if gpu else _wall_ms
+    ms = timer(lambda: dst.copy_(src), rep=200)
     bw = 2 * n / (ms * 1e-3)
     src = dst = None  # free before the matmul
-    m = 8192
-    a = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
-    ms_mm = bench_ms(lambda: a @ b, rep=200)
+    m = 8192 if gpu else 512
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    ms_mm = timer(lambda: a @ b, rep=200)
     rate = 2 * m ** 3 / (ms_mm * 1e-3)
     a = b = None
-    torch.cuda.empty_cache()
+    if gpu:
+        torch.cuda.empty_cache()
     return {"hbm_copy_bytes_per_s": bw, "copy_bytes": 2 * n, "copy_ms": ms,
             "bf16_matmul_flops_per_s": rate, "matmul_shape": [m, m, m], "matmul_ms": ms_mm}
+
+
+def _wall_ms(fn: Callable[[], Any], rep: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 # ---------------------------------------------------------------------------------------------

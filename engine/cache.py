@@ -9,7 +9,9 @@ Memory layout (block-major)::
     ikeys   [num_blocks, num_layers, block_size, index_head_dim]                    model dtype (exact)
             or uint8 holding e4m3 values (FP8 indexer) + iscale [num_blocks, num_layers, block_size] fp32
 
-num_layers counts the MTP layer when the network has one (it caches like any layer).
+num_layers counts the MTP layer when the network has one (it caches like any layer). The pools hold
+one block more than num_blocks: `scratch_block`, never handed out, where the padding rows of a
+CUDA-graph batch write their throw-away entries.
 
 Why block-major: a block holds every layer of its block_size tokens in one contiguous region, so a
 request's cache is (number of blocks) regions per pool, and a run of consecutive block ids is a
@@ -28,7 +30,8 @@ import torch
 
 from splitserve.model.batch import IndexerKeys
 from splitserve.model.config import ModelConfig
-from splitserve.model.fp8 import FP8_DTYPE, act_quant
+from splitserve.kernels import act_quant
+from splitserve.model.fp8 import FP8_DTYPE
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,8 @@ class CachePool:
     def __init__(self, model_cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool, latent_fp8: bool = False) -> None:
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
+        self.scratch_block = num_blocks
+        num_blocks += 1
         self.indexer_fp8 = indexer_fp8
         self.dtype = dtype
         d = model_cfg.index_head_dim
@@ -119,6 +124,15 @@ class CachePool:
         if self.iscale is None:
             return lat, IndexerKeys(self.ikeys[b, layer, o])
         return lat, IndexerKeys(self.ikeys[b, layer, o].view(FP8_DTYPE), self.iscale[b, layer, o])
+
+
+def blocks_for_memory(free_bytes: int, fraction: float, bytes_per_block: int) -> int:
+    """Cache blocks that fit in `fraction` of `free_bytes` (>= 1, else a ValueError that says why)."""
+    n = int(free_bytes * fraction) // bytes_per_block
+    if n < 1:
+        raise ValueError(f"{fraction:.0%} of the {free_bytes / 2**30:.2f} GiB free holds no cache block of "
+                         f"{bytes_per_block / 2**20:.1f} MiB: free memory, or set num_blocks")
+    return n
 
 
 class PagedStore:

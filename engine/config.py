@@ -22,6 +22,14 @@ class EngineConfig:
     prefix_cache: share full blocks between requests with the same token prefix.
     indexer_fp8: run the lightning indexer on its FP8 path, its key cache in e4m3 + per-token scale.
     latent_fp8: keep the MLA latent cache in FP8 (e4m3 + one fp32 scale per 128 values, rope in bf16).
+    paged_kernels: attention reads the paged pools in place, one query row per token, through the
+        indexer top-k and sparse MLA kernels (model.attention's "rows" path). None: on when the cache
+        is on CUDA and the latent cache is not FP8 (the kernels read bf16 latents); True on a CPU runs
+        the kernels' PyTorch references (tests).
+    cuda_graphs: replay captured CUDA graphs for decode-only steps (CUDA with paged_kernels only).
+    cache_memory_fraction: (cuda) size the cache to this fraction of the GPU memory that is free once
+        the weights are loaded; num_blocks is then ignored. The rest is headroom for activations and
+        CUDA graphs (prefill chunks of 8k tokens at DeepSeek-V3.2 widths need a few GB).
     """
 
     num_blocks: int = 256
@@ -36,6 +44,9 @@ class EngineConfig:
     indexer_fp8: bool = False
     latent_fp8: bool = False  # MLA latent cache in FlashMLA's FP8 token format (656 B/token/layer at full size)
     max_model_len: int = 0  # 0: the model's max_position_embeddings
+    paged_kernels: bool | None = None
+    cuda_graphs: bool = True
+    cache_memory_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1:
@@ -48,6 +59,13 @@ class EngineConfig:
             raise ValueError(f"mtp_draft_tokens must be in [0, 8], got {self.mtp_draft_tokens}")
         if self.max_batch_tokens < self.mtp_draft_tokens + 1:
             raise ValueError("max_batch_tokens must fit one decode step with its drafts")
+        if self.cache_memory_fraction is not None:
+            if not 0.0 < self.cache_memory_fraction <= 1.0:
+                raise ValueError(f"cache_memory_fraction must be in (0, 1], got {self.cache_memory_fraction}")
+            if self.device != "cuda":
+                raise ValueError("cache_memory_fraction sizes a GPU cache: set num_blocks on other devices")
+        if self.paged_kernels and self.latent_fp8:
+            raise ValueError("paged_kernels reads bf16/fp32 latents: it cannot be used with latent_fp8")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 

@@ -10,6 +10,7 @@ offline generator (`generate`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from splitserve.model import DeepseekV32
 
 from .block_manager import BlockManager
-from .cache import CachePool
+from .cache import CachePool, blocks_for_memory
 from .config import EngineConfig
 from .request import Request, RequestOutput, Status
 from .runner import ModelRunner
@@ -63,6 +64,7 @@ class GenerationResult:
 class Engine:
     def __init__(self, net: DeepseekV32, cfg: EngineConfig) -> None:
         self.net, self.cfg = net, cfg
+        net.fuse_weights()
         mcfg = net.cfg
         self.mtp_k = cfg.mtp_draft_tokens if net.has_mtp else 0
         if cfg.mtp_draft_tokens and not net.has_mtp:
@@ -70,14 +72,37 @@ class Engine:
                         cfg.mtp_draft_tokens)
         self.mtp_cache = self.mtp_k > 0
         num_layers = mcfg.num_hidden_layers + (1 if net.has_mtp else 0)
+        if cfg.cache_memory_fraction is not None:
+            cfg = self.cfg = self._size_cache(cfg, num_layers)
         self.pool = CachePool(mcfg, num_layers, cfg.num_blocks, cfg.block_size, net.dtype, net.device,
                               net.indexer_fp8, cfg.latent_fp8)
         self.blocks = BlockManager(cfg.num_blocks, cfg.prefix_cache)
         self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
-        self.runner = ModelRunner(net, self.pool, self.mtp_k, self.mtp_cache)
+        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+        paged = cfg.paged_kernels if cfg.paged_kernels is not None else (
+            self.pool.latent.is_cuda and not cfg.latent_fp8)
+        self.runner = ModelRunner(net, self.pool, self.mtp_k, self.mtp_cache, paged=paged,
+                                  graphs=cfg.cuda_graphs and self.pool.latent.is_cuda,
+                                  max_rows=cfg.max_running * (self.mtp_k + 1),
+                                  max_blocks=self.scheduler.blocks_for(self.max_model_len + self.mtp_k + 1))
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
-        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+
+    def _size_cache(self, cfg: EngineConfig, num_layers: int) -> EngineConfig:
+        """num_blocks from cache_memory_fraction of the GPU memory free after the weights."""
+        if self.net.device.type != "cuda":
+            raise ValueError("cache_memory_fraction needs the network on a CUDA device")
+        probe = CachePool(self.net.cfg, num_layers, 1, cfg.block_size, self.net.dtype, self.net.device,
+                          self.net.indexer_fp8, cfg.latent_fp8)
+        per_block = probe.bytes_per_block
+        del probe
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.net.device)
+        n = blocks_for_memory(free, cfg.cache_memory_fraction or 1.0, per_block)
+        log.info("cache: %d blocks of %d tokens (%.1f MiB each, %.1f GiB) = %.0f%% of the %.1f GiB free of %.1f GiB",
+                 n, cfg.block_size, per_block / 2**20, n * per_block / 2**30, 100 * (cfg.cache_memory_fraction or 1.0),
+                 free / 2**30, total / 2**30)
+        return dataclasses.replace(cfg, num_blocks=n)
 
     # ---- admission -------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:

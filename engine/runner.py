@@ -26,10 +26,11 @@ import torch
 from splitserve.model import DeepseekV32, ForwardBatch, SeqSpan
 
 from .cache import CachePool, PagedStore
+from .rows import DecodeGraphs, RowPlan
 from .request import Request
 from .sampler import SamplingRow, prompt_logprobs, processed_probs, sample_from_probs, sample_tokens, token_logprobs
 from .scheduler import ScheduledItem
-from .speculative import target_probs_for_drafts, verify_batch
+from .speculative import VerifyResult, target_probs_for_drafts, verify_batch
 
 
 @dataclass(slots=True)
@@ -46,18 +47,46 @@ def _row(req: Request, extra: list[int] | None = None) -> SamplingRow:
 
 
 class ModelRunner:
-    def __init__(self, net: DeepseekV32, pool: CachePool, mtp_k: int, mtp_cache: bool) -> None:
+    """paged: forwards go through model.attention's rows path (the kernels over the paged pools);
+    graphs: decode-only steps replay CUDA graphs of the main model's forward (rows.py)."""
+
+    def __init__(self, net: DeepseekV32, pool: CachePool, mtp_k: int, mtp_cache: bool, *, paged: bool = False,
+                 graphs: bool = False, max_rows: int = 64, max_blocks: int = 1) -> None:
         self.net, self.pool = net, pool
         self.mtp_k, self.mtp_cache = mtp_k, mtp_cache
         self.mtp_layer = net.cfg.mtp_layer_index
         self.device = net.device
+        self.paged = paged
+        self.graphs = DecodeGraphs(net, pool, max_rows, max_blocks) if paged and graphs else None
+        self.mtp_graphs = (DecodeGraphs(net, pool, max_rows, max_blocks, mtp=True)
+                           if paged and graphs and mtp_k else None)
+
+    def _mtp(self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan], hidden: torch.Tensor,
+             graphed: bool) -> torch.Tensor:
+        """The MTP layer over these runs of rows (from a CUDA graph when `graphed` and one fits)."""
+        if graphed and self.mtp_graphs is not None:
+            out = self.mtp_graphs.run(RowPlan.build(groups, self.pool.block_size), hidden)
+            if out is not None:
+                return out
+        batch = self._batch(groups, spans)
+        return self.net.mtp_forward(hidden, batch.input_ids, batch)
+
+    def _batch(self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan]) -> ForwardBatch:
+        """The forward batch of these runs of tokens (ids, first position, block table), one span each."""
+        if self.paged:
+            return RowPlan.build(groups, self.pool.block_size).to_batch(self.pool)
+        store = PagedStore(self.pool, [t for _, _, t in groups], [p + len(ids) for ids, p, _ in groups],
+                           [p for _, p, _ in groups])
+        ids = torch.tensor([t for g, _, _ in groups for t in g], device=self.device)
+        pos = torch.tensor([p for g, p0, _ in groups for p in range(p0, p0 + len(g))], device=self.device)
+        return ForwardBatch(ids, pos, spans, store)
 
     # ---- MTP --------------------------------------------------------------------------------
-    def _mtp_catch_up(self, reqs: list[Request]) -> dict[str, torch.Tensor]:
+    def _mtp_catch_up(self, reqs: list[Request], graphed: bool = False) -> dict[str, torch.Tensor]:
         """Run the MTP layer over each request's pending positions whose next token is known.
 
         Returns request id -> MTP hidden of its last processed row (for drafting)."""
-        ids, hid, pos, spans, tables, totals, ctxs, owners = [], [], [], [], [], [], [], []
+        groups, hid, spans, owners = [], [], [], []
         start = 0
         for req in reqs:
             if req.pending_hidden is None:
@@ -68,21 +97,14 @@ class ModelRunner:
             n = limit - req.mtp_computed
             if n <= 0:
                 continue
-            all_ids = req.all_ids
-            ids.append(torch.tensor(all_ids[req.mtp_computed + 1: limit + 1]))
+            groups.append((req.all_ids[req.mtp_computed + 1: limit + 1], req.mtp_computed, req.block_table))
             hid.append(req.pending_hidden[:n])
-            pos.append(torch.arange(req.mtp_computed, limit))
             spans.append(SeqSpan(start, n, req.mtp_computed, absorbed=False))
-            tables.append(req.block_table)
-            totals.append(limit)
-            ctxs.append(req.mtp_computed)
             owners.append((req, n, limit))
             start += n
         if not owners:
             return {}
-        store = PagedStore(self.pool, tables, totals, ctxs)
-        batch = ForwardBatch(torch.cat(ids).to(self.device), torch.cat(pos).to(self.device), spans, store)
-        g = self.net.mtp_forward(torch.cat(hid), batch.input_ids, batch)
+        g = self._mtp(groups, spans, torch.cat(hid), graphed)
         out = {}
         for (req, n, limit), sp in zip(owners, spans):
             req.mtp_computed = limit
@@ -93,7 +115,7 @@ class ModelRunner:
 
     def _draft(self, reqs: list[Request]) -> None:
         """Propose k drafts for each decode request (MTP caught up to its last position)."""
-        last = self._mtp_catch_up(reqs)
+        last = self._mtp_catch_up(reqs, graphed=True)
         active = [r for r in reqs if r.request_id in last]
         for r in active:
             r.drafts, r.draft_probs = [], None
@@ -103,16 +125,14 @@ class ModelRunner:
             if not active:
                 break
             if j > 0:  # recursive step: the MTP layer on its own output and previous draft
-                positions = [r.num_computed + j - 1 for r in active]
-                spans = [SeqSpan(i, 1, p, absorbed=True) for i, p in enumerate(positions)]
-                store = PagedStore(self.pool, [r.block_table for r in active], [p + 1 for p in positions], positions)
-                toks = torch.tensor([r.drafts[-1] for r in active], device=self.device)
-                batch = ForwardBatch(toks, torch.tensor(positions, device=self.device), spans, store)
-                hidden = self.net.mtp_forward(hidden, toks, batch)
+                groups = [([r.drafts[-1]], r.num_computed + j - 1, r.block_table) for r in active]
+                spans = [SeqSpan(i, 1, p, absorbed=True) for i, (_, p, _) in enumerate(groups)]
+                hidden = self._mtp(groups, spans, hidden, graphed=True)
             logits = self.net.logits(hidden)
-            for i, r in enumerate(active):
-                if r.params.greedy:
-                    r.drafts.append(int(logits[i].argmax()))
+            greedy_rows = [i for i, r in enumerate(active) if r.params.greedy]
+            if greedy_rows:  # one argmax and one host copy for every greedy request
+                for i, t in zip(greedy_rows, logits[greedy_rows].argmax(dim=-1).tolist()):
+                    active[i].drafts.append(int(t))
             sampling = [i for i, r in enumerate(active) if not r.params.greedy]
             if sampling:
                 rows = [_row(active[i], active[i].drafts) for i in sampling]
@@ -126,6 +146,41 @@ class ModelRunner:
                 r.draft_probs = torch.stack(probs_by_req[r.request_id])
 
     @staticmethod
+    def _verify(items: list[tuple[ScheduledItem, SeqSpan]], logits: torch.Tensor, row_of: dict[int, int]
+                ) -> list[VerifyResult]:
+        """Verdicts for decode items. Plain greedy requests (no penalties) need only the argmax of each
+        row: one kernel and one host copy for all of them, then the longest agreeing draft prefix.
+        The others go through processed distributions and verify_batch (rejection sampling)."""
+        verdicts: list[VerifyResult | None] = [None] * len(items)
+        plain = [i for i, (it, _) in enumerate(items) if it.req.params.greedy and not it.req.params.has_penalties]
+        if plain:
+            rows = [row_of[r] for i in plain for r in range(items[i][1].start, items[i][1].end)]
+            best = logits[rows].argmax(dim=-1).tolist()
+            j = 0
+            for i in plain:
+                drafts, n = items[i][0].req.drafts, items[i][1].length
+                t = best[j: j + n]
+                j += n
+                a = 0
+                while a < len(drafts) and drafts[a] == t[a]:
+                    a += 1
+                verdicts[i] = VerifyResult(a, list(drafts[:a]) + [t[a]])
+        rest = [i for i in range(len(items)) if verdicts[i] is None]
+        if rest:
+            target, drafts_probs, gens, greedy, drafts = [], [], [], [], []
+            for i in rest:
+                req, sp = items[i][0].req, items[i][1]
+                lg = logits[[row_of[r] for r in range(sp.start, sp.end)]]
+                target.append(target_probs_for_drafts(lg, _row(req), req.drafts))
+                drafts_probs.append(req.draft_probs)
+                gens.append(req.generator)
+                greedy.append(req.params.greedy)
+                drafts.append(req.drafts)
+            for i, v in zip(rest, verify_batch(drafts, drafts_probs, target, gens, greedy)):
+                verdicts[i] = v
+        return verdicts  # type: ignore[return-value]
+
+    @staticmethod
     def _wants_prompt_logits(req: Request) -> bool:
         return (req.params.prompt_logprobs is not None and req.prompt_logprobs is None
                 and req.num_computed < len(req.prompt_ids))
@@ -137,7 +192,7 @@ class ModelRunner:
             need = [it.req for it in items if it.decode]
             if need:
                 self._draft(need)
-        ids, pos, spans, tables, totals, ctxs = [], [], [], [], [], []
+        groups, spans = [], []
         start = 0
         for it in items:
             req, nc = it.req, it.req.num_computed
@@ -145,17 +200,14 @@ class ModelRunner:
                 toks = [req.all_ids[-1]] + req.drafts
             else:
                 toks = req.all_ids[nc: nc + it.num_tokens]
-            n = len(toks)
-            ids.extend(toks)
-            pos.extend(range(nc, nc + n))
-            spans.append(SeqSpan(start, n, nc, absorbed=it.decode))
-            tables.append(req.block_table)
-            totals.append(nc + n)
-            ctxs.append(nc)
-            start += n
-        store = PagedStore(self.pool, tables, totals, ctxs)
-        batch = ForwardBatch(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), spans, store)
-        hidden = self.net.forward(batch)
+            groups.append((toks, nc, req.block_table))
+            spans.append(SeqSpan(start, len(toks), nc, absorbed=it.decode))
+            start += len(toks)
+        hidden = None
+        if self.graphs is not None and all(it.decode for it in items):
+            hidden = self.graphs.run(RowPlan.build(groups, self.pool.block_size))
+        if hidden is None:
+            hidden = self.net.forward(self._batch(groups, spans))
 
         # rows whose logits are needed
         want: list[int] = []
@@ -209,16 +261,7 @@ class ModelRunner:
 
         if verify_items:
             assert logits is not None
-            target, drafts_probs, gens, greedy, drafts = [], [], [], [], []
-            for it, sp in verify_items:
-                req = it.req
-                lg = logits[[row_of[r] for r in range(sp.start, sp.end)]]
-                target.append(target_probs_for_drafts(lg, _row(req), req.drafts))
-                drafts_probs.append(req.draft_probs)
-                gens.append(req.generator)
-                greedy.append(req.params.greedy)
-                drafts.append(req.drafts)
-            verdicts = verify_batch(drafts, drafts_probs, target, gens, greedy)
+            verdicts = self._verify(verify_items, logits, row_of)
             for (it, sp), v in zip(verify_items, verdicts):
                 req = it.req
                 a = v.num_accepted

@@ -76,7 +76,7 @@ class WorkerRuntime:
         self.transport.register_pools(self.engine.pool.pools())
         self.metadata = self.transport.metadata()
         log.info("worker %s (%s) ready: %s, %d blocks of %d tokens (%.1f MB each), transfer %s",
-                 spec.worker_id, spec.role, path, ecfg.num_blocks, ecfg.block_size,
+                 spec.worker_id, spec.role, path, self.engine.cfg.num_blocks, ecfg.block_size,
                  self.engine.pool.bytes_per_block / 1e6, spec.transfer_backend)
 
     @property

@@ -60,13 +60,14 @@ class Scheduler:
             self.waiting.remove(req)
 
     # ---- prefix cache -----------------------------------------------------------------------
-    def _prefix_hashes(self, req: Request, limit_tokens: int) -> list[bytes]:
-        """Keys of req's full blocks within its first limit_tokens tokens (MTP: +1 lookahead token)."""
+    def _prefix_hashes(self, req: Request, limit_tokens: int, known: list[bytes] | None = None) -> list[bytes]:
+        """Keys of req's full blocks within its first limit_tokens tokens (MTP: +1 lookahead token).
+        `known`: keys already computed for its first blocks (only the blocks after them are hashed)."""
         bs, ids = self.cfg.block_size, req.all_ids
         extra = 1 if self.mtp_cache else 0
-        out: list[bytes] = []
-        parent = None
-        j = 0
+        out: list[bytes] = list(known or [])
+        parent = out[-1] if out else None
+        j = len(out)
         while (j + 1) * bs <= limit_tokens and (j + 1) * bs + extra <= len(ids):
             parent = block_hash(parent, ids[j * bs: (j + 1) * bs + extra])
             out.append(parent)
@@ -78,7 +79,9 @@ class Scheduler:
         if not self.blocks.prefix_cache or req.params.prompt_logprobs is not None:
             return
         done = min(req.num_computed, req.mtp_computed) if self.mtp_cache else req.num_computed
-        hashes = self._prefix_hashes(req, done)
+        if (len(req.block_hashes) + 1) * self.cfg.block_size > done:
+            return  # no block completed since the last call (the common decode step)
+        hashes = self._prefix_hashes(req, done, req.block_hashes)
         for j in range(len(req.block_hashes), len(hashes)):
             self.blocks.register(req.block_table[j], hashes[j])
             req.block_hashes.append(hashes[j])

@@ -3,7 +3,9 @@
 Every family lives in one module with three entry points of the same signature:
 `<name>_ref` (plain PyTorch, runs anywhere), `<name>_triton` (the kernel; on a CPU it runs only
 under TRITON_INTERPRET=1, as the tests do), and `<name>` — the dispatcher exported here, which
-picks Triton for CUDA tensors when triton is installed and the reference otherwise.
+picks Triton for CUDA tensors when triton is installed and the reference otherwise. The model calls
+the dispatchers (model/attention.py, moe.py, norm.py), so the same code runs the kernels on a GPU and
+the references on a CPU.
 
 | function | shapes (decode) |
 |---|---|

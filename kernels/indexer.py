@@ -82,8 +82,10 @@ def indexer_logits_decode_ref(q: torch.Tensor, weights: torch.Tensor, k_cache: t
 def topk_from_logits(logits: torch.Tensor, topk: int) -> torch.Tensor:
     """logits [B, W] fp32 (-inf = not visible) -> indices [B, topk] int32, -1 where fewer than
     topk positions are visible. Order within a row is unspecified. No host synchronisation."""
-    if logits.shape[1] < topk:
+    if logits.shape[1] <= topk:  # every visible position is selected: no sort needed
         logits = F.pad(logits, (0, topk - logits.shape[1]), value=float("-inf"))
+        idx = torch.arange(topk, device=logits.device).expand_as(logits)
+        return torch.where(logits == float("-inf"), -1, idx).to(torch.int32)
     vals, idx = logits.topk(topk, dim=-1, sorted=False)
     return torch.where(vals == float("-inf"), torch.full_like(idx, -1), idx).to(torch.int32)
 
@@ -198,6 +200,11 @@ def indexer_topk_decode_triton(q: torch.Tensor, weights: torch.Tensor, k_cache: 
 # ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
+def _triton_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    heads, dim, bs = q.shape[1], q.shape[2], k_cache.shape[2]
+    return use_triton(q) and not (heads & (heads - 1) or dim & (dim - 1) or bs & (bs - 1) or min(heads, dim, bs) < 16)
+
+
 def indexer_logits_decode(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor,
                           k_scale: torch.Tensor | None, layer: int, block_tables: torch.Tensor,
                           seq_lens: torch.Tensor, max_seq_len: int | None = None) -> torch.Tensor:
@@ -214,8 +221,10 @@ def indexer_logits_decode(q: torch.Tensor, weights: torch.Tensor, k_cache: torch
         max_seq_len: width W of the result (default max_blocks * block_size).
     Returns:
         [B, W] fp32 scores, -inf at positions >= seq_lens[b].
+    The Triton kernel serves CUDA tensors whose heads, head dim and block size are powers of two
+    >= 16; other shapes (small test presets) run the reference.
     """
-    fn = indexer_logits_decode_triton if use_triton(q) else indexer_logits_decode_ref
+    fn = indexer_logits_decode_triton if _triton_fits(q, k_cache) else indexer_logits_decode_ref
     return fn(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, max_seq_len)
 
 
@@ -229,5 +238,5 @@ def indexer_topk_decode(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.T
         order; -1 fills the row when fewer than topk keys are visible (then every visible key
         is selected). Feed it straight to sparse_mla_decode. No host synchronisation (graph-safe).
     """
-    fn = indexer_topk_decode_triton if use_triton(q) else indexer_topk_decode_ref
+    fn = indexer_topk_decode_triton if _triton_fits(q, k_cache) else indexer_topk_decode_ref
     return fn(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, topk, max_seq_len)

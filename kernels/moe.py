@@ -306,7 +306,7 @@ def _block_m(num_ids: int, num_experts: int) -> int:
 
 
 def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, fp8_scales=None, block_m=None, block_n=64,
-                      num_warps=4, num_stages=4):
+                      num_warps=4, num_stages=4, block_k=None):
     require_triton()
     n, hidden = x.shape
     e, two_i, hid_w = w13.shape
@@ -317,8 +317,12 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, fp8_scales=None, block
         raise ValueError("w13 and w2 need a contiguous last dimension")
     top_k = topk_ids.shape[1]
     num_ids = n * top_k
-    bm = block_m or _block_m(num_ids, e)
     fp8 = fp8_scales is not None
+    if block_m is None and not fp8 and x.dtype != torch.float32 and num_ids >= 512 * e:
+        # prefill-sized batches: 128x128 tiles, 8 warps (H100 sweep at 8192 tokens: 13.4 ms vs 23.2 ms
+        # for the decode tiles, 62% of the bf16 matmul rate; bench/results/sweep-kernels-h100.json)
+        block_m, block_n, block_k, num_warps, num_stages = 128, 128, block_k or 64, 8, 3
+    bm = block_m or _block_m(num_ids, e)
     if fp8:
         bk1 = bk2 = 128
         block_n = min(block_n, 128)
@@ -328,6 +332,10 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, fp8_scales=None, block
         xq, xs = act_quant(x)
     else:
         bk1, bk2 = _block_k(hidden), _block_k(inter)
+        if block_k:
+            bk1, bk2 = min(bk1, block_k), min(bk2, block_k)
+        if x.dtype == torch.float32:  # fp32 tiles are twice as large: keep the stages in shared memory
+            bk1, bk2, num_stages = min(bk1, 32), min(bk2, 32), min(num_stages, 3)
         xq, xs = x.contiguous(), x
         w13_s = w2_s = x
     sorted_ids, expert_ids, npad = moe_align(topk_ids, e, bm)

@@ -1,4 +1,4 @@
-"""Per-block FP8 (e4m3) activation quantisation, as model/fp8.py's act_quant (DeepSeek's kernel).
+"""Per-block FP8 (e4m3) activation quantisation, as DeepSeek's act_quant kernel (the model calls `act_quant`).
 
 For each row and each group of `block` (128) contiguous values:
 a = max(amax(|x|), 1e-4); s = 2^ceil(log2(a / 448)) with ue8m0 (computed exactly from the float's
@@ -85,6 +85,6 @@ def act_quant_triton(x: torch.Tensor, block: int = 128, ue8m0: bool = True) -> t
 
 def act_quant(x: torch.Tensor, block: int = 128, ue8m0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] (D % block == 0) -> (float8_e4m3fn [..., D], fp32 scales [..., D // block]);
-    x ≈ q * s per group. Same contract as model.fp8.act_quant."""
+    x ≈ q * s per group."""
     fn = act_quant_triton if use_triton(x) else act_quant_ref
     return fn(x, block, ue8m0)

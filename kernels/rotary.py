@@ -1,4 +1,4 @@
-"""Rotary embedding in DeepSeek-V3.2's two layouts (model/rope.py is the reference).
+"""Rotary embedding in DeepSeek-V3.2's two layouts (the model calls `rope`; model/rope.py makes cos/sin).
 
 - interleaved (MLA's q_rope / k_rope): rotation pairs (x0, x1), (x2, x3), ...; the output is laid
   out de-interleaved as [rotated evens ‖ rotated odds] (transformers' order, which the cache keeps);

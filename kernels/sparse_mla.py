@@ -249,6 +249,10 @@ def sparse_mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.T
         softmax_scale: the MLA softmax scale (qk_head_dim^-0.5 times YaRN's mscale^2).
     Returns:
         o_lat [B, H, kv_lora_rank] in q_lat's dtype (apply W_uv, then o_proj).
+    The Triton kernel serves CUDA tensors with >= 16 heads (a multiple of 64 beyond) and
+    power-of-two head dims; other shapes (small test presets) run the reference.
     """
-    fn = sparse_mla_decode_triton if use_triton(q_lat) else sparse_mla_decode_ref
+    heads, dl, dr = q_lat.shape[1], q_lat.shape[2], q_rope.shape[2]
+    fits = heads % min(64, heads) == 0 and heads >= 16 and not (dl & (dl - 1) or dr & (dr - 1))
+    fn = sparse_mla_decode_triton if use_triton(q_lat) and fits else sparse_mla_decode_ref
     return fn(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale)

@@ -4,6 +4,14 @@ Order inside a layer (dsv32 spec §6.7): MLA projections -> MLA cache write -> i
 key-cache write, scores against every cached key including the new ones) -> causal mask and
 top-k -> attention over the selected entries only -> o_proj.
 
+Two ways through a layer:
+- spans (any device, any store): per sequence, the store gathers the sequence's whole history and
+  attention masks the unselected keys — the reference, and what cache-free scoring uses;
+- rows (`ForwardBatch.rows`, the engine on CUDA): every token is one query row over the paged pools;
+  the indexer kernel scores and selects each row's top-k in place and the sparse MLA kernel
+  attends to the selected entries only, in the absorbed form (DeepSeek's "MQA mode"), for prefill
+  and decode alike. Only tensors are involved, so a decode step can be captured in a CUDA graph.
+
 Two MLA forms, equal in exact arithmetic:
 - decompressed (prefill): kv_b_proj expands each cached latent into per-head k_nope and v;
 - absorbed (decode): q_nope is folded through kv_b_proj's k part into the 512-d latent space,
@@ -17,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import ForwardBatch, IndexerKeys, SeqSpan
+from splitserve.kernels import act_quant, indexer_topk_decode, rope, sparse_mla_decode
+
+from .batch import ForwardBatch, IndexerKeys, PagedRows, SeqSpan
 from .config import ModelConfig
-from .fp8 import act_quant, hadamard_rotate
+from .fp8 import hadamard_rotate
 from .norm import RMSNorm
-from .rope import apply_half_split, apply_interleaved
 
 
 class Indexer(nn.Module):
@@ -45,13 +54,12 @@ class Indexer(nn.Module):
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim:]
-        rot = (apply_interleaved if self.cfg.indexer_rope_interleave else apply_half_split)(rot, cos, sin)
+        rot = rope(rot, cos, sin, self.cfg.indexer_rope_interleave)
         return torch.cat([rot, rest], dim=-1)
 
-    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> IndexerKeys:
-        """x [N, hidden] -> the N tokens' cacheable keys."""
-        k = self.wk(x)
-        k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(), 1e-6).to(x.dtype)
+    def keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> IndexerKeys:
+        """k = wk(x) [N, head_dim] -> the N tokens' cacheable keys."""
+        k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(), 1e-6).to(k.dtype)
         k = self._rope(k, cos, sin)
         if not self.fp8:
             return IndexerKeys(k)
@@ -112,20 +120,47 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=False)
         self.indexer = Indexer(cfg, indexer_fp8)
+        self.in_proj: torch.Tensor | None = None  # fuse_weights(): q_a ‖ kv_a ‖ indexer.wk, one GEMM
+
+    @torch.no_grad()
+    def fuse_weights(self) -> None:
+        """Concatenate the three projections of x into one weight; the modules' weights become views
+        of it (no extra memory). One GEMM instead of three (decode: fewer, larger weight reads)."""
+        if self.in_proj is not None:
+            return
+        mods = (self.q_a_proj, self.kv_a_proj_with_mqa, self.indexer.wk)
+        fused = torch.cat([m.weight for m in mods])
+        start = 0
+        for m in mods:
+            rows = m.weight.shape[0]
+            m.weight.data = fused[start:start + rows]
+            start += rows
+        self.in_proj = fused
+
+    def _project_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if self.in_proj is not None:
+            return F.linear(x, self.in_proj).split([cfg.q_lora_rank, cfg.latent_dim, cfg.index_head_dim], dim=-1)
+        return self.q_a_proj(x), self.kv_a_proj_with_mqa(x), self.indexer.wk(x)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         n, h = x.shape[0], cfg.num_attention_heads
-        q_resid = self.q_a_layernorm(self.q_a_proj(x))
+        q_a, kv_a, k_idx = self._project_in(x)
+        q_resid = self.q_a_layernorm(q_a)
         q = self.q_b_proj(q_resid).view(n, h, cfg.qk_head_dim)
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        q_rope = apply_interleaved(q_rope, cos, sin)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        entries = torch.cat([self.kv_a_layernorm(latent), apply_interleaved(k_rope, cos, sin)], dim=-1)
-        keys = self.indexer.keys(x, cos, sin)
+        q_rope = rope(q_rope, cos, sin, interleaved=True)
+        latent, k_rope = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        entries = torch.cat([self.kv_a_layernorm(latent), rope(k_rope, cos, sin, interleaved=True)], dim=-1)
+        keys = self.indexer.keys(k_idx, cos, sin)
+        q_idx, w_idx = self.indexer.queries(q_resid, x, cos, sin)
+        if batch.rows is not None:
+            out = self._rows(q_nope, q_rope, entries, keys, q_idx, w_idx, batch.rows)
+            return self.o_proj(out.reshape(n, h * cfg.v_head_dim))
+        assert batch.store is not None
         for i, sp in enumerate(batch.spans):
             batch.store.write(self.layer, i, entries[sp.start:sp.end], keys[sp.start:sp.end])
-        q_idx, w_idx = self.indexer.queries(q_resid, x, cos, sin)
 
         out = x.new_empty(n, h, cfg.v_head_dim)
         for i, sp in enumerate(batch.spans):
@@ -138,6 +173,23 @@ class MLA(nn.Module):
             attend = self._absorbed if sp.absorbed else self._decompressed
             out[sp.start:sp.end] = attend(q_nope[sp.start:sp.end], q_rope[sp.start:sp.end], cache, allowed)
         return self.o_proj(out.reshape(n, h * cfg.v_head_dim))
+
+    def _rows(self, q_nope: torch.Tensor, q_rope: torch.Tensor, entries: torch.Tensor, keys: IndexerKeys,
+              q_idx: torch.Tensor, w_idx: torch.Tensor, rows: PagedRows) -> torch.Tensor:
+        """Every row one query over the paged pools: write, select top-k, sparse absorbed attention."""
+        cfg, pools = self.cfg, rows.pools
+        pools.write(self.layer, rows.slots, entries, keys)
+        if pools.iscale is None:  # exact indexer: relu(s * q.k) = s * relu(q.k), fold s into the weights
+            q_sel, w_sel, k_cache = q_idx.to(pools.ikeys.dtype), w_idx * self.indexer.softmax_scale, pools.ikeys
+        else:
+            q_sel, w_sel, k_cache = q_idx, w_idx, pools.ikeys
+        selected = indexer_topk_decode(q_sel, w_sel.float().contiguous(), k_cache, pools.iscale, self.layer,
+                                       rows.block_tables, rows.seq_lens, cfg.index_topk)
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)
+        o_lat = sparse_mla_decode(q_lat, q_rope, pools.latent, self.layer, rows.block_tables,
+                                  selected, cfg.softmax_scale)
+        return torch.einsum("nhc,hdc->nhd", o_lat, w_uv)
 
     def _softmax(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         logits = logits.float() * self.cfg.softmax_scale

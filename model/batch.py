@@ -88,14 +88,42 @@ class DenseStore:
         return self.latents[(layer, seq)], self.keys[(layer, seq)]
 
 
+class PagedPools(Protocol):
+    """The paged cache tensors the attention kernels read in place (engine.cache.CachePool)."""
+
+    latent: torch.Tensor               # [num_blocks, num_layers, block_size, latent_dim]
+    ikeys: torch.Tensor                # [num_blocks, num_layers, block_size, index_head_dim]
+    iscale: torch.Tensor | None        # [num_blocks, num_layers, block_size] fp32 (FP8 indexer)
+    latent_fp8: bool
+
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, keys: IndexerKeys) -> None: ...
+
+
+@dataclass
+class PagedRows:
+    """A batch whose every row is one query token over the paged cache (decode, MTP verification
+    and drafting), described by tensors only, so that a forward over it can be captured in a CUDA
+    graph. Row r sees positions 0 .. seq_lens[r] - 1 (itself last) through block_tables[r] and
+    writes its own cache entry at slot slots[r] (block id * block_size + offset)."""
+
+    pools: PagedPools
+    block_tables: torch.Tensor  # [N, max_blocks] int32
+    seq_lens: torch.Tensor      # [N] int32
+    slots: torch.Tensor         # [N] int64
+
+
 @dataclass
 class ForwardBatch:
-    """The tokens of one forward pass: flattened ids and positions, their spans, and the cache."""
+    """The tokens of one forward pass: flattened ids and positions, their spans, and the cache.
+
+    With `rows` set, the attention reads and writes the paged pools directly through the Triton
+    kernels' batched path (spans and store are then unused and may be empty)."""
 
     input_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64
     spans: list[SeqSpan]
-    store: KVStore
+    store: KVStore | None
+    rows: PagedRows | None = None
 
     @staticmethod
     def single(input_ids: torch.Tensor, store: KVStore | None = None, context_len: int = 0,

@@ -2,11 +2,13 @@
 
 Weights: float8_e4m3fn with one float32 multiplier (`weight_scale_inv`) per 128x128 block.
 Activations (and the indexer's q and k): one scale per row per 128 contiguous values,
-`ue8m0` scales rounded up to a power of two.
+`ue8m0` scales rounded up to a power of two — splitserve.kernels.act_quant (a Triton kernel on
+CUDA, `act_quant_ref` elsewhere).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -41,35 +43,21 @@ def quantize_weight(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tup
     return q.view(nr * br, nc * bc)[:rows, :cols].contiguous(), scale
 
 
-def act_quant(x: torch.Tensor, block: int = 128, ue8m0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] (D % block == 0) -> (e4m3 values [..., D], float32 scales [..., D // block]).
-
-    a = max(amax(|x_group|), 1e-4); s = 2^ceil(log2(a / 448)) with ue8m0, else a / 448.
-    """
-    d = x.shape[-1]
-    if d % block:
-        raise ValueError(f"last dim {d} is not a multiple of {block}")
-    g = x.to(torch.float32).unflatten(-1, (d // block, block))
-    amax = g.abs().amax(dim=-1).clamp(min=1e-4)
-    s = amax / FP8_MAX
-    if ue8m0:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
-    q = (g / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.flatten(-2), s
-
-
+@functools.lru_cache(maxsize=16)
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Sylvester-ordered ±1 Hadamard matrix of size n (a power of two)."""
+    """Sylvester-ordered ±1 Hadamard matrix of size n (a power of two). Cached per (n, dtype, device):
+    built once, outside any CUDA graph capture (callers must not modify it)."""
     if n & (n - 1):
         raise ValueError(f"Hadamard size must be a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=dtype, device=device)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    with torch.inference_mode(False):  # a normal tensor, usable in and outside inference mode
+        h = torch.ones(1, 1, dtype=dtype, device=device)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """x [..., n] -> x · H_n · n^-0.5 (orthonormal, so dot products are preserved)."""
     n = x.shape[-1]
-    h = hadamard_matrix(n, dtype=x.dtype, device=x.device)
+    h = hadamard_matrix(n, x.dtype, x.device)
     return (x @ h) * n ** -0.5

@@ -98,6 +98,14 @@ class DeepseekV32(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def fuse_weights(self) -> None:
+        """Concatenate the weights that read the same input (MLA's input projections, each MLP's gate
+        and up) so that each group is one GEMM. In place, no extra memory, idempotent; parameter names
+        and shapes are unchanged (the originals become views)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "fuse_weights"):
+                m.fuse_weights()
+
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rotary.inv_freq.device != positions.device:
             self.rotary.inv_freq = self.rotary.inv_freq.to(positions.device)

@@ -1,4 +1,6 @@
-"""Rotary position embedding with YaRN, in the two layouts DeepSeek-V3.2 uses.
+"""Rotary position embedding with YaRN: the cos/sin tables. The rotation itself is
+splitserve.kernels.rope (a Triton kernel on CUDA, `rope_ref` elsewhere), in the two layouts
+DeepSeek-V3.2 uses.
 
 MLA rotates its 64 rope dims in the *interleaved* (pairwise) form; the indexer rotates the first
 64 dims of its 128-dim heads in the *half-split* (non-interleaved) form. Following transformers,
@@ -53,23 +55,3 @@ class RotaryTable:
         """positions [N] int -> (cos, sin) each [N, dim // 2] in `dtype`."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         return (freqs.cos() * self.scale).to(dtype), (freqs.sin() * self.scale).to(dtype)
-
-
-def apply_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, ..., d] with rotation pairs (x0, x1), (x2, x3), ...; cos/sin [N, d/2].
-
-    Returns [N, ..., d] laid out as [rotated evens ‖ rotated odds] (transformers' layout).
-    """
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    c, s = cos.view(shape), sin.view(shape)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-
-
-def apply_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, ..., d] rotated as pairs (x_i, x_{i+d/2}) (the "rotate_half" form); cos/sin [N, d/2]."""
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    c, s = cos.view(shape), sin.view(shape)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)

@@ -1,18 +1,29 @@
-"""Shared fixtures: small random checkpoints made once per test session."""
+"""Shared fixtures: small random checkpoints made once per test session.
+
+On a machine without a GPU, TRITON_INTERPRET=1 is set here, before any test module imports the
+model (which imports splitserve.kernels): Triton reads it when a kernel is defined, and the kernel
+tests run the Triton kernels under its CPU interpreter. Everything else dispatches CPU tensors to
+the PyTorch references, so the setting changes nothing for them.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from splitserve.model.checkpoint import make_checkpoint
 
-    return make_checkpoint("tiny", tmp_path_factory.mktemp("tiny"), seed=0, dtype=__import__("torch").float32)
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("tiny"), seed=0, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

@@ -22,23 +22,30 @@ def make_engine(net, **kw) -> Engine:
     return Engine(net, EngineConfig(**base))
 
 
+# paged=True: the rows path (every token a query row over the paged pools, model/attention.py),
+# on a CPU through the kernels' PyTorch references; on CUDA the same path runs the Triton kernels.
+PAGED = pytest.mark.parametrize("paged", [False, True], ids=["spans", "rows"])
+
+
+@PAGED
 @pytest.mark.parametrize("chunk,block,budget", [(4, 4, 24), (16, 8, 64), (512, 16, 2048)])
-def test_greedy_matches_cache_free_scoring(tiny_net, chunk, block, budget) -> None:
+def test_greedy_matches_cache_free_scoring(tiny_net, chunk, block, budget, paged) -> None:
     # lengths straddle index_topk (32): sparse attention kicks in while generating
     prompts = random_prompts([3, 29, 45, 70], tiny_net.cfg.vocab_size, seed=chunk)
-    eng = make_engine(tiny_net, chunk_size=chunk, block_size=block, max_batch_tokens=budget)
+    eng = make_engine(tiny_net, chunk_size=chunk, block_size=block, max_batch_tokens=budget, paged_kernels=paged)
     res = eng.generate(prompts, GREEDY)
     for r, p in zip(res, prompts):
         assert r.token_ids == greedy_reference(tiny_net, p, GREEDY.max_tokens)
     assert eng.blocks_used == 0
 
 
-def test_paged_logprobs_equal_scoring_logits(tiny_net) -> None:
+@PAGED
+def test_paged_logprobs_equal_scoring_logits(tiny_net, paged) -> None:
     """Prompt logprobs (paged chunked prefill) and generated-token logprobs (paged absorbed decode)
     equal log_softmax of cache-free scoring of the final sequence."""
     prompts = random_prompts([37, 12, 50], tiny_net.cfg.vocab_size, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2, prompt_logprobs=2)
-    eng = make_engine(tiny_net, chunk_size=8)
+    eng = make_engine(tiny_net, chunk_size=8, paged_kernels=paged)
     for r in eng.generate(prompts, params):
         full = torch.tensor(r.prompt_ids + r.token_ids)
         ref = torch.log_softmax(tiny_net.score(full), -1)
@@ -53,10 +60,11 @@ def test_paged_logprobs_equal_scoring_logits(tiny_net) -> None:
     assert eng.blocks_used == 0
 
 
-def test_fp8_indexer_cache_matches_fp8_scoring(tiny_checkpoint) -> None:
+@PAGED
+def test_fp8_indexer_cache_matches_fp8_scoring(tiny_checkpoint, paged) -> None:
     net = load(tiny_checkpoint, indexer_fp8=True)
     prompts = random_prompts([40, 66], net.cfg.vocab_size, seed=5)
-    eng = make_engine(net, chunk_size=16)
+    eng = make_engine(net, chunk_size=16, paged_kernels=paged)
     for r, p in zip(eng.generate(prompts, GREEDY), prompts):
         assert r.token_ids == greedy_reference(net, p, GREEDY.max_tokens)
     assert eng.pool.iscale is not None and eng.blocks_used == 0
@@ -111,12 +119,13 @@ def test_whole_prompt_cached_still_computes_its_last_token(tiny_net) -> None:
     assert eng.blocks_used == 0
 
 
+@PAGED
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_mtp_greedy_is_lossless(predictable_net, k) -> None:
+def test_mtp_greedy_is_lossless(predictable_net, k, paged) -> None:
     prompts = random_prompts([6, 35, 18, 70], predictable_net.cfg.vocab_size, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     base = make_engine(predictable_net, mtp_draft_tokens=0).generate(prompts, params)
-    eng = make_engine(predictable_net, mtp_draft_tokens=k)
+    eng = make_engine(predictable_net, mtp_draft_tokens=k, paged_kernels=paged)
     res = eng.generate(prompts, params)
     assert [r.token_ids for r in res] == [r.token_ids for r in base]
     drafted = sum(r.draft_tokens for r in res)
@@ -171,7 +180,7 @@ def test_fp8_latent_cache_equals_scoring_over_fp8_rounded_latents(tiny_net) -> N
     """FP8 latent cache (e4m3 + one fp32 scale per group, rope in bf16) gives the logits of cache-free
     scoring whose cache entries went through the same rounding (computed here independently)."""
     from splitserve.model import DenseStore, ForwardBatch
-    from splitserve.model.fp8 import act_quant
+    from splitserve.kernels import act_quant
 
     class RoundedStore(DenseStore):
         def write(self, layer, seq, latent, keys):
@@ -192,3 +201,15 @@ def test_fp8_latent_cache_equals_scoring_over_fp8_rounded_latents(tiny_net) -> N
         for j in range(1, len(r.prompt_ids)):
             assert r.prompt_logprobs[j].logprob == pytest.approx(ref[j - 1, full[j]].item(), abs=1e-4)
     assert eng.blocks_used == 0
+
+
+def test_cache_memory_fraction_sizing_rules() -> None:
+    from splitserve.engine.cache import blocks_for_memory
+
+    assert blocks_for_memory(10 * 2**30, 0.5, 2**20) == 5 * 1024
+    with pytest.raises(ValueError, match="holds no cache block"):
+        blocks_for_memory(2**20, 0.5, 2**20)
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        EngineConfig(cache_memory_fraction=1.5, device="cuda")
+    with pytest.raises(ValueError, match="set num_blocks"):
+        EngineConfig(cache_memory_fraction=0.5, device="cpu")

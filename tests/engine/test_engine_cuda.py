@@ -48,3 +48,70 @@ def test_handoff_on_cuda_with_seeded_sampling(small_cuda) -> None:
     a, b = Engine(net, cfg), Engine(net, cfg)
     assert handoff(a, b, "cuda-0", p, params) == ref
     assert a.blocks_used == 0 and b.blocks_used == 0
+
+
+# The small preset with 16 attention and 16 indexer heads: the shapes the Triton kernels take, so the
+# engine's rows path runs the indexer top-k, sparse MLA, fused MoE and RMSNorm kernels, and decode
+# steps replay CUDA graphs.
+def _kernel_net(tmp_path_factory, dtype, indexer_fp8=False):
+    from dataclasses import replace
+
+    from splitserve.model.checkpoint import PRESETS
+    cfg = replace(PRESETS["small"], num_attention_heads=16, index_n_heads=16)
+    path = make_checkpoint(cfg, tmp_path_factory.mktemp("kernel-shaped"), seed=0, dtype=torch.float32)
+    return load(path, device="cuda", dtype=dtype, indexer_fp8=indexer_fp8)
+
+
+@pytest.fixture(scope="module")
+def kernel_net32(tmp_path_factory):
+    return _kernel_net(tmp_path_factory, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def kernel_net16(tmp_path_factory):
+    return _kernel_net(tmp_path_factory, torch.bfloat16, indexer_fp8=True)
+
+
+def test_kernels_and_graphs_match_scoring_fp32(kernel_net32) -> None:
+    net = kernel_net32
+    prompts = random_prompts([300, 140, 9, 64], net.cfg.vocab_size, seed=5)  # 300, 140 > index_topk 128
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    refs = [greedy_reference(net, p, params.max_tokens) for p in prompts]
+    for k in (0, 2):
+        eng = Engine(net, EngineConfig(num_blocks=96, block_size=16, chunk_size=128, mtp_draft_tokens=k,
+                                       device="cuda", dtype="float32"))
+        assert eng.runner.paged and eng.runner.graphs is not None
+        res = eng.generate(prompts, params)
+        assert [r.token_ids for r in res] == refs
+        assert eng.runner.graphs.graphs, "decode steps did not run through a CUDA graph"
+        if k:
+            assert eng.runner.mtp_graphs.graphs, "MTP drafting did not run through a CUDA graph"
+            assert sum(r.draft_tokens for r in res) > 0
+        assert eng.blocks_used == 0
+
+
+def test_graphs_equal_eager_kernels_bf16_fp8_indexer(kernel_net16) -> None:
+    net = kernel_net16
+    prompts = random_prompts([500, 200, 130, 33], net.cfg.vocab_size, seed=6)  # 4 rows: a graph size
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    out = {}
+    for graphs in (False, True):
+        eng = Engine(net, EngineConfig(num_blocks=128, block_size=64, chunk_size=256, device="cuda",
+                                       dtype="bfloat16", cuda_graphs=graphs))
+        out[graphs] = [r.token_ids for r in eng.generate(prompts, params)]
+        assert bool(eng.runner.graphs and eng.runner.graphs.graphs) == graphs
+        assert eng.blocks_used == 0
+    assert out[True] == out[False]
+
+
+def test_cache_sized_by_memory_fraction(small_cuda) -> None:
+    torch.cuda.empty_cache()
+    free_before = torch.cuda.mem_get_info()[0]
+    eng = Engine(small_cuda, EngineConfig(cache_memory_fraction=0.05, block_size=16, device="cuda"))
+    used = sum(p.nbytes for p in eng.pool.pools())
+    assert eng.cfg.num_blocks == eng.blocks_total > 1000
+    assert 0.04 * free_before <= used <= 0.051 * free_before  # ~5% of what was free (+ the scratch block)
+    prompts = random_prompts([40], small_cuda.cfg.vocab_size, seed=9)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    assert eng.generate(prompts, params)[0].token_ids == greedy_reference(small_cuda, prompts[0], 4)
+    assert eng.blocks_used == 0

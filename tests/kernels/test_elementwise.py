@@ -1,4 +1,5 @@
-"""rms_norm (+ residual), rope (both layouts), act_quant vs their references and the model's code."""
+"""rms_norm (+ residual), rope (both layouts), act_quant: the Triton kernels vs their references (which the
+model calls off CUDA)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import torch
 
 from splitserve.kernels import norm, quant
 from splitserve.kernels import rotary as rope
-from splitserve.model import fp8 as model_fp8
-from splitserve.model import rope as model_rope
 from splitserve.model.norm import RMSNorm
 
 pytest.importorskip("triton")
@@ -42,14 +41,12 @@ def test_rms_norm(dtype, dim, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_rope(dtype, interleaved, device):
-    model_fn = model_rope.apply_interleaved if interleaved else model_rope.apply_half_split
     c, s = torch.randn(4, 16, device=device).to(dtype), torch.randn(4, 16, device=device).to(dtype)
     q = torch.randn(4, 8, 96, device=device).to(dtype)
     for x in (q[..., 64:], q[:, :, :32], torch.randn(4, 32, device=device).to(dtype)):  # strided slices, 2-D
         got = rope.rope_triton(x, c, s, interleaved)
         assert got.shape == x.shape
-        torch.testing.assert_close(rope.rope_ref(x, c, s, interleaved), model_fn(x, c, s))
-        torch.testing.assert_close(got, model_fn(x, c, s), **ulp_tol(dtype))
+        torch.testing.assert_close(got, rope.rope_ref(x, c, s, interleaved), **ulp_tol(dtype))
 
 
 @pytest.mark.parametrize("ue8m0", [True, False])
@@ -58,7 +55,7 @@ def test_act_quant(ue8m0, dtype, device):
     x = (torch.randn(7, 3, 256, device=device) * torch.rand(7, 3, 1, device=device) * 8).to(dtype)
     x[0, 0, :128] = 0  # amax clamp
     q, s = quant.act_quant_triton(x, 128, ue8m0)
-    qr, sr = model_fp8.act_quant(x, 128, ue8m0)
+    qr, sr = quant.act_quant_ref(x, 128, ue8m0)
     assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and s.shape == (7, 3, 2)
     torch.testing.assert_close(s, sr, atol=0, rtol=0)
     torch.testing.assert_close(q.float(), qr.float(), atol=0, rtol=0)
@@ -99,7 +96,7 @@ def test_elementwise_gpu_real_shapes():
         q = torch.randn(rows, 128, 192, device="cuda", dtype=torch.bfloat16)
         c, s = torch.randn(rows, 32, device="cuda").bfloat16(), torch.randn(rows, 32, device="cuda").bfloat16()
         torch.testing.assert_close(rope.rope_triton(q[..., 128:], c, s, True),
-                                   model_rope.apply_interleaved(q[..., 128:], c, s), atol=2e-2, rtol=1e-2)
+                                   rope.rope_ref(q[..., 128:], c, s, True), atol=2e-2, rtol=1e-2)
         q8, s8 = quant.act_quant_triton(x)
-        qr, sr = model_fp8.act_quant(x)
+        qr, sr = quant.act_quant_ref(x)
         assert torch.equal(s8, sr) and torch.equal(q8.view(torch.uint8), qr.view(torch.uint8))

@@ -8,7 +8,8 @@ import torch
 from splitserve.model import load
 from splitserve.model.attention import select_topk
 from splitserve.model.batch import SeqSpan
-from splitserve.model.fp8 import act_quant, hadamard_matrix, hadamard_rotate
+from splitserve.kernels import act_quant
+from splitserve.model.fp8 import hadamard_matrix, hadamard_rotate
 
 
 def test_hadamard_is_orthonormal_and_sylvester() -> None:
@@ -44,7 +45,7 @@ def test_fp8_topk_overlaps_exact_topk(tiny_checkpoint) -> None:
         sel = []
         for idx in (ie, i8):
             q, w = idx.queries(q_resid, x, cos, sin)
-            sel.append(select_topk(idx.scores(q, w, idx.keys(x, cos, sin)), span, cfg.index_topk))
+            sel.append(select_topk(idx.scores(q, w, idx.keys(idx.wk(x), cos, sin)), span, cfg.index_topk))
         rows = torch.arange(s) >= cfg.index_topk  # rows with more visible keys than top-k
         inter = (sel[0] & sel[1])[rows].sum(-1).float()
         overlaps.append((inter / cfg.index_topk).mean().item())

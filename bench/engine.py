@@ -1,0 +1,444 @@
+"""Engine benchmarks on the `bench` preset (real DeepSeek-V3.2 widths, 4 layers + MTP), against the
+ceilings measured in the same run (HBM copy bandwidth, bf16 matmul rate; bench/kernels.py).
+
+    splitserve bench engine [--only decode,context,prefill,mtp] [--out results.json]
+                            [--batches 1,8,32,64,128,256] [--contexts 4096,16384,65536,131072]
+                            [--prefill 1024,2048,4096,8192,16384,32768] [--chunk 8192] [--profile 1,64,8192]
+
+1. decode: one decode step (the main model over B rows + LM head + argmax, replayed from the
+   engine's CUDA graph; rows.py) at context 4096 by batch size, against the HBM roofline: weight
+   bytes the step must read (every non-expert weight, the LM head, and the routed experts B
+   tokens are expected to touch: E * (1 - (1 - k/E)^B) per MoE layer) plus cache bytes (each row's
+   indexer keys over its whole context, and its top-k MLA entries), over the copy bandwidth.
+   `host` adds building the step's row plan and copying it to the GPU (what the engine pays).
+2. context: the same step at 4k..128k context, with sparse attention (index_topk 2048) and, for
+   contrast, dense attention (index_topk = context: every cached entry attended).
+3. prefill: one prompt through the rows path in chunks of --chunk tokens; MFU counts the real flops
+   (every linear layer on every token, the routed experts each token uses, the indexer over each
+   token's visible keys, sparse MLA over min(position + 1, 2048) entries in the absorbed form, the
+   LM head on the last token) over the measured bf16 matmul rate.
+4. mtp: the engine's own decode step (eager MTP catch-up and drafts, then the verify forward from a
+   CUDA graph) at k = 0..3. The bench weights are random, so drafts are almost never accepted:
+   tokens per step is reported as 1 + a + ... + a^k for stated acceptance rates a, beside the
+   measured step time and the measured acceptance.
+
+The weights are random (normal, std 0.02), drawn on the GPU: timings do not depend on the values
+except through MoE routing, which random weights spread about evenly over the experts. Cache
+contents are random too; every sequence of a case has blocks of its own while the pool lasts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitserve.bench.kernels import measure_ceilings
+from splitserve.engine.cache import CachePool
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.engine import Engine
+from splitserve.engine.rows import DecodeGraphs, RowPlan
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.model import DeepseekV32
+from splitserve.model.checkpoint import PRESETS
+
+BLOCK = 64
+DEV = "cuda"  # --device cpu runs the same harness at a small preset (a smoke test: references, no graphs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the network and its byte / flop model
+# ---------------------------------------------------------------------------------------------
+def random_net(cfg, indexer_fp8: bool = True, seed: int = 0) -> DeepseekV32:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        net = DeepseekV32(cfg, with_mtp=True, indexer_fp8=indexer_fp8)
+    net = net.to_empty(device=DEV).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+        for name, b in net.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+    net.rotary.inv_freq = net.rotary.inv_freq.to(DEV)
+    net.fuse_weights()  # as the engine does
+    return net.eval()
+
+
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def weight_model(net: DeepseekV32) -> dict[str, float]:
+    """Bytes and per-token flops of the main model's weights, split by kind."""
+    cfg = net.cfg
+    main = list(net.model.layers)[: cfg.num_hidden_layers]
+    routed = [p for layer in main for n, p in layer.named_parameters() if n.endswith(("mlp.w13", "mlp.w2"))]
+    routed_ids = {id(p) for p in routed}
+    dense = [p for layer in main for p in layer.parameters() if id(p) not in routed_ids]
+    moe_layers = sum(1 for layer in main if hasattr(layer.mlp, "w13"))
+    routed_per_layer = _nbytes(routed) / max(1, moe_layers)
+    lin = sum(p.numel() for p in dense if p.dim() == 2)  # every 2-D weight is one GEMM operand per token
+    return {
+        "dense_bytes": float(_nbytes(dense) + _nbytes([net.model.norm.weight, net.lm_head.weight])),
+        "routed_bytes_per_layer": routed_per_layer,
+        "moe_layers": float(moe_layers),
+        "experts": float(cfg.n_routed_experts),
+        "active": float(cfg.num_experts_per_tok),
+        "linear_flops_per_token": 2.0 * (lin + sum(p.numel() for p in routed) * cfg.num_experts_per_tok / cfg.n_routed_experts),
+        "lm_head_flops": 2.0 * net.lm_head.weight.numel(),
+        "embed_row_bytes": float(cfg.hidden_size * 2),
+    }
+
+
+def expected_experts(batch_tokens: int, experts: float, active: float) -> float:
+    return experts * (1.0 - (1.0 - active / experts) ** batch_tokens)
+
+
+def cache_bytes_per_row(cfg, context: int, topk: int, layers: int) -> float:
+    """Bytes one decode row reads: indexer keys (e4m3 + fp32 scale) over the context, top-k MLA entries."""
+    idx = context * (cfg.index_head_dim + 4)
+    mla = min(context, topk) * cfg.latent_dim * 2
+    return float(layers * (idx + mla))
+
+
+def decode_floor(wm: dict[str, float], cfg, batch: int, context: int, topk: int, bw: float) -> dict[str, float]:
+    touched = expected_experts(batch, wm["experts"], wm["active"])
+    w = wm["dense_bytes"] + wm["moe_layers"] * wm["routed_bytes_per_layer"] * touched / wm["experts"]
+    c = batch * cache_bytes_per_row(cfg, context, topk, cfg.num_hidden_layers)
+    return {"weight_bytes": w, "cache_bytes": c, "floor_ms": (w + c) / bw * 1e3}
+
+
+def prefill_flops(wm: dict[str, float], cfg, tokens: int) -> float:
+    pos = torch.arange(tokens, dtype=torch.float64) + 1  # keys visible to each token
+    per_layer = (cfg.index_n_heads * cfg.index_head_dim * 2 * pos.sum()
+                 + cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+                 * pos.clamp(max=cfg.index_topk).sum())
+    return float(wm["linear_flops_per_token"] * tokens + cfg.num_hidden_layers * per_layer + wm["lm_head_flops"])
+
+
+# ---------------------------------------------------------------------------------------------
+# timing helpers
+# ---------------------------------------------------------------------------------------------
+def _empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    if DEV != "cuda":
+        return wall_ms(fn, iters, warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def wall_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+class Tables:
+    """Hands out distinct block runs while the pool lasts (then wraps around, noted in the result)."""
+
+    def __init__(self, pool: CachePool) -> None:
+        self.pool, self.next, self.wrapped = pool, 0, False
+
+    def take(self, n: int) -> list[int]:
+        if self.next + n > self.pool.num_blocks:
+            self.next, self.wrapped = 0, True
+        out = list(range(self.next, self.next + n))
+        self.next += n
+        return out
+
+
+def fill_pool(pool: CachePool) -> None:
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for p in pool.pools():
+        if p.dtype == torch.uint8:  # e4m3 bits: keep them finite (no 0x7f / 0xff NaN patterns)
+            p.copy_(torch.randint(0, 0x70, p.shape, generator=g, device=DEV, dtype=torch.uint8))
+        elif p.dtype == torch.float32:
+            p.uniform_(0.5, 1.5, generator=g)
+        else:
+            p.normal_(0.0, 0.5, generator=g)
+
+
+def set_topk(net: DeepseekV32, topk: int) -> None:
+    for layer in net.model.layers:
+        layer.self_attn.cfg = replace(layer.self_attn.cfg, index_topk=topk)
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------------------------
+def profile_top(fn, iters: int = 5, rows: int = 30) -> tuple[str, list[dict[str, Any]]]:
+    """torch.profiler over `iters` calls: the kernels by GPU time per call (CUDA-graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        _sync()
+    events = prof.key_averages()
+
+    def gpu_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    ranked = sorted((e for e in events if gpu_us(e) > 0), key=gpu_us, reverse=True)
+    total = sum(gpu_us(e) for e in ranked) / iters
+    top = [{"kernel": e.key[:120], "us_per_call": gpu_us(e) / iters, "count_per_call": e.count / iters,
+            "share": gpu_us(e) / iters / total if total else 0.0} for e in ranked[:rows]]
+    text = "\n".join([f"GPU time per call {total / 1e3:.3f} ms over {len(ranked)} kernel kinds",
+                      "us/call | share | count/call | kernel"]
+                     + [f"{t['us_per_call']:9.1f} | {t['share']:5.1%} | {t['count_per_call']:6.1f} | {t['kernel']}" for t in top])
+    return text, top
+
+
+def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profile: bool = False) -> dict[str, Any]:
+    cfg = net.cfg
+    set_topk(net, topk)
+    tables = Tables(pool)
+    per = -(-(context + 1) // BLOCK)
+    groups = [([7 + b], context, tables.take(per)) for b in range(batch)]
+    plan = RowPlan.build(groups, BLOCK)
+    if DEV == "cuda":
+        graphs = DecodeGraphs(net, pool, batch, per)
+
+        def step_host():  # what the engine pays: the row plan built and copied, the graph replayed
+            hidden = graphs.run(RowPlan.build(groups, BLOCK))
+            return net.logits(hidden).argmax(-1)
+
+        step_host()  # captures the graph
+        graph, out = graphs.graphs[graphs.key(plan)]
+
+        def step_gpu():
+            graph.replay()
+            return net.logits(out[:batch]).argmax(-1)
+    else:
+        def step_host():
+            return net.logits(net.forward(RowPlan.build(groups, BLOCK).to_batch(pool))).argmax(-1)
+        step_gpu = step_host
+
+    gpu = cuda_ms(step_gpu)
+    host = wall_ms(step_host)
+    prof = None
+    if profile and DEV == "cuda":
+        text, top = profile_top(step_gpu)
+        print(f"\nprofile: decode step, batch {batch}, context {context}\n{text}", flush=True)
+        prof = top
+    floor = decode_floor(wm, cfg, batch, context, topk, ceil["hbm_copy_bytes_per_s"])
+    _empty_cache()
+    set_topk(net, net.cfg.index_topk)
+    return {"batch": batch, "context": context, "index_topk": topk, "step_ms": gpu, "host_step_ms": host,
+            **floor, "roofline_ratio": floor["floor_ms"] / gpu, "tokens_per_s": batch / gpu * 1e3,
+            "blocks_wrapped": tables.wrapped, **({"profile": prof} if prof else {})}
+
+
+def prefill_case(net, pool, wm, ceil, tokens: int, chunk: int, profile: bool = False) -> dict[str, Any]:
+    tables = Tables(pool)
+    table = tables.take(-(-tokens // BLOCK))
+    ids = torch.randint(2, net.cfg.vocab_size, (tokens,)).tolist()
+
+    def run():
+        for s in range(0, tokens, chunk):
+            hidden = net.forward(RowPlan.build([(ids[s:s + chunk], s, table)], BLOCK).to_batch(pool))
+        return net.logits(hidden[-1:]).argmax(-1)
+
+    ms = wall_ms(run, iters=3, warmup=1)
+    prof = None
+    if profile and DEV == "cuda":
+        text, prof = profile_top(run, iters=2)
+        print(f"\nprofile: prefill of {tokens} tokens\n{text}", flush=True)
+    flops = prefill_flops(wm, net.cfg, tokens)
+    floor_ms = flops / ceil["bf16_matmul_flops_per_s"] * 1e3
+    _empty_cache()
+    return {"tokens": tokens, "chunk": chunk, "ms": ms, "flops": flops, "floor_ms": floor_ms, "mfu": floor_ms / ms,
+            "tokens_per_s": tokens / ms * 1e3, **({"profile": prof} if prof else {})}
+
+
+def mtp_case(net, k: int, batch: int, context: int, steps: int) -> dict[str, Any]:
+    blocks = batch * (-(-(context + steps * (k + 1) + 8) // BLOCK)) + 8
+    eng = Engine(net, EngineConfig(num_blocks=blocks, block_size=BLOCK, chunk_size=8192, max_batch_tokens=16384,
+                                   max_running=batch, mtp_draft_tokens=k, device=DEV, dtype="bfloat16",
+                                   prefix_cache=False))
+    params = SamplingParams(temperature=0.0, max_tokens=(steps + 8) * (k + 1), ignore_eos=True)
+    for b in range(batch):
+        eng.add_request(f"r{b}", torch.randint(2, net.cfg.vocab_size, (context,)).tolist(), params)
+    while any(r.num_computed < len(r.prompt_ids) for r in eng.requests.values()):
+        eng.step()
+    for _ in range(3):  # graphs captured, drafts flowing
+        eng.step()
+    _sync()
+    made0 = sum(len(r.output_ids) for r in eng.requests.values())
+    acc0, dr0 = eng.stats.accepted_draft_tokens, eng.stats.draft_tokens
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    _sync()
+    ms = (time.perf_counter() - t) * 1e3 / steps
+    made = sum(len(r.output_ids) for r in eng.requests.values()) - made0
+    drafted = eng.stats.draft_tokens - dr0
+    accepted = eng.stats.accepted_draft_tokens - acc0
+    for rid in list(eng.requests):
+        eng.abort(rid)
+    del eng
+    _empty_cache()
+    out = {"k": k, "batch": batch, "context": context, "step_ms": ms, "measured_tokens_per_step": made / steps / batch,
+           "measured_acceptance": accepted / drafted if drafted else None}
+    for a in (0.6, 0.8, 0.9):
+        tps = sum(a ** i for i in range(k + 1))
+        out[f"tokens_per_step@a={a}"] = tps
+        out[f"tokens_per_s_per_seq@a={a}"] = tps / ms * 1e3
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def _table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> str:
+    def f(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+    lines = [title, " | ".join(cols), " | ".join("---" for _ in cols)]
+    lines += [" | ".join(f(r.get(c)) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitserve bench engine", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="decode,context,prefill,mtp")
+    ap.add_argument("--out", default="bench-engine.json")
+    ap.add_argument("--batches", type=_ints, default=_ints("1,8,32,64,128,256"))
+    ap.add_argument("--contexts", type=_ints, default=_ints("4096,16384,65536,131072"))
+    ap.add_argument("--context-batches", type=_ints, default=_ints("1,16"))
+    ap.add_argument("--prefill", type=_ints, default=_ints("1024,2048,4096,8192,16384,32768"))
+    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--mtp-batches", type=_ints, default=_ints("1,32"))
+    ap.add_argument("--profile", type=_ints, default=[],
+                    help="decode batch sizes and prefill lengths to profile with torch.profiler (e.g. 1,64,8192)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--preset", default="bench", help="model preset (bench is the one the goals refer to)")
+    ap.add_argument("--pool-tokens", type=int, default=2_200_000, help="cache pool size for the decode cases")
+    args = ap.parse_args(argv)
+    global DEV
+    DEV = args.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("splitserve bench engine: no CUDA device (--device cpu runs a smoke test at a small preset)",
+              file=sys.stderr)
+        return 2
+    only = set(args.only.split(","))
+    cfg = PRESETS[args.preset]
+    result: dict[str, Any] = {"command": "splitserve bench engine " + " ".join(argv if argv is not None else sys.argv[1:]),
+                              "device": torch.cuda.get_device_name() if DEV == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
+                              "host": platform.node(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+                              "preset": args.preset, "indexer_fp8": True, "latent": "bf16"}
+    ceil = measure_ceilings(DEV)
+    result["ceilings"] = ceil
+    print(f"ceilings: copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+          f"{ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    net = random_net(cfg)
+    wm = weight_model(net)
+    result["weights"] = wm
+    layers = cfg.num_hidden_layers + 1
+    out_path = Path(args.out)
+
+    def save():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1))
+
+    if only & {"decode", "context", "prefill"}:
+        pool = CachePool(cfg, layers, -(-args.pool_tokens // BLOCK), BLOCK, torch.bfloat16, DEV, indexer_fp8=True)
+        fill_pool(pool)
+        if "decode" in only:
+            rows = []
+            for b in args.batches:
+                rows.append(decode_case(net, pool, wm, ceil, b, 4096, cfg.index_topk, profile=b in args.profile))
+                print(_table("", rows[-1:], ["batch", "context", "step_ms", "host_step_ms", "floor_ms", "roofline_ratio"]).splitlines()[-1], flush=True)
+            result["decode"] = rows
+            print(_table("\ndecode step by batch (context 4096)", rows,
+                         ["batch", "step_ms", "host_step_ms", "floor_ms", "roofline_ratio", "tokens_per_s"]), flush=True)
+            save()
+        if "context" in only:
+            rows = []
+            for b in args.context_batches:
+                for c in args.contexts:
+                    for topk in (cfg.index_topk, c):
+                        rows.append(decode_case(net, pool, wm, ceil, b, c, topk))
+                        rows[-1]["attention"] = "sparse" if topk == cfg.index_topk else "dense"
+                        print(_table("", rows[-1:], ["batch", "context", "attention", "step_ms", "floor_ms"]).splitlines()[-1], flush=True)
+            for r in rows:
+                base = next(x for x in rows if x["batch"] == r["batch"] and x["attention"] == "sparse"
+                            and x["context"] == min(args.contexts))
+                r["vs_sparse_at_min_context"] = r["step_ms"] / base["step_ms"]
+            result["context"] = rows
+            print(_table("\ndecode step by context", rows, ["batch", "context", "attention", "step_ms", "floor_ms",
+                                                            "roofline_ratio", "vs_sparse_at_min_context"]), flush=True)
+            save()
+        if "prefill" in only:
+            rows = []
+            for n in args.prefill:
+                rows.append(prefill_case(net, pool, wm, ceil, n, args.chunk, profile=n in args.profile))
+                print(_table("", rows[-1:], ["tokens", "ms", "floor_ms", "mfu"]).splitlines()[-1], flush=True)
+            result["prefill"] = rows
+            print(_table("\nprefill", rows, ["tokens", "chunk", "ms", "floor_ms", "mfu", "tokens_per_s"]), flush=True)
+            save()
+        del pool
+        _empty_cache()
+    if "mtp" in only:
+        rows = []
+        for b in args.mtp_batches:
+            for k in range(4):
+                rows.append(mtp_case(net, k, b, 1024, 30))
+                print(_table("", rows[-1:], ["batch", "k", "step_ms", "measured_acceptance"]).splitlines()[-1], flush=True)
+        result["mtp"] = rows
+        print(_table("\nMTP (engine decode step, context 1024)", rows,
+                     ["batch", "k", "step_ms", "measured_acceptance", "tokens_per_step@a=0.8",
+                      "tokens_per_s_per_seq@a=0.8"]), flush=True)
+        save()
+    save()
+    print(f"\nwrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Row plans: a forward's tokens as query rows over the paged cache, and CUDA graphs of decode steps.
+
+With the paged kernels on (EngineConfig.paged_kernels), every token of a forward is one query row
+(model.batch.PagedRows): it writes its cache entry at its slot and attends to positions
+0 .. its own through its request's block table. `RowPlan` builds those arrays on the host in one
+pass; `to_batch` moves them to the device for an eager forward, `DecodeGraphs` copies them into
+the static buffers of a captured forward and replays it.
+
+Graphs are keyed by (padded row count, padded block-table width): rows pad up to the next size in
+ROW_SIZES, widths to one of four sizes per doubling of blocks (>= 16), so the indexer's work follows
+the context actually in the batch rather than the model's maximum. A graph is captured the first time
+its key is met (Triton kernels compile in the warm-up forward before capture). Padding rows read
+and write only the pool's scratch block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitserve.model import DeepseekV32, ForwardBatch
+from splitserve.model.batch import PagedRows
+
+from .cache import CachePool
+
+log = logging.getLogger(__name__)
+
+ROW_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024)
+
+
+@dataclass(slots=True)
+class RowPlan:
+    """Host arrays of one forward's rows (N rows, W = widest block table)."""
+
+    input_ids: np.ndarray     # [N] int64
+    positions: np.ndarray     # [N] int64
+    seq_lens: np.ndarray      # [N] int32
+    slots: np.ndarray         # [N] int64
+    tables: np.ndarray        # [N, W] int32
+
+    @staticmethod
+    def build(groups: list[tuple[list[int], int, list[int]]], block_size: int) -> "RowPlan":
+        """groups: (token ids, first position, block table) per run of consecutive positions."""
+        g = len(groups)
+        lens = np.fromiter((len(ids) for ids, _, _ in groups), np.int64, g)
+        n = int(lens.sum())
+        width = max(len(t) for _, _, t in groups)
+        group_tables = np.zeros((g, width), np.int32)
+        for i, (_, _, t) in enumerate(groups):
+            group_tables[i, :len(t)] = t
+        table_lens = np.fromiter((len(t) for _, _, t in groups), np.int64, g)
+        starts = np.fromiter((p for _, p, _ in groups), np.int64, g)
+        ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _, _ in groups), np.int64, n)
+        row_group = np.repeat(np.arange(g), lens)
+        pos = starts[row_group] + np.arange(n) - np.repeat(np.cumsum(lens) - lens, lens)
+        page = pos // block_size
+        short = page >= table_lens[row_group]
+        if short.any():
+            r = int(np.argmax(short))
+            raise RuntimeError(f"block table of {table_lens[row_group[r]]} blocks cannot hold position {pos[r]}")
+        tables = group_tables[row_group]
+        slots = tables[np.arange(n), page].astype(np.int64) * block_size + pos % block_size
+        return RowPlan(ids, pos, (pos + 1).astype(np.int32), slots, tables)
+
+    def to_batch(self, pool: CachePool) -> ForwardBatch:
+        dev = pool.latent.device
+        rows = PagedRows(pool, torch.from_numpy(self.tables).to(dev), torch.from_numpy(self.seq_lens).to(dev),
+                         torch.from_numpy(self.slots).to(dev))
+        return ForwardBatch(torch.from_numpy(self.input_ids).to(dev), torch.from_numpy(self.positions).to(dev),
+                            [], None, rows)
+
+
+def _width_bucket(blocks: int) -> int:
+    """Block-table width of a graph: >= 16, four sizes per doubling (16, 20, 24, 28, 32, 40, ...), so the
+    indexer scores and the top-k over them cover at most ~25% more positions than the batch needs."""
+    if blocks <= 16:
+        return 16
+    step = 1 << max(0, (blocks - 1).bit_length() - 3)
+    return -(-blocks // step) * step
+
+
+def _pad_to(n: int, sizes: tuple[int, ...]) -> int | None:
+    for s in sizes:
+        if s >= n:
+            return s
+    return None
+
+
+class DecodeGraphs:
+    """Captured forwards over decode rows: of the main model (decode and MTP verification rows), or,
+    with mtp=True, of the MTP layer (its catch-up and drafting rows; the input hidden states are a
+    static buffer too)."""
+
+    def __init__(self, net: DeepseekV32, pool: CachePool, max_rows: int, max_blocks: int, mtp: bool = False) -> None:
+        self.net, self.pool, self.mtp = net, pool, mtp
+        self.max_rows = _pad_to(max_rows, ROW_SIZES) or max_rows
+        self.max_blocks = max_blocks
+        dev = pool.latent.device
+        r, w = self.max_rows, max_blocks
+        self.ids = torch.zeros(r, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(r, dtype=torch.long, device=dev)
+        self.seq_lens = torch.ones(r, dtype=torch.int32, device=dev)
+        self.slots = torch.full((r,), pool.scratch_block * pool.block_size, dtype=torch.long, device=dev)
+        self.tables = torch.full((r, w), pool.scratch_block, dtype=torch.int32, device=dev)
+        self.hidden = torch.zeros(r, net.cfg.hidden_size, dtype=net.dtype, device=dev) if mtp else None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mempool = torch.cuda.graph_pool_handle()
+
+    def key(self, plan: RowPlan) -> tuple[int, int] | None:
+        rows = _pad_to(len(plan.input_ids), ROW_SIZES)
+        width = min(_width_bucket(plan.tables.shape[1]), self.max_blocks)
+        if rows is None or rows > self.max_rows or plan.tables.shape[1] > width:
+            return None
+        return rows, width
+
+    def run(self, plan: RowPlan, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Replay (capturing first if needed) the graph for this plan; None when it does not fit.
+        hidden: the MTP layer's input states [N, hidden] (mtp graphs only)."""
+        key = self.key(plan)
+        if key is None:
+            return None
+        rows, width = key
+        n, w = len(plan.input_ids), plan.tables.shape[1]
+        self.ids[:n].copy_(torch.from_numpy(plan.input_ids), non_blocking=True)
+        self.pos[:n].copy_(torch.from_numpy(plan.positions), non_blocking=True)
+        self.seq_lens[:n].copy_(torch.from_numpy(plan.seq_lens), non_blocking=True)
+        self.slots[:n].copy_(torch.from_numpy(plan.slots), non_blocking=True)
+        self.tables[:n, :w].copy_(torch.from_numpy(plan.tables), non_blocking=True)
+        if self.hidden is not None:
+            assert hidden is not None and hidden.shape[0] == n
+            self.hidden[:n].copy_(hidden)
+        if n < rows:  # padding rows: position 0 of the scratch block, nothing else
+            self.ids[n:rows].zero_()
+            self.pos[n:rows].zero_()
+            self.seq_lens[n:rows].fill_(1)
+            self.slots[n:rows].fill_(self.pool.scratch_block * self.pool.block_size)
+            self.tables[n:rows, :width].fill_(self.pool.scratch_block)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(rows, width)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out[:n].clone()  # the static output is overwritten by the next replay; callers keep rows
+
+    def _batch(self, rows: int, width: int) -> ForwardBatch:
+        paged = PagedRows(self.pool, self.tables[:rows, :width], self.seq_lens[:rows], self.slots[:rows])
+        return ForwardBatch(self.ids[:rows], self.pos[:rows], [], None, paged)
+
+    def _forward(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
+        if self.hidden is None:
+            return self.net.forward(batch)
+        return self.net.mtp_forward(self.hidden[:rows], batch.input_ids, batch)
+
+    def _capture(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        batch = self._batch(rows, width)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compiles, allocator settles
+            self._forward(batch, rows)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            out = self._forward(batch, rows)
+        log.info("captured a %s CUDA graph: %d rows, block tables %d wide (%d graphs)",
+                 "MTP" if self.mtp else "decode", rows, width, len(self.graphs) + 1)
+        return graph, out
