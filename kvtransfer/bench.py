@@ -2,6 +2,13 @@
 
     python -m splitserve.kvtransfer.bench                       # CPU, both backends, small table
     python -m splitserve.kvtransfer.bench --device cuda --blocks 256 --json out.json
+    splitserve bench transfer --preset bench --tokens 1024 4096 16384 32768 --device cuda --json out.json
+
+With --tokens, each size is one request's cache in a preset's pool layout (engine/cache.py: block-major
+latent, indexer keys, and their scales, block_size 64, MTP layer included, FP8 indexer keys): its blocks
+are written as the engine's allocator hands them out (consecutive: one region per pool) and, as the
+worst case, every other block; beside them the same number of bytes as ONE region (one pool of one
+block) is the ceiling, measured in the same run. `of_region` = region time / request time.
 
 A "decode" process owns the destination pools, a "prefill" process pushes into them; both are
 spawned. Each case writes the same number of blocks (so the same bytes): ``contiguous`` (both
@@ -38,6 +45,7 @@ class Row:
     backend: str
     device: str
     case: str
+    tokens: int
     blocks: int
     descriptors: int
     mbytes: float
@@ -45,10 +53,10 @@ class Row:
     gbps: float
 
 
-def _pools(num_blocks: int, block_kb: tuple[int, ...], device: str, fill: bool) -> list[torch.Tensor]:
+def _pools(num_blocks: int, block_bytes: tuple[int, ...], device: str, fill: bool) -> list[torch.Tensor]:
     pools = []
-    for p, kb in enumerate(block_kb):
-        t = torch.zeros(num_blocks, kb * 1024, dtype=torch.uint8, device=device)
+    for p, nbytes in enumerate(block_bytes):
+        t = torch.zeros(num_blocks, nbytes, dtype=torch.uint8, device=device)
         if fill:  # block b of pool p holds the byte (7 b + p) mod 256
             t += ((torch.arange(num_blocks, device=device) * 7 + p) % 256).to(torch.uint8)[:, None]
         pools.append(t)
@@ -56,11 +64,11 @@ def _pools(num_blocks: int, block_kb: tuple[int, ...], device: str, fill: bool) 
 
 
 def _child(
-    conn: Connection, role: str, backend: str, device: str, num_blocks: int, block_kb: tuple[int, ...]
+    conn: Connection, role: str, backend: str, device: str, num_blocks: int, block_bytes: tuple[int, ...]
 ) -> None:
     logging.basicConfig(level=logging.WARNING)
     t = make_transport(backend, role, COMPAT)  # type: ignore[arg-type]
-    pools = _pools(num_blocks, block_kb, device, fill=(role == "pre"))
+    pools = _pools(num_blocks, block_bytes, device, fill=(role == "pre"))
     t.register_pools(pools)
     conn.send(t.metadata())
     try:
@@ -100,10 +108,9 @@ def _time(fn: Any, repeats: int) -> float:
 
 def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    cases = {
-        "contiguous": (list(range(blocks)), list(range(blocks))),
-        "scattered": (list(range(0, 2 * blocks, 2)), list(range(0, 2 * blocks, 2))),
-    }
+    cases = {"contiguous": (list(range(blocks)), list(range(blocks)))}
+    if blocks > 1:
+        cases["scattered"] = (list(range(0, 2 * blocks, 2)), list(range(0, 2 * blocks, 2)))
     for case, (local, remote) in cases.items():
 
         def once(local: list[int] = local, remote: list[int] = remote, case: str = case) -> None:
@@ -119,7 +126,7 @@ def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
         t.wait(h, 60.0)
         t.release(h)
         out.append({"case": case, "descriptors": ndesc, "nbytes": nbytes, "s": _time(once, repeats)})
-    if t.backend == "nixl":
+    if t.backend == "nixl" and blocks > 1:
         out += _nixl_prepped(t, cases, repeats)
     return out
 
@@ -169,14 +176,15 @@ def _nixl_prepped(t: Any, cases: dict[str, tuple[list[int], list[int]]], repeats
     return out
 
 
-def run(backend: str, device: str, blocks: int, block_kb: tuple[int, ...], repeats: int) -> list[Row]:
+def run(backend: str, device: str, blocks: int, block_bytes: tuple[int, ...], repeats: int,
+        tokens: int = 0) -> list[Row]:
     ctx = mp.get_context("spawn")
     num_blocks = 2 * blocks
     procs, conns = [], {}
     try:
         for role in ("dec", "pre"):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_child, args=(child, role, backend, device, num_blocks, block_kb), daemon=True)
+            p = ctx.Process(target=_child, args=(child, role, backend, device, num_blocks, block_bytes), daemon=True)
             p.start()
             child.close()
             procs.append(p)
@@ -192,8 +200,8 @@ def run(backend: str, device: str, blocks: int, block_kb: tuple[int, ...], repea
         md = {role: call(role, "") for role in ("dec", "pre")}
         call("pre", "add_peer", md["dec"])
         results = call("pre", "bench", blocks, repeats)
-        # correctness of what was written last (scattered): pattern of local block -> remote block
-        sc = list(range(0, 2 * blocks, 2))
+        # correctness of what was written last: pattern of local block -> remote block
+        sc = list(range(0, 2 * blocks, 2)) if blocks > 1 else [0]
         if not call("dec", "verify", sc, sc):
             raise RuntimeError(f"{backend}/{device}: destination blocks do not hold the sent data")
         call("dec", "drain")
@@ -210,6 +218,7 @@ def run(backend: str, device: str, blocks: int, block_kb: tuple[int, ...], repea
             backend=backend,
             device=device,
             case=r["case"],
+            tokens=tokens,
             blocks=blocks,
             descriptors=r["descriptors"],
             mbytes=r["nbytes"] / 1e6,
@@ -220,12 +229,37 @@ def run(backend: str, device: str, blocks: int, block_kb: tuple[int, ...], repea
     ]
 
 
+def preset_block_bytes(preset: str, block_size: int = 64) -> tuple[int, ...]:
+    """Bytes per block of each pool of the engine's cache for a model preset (FP8 indexer keys, bf16
+    latent, MTP layer included), without building the model."""
+    from splitserve.model.checkpoint import PRESETS
+
+    cfg = PRESETS[preset]
+    layers = cfg.num_hidden_layers + 1
+    return (layers * block_size * cfg.latent_dim * 2, layers * block_size * cfg.index_head_dim, layers * block_size * 4)
+
+
+def _print(rows: list[Row]) -> None:
+    region = {(r.backend, r.device, r.tokens): r.median_ms for r in rows if r.case == "one region"}
+    base = {(r.backend, r.device, r.tokens): r.median_ms for r in rows if r.case == "contiguous"}
+    print(f"{'backend':8} {'device':6} {'tokens':>6} {'case':40} {'blocks':>6} {'descs':>6} {'MB':>8} {'ms':>9} "
+          f"{'GB/s':>7} {'x contig':>8} {'of region':>9}")
+    for r in rows:
+        key = (r.backend, r.device, r.tokens)
+        ratio = r.median_ms / base[key] if key in base else float("nan")
+        of_region = region[key] / r.median_ms if key in region else float("nan")
+        print(f"{r.backend:8} {r.device:6} {r.tokens:6d} {r.case:40} {r.blocks:6d} {r.descriptors:6d} {r.mbytes:8.2f} "
+              f"{r.median_ms:9.3f} {r.gbps:7.2f} {ratio:8.2f} {of_region:9.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", nargs="+", default=["tcp", "nixl"], choices=["tcp", "nixl"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--blocks", type=int, default=64, help="blocks per transfer")
-    ap.add_argument("--block-kb", type=int, nargs="+", default=[256, 64], help="block size of each pool, KiB")
+    ap.add_argument("--blocks", type=int, default=64, help="blocks per transfer (without --tokens)")
+    ap.add_argument("--block-kb", type=int, nargs="+", default=[256, 64], help="block size of each pool, KiB (without --tokens)")
+    ap.add_argument("--preset", default="bench", help="model preset whose cache layout --tokens uses")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[], help="request sizes in tokens (e.g. 1024 4096 16384 32768)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -234,21 +268,22 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "nixl" and not nixl_available():
             print("nixl is not installed: skipping the nixl backend", file=sys.stderr)
             continue
-        rows += run(backend, args.device, args.blocks, tuple(args.block_kb), args.repeats)
-    base = {(r.backend, r.device): r.median_ms for r in rows if r.case == "contiguous"}
-    print(
-        f"{'backend':8} {'device':6} {'case':40} {'blocks':>6} {'descs':>6} {'MB':>8} {'ms':>9} {'GB/s':>7} "
-        f"{'x contig':>8}"
-    )
-    for r in rows:
-        ratio = r.median_ms / base[(r.backend, r.device)]
-        print(
-            f"{r.backend:8} {r.device:6} {r.case:40} {r.blocks:6d} {r.descriptors:6d} {r.mbytes:8.2f} "
-            f"{r.median_ms:9.3f} {r.gbps:7.2f} {ratio:8.2f}"
-        )
+        if not args.tokens:
+            rows += run(backend, args.device, args.blocks, tuple(kb * 1024 for kb in args.block_kb), args.repeats)
+            continue
+        per_block = preset_block_bytes(args.preset)
+        for tokens in args.tokens:
+            blocks = -(-tokens // 64)
+            req = run(backend, args.device, blocks, per_block, args.repeats, tokens)
+            one = run(backend, args.device, 1, (blocks * sum(per_block),), args.repeats, tokens)
+            for r in one:
+                r.case = "one region"
+            rows += req + one
+    _print(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+            json.dump({"command": "splitserve bench transfer " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 0
 
 
