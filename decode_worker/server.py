@@ -16,6 +16,12 @@ ends before its cache arrived are *quarantined*, not freed: they come back when 
 says it will not write any more ("released:R:epoch", sent when it drops R), when R's data
 notification arrives after all, or after quarantine_s (the prefill side's own deadlines are
 shorter). A reused block therefore never receives a stale write.
+
+Co-located mode (`router.mode: colocated`, no prefill pool): PrefillAndGenerate adds R to the engine
+as a whole request: the scheduler takes its blocks as it admits the prompt, prefills it in chunks
+batched with the running decodes, and R's tokens stream exactly as Generate streams them (the first
+one included). No reservation and no transfer, so no quarantine: the blocks are freed by the engine
+when R finishes, or by `engine.abort` when the stream ends early (Abort, client gone, error).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
         self.quarantine: dict[tuple[str, int], tuple[list[int], float]] = {}  # (rid, epoch) -> blocks, deadline
         self.arrived_cv = threading.Condition(self.lock)
         self.cancelled: dict[str, float] = {}      # request id -> when an Abort asked to stop it
+        self.local: dict[str, int] = {}            # co-located requests -> prompt tokens not yet prefilled
         self.epochs = itertools.count(1)
         self.draining = False
         self.requests_done = 0
@@ -221,21 +228,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
             except RequestError as e:
                 yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=str(e)))
                 return
-            while True:
-                try:
-                    out = q.get(timeout=0.5)
-                except queue.Empty:
-                    if rid in self.cancelled or not context.is_active():
-                        return
-                    continue
-                if isinstance(out, BaseException):
-                    yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INTERNAL, message=f"engine failed: {out!r}"))
-                    return
-                yield from self._chunks(out)
-                if out.finished:
-                    finished = True
-                    self.requests_done += 1
-                    return
+            finished = yield from self._relay(rid, q, context)
         finally:
             self.rt.loop.unsubscribe(rid)
             with self.lock:
@@ -243,13 +236,76 @@ class DecodeService(pbg.DecodeWorkerServicer):
             self.cancelled.pop(rid, None)
             if not finished:
                 if adopted:
-                    try:
-                        self.rt.loop.call(lambda e: e.abort(rid))
-                    except Exception:  # noqa: BLE001
-                        log.exception("request %s: abort failed", rid)
+                    self._abort_in_engine(rid)
                 else:
                     self._retire(rid, res)
                 log.info("request %s: stream ended early (client gone, aborted or failed)", rid)
+
+    def PrefillAndGenerate(self, request: pb.PrefillAndGenerateRequest, context: grpc.ServicerContext):
+        """Co-located mode: the whole request on this worker's engine (module docstring)."""
+        rid = request.request_id
+        if self.draining:
+            yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_UNAVAILABLE, message="decode worker is draining"))
+            return
+        try:
+            params = sampling_params_from_proto(request.sampling)
+        except ValueError as e:
+            yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=str(e)))
+            return
+        prompt = list(request.prompt_token_ids)
+        with self.lock:
+            duplicate = rid in self.local or rid in self.reservations
+            if not duplicate:
+                self.local[rid] = len(prompt)
+        if duplicate:
+            yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT,
+                                                  message=f"request id {rid} is already running here"))
+            return
+        q = self.rt.loop.subscribe(rid)
+        added = finished = False
+        try:
+            try:
+                self.rt.loop.call(lambda e: e.add_request(rid, prompt, params))
+                added = True
+            except RequestError as e:
+                yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=str(e)))
+                return
+            finished = yield from self._relay(rid, q, context)
+        finally:
+            self.rt.loop.unsubscribe(rid)
+            with self.lock:
+                self.local.pop(rid, None)
+            self.cancelled.pop(rid, None)
+            if added and not finished:
+                self._abort_in_engine(rid)  # frees its blocks, whatever it reached
+                log.info("request %s: stream ended early (client gone, aborted or failed)", rid)
+
+    def _abort_in_engine(self, rid: str) -> None:
+        try:
+            self.rt.loop.call(lambda e: e.abort(rid))
+        except Exception:  # noqa: BLE001
+            log.exception("request %s: abort failed", rid)
+
+    def _relay(self, rid: str, q: queue.Queue, context: grpc.ServicerContext):
+        """Yield the chunks of a running request's engine outputs; returns True once it finished,
+        False when it stopped early (Abort, the caller gone, the engine failed)."""
+        while True:
+            if rid in self.cancelled or not context.is_active():
+                return False
+            try:
+                out = q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if isinstance(out, BaseException):
+                yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INTERNAL, message=f"engine failed: {out!r}"))
+                return False
+            if out.new_token_ids and rid in self.local:
+                with self.lock:
+                    self.local[rid] = 0  # its prompt is computed
+            yield from self._chunks(out)
+            if out.finished:
+                self.requests_done += 1
+                return True
 
     @staticmethod
     def _chunks(out: RequestOutput):
@@ -257,6 +313,8 @@ class DecodeService(pbg.DecodeWorkerServicer):
             d = pb.TokenDelta(token_ids=out.new_token_ids)
             if out.new_logprobs:
                 d.logprobs.extend(logprobs_to_proto(lp) for lp in out.new_logprobs if lp is not None)
+            if out.prompt_logprobs is not None:  # only PrefillAndGenerate's first output has them
+                d.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in out.prompt_logprobs[1:])
             yield pb.GenerateChunk(delta=d)
         if out.finished:
             yield pb.GenerateChunk(finished=pb.Finished(
@@ -267,6 +325,9 @@ class DecodeService(pbg.DecodeWorkerServicer):
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         rid = request.request_id
         with self.lock:
+            if rid in self.local:
+                self.cancelled[rid] = time.monotonic()  # its PrefillAndGenerate stops and frees the blocks
+                return pb.AbortReply(found=True)
             res = self.reservations.get(rid)
             if res is None:
                 return pb.AbortReply(found=False)
@@ -292,9 +353,11 @@ class DecodeService(pbg.DecodeWorkerServicer):
             reserved = sum(len(r.blocks) for r in self.reservations.values() if not r.adopted)
             reserved += sum(len(b) for b, _ in self.quarantine.values())
             pending = sum(1 for r in self.reservations.values() if not r.adopted)
+            queued_prefill = sum(self.local.values())
         return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total,
                     running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting) + pending,
                     requests_done=self.requests_done, pid=self.rt.pid, node=self.rt.node,
+                    queued_prefill_tokens=queued_prefill,
                     blocks_reserved=reserved, draft_tokens=eng.stats.draft_tokens,
                     accepted_draft_tokens=eng.stats.accepted_draft_tokens)
 

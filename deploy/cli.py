@@ -3,7 +3,7 @@
     splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S]
     splitserve generate --model DIR|tiny --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
                         [--seed S] [--mtp K] [--json]
-    splitserve bench kernels|load|transfer [its options]
+    splitserve bench kernels|engine|load|serve|transfer [its options]
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"kernels": "splitserve.bench.kernels", "load": "splitserve.bench.load",
-              "transfer": "splitserve.kvtransfer.bench"}
+BENCHMARKS = {"kernels": "splitserve.bench.kernels", "engine": "splitserve.bench.engine", "load": "splitserve.bench.load",
+              "serve": "splitserve.bench.serve", "transfer": "splitserve.kvtransfer.bench"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=_cmd_generate)
 
-    b = sub.add_parser("bench", help="run a benchmark: kernels | load | transfer (each prints a table and writes JSON)",
-                       add_help=False)
+    b = sub.add_parser("bench", help="run a benchmark: kernels | engine | load | serve | transfer "
+                                     "(each prints a table and writes JSON)", add_help=False)
     b.add_argument("name", choices=sorted(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help lists them)")
     b.set_defaults(func=_cmd_bench)

@@ -396,8 +396,11 @@ def _up_foreground(args: argparse.Namespace) -> int:
             "namespace": cfg.ray.namespace, "started": time.time(),
         })
         first_use = "; the tiny checkpoint is made on first use" if cfg.model.is_tiny else ""
-        print(f"starting {cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode workers "
-              f"(model {cfg.model.served_name!r} on {cfg.model.device}{first_use})...", file=sys.stderr, flush=True)
+        pools = (f"{cfg.decode.replicas} co-located workers (decode workers that prefill)"
+                 if cfg.router.mode == "colocated" else
+                 f"{cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode workers")
+        print(f"starting {pools} (model {cfg.model.served_name!r} on {cfg.model.device}{first_use})...",
+              file=sys.stderr, flush=True)
         try:
             cluster.start()
         except FileNotFoundError as e:

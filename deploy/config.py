@@ -23,6 +23,9 @@ always concrete:
     <pool>.num_blocks           512 on cpu (when neither num_blocks nor cache_memory_fraction is set)
     <pool>.cache_memory_fraction 0.9 on cuda (when neither is set)
 
+and one that depends on `router.mode`: prefill.replicas is 1 when disaggregated, 0 when colocated
+(decode workers then prefill their own requests; there is no prefill pool).
+
 deploy/local.yaml lists every field with its meaning; it is the YAML reference.
 """
 
@@ -83,6 +86,7 @@ _MAX_INT32 = 2**31 - 1
 _MAX_BLOCK_SIZE = 1024
 _MAX_MTP_DRAFT_TOKENS = 8
 _CPU_DEFAULT_NUM_BLOCKS = 512
+_DECODE_DEFAULT_CHUNK_SIZE = 512
 _CUDA_DEFAULT_CACHE_MEMORY_FRACTION = 0.9
 # Ray reserves these resource names; a pool asks for GPUs through gpus_per_worker instead.
 _RAY_RESERVED_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
@@ -227,8 +231,13 @@ class RouterConfig(BaseModel):
     host: HostStr = "127.0.0.1"
     # 0 picks a free port (tests); the router logs the one it bound.
     port: typing.Annotated[int, Field(ge=0, le=65535)] = 8000
+    # disaggregated: prefill workers compute prompts and write their cache into a decode worker's blocks.
+    # colocated: no prefill pool (prefill.replicas 0); each request runs whole on one decode worker, whose
+    # engine prefills the prompt in chunks (decode.chunk_size) batched with its running decodes.
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
     # How the router picks workers: least_loaded (free decode blocks, queued prefill tokens),
     # round_robin, or prefix_affinity (prefill worker most likely to hold the prompt's prefix).
+    # In colocated mode the same policies pick the decode worker.
     policy: Literal["least_loaded", "round_robin", "prefix_affinity"] = "least_loaded"
     # Requests the router holds at once (streaming + waiting for decode space); beyond it, 429 at once.
     max_queued: typing.Annotated[int, Field(ge=1)] = 512
@@ -238,9 +247,9 @@ class RouterConfig(BaseModel):
     api_key_env: typing.Annotated[
         str | None, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"), Allowed("an environment variable name or null")
     ] = None
-    # Waiting for a decode worker to reserve cache blocks (across retries and queueing).
+    # Waiting for a decode worker to reserve cache blocks (across retries and queueing; disaggregated only).
     reserve_timeout_s: PositiveSeconds = 10.0
-    # From admission to the first token (prefill + cache transfer).
+    # From admission to the first token (prefill + cache transfer; colocated: queueing on the worker + prefill).
     first_token_timeout_s: PositiveSeconds = 120.0
     # Longest gap between two streamed chunks before the request is aborted.
     idle_stream_timeout_s: PositiveSeconds = 30.0
@@ -358,6 +367,8 @@ class PoolConfig(BaseModel):
 class PrefillPoolConfig(PoolConfig):
     """The prefill pool: runs prompts in chunks and writes their cache to a decode worker."""
 
+    # 0 only in colocated mode (router.mode), where it is the default: there is no prefill pool.
+    replicas: typing.Annotated[int, Field(ge=0)] = 1
     max_running_requests: typing.Annotated[int, Field(ge=1)] = 64
     # Tokens of one prompt computed per step (chunked prefill); <= max_batch_tokens.
     chunk_size: typing.Annotated[int, Field(ge=1)] = 2048
@@ -376,19 +387,36 @@ class DecodePoolConfig(PoolConfig):
 
     # Draft tokens the MTP layer proposes per step (0: no speculative decoding).
     mtp_draft_tokens: typing.Annotated[int, Field(ge=0, le=_MAX_MTP_DRAFT_TOKENS)] = 0
+    # Tokens of one prompt computed per step: the chunked prefill of every prompt in colocated mode,
+    # otherwise only the recomputation of a preempted request. <= max_batch_tokens.
+    # None: min(512, max_batch_tokens).
+    chunk_size: typing.Annotated[int | None, Field(ge=1)] = None
 
     def _pool_problems(self) -> list[tuple[tuple[str, ...], Any, str, str]]:
+        problems: list[tuple[tuple[str, ...], Any, str, str]] = []
         need = 1 + self.mtp_draft_tokens
         if self.max_batch_tokens < need:
-            return [
+            problems.append(
                 (("max_batch_tokens",), self.max_batch_tokens,
                  f"one request needs 1 + mtp_draft_tokens = {need} tokens per step", f"an integer >= {need}")
-            ]
-        return []
+            )
+        if self.chunk_size is not None and self.chunk_size > self.max_batch_tokens:
+            problems.append(
+                (("chunk_size",), self.chunk_size, f"larger than max_batch_tokens ({self.max_batch_tokens})",
+                 "null or an integer in [1, max_batch_tokens]")
+            )
+        return problems
 
     @property
     def uses_mtp(self) -> bool:
         return self.mtp_draft_tokens > 0
+
+    @property
+    def effective_chunk_size(self) -> int:
+        """The engine's chunk size on a decode worker (chunk_size, or its default)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return min(_DECODE_DEFAULT_CHUNK_SIZE, self.max_batch_tokens)
 
 
 class TransferConfig(BaseModel):
@@ -476,6 +504,12 @@ class ClusterConfig(BaseModel):
         for section in _SECTIONS:  # an empty YAML section ("router:") means "all defaults"
             if section in data and data[section] is None:
                 data[section] = {}
+        router = data.get("router", {})
+        mode = router.mode if isinstance(router, RouterConfig) else (
+            router.get("mode") if isinstance(router, Mapping) else None)
+        prefill = data.get("prefill", {})
+        if mode == "colocated" and isinstance(prefill, Mapping) and "replicas" not in prefill:
+            data["prefill"] = {**prefill, "replicas": 0}  # no prefill pool unless the file asks (an error)
         model = data.get("model", {})
         if isinstance(model, ModelConfig):
             device = model.device
@@ -505,7 +539,18 @@ class ClusterConfig(BaseModel):
     def _cluster_rules(self) -> ClusterConfig:
         problems: list[tuple[tuple[str, ...], Any, str, str]] = []
         device = self.model.device
+        colocated = self.router.mode == "colocated"
+        if colocated and self.prefill.replicas != 0:
+            problems.append((("prefill", "replicas"), self.prefill.replicas,
+                             "router.mode is 'colocated': decode workers prefill their own requests",
+                             "0 (or leave it out) when router.mode is 'colocated'"))
+        if not colocated and self.prefill.replicas == 0:
+            problems.append((("prefill", "replicas"), 0,
+                             "router.mode is 'disaggregated', which needs prefill workers",
+                             "an integer >= 1, or set router.mode: colocated to run without a prefill pool"))
         for name in ("prefill", "decode"):
+            if colocated and name == "prefill":
+                continue  # no prefill pool: its settings are unused
             pool: PoolConfig = getattr(self, name)
             if device == "cpu" and pool.gpus_per_worker != 0:
                 problems.append(((name, "gpus_per_worker"), pool.gpus_per_worker,
@@ -534,7 +579,7 @@ class ClusterConfig(BaseModel):
                                  f"holds {pool.cache_tokens} tokens (num_blocks x block_size), fewer than "
                                  f"model.max_model_len = {self.model.max_model_len}",
                                  f"an integer >= {-(-self.model.max_model_len // pool.block_size)}"))
-        if self.prefill.block_size != self.decode.block_size:
+        if not colocated and self.prefill.block_size != self.decode.block_size:
             problems.append((("decode", "block_size"), self.decode.block_size,
                              f"differs from prefill.block_size ({self.prefill.block_size}); "
                              "blocks are copied one-to-one", f"{self.prefill.block_size} (= prefill.block_size)"))

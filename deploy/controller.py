@@ -172,7 +172,8 @@ class Controller:
             self._resolve_model()
             self._connect()
             for role in ROLES:
-                self._check_feasible(role)
+                if self._targets[role]:  # colocated mode has no prefill pool
+                    self._check_feasible(role)
             with self._ops_lock:
                 workers, launch_error = self._launch_many(dict(self._targets))
                 if launch_error is not None:
@@ -197,7 +198,7 @@ class Controller:
         New workers are started in parallel; removed ones (the newest first) are drained, then stopped.
 
         Raises:
-            ValueError: a size is not an integer >= 1.
+            ValueError: a size is not an integer >= 1, or prefill is given in colocated mode (no prefill pool).
             WorkerStartError: a new worker failed to start (the pool keeps the workers that did).
             ControllerError: the controller is not running.
         """
@@ -205,6 +206,9 @@ class Controller:
         for role, n in wanted.items():
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"{role} must be an integer >= 1, got {n!r}")
+        if prefill is not None and self.cfg.router.mode == "colocated":
+            raise ValueError("router.mode is 'colocated': the cluster has no prefill pool to scale "
+                             "(its decode workers prefill; scale decode instead)")
         with self._ops_lock:
             self._check_running()
             with self._lock:

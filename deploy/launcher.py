@@ -5,9 +5,10 @@
     cluster.shutdown()                   # every worker, and the local Ray cluster
 
 `splitserve up` does exactly this (deploy/cluster_cli.py); tests do it with a uvicorn thread. The app
-is the router's OpenAI app (`splitserve.router.app.build_app`) over a `DisaggBackend` that routes over
-the controller's `Directory`, plus the /admin endpoints (deploy/admin.py) with the same API key. The
-app's lifespan starts the backend's worker poller and closes its gRPC channels.
+is the router's OpenAI app (`splitserve.router.app.build_app`) over a `DisaggBackend` (a `ColocatedBackend`
+when router.mode is colocated) that routes over the controller's `Directory`, plus the /admin endpoints
+(deploy/admin.py) with the same API key. The app's lifespan starts the backend's worker poller and
+closes its gRPC channels.
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ def build_router_app(
     """
     from splitserve.deploy.admin import build_admin_router
     from splitserve.router.app import build_app
-    from splitserve.router.cluster_backend import DisaggBackend
+    from splitserve.router.cluster_backend import ColocatedBackend, DisaggBackend
 
     r = cfg.router
-    backend = DisaggBackend(directory, policy=r.policy, reserve_timeout_s=r.reserve_timeout_s,
+    kind = ColocatedBackend if r.mode == "colocated" else DisaggBackend
+    backend = kind(directory, policy=r.policy, reserve_timeout_s=r.reserve_timeout_s,
                             first_token_timeout_s=r.first_token_timeout_s,
                             idle_stream_timeout_s=r.idle_stream_timeout_s,
                             # a reservation lives until its prefill (and cache transfer) is done

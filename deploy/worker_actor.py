@@ -27,11 +27,6 @@ logger = logging.getLogger(__name__)
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, Role] = ("prefill", "decode")
 
-#: Cache blocks of a worker whose pool sizes its cache by `cache_memory_fraction` (cuda): the engine
-#: takes a block count only, so the launcher passes this and warns (see `spec_for`).
-DEFAULT_NUM_BLOCKS = 256
-#: Engine chunk size of decode workers (they never compute prompts; the config has no field for it).
-DECODE_CHUNK_SIZE = 512
 #: Ray CPUs each worker actor reserves. On cpu the worker computes on them (Ray sets the actor's
 #: OMP_NUM_THREADS to it, so torch uses one thread per worker); on cuda it is the host-side loop.
 WORKER_NUM_CPUS = 1.0
@@ -57,18 +52,14 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
     checks that both sides agree on it.
     """
     pool = pool_config(cfg, role)
-    num_blocks = pool.num_blocks
-    if num_blocks is None:
-        logger.warning("%s pool: cache_memory_fraction=%s is not supported by the engine yet (it takes a block "
-                       "count); using num_blocks=%d — set %s.num_blocks to size the cache",
-                       role, pool.cache_memory_fraction, DEFAULT_NUM_BLOCKS, role)
-        num_blocks = DEFAULT_NUM_BLOCKS
+    sizing = {"num_blocks": pool.num_blocks} if pool.num_blocks is not None else {
+        "cache_memory_fraction": pool.cache_memory_fraction}  # the engine sizes the cache after loading
     if role == "prefill":
         chunk_size = cfg.prefill.chunk_size
-    else:  # decode never computes prompts (their cache arrives); keep the engine default, within budget
-        chunk_size = min(DECODE_CHUNK_SIZE, pool.max_batch_tokens)
+    else:  # decode computes prompts in colocated mode only (otherwise their cache arrives)
+        chunk_size = cfg.decode.effective_chunk_size
     return EngineConfig(
-        num_blocks=num_blocks,
+        **sizing,
         block_size=pool.block_size,
         max_batch_tokens=pool.max_batch_tokens,
         chunk_size=chunk_size,

@@ -54,6 +54,11 @@ class DecodeWorkerStub:
                 request_serializer=splitserve_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.PrefillAndGenerate = channel.unary_stream(
+                '/splitserve.v1.DecodeWorker/PrefillAndGenerate',
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.PrefillAndGenerateRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.v1.DecodeWorker/Abort',
                 request_serializer=splitserve_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -99,6 +104,13 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillAndGenerate(self, request, context):
+        """Co-located mode: prefill the prompt here and stream its tokens (the first one included), as Generate does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Abort a request and free its blocks (reserved or running).
         """
@@ -136,6 +148,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=splitserve_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
+            ),
+            'PrefillAndGenerate': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillAndGenerate,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.PrefillAndGenerateRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
@@ -238,6 +255,33 @@ class DecodeWorker:
             target,
             '/splitserve.v1.DecodeWorker/Generate',
             splitserve_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillAndGenerate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitserve.v1.DecodeWorker/PrefillAndGenerate',
+            splitserve_dot_v1_dot_worker__pb2.PrefillAndGenerateRequest.SerializeToString,
             splitserve_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,

@@ -13,6 +13,10 @@
 
 Membership comes from the `Directory` (kept by the deploy layer); a poller refreshes each worker's
 load and liveness over gRPC Stats and fetches decode workers' transfer metadata (Handshake).
+
+`ColocatedBackend` is the same router over a cluster without a prefill pool (`router.mode: colocated`):
+each request runs whole on one decode worker (PrefillAndGenerate), whose engine prefills the prompt in
+chunks batched with its running decodes; polling, aborts and migration are shared.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.
 # prefill errors answered before a single block was written to the destination
 _BEFORE_ANY_WRITE = {pb.ERROR_CODE_INCOMPATIBLE, pb.ERROR_CODE_INVALID_ARGUMENT, pb.ERROR_CODE_UNAVAILABLE}
 _RETRYABLE_PREFILL = {pb.ERROR_CODE_UNAVAILABLE, pb.ERROR_CODE_TRANSFER_FAILED, pb.ERROR_CODE_DEADLINE_EXCEEDED}
+# stream errors that mean the decode worker lost the request (migrate it), not that the request is bad
+_DECODE_LOST = {pb.ERROR_CODE_INTERNAL, pb.ERROR_CODE_NOT_FOUND, pb.ERROR_CODE_DEADLINE_EXCEEDED}
 
 
 class NoCapacity(RuntimeError):
@@ -56,6 +62,13 @@ class DecodeLost(RuntimeError):
 
 
 _lp = logprobs_from_proto
+
+
+def _affinity_ranked(prompt: list[int], workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    """Workers in rendezvous-hash order of the prompt's first 64 tokens: the same prefix ranks the
+    same worker first (its prefix cache is warm), and only a removed worker's prefixes move."""
+    key = hashlib.blake2b(repr(prompt[:64]).encode(), digest_size=8).digest()
+    return sorted(workers, key=lambda w: hashlib.blake2b(key + w.worker_id.encode(), digest_size=8).digest())
 
 
 class DisaggBackend:
@@ -160,9 +173,7 @@ class DisaggBackend:
             ps = sorted(ps, key=lambda w: w.worker_id)
             return ps[k:] + ps[:k]
         if self.policy == "prefix_affinity":
-            key = hashlib.blake2b(repr(prompt[:64]).encode(), digest_size=8).digest()
-            ranked = sorted(ps, key=lambda w: hashlib.blake2b(key + w.worker_id.encode(), digest_size=8).digest())
-            home = ranked[0]
+            home = _affinity_ranked(prompt, ps)[0]
             least = by_load[0]
             # stay with the prefix's home worker unless it is far busier than the least loaded one
             if home.queued_prefill_tokens <= least.queued_prefill_tokens + 4 * max(64, len(prompt)):
@@ -319,8 +330,7 @@ class DisaggBackend:
                     finished = True
                     yield GenerationDelta([], finish_reason=_FINISH.get(chunk.finished.finish_reason, "abort"))
                     return
-                elif chunk.error.code in (pb.ERROR_CODE_INTERNAL, pb.ERROR_CODE_NOT_FOUND,
-                                          pb.ERROR_CODE_DEADLINE_EXCEEDED):
+                elif chunk.error.code in _DECODE_LOST:
                     raise DecodeLost(d_id, chunk.error.message)
                 else:
                     finished = True
@@ -341,7 +351,8 @@ class DisaggBackend:
         ws = self.directory.all()
         serving = {r: sum(1 for w in ws if w.role == r and w.state == "serving") for r in ("prefill", "decode")}
         ok = serving["prefill"] > 0 and serving["decode"] > 0
-        return {"status": "ok" if ok else "unavailable", "workers": {w.worker_id: w.state for w in ws}, **serving}
+        return {"status": "ok" if ok else "unavailable", "mode": "disaggregated",
+                "workers": {w.worker_id: w.state for w in ws}, **serving}
 
     def metrics(self) -> Mapping[str, float]:
         out: dict[str, float] = {"transfer_bytes_total": float(self.transfer_bytes),
@@ -353,4 +364,143 @@ class DisaggBackend:
             out[f"worker_blocks_used:{w.worker_id}"] = float(w.blocks_used)
             out[f"worker_running:{w.worker_id}"] = float(w.running)
             out[f"worker_queue_depth:{w.worker_id}"] = float(w.waiting)
+        return out
+
+
+class ColocatedBackend(DisaggBackend):
+    """The router's backend over decode workers that also prefill (`router.mode: colocated`, no prefill pool).
+
+    A segment of a request (see `DisaggBackend.generate`: a lost worker costs a migration, not the request):
+
+    1. pick a decode worker by policy: least_loaded (fewest requests this router has in flight there, then
+       fewest of their prompt tokens still waiting for a first token, then most free blocks), round_robin,
+       or prefix_affinity (the prompt prefix's home worker, unless its pending prompt tokens exceed the least
+       loaded one's by more than 4 prompts' worth). The router's own in-flight counts steer a burst of
+       requests at once, which the 0.5 s poll of worker Stats cannot;
+    2. PrefillAndGenerate there: the worker's engine queues the prompt, prefills it in chunks batched with
+       its running decodes and streams every token. A worker that is draining or unreachable before the
+       first token is skipped for the next one;
+    3. the first token must come within first_token_timeout_s (queueing and prefill included; past it the
+       request fails), each later one within idle_stream_timeout_s (past it the worker counts as lost);
+    4. whatever ends the request early (client gone, stop string, error, timeout) cancels the stream and
+       sends Abort, so the worker aborts the request in its engine and frees its blocks.
+    """
+
+    def __init__(self, directory: Directory, **options: object) -> None:
+        super().__init__(directory, **options)  # type: ignore[arg-type]
+        self._inflight: dict[str, int] = {}         # worker id -> requests this router streams from it
+        self._pending_prompt: dict[str, int] = {}   # worker id -> prompt tokens sent, first token not back yet
+
+    def _replica_order(self, prompt: list[int]) -> list[WorkerInfo]:
+        ws = self.directory.serving("decode")
+        if not ws:
+            return []
+
+        def pending(w: WorkerInfo) -> int:
+            return self._pending_prompt.get(w.worker_id, 0)
+        by_load = sorted(ws, key=lambda w: (self._inflight.get(w.worker_id, 0), pending(w), -w.free_blocks,
+                                            w.worker_id))
+        if self.policy == "round_robin":
+            self._rr += 1
+            k = self._rr % len(ws)
+            return ws[k:] + ws[:k]  # Directory.serving is sorted by worker id
+        if self.policy == "prefix_affinity":
+            home = _affinity_ranked(prompt, ws)[0]
+            if pending(home) <= pending(by_load[0]) + 4 * max(64, len(prompt)):
+                return [home] + [w for w in by_load if w is not home]
+        return by_load
+
+    async def _segment(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       avoid: set[str]) -> AsyncIterator[GenerationDelta]:
+        request = pb.PrefillAndGenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                               sampling=sampling_params_to_proto(params))
+        n_prompt = len(prompt_token_ids)
+        tried: set[str] = set()
+        error = "no decode worker is serving"
+        while True:
+            order = [w for w in self._replica_order(prompt_token_ids) if w.worker_id not in tried]
+            order = [w for w in order if w.worker_id not in avoid] or order
+            if not order:
+                yield GenerationDelta([], finish_reason="abort", error=error)
+                return
+            w = order[0]
+            wid = w.worker_id
+            tried.add(wid)
+            stub = self._decode(w)
+            self._inflight[wid] = self._inflight.get(wid, 0) + 1
+            self._pending_prompt[wid] = self._pending_prompt.get(wid, 0) + n_prompt
+            call = None
+            got_first = finished = next_worker = False
+            try:
+                call = stub.PrefillAndGenerate(request)
+                it = call.__aiter__()
+                while True:
+                    timeout = self.idle_stream_timeout_s if got_first else self.first_token_timeout_s
+                    try:
+                        chunk = await asyncio.wait_for(it.__anext__(), timeout)
+                    except StopAsyncIteration:
+                        raise DecodeLost(wid, "stream ended without finishing") from None
+                    except asyncio.TimeoutError:
+                        if got_first:
+                            raise DecodeLost(wid, f"no token for {self.idle_stream_timeout_s:.0f} s") from None
+                        yield GenerationDelta([], finish_reason="abort",
+                                              error=f"{wid}: no first token within {self.first_token_timeout_s:.0f} s")
+                        return
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() == grpc.StatusCode.UNAVAILABLE and not got_first:
+                            error = f"{wid}: {e.code().name}"
+                            finished = next_worker = True  # it never took the request
+                            break
+                        finished = e.code() != grpc.StatusCode.DEADLINE_EXCEEDED  # gone: nothing to abort there
+                        raise DecodeLost(wid, f"{e.code().name} {e.details() or ''}".strip()) from None
+                    kind = chunk.WhichOneof("chunk")
+                    if kind == "delta":
+                        delta = GenerationDelta(list(chunk.delta.token_ids))
+                        if params.logprobs is not None and chunk.delta.logprobs:
+                            delta.logprobs = [_lp(x) for x in chunk.delta.logprobs]
+                        if not got_first:
+                            got_first = True
+                            self._pending_prompt[wid] -= n_prompt
+                            if params.prompt_logprobs is not None:
+                                delta.prompt_logprobs = [None] + [_lp(x) for x in chunk.delta.prompt_logprobs]
+                        yield delta
+                    elif kind == "finished":
+                        finished = True
+                        yield GenerationDelta([], finish_reason=_FINISH.get(chunk.finished.finish_reason, "abort"))
+                        return
+                    elif chunk.error.code == pb.ERROR_CODE_UNAVAILABLE and not got_first:
+                        error = f"{wid}: {chunk.error.message}"
+                        finished = next_worker = True  # draining: it did not take the request
+                        break
+                    elif chunk.error.code in _DECODE_LOST:
+                        raise DecodeLost(wid, chunk.error.message)
+                    else:
+                        finished = True
+                        yield GenerationDelta([], finish_reason="abort", error=f"decode worker: {chunk.error.message}")
+                        return
+            finally:
+                if not got_first:
+                    self._pending_prompt[wid] -= n_prompt
+                self._inflight[wid] -= 1
+                if not self._inflight[wid]:  # no stale entries for workers that come and go
+                    del self._inflight[wid], self._pending_prompt[wid]
+                if call is not None:
+                    call.cancel()
+                if not finished:
+                    # shielded: the caller may be cancelled, the worker must still hear of it
+                    await asyncio.shield(self._abort(stub, request_id, 0, "request ended early"))
+            if not next_worker:
+                return
+            log.info("request %s: %s did not take it (%s); trying another decode worker", request_id, wid, error)
+
+    async def health(self) -> dict:
+        ws = self.directory.all()
+        serving = sum(1 for w in ws if w.role == "decode" and w.state == "serving")
+        return {"status": "ok" if serving else "unavailable", "mode": "colocated",
+                "workers": {w.worker_id: w.state for w in ws}, "decode": serving}
+
+    def metrics(self) -> Mapping[str, float]:
+        out = dict(super().metrics())
+        for wid, n in self._inflight.items():
+            out[f"worker_router_in_flight:{wid}"] = float(n)
         return out

@@ -84,10 +84,9 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys() -> None:
 
 
 def test_pool_specific_settings_say_which_pool() -> None:
-    err = _error({"decode": {"chunk_size": 512}, "prefill": {"mtp_draft_tokens": 1}})
-    assert [p.path for p in err.problems] == ["decode.chunk_size", "prefill.mtp_draft_tokens"]
-    assert "chunk_size is a prefill-only setting" in err.problems[0].message
-    assert "mtp_draft_tokens is a decode-only setting" in err.problems[1].message
+    err = _error({"prefill": {"mtp_draft_tokens": 1}})
+    assert [p.path for p in err.problems] == ["prefill.mtp_draft_tokens"]
+    assert "mtp_draft_tokens is a decode-only setting" in err.problems[0].message
 
 
 def test_all_problems_are_listed_at_once() -> None:
@@ -212,6 +211,39 @@ def test_cache_must_hold_max_model_len() -> None:
 def test_chunk_size_within_batch_budget() -> None:
     err = _error({"prefill": {"chunk_size": 4096, "max_batch_tokens": 1024}})
     assert [p.path for p in err.problems] == ["prefill.chunk_size"]
+
+
+def test_decode_chunk_size_within_batch_budget_and_its_default() -> None:
+    err = _error({"decode": {"chunk_size": 4096, "max_batch_tokens": 1024}})
+    (problem,) = err.problems
+    assert problem.path == "decode.chunk_size" and "max_batch_tokens (1024)" in problem.message
+    assert parse_config({}).decode.effective_chunk_size == 512
+    assert parse_config({"decode": {"max_batch_tokens": 100}}).decode.effective_chunk_size == 100
+    assert parse_config({"decode": {"chunk_size": 2048}}).decode.effective_chunk_size == 2048
+
+
+def test_colocated_mode_has_no_prefill_pool() -> None:
+    cfg = parse_config({"router": {"mode": "colocated"}, "decode": {"replicas": 2}})
+    assert cfg.prefill.replicas == 0 and cfg.decode.replicas == 2
+    assert parse_config(cfg.model_dump()) == cfg
+    assert with_overrides(cfg, decode=3).decode.replicas == 3
+    # the prefill section is unused there: its block size need not match, nor its settings fit the device
+    parse_config({"router": {"mode": "colocated"}, "prefill": {"block_size": 16, "replicas": 0}})
+    err = _error({"router": {"mode": "colocated"}, "prefill": {"replicas": 2}})
+    (problem,) = err.problems
+    assert problem.path == "prefill.replicas" and "got 2" in problem.message and "colocated" in problem.message
+    with pytest.raises(ConfigError, match="prefill.replicas"):
+        with_overrides(cfg, prefill=1)
+
+
+def test_disaggregated_mode_needs_prefill_workers() -> None:
+    err = _error({"prefill": {"replicas": 0}})
+    (problem,) = err.problems
+    assert problem.path == "prefill.replicas" and "got 0" in problem.message
+    assert "router.mode: colocated" in problem.message
+    err = _error({"router": {"mode": "co-located"}})
+    (problem,) = err.problems
+    assert problem.path == "router.mode" and "'disaggregated', 'colocated'" in problem.message
 
 
 def test_decode_budget_fits_one_request_with_drafts() -> None:

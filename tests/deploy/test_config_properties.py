@@ -199,6 +199,8 @@ for _pool in ("prefill", "decode"):
         f"{_pool}.grpc_host": ("str", ["", "a\tb"]),
     })
 FIELDS["prefill.chunk_size"] = ("int", [0, -1])
+FIELDS["decode.chunk_size"] = ("int", [0, -1])
+FIELDS["router.mode"] = ("choice", ["both", "COLOCATED", "disagg"])
 FIELDS["decode.mtp_draft_tokens"] = ("int", [-1, 9, 100])
 
 

@@ -3,7 +3,6 @@ a stand-in controller (auth, validation, error mapping), and the status table.""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from splitserve.deploy.cluster_cli import format_status
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_config, parse_config
 from splitserve.deploy.controller import ControllerError, WorkerStartError
 from splitserve.deploy.worker_actor import (
-    DEFAULT_NUM_BLOCKS,
     WORKER_NUM_CPUS,
     actor_options,
     resource_demand,
@@ -70,12 +68,11 @@ def test_tiny_model_path_and_max_model_len() -> None:
     assert spec_for(cfg_with(), "decode", 0).engine.max_model_len == 0  # 0: the checkpoint's own
 
 
-def test_cuda_pool_sized_by_memory_fraction_falls_back_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_cuda_pool_sized_by_memory_fraction_is_passed_to_the_engine() -> None:
     cfg = load_config(GPU_YAML)
-    with caplog.at_level(logging.WARNING):
-        spec = spec_for(cfg, "prefill", 0)
-    assert spec.engine.num_blocks == DEFAULT_NUM_BLOCKS
-    assert "cache_memory_fraction" in caplog.text
+    spec = spec_for(cfg, "prefill", 0)
+    assert cfg.prefill.num_blocks is None and cfg.prefill.cache_memory_fraction is not None
+    assert spec.engine.cache_memory_fraction == cfg.prefill.cache_memory_fraction
     assert spec.engine.device == "cuda" and spec.engine.dtype == "bfloat16"
 
 
