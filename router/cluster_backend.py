@@ -94,6 +94,20 @@ class DisaggBackend:
         self.transfer_seconds = 0.0
         self.prefill_retries = 0
         self.reserve_refusals = 0
+        # What this router has sent and not yet seen end, per worker: fresher than the polled Stats,
+        # so a burst of requests spreads over the workers instead of piling onto the one the last poll
+        # showed least loaded.
+        self._inflight: dict[str, int] = {}         # decode worker -> requests reserving, reserved or streaming
+        self._pending_prompt: dict[str, int] = {}   # worker -> prompt tokens sent, first token not back yet
+
+    @staticmethod
+    def _count(table: dict[str, int], worker_id: str, n: int) -> None:
+        """Add n to a worker's count; zero counts are dropped (no stale entries for workers that go)."""
+        left = table.get(worker_id, 0) + n
+        if left:
+            table[worker_id] = left
+        else:
+            table.pop(worker_id, None)
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _channel(self, address: str) -> grpc.aio.Channel:
@@ -160,13 +174,17 @@ class DisaggBackend:
     # ---- routing ------------------------------------------------------------------------------
     def _decode_order(self) -> list[WorkerInfo]:
         ds = [w for w in self.directory.serving("decode") if w.transfer_metadata]
-        return sorted(ds, key=lambda w: (-w.free_blocks, w.running + w.waiting, w.worker_id))
+        return sorted(ds, key=lambda w: (self._inflight.get(w.worker_id, 0), -w.free_blocks, w.running + w.waiting,
+                                         w.worker_id))
 
     def _prefill_order(self, prompt: list[int]) -> list[WorkerInfo]:
         ps = self.directory.serving("prefill")
         if not ps:
             return []
-        by_load = sorted(ps, key=lambda w: (w.queued_prefill_tokens + w.running, w.worker_id))
+        def queued(w: WorkerInfo) -> int:
+            return self._pending_prompt.get(w.worker_id, 0) + w.queued_prefill_tokens
+        by_load = sorted(ps, key=lambda w: (self._pending_prompt.get(w.worker_id, 0),
+                                            w.queued_prefill_tokens + w.running, w.worker_id))
         if self.policy == "round_robin":
             self._rr += 1
             k = self._rr % len(ps)
@@ -176,7 +194,7 @@ class DisaggBackend:
             home = _affinity_ranked(prompt, ps)[0]
             least = by_load[0]
             # stay with the prefix's home worker unless it is far busier than the least loaded one
-            if home.queued_prefill_tokens <= least.queued_prefill_tokens + 4 * max(64, len(prompt)):
+            if queued(home) <= queued(least) + 4 * max(64, len(prompt)):
                 return [home] + [w for w in by_load if w is not home]
         return by_load
 
@@ -187,15 +205,21 @@ class DisaggBackend:
         last = "no decode worker is serving"
         while True:
             for d in [w for w in self._decode_order() if w.worker_id not in avoid] or self._decode_order():
+                # counted before the call: requests arriving together see each other's choice
+                self._count(self._inflight, d.worker_id, 1)
                 try:
                     rep = await self._decode(d).Reserve(pb.ReserveRequest(
                         request_id=request_id, prompt_len=prompt_len, max_tokens=max_tokens,
                         lease_ms=int(self.lease_s * 1000)), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                except grpc.aio.AioRpcError as e:
+                except BaseException as e:
+                    self._count(self._inflight, d.worker_id, -1)
+                    if not isinstance(e, grpc.aio.AioRpcError):
+                        raise
                     last = f"{d.worker_id}: {e.code().name}"
                     continue
                 if rep.HasField("reservation"):
-                    return d, rep.reservation
+                    return d, rep.reservation  # its in-flight count now belongs to the caller
+                self._count(self._inflight, d.worker_id, -1)
                 self.reserve_refusals += 1
                 last = f"{d.worker_id}: {pb.RefusalReason.Name(rep.refusal.reason)} {rep.refusal.message}"
                 if rep.refusal.reason == pb.REFUSAL_REASON_TOO_LONG:
@@ -244,7 +268,7 @@ class DisaggBackend:
                        avoid: set[str]) -> AsyncIterator[GenerationDelta]:
         sampling = sampling_params_to_proto(params)
         d_stub = p_stub = None
-        d_id = ""
+        d_id = held = ""
         epoch = 0
         finished = False
         try:
@@ -254,6 +278,9 @@ class DisaggBackend:
             for _attempt in range(self.prefill_attempts):
                 d, res = await self._reserve(request_id, len(prompt_token_ids), params.max_tokens, avoid)
                 d_stub, d_id, epoch = self._decode(d), d.worker_id, res.epoch
+                if held:  # an earlier attempt's reservation (aborted)
+                    self._count(self._inflight, held, -1)
+                held = d.worker_id  # _reserve counted it
                 order = [w for w in self._prefill_order(prompt_token_ids) if w.worker_id not in failed_p]
                 if not order:
                     await self._abort(d_stub, request_id, epoch, "no prefill worker", nothing_written=True)
@@ -263,6 +290,7 @@ class DisaggBackend:
                 p_stub = self._prefill(p)
                 dest = pb.Destination(decode_worker_id=d.worker_id, decode_address=d.address, agent_name=res.agent_name,
                                       block_ids=res.block_ids, epoch=res.epoch, peer_metadata=d.transfer_metadata)
+                self._count(self._pending_prompt, p.worker_id, len(prompt_token_ids))
                 try:
                     rep = await p_stub.Prefill(pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                                                  sampling=sampling, destination=dest),
@@ -275,6 +303,8 @@ class DisaggBackend:
                     failed_p.add(p.worker_id)
                     self.prefill_retries += 1
                     continue
+                finally:
+                    self._count(self._pending_prompt, p.worker_id, -len(prompt_token_ids))
                 if rep.HasField("prefill"):
                     result = rep.prefill
                     break
@@ -337,6 +367,8 @@ class DisaggBackend:
                     yield GenerationDelta([], finish_reason="abort", error=f"decode worker: {chunk.error.message}")
                     return
         finally:
+            if held:
+                self._count(self._inflight, held, -1)
             if not finished:
                 aborts = []
                 if d_stub is not None:
@@ -364,6 +396,8 @@ class DisaggBackend:
             out[f"worker_blocks_used:{w.worker_id}"] = float(w.blocks_used)
             out[f"worker_running:{w.worker_id}"] = float(w.running)
             out[f"worker_queue_depth:{w.worker_id}"] = float(w.waiting)
+        for wid, n in self._inflight.items():
+            out[f"worker_router_in_flight:{wid}"] = float(n)
         return out
 
 
@@ -385,11 +419,6 @@ class ColocatedBackend(DisaggBackend):
     4. whatever ends the request early (client gone, stop string, error, timeout) cancels the stream and
        sends Abort, so the worker aborts the request in its engine and frees its blocks.
     """
-
-    def __init__(self, directory: Directory, **options: object) -> None:
-        super().__init__(directory, **options)  # type: ignore[arg-type]
-        self._inflight: dict[str, int] = {}         # worker id -> requests this router streams from it
-        self._pending_prompt: dict[str, int] = {}   # worker id -> prompt tokens sent, first token not back yet
 
     def _replica_order(self, prompt: list[int]) -> list[WorkerInfo]:
         ws = self.directory.serving("decode")
@@ -427,8 +456,8 @@ class ColocatedBackend(DisaggBackend):
             wid = w.worker_id
             tried.add(wid)
             stub = self._decode(w)
-            self._inflight[wid] = self._inflight.get(wid, 0) + 1
-            self._pending_prompt[wid] = self._pending_prompt.get(wid, 0) + n_prompt
+            self._count(self._inflight, wid, 1)
+            self._count(self._pending_prompt, wid, n_prompt)
             call = None
             got_first = finished = next_worker = False
             try:
@@ -460,7 +489,7 @@ class ColocatedBackend(DisaggBackend):
                             delta.logprobs = [_lp(x) for x in chunk.delta.logprobs]
                         if not got_first:
                             got_first = True
-                            self._pending_prompt[wid] -= n_prompt
+                            self._count(self._pending_prompt, wid, -n_prompt)
                             if params.prompt_logprobs is not None:
                                 delta.prompt_logprobs = [None] + [_lp(x) for x in chunk.delta.prompt_logprobs]
                         yield delta
@@ -480,10 +509,8 @@ class ColocatedBackend(DisaggBackend):
                         return
             finally:
                 if not got_first:
-                    self._pending_prompt[wid] -= n_prompt
-                self._inflight[wid] -= 1
-                if not self._inflight[wid]:  # no stale entries for workers that come and go
-                    del self._inflight[wid], self._pending_prompt[wid]
+                    self._count(self._pending_prompt, wid, -n_prompt)
+                self._count(self._inflight, wid, -1)
                 if call is not None:
                     call.cancel()
                 if not finished:
@@ -499,8 +526,3 @@ class ColocatedBackend(DisaggBackend):
         return {"status": "ok" if serving else "unavailable", "mode": "colocated",
                 "workers": {w.worker_id: w.state for w in ws}, "decode": serving}
 
-    def metrics(self) -> Mapping[str, float]:
-        out = dict(super().metrics())
-        for wid, n in self._inflight.items():
-            out[f"worker_router_in_flight:{wid}"] = float(n)
-        return out

@@ -102,8 +102,14 @@ def test_chat_streams_and_reports_usage(cluster) -> None:
     assert text == r.choices[0].message.content
 
 
+def done_by_worker(srv: ServeThread) -> dict[str, int]:
+    ws = httpx.get(f"{srv.url}/admin/status", timeout=10).json()["workers"]
+    return {w["id"]: w["requests_done"] for w in ws if w["state"] == "serving"}
+
+
 def test_32_concurrent_requests(cluster, reference) -> None:
     _, srv = cluster
+    before = done_by_worker(srv)
 
     async def go():
         c = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=180)
@@ -118,6 +124,10 @@ def test_32_concurrent_requests(cluster, reference) -> None:
         assert outs[i].choices[0].text == reference(prompt_ids(i), SamplingParams(
             temperature=0.9, max_tokens=12, seed=i, ignore_eos=True))
     assert all(o.usage.completion_tokens == 12 for o in outs)
+    # a burst that arrives between two polls of the workers' load is spread over every worker of
+    # both pools (the router counts what it has in flight per worker)
+    after = done_by_worker(srv)
+    assert all(after[w] - before.get(w, 0) >= 4 for w in after), (before, after)
 
 
 def test_bounded_load_has_no_errors_and_no_block_growth(cluster) -> None:
