@@ -9,14 +9,16 @@ the static buffers of a captured forward and replays it.
 Graphs are keyed by (padded row count, padded block-table width): rows pad up to the next size in
 ROW_SIZES, widths to one of four sizes per doubling of blocks (>= 16), so the indexer's work follows
 the context actually in the batch rather than the model's maximum. A graph is captured the first time
-its key is met (Triton kernels compile in the warm-up forward before capture). Padding rows read
-and write only the pool's scratch block.
+its key is met (Triton kernels compile in the warm-up forward before capture); at most MAX_GRAPHS are
+kept (least recently used evicted), and a capture that fails turns graphs off for that engine (the
+steps run eagerly, nothing is lost). Padding rows read and write only the pool's scratch block.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,7 @@ from .cache import CachePool
 
 log = logging.getLogger(__name__)
 
+MAX_GRAPHS = 64  # captured graphs kept per kind (least recently used evicted)
 ROW_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024)
 
 
@@ -107,7 +110,9 @@ class DecodeGraphs:
         self.slots = torch.full((r,), pool.scratch_block * pool.block_size, dtype=torch.long, device=dev)
         self.tables = torch.full((r, w), pool.scratch_block, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(r, net.cfg.hidden_size, dtype=net.dtype, device=dev) if mtp else None
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: OrderedDict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
+        self.max_graphs = MAX_GRAPHS
+        self.disabled = False  # a capture failed: every step runs eagerly from then on
         self.mempool = torch.cuda.graph_pool_handle()
 
     def key(self, plan: RowPlan) -> tuple[int, int] | None:
@@ -120,7 +125,7 @@ class DecodeGraphs:
     def run(self, plan: RowPlan, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
         """Replay (capturing first if needed) the graph for this plan; None when it does not fit.
         hidden: the MTP layer's input states [N, hidden] (mtp graphs only)."""
-        key = self.key(plan)
+        key = None if self.disabled else self.key(plan)
         if key is None:
             return None
         rows, width = key
@@ -139,8 +144,19 @@ class DecodeGraphs:
             self.seq_lens[n:rows].fill_(1)
             self.slots[n:rows].fill_(self.pool.scratch_block * self.pool.block_size)
             self.tables[n:rows, :width].fill_(self.pool.scratch_block)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(rows, width)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            if len(self.graphs) >= self.max_graphs:  # least recently used goes; its memory returns to the pool
+                self.graphs.popitem(last=False)
+            try:
+                self.graphs[key] = self._capture(rows, width)
+            except Exception:  # noqa: BLE001 - serving goes on without graphs rather than failing requests
+                log.exception("capturing a %s CUDA graph (%d rows, width %d) failed: these steps run eagerly "
+                              "from now on", "MTP" if self.mtp else "decode", rows, width)
+                self.disabled = True
+                self.graphs.clear()
+                return None
         graph, out = self.graphs[key]
         graph.replay()
         return out[:n].clone()  # the static output is overwritten by the next replay; callers keep rows

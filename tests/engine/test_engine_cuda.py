@@ -115,3 +115,24 @@ def test_cache_sized_by_memory_fraction(small_cuda) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     assert eng.generate(prompts, params)[0].token_ids == greedy_reference(small_cuda, prompts[0], 4)
     assert eng.blocks_used == 0
+
+
+def test_graph_eviction_and_a_failed_capture_keep_outputs_exact(kernel_net32, monkeypatch) -> None:
+    net = kernel_net32
+    prompts = random_prompts([150, 20, 70], net.cfg.vocab_size, seed=11)  # decode batches of 2, then 3 rows
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    refs = [greedy_reference(net, p, params.max_tokens) for p in prompts]
+    cfg = EngineConfig(num_blocks=96, block_size=16, chunk_size=128, device="cuda", dtype="float32")
+    eng = Engine(net, cfg)
+    eng.runner.graphs.max_graphs = 1  # every new (rows, width) evicts the graph before it
+    assert [r.token_ids for r in eng.generate(prompts, params)] == refs
+    assert len(eng.runner.graphs.graphs) == 1
+
+    eng = Engine(net, cfg)
+
+    def capture_fails(rows: int, width: int):
+        raise RuntimeError("injected capture failure")
+    monkeypatch.setattr(eng.runner.graphs, "_capture", capture_fails)
+    assert [r.token_ids for r in eng.generate(prompts, params)] == refs  # eager from the first decode step
+    assert eng.runner.graphs.disabled and not eng.runner.graphs.graphs
+    assert eng.blocks_used == 0
