@@ -24,6 +24,7 @@ only see a [block, layer] stride; nothing in them prefers layer-major.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,30 @@ class CacheLayout:
                 "dtype": self.dtype, "indexer_fp8": str(self.indexer_fp8), "latent_fp8": str(self.latent_fp8)}
 
 
+def pool_specs(model_cfg: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype, indexer_fp8: bool,
+               latent_fp8: bool = False) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape of one block, dtype) of each pool, in `CachePool.pools()` order: latent, indexer keys and,
+    with the FP8 indexer, their scales."""
+    kv_lora, rope, d = model_cfg.kv_lora_rank, model_cfg.qk_rope_head_dim, model_cfg.index_head_dim
+    if latent_fp8:
+        group = min(128, kv_lora)
+        if kv_lora % group:
+            raise ValueError(f"kv_lora_rank {kv_lora} is not a multiple of 128: no FP8 latent cache")
+        latent = ((num_layers, block_size, kv_lora + 4 * (kv_lora // group) + 2 * rope), torch.uint8)
+    else:
+        latent = ((num_layers, block_size, model_cfg.latent_dim), dtype)
+    if not indexer_fp8:
+        return [latent, ((num_layers, block_size, d), dtype)]
+    return [latent, ((num_layers, block_size, d), torch.uint8), ((num_layers, block_size), torch.float32)]
+
+
+def block_bytes(model_cfg: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype, indexer_fp8: bool,
+                latent_fp8: bool = False) -> int:
+    """Bytes of one cache block over every pool."""
+    specs = pool_specs(model_cfg, num_layers, block_size, dtype, indexer_fp8, latent_fp8)
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in specs)
+
+
 class CachePool:
     """The cache tensors of one engine. `pools()` lists them in a fixed order for transport."""
 
@@ -59,29 +84,17 @@ class CachePool:
                  dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool, latent_fp8: bool = False) -> None:
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
         self.scratch_block = num_blocks
-        num_blocks += 1
         self.indexer_fp8 = indexer_fp8
         self.dtype = dtype
-        d = model_cfg.index_head_dim
         self.kv_lora, self.rope_dim = model_cfg.kv_lora_rank, model_cfg.qk_rope_head_dim
         self.latent_fp8 = latent_fp8
         self.fp8_group = min(128, self.kv_lora)
-        if latent_fp8:
-            if self.kv_lora % self.fp8_group:
-                raise ValueError(f"kv_lora_rank {self.kv_lora} is not a multiple of 128: no FP8 latent cache")
-            token_bytes = self.kv_lora + 4 * (self.kv_lora // self.fp8_group) + 2 * self.rope_dim
-            self.latent = torch.zeros(num_blocks, num_layers, block_size, token_bytes, dtype=torch.uint8, device=device)
-        else:
-            self.latent = torch.zeros(num_blocks, num_layers, block_size, model_cfg.latent_dim, dtype=dtype,
-                                      device=device)
-        if indexer_fp8:
-            self.ikeys = torch.zeros(num_blocks, num_layers, block_size, d, dtype=torch.uint8, device=device)
-            self.iscale = torch.zeros(num_blocks, num_layers, block_size, dtype=torch.float32, device=device)
-        else:
-            self.ikeys = torch.zeros(num_blocks, num_layers, block_size, d, dtype=dtype, device=device)
-            self.iscale = None
-        self.layout = CacheLayout(num_layers, block_size, model_cfg.latent_dim, d, str(dtype).replace("torch.", ""),
-                                  indexer_fp8, latent_fp8)
+        specs = pool_specs(model_cfg, num_layers, block_size, dtype, indexer_fp8, latent_fp8)
+        pools = [torch.zeros(num_blocks + 1, *shape, dtype=dt, device=device) for shape, dt in specs]
+        self.latent, self.ikeys = pools[0], pools[1]
+        self.iscale = pools[2] if indexer_fp8 else None
+        self.layout = CacheLayout(num_layers, block_size, model_cfg.latent_dim, model_cfg.index_head_dim,
+                                  str(dtype).replace("torch.", ""), indexer_fp8, latent_fp8)
 
     def pools(self) -> list[torch.Tensor]:
         return [p for p in (self.latent, self.ikeys, self.iscale) if p is not None]

@@ -20,7 +20,7 @@ import torch
 from splitserve.model import DeepseekV32
 
 from .block_manager import BlockManager
-from .cache import CachePool, blocks_for_memory
+from .cache import CachePool, block_bytes, blocks_for_memory
 from .config import EngineConfig
 from .request import Request, RequestOutput, Status
 from .runner import ModelRunner
@@ -92,10 +92,8 @@ class Engine:
         """num_blocks from cache_memory_fraction of the GPU memory free after the weights."""
         if self.net.device.type != "cuda":
             raise ValueError("cache_memory_fraction needs the network on a CUDA device")
-        probe = CachePool(self.net.cfg, num_layers, 1, cfg.block_size, self.net.dtype, self.net.device,
-                          self.net.indexer_fp8, cfg.latent_fp8)
-        per_block = probe.bytes_per_block
-        del probe
+        per_block = block_bytes(self.net.cfg, num_layers, cfg.block_size, self.net.dtype, self.net.indexer_fp8,
+                                cfg.latent_fp8)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.net.device)
         n = blocks_for_memory(free, cfg.cache_memory_fraction or 1.0, per_block)

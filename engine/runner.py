@@ -64,17 +64,20 @@ class ModelRunner:
     def _mtp(self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan], hidden: torch.Tensor,
              graphed: bool) -> torch.Tensor:
         """The MTP layer over these runs of rows (from a CUDA graph when `graphed` and one fits)."""
+        plan = RowPlan.build(groups, self.pool.block_size) if self.paged else None
         if graphed and self.mtp_graphs is not None:
-            out = self.mtp_graphs.run(RowPlan.build(groups, self.pool.block_size), hidden)
+            out = self.mtp_graphs.run(plan, hidden)
             if out is not None:
                 return out
-        batch = self._batch(groups, spans)
+        batch = self._batch(groups, spans, plan)
         return self.net.mtp_forward(hidden, batch.input_ids, batch)
 
-    def _batch(self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan]) -> ForwardBatch:
-        """The forward batch of these runs of tokens (ids, first position, block table), one span each."""
-        if self.paged:
-            return RowPlan.build(groups, self.pool.block_size).to_batch(self.pool)
+    def _batch(self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan],
+               plan: RowPlan | None) -> ForwardBatch:
+        """The forward batch of these runs of tokens (ids, first position, block table), one span each;
+        `plan` is their row plan when the paged kernels run."""
+        if plan is not None:
+            return plan.to_batch(self.pool)
         store = PagedStore(self.pool, [t for _, _, t in groups], [p + len(ids) for ids, p, _ in groups],
                            [p for _, p, _ in groups])
         ids = torch.tensor([t for g, _, _ in groups for t in g], device=self.device)
@@ -203,11 +206,12 @@ class ModelRunner:
             groups.append((toks, nc, req.block_table))
             spans.append(SeqSpan(start, len(toks), nc, absorbed=it.decode))
             start += len(toks)
+        plan = RowPlan.build(groups, self.pool.block_size) if self.paged else None
         hidden = None
         if self.graphs is not None and all(it.decode for it in items):
-            hidden = self.graphs.run(RowPlan.build(groups, self.pool.block_size))
+            hidden = self.graphs.run(plan)
         if hidden is None:
-            hidden = self.net.forward(self._batch(groups, spans))
+            hidden = self.net.forward(self._batch(groups, spans, plan))
 
         # rows whose logits are needed
         want: list[int] = []

@@ -232,11 +232,12 @@ def run(backend: str, device: str, blocks: int, block_bytes: tuple[int, ...], re
 def preset_block_bytes(preset: str, block_size: int = 64) -> tuple[int, ...]:
     """Bytes per block of each pool of the engine's cache for a model preset (FP8 indexer keys, bf16
     latent, MTP layer included), without building the model."""
+    from splitserve.engine.cache import pool_specs
     from splitserve.model.checkpoint import PRESETS
 
     cfg = PRESETS[preset]
-    layers = cfg.num_hidden_layers + 1
-    return (layers * block_size * cfg.latent_dim * 2, layers * block_size * cfg.index_head_dim, layers * block_size * 4)
+    specs = pool_specs(cfg, cfg.num_hidden_layers + 1, block_size, torch.bfloat16, indexer_fp8=True)
+    return tuple(int(torch.Size(shape).numel()) * dt.itemsize for shape, dt in specs)
 
 
 def _print(rows: list[Row]) -> None:
