@@ -48,28 +48,32 @@ class ServeThread:
         assert not self.thread.is_alive()
 
 
-def pid_alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, session, ...), or None
+    when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def all_pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def session_pids(sid: int) -> list[int]:
     """Live (non-zombie) processes of session `sid` (Ray's daemons keep the session they started in)."""
     out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(d))
+    for pid in all_pids():
+        fields = proc_stat(pid)
+        if fields is not None and int(fields[3]) == sid and fields[0] != "Z":
+            out.append(pid)
     return out

@@ -26,7 +26,7 @@ from splitserve.deploy.controller import Controller, ControllerError, WorkerStar
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.router.membership import Directory, WorkerInfo
-from splitserve.tests.helpers import ServeThread, pid_alive, wait_until
+from splitserve.tests.helpers import ServeThread, all_pids, pid_alive, proc_stat, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -84,18 +84,16 @@ def ray_descendants(root: int) -> set[int]:
     """Ray processes (gcs, raylet, agents, workers) below `root` in the process tree."""
     children: dict[int, list[int]] = {}
     cmd: dict[int, str] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
+    for pid in all_pids():
+        fields = proc_stat(pid)
+        if fields is None:
             continue
         try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd[int(d)] = f.read().decode(errors="replace").lower()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd[pid] = f.read().decode(errors="replace").lower()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(d))
+        children.setdefault(int(fields[1]), []).append(pid)
     out: set[int] = set()
     stack = [root]
     while stack:

@@ -3,10 +3,23 @@ the main model often (so speculative decoding accepts drafts and the rollback pa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from splitserve.model import DeepseekV32, load
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add synchronisation (and stall badly when other test
+    processes share the cores). For a module: `pytestmark = pytest.mark.usefixtures("one_torch_thread")`;
+    restored after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,6 @@ Acceptance rates are compared with their exact value within 5 binomial standard 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -56,14 +54,7 @@ def _norm32(x: np.ndarray) -> torch.Tensor:
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add synchronisation (and stall badly when other test
-    processes share the cores). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------
