@@ -184,7 +184,13 @@ WEATHER = {
 
 def test_typing_by_attribute_and_schema() -> None:
     text = _block(
-        _invoke("w", ("city", "true", "Paris"), ("days", "true", "3"), ("units", "false", "c"), ("tags", "false", '["a", 1]'))
+        _invoke(
+            "w",
+            ("city", "true", "Paris"),
+            ("days", "true", "3"),
+            ("units", "false", "c"),
+            ("tags", "false", '["a", 1]'),
+        )
     )
     out = parse_tool_calls(text, [WEATHER])
     assert out.content == "" and len(out.calls) == 1
@@ -216,14 +222,19 @@ _P2 = PARAM_OPEN + 'a" string="true">2' + PARAM_CLOSE
         ),
         # junk inside an invoke closes the call with what it has
         (
-            "x\n\n" + BLOCK_OPEN + "\n" + INVOKE_OPEN + 'f">\n' + PARAM_OPEN + 'a" string="true">v' + PARAM_CLOSE + "\nOOPS",
+            "x\n\n" + BLOCK_OPEN + "\n" + INVOKE_OPEN + 'f">\n' + PARAM_OPEN + 'a" string="true">v' + PARAM_CLOSE
+            + "\nOOPS",
             "x\nOOPS",
             [("f", '{"a": "v"}')],
         ),
         # duplicate parameter: the call ends before it; the rest is content
         (_DUP, "\n" + _P2 + "\n" + INVOKE_CLOSE + "\n" + BLOCK_CLOSE, [("f", '{"a": "1"}')]),
         # cut short (max_tokens) inside a string value: the call as far as it got
-        ("\n\n" + BLOCK_OPEN + "\n" + INVOKE_OPEN + 'f">\n' + PARAM_OPEN + 'a" string="true">par', "", [("f", '{"a": "par')]),
+        (
+            "\n\n" + BLOCK_OPEN + "\n" + INVOKE_OPEN + 'f">\n' + PARAM_OPEN + 'a" string="true">par',
+            "",
+            [("f", '{"a": "par')],
+        ),
         # cut short before the first invoke tag is complete: plain content
         ("ok\n\n" + BLOCK_OPEN + "\n" + INVOKE_OPEN + "ge", "ok\n\n" + BLOCK_OPEN + "\n" + INVOKE_OPEN + "ge", []),
         # text after the block, and a second block
