@@ -3,8 +3,8 @@ and ``tool_calls``, whole (`chat_message`) or as stream deltas (`ChatOutputStrea
 
 The text is split in two steps, each owned by its module: `splitserve.router.reasoning` (thinking mode:
 reasoning before ``</think>``) and `splitserve.router.tool_calls` (DSML function-call blocks in the
-answer). ``finish_reason`` becomes ``"tool_calls"`` when the generation stopped by itself (EOS) and at
-least one call was read.
+answer). ``finish_reason`` becomes ``"tool_calls"`` when the generation stopped by itself (EOS or a stop
+string) after at least one call, every call whole.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from splitserve.router.tool_calls import (
     CallArguments,
     CallStart,
     ContentDelta,
+    ParsedCall,
     ToolCallStream,
     ToolEvent,
     parse_tool_calls,
@@ -42,8 +43,10 @@ class ChatOutputOptions:
     max_calls: int | None = None
 
 
-def _finish_reason(raw: str | None, num_calls: int) -> str | None:
-    return "tool_calls" if raw == "stop" and num_calls else raw
+def _finish_reason(raw: str | None, num_calls: int, all_closed: bool) -> str | None:
+    """"tool_calls" when the model stopped by itself after calls that are all whole (a stop string can cut
+    one short)."""
+    return "tool_calls" if raw == "stop" and num_calls and all_closed else raw
 
 
 def _tool_call(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:
@@ -62,17 +65,18 @@ def chat_message(
     if reasoning is not None:
         message["reasoning_content"] = reasoning
     calls: list[dict[str, Any]] = []
+    parsed_calls: list[ParsedCall] = []
     if options.tools is not None:
         parsed = parse_tool_calls(content, options.tools, options.max_calls)
-        content = parsed.content
-        for c in parsed.calls:
+        content, parsed_calls = parsed.content, parsed.calls
+        for c in parsed_calls:
             call = _tool_call(len(calls), call_id(), c.name, c.arguments)
             del call["index"]  # the non-streaming form has no index
             calls.append(call)
     message["content"] = content if content or not calls else None
     if calls:
         message["tool_calls"] = calls
-    return message, _finish_reason(finish_reason, len(calls))
+    return message, _finish_reason(finish_reason, len(calls), all(c.complete for c in parsed_calls))
 
 
 class ChatOutputStream:
@@ -96,7 +100,8 @@ class ChatOutputStream:
         return self._deltas(d.reasoning, self._content_events("", final=True))
 
     def finish_reason(self, raw: str | None) -> str | None:
-        return _finish_reason(raw, self.num_calls)
+        closed = self._tools.num_closed if self._tools is not None else 0
+        return _finish_reason(raw, self.num_calls, closed == self.num_calls)
 
     def _content_events(self, content: str, final: bool) -> Sequence[ToolEvent]:
         if self._tools is None:

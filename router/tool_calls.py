@@ -374,6 +374,7 @@ class ToolCallStream:
         self._emit_call = False  # the current invoke is reported (not beyond max_calls)
         self._n_invokes = 0
         self.num_calls = 0  # calls reported so far
+        self.num_closed = 0  # of which with their arguments object closed
         self._value_stream = False
         self._value_is_str = False
         self._value_types: frozenset[str] | None = None
@@ -406,6 +407,11 @@ class ToolCallStream:
     def _args(self, out: list[ToolEvent], fragment: str) -> None:
         if self._emit_call and fragment:
             out.append(CallArguments(self._call_index, fragment))
+
+    def _close_call(self, out: list[ToolEvent]) -> None:
+        self._args(out, _close_args(len(self._keys)))
+        if self._emit_call:
+            self.num_closed += 1
 
     def _step(self, out: list[ToolEvent]) -> bool:
         """Consumes what it can from the buffer; False when it needs more text."""
@@ -450,7 +456,7 @@ class ToolCallStream:
             if not self._started:
                 out.append(ContentDelta(self._lead + BLOCK_OPEN))
             elif self._in_invoke:
-                self._args(out, _close_args(len(self._keys)))
+                self._close_call(out)
             self._state = "content"
             return True
         self._buf = buf[el.end :]
@@ -462,7 +468,7 @@ class ToolCallStream:
                 self.num_calls += 1
                 out.append(CallStart(self._call_index, el.name))
         elif el.kind == "invoke_end":
-            self._args(out, _close_args(len(self._keys)))
+            self._close_call(out)
             self._in_invoke = False
         elif el.kind == "block_end":
             self._state = "content"

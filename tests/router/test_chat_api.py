@@ -221,6 +221,18 @@ def test_tool_calls_streaming(client: openai.OpenAI, backend, say, tokens_per_de
     assert len(fragments) > 3 and "".join(fragments) == json.dumps({"note": POEM})
 
 
+def test_call_cut_by_a_stop_string_is_not_finished(client: openai.OpenAI, say) -> None:  # noqa: ANN001
+    say(BLOCK)
+    r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, stop=["Paris"])
+    c = r.choices[0]
+    assert c.finish_reason == "stop"
+    assert [(t.function.name, t.function.arguments) for t in c.message.tool_calls] == [("get_weather", '{"location": "')]
+    _c, out = _stream(client, messages=USER, tools=TOOLS, stop=["Paris"])
+    assert out[0]["finish"] == "stop" and [(x["name"], x["args"]) for x in out[0]["calls"]] == [
+        ("get_weather", '{"location": "')
+    ]
+
+
 def test_malformed_block_is_plain_content(client: openai.OpenAI, say) -> None:  # noqa: ANN001
     text = f"Sure.\n\n<{D}function_calls>\n<{D}bogus>oops</{D}function_calls>"
     say(text)

@@ -337,6 +337,12 @@ def test_any_text_parses_and_streams_identically(pieces: list[str], cuts: list[i
         assert len(out.calls) <= max_calls
     if BLOCK_OPEN not in text:
         assert out.content == text and not out.calls
+    options = ChatOutputOptions(tools=(WEATHER,), max_calls=max_calls)
+    for finish in ("stop", "length"):
+        expected = chat_message(text, finish, options, call_id=lambda: "id")
+        assert _stream_message(_chunks(text, cuts), options, finish) == expected
+        whole = bool(out.calls) and all(c.complete for c in out.calls)
+        assert expected[1] == ("tool_calls" if finish == "stop" and whole else finish)
 
 
 def test_render_then_parse_gold_tools_block() -> None:
