@@ -9,6 +9,7 @@ string) after at least one call, every call whole.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from splitserve.router.tool_calls import (
     ToolEvent,
     parse_tool_calls,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 def new_call_id() -> str:
@@ -59,7 +63,21 @@ def chat_message(
     options: ChatOutputOptions,
     call_id: Callable[[], str] = new_call_id,
 ) -> tuple[dict[str, Any], str | None]:
-    """The ``message`` of a finished choice and its ``finish_reason``."""
+    """The ``message`` of a finished choice and its ``finish_reason``.
+
+    The parsers do not raise on any text (property-tested); should one fail anyway, the text comes back
+    as plain content rather than as a 500.
+    """
+    try:
+        return _chat_message(text, finish_reason, options, call_id)
+    except Exception:
+        logger.exception("parsing the model output failed; returning it as plain content")
+        return {"role": "assistant", "content": text}, finish_reason
+
+
+def _chat_message(
+    text: str, finish_reason: str | None, options: ChatOutputOptions, call_id: Callable[[], str]
+) -> tuple[dict[str, Any], str | None]:
     reasoning, content = split_reasoning(text, options.thinking)
     message: dict[str, Any] = {"role": "assistant"}
     if reasoning is not None:
@@ -86,18 +104,35 @@ class ChatOutputStream:
         self._reasoning = ReasoningStream(options.thinking)
         self._tools = ToolCallStream(options.tools, options.max_calls) if options.tools is not None else None
         self._call_id = call_id
+        self._failed = False
 
     @property
     def num_calls(self) -> int:
         return self._tools.num_calls if self._tools is not None else 0
 
     def feed(self, text: str) -> list[dict[str, Any]]:
-        d = self._reasoning.feed(text)
-        return self._deltas(d.reasoning, self._content_events(d.content, final=False))
+        if self._failed:
+            return [{"content": text}] if text else []
+        try:
+            d = self._reasoning.feed(text)
+            return self._deltas(d.reasoning, self._content_events(d.content, final=False))
+        except Exception:
+            return self._fail(text)
 
     def finish(self) -> list[dict[str, Any]]:
-        d = self._reasoning.finish()
-        return self._deltas(d.reasoning, self._content_events("", final=True))
+        if self._failed:
+            return []
+        try:
+            d = self._reasoning.finish()
+            return self._deltas(d.reasoning, self._content_events("", final=True))
+        except Exception:
+            return self._fail("")
+
+    def _fail(self, text: str) -> list[dict[str, Any]]:
+        """Should a parser fail (it does not on any text, property-tested), the rest streams as content."""
+        logger.exception("parsing the model output failed; streaming the rest as plain content")
+        self._failed = True
+        return [{"content": text}] if text else []
 
     def finish_reason(self, raw: str | None) -> str | None:
         closed = self._tools.num_closed if self._tools is not None else 0

@@ -370,3 +370,19 @@ def test_stream_sse_events_are_json(server, say) -> None:  # noqa: ANN001
     parsed = [json.loads(e) for e in events[:-1]]
     assert parsed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert parsed[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_failing_parser_is_never_a_500(client: openai.OpenAI, say, monkeypatch) -> None:  # noqa: ANN001
+    """Belt and braces: were a parser to raise, the text comes back as content (200, not 500)."""
+    from splitserve.router import chat_output
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(chat_output, "parse_tool_calls", broken)
+    monkeypatch.setattr(chat_output.ToolCallStream, "feed", broken)
+    say("text" + BLOCK)
+    r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS)
+    assert r.choices[0].message.content == "text" + BLOCK and r.choices[0].finish_reason == "stop"
+    _c, out = _stream(client, messages=USER, tools=TOOLS)
+    assert out[0]["content"] == "text" + BLOCK and out[0]["finish"] == "stop"
