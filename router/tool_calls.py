@@ -51,6 +51,7 @@ PARAM_CLOSE = f"</{DSML_TOKEN}parameter>"
 _BLOCK_LEAD = "\n\n"  # the encoder's separator between the answer and the block
 _WS = " \t\r\n"
 _NAME_STOP = frozenset('"<>\n')
+MAX_NAME_LEN = 256  # a longer function or parameter name is not a tag (and bounds the look-ahead)
 
 # Element templates: literal strings, _NAME (one or more characters outside _NAME_STOP) or _BOOL.
 _NAME = object()
@@ -65,8 +66,10 @@ def _match(s: str, pos: int, template: Sequence[object]) -> tuple[str, list[str]
     for part in template:
         if part is _NAME:
             start = pos
-            while pos < len(s) and s[pos] not in _NAME_STOP:
+            while pos < len(s) and s[pos] not in _NAME_STOP and pos - start <= MAX_NAME_LEN:
                 pos += 1
+            if pos - start > MAX_NAME_LEN:
+                return "fail", [], 0
             if pos == len(s):
                 return "partial", [], 0
             if pos == start:
@@ -378,6 +381,8 @@ class ToolCallStream:
         self._value_stream = False
         self._value_is_str = False
         self._value_types: frozenset[str] | None = None
+        self._scanned = 0  # how far a whole (non-streamed) value has been searched for its closing tag
+        self._ws: list[str] = []  # whitespace before the next element, kept until the element is known
 
     def feed(self, text: str) -> list[ToolEvent]:
         self._buf += text
@@ -394,7 +399,7 @@ class ToolCallStream:
                 out.append(ContentDelta(buf))
         elif self._state == "block":
             if not self._started:
-                out.append(ContentDelta(self._lead + BLOCK_OPEN + buf))
+                out.append(ContentDelta(self._lead + BLOCK_OPEN + "".join(self._ws) + buf))
         elif self._value_stream and self._emit_call and buf:  # a string value cut short
             out.append(CallArguments(self._call_index, _escape(buf)))
         self._state = "done"
@@ -432,8 +437,8 @@ class ToolCallStream:
             self._state, self._started, self._in_invoke = "block", False, False
             return True
         if self._state == "value":
-            r = buf.find(PARAM_CLOSE)
             if self._value_stream:
+                r = buf.find(PARAM_CLOSE)  # the buffer holds only what was not sent yet
                 if r < 0:
                     keep = partial_suffix(buf, PARAM_CLOSE)
                     self._args(out, _escape(buf[: len(buf) - keep]))
@@ -441,7 +446,9 @@ class ToolCallStream:
                     return False
                 self._args(out, _escape(buf[:r]) + '"')
             else:
+                r = buf.find(PARAM_CLOSE, self._scanned)
                 if r < 0:
+                    self._scanned = max(0, len(buf) - len(PARAM_CLOSE) + 1)
                     return False
                 self._args(out, value_json(buf[:r], self._value_is_str, self._value_types))
             self._buf = buf[r + len(PARAM_CLOSE) :]
@@ -449,10 +456,16 @@ class ToolCallStream:
             return True
         if self._state != "block":
             return False
+        stripped = buf.lstrip(_WS)
+        if len(stripped) < len(buf):  # set whitespace aside: a long run is not scanned again and again
+            self._ws.append(buf[: len(buf) - len(stripped)])
+            self._buf = buf = stripped
         el = _element(buf, 0, self._in_invoke, self._keys)
         if el.kind == "need":
             return False
+        ws, self._ws = "".join(self._ws), []
         if el.kind == "bad":
+            self._buf = ws + buf  # content resumes at the whitespace, as in parse_tool_calls
             if not self._started:
                 out.append(ContentDelta(self._lead + BLOCK_OPEN))
             elif self._in_invoke:
@@ -478,7 +491,7 @@ class ToolCallStream:
             self._value_is_str, self._value_types = el.is_str, types
             self._args(out, _param_prefix(not self._keys, el.name) + ('"' if self._value_stream else ""))
             self._keys.add(el.name)
-            self._state = "value"
+            self._state, self._scanned = "value", 0
         return True
 
 

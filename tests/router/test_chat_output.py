@@ -22,6 +22,7 @@ from splitserve.router.tool_calls import (
     BLOCK_OPEN,
     INVOKE_CLOSE,
     INVOKE_OPEN,
+    MAX_NAME_LEN,
     PARAM_CLOSE,
     PARAM_OPEN,
     ToolCallStream,
@@ -249,6 +250,17 @@ def test_malformed_and_edge_cases(text: str, content: str, calls: list[tuple[str
     assert [(c.name, c.arguments) for c in out.calls] == calls
     for k in range(len(text) + 1):  # every two-chunk split streams to the same result
         assert _stream_tools([text[:k], text[k:]]) == out
+
+
+def test_names_are_bounded() -> None:
+    ok = "n" * MAX_NAME_LEN
+    out = parse_tool_calls(_block(_invoke(ok)))
+    assert [c.name for c in out.calls] == [ok]
+    long = _block(_invoke(ok + "n"))
+    assert parse_tool_calls(long).content == long
+    for text in (_block(_invoke(ok)), long):
+        for k in range(0, len(text) + 1, 7):
+            assert _stream_tools([text[:k], text[k:]]) == parse_tool_calls(text)
 
 
 def test_max_calls_keeps_the_first() -> None:
