@@ -18,6 +18,7 @@ JSON is kept as a string. ``arguments`` is always ``json.dumps`` of the argument
 Rules for text that is not a well-formed block (nothing ever raises):
 
 * whitespace between tags is allowed; the ``"\\n\\n"`` before ``<｜DSML｜function_calls>`` is not content;
+  names are 1 to 256 characters other than ``"<>`` and newline (anything else is not a tag);
 * a block that goes wrong before its first ``invoke`` tag is complete is plain content, unchanged;
 * a block that goes wrong later keeps the calls read so far (a call in progress is closed with the
   parameters it has), and the text from the first unexpected character on is content again;
