@@ -48,8 +48,8 @@ class ChatOutputOptions:
 
 
 def _finish_reason(raw: str | None, num_calls: int, all_closed: bool) -> str | None:
-    """"tool_calls" when the model stopped by itself after calls that are all whole (a stop string can cut
-    one short)."""
+    """``tool_calls`` when the model stopped by itself after calls that are all whole (a stop string can
+    cut one short)."""
     return "tool_calls" if raw == "stop" and num_calls and all_closed else raw
 
 
