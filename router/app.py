@@ -29,6 +29,7 @@ from splitserve.router import responses as R
 from splitserve.router.admission import Admission, AdmissionRejected
 from splitserve.router.backend import GenerationBackend
 from splitserve.router.chat import ChatEncoder, encode_messages
+from splitserve.router.chat_output import ChatOutputOptions, ChatOutputStream, chat_message
 from splitserve.router.generation import (
     BackendFailure,
     ChoiceEvent,
@@ -321,7 +322,8 @@ class _Server:
         choices = []
         for r in results:
             logprobs = R.chat_logprobs(r.pieces, self.strings) if prepared.logprobs is not None else None
-            choices.append(R.chat_choice(r.index, r.text, logprobs, r.finish_reason))
+            message, finish = chat_message(r.text, r.finish_reason, prepared.chat_output or ChatOutputOptions())
+            choices.append(R.chat_choice(r.index, message, logprobs, finish))
         return R.chat_body(request_id, self.created_now(), self.model_name, choices, self._usage(prepared, results))
 
     @staticmethod
@@ -340,6 +342,8 @@ class _Server:
         events = stream.events()
         obj = "chat.completion.chunk" if chat else "text_completion"
         echo_lens: dict[int, int] = {}  # prompt index -> length of its echoed text
+        options = prepared.chat_output or ChatOutputOptions()
+        outputs = [ChatOutputStream(options) for _ in range(prepared.num_choices if chat else 0)]
         try:
             await self.admission.wait_turn()
             turn["started"] = True
@@ -359,7 +363,7 @@ class _Server:
                     )
             async for ev in events:
                 lines = (
-                    self._chat_lines(ev, request_id, created, prepared)
+                    self._chat_lines(ev, request_id, created, prepared, outputs[ev.index])
                     if chat
                     else self._completion_lines(ev, request_id, created, prepared, echo_lens)
                 )
@@ -378,17 +382,26 @@ class _Server:
             await events.aclose()  # cancels every choice if we stopped early (client gone, error)
             timer.done()
 
-    def _chat_lines(self, ev: ChoiceEvent, request_id: str, created: int, prepared: PreparedRequest) -> list[str]:
+    def _chat_lines(
+        self, ev: ChoiceEvent, request_id: str, created: int, prepared: PreparedRequest, output: ChatOutputStream
+    ) -> list[str]:
+        """The event's text as reasoning / content / tool-call deltas; logprobs ride on the first of them."""
         lines = []
         usage_null = prepared.include_usage
-        if ev.text or (ev.pieces and prepared.logprobs is not None):
-            lp = R.chat_logprobs(ev.pieces, self.strings) if prepared.logprobs is not None else None
+        deltas = output.feed(ev.text) if ev.text else []
+        if ev.finish_reason is not None:
+            deltas += output.finish()
+        lp = R.chat_logprobs(ev.pieces, self.strings) if prepared.logprobs is not None and ev.pieces else None
+        if lp is not None and not deltas:
+            deltas = [{}]
+        for i, delta in enumerate(deltas):
             chunk = R.chat_chunk(
-                request_id, created, self.model_name, ev.index, {"content": ev.text}, lp, None, usage_null
+                request_id, created, self.model_name, ev.index, delta, lp if i == 0 else None, None, usage_null
             )
             lines.append(R.sse(chunk))
         if ev.finish_reason is not None:
-            chunk = R.chat_chunk(request_id, created, self.model_name, ev.index, {}, None, ev.finish_reason, usage_null)
+            finish = output.finish_reason(ev.finish_reason)
+            chunk = R.chat_chunk(request_id, created, self.model_name, ev.index, {}, None, finish, usage_null)
             lines.append(R.sse(chunk))
         return lines
 

@@ -15,7 +15,10 @@ ships no Jinja template): BOS, then per message
   batch, "\\n<result>{content}</result>" each, "\\n</function_results>" + "\\n\\n<think>" (thinking mode,
   after the last user message) or "\\n\\n</think>" after the last one.
 
-In thinking mode the reasoning of assistant turns before the last user message is dropped.
+In thinking mode the reasoning of assistant turns before the last user message is dropped. A request's
+``tools`` and ``response_format`` go on the leading system message (as DeepSeek's encoder reads them from a
+message); ``tool_instruction`` (tool_choice required / named, parallel_tool_calls false) is splitserve's own
+paragraph after the tools block. The model's output is read back by `splitserve.router.chat_output`.
 
 `load_chat_encoder` prefers a checkpoint's own Jinja ``chat_template`` (tokenizer_config.json) and falls
 back to this encoding.
@@ -166,6 +169,8 @@ def _render_message(i: int, messages: Sequence[Mapping[str, Any]], thinking: boo
         out = content
         if tools:
             out += "\n\n" + render_tools(tools)
+            if msg.get("tool_instruction"):
+                out += "\n" + msg["tool_instruction"] + "\n"
         if response_format:
             out += "\n\n" + _render_response_format(response_format)
         return out
@@ -222,23 +227,36 @@ def encode_messages(
     thinking: bool = False,
     tools: Sequence[Mapping[str, Any]] | None = None,
     drop_thinking: bool = True,
+    response_format: Mapping[str, Any] | None = None,
+    tool_instruction: str | None = None,
 ) -> str:
     """The DeepSeek-V3.2 prompt for OpenAI-style `messages`.
 
-    `tools` (request-level OpenAI tools) are attached to the leading system message, or to a new empty
-    system message put first when there is none. `drop_thinking` (thinking mode only) removes the
-    reasoning of assistant turns before the last user message, as DeepSeek's encoder does by default.
+    `tools` (request-level OpenAI tools) and `response_format` (the request's, rendered as the encoder
+    renders a message's ``response_format``) are attached to the leading system message, or to a new
+    empty system message put first when there is none. `tool_instruction` (splitserve's, for
+    ``tool_choice`` required / named and ``parallel_tool_calls: false``) is a paragraph after the tools
+    block. `drop_thinking` (thinking mode only) removes the reasoning of assistant turns before the last
+    user message, as DeepSeek's encoder does by default.
     """
     msgs: list[Mapping[str, Any]] = []
     for m in messages:
         if not isinstance(m, Mapping):
             raise ChatEncodingError("each message must be an object")
         msgs.append(m)
+    extra: dict[str, Any] = {}
     if tools:
-        if msgs and msgs[0].get("role") == "system" and not msgs[0].get("tools"):
-            msgs[0] = {**msgs[0], "tools": list(tools)}
+        extra["tools"] = list(tools)
+        if tool_instruction:
+            extra["tool_instruction"] = tool_instruction
+    if response_format:
+        extra["response_format"] = dict(response_format)
+    if extra:
+        first = msgs[0] if msgs else None
+        if first is not None and first.get("role") == "system" and not any(first.get(k) for k in extra):
+            msgs[0] = {**first, **extra}
         else:
-            msgs.insert(0, {"role": "system", "content": "", "tools": list(tools)})
+            msgs.insert(0, {"role": "system", "content": "", **extra})
     last_user = _last_user_index(msgs)
     if thinking and drop_thinking:
         msgs = [
@@ -258,6 +276,9 @@ class ChatEncoder(Protocol):
         messages: Sequence[Mapping[str, Any]],
         thinking: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        response_format: Mapping[str, Any] | None = None,
+        tool_instruction: str | None = None,
     ) -> str: ...
 
 
@@ -292,11 +313,17 @@ class JinjaChatEncoder:
         messages: Sequence[Mapping[str, Any]],
         thinking: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        response_format: Mapping[str, Any] | None = None,
+        tool_instruction: str | None = None,
     ) -> str:
+        """`response_format` and `tool_instruction` reach the template as variables of those names."""
         try:
             return self._template.render(
                 messages=list(messages),
                 tools=list(tools) if tools else None,
+                response_format=dict(response_format) if response_format else None,
+                tool_instruction=tool_instruction,
                 add_generation_prompt=True,
                 thinking=thinking,
                 enable_thinking=thinking,

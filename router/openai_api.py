@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.model.tokenizer import BOS_TOKEN_ID
 from splitserve.router.chat import ChatEncoder, ChatEncodingError, encode_messages
+from splitserve.router.chat_output import ChatOutputOptions
 from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -208,6 +209,38 @@ class Tool(_Strict):
     function: FunctionDef
 
 
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ThinkingOption(_Strict):
+    """DeepSeek's API spelling: ``"thinking": {"type": "enabled"}``."""
+
+    type: Literal["enabled", "disabled"]
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -215,7 +248,11 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Tool] | None = None
-    tool_choice: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    thinking: ThinkingOption | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -250,6 +287,7 @@ class PreparedRequest:
     echo: bool = False
     logprobs: int | None = None  # alternatives to report per token (None: no logprobs)
     prompt_only: bool = False  # echo with max_tokens=0: the one generated token is dropped
+    chat_output: ChatOutputOptions | None = None  # chat: how to read reasoning and tool calls
 
     @property
     def num_choices(self) -> int:
@@ -415,11 +453,110 @@ def prepare_completion(
 
 
 def chat_thinking(req: ChatCompletionRequest) -> bool:
+    """Thinking mode, from any of ``chat_template_kwargs.thinking`` (or ``enable_thinking``), DeepSeek's
+    ``thinking: {"type": ...}`` and ``reasoning_effort`` (``"none"`` is off, any other level on; V3.2 has
+    no levels). Off when none is given; 400 when they disagree."""
+    said: dict[str, bool] = {}
     kwargs = req.chat_template_kwargs or {}
-    value = kwargs.get("thinking", kwargs.get("enable_thinking", False))
-    if not isinstance(value, bool):
-        raise bad_request("chat_template_kwargs.thinking must be a boolean", param="chat_template_kwargs")
-    return value
+    for key in ("thinking", "enable_thinking"):
+        if key in kwargs:
+            if not isinstance(kwargs[key], bool):
+                raise bad_request(f"chat_template_kwargs.{key} must be a boolean", param="chat_template_kwargs")
+            said[f"chat_template_kwargs.{key}"] = kwargs[key]
+    if req.thinking is not None:
+        said["thinking.type"] = req.thinking.type == "enabled"
+    if req.reasoning_effort is not None:
+        said["reasoning_effort"] = req.reasoning_effort != "none"
+    if len(set(said.values())) > 1:
+        raise bad_request(f"thinking mode is set both on and off: {said}", param=next(iter(said)))
+    return any(said.values())
+
+
+_JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object", "null"})
+
+TOOL_REQUIRED_INSTRUCTION = "You must call at least one of the functions above in this reply."
+TOOL_NAMED_INSTRUCTION = 'You must call the function "{name}" in this reply.'
+TOOL_SINGLE_INSTRUCTION = "Call at most one function in this reply."
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """What a request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` mean for this model.
+
+    V3.2 cannot be constrained to call a tool, so ``required`` and a named function are instructions in
+    the prompt (after the tools block; a named function is the only tool shown), and a reply without a
+    call comes back as plain content with ``finish_reason: "stop"``. ``none`` leaves the tools out of the
+    prompt and the output unparsed. ``parallel_tool_calls: false`` adds an instruction and keeps only the
+    first call.
+    """
+
+    prompt_tools: list[dict[str, Any]] | None = None
+    parse_tools: tuple[dict[str, Any], ...] | None = None
+    instruction: str | None = None
+    max_calls: int | None = None
+
+
+def plan_tools(req: ChatCompletionRequest) -> ToolPlan:
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
+    choice = req.tool_choice
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice requires tools", param="tool_choice")
+        return ToolPlan()
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise bad_request("tool names must be unique", param="tools")
+    if choice == "none":
+        return ToolPlan()
+    instructions = []
+    shown = tools
+    if choice == "required":
+        instructions.append(TOOL_REQUIRED_INSTRUCTION)
+    elif isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in names:
+            raise bad_request(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
+        shown = [t for t in tools if t["function"]["name"] == name]
+        instructions.append(TOOL_NAMED_INSTRUCTION.format(name=name))
+    max_calls = None
+    if req.parallel_tool_calls is False:
+        instructions.append(TOOL_SINGLE_INSTRUCTION)
+        max_calls = 1
+    return ToolPlan(shown, tuple(tools), " ".join(instructions) or None, max_calls)
+
+
+def _check_schema_types(schema: Any, path: str) -> None:
+    if isinstance(schema, dict):
+        t = schema.get("type")
+        if t is not None:
+            ts = t if isinstance(t, list) else [t]
+            if not ts or any(not isinstance(x, str) or x not in _JSON_TYPES for x in ts):
+                raise bad_request(f"{path}.type: {t!r} is not a JSON Schema type", param="response_format")
+        for key, sub in schema.items():
+            if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(sub, dict):
+                for name, s in sub.items():
+                    _check_schema_types(s, f"{path}.{key}.{name}")
+            elif key in ("items", "additionalProperties", "not"):
+                _check_schema_types(sub, f"{path}.{key}")
+            elif key in ("anyOf", "oneOf", "allOf", "prefixItems") and isinstance(sub, list):
+                for i, s in enumerate(sub):
+                    _check_schema_types(s, f"{path}.{key}[{i}]")
+
+
+def response_format_for_prompt(rf: ResponseFormat | None) -> dict[str, Any] | None:
+    """The request's ``response_format`` as V3.2's encoder writes it into the system prompt (None: text).
+
+    The model cannot be constrained to the schema: it is an instruction, as in DeepSeek's encoder.
+    """
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return {"type": "json_object"}
+    if rf.json_schema is None:
+        raise bad_request("response_format json_schema needs a json_schema object", param="response_format")
+    if rf.json_schema.json_schema is not None:
+        _check_schema_types(rf.json_schema.json_schema, "response_format.json_schema.schema")
+    return rf.model_dump(by_alias=True, exclude_none=True)
 
 
 def prepare_chat(
@@ -430,9 +567,16 @@ def prepare_chat(
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    thinking = chat_thinking(req)
+    plan = plan_tools(req)
     try:
-        text = chat_encoder(messages, thinking=chat_thinking(req), tools=tools)
+        text = chat_encoder(
+            messages,
+            thinking=thinking,
+            tools=plan.prompt_tools,
+            response_format=response_format_for_prompt(req.response_format),
+            tool_instruction=plan.instruction,
+        )
     except ChatEncodingError as e:
         raise bad_request(str(e), param="messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False).ids
@@ -451,4 +595,5 @@ def prepare_chat(
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         logprobs=logprobs,
+        chat_output=ChatOutputOptions(thinking=thinking, tools=plan.parse_tools, max_calls=plan.max_calls),
     )

@@ -1,4 +1,5 @@
-"""Test helpers: a small deterministic reference backend and a uvicorn server running in a thread.
+"""Test helpers: a small deterministic reference backend, a scripted backend (known model output) and a
+uvicorn server running in a thread.
 
 `ReferenceBackend` is an honest implementation of `GenerationBackend`: a seeded bigram language model
 over ``[0, vocab_size)`` whose next-token logits depend only on the previous token. It honours
@@ -15,7 +16,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -198,6 +199,56 @@ class ReferenceBackend:
             "started_requests_total": float(len(self.started)),
             "cancelled_requests_total": float(len(self.cancelled)),
         }
+
+
+class ScriptedBackend:
+    """A `GenerationBackend` whose generations write given tokens: what a real model would have decoded.
+
+    `script` is a token sequence, or a function of (prompt ids, params) giving one. The backend follows
+    the contract of `splitserve.router.backend`: it stops at EOS (unless ignore_eos) or a stop token id
+    with ``finish_reason="stop"`` (that token included), at max_tokens with "length", and sends
+    `tokens_per_delta` tokens per delta. A script that runs out before either is an error delta (a test
+    bug, never hidden). `requests` records each request's prompt and params.
+    """
+
+    def __init__(
+        self,
+        script: Sequence[int] | Callable[[list[int], SamplingParams], Sequence[int]],
+        eos_token_id: int = 1,
+        tokens_per_delta: int = 1,
+    ) -> None:
+        if tokens_per_delta < 1:
+            raise ValueError("tokens_per_delta >= 1 required")
+        self.script = script
+        self.eos_token_id = eos_token_id
+        self.tokens_per_delta = tokens_per_delta
+        self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
+        self.finished: list[str] = []
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationDelta]:
+        self.requests[request_id] = (list(prompt_token_ids), params)
+        script = self.script(list(prompt_token_ids), params) if callable(self.script) else self.script
+        pending: list[int] = []
+        for n, tok in enumerate(script, start=1):
+            pending.append(tok)
+            finish = None
+            if (tok == self.eos_token_id and not params.ignore_eos) or tok in params.stop_token_ids:
+                finish = "stop"
+            elif n >= params.max_tokens:
+                finish = "length"
+            if finish is not None or len(pending) >= self.tokens_per_delta:
+                await asyncio.sleep(0)
+                yield GenerationDelta(token_ids=pending, finish_reason=finish)
+                pending = []
+                if finish is not None:
+                    self.finished.append(request_id)
+                    return
+        yield GenerationDelta(pending, finish_reason="abort", error="scripted backend: the script ran out")
+
+    async def health(self) -> dict:
+        return {"status": "ok"}
 
 
 class ServerThread:
