@@ -208,8 +208,9 @@ class Engine:
         for req in self.scheduler.finished:
             outputs.append(self._finish(req, [], None))
         self.scheduler.finished.clear()
-        # adopted requests that finished on their first token
-        for req in [r for r in self.scheduler.running if r.status is Status.FINISHED]:
+        # adopted requests that finished on their first token (a prefill_only request that finished
+        # keeps its blocks for its owner and was reported when it finished)
+        for req in [r for r in self.scheduler.running if r.status is Status.FINISHED and not r.prefill_only]:
             outputs.append(self._finish(req, [], None))
         if not items:
             return outputs
@@ -257,8 +258,10 @@ class Engine:
     def _finish(self, req: Request, new: list[int], lps: list | None, reason: str | None = None) -> RequestOutput:
         reason = reason or req.finish_reason
         req.status, req.finish_reason = Status.FINISHED, reason
-        if reason == "prefilled":
-            pass  # blocks stay with the request until release_prefilled()
+        if reason == "prefilled" or (req.prefill_only and reason != "abort" and req.output_ids):
+            # the prompt's cache is complete (the first token was sampled, maybe finishing the request
+            # at once: "length", "stop"): its blocks stay with the request until release_prefilled()
+            pass
         else:
             self.scheduler.remove(req)
             self.blocks.free(req.block_table)

@@ -36,6 +36,9 @@ from splitserve.protos.tensors import logprobs_to_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
+# a request that finished at its first token ("prefilled": it goes on at the decode worker)
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
 
 @dataclass
 class _Stream:
@@ -49,6 +52,7 @@ class _Stream:
     sent: int = 0                      # leading blocks already handed to the transport
     handles: list[TransferHandle] = field(default_factory=list)
     final_sent: bool = False
+    stopped: bool = False              # finished at its first token: nothing more goes out
     error: str | None = None
     bytes: int = 0
     done: threading.Event = field(default_factory=threading.Event)
@@ -92,7 +96,7 @@ class PrefillService(pbg.PrefillWorkerServicer):
 
     def _after_step(self, eng: Engine, outputs: list[RequestOutput]) -> None:
         for s in list(self.streams.values()):
-            if s.final_sent or s.error:
+            if s.final_sent or s.stopped or s.error:
                 continue
             for h in s.handles:  # a failed write ends the request now, not after its whole prefill
                 if self.rt.transport.poll(h) is TransferState.FAILED:
@@ -181,9 +185,16 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 return error(pb.ERROR_CODE_ABORTED if "abort" in out else pb.ERROR_CODE_DEADLINE_EXCEEDED, out)
             t_prefilled = time.monotonic()
 
+            # finished at its first token (max_tokens 1, EOS, a stop token): the decode side gets nothing
+            # more; the writes already under way complete, then _cleanup tells it the reservation is free
+            ended = _FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
+
             def finish(eng: Engine) -> tuple:
                 req = eng.requests[rid]
-                self._finish_stream(eng, stream)
+                if ended:
+                    stream.stopped = True
+                else:
+                    self._finish_stream(eng, stream)
                 hidden = req.pending_hidden[-1].float().cpu() if req.pending_hidden is not None else None
                 gen = req.generator.get_state().cpu() if req.generator is not None else None
                 return hidden, gen, req.num_cached_prompt, req.prompt_logprobs
@@ -197,7 +208,8 @@ class PrefillService(pbg.PrefillWorkerServicer):
             res = pb.PrefillResult(
                 first_token=out.new_token_ids[0], num_cached_tokens=cached, transfer_bytes=stream.bytes,
                 transfer_seconds=t_done - t_prefilled, prefill_seconds=t_prefilled - t_start,
-                generator_state=gen_state.numpy().tobytes() if gen_state is not None else b"")
+                generator_state=gen_state.numpy().tobytes() if gen_state is not None else b"",
+                finish_reason=ended, blocks_written=stream.sent)
             if out.new_logprobs and out.new_logprobs[0] is not None:
                 res.first_token_logprobs.CopyFrom(logprobs_to_proto(out.new_logprobs[0]))
             if prompt_lps is not None:
@@ -232,7 +244,7 @@ class PrefillService(pbg.PrefillWorkerServicer):
             if isinstance(out, BaseException):
                 return f"engine failed: {out!r}"
             if out.finished:
-                if out.finish_reason != "prefilled" or not out.new_token_ids:
+                if out.finish_reason not in ("prefilled", *_FINISH) or not out.new_token_ids:
                     return f"aborted ({out.finish_reason})"
                 return out
 

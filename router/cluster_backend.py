@@ -330,6 +330,15 @@ class DisaggBackend:
                 first.logprobs = [_lp(result.first_token_logprobs)]
             if params.prompt_logprobs is not None:
                 first.prompt_logprobs = [None] + [_lp(x) for x in result.prompt_logprobs]
+            if result.finish_reason:  # finished at its first token: a normal end; give D's blocks back
+                assert d_stub is not None
+                await self._abort(d_stub, request_id, epoch, "finished at its first token",
+                                  nothing_written=result.blocks_written == 0)
+                d_stub = p_stub = None
+                finished = True
+                first.finish_reason = _FINISH.get(result.finish_reason, "abort")
+                yield first
+                return
             yield first
 
             assert d_stub is not None
