@@ -40,7 +40,7 @@ from splitserve.engine.request import RequestOutput
 from splitserve.engine.runtime import WorkerRuntime, WorkerServer, WorkerSpec, generator_state_from_bytes
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
-from splitserve.protos.convert import sampling_params_from_proto
+from splitserve.protos.convert import request_error_code, sampling_params_from_proto
 from splitserve.protos.tensors import logprobs_from_proto, logprobs_to_proto, tensor_from_proto
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
                 self.rt.loop.call(lambda e: e.add_request(rid, prompt, params))
                 added = True
             except RequestError as e:
-                yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=str(e)))
+                yield pb.GenerateChunk(error=pb.Error(code=request_error_code(e), message=str(e)))
                 return
             finished = yield from self._relay(rid, q, context)
         finally:

@@ -35,6 +35,10 @@ class RequestError(ValueError):
     """A request the engine cannot run (empty prompt, unknown token ids, too long...)."""
 
 
+class TooLong(RequestError):
+    """The prompt can never fit: the model's context or this engine's whole cache."""
+
+
 @dataclass
 class EngineStats:
     steps: int = 0
@@ -111,10 +115,10 @@ class Engine:
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len}")
+            raise TooLong(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len}")
         need = self.scheduler.blocks_for(len(prompt_ids) + 1 + self.mtp_k)
         if need > self.cfg.num_blocks:
-            raise RequestError(f"the prompt needs {need} cache blocks; this worker has {self.cfg.num_blocks}")
+            raise TooLong(f"the prompt needs {need} cache blocks; this worker has {self.cfg.num_blocks}")
         if params.logprobs is not None and params.logprobs > vocab or (params.prompt_logprobs or 0) > vocab:
             raise RequestError("more logprobs requested than the vocabulary has tokens")
 

@@ -31,7 +31,7 @@ from splitserve.engine.runtime import WorkerRuntime, WorkerServer, WorkerSpec
 from splitserve.kvtransfer import HandshakeError, TransferHandle, TransferState
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
-from splitserve.protos.convert import sampling_params_from_proto
+from splitserve.protos.convert import request_error_code, sampling_params_from_proto
 from splitserve.protos.tensors import logprobs_to_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class PrefillService(pbg.PrefillWorkerServicer):
             try:
                 self.rt.loop.call(add)
             except RequestError as e:
-                return error(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
+                return error(request_error_code(e), str(e))
 
             deadline = t_start + self.spec.first_token_timeout_s
             out = self._wait_prefilled(rid, q, deadline, context)

@@ -19,6 +19,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_CODE_UNAVAILABLE: _ClassVar[ErrorCode]
     ERROR_CODE_INCOMPATIBLE: _ClassVar[ErrorCode]
     ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
+    ERROR_CODE_TOO_LONG: _ClassVar[ErrorCode]
 
 class WorkerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +59,7 @@ ERROR_CODE_TRANSFER_FAILED: ErrorCode
 ERROR_CODE_UNAVAILABLE: ErrorCode
 ERROR_CODE_INCOMPATIBLE: ErrorCode
 ERROR_CODE_INTERNAL: ErrorCode
+ERROR_CODE_TOO_LONG: ErrorCode
 WORKER_KIND_UNSPECIFIED: WorkerKind
 WORKER_KIND_PREFILL: WorkerKind
 WORKER_KIND_DECODE: WorkerKind

@@ -36,7 +36,7 @@ from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.protos.convert import sampling_params_to_proto
 from splitserve.protos.tensors import logprobs_from_proto
 
-from .backend import GenerationDelta
+from .backend import GenerationDelta, NeverFits, Unavailable
 from .membership import Directory, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ _RETRYABLE_PREFILL = {pb.ERROR_CODE_UNAVAILABLE, pb.ERROR_CODE_TRANSFER_FAILED, 
 _DECODE_LOST = {pb.ERROR_CODE_INTERNAL, pb.ERROR_CODE_NOT_FOUND, pb.ERROR_CODE_DEADLINE_EXCEEDED}
 
 
-class NoCapacity(RuntimeError):
+class NoCapacity(Unavailable):
     """No decode worker could take the request within the reserve timeout."""
 
 
@@ -223,7 +223,8 @@ class DisaggBackend:
                 self.reserve_refusals += 1
                 last = f"{d.worker_id}: {pb.RefusalReason.Name(rep.refusal.reason)} {rep.refusal.message}"
                 if rep.refusal.reason == pb.REFUSAL_REASON_TOO_LONG:
-                    raise NoCapacity(f"prompt of {prompt_len} tokens does not fit a decode worker's cache")
+                    raise NeverFits(f"the prompt of {prompt_len} tokens does not fit a decode worker's cache "
+                                    f"({rep.refusal.message})")
             if time.monotonic() + delay > deadline:
                 raise NoCapacity(f"no decode worker could take the request within {self.reserve_timeout_s:.0f} s ({last})")
             await asyncio.sleep(delay)
@@ -274,6 +275,7 @@ class DisaggBackend:
         try:
             result: pb.PrefillResult | None = None
             error = "no prefill worker is serving"
+            code = pb.ERROR_CODE_UNAVAILABLE
             failed_p: set[str] = set()
             for _attempt in range(self.prefill_attempts):
                 d, res = await self._reserve(request_id, len(prompt_token_ids), params.max_tokens, avoid)
@@ -297,6 +299,7 @@ class DisaggBackend:
                                                timeout=self.first_token_timeout_s)
                 except grpc.aio.AioRpcError as e:
                     error = f"prefill worker {p.worker_id}: {e.code().name} {e.details() or ''}".strip()
+                    code = pb.ERROR_CODE_INTERNAL
                     await self._abort(d_stub, request_id, epoch, "prefill failed")
                     await self._abort(p_stub, request_id, 0, "prefill failed")
                     d_stub = p_stub = None
@@ -308,7 +311,7 @@ class DisaggBackend:
                 if rep.HasField("prefill"):
                     result = rep.prefill
                     break
-                error = f"prefill worker {p.worker_id}: {rep.error.message}"
+                error, code = f"prefill worker {p.worker_id}: {rep.error.message}", rep.error.code
                 await self._abort(d_stub, request_id, epoch, "prefill failed",
                                   nothing_written=rep.error.code in _BEFORE_ANY_WRITE)
                 d_stub = None
@@ -321,6 +324,10 @@ class DisaggBackend:
                 self.prefill_retries += 1
             if result is None:
                 finished = True
+                if code == pb.ERROR_CODE_TOO_LONG:
+                    raise NeverFits(error)
+                if code == pb.ERROR_CODE_UNAVAILABLE:
+                    raise Unavailable(error)  # no prefill worker serving, or every one draining
                 yield GenerationDelta([], finish_reason="abort", error=error)
                 return
             self.transfer_bytes += result.transfer_bytes
@@ -459,8 +466,7 @@ class ColocatedBackend(DisaggBackend):
             order = [w for w in self._replica_order(prompt_token_ids) if w.worker_id not in tried]
             order = [w for w in order if w.worker_id not in avoid] or order
             if not order:
-                yield GenerationDelta([], finish_reason="abort", error=error)
-                return
+                raise Unavailable(error)  # none serving, or every one draining or unreachable
             w = order[0]
             wid = w.worker_id
             tried.add(wid)
@@ -506,6 +512,9 @@ class ColocatedBackend(DisaggBackend):
                         finished = True
                         yield GenerationDelta([], finish_reason=_FINISH.get(chunk.finished.finish_reason, "abort"))
                         return
+                    elif chunk.error.code == pb.ERROR_CODE_TOO_LONG and not got_first:
+                        finished = True
+                        raise NeverFits(f"{wid}: {chunk.error.message}")
                     elif chunk.error.code == pb.ERROR_CODE_UNAVAILABLE and not got_first:
                         error = f"{wid}: {chunk.error.message}"
                         finished = next_worker = True  # draining: it did not take the request

@@ -1,8 +1,14 @@
-"""A request that ends at its first token, on a real cluster (worker processes, real gRPC, TCP
-transfer, the router app under uvicorn, the `openai` client): max_tokens 1 (plain, streamed, with
-echo + logprobs), prompt scoring (max_tokens 0 + echo + logprobs), a stop token id and a stop string
-matched by the first token. Each answers 200 with the reference engine's first token (or the prompt's
-logprobs) and its finish reason, and both workers end with no block in use or reserved."""
+"""How a request ends, seen by a client, on a real cluster (worker processes, real gRPC, TCP transfer,
+the router app under uvicorn, the `openai` client / httpx):
+
+- at its first token: max_tokens 1 (plain, streamed, with echo + logprobs), prompt scoring
+  (max_tokens 0 + echo + logprobs), a stop token id and a stop string matched by the first token.
+  Each answers 200 with the reference engine's first token (or the prompt's logprobs) and its
+  finish reason;
+- no capacity: 503 with Retry-After while every decode block is taken, 400 for a prompt larger
+  than a decode worker's whole cache.
+
+After each, both workers have no block in use or reserved."""
 
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ def cluster(tiny_checkpoint):
         data = load_config(DEFAULT_CONFIG_PATH).model_dump()
         data["model"]["path"] = str(tiny_checkpoint)
         data["model"]["name"] = "tiny"
+        data["router"]["reserve_timeout_s"] = 1.0
         cfg = parse_config(data)
         app, _ = build_router_app(cfg, directory_of(workers), resolve_model(cfg))
         with ServeThread(app) as srv:
@@ -147,4 +154,35 @@ def test_the_cluster_still_serves_longer_requests(cluster) -> None:
     r = client(srv).completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0.0,
                                        extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+    assert_nothing_held(workers)
+
+
+def test_a_full_cluster_answers_503_with_retry_after(cluster) -> None:
+    workers, srv = cluster
+    decode = next(w for w in workers if w.spec.role == "decode")
+    with grpc.insecure_channel(decode.info["address"]) as ch:
+        stub = pbg.DecodeWorkerStub(ch)
+        # every block of the decode worker (128 x 8 tokens, prompt + first token + 1 MTP draft)
+        rep = stub.Reserve(pb.ReserveRequest(request_id="hog", prompt_len=128 * 8 - 2, max_tokens=1,
+                                             lease_ms=60_000), timeout=10)
+        assert rep.HasField("reservation") and len(rep.reservation.block_ids) == 128
+        try:
+            r = httpx.post(f"{srv.url}/v1/completions", timeout=30,
+                           json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4})
+            assert r.status_code == 503, r.text
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "no_capacity"
+        finally:
+            stub.Abort(pb.AbortRequest(request_id="hog", epoch=rep.reservation.epoch, reason="test done",
+                                       nothing_written=True), timeout=10)
+    assert_nothing_held(workers)
+    test_the_cluster_still_serves_longer_requests(cluster)
+
+
+def test_a_prompt_larger_than_any_decode_cache_answers_400(cluster) -> None:
+    workers, srv = cluster
+    prompt = [0] + [5 + i % 900 for i in range(128 * 8 + 40)]  # within the context, beyond the cache
+    r = httpx.post(f"{srv.url}/v1/completions", timeout=30, json={"model": "tiny", "prompt": prompt, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded" and "cache" in r.json()["error"]["message"]
     assert_nothing_held(workers)
