@@ -197,7 +197,7 @@ def test_killed_worker_migrates_and_a_dead_one_is_skipped(workers, tiny_checkpoi
         return out, after, b.migrations, await b.health()
     try:
         (toks, reason, err, _, _), after, migrations, health = asyncio.run(
-            with_backend(ColocatedBackend, directory, go, dead_after_failures=100, poll_interval_s=60))
+            with_backend(ColocatedBackend, directory, go, poll_interval_s=60))
     finally:
         extra.stop()
     assert err is None and reason == "length" and migrations == 1
