@@ -66,6 +66,7 @@ class Reservation:
     state: ResState = ResState.RESERVED
     writer_done: bool = False          # the prefill side said RELEASED: it writes nothing more
     cancelled: bool = False            # an Abort came while ADOPTING/ADOPTED: the stream stops
+    claimed: bool = False              # a Generate stream owns it (only that stream ends it)
     quarantine_until: float = 0.0
 
     @property
@@ -129,6 +130,16 @@ class ReservationTable:
         request id's active one."""
         with self.cv:
             return self._all.get((request_id, epoch)) if epoch else self._active.get(request_id)
+
+    def claim(self, request_id: str, epoch: int) -> Reservation | None:
+        """The reservation for a Generate stream to own; None when there is none to take (unknown,
+        past adoption, or another stream has it)."""
+        with self.cv:
+            r = self._all.get((request_id, epoch))
+            if r is None or r.claimed or r.state not in (ResState.RESERVED, ResState.COMPLETE):
+                return None
+            r.claimed = True
+            return r
 
     def on_notice(self, n: Notice) -> None:
         def go() -> list[int]:

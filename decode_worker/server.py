@@ -148,9 +148,9 @@ class DecodeService(pbg.DecodeWorkerServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         rid = request.request_id
-        res = self.table.get(rid, request.epoch)
-        if res is None or res.state not in (ResState.RESERVED, ResState.COMPLETE):
-            yield _error(pb.ERROR_CODE_NOT_FOUND, f"no reservation for {rid} epoch {request.epoch}")
+        res = self.table.claim(rid, request.epoch)
+        if res is None:
+            yield _error(pb.ERROR_CODE_NOT_FOUND, f"no reservation for {rid} epoch {request.epoch} to stream")
             return
         finished = False
         try:

@@ -145,3 +145,13 @@ def test_notices_for_unknown_or_old_epochs_change_nothing(pair: Pair) -> None:
     assert Notice.from_bytes(data(res).to_bytes()) == data(res)
     pair.table.abort("r", 5, nothing_written=True)
     assert pair.leaked() == (0, 0)
+
+
+def test_one_stream_claims_a_reservation(pair: Pair) -> None:
+    res = pair.reserve("r", 2, epoch=3)
+    assert pair.table.claim("r", 3) is res
+    assert pair.table.claim("r", 3) is None and pair.table.claim("r", 4) is None  # a twin, a wrong epoch
+    pair.table.end(res)
+    assert res.state is ResState.ABORTED  # no word from the writer yet: quarantined
+    pair.table.on_notice(released(res))
+    assert pair.table.claim("r", 3) is None and pair.leaked() == (0, 0)
