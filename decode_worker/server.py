@@ -1,21 +1,18 @@
 """The decode worker: a gRPC server around an engine in decode mode.
 
-Life of a request R on this worker:
+Life of a request R on this worker (the reservation's states and who owns its blocks are in
+reservation.py; every transition goes through its `ReservationTable`):
 1. Reserve: blocks for R's prompt (+ the first generated token and the MTP drafts) are taken
    before any prefill runs, or the request is refused (no space); the reservation carries an epoch
-   and a lease: blocks whose cache never arrives come back after the lease;
-2. a prefill worker writes R's cache into those blocks; its notification "R:epoch" arrives only
-   after the bytes landed (a background thread collects notifications);
-3. Generate: waits (bounded) for that notification, adopts R into the running batch (first token
-   and MTP state from the prefill side) and streams R's tokens until it finishes;
+   and a lease: blocks whose cache never arrives come back after the lease. The engine call that
+   takes them is cancelled, or undone, if it outlives the caller's deadline;
+2. a prefill worker writes R's cache into those blocks; its DATA notice (kvtransfer/notice.py)
+   arrives only after the bytes landed (a background thread collects notices and expires leases);
+3. Generate: waits (bounded) for that notice, adopts R into the running batch (first token and MTP
+   state from the prefill side) and streams R's tokens until it finishes;
 4. the blocks are freed exactly once: when R finishes, is aborted, its client goes away, the
-   lease expires, or the wait for the cache times out.
-
-Late writes: a prefill worker writes into our memory one-sidedly, so blocks of a reservation that
-ends before its cache arrived are *quarantined*, not freed: they come back when the prefill side
-says it will not write any more ("released:R:epoch", sent when it drops R), when R's data
-notification arrives after all, or after quarantine_s (the prefill side's own deadlines are
-shorter). A reused block therefore never receives a stale write.
+   lease expires, or the wait for the cache times out. Blocks that may still receive a late write
+   are quarantined until the prefill side's RELEASED notice (or a timeout).
 
 Co-located mode (`router.mode: colocated`, no prefill pool): PrefillAndGenerate adds R to the engine
 as a whole request: the scheduler takes its blocks as it admits the prompt, prefills it in chunks
@@ -36,38 +33,47 @@ from dataclasses import dataclass
 import grpc
 
 from splitserve.engine.engine import Engine, RequestError
+from splitserve.engine.loop import CallTimeout
 from splitserve.engine.request import RequestOutput
 from splitserve.engine.runtime import WorkerRuntime, WorkerServer, WorkerSpec, generator_state_from_bytes
+from splitserve.kvtransfer.notice import BadNotice, Notice
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
-from splitserve.protos.convert import sampling_params_from_proto
+from splitserve.protos.convert import request_error_code, sampling_params_from_proto
 from splitserve.protos.tensors import logprobs_from_proto, logprobs_to_proto, tensor_from_proto
+
+from .reservation import Duplicate, Reservation, ReservationTable, ResState
 
 log = logging.getLogger(__name__)
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 
 
+def _left(context: grpc.ServicerContext, default: float) -> float:
+    """Seconds until the caller's deadline (a call's result is no use after it)."""
+    left = context.time_remaining()
+    return max(0.05, default if left is None else min(left, default))
+
+
+def _error(code: int, message: str) -> pb.GenerateChunk:
+    return pb.GenerateChunk(error=pb.Error(code=code, message=message))
+
+
 @dataclass
-class _Reservation:
-    blocks: list[int]
-    epoch: int
-    deadline: float
-    adopted: bool = False
+class _Local:
+    """A co-located request (PrefillAndGenerate)."""
+
+    prompt_left: int                   # prompt tokens not yet prefilled
+    cancelled: bool = False
 
 
 class DecodeService(pbg.DecodeWorkerServicer):
     def __init__(self, rt: WorkerRuntime) -> None:
         self.rt = rt
         self.spec = rt.spec
-        self.lock = threading.Lock()
-        self.reservations: dict[str, _Reservation] = {}
-        self.arrived: dict[str, int] = {}          # request id -> epoch whose cache has landed
-        self.released: dict[str, tuple[int, float]] = {}  # prefill side dropped (epoch, when)
-        self.quarantine: dict[tuple[str, int], tuple[list[int], float]] = {}  # (rid, epoch) -> blocks, deadline
-        self.arrived_cv = threading.Condition(self.lock)
-        self.cancelled: dict[str, float] = {}      # request id -> when an Abort asked to stop it
-        self.local: dict[str, int] = {}            # co-located requests -> prompt tokens not yet prefilled
+        self.lock = threading.Lock()               # guards `local`
+        self.table = ReservationTable(self._release, rt.spec.quarantine_s)
+        self.local: dict[str, _Local] = {}
         self.epochs = itertools.count(1)
         self.draining = False
         self.requests_done = 0
@@ -86,62 +92,16 @@ class DecodeService(pbg.DecodeWorkerServicer):
                 log.exception("collecting transfer notifications failed")
                 time.sleep(0.1)
                 continue
-            if notifs:
-                free: list[list[int]] = []
-                with self.arrived_cv:
-                    for msgs in notifs.values():
-                        for m in msgs:
-                            text = m.decode(errors="replace")
-                            released = text.startswith("released:")
-                            rid, _, epoch = text.removeprefix("released:").rpartition(":")
-                            if not rid or not epoch.isdigit():
-                                continue
-                            key = (rid, int(epoch))
-                            if key in self.quarantine:  # nothing more will be written there
-                                free.append(self.quarantine.pop(key)[0])
-                            elif released:
-                                self.released[rid] = (int(epoch), time.monotonic())
-                            else:
-                                self.arrived[rid] = int(epoch)
-                    self.arrived_cv.notify_all()
-                for blocks in free:
-                    self._release(blocks)
-            self._expire_leases()
+            for peer, msgs in notifs.items():
+                for m in msgs:
+                    try:
+                        self.table.on_notice(Notice.from_bytes(m))
+                    except BadNotice as e:
+                        log.warning("dropping a notification from %s: %s", peer, e)
+            for r in self.table.expire():
+                log.warning("request %s: reservation epoch %d timed out (lease or quarantine): now %s",
+                            r.request_id, r.epoch, r.state.value)
             time.sleep(0.001 if notifs else 0.002)
-
-    def _expire_leases(self) -> None:
-        now = time.monotonic()
-        with self.lock:
-            expired = [(rid, r) for rid, r in self.reservations.items() if not r.adopted and r.deadline < now]
-            for rid, _ in expired:
-                del self.reservations[rid]
-            done = [k for k, (_, deadline) in self.quarantine.items() if deadline < now]
-            free = [self.quarantine.pop(k)[0] for k in done]
-            for rid in [r for r, (_, t) in self.released.items() if t + self.spec.quarantine_s < now]:
-                del self.released[rid]
-            for rid in [r for r, t in self.cancelled.items() if t + 600 < now]:  # nobody came to stop
-                del self.cancelled[rid]
-        for rid, r in expired:
-            log.warning("request %s: reservation expired (epoch %d) with no cache", rid, r.epoch)
-            self._retire(rid, r)
-        for blocks in free:
-            log.warning("freeing %d quarantined blocks after %.0f s without word from the prefill side",
-                        len(blocks), self.spec.quarantine_s)
-            self._release(blocks)
-
-    def _retire(self, rid: str, r: _Reservation, nothing_written: bool = False) -> None:
-        """Give back a reservation that never got adopted: free at once if the cache arrived, the
-        prefill side released it or never wrote, else quarantine its blocks (a late write may come)."""
-        with self.lock:
-            landed = self.arrived.get(rid) == r.epoch or nothing_written
-            released = self.released.get(rid, (None, 0))[0] == r.epoch
-            self.arrived.pop(rid, None)
-            if released:
-                del self.released[rid]
-            if not (landed or released):
-                self.quarantine[(rid, r.epoch)] = (r.blocks, time.monotonic() + self.spec.quarantine_s)
-                return
-        self._release(r.blocks)
 
     def _release(self, blocks: list[int]) -> None:
         try:
@@ -165,81 +125,93 @@ class DecodeService(pbg.DecodeWorkerServicer):
         if -(-need_tokens // eng.cfg.block_size) > eng.cfg.num_blocks:
             return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_TOO_LONG,
                                                       message=f"{request.prompt_len} tokens exceed this worker's cache"))
-        with self.lock:
-            if rid in self.reservations:
-                return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_DUPLICATE, message="already reserved"))
-        blocks = self.rt.loop.call(lambda e: e.reserve(need_tokens))
+        if self.table.get(rid) is not None:
+            return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_DUPLICATE, message="already reserved"))
+        try:  # a reserve that times out is cancelled, or undone once it ran: no block is left behind
+            blocks = self.rt.loop.call(lambda e: e.reserve(need_tokens), timeout=_left(context, 5.0),
+                                       undo=lambda e, b: b and e.release_blocks(b))
+        except CallTimeout as e:
+            return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_NO_SPACE, message=f"engine busy: {e}"))
         if blocks is None:
             free = eng.blocks.num_free
             return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_NO_SPACE, free_blocks=free,
                                                       message=f"{free} free blocks"))
         lease_s = (request.lease_ms / 1000.0) if request.lease_ms else self.spec.reserve_lease_s
         epoch = next(self.epochs)
-        with self.lock:
-            self.reservations[rid] = _Reservation(blocks, epoch, time.monotonic() + lease_s)
+        try:
+            self.table.add(rid, epoch, blocks, lease_s)
+        except Duplicate as e:  # a twin Reserve got there first
+            self._release(blocks)
+            return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_DUPLICATE, message=str(e)))
         return pb.ReserveReply(reservation=pb.Reservation(block_ids=blocks, epoch=epoch, lease_ms=int(lease_s * 1000),
                                                           block_size=eng.cfg.block_size, agent_name=self.spec.worker_id))
 
-    def _wait_cache(self, rid: str, epoch: int, context: grpc.ServicerContext) -> str | None:
-        deadline = time.monotonic() + self.spec.transfer_timeout_s
-        with self.arrived_cv:
-            while self.arrived.get(rid) != epoch:
-                if rid in self.cancelled or not context.is_active():
-                    return "aborted while waiting for the cache"
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return f"the cache did not arrive within {self.spec.transfer_timeout_s:.0f} s"
-                self.arrived_cv.wait(min(left, 0.2))
-            del self.arrived[rid]
-        return None
-
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         rid = request.request_id
-        with self.lock:
-            res = self.reservations.get(rid)
-        if res is None or res.epoch != request.epoch:
-            yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_NOT_FOUND,
-                                                  message=f"no reservation for {rid} epoch {request.epoch}"))
+        res = self.table.claim(rid, request.epoch)
+        if res is None:
+            yield _error(pb.ERROR_CODE_NOT_FOUND, f"no reservation for {rid} epoch {request.epoch} to stream")
             return
         finished = False
-        adopted = False
         try:
             try:
                 params = sampling_params_from_proto(request.sampling)
             except ValueError as e:
-                yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=str(e)))
+                yield _error(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
                 return
-            err = self._wait_cache(rid, res.epoch, context)
+            err = self.table.wait_complete(res, time.monotonic() + self.spec.transfer_timeout_s,
+                                           lambda: not context.is_active())
             if err:
-                yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_DEADLINE_EXCEEDED, message=err))
+                yield _error(pb.ERROR_CODE_DEADLINE_EXCEEDED, err)
                 return
-            hidden = tensor_from_proto(request.mtp_hidden) if request.HasField("mtp_hidden") else None
-            first_lp = logprobs_from_proto(request.first_token_logprobs) if request.HasField("first_token_logprobs") else None
-            gen_state = generator_state_from_bytes(request.generator_state)
             q = self.rt.loop.subscribe(rid)
-
-            def adopt(eng: Engine) -> None:
-                eng.adopt_prefilled(rid, list(request.prompt_token_ids), params, res.blocks, request.first_token,
-                                    first_lp, hidden, gen_state)
-                res.adopted = True
-            try:
-                self.rt.loop.call(adopt)
-                adopted = True
-            except RequestError as e:
-                yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=str(e)))
+            err = self._adopt(res, request, params)
+            if err:
+                yield _error(request_error_code(err) if isinstance(err, RequestError) else pb.ERROR_CODE_INTERNAL,
+                             str(err))
                 return
             finished = yield from self._relay(rid, q, context)
         finally:
             self.rt.loop.unsubscribe(rid)
-            with self.lock:
-                self.reservations.pop(rid, None)
-            self.cancelled.pop(rid, None)
+            if not finished and res.state is ResState.ADOPTED:
+                self._abort_in_engine(rid)
+            self.table.end(res)
             if not finished:
-                if adopted:
-                    self._abort_in_engine(rid)
-                else:
-                    self._retire(rid, res)
                 log.info("request %s: stream ended early (client gone, aborted or failed)", rid)
+
+    def _adopt(self, res: Reservation, request: pb.GenerateRequest, params) -> Exception | None:
+        """Hand the reservation's blocks to the engine (COMPLETE -> ADOPTING -> ADOPTED); why not, if not."""
+        rid = request.request_id
+        hidden = tensor_from_proto(request.mtp_hidden) if request.HasField("mtp_hidden") else None
+        first_lp = logprobs_from_proto(request.first_token_logprobs) if request.HasField("first_token_logprobs") else None
+        gen_state = generator_state_from_bytes(request.generator_state)
+        def adopt(eng: Engine) -> RequestError | None:
+            try:
+                eng.adopt_prefilled(rid, list(request.prompt_token_ids), params, res.blocks, request.first_token,
+                                    first_lp, hidden, gen_state)
+            except RequestError as e:
+                return e  # the engine did not take the blocks
+            return None
+
+        def undo(eng: Engine, refused: RequestError | None) -> None:  # it ran after the call timed out
+            if refused is None:
+                eng.abort(rid)  # frees the blocks the engine took
+            else:
+                eng.release_blocks(res.blocks)
+
+        self.table.begin_adopt(res)
+        try:
+            err = self.rt.loop.call(adopt, undo=undo)
+        except (CallTimeout, RuntimeError) as e:
+            # never ran: the blocks are still ours; ran late: its undo gives them back
+            self.table.adopt_failed(res, engine_took_blocks=isinstance(e, CallTimeout) and e.ran)
+            return e
+        if err is not None:
+            self.table.adopt_failed(res, engine_took_blocks=False)
+            return err
+        if not self.table.adopted(res):
+            return RuntimeError("aborted while being adopted")
+        return None
 
     def PrefillAndGenerate(self, request: pb.PrefillAndGenerateRequest, context: grpc.ServicerContext):
         """Co-located mode: the whole request on this worker's engine (module docstring)."""
@@ -254,9 +226,9 @@ class DecodeService(pbg.DecodeWorkerServicer):
             return
         prompt = list(request.prompt_token_ids)
         with self.lock:
-            duplicate = rid in self.local or rid in self.reservations
+            duplicate = rid in self.local or self.table.get(rid) is not None
             if not duplicate:
-                self.local[rid] = len(prompt)
+                self.local[rid] = _Local(len(prompt))
         if duplicate:
             yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT,
                                                   message=f"request id {rid} is already running here"))
@@ -268,14 +240,13 @@ class DecodeService(pbg.DecodeWorkerServicer):
                 self.rt.loop.call(lambda e: e.add_request(rid, prompt, params))
                 added = True
             except RequestError as e:
-                yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=str(e)))
+                yield pb.GenerateChunk(error=pb.Error(code=request_error_code(e), message=str(e)))
                 return
             finished = yield from self._relay(rid, q, context)
         finally:
             self.rt.loop.unsubscribe(rid)
             with self.lock:
                 self.local.pop(rid, None)
-            self.cancelled.pop(rid, None)
             if added and not finished:
                 self._abort_in_engine(rid)  # frees its blocks, whatever it reached
                 log.info("request %s: stream ended early (client gone, aborted or failed)", rid)
@@ -286,11 +257,18 @@ class DecodeService(pbg.DecodeWorkerServicer):
         except Exception:  # noqa: BLE001
             log.exception("request %s: abort failed", rid)
 
+    def _cancelled(self, rid: str) -> bool:
+        with self.lock:
+            local = self.local.get(rid)
+            if local is not None:
+                return local.cancelled
+        return self.table.is_cancelled(rid)
+
     def _relay(self, rid: str, q: queue.Queue, context: grpc.ServicerContext):
         """Yield the chunks of a running request's engine outputs; returns True once it finished,
         False when it stopped early (Abort, the caller gone, the engine failed)."""
         while True:
-            if rid in self.cancelled or not context.is_active():
+            if self._cancelled(rid) or not context.is_active():
                 return False
             try:
                 out = q.get(timeout=0.5)
@@ -299,9 +277,10 @@ class DecodeService(pbg.DecodeWorkerServicer):
             if isinstance(out, BaseException):
                 yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INTERNAL, message=f"engine failed: {out!r}"))
                 return False
-            if out.new_token_ids and rid in self.local:
+            if out.new_token_ids:
                 with self.lock:
-                    self.local[rid] = 0  # its prompt is computed
+                    if rid in self.local:
+                        self.local[rid].prompt_left = 0  # its prompt is computed
             yield from self._chunks(out)
             if out.finished:
                 self.requests_done += 1
@@ -325,18 +304,12 @@ class DecodeService(pbg.DecodeWorkerServicer):
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         rid = request.request_id
         with self.lock:
-            if rid in self.local:
-                self.cancelled[rid] = time.monotonic()  # its PrefillAndGenerate stops and frees the blocks
+            local = self.local.get(rid)
+            if local is not None:
+                local.cancelled = True  # its PrefillAndGenerate stops and frees the blocks
                 return pb.AbortReply(found=True)
-            res = self.reservations.get(rid)
-            if res is None:
-                return pb.AbortReply(found=False)
-            self.cancelled[rid] = time.monotonic()  # a Generate streaming it, or waiting for its cache, stops
-            if res.adopted or (request.epoch and request.epoch != res.epoch):
-                return pb.AbortReply(found=True)  # that Generate frees the blocks
-            del self.reservations[rid]
-        self._retire(rid, res, request.nothing_written)
-        return pb.AbortReply(found=True)
+        # a reservation: given up (freed, or quarantined until the writer's word), or its stream stops
+        return pb.AbortReply(found=self.table.abort(rid, request.epoch, request.nothing_written))
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         state = pb.SERVING_STATE_DRAINING if self.draining else pb.SERVING_STATE_SERVING
@@ -349,11 +322,9 @@ class DecodeService(pbg.DecodeWorkerServicer):
 
     def stats(self) -> dict:
         eng = self.rt.engine
+        reserved, pending = self.table.counts()
         with self.lock:
-            reserved = sum(len(r.blocks) for r in self.reservations.values() if not r.adopted)
-            reserved += sum(len(b) for b, _ in self.quarantine.values())
-            pending = sum(1 for r in self.reservations.values() if not r.adopted)
-            queued_prefill = sum(self.local.values())
+            queued_prefill = sum(x.prompt_left for x in self.local.values())
         return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total,
                     running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting) + pending,
                     requests_done=self.requests_done, pid=self.rt.pid, node=self.rt.node,

@@ -35,6 +35,10 @@ class RequestError(ValueError):
     """A request the engine cannot run (empty prompt, unknown token ids, too long...)."""
 
 
+class TooLong(RequestError):
+    """The prompt can never fit: the model's context or this engine's whole cache."""
+
+
 @dataclass
 class EngineStats:
     steps: int = 0
@@ -111,10 +115,10 @@ class Engine:
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len}")
+            raise TooLong(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len}")
         need = self.scheduler.blocks_for(len(prompt_ids) + 1 + self.mtp_k)
         if need > self.cfg.num_blocks:
-            raise RequestError(f"the prompt needs {need} cache blocks; this worker has {self.cfg.num_blocks}")
+            raise TooLong(f"the prompt needs {need} cache blocks; this worker has {self.cfg.num_blocks}")
         if params.logprobs is not None and params.logprobs > vocab or (params.prompt_logprobs or 0) > vocab:
             raise RequestError("more logprobs requested than the vocabulary has tokens")
 
@@ -208,8 +212,9 @@ class Engine:
         for req in self.scheduler.finished:
             outputs.append(self._finish(req, [], None))
         self.scheduler.finished.clear()
-        # adopted requests that finished on their first token
-        for req in [r for r in self.scheduler.running if r.status is Status.FINISHED]:
+        # adopted requests that finished on their first token (a prefill_only request that finished
+        # keeps its blocks for its owner and was reported when it finished)
+        for req in [r for r in self.scheduler.running if r.status is Status.FINISHED and not r.prefill_only]:
             outputs.append(self._finish(req, [], None))
         if not items:
             return outputs
@@ -257,8 +262,10 @@ class Engine:
     def _finish(self, req: Request, new: list[int], lps: list | None, reason: str | None = None) -> RequestOutput:
         reason = reason or req.finish_reason
         req.status, req.finish_reason = Status.FINISHED, reason
-        if reason == "prefilled":
-            pass  # blocks stay with the request until release_prefilled()
+        if reason == "prefilled" or (req.prefill_only and reason != "abort" and req.output_ids):
+            # the prompt's cache is complete (the first token was sampled, maybe finishing the request
+            # at once: "length", "stop"): its blocks stay with the request until release_prefilled()
+            pass
         else:
             self.scheduler.remove(req)
             self.blocks.free(req.block_table)

@@ -3,6 +3,8 @@
 The engine is not thread-safe: only the loop thread touches it. Other threads (gRPC handlers)
 submit work with `call(fn)` — fn(engine) runs in the loop thread between two steps and its result
 comes back through a future — and read a request's outputs from the queue `subscribe()` returned.
+A call that times out is cancelled when it has not started (it never runs); when it has, its `undo`
+runs in the loop thread once it is done, so what it did is taken back (`CallTimeout.ran` says which).
 `after_step` hooks run in the loop thread after every step (the prefill worker sends the cache
 blocks that a step completed).
 """
@@ -14,6 +16,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 from .engine import Engine
@@ -21,6 +24,15 @@ from .request import RequestOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class CallTimeout(TimeoutError):
+    """`EngineLoop.call` gave up waiting. ran=False: the call was cancelled and never runs; ran=True: it
+    started before the timeout, and its undo (if given) runs in the loop thread once it is done."""
+
+    def __init__(self, message: str, ran: bool) -> None:
+        super().__init__(message)
+        self.ran = ran
 
 
 class EngineLoop:
@@ -50,13 +62,28 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     # ---- API for other threads ---------------------------------------------------------------
-    def call(self, fn: Callable[[Engine], T], timeout: float = 30.0) -> T:
-        """Run fn(engine) in the loop thread; re-raises its exception here."""
+    def call(self, fn: Callable[[Engine], T], timeout: float = 30.0,
+             undo: Callable[[Engine, T], object] | None = None) -> T:
+        """Run fn(engine) in the loop thread; re-raises its exception here. Past `timeout`, raises
+        CallTimeout: the call never runs (ran=False) or, having started, is taken back by
+        undo(engine, its result) in the loop thread (ran=True; nothing to undo if it raised)."""
         if not self.alive:
             raise RuntimeError(f"engine loop is not running ({self.error!r})")
         fut: Future = Future()
         self._calls.put((fn, fut))
-        return fut.result(timeout)
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            if fut.cancel():
+                raise CallTimeout(f"engine call not started within {timeout:.1f} s (cancelled)", ran=False) from None
+            if undo is not None:
+                fut.add_done_callback(lambda f: self._undo_when_done(f, undo))
+            raise CallTimeout(f"engine call not done within {timeout:.1f} s (undone when it is)", ran=True) from None
+
+    def _undo_when_done(self, fut: Future, undo: Callable[[Engine, T], object]) -> None:
+        if fut.exception() is None:
+            result = fut.result()
+            self._calls.put((lambda e: undo(e, result), Future()))
 
     def subscribe(self, request_id: str) -> "queue.Queue[RequestOutput | BaseException]":
         q: queue.Queue[RequestOutput | BaseException] = queue.Queue()

@@ -132,15 +132,17 @@ class Scheduler:
             if req.is_finished:
                 i += 1  # prefilled (prefill_only), its blocks wait for the owner to take the cache
                 continue
-                continue
             n = 1 + self.mtp_k if decode else min(req.num_tokens - req.num_computed, self.cfg.chunk_size, budget)
             if n <= 0 or n > budget:
                 i += 1
                 continue
             grown = self._grow(req, req.num_computed + n)
             while not grown:
-                victim = self.running[-1]
-                if victim is req and len(self.running) == 1:
+                # a prefilled request (prefill_only, finished) is never a victim: its blocks may be on
+                # their way to a decode worker right now, and they come back once sent
+                movable = [r for r in self.running if not r.is_finished]
+                victim = movable[-1]
+                if victim is req and len(movable) == 1 and len(self.running) == 1:
                     # alone and still out of space: the cache cannot hold this request any longer
                     self.running.remove(req)
                     req.status, req.finish_reason = Status.FINISHED, "length"

@@ -2,7 +2,9 @@
 
 Read ``base.py`` first (the contract, lifecycle and memory layout), then ``common.py`` (shared
 bookkeeping), then one backend: ``nixl_backend.py`` (NIXL/UCX: NVLink, RDMA, CMA/TCP on CPU) or
-``tcp_backend.py`` (plain sockets, no dependency). ``bench.py`` measures them.
+``tcp_backend.py`` (plain sockets, no dependency). ``bench.py`` measures them. ``notice.py`` holds
+the typed messages the workers exchange about a reservation; ``fake.py`` is an in-memory transport
+with injectable faults, for tests.
 """
 
 from __future__ import annotations

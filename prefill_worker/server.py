@@ -1,57 +1,56 @@
 """The prefill worker: a gRPC server around an engine in prefill mode.
 
-Life of a Prefill call (request id R, destination decode worker D with reserved blocks B_D):
+Life of a Prefill call (request id R, destination decode worker D with reserved blocks B_D; the
+stream's states are in stream.py):
 1. the transport adds D as a peer on first use (handshake: compat fields checked first);
 2. the engine runs R's prompt in chunks (prefill_only: it stops after sampling the first token and
    keeps R's blocks); the prefix cache may serve leading blocks;
 3. after every engine step, blocks of R whose every layer (MTP layer included) is final are
    written to the matching blocks of B_D — transfer overlaps the remaining chunks' compute; runs of
    consecutive block ids travel as one descriptor per pool;
-4. once the first token is sampled, the remaining blocks go out with the notification "R:epoch",
-   which D sees only after those bytes landed;
+4. once the first token is sampled, the remaining blocks go out with R's DATA notice, which D sees
+   only after those bytes landed; a request that finished at its first token (max_tokens 1, EOS,
+   a stop token) sends nothing more: D is told RELEASED and the reply says how it finished;
 5. when every write is DONE, R's blocks are freed here and the reply carries the first token, its
    logprobs, the prompt logprobs, the MTP state (main hidden state at the last prompt position) and
    the request's generator state (so seeded sampling continues exactly on D).
-Abort, a failed write or a timeout frees R's blocks here and answers with an error; D's reserved
-blocks are D's to free (the router aborts there).
+Abort, a failed write or a timeout frees R's blocks here and answers with an error code; D's
+reserved blocks are D's to free (the router aborts there; the RELEASED notice lets D free them at
+once instead of after its quarantine).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from splitserve.engine.engine import Engine, RequestError
+from splitserve.engine.loop import CallTimeout
 from splitserve.engine.request import RequestOutput
 from splitserve.engine.runtime import WorkerRuntime, WorkerServer, WorkerSpec
-from splitserve.kvtransfer import HandshakeError, TransferHandle, TransferState
+from splitserve.kvtransfer import HandshakeError
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
-from splitserve.protos.convert import sampling_params_from_proto
+from splitserve.protos.convert import request_error_code, sampling_params_from_proto
 from splitserve.protos.tensors import logprobs_to_proto, tensor_to_proto
+
+from .stream import PrefillStream, StreamState
 
 log = logging.getLogger(__name__)
 
+# a request that finished at its first token ("prefilled": it goes on at the decode worker)
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
-@dataclass
-class _Stream:
-    """Cache blocks of one request on their way to its decode worker."""
 
-    request_id: str
-    peer: str
-    remote_blocks: list[int]
-    epoch: int
-    prompt_len: int
-    sent: int = 0                      # leading blocks already handed to the transport
-    handles: list[TransferHandle] = field(default_factory=list)
-    final_sent: bool = False
-    error: str | None = None
-    bytes: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
+@dataclass(frozen=True)
+class _Failure:
+    code: int
+    message: str
 
 
 class PrefillService(pbg.PrefillWorkerServicer):
@@ -60,8 +59,8 @@ class PrefillService(pbg.PrefillWorkerServicer):
         self.spec = rt.spec
         self.peers: dict[str, str] = {}     # agent name -> transport peer name
         self.peer_lock = threading.Lock()
-        self.streams: dict[str, _Stream] = {}
-        self.cancelled: set[str] = set()
+        self.lock = threading.Lock()        # guards streams, tombstones, queued_prefill_tokens
+        self.streams: dict[str, PrefillStream] = {}
         self.tombstones: dict[str, float] = {}   # aborted before they arrived: refuse them for a while
         self.draining = False
         self.requests_done = 0
@@ -69,45 +68,22 @@ class PrefillService(pbg.PrefillWorkerServicer):
         rt.loop.after_step.append(self._after_step)
 
     # ---- transfer (runs in the engine loop thread) -------------------------------------------
-    def _complete_blocks(self, eng: Engine, s: _Stream) -> int:
-        req = eng.requests.get(s.request_id)
-        if req is None:
-            return s.sent
+    @staticmethod
+    def _complete_blocks(eng: Engine, rid: str, prompt_len: int) -> int:
+        req = eng.requests[rid]
         done = min(req.num_computed, req.mtp_computed) if eng.mtp_cache else req.num_computed
-        return min(done, s.prompt_len) // eng.cfg.block_size
-
-    def _send(self, eng: Engine, s: _Stream, upto: int, notif: bytes | None) -> None:
-        req = eng.requests.get(s.request_id)
-        if req is None:
-            s.error = "request vanished from the engine"
-            return
-        local = req.block_table[s.sent:upto]
-        remote = s.remote_blocks[s.sent:upto]
-        if not local and notif is None:
-            return
-        h = self.rt.transport.write_blocks(s.peer, local, remote, notif=notif)
-        s.handles.append(h)
-        s.bytes += h.nbytes
-        s.sent = upto
+        return min(done, prompt_len) // eng.cfg.block_size
 
     def _after_step(self, eng: Engine, outputs: list[RequestOutput]) -> None:
-        for s in list(self.streams.values()):
-            if s.final_sent or s.error:
-                continue
-            for h in s.handles:  # a failed write ends the request now, not after its whole prefill
-                if self.rt.transport.poll(h) is TransferState.FAILED:
-                    s.error = f"cache transfer failed: {self.rt.transport.error(h)}"
-                    eng.abort(s.request_id)
-                    break
-            else:
-                upto = self._complete_blocks(eng, s)
-                if upto > s.sent:
-                    self._send(eng, s, upto, None)
-
-    def _finish_stream(self, eng: Engine, s: _Stream) -> None:
-        bs = eng.cfg.block_size
-        self._send(eng, s, -(-s.prompt_len // bs), notif=f"{s.request_id}:{s.epoch}".encode())
-        s.final_sent = True
+        with self.lock:
+            streams = list(self.streams.values())
+        for s in streams:
+            req = eng.requests.get(s.request_id)
+            if req is None or req.is_finished:
+                continue  # finished: Prefill sends the rest (or nothing) through `finish`
+            s.send_ready(req.block_table, self._complete_blocks(eng, s.request_id, len(req.prompt_ids)))
+            if s.state is StreamState.LOST:  # a failed write ends the request now, not after its prefill
+                eng.abort(s.request_id)
 
     def _peer_for(self, dest: pb.Destination) -> str:
         with self.peer_lock:
@@ -131,145 +107,169 @@ class PrefillService(pbg.PrefillWorkerServicer):
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillReply:
         rid = request.request_id
         t_start = time.monotonic()
-
-        def error(code: int, msg: str) -> pb.PrefillReply:
-            log.warning("request %s: prefill failed: %s", rid, msg)
-            return pb.PrefillReply(error=pb.Error(code=code, message=msg))
-
-        if self.draining:
-            return error(pb.ERROR_CODE_UNAVAILABLE, "prefill worker is draining")
-        if self.tombstones.pop(rid, None) is not None:
-            return error(pb.ERROR_CODE_INVALID_ARGUMENT, "aborted before it started")  # nothing written
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return error(pb.ERROR_CODE_DEADLINE_EXCEEDED, "arrived after its deadline")
-        try:
-            params = sampling_params_from_proto(request.sampling)
-        except ValueError as e:
-            return error(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
+        checked = self._admit(request, context)
+        if isinstance(checked, _Failure):
+            return self._error(rid, checked)
+        params, stream = checked
         prompt = list(request.prompt_token_ids)
-        dest = request.destination
-        try:
-            peer = self._peer_for(dest)
-        except HandshakeError as e:
-            return error(pb.ERROR_CODE_INCOMPATIBLE, f"transfer handshake with {dest.decode_worker_id} refused: {e}")
-        except Exception as e:  # noqa: BLE001
-            return error(pb.ERROR_CODE_TRANSFER_FAILED, f"cannot reach {dest.decode_worker_id}: {e}")
-        bs = self.rt.engine.cfg.block_size
-        if len(dest.block_ids) * bs < len(prompt):
-            return error(pb.ERROR_CODE_INVALID_ARGUMENT,
-                         f"destination has {len(dest.block_ids)} blocks for a {len(prompt)}-token prompt")
-
-        stream = _Stream(rid, peer, list(dest.block_ids), dest.epoch, len(prompt))
         q = self.rt.loop.subscribe(rid)
-        self.queued_prefill_tokens += len(prompt)
+        with self.lock:
+            self.queued_prefill_tokens += len(prompt)
         try:
-            def add(eng: Engine) -> None:
-                eng.add_request(rid, prompt, params, prefill_only=True)
-                self.streams[rid] = stream
-            try:
-                self.rt.loop.call(add)
-            except RequestError as e:
-                return error(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
-
-            deadline = t_start + self.spec.first_token_timeout_s
-            out = self._wait_prefilled(rid, q, deadline, context)
-            if stream.error:
-                self._forget_peer(dest.agent_name)
-                return error(pb.ERROR_CODE_TRANSFER_FAILED, stream.error)
-            if isinstance(out, str):
-                return error(pb.ERROR_CODE_ABORTED if "abort" in out else pb.ERROR_CODE_DEADLINE_EXCEEDED, out)
-            t_prefilled = time.monotonic()
-
-            def finish(eng: Engine) -> tuple:
-                req = eng.requests[rid]
-                self._finish_stream(eng, stream)
-                hidden = req.pending_hidden[-1].float().cpu() if req.pending_hidden is not None else None
-                gen = req.generator.get_state().cpu() if req.generator is not None else None
-                return hidden, gen, req.num_cached_prompt, req.prompt_logprobs
-            hidden, gen_state, cached, prompt_lps = self.rt.loop.call(finish)
-            err = self._wait_transfers(stream, t_prefilled + self.spec.transfer_timeout_s, context)
-            if err:
-                if "transfer failed" in err:
-                    self._forget_peer(dest.agent_name)
-                return error(pb.ERROR_CODE_TRANSFER_FAILED, err)
-            t_done = time.monotonic()
-            res = pb.PrefillResult(
-                first_token=out.new_token_ids[0], num_cached_tokens=cached, transfer_bytes=stream.bytes,
-                transfer_seconds=t_done - t_prefilled, prefill_seconds=t_prefilled - t_start,
-                generator_state=gen_state.numpy().tobytes() if gen_state is not None else b"")
-            if out.new_logprobs and out.new_logprobs[0] is not None:
-                res.first_token_logprobs.CopyFrom(logprobs_to_proto(out.new_logprobs[0]))
-            if prompt_lps is not None:
-                res.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in prompt_lps[1:])
-            if hidden is not None:
-                res.mtp_hidden.CopyFrom(tensor_to_proto(hidden))
+            out = self._run(rid, prompt, params, stream, q, t_start, context)
+            if isinstance(out, _Failure):
+                if stream.state is StreamState.LOST:
+                    self._forget_peer(request.destination.agent_name)
+                return self._error(rid, out)
             self.requests_done += 1
-            log.info("request %s: prefilled %d tokens (%d cached) in %.3f s, sent %.2f MB in %.3f s",
-                     rid, len(prompt), cached, t_prefilled - t_start, stream.bytes / 1e6, t_done - t_prefilled)
-            return pb.PrefillReply(prefill=res)
+            return pb.PrefillReply(prefill=out)
         finally:
-            self.queued_prefill_tokens -= len(prompt)
+            with self.lock:
+                self.queued_prefill_tokens -= len(prompt)
             self.rt.loop.unsubscribe(rid)
             self._cleanup(rid, stream)
 
-    def _wait_prefilled(self, rid: str, q, deadline: float, context: grpc.ServicerContext) -> RequestOutput | str:
+    @staticmethod
+    def _error(rid: str, f: _Failure) -> pb.PrefillReply:
+        log.warning("request %s: prefill failed: %s", rid, f.message)
+        return pb.PrefillReply(error=pb.Error(code=f.code, message=f.message))
+
+    def _admit(self, request: pb.PrefillRequest, context: grpc.ServicerContext):
+        """(params, stream) for a request this worker takes, or the _Failure that says why not."""
+        rid, dest = request.request_id, request.destination
+        if self.draining:
+            return _Failure(pb.ERROR_CODE_UNAVAILABLE, "prefill worker is draining")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return _Failure(pb.ERROR_CODE_DEADLINE_EXCEEDED, "arrived after its deadline")
+        try:
+            params = sampling_params_from_proto(request.sampling)
+        except ValueError as e:
+            return _Failure(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
+        try:
+            peer = self._peer_for(dest)
+        except HandshakeError as e:
+            return _Failure(pb.ERROR_CODE_INCOMPATIBLE, f"transfer handshake with {dest.decode_worker_id} refused: {e}")
+        except Exception as e:  # noqa: BLE001
+            return _Failure(pb.ERROR_CODE_TRANSFER_FAILED, f"cannot reach {dest.decode_worker_id}: {e}")
+        bs = self.rt.engine.cfg.block_size
+        if len(dest.block_ids) * bs < len(request.prompt_token_ids):
+            return _Failure(pb.ERROR_CODE_INVALID_ARGUMENT,
+                            f"destination has {len(dest.block_ids)} blocks for a {len(request.prompt_token_ids)}-token prompt")
+        stream = PrefillStream(self.rt.transport, rid, peer, list(dest.block_ids), dest.epoch)
+        with self.lock:  # an Abort from here on finds the stream
+            aborted = self.tombstones.pop(rid, None) is not None
+            duplicate = rid in self.streams
+            if not (aborted or duplicate):
+                self.streams[rid] = stream
+        if duplicate:
+            return _Failure(pb.ERROR_CODE_INVALID_ARGUMENT, f"request id {rid} is already prefilling here")
+        if aborted:  # nothing was written: D may free the reservation now
+            stream.release()
+            return _Failure(pb.ERROR_CODE_ABORTED, "aborted before it started")
+        return params, stream
+
+    def _run(self, rid: str, prompt: list[int], params, stream: PrefillStream, q, t_start: float,
+             context: grpc.ServicerContext) -> pb.PrefillResult | _Failure:
+        try:
+            self.rt.loop.call(lambda eng: eng.add_request(rid, prompt, params, prefill_only=True),
+                              undo=lambda eng, _: eng.abort(rid))
+        except RequestError as e:
+            return _Failure(request_error_code(e), str(e))
+        except CallTimeout as e:
+            return _Failure(pb.ERROR_CODE_UNAVAILABLE, f"engine busy: {e}")
+        out = self._wait_prefilled(stream, q, t_start + self.spec.first_token_timeout_s, context)
+        if isinstance(out, _Failure):
+            return out
+        t_prefilled = time.monotonic()
+        # finished at its first token (max_tokens 1, EOS, a stop token): the decode side gets nothing
+        # more; the writes already under way settle, then _cleanup tells it the reservation is free
+        ended = _FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
+
+        def finish(eng: Engine) -> tuple:
+            req = eng.requests[rid]
+            if ended:
+                stream.stop("finished at its first token")
+            else:
+                stream.send_last(req.block_table, -(-len(prompt) // eng.cfg.block_size))
+            hidden = req.pending_hidden[-1].float().cpu() if req.pending_hidden is not None else None
+            gen = req.generator.get_state().cpu() if req.generator is not None else None
+            return hidden, gen, req.num_cached_prompt, req.prompt_logprobs
+        hidden, gen_state, cached, prompt_lps = self.rt.loop.call(finish)
+        err = self._wait_transfers(stream, t_prefilled + self.spec.transfer_timeout_s, bool(ended), context)
+        if err:
+            return err
+        t_done = time.monotonic()
+        res = pb.PrefillResult(
+            first_token=out.new_token_ids[0], num_cached_tokens=cached, transfer_bytes=stream.nbytes,
+            transfer_seconds=t_done - t_prefilled, prefill_seconds=t_prefilled - t_start,
+            generator_state=gen_state.numpy().tobytes() if gen_state is not None else b"",
+            finish_reason=ended, blocks_written=stream.sent)
+        if out.new_logprobs and out.new_logprobs[0] is not None:
+            res.first_token_logprobs.CopyFrom(logprobs_to_proto(out.new_logprobs[0]))
+        if prompt_lps is not None:
+            res.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in prompt_lps[1:])
+        if hidden is not None:
+            res.mtp_hidden.CopyFrom(tensor_to_proto(hidden))
+        log.info("request %s: prefilled %d tokens (%d cached) in %.3f s, sent %.2f MB in %.3f s",
+                 rid, len(prompt), cached, t_prefilled - t_start, stream.nbytes / 1e6, t_done - t_prefilled)
+        return res
+
+    def _wait_prefilled(self, s: PrefillStream, q, deadline: float,
+                        context: grpc.ServicerContext) -> RequestOutput | _Failure:
         while True:
-            if rid in self.cancelled:
-                return "aborted"
-            s = self.streams.get(rid)
-            if s is not None and s.error:
-                return s.error
+            state = s.check()
+            if state is StreamState.LOST:
+                return _Failure(pb.ERROR_CODE_TRANSFER_FAILED, s.why)
+            if state is StreamState.STOPPING:
+                return _Failure(pb.ERROR_CODE_ABORTED, f"aborted ({s.why})")
             if not context.is_active():
-                return "aborted: the router went away"
+                s.stop("the router went away")
+                return _Failure(pb.ERROR_CODE_ABORTED, "aborted: the router went away")
             left = deadline - time.monotonic()
             if left <= 0:
-                return f"no first token within {self.spec.first_token_timeout_s:.0f} s"
+                s.stop("first-token deadline")
+                return _Failure(pb.ERROR_CODE_DEADLINE_EXCEEDED,
+                                f"no first token within {self.spec.first_token_timeout_s:.0f} s")
             try:
                 out = q.get(timeout=min(left, 0.5))
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 continue
             if isinstance(out, BaseException):
-                return f"engine failed: {out!r}"
+                return _Failure(pb.ERROR_CODE_INTERNAL, f"engine failed: {out!r}")
             if out.finished:
-                if out.finish_reason != "prefilled" or not out.new_token_ids:
-                    return f"aborted ({out.finish_reason})"
+                if out.finish_reason not in ("prefilled", *_FINISH) or not out.new_token_ids:
+                    return _Failure(pb.ERROR_CODE_ABORTED, f"aborted in the engine ({out.finish_reason})")
                 return out
 
-    def _wait_transfers(self, s: _Stream, deadline: float, context: grpc.ServicerContext) -> str | None:
-        t = self.rt.transport
-        pending = list(s.handles)
-        while pending:
-            if s.request_id in self.cancelled:
-                return "aborted during transfer"
-            nxt = []
-            for h in pending:
-                st = t.poll(h)
-                if st is TransferState.FAILED:
-                    return f"cache transfer failed: {t.error(h)}"
-                if st is not TransferState.DONE:
-                    nxt.append(h)
-            pending = nxt
-            if pending:
-                if time.monotonic() > deadline:
-                    return f"cache transfer not done within {self.spec.transfer_timeout_s:.0f} s"
-                time.sleep(0.0005)
-        return None
+    def _wait_transfers(self, s: PrefillStream, deadline: float, ended: bool,
+                        context: grpc.ServicerContext) -> _Failure | None:
+        """Until the cache is DELIVERED (or, for a request that ended at its first token, until the
+        writes under way settled)."""
+        while True:
+            state = s.check()
+            if state is StreamState.DELIVERED:
+                return None
+            if state is StreamState.LOST:
+                return _Failure(pb.ERROR_CODE_TRANSFER_FAILED, s.why)
+            if state is StreamState.STOPPING and not ended:
+                return _Failure(pb.ERROR_CODE_ABORTED, f"aborted during transfer ({s.why})")
+            if ended and s.settled():
+                return None
+            if time.monotonic() > deadline:
+                s.stop("transfer deadline")
+                return _Failure(pb.ERROR_CODE_DEADLINE_EXCEEDED,
+                                f"cache transfer not done within {self.spec.transfer_timeout_s:.0f} s")
+            time.sleep(0.0005)
 
-    def _cleanup(self, rid: str, s: _Stream) -> None:
-        delivered = s.final_sent and all(self.rt.transport.poll(h) is TransferState.DONE for h in s.handles)
-
+    def _cleanup(self, rid: str, s: PrefillStream) -> None:
         def drop(eng: Engine) -> None:
-            self.streams.pop(rid, None)
-            for h in s.handles:
-                self.rt.transport.release(h)
-            if not delivered:  # tell the decode side nothing more will be written for this epoch
-                try:
-                    self.rt.transport.send_notif(s.peer, f"released:{rid}:{s.epoch}".encode())
-                except Exception as e:  # noqa: BLE001 - the peer may be gone; its quarantine times out
-                    log.info("request %s: 'released' notification not sent: %s", rid, e)
-            if rid in eng.requests:
-                if eng.requests[rid].prefill_only and eng.requests[rid].is_finished:
+            with self.lock:
+                self.streams.pop(rid, None)
+            s.release()  # handles forgotten; the decode side told RELEASED unless delivered
+            req = eng.requests.get(rid)
+            if req is not None:
+                if req.prefill_only and req.is_finished:
                     eng.release_prefilled(rid)
                 else:
                     eng.abort(rid)
@@ -277,19 +277,19 @@ class PrefillService(pbg.PrefillWorkerServicer):
             self.rt.loop.call(drop)
         except Exception:  # noqa: BLE001 - the loop is gone; nothing left to free
             log.exception("request %s: cleanup failed", rid)
-        self.cancelled.discard(rid)
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         rid = request.request_id
-        found = rid in self.streams
-        if found:
-            self.cancelled.add(rid)
-        else:  # it may still be on its way: refuse it when it comes
-            now = time.monotonic()
-            self.tombstones[rid] = now
-            for old in [k for k, t in self.tombstones.items() if t < now - 600]:
-                del self.tombstones[old]
-        return pb.AbortReply(found=found)
+        now = time.monotonic()
+        with self.lock:
+            stream = self.streams.get(rid)
+            if stream is None:  # it may still be on its way: refuse it when it comes
+                self.tombstones[rid] = now
+                for old in [k for k, t in self.tombstones.items() if t < now - 600]:
+                    del self.tombstones[old]
+        if stream is not None:
+            stream.stop(request.reason or "aborted")  # its Prefill sees it and answers ABORTED
+        return pb.AbortReply(found=stream is not None)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         state = pb.SERVING_STATE_DRAINING if self.draining else pb.SERVING_STATE_SERVING
@@ -302,9 +302,11 @@ class PrefillService(pbg.PrefillWorkerServicer):
 
     def stats(self) -> dict:
         eng = self.rt.engine
-        return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total, running=len(self.streams),
+        with self.lock:
+            running, queued = len(self.streams), self.queued_prefill_tokens
+        return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total, running=running,
                     waiting=len(eng.scheduler.waiting), requests_done=self.requests_done, pid=self.rt.pid,
-                    node=self.rt.node, queued_prefill_tokens=max(0, self.queued_prefill_tokens))
+                    node=self.rt.node, queued_prefill_tokens=max(0, queued))
 
 
 def serve(spec: WorkerSpec) -> WorkerServer:

@@ -61,3 +61,10 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     kwargs["stop"] = tuple(msg.stop)
     kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
     return SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def request_error_code(e: Exception) -> int:
+    """The wire code of an engine's RequestError: TOO_LONG (never fits: the client's 400), else INVALID_ARGUMENT."""
+    from splitserve.engine.engine import TooLong
+
+    return pb.ERROR_CODE_TOO_LONG if isinstance(e, TooLong) else pb.ERROR_CODE_INVALID_ARGUMENT

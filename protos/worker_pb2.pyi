@@ -19,6 +19,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_CODE_UNAVAILABLE: _ClassVar[ErrorCode]
     ERROR_CODE_INCOMPATIBLE: _ClassVar[ErrorCode]
     ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
+    ERROR_CODE_TOO_LONG: _ClassVar[ErrorCode]
 
 class WorkerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +59,7 @@ ERROR_CODE_TRANSFER_FAILED: ErrorCode
 ERROR_CODE_UNAVAILABLE: ErrorCode
 ERROR_CODE_INCOMPATIBLE: ErrorCode
 ERROR_CODE_INTERNAL: ErrorCode
+ERROR_CODE_TOO_LONG: ErrorCode
 WORKER_KIND_UNSPECIFIED: WorkerKind
 WORKER_KIND_PREFILL: WorkerKind
 WORKER_KIND_DECODE: WorkerKind
@@ -395,7 +397,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[Destination, _Mapping]] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("first_token", "first_token_logprobs", "prompt_logprobs", "mtp_hidden", "num_cached_tokens", "transfer_bytes", "transfer_seconds", "queue_seconds", "prefill_seconds", "generator_state")
+    __slots__ = ("first_token", "first_token_logprobs", "prompt_logprobs", "mtp_hidden", "num_cached_tokens", "transfer_bytes", "transfer_seconds", "queue_seconds", "prefill_seconds", "generator_state", "finish_reason", "blocks_written")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -406,6 +408,8 @@ class PrefillResult(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     first_token_logprobs: TokenLogprobs
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
@@ -416,7 +420,9 @@ class PrefillResult(_message.Message):
     queue_seconds: float
     prefill_seconds: float
     generator_state: bytes
-    def __init__(self, first_token: _Optional[int] = ..., first_token_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., mtp_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
+    finish_reason: FinishReason
+    blocks_written: int
+    def __init__(self, first_token: _Optional[int] = ..., first_token_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., mtp_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., generator_state: _Optional[bytes] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., blocks_written: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("prefill", "error")

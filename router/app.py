@@ -167,6 +167,15 @@ class _Server:
             ) from None
         self.metrics.in_flight.inc()
 
+    def failure_error(self, e: BackendFailure) -> ApiError:
+        """503 + Retry-After (no worker can take it now), 400 (it can never fit), else 500."""
+        if e.status == 400:
+            return ApiError(400, str(e), code=e.code)
+        headers = {}
+        if e.status == 503:
+            headers["Retry-After"] = str(max(1, round(e.retry_after_s or self.retry_after_s)))
+        return ApiError(e.status, f"Generation failed: {e}", type="server_error", code=e.code, headers=headers)
+
     def _releaser(self) -> Callable[[bool], None]:
         done = False
 
@@ -264,7 +273,7 @@ class _Server:
             return Response(status_code=499)
         except BackendFailure as e:
             logger.error("request %s: backend failure: %s", request_id, e)
-            return error_response(ApiError(500, f"Generation failed: {e}", type="server_error", code="backend_error"))
+            return error_response(self.failure_error(e))
         finally:
             release(started)
             timer.done()
@@ -376,7 +385,8 @@ class _Server:
             logger.info("request %s: stream done", request_id)
         except BackendFailure as e:
             logger.error("request %s: backend failure: %s", request_id, e)
-            yield R.sse(error_body(f"Generation failed: {e}", "server_error", None, "backend_error"))
+            err = self.failure_error(e)
+            yield R.sse(error_body(err.message, err.type, None, err.code))
             yield R.SSE_DONE
         finally:
             await events.aclose()  # cancels every choice if we stopped early (client gone, error)

@@ -18,7 +18,9 @@ Contract of `GenerationBackend.generate`:
   ``params.logprobs`` most likely alternatives, best first); ``prompt_logprobs`` comes only in the first
   delta, one entry per prompt token, entry 0 being None, when ``params.prompt_logprobs is not None``.
 * A failure is reported as a delta with ``error`` set (and ``finish_reason`` "abort"), or by raising;
-  the router turns either into a 5xx / an error event, never into a hang.
+  the router turns either into a 5xx / an error event, never into a hang. Two failures are the
+  client's to act on, raised before the first delta: `Unavailable` (no worker can take the request
+  now: 503 with Retry-After) and `NeverFits` (no worker could ever take it: 400).
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ class GenerationDelta:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     finish_reason: str | None = None
     error: str | None = None
+
+
+class Unavailable(Exception):
+    """No worker can take the request now (every one full, or none serving); retry later."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NeverFits(Exception):
+    """The request can never be served here (its prompt exceeds every worker's cache)."""
 
 
 class GenerationBackend(Protocol):

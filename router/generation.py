@@ -17,7 +17,7 @@ from typing import Any
 
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.model.tokenizer import StopStringMatcher, TextDecoder
-from splitserve.router.backend import GenerationBackend, TokenLogprobs
+from splitserve.router.backend import GenerationBackend, NeverFits, TokenLogprobs, Unavailable
 from splitserve.router.metrics import RequestTimer
 from tokenizers import Tokenizer
 
@@ -25,7 +25,16 @@ logger = logging.getLogger(__name__)
 
 
 class BackendFailure(Exception):
-    """The backend reported an error, raised, aborted, or broke the protocol."""
+    """The backend reported an error, raised, aborted, or broke the protocol.
+
+    `status` is the HTTP status it maps to: 500, or 503 (`Unavailable`: `retry_after_s` set) and 400
+    (`NeverFits`) for the backend's two client-facing refusals; `code` the OpenAI-style error code.
+    """
+
+    def __init__(self, message: str, status: int = 500, code: str = "backend_error",
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.retry_after_s = status, code, retry_after_s
 
 
 @dataclass(slots=True)
@@ -161,6 +170,10 @@ class ChoiceRunner:
                         break
             except (BackendFailure, asyncio.CancelledError):
                 raise
+            except Unavailable as e:
+                raise BackendFailure(str(e), 503, "no_capacity", e.retry_after_s) from e
+            except NeverFits as e:
+                raise BackendFailure(str(e), 400, "context_length_exceeded") from e
             except Exception as e:
                 logger.exception("request %s: backend raised", self.request_id)
                 raise BackendFailure(f"backend error: {type(e).__name__}") from e

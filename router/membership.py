@@ -1,6 +1,11 @@
 """Pool membership as the router sees it: which workers exist, their gRPC address, their state and
-their last reported load. The deploy layer (launcher/controller) adds, drains and removes workers;
-the router's poller refreshes load and liveness; routing policies read it.
+their last reported load.
+
+Writers: the deploy layer (the controller) alone adds, drains and removes workers and decides their
+`state` (serving, draining, dead), through `add` / `update` / `remove`. The router's load poller
+only `report`s load (the fields in LOAD_FIELDS, `failures` included: consecutive polls it could not
+get an answer to, which routing uses to rank a worker last, never to declare it dead). Routing
+policies read it.
 
 Thread-safe: the controller may run in another thread than the router's event loop.
 """
@@ -41,6 +46,11 @@ class WorkerInfo:
         return self.blocks_total - self.blocks_used
 
 
+# what the router's poller may write: observations, never membership or liveness
+LOAD_FIELDS = frozenset({"blocks_used", "blocks_total", "running", "waiting", "requests_done",
+                         "queued_prefill_tokens", "last_seen", "failures", "transfer_metadata"})
+
+
 class Directory:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -65,6 +75,13 @@ class Directory:
             w = replace(w, **changes)  # type: ignore[arg-type]
             self._workers[worker_id] = w
             return w
+
+    def report(self, worker_id: str, **load: object) -> WorkerInfo | None:
+        """The router's poller: a worker's load (LOAD_FIELDS only; state is the controller's)."""
+        bad = set(load) - LOAD_FIELDS
+        if bad:
+            raise ValueError(f"the router may report load only, not {', '.join(sorted(bad))}")
+        return self.update(worker_id, **load)
 
     def get(self, worker_id: str) -> WorkerInfo | None:
         with self._lock:

@@ -197,7 +197,7 @@ def test_killed_worker_migrates_and_a_dead_one_is_skipped(workers, tiny_checkpoi
         return out, after, b.migrations, await b.health()
     try:
         (toks, reason, err, _, _), after, migrations, health = asyncio.run(
-            with_backend(ColocatedBackend, directory, go, dead_after_failures=100, poll_interval_s=60))
+            with_backend(ColocatedBackend, directory, go, poll_interval_s=60))
     finally:
         extra.stop()
     assert err is None and reason == "length" and migrations == 1
@@ -205,4 +205,23 @@ def test_killed_worker_migrates_and_a_dead_one_is_skipped(workers, tiny_checkpoi
     assert after[2] is None and after[0] == engine().generate([PROMPTS[1]], params)[0].token_ids
     assert "request after: decode-k did not take it (decode-k: UNAVAILABLE)" in caplog.text
     assert health["status"] == "ok" and health["mode"] == "colocated"
+    assert_all_free(workers)
+
+
+def test_first_token_finish_and_the_two_refusals(workers, engine) -> None:
+    """max_tokens 1 ends normally with the engine's token; a prompt beyond a worker's whole cache is
+    NeverFits (the app's 400), no serving worker is Unavailable (the app's 503); nothing stays held."""
+    from splitserve.router.backend import NeverFits, Unavailable
+    from splitserve.router.membership import Directory
+
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    toks, reason, err, _, _ = asyncio.run(with_backend(
+        ColocatedBackend, directory_of(decode_workers(workers)), lambda b: collect(b, "one", PROMPTS[2], one)))
+    assert err is None and reason in ("length", "stop") and toks == engine().generate([PROMPTS[2]], one)[0].token_ids
+    huge = [3 + i % 900 for i in range(ENGINE.num_blocks * ENGINE.block_size + 8)]
+    with pytest.raises(NeverFits, match="cache blocks"):
+        asyncio.run(with_backend(ColocatedBackend, directory_of(decode_workers(workers)),
+                                 lambda b: collect(b, "huge", huge, one)))
+    with pytest.raises(Unavailable):
+        asyncio.run(with_backend(ColocatedBackend, Directory(), lambda b: collect(b, "none", PROMPTS[0], one)))
     assert_all_free(workers)

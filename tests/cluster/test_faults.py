@@ -142,7 +142,7 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, tiny_checkpoint) -> N
             directory.update("decode-0", state="serving")
 
     async def go():
-        async with started_backend(directory, dead_after_failures=1) as b:
+        async with started_backend(directory) as b:
             t0 = time.monotonic()
             out = await run(b, "victim", PROMPT, params, on_delta)
             return out, time.monotonic() - t0, b.migrations
@@ -258,7 +258,7 @@ def test_decode_worker_killed_during_the_transfer_frees_the_prefill_side(cluster
     t.start()
     try:
         async def go():
-            async with started_backend(directory, dead_after_failures=1) as b:
+            async with started_backend(directory) as b:
                 return await run(b, "transfer-victim", long_prompt, params), b.prefill_retries
         (toks, reason, err), retries = asyncio.run(go())
         t.join(30)
