@@ -121,6 +121,13 @@ class Engine:
             raise TooLong(f"the prompt needs {need} cache blocks; this worker has {self.cfg.num_blocks}")
         if params.logprobs is not None and params.logprobs > vocab or (params.prompt_logprobs or 0) > vocab:
             raise RequestError("more logprobs requested than the vocabulary has tokens")
+        self._check_logit_bias(params)
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.net.cfg.vocab_size
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise RequestError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     *, prefill_only: bool = False) -> Request:
@@ -150,6 +157,7 @@ class Engine:
         """Join the running batch with a cache that is already in `blocks` (prompt fully computed,
         the first token sampled by the prefill side). mtp_hidden: the main model's hidden state at
         the last prompt position, [hidden], which the MTP layer needs next."""
+        self._check_logit_bias(params)
         req = Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.net.device))
         if generator_state is not None and req.generator is not None:
             req.generator.set_state(generator_state)

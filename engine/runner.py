@@ -28,7 +28,8 @@ from splitserve.model import DeepseekV32, ForwardBatch, SeqSpan
 from .cache import CachePool, PagedStore
 from .rows import DecodeGraphs, RowPlan
 from .request import Request
-from .sampler import SamplingRow, prompt_logprobs, processed_probs, sample_from_probs, sample_tokens, token_logprobs
+from .sampler import (SamplingRow, biased_logits, prompt_logprobs, processed_probs, sample_from_probs, sample_tokens,
+                      token_logprobs)
 from .scheduler import ScheduledItem
 from .speculative import VerifyResult, target_probs_for_drafts, verify_batch
 
@@ -134,7 +135,10 @@ class ModelRunner:
             logits = self.net.logits(hidden)
             greedy_rows = [i for i, r in enumerate(active) if r.params.greedy]
             if greedy_rows:  # one argmax and one host copy for every greedy request
-                for i, t in zip(greedy_rows, logits[greedy_rows].argmax(dim=-1).tolist()):
+                # Drafts see the request's logit_bias too (so do sampled drafts, through processed_probs):
+                # the target they are verified against is biased, and unbiased drafts would be rejected.
+                lg = biased_logits(logits[greedy_rows], [active[i].params for i in greedy_rows])
+                for i, t in zip(greedy_rows, lg.argmax(dim=-1).tolist()):
                     active[i].drafts.append(int(t))
             sampling = [i for i, r in enumerate(active) if not r.params.greedy]
             if sampling:
@@ -152,13 +156,15 @@ class ModelRunner:
     def _verify(items: list[tuple[ScheduledItem, SeqSpan]], logits: torch.Tensor, row_of: dict[int, int]
                 ) -> list[VerifyResult]:
         """Verdicts for decode items. Plain greedy requests (no penalties) need only the argmax of each
-        row: one kernel and one host copy for all of them, then the longest agreeing draft prefix.
+        (biased, when the request has a logit_bias) row: one kernel and one host copy for all of them,
+        then the longest agreeing draft prefix.
         The others go through processed distributions and verify_batch (rejection sampling)."""
         verdicts: list[VerifyResult | None] = [None] * len(items)
         plain = [i for i, (it, _) in enumerate(items) if it.req.params.greedy and not it.req.params.has_penalties]
         if plain:
             rows = [row_of[r] for i in plain for r in range(items[i][1].start, items[i][1].end)]
-            best = logits[rows].argmax(dim=-1).tolist()
+            params = [items[i][0].req.params for i in plain for _ in range(items[i][1].length)]
+            best = biased_logits(logits[rows], params).argmax(dim=-1).tolist()
             j = 0
             for i in plain:
                 drafts, n = items[i][0].req.drafts, items[i][1].length
@@ -255,8 +261,8 @@ class ModelRunner:
             for (it, r), t, lrow in zip(sample_items, toks, lg):
                 req = it.req
                 lp = None
-                if req.params.logprobs is not None:
-                    lp = token_logprobs(lrow[None], [t], [req.params.logprobs])
+                if req.params.logprobs is not None:  # reported after the logit_bias, as OpenAI does
+                    lp = token_logprobs(biased_logits(lrow[None], [req.params]), [t], [req.params.logprobs])
                 if req.params.prompt_logprobs is not None and req._prompt_logits:
                     plog = torch.cat(req._prompt_logits)[: len(req.prompt_ids)]
                     req.prompt_logprobs = prompt_logprobs(plog, req.prompt_ids, req.params.prompt_logprobs)
@@ -271,7 +277,8 @@ class ModelRunner:
                 a = v.num_accepted
                 lp = None
                 if req.params.logprobs is not None:
-                    lg = logits[[row_of[r] for r in range(sp.start, sp.start + a + 1)]]
+                    lg = biased_logits(logits[[row_of[r] for r in range(sp.start, sp.start + a + 1)]],
+                                       [req.params] * (a + 1))
                     lp = token_logprobs(lg, v.tokens, [req.params.logprobs] * (a + 1))
                 if self.mtp_cache:
                     h = hidden[sp.start: sp.start + a + 1]

@@ -2,6 +2,7 @@
 
 Pipeline (applied in this order, per row, to float32 logits of shape [B, V]):
 
+0. logit bias (OpenAI `logit_bias`): ``logit[t] += bias[t]`` for the row's (token, bias) pairs;
 1. repetition penalty (HF convention): for every token id seen in the prompt *or* the generated
    tokens, a positive logit is divided by the penalty and a non-positive one multiplied by it;
 2. presence / frequency penalties (OpenAI convention), over generated tokens only:
@@ -17,7 +18,7 @@ then a token is drawn from ``softmax`` of the surviving logits (masked logits ar
 Ties: top-k and top-p use one *stable* descending sort, so among equal logits the lower token id
 ranks first. top-k therefore keeps exactly ``min(k, V)`` tokens, and top-p keeps exactly the
 minimal prefix of that order. Greedy decoding (temperature 0) is ``argmax`` of the penalised
-logits, returning the lowest token id among equal maxima; penalties apply, truncation cannot
+logits, returning the lowest token id among equal maxima; bias and penalties apply, truncation cannot
 change the argmax. The processed distribution of a greedy row is the one-hot vector at that argmax.
 
 Randomness: each request owns a `torch.Generator` (see `make_generator`). A sampled (non-greedy)
@@ -27,10 +28,15 @@ therefore consumes exactly V exponentials of the row's generator, whatever the p
 other rows; greedy steps consume none. The row's sample depends only on its own logits, params,
 token history and generator state, never on the batch composition or order.
 
-Logprobs: returned logprobs are the *raw* model logprobs, ``log_softmax(logits)`` of the logits
-as passed in, before penalties / temperature / truncation (vLLM's default "raw logprobs"). So they
-describe what the model predicted, and the chosen token always has a finite logprob even under
-top-k etc. The processed distribution is available separately (`processed_probs`).
+Logprobs: returned logprobs are ``log_softmax`` of the *biased* logits (step 0 only), before
+penalties / temperature / truncation: the model's prediction with the request's `logit_bias` added,
+as OpenAI reports logprobs after the bias (vLLM's default "raw logprobs" otherwise). So a request
+without a bias gets the raw model logprobs, and the chosen token always has a finite logprob even
+under top-k etc. The processed distribution is available separately (`processed_probs`). Prompt
+logprobs (echo) are raw: the bias is about what the request samples, not about the prompt.
+
+Cost: rows without a bias pay nothing (`biased_logits` returns its input when no row has one); a
+biased batch costs one small host-to-device copy of the (row, token, bias) triples and one scatter.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ __all__ = [
     "Sampler",
     "make_generator",
     "token_counts",
+    "apply_logit_bias",
+    "biased_logits",
     "apply_repetition_penalty",
     "apply_presence_frequency_penalties",
     "apply_temperature",
@@ -99,7 +107,7 @@ class SamplingRow:
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprobs:
-    """Raw logprob of one token and the top-N alternatives of its position.
+    """Logprob of one token (after its request's logit_bias) and the top-N alternatives of its position.
 
     `top` holds (token id, logprob) pairs by decreasing logprob, N of them (N = requested count,
     or fewer if the vocabulary is smaller).
@@ -148,6 +156,37 @@ def token_counts(
 def _col(values: torch.Tensor | Sequence[float] | Sequence[int], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-row values as a [B, 1] column of `dtype` on `like`'s device."""
     return torch.as_tensor(values, dtype=dtype, device=like.device).reshape(-1, 1)
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> torch.Tensor:
+    """OpenAI logit bias. logits [B, V] float; biases[b] = row b's (token id, bias) pairs (empty:
+    none; ids distinct and in [0, V)). Returns ``logits + bias`` as a new tensor of the same dtype."""
+    b, v = logits.shape
+    if len(biases) != b:
+        raise ValueError(f"{b} rows of logits but {len(biases)} bias lists")
+    out = logits.clone()
+    rows = [i for i, pairs in enumerate(biases) for _ in pairs]
+    if not rows:
+        return out
+    toks = [t for pairs in biases for t, _ in pairs]
+    if min(toks) < 0 or max(toks) >= v:
+        raise ValueError(f"logit_bias token ids must lie in [0, {v})")
+    vals = torch.tensor([x for pairs in biases for _, x in pairs], dtype=logits.dtype)
+    idx = torch.tensor([rows, toks], dtype=torch.long)
+    if logits.device.type != "cpu":
+        idx, vals = idx.to(logits.device, non_blocking=True), vals.to(logits.device, non_blocking=True)
+    out.index_put_((idx[0], idx[1]), vals, accumulate=True)
+    return out
+
+
+def biased_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Step 0 alone: `logits` [B, V] with row b biased by ``params[b].logit_bias``, in float32.
+
+    When no row has a bias this is `logits` itself (no copy, no cast): what greedy argmax shortcuts
+    and logprobs read, so requests without a bias pay nothing."""
+    if not any(p.logit_bias for p in params):
+        return logits
+    return apply_logit_bias(logits.to(torch.float32), [p.logit_bias for p in params])
 
 
 def apply_repetition_penalty(
@@ -243,10 +282,11 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | Sequence[float]) -> 
 
 
 def _penalised(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Steps 1-2 of the pipeline: [B, V] float32 (a new tensor)."""
-    x = logits.to(torch.float32).clone()
-    v = x.shape[1]
+    """Steps 0-2 of the pipeline: [B, V] float32 (a new tensor)."""
     params = [r.params for r in rows]
+    x = logits.to(torch.float32)
+    x = apply_logit_bias(x, [p.logit_bias for p in params]) if any(p.logit_bias for p in params) else x.clone()
+    v = x.shape[1]
     need_rep = [p.repetition_penalty != 1.0 for p in params]
     need_pf = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
     if not any(need_rep) and not any(need_pf):
@@ -276,8 +316,8 @@ def _check(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Run the whole pipeline: logits [B, V] (any float dtype) -> processed logits [B, V] float32.
 
-    Non-greedy rows: penalised, temperature-scaled, with tokens cut by top-k / top-p / min-p set
-    to -inf. Greedy rows: penalised logits only (truncation would not change their argmax).
+    Non-greedy rows: biased, penalised, temperature-scaled, with tokens cut by top-k / top-p / min-p set
+    to -inf. Greedy rows: biased and penalised logits only (truncation would not change their argmax).
     """
     _check(logits, rows)
     x = _penalised(logits, rows)
@@ -301,7 +341,7 @@ def processed_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     """The final distribution each row samples from: [B, V] float32, rows sum to 1.
 
     ``softmax(process_logits(...))`` for sampled rows; for greedy rows the one-hot vector at the
-    argmax (lowest id among ties) of the penalised logits. This is the `p` (target) and `q`
+    argmax (lowest id among ties) of the biased, penalised logits. This is the `p` (target) and `q`
     (draft) of speculative decoding.
     """
     x = process_logits(logits, rows)
@@ -356,7 +396,7 @@ def sample_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Te
     """Sample one token per row: logits [B, V] -> token ids [B] int64 (on the logits' device).
 
     Non-greedy rows advance their generator by exactly V exponentials; greedy rows take the
-    argmax of the penalised logits and use no randomness.
+    argmax of the biased, penalised logits and use no randomness.
     """
     return sample_from_probs(processed_probs(logits, rows), _generators_for(rows))
 
@@ -364,9 +404,10 @@ def sample_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Te
 def token_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor | Sequence[int], num_top: Sequence[int | None]
 ) -> list[TokenLogprobs | None]:
-    """Raw logprobs (``log_softmax(logits)``, no sampling transforms) of chosen tokens.
+    """Logprobs (``log_softmax(logits)``, no sampling transforms) of chosen tokens.
 
-    logits [B, V]; token_ids [B] int; num_top[b] = N alternatives for row b, or None for no
+    logits [B, V], as the caller wants them reported (pass `biased_logits(...)` for a request's
+    reported logprobs: after its logit_bias); token_ids [B] int; num_top[b] = N alternatives for row b, or None for no
     logprobs (entry None). Ties among the top-N alternatives are ordered by `torch.topk`.
     """
     b, v = logits.shape
@@ -430,10 +471,13 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampleOutput]:
         """Sample one token per row and return plain data: token id and, where
-        `params.logprobs` is not None, the raw logprob of the token and its top-N alternatives.
-        logits [B, V] float."""
+        `params.logprobs` is not None, the logprob of the token (after the row's logit_bias, before
+        anything else) and its top-N alternatives. logits [B, V] float."""
         tokens = sample_tokens(logits, rows)
-        lps = token_logprobs(logits, tokens, [r.params.logprobs for r in rows])
+        wanted = [r.params.logprobs for r in rows]
+        lps = [None] * len(rows)
+        if any(n is not None for n in wanted):
+            lps = token_logprobs(biased_logits(logits, [r.params for r in rows]), tokens, wanted)
         return [SampleOutput(int(t), lp) for t, lp in zip(tokens.tolist(), lps)]
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 SamplingParams travels with explicit presence (see worker.proto): `sampling_params_to_proto` sets
 every field it has (None -> absent), `sampling_params_from_proto` maps an absent field to the
-dataclass default, never to protobuf's zero value, and validates the result.
+dataclass default, never to protobuf's zero value, and validates the result. `logit_bias` travels
+as a map (empty = no bias, the default) and comes back sorted by token id, its canonical form.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ _SCALARS = (
     "seed", "max_tokens", "ignore_eos", "logprobs", "prompt_logprobs",
 )
 _LISTS = ("stop", "stop_token_ids")
+_MAPS = ("logit_bias",)
 _SEED_MASK = 2**64 - 1
-if set(_SCALARS) | set(_LISTS) != {f.name for f in dataclasses.fields(SamplingParams)}:
+if set(_SCALARS) | set(_LISTS) | set(_MAPS) != {f.name for f in dataclasses.fields(SamplingParams)}:
     raise ImportError("engine SamplingParams and its wire message disagree; update protos/worker.proto and convert.py")
 
 
@@ -48,6 +50,11 @@ def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
             raise ValueError(f"SamplingParams.{name} = {value!r} does not fit the wire type: {exc}") from None
     msg.stop.extend(params.stop)
     msg.stop_token_ids.extend(params.stop_token_ids)
+    for token_id, bias in params.logit_bias:
+        try:
+            msg.logit_bias[token_id] = bias
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"SamplingParams.logit_bias token id {token_id} does not fit the wire type: {exc}") from None
     return msg
 
 
@@ -60,6 +67,7 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     kwargs: dict[str, object] = {name: getattr(msg, name) for name in _SCALARS if msg.HasField(name)}
     kwargs["stop"] = tuple(msg.stop)
     kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+    kwargs["logit_bias"] = tuple(msg.logit_bias.items())  # SamplingParams sorts and validates
     return SamplingParams(**kwargs)  # type: ignore[arg-type]
 
 

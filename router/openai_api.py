@@ -6,7 +6,12 @@ Validation happens in two stages, both before anything reaches a backend:
 1. `parse_completion_request` / `parse_chat_request`: JSON syntax, types (strict: ``"5"`` is not an int,
    ``1`` is not a bool) and fixed ranges (temperature in [0, 2], top_p in (0, 1], ...);
 2. `prepare_completion` / `prepare_chat`: what depends on the deployment (`ApiLimits`) and on the
-   tokenizer: n, stop strings, token ids inside the vocabulary, prompt and context length.
+   tokenizer: n, stop strings, token ids inside the vocabulary (prompt, stop_token_ids, logit_bias keys),
+   prompt and context length.
+
+`logit_bias` (completions and chat) follows OpenAI: a map of token id (a string of decimal digits) to a bias
+in [-100, 100] added to the model's logits before sampling, at most `ApiLimits.max_logit_bias` entries.
+Reported logprobs are those of the biased distribution (OpenAI's behaviour; see engine/sampler.py).
 
 Every failure is an `ApiError`, rendered as ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -45,6 +50,7 @@ class ApiLimits:
     max_stop_strings: int = 16
     max_stop_len: int = 256
     max_stop_token_ids: int = 64
+    max_logit_bias: int = 300  # entries in one request's logit_bias (OpenAI allows 300)
     max_prompts: int = 256  # prompts x n in one /v1/completions request
     max_body_bytes: int = 8 * 1024 * 1024
 
@@ -142,6 +148,7 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[int, Field(ge=_SEED_MIN, le=_SEED_MAX)]
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class _SamplingRequest(_Strict):
@@ -161,7 +168,7 @@ class _SamplingRequest(_Strict):
     ignore_eos: bool = False
     user: str | None = None
     stop_token_ids: list[int] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, LogitBias] | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -325,8 +332,7 @@ def _check_token_ids(ids: Sequence[int], limits: ApiLimits, param: str) -> None:
 def _common_params(req: _SamplingRequest, limits: ApiLimits) -> dict[str, Any]:
     if req.n > limits.max_n:
         raise bad_request(f"n must be at most {limits.max_n}", param="n")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias")
+    logit_bias = _logit_bias(req.logit_bias, limits)
     stop_token_ids = tuple(req.stop_token_ids or ())
     if len(stop_token_ids) > limits.max_stop_token_ids:
         raise bad_request(f"at most {limits.max_stop_token_ids} stop_token_ids are allowed", param="stop_token_ids")
@@ -347,7 +353,29 @@ def _common_params(req: _SamplingRequest, limits: ApiLimits) -> dict[str, Any]:
         stop=_stop_strings(req.stop, limits),
         stop_token_ids=stop_token_ids,
         ignore_eos=req.ignore_eos,
+        logit_bias=logit_bias,
     )
+
+
+def _logit_bias(bias: Mapping[str, float] | None, limits: ApiLimits) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias -> (token id, bias) pairs; values were range-checked by the request model."""
+    if not bias:
+        return ()
+    if len(bias) > limits.max_logit_bias:
+        raise bad_request(f"logit_bias may name at most {limits.max_logit_bias} tokens, got {len(bias)}",
+                          param="logit_bias")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 12:
+            raise bad_request(f"logit_bias keys must be token ids (decimal integers), got {key!r}", param="logit_bias")
+        t = int(key)
+        if t >= limits.vocab_size:
+            raise bad_request(f"logit_bias token id {t} is outside the vocabulary [0, {limits.vocab_size})",
+                              param="logit_bias")
+        if t in out:  # "07" and "7"
+            raise bad_request(f"logit_bias names token {t} twice", param="logit_bias")
+        out[t] = float(value)
+    return tuple(sorted(out.items()))
 
 
 def _sampling_params(common: dict[str, Any], **more: Any) -> SamplingParams:

@@ -3,9 +3,10 @@ uvicorn server running in a thread.
 
 `ReferenceBackend` is an honest implementation of `GenerationBackend`: a seeded bigram language model
 over ``[0, vocab_size)`` whose next-token logits depend only on the previous token. It honours
-max_tokens, EOS / ignore_eos, stop_token_ids, seeds, temperature, top-k, top-p, min-p and the penalties,
-and reports logprobs (raw ``log_softmax`` of its logits, before any processing, as the engine does) and
-prompt logprobs from that same distribution. It records which requests started, finished and were
+max_tokens, EOS / ignore_eos, stop_token_ids, seeds, logit_bias, temperature, top-k, top-p, min-p and the
+penalties, and reports logprobs (``log_softmax`` of its logits plus the request's logit_bias, before any
+other processing, as the engine does) and prompt logprobs (raw, no bias, as the engine does). It records
+which requests started, finished and were
 cancelled, so tests can check that the router closes generators. It knows nothing of the router.
 """
 
@@ -70,16 +71,27 @@ class ReferenceBackend:
                 self._cache[prev] = v
         return v
 
-    def logprobs(self, prev: int) -> np.ndarray:
-        x = self.logits(prev)
+    def logprobs(self, prev: int, params: SamplingParams | None = None) -> np.ndarray:
+        """log_softmax of the logits after `prev`, with `params.logit_bias` added when given."""
+        x = self._biased(self.logits(prev), params)
         m = x.max()
         return x - (m + np.log(np.exp(x - m).sum()))
 
-    def greedy_continuation(self, prompt: list[int], n: int) -> list[int]:
-        """What greedy decoding without penalties produces (for tests)."""
+    @staticmethod
+    def _biased(logits: np.ndarray, params: SamplingParams | None) -> np.ndarray:
+        if params is None or not params.logit_bias:
+            return logits
+        x = logits.copy()
+        for t, b in params.logit_bias:
+            x[t] += b
+        return x
+
+    def greedy_continuation(self, prompt: list[int], n: int, logit_bias: Mapping[int, float] | None = None) -> list[int]:
+        """What greedy decoding without penalties (with `logit_bias` added) produces (for tests)."""
+        params = SamplingParams(logit_bias=logit_bias or ())
         out, prev = [], prompt[-1]
         for _ in range(n):
-            prev = int(np.argmax(self.logits(prev)))
+            prev = int(np.argmax(self._biased(self.logits(prev), params)))
             out.append(prev)
         return out
 
@@ -94,7 +106,7 @@ class ReferenceBackend:
     def _process(
         self, logits: np.ndarray, params: SamplingParams, prompt: list[int], generated: list[int]
     ) -> np.ndarray:
-        x = logits.copy()
+        x = self._biased(logits, params).copy()
         if params.repetition_penalty != 1.0:
             seen = np.unique(np.asarray(prompt + generated, dtype=np.int64))
             vals = x[seen]
@@ -134,6 +146,8 @@ class ReferenceBackend:
     ) -> AsyncIterator[GenerationDelta]:
         if not prompt_token_ids or any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise ValueError(f"request {request_id}: invalid prompt")
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"request {request_id}: logit_bias token id outside the vocabulary")
         self.started.append(request_id)
         self.active.add(request_id)
         self.peak_active = max(self.peak_active, len(self.active))
@@ -163,7 +177,7 @@ class ReferenceBackend:
                 generated.append(tok)
                 pending.append(tok)
                 if params.logprobs is not None:
-                    lp = self.logprobs(prev)
+                    lp = self.logprobs(prev, params)
                     pending_lps.append(TokenLogprobs(tok, float(lp[tok]), self._top(lp, params.logprobs)))
                 finish = None
                 if (tok == self.eos_token_id and not params.ignore_eos) or tok in params.stop_token_ids:

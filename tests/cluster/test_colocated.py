@@ -125,6 +125,30 @@ def test_colocated_logprobs_and_prompt_logprobs_match_the_engine(workers, engine
     assert [x.logprob for x in prompt_lps[1:]] == pytest.approx([x.logprob for x in ref.prompt_logprobs[1:]], abs=1e-5)
 
 
+def test_logit_bias_reaches_the_prefill_sampled_first_token_and_the_decode_tokens(workers, engine) -> None:
+    """logit_bias travels in the wire SamplingParams: +100 on one token makes every token that token, the
+    first (sampled by the prefill worker, or by a co-located decode worker) and the rest (decode, MTP on);
+    a sampled request with bans and smaller biases equals the engine, logprobs (after the bias) included."""
+    prompt = PROMPTS[1]
+    forced = 77
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logit_bias={forced: 100.0})
+    free = engine().generate([prompt], CASES[1])[0].token_ids
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True, logprobs=1,
+                             logit_bias={**{t: -100.0 for t in free[:3]}, **{t: 3.0 for t in range(500, 700, 7)}})
+    ref = engine().generate([prompt], sampled)[0]
+    assert ref.token_ids[0] != free[0] and not set(ref.token_ids) & set(free[:3])
+
+    async def run(b):
+        return await asyncio.gather(collect(b, "bias-g", prompt, greedy), collect(b, "bias-s", prompt, sampled))
+    disagg_dir = directory_of([w for w in workers if w.spec.worker_id in ("prefill-0", "decode-0")])
+    for kind, directory in ((DisaggBackend, disagg_dir), (ColocatedBackend, directory_of(decode_workers(workers)))):
+        (g_toks, _, g_err, _, _), (s_toks, _, s_err, s_lps, _) = asyncio.run(with_backend(kind, directory, run))
+        assert g_err is None and g_toks == [forced] * 8, kind.__name__
+        assert s_err is None and s_toks == ref.token_ids, kind.__name__
+        assert [x.logprob for x in s_lps] == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    assert_all_free(workers)
+
+
 def test_client_disconnect_frees_the_blocks(workers) -> None:
     async def go(b):
         gen = b.generate("gone", PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True))

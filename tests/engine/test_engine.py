@@ -213,3 +213,116 @@ def test_cache_memory_fraction_sizing_rules() -> None:
         EngineConfig(cache_memory_fraction=1.5, device="cuda")
     with pytest.raises(ValueError, match="set num_blocks"):
         EngineConfig(cache_memory_fraction=0.5, device="cpu")
+
+
+# ---- logit_bias -------------------------------------------------------------------------------
+
+
+def _biased_reference(net, prompt: list[int], n: int, bias: dict[int, float]) -> tuple[list[int], list[float]]:
+    """Greedy continuation of cache-free scoring with `bias` added to every step's logits, and the
+    chosen tokens' logprobs under log_softmax(logits + bias)."""
+    ids, lps = list(prompt), []
+    b = torch.zeros(net.cfg.vocab_size)
+    for t, x in bias.items():
+        b[t] = x
+    for _ in range(n):
+        x = net.score(torch.tensor(ids))[-1].float() + b
+        t = int(x.argmax())
+        ids.append(t)
+        lps.append(torch.log_softmax(x.double(), -1)[t].item())
+    return ids[len(prompt):], lps
+
+
+def _banning(free: list[list[int]], extra: dict[int, float]) -> dict[int, float]:
+    """A bias that bans the first two tokens every unbiased continuation starts with, plus `extra`."""
+    bias = {t: -100.0 for out in free for t in out[:2]}
+    bias.update(extra)
+    return bias
+
+
+@PAGED
+def test_logit_bias_greedy_and_logprobs_match_biased_scoring(tiny_net, paged) -> None:
+    prompts = random_prompts([9, 40], tiny_net.cfg.vocab_size, seed=21)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    free = [r.token_ids for r in make_engine(tiny_net, paged_kernels=paged).generate(prompts, params)]
+    bias = _banning(free, {5: 1.5, 17: -0.5})
+    eng = make_engine(tiny_net, paged_kernels=paged)
+    res = eng.generate(prompts, [params, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                        logprobs=1, logit_bias=bias)])
+    assert res[0].token_ids == free[0]  # batched with a biased request, an unbiased one is unchanged
+    ref, ref_lps = _biased_reference(tiny_net, prompts[1], 8, bias)
+    assert res[1].token_ids == ref and res[1].token_ids != free[1]
+    assert not set(res[1].token_ids) & {t for t, x in bias.items() if x == -100.0}
+    assert [lp.logprob for lp in res[1].logprobs] == pytest.approx(ref_lps, abs=1e-4)  # after the bias
+    assert eng.blocks_used == 0
+
+
+def test_logit_bias_out_of_vocabulary_is_refused(tiny_net) -> None:
+    eng = make_engine(tiny_net)
+    v = tiny_net.cfg.vocab_size
+    with pytest.raises(RequestError, match="logit_bias token id"):
+        eng.add_request("a", [5, 6], SamplingParams(logit_bias={v: 1.0}))
+    with pytest.raises(RequestError, match="logit_bias token id"):
+        eng.adopt_prefilled("b", [5, 6], SamplingParams(logit_bias={v + 3: 1.0}), [], 7, None, None)
+    assert not eng.requests and eng.blocks_used == 0
+
+
+def _dense_bias(vocab: int, scale: float, seed: int) -> dict[int, float]:
+    """A bias on every token, uniform in [-scale, scale]: it moves the argmax at most steps."""
+    g = torch.Generator().manual_seed(seed)
+    return {t: round(x, 3) for t, x in enumerate(((torch.rand(vocab, generator=g) * 2 - 1) * scale).tolist())}
+
+
+@PAGED
+@pytest.mark.parametrize("k", [2])
+def test_mtp_greedy_with_logit_bias_equals_greedy_without_mtp(predictable_net, k, paged) -> None:
+    """MTP stays lossless under a bias: verification is against the biased target, so greedy output
+    with drafts equals greedy output without them (a mixed batch: biased and unbiased requests), and
+    both equal cache-free scoring with the bias added."""
+    net = predictable_net
+    prompts = random_prompts([6, 35, 18, 70], net.cfg.vocab_size, seed=22)
+    plain = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    free = [r.token_ids for r in make_engine(net).generate(prompts, plain)]
+    bias = _dense_bias(net.cfg.vocab_size, 3.0, seed=k)
+    biased = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logit_bias=bias)
+    plist = [biased, plain, biased, biased]
+    base = make_engine(net, mtp_draft_tokens=0).generate(prompts, plist)
+    eng = make_engine(net, mtp_draft_tokens=k, paged_kernels=paged)
+    res = eng.generate(prompts, plist)
+    assert [r.token_ids for r in res] == [r.token_ids for r in base]
+    assert res[1].token_ids == free[1] and all(base[i].token_ids != free[i] for i in (0, 2, 3))
+    assert res[2].token_ids == _biased_reference(net, prompts[2], 20, bias)[0]
+    drafted = sum(r.draft_tokens for r in res)
+    accepted = sum(r.accepted_draft_tokens for r in res)
+    assert drafted > 0 and 0 < accepted < drafted
+    assert eng.blocks_used == 0
+
+
+def test_mtp_drafts_are_biased_too(predictable_net) -> None:
+    """Drafts see the request's bias: with +100 on one token every draft is that token and is
+    accepted (unbiased drafts would be the model's own guesses, and rejected), greedy or sampled."""
+    prompts = random_prompts([12, 30], predictable_net.cfg.vocab_size, seed=23)
+    forced = 11
+    eng = make_engine(predictable_net, mtp_draft_tokens=2)
+    plist = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias={forced: 100.0}),
+             SamplingParams(temperature=1.0, seed=4, max_tokens=12, ignore_eos=True, logit_bias={forced: 100.0})]
+    for r in eng.generate(prompts, plist):
+        assert r.token_ids == [forced] * 12
+        assert r.draft_tokens > 0 and r.accepted_draft_tokens == r.draft_tokens
+    assert eng.blocks_used == 0
+
+
+def test_mtp_sampling_never_emits_a_banned_token(predictable_net) -> None:
+    """Sampled drafts and the rejection sampler both use the biased distributions: a -100 ban holds
+    with MTP on (the banned tokens are the likeliest ones, so they would show up otherwise)."""
+    prompts = random_prompts([10, 25, 40], predictable_net.cfg.vocab_size, seed=24)
+    hot = SamplingParams(temperature=0.8, seed=1, max_tokens=16, ignore_eos=True)
+    free = [r.token_ids for r in make_engine(predictable_net, mtp_draft_tokens=2).generate(prompts, hot)]
+    ban = {t for out in free for t in out}
+    eng = make_engine(predictable_net, mtp_draft_tokens=2)
+    res = eng.generate(prompts, SamplingParams(temperature=0.8, seed=1, max_tokens=16, ignore_eos=True,
+                                               logit_bias={t: -100.0 for t in ban}))
+    for r in res:
+        assert len(r.token_ids) == 16 and not set(r.token_ids) & ban
+    assert sum(r.draft_tokens for r in res) > 0
+    assert eng.blocks_used == 0

@@ -20,6 +20,7 @@ from scipy import stats
 from splitserve.engine.sampler import (
     Sampler,
     SamplingRow,
+    apply_logit_bias,
     apply_min_p,
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
@@ -27,6 +28,7 @@ from splitserve.engine.sampler import (
     apply_top_k,
     apply_top_k_top_p,
     apply_top_p,
+    biased_logits,
     make_generator,
     process_logits,
     processed_probs,
@@ -54,6 +56,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def ref_penalised(logits: Sequence[float], p: SamplingParams, prompt: Sequence[int], output: Sequence[int]) -> list[float]:
     lg = [float(x) for x in logits]
+    for t, b in p.logit_bias:
+        lg[t] += b
     for t in set(prompt) | set(output):
         lg[t] = lg[t] * p.repetition_penalty if lg[t] < 0 else lg[t] / p.repetition_penalty
     for t, c in Counter(output).items():
@@ -221,6 +225,7 @@ params_st = st.builds(
     repetition_penalty=st.sampled_from([1.0, 1.5, 2.0, 0.5]),
     seed=st.integers(0, 2**40),
     logprobs=st.sampled_from([None, 0, 2, 5]),
+    logit_bias=st.sampled_from([(), (), ((3, 100.0),), ((0, -100.0), (5, 2.5)), ((9, -1.25), (2, 0.75))]),
 )
 
 
@@ -429,3 +434,126 @@ def test_prompt_logprobs_against_reference() -> None:
     assert prompt_logprobs(logits, [4], 2) == [None]
     with pytest.raises(ValueError):
         prompt_logprobs(logits[:2], prompt, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# logit_bias.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_logit_bias_params_are_canonical_and_validated() -> None:
+    p = SamplingParams(logit_bias={7: 1, 2: -100})
+    assert p.logit_bias == ((2, -100.0), (7, 1.0)) and p.has_logit_bias
+    assert p == SamplingParams(logit_bias=[(7, 1.0), (2, -100.0)]) and hash(p) == hash(SamplingParams(logit_bias={2: -100, 7: 1}))
+    assert not SamplingParams().has_logit_bias and not SamplingParams(logit_bias={}).has_logit_bias
+    for bad, match in [({-1: 1.0}, "token ids"), ({True: 1.0}, "token ids"), ({"3": 1.0}, "token ids"),
+                       ({3: 100.5}, r"\[-100, 100\]"), ({3: -101}, r"\[-100, 100\]"), ({3: math.nan}, r"\[-100, 100\]"),
+                       ({3: "1"}, "numbers"), ([(3, 1.0), (3, 2.0)], "twice"), ([(3,)], "pairs")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(logit_bias=bad)
+
+
+def test_apply_logit_bias_adds_per_row_and_checks_ids() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    out = apply_logit_bias(logits, [((0, 1.5), (2, -100.0)), ()])
+    assert out.tolist() == [[1.5, 1.0, -98.0], [3.0, 4.0, 5.0]]
+    assert logits.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]  # input untouched
+    with pytest.raises(ValueError, match="lie in"):
+        apply_logit_bias(logits, [((3, 1.0),), ()])
+
+
+def test_no_bias_pays_nothing() -> None:
+    """Without a bias, biased_logits is the input itself (no copy, no cast)."""
+    logits = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert biased_logits(logits, [SamplingParams()] * 3) is logits
+    out = biased_logits(logits, [SamplingParams(), SamplingParams(logit_bias={1: 2.0}), SamplingParams()])
+    assert out.dtype == torch.float32
+    ref = logits.float().clone()
+    ref[1, 1] += 2.0
+    assert torch.equal(out, ref)
+
+
+def test_bias_plus_100_forces_the_token_under_greedy() -> None:
+    """OpenAI: +100 means exclusive selection (model logits here span ~ +-12, so +100 dominates)."""
+    torch.manual_seed(3)
+    v = 50
+    logits = torch.randn(v, v) * 3  # row t is biased towards t
+    rows = [SamplingRow(SamplingParams(temperature=0.0, logit_bias={t: 100.0})) for t in range(v)]
+    assert sample_tokens(logits, rows).tolist() == list(range(v))
+    # and under sampling: every draw is the forced token (the rest has mass < e^-70)
+    rows = [SamplingRow(SamplingParams(temperature=1.0, logit_bias={t: 100.0}), make_generator(t)) for t in range(v)]
+    assert sample_tokens(logits, rows).tolist() == list(range(v))
+
+
+def test_bias_minus_100_bans_the_token() -> None:
+    torch.manual_seed(4)
+    v, n = 20, 400
+    logits = torch.randn(1, v) * 3
+    best, second = torch.topk(logits[0], 2).indices.tolist()
+    greedy = SamplingRow(SamplingParams(temperature=0.0, logit_bias={best: -100.0}))
+    assert sample_tokens(logits, [greedy]).tolist() == [second]
+    # sampling at a high temperature (the banned token is the likeliest): never drawn in n draws,
+    # while without the ban it is drawn often
+    banned = [SamplingRow(SamplingParams(temperature=2.0, logit_bias={best: -100.0}), make_generator(i)) for i in range(n)]
+    free = [SamplingRow(SamplingParams(temperature=2.0), make_generator(i)) for i in range(n)]
+    assert best not in sample_tokens(logits.expand(n, v), banned).tolist()
+    assert sample_tokens(logits.expand(n, v), free).tolist().count(best) > n // 20
+
+
+def test_biased_sampling_matches_the_biased_distribution() -> None:
+    """Chi-square of 6000 draws against softmax((logits + bias) / T) computed here in float64."""
+    v, n = 6, 6000
+    raw = [0.3, 1.2, -0.5, 2.0, 0.0, 1.0]
+    bias = {0: 1.5, 3: -2.0, 5: 0.25}
+    params = SamplingParams(temperature=0.8, logit_bias=bias)
+    x = np.array([raw[t] + bias.get(t, 0.0) for t in range(v)]) / 0.8
+    exp = np.exp(x - x.max())
+    exp /= exp.sum()
+    rows = [SamplingRow(params, make_generator(20_000 + i)) for i in range(n)]
+    counts = np.bincount(sample_tokens(torch.tensor([raw]).expand(n, v), rows).numpy(), minlength=v)
+    assert stats.chisquare(counts, exp * n).pvalue > 1e-3
+
+
+def test_mixed_batch_with_and_without_bias_equals_each_alone() -> None:
+    torch.manual_seed(5)
+    v = 30
+    logits = torch.randn(6, v) * 2
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={4: 100.0}),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.9, seed=1, logit_bias={int(logits[2].argmax()): -100.0, 7: 3.0}),
+        SamplingParams(temperature=0.9, seed=1),
+        SamplingParams(temperature=0.7, top_k=4, seed=2, logit_bias={0: 5.0}, repetition_penalty=1.5, logprobs=3),
+        SamplingParams(temperature=0.0, presence_penalty=1.0, logprobs=2),
+    ]
+
+    def rows() -> list[SamplingRow]:
+        return [SamplingRow(p, make_generator(p.seed) if not p.greedy else None, [1, 2], [3, 4]) for p in params]
+
+    batch = Sampler().sample(logits, rows())
+    alone = [Sampler().sample(logits[i: i + 1], [r])[0] for i, r in enumerate(rows())]
+    assert batch == alone
+    probs_b = processed_probs(logits, rows())
+    for i, r in enumerate(rows()):
+        assert torch.equal(probs_b[i], processed_probs(logits[i: i + 1], [r])[0])
+    assert batch[0].token_id == 4
+
+
+def test_logprobs_are_after_the_bias() -> None:
+    """Reported logprobs are log_softmax(logits + bias) (OpenAI), before penalties and temperature."""
+    torch.manual_seed(6)
+    v = 12
+    logits = torch.randn(2, v) * 3
+    bias = {2: 100.0, 5: -3.0}
+    params = [SamplingParams(temperature=0.5, seed=9, logprobs=v, logit_bias=bias, presence_penalty=1.0),
+              SamplingParams(temperature=0.0, logprobs=2)]
+    out = Sampler().sample(logits, [SamplingRow(p, make_generator(p.seed), [0], [1]) for p in params])
+    ref0 = torch.log_softmax(logits[0].double() + torch.tensor([bias.get(t, 0.0) for t in range(v)], dtype=torch.float64), -1)
+    ref1 = torch.log_softmax(logits[1].double(), -1)
+    lp0, lp1 = out[0].logprobs, out[1].logprobs
+    assert lp0 is not None and lp1 is not None
+    assert out[0].token_id == 2 and lp0.logprob == pytest.approx(ref0[2].item(), abs=1e-5)
+    for t, x in lp0.top:
+        assert x == pytest.approx(ref0[t].item(), abs=1e-5)
+    assert lp0.top[0][0] == 2
+    assert lp1.logprob == pytest.approx(ref1[out[1].token_id].item(), abs=1e-5)

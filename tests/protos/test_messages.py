@@ -27,6 +27,14 @@ def test_absent_sampling_fields_are_engine_defaults_not_zero() -> None:
     assert params.greedy and params.logprobs == 0 and params.prompt_logprobs is None
 
 
+def test_logit_bias_travels_as_a_map() -> None:
+    assert not pb.SamplingParams().logit_bias and sampling_params_from_proto(pb.SamplingParams()).logit_bias == ()
+    params = SamplingParams(logit_bias={129279: -100.0, 0: 100.0, 7: 0.125})
+    msg = _roundtrip(sampling_params_to_proto(params))
+    assert dict(msg.logit_bias) == {129279: -100.0, 0: 100.0, 7: 0.125}
+    assert sampling_params_from_proto(msg).logit_bias == ((0, 100.0), (7, 0.125), (129279, -100.0))
+
+
 def test_invalid_sampling_values_raise_value_error() -> None:
     import pytest
 
@@ -34,6 +42,10 @@ def test_invalid_sampling_values_raise_value_error() -> None:
         sampling_params_from_proto(pb.SamplingParams(max_tokens=0))
     with pytest.raises(ValueError, match="top_p"):
         sampling_params_from_proto(pb.SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="logit_bias"):
+        sampling_params_from_proto(pb.SamplingParams(logit_bias={5: 100.5}))
+    with pytest.raises(ValueError, match="logit_bias"):
+        sampling_params_from_proto(pb.SamplingParams(logit_bias={-5: 1.0}))
 
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
@@ -53,6 +65,7 @@ sampling_params = st.builds(
     ignore_eos=st.booleans(),
     logprobs=st.none() | st.integers(0, 20),
     prompt_logprobs=st.none() | st.integers(0, 20),
+    logit_bias=st.dictionaries(st.integers(0, 2**31 - 1), st.floats(-100, 100), max_size=4),
 )
 
 
@@ -79,6 +92,8 @@ def test_sampling_values_that_do_not_fit_the_wire() -> None:
 
     with pytest.raises(ValueError, match="top_k"):
         sampling_params_to_proto(SamplingParams(top_k=2**40))
+    with pytest.raises(ValueError, match="logit_bias"):
+        sampling_params_to_proto(SamplingParams(logit_bias={2**40: 1.0}))
 
 
 def test_reserve_reply_oneof() -> None:

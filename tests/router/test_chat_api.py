@@ -1,6 +1,7 @@
 """The chat API DeepSeek-V3.2 users expect, through the `openai` client against a real uvicorn server whose
 backend writes known model output (`ScriptedBackend`): reasoning_content, tool calls (whole and streamed),
-tool_choice, response_format, multi-turn round trips, and the sampling fields chat shares with completions.
+tool_choice, response_format, multi-turn round trips, and the sampling fields chat shares with completions
+(logit_bias's behaviour against the reference bigram backend, `ReferenceBackend`).
 
 Expected values come from the scripted text (written here in V3.2's format), the tokenizer, and the chat
 encoder (itself checked against DeepSeek's gold example in test_chat_encoding.py).
@@ -16,7 +17,8 @@ import openai
 import pytest
 from splitserve.router.chat import encode_messages
 from splitserve.router.openai_api import ApiLimits
-from splitserve.router.testing import ScriptedBackend
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.router.testing import ReferenceBackend, ScriptedBackend
 from tokenizers import Tokenizer
 
 from .conftest import MODEL, VOCAB
@@ -350,11 +352,93 @@ def test_n_stop_and_usage(client: openai.OpenAI, say) -> None:  # noqa: ANN001
     assert all(ch.usage is None for ch in chunks[:-1])
 
 
-def test_logit_bias_is_refused_in_chat_as_in_completions(server, client: openai.OpenAI) -> None:  # noqa: ANN001
+def test_logit_bias_reaches_the_backend_in_chat_as_in_completions(server, client: openai.OpenAI, say) -> None:  # noqa: ANN001
+    backend = server[1]
+    for stream in (False, True):
+        say("Sunny.")
+        r = client.chat.completions.create(model=MODEL, messages=USER, logit_bias={"5": 10, "3": -100}, stream=stream)
+        if stream:
+            list(r)  # drain the stream
+        assert list(backend.requests.values())[-1][1].logit_bias == ((3, -100.0), (5, 10.0))
+        say("Sunny.")
+        r = client.completions.create(model=MODEL, prompt="x", logit_bias={"1023": 0.5}, stream=stream)
+        if stream:
+            list(r)  # drain the stream
+        assert list(backend.requests.values())[-1][1].logit_bias == ((1023, 0.5),)
+
+
+@pytest.mark.parametrize(
+    "bias",
+    [{str(VOCAB): 1}, {"-3": 1}, {"x": 1}, {"5": 100.01}, {"5": -1000}, {str(t): 1 for t in range(301)}],
+    ids=["outside-vocab", "negative", "not-an-id", "above-100", "below-100", "301-entries"],
+)
+def test_logit_bias_is_validated_in_chat_as_in_completions(server, client: openai.OpenAI, bias) -> None:  # noqa: ANN001
+    started = len(server[1].requests)
+    with pytest.raises(openai.BadRequestError, match="logit_bias") as e:
+        client.chat.completions.create(model=MODEL, messages=USER, logit_bias=bias)
+    assert e.value.body["param"].startswith("logit_bias")
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
-        client.chat.completions.create(model=MODEL, messages=USER, logit_bias={"5": 10})
-    with pytest.raises(openai.BadRequestError, match="logit_bias"):
-        client.completions.create(model=MODEL, prompt="x", logit_bias={"5": 10})
+        client.completions.create(model=MODEL, prompt="x", logit_bias=bias)
+    assert len(server[1].requests) == started  # refused before reaching the backend
+
+
+@pytest.fixture(scope="module")
+def reference(start_server) -> tuple[openai.OpenAI, ReferenceBackend]:  # noqa: ANN001
+    """A server over the reference bigram model, whose sampling honours logit_bias (router/testing.py)."""
+    url, backend = start_server(ReferenceBackend(VOCAB), limits=ApiLimits(vocab_size=VOCAB, max_context_len=8192))
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20), backend
+
+
+def _plain_token(tok: Tokenizer) -> int:
+    """A token that decodes to letters alone, so repeating it repeats its text in chat content too."""
+    return next(t for t in range(200, VOCAB) if (s := tok.decode([t])).isascii() and s.isalpha() and len(s) > 1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logit_bias_plus_100_forces_a_token_streaming_or_not(reference, tok: Tokenizer, temperature: float) -> None:  # noqa: ANN001
+    client, _ = reference
+    forced = _plain_token(tok)
+    want = tok.decode([forced] * 6)
+    kw = dict(model=MODEL, max_tokens=6, temperature=temperature, seed=3, logit_bias={str(forced): 100},
+              extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(messages=USER, **kw)
+    assert chat.choices[0].message.content == want
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        messages=USER, stream=True, **kw) if c.choices)
+    assert streamed == want
+    assert client.completions.create(prompt="x", **kw).choices[0].text == want
+    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt="x", stream=True, **kw) if c.choices)
+    assert streamed == want
+    # without the bias the model writes something else
+    free = dict(kw, logit_bias=None)
+    assert client.completions.create(prompt="x", **free).choices[0].text != want
+
+
+def test_logit_bias_bans_tokens_and_logprobs_are_after_the_bias(reference, tok: Tokenizer) -> None:  # noqa: ANN001
+    """Greedy output and reported logprobs equal the reference model's with the bias added (OpenAI reports
+    logprobs after the bias), in completions and in chat."""
+    client, backend = reference
+    prompt = [7]
+    free = backend.greedy_continuation(prompt, 8)
+    bias = {free[0]: -100.0, free[3]: -100.0, 42: 4.0, 600: -2.5}
+    want = backend.greedy_continuation(prompt, 8, bias)
+    assert want != free and free[0] not in want and free[3] not in want
+    params = SamplingParams(logit_bias=bias)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
+                                  logit_bias={str(t): b for t, b in bias.items()}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tok.decode(want)
+    prevs = [prompt[-1], *want[:-1]]
+    ref = [float(backend.logprobs(p, params)[t]) for p, t in zip(prevs, want)]
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(ref, rel=1e-9)
+    assert ref != pytest.approx([float(backend.logprobs(p)[t]) for p, t in zip(prevs, want)], rel=1e-3)
+    chat = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0, logprobs=True,
+                                          logit_bias={str(t): b for t, b in bias.items()},
+                                          extra_body={"ignore_eos": True})
+    sent = backend.requests[backend.started[-1]][0]
+    want = backend.greedy_continuation(sent, 8, bias)
+    prevs = [sent[-1], *want[:-1]]
+    ref = [float(backend.logprobs(p, params)[t]) for p, t in zip(prevs, want)]
+    assert [c.logprob for c in chat.choices[0].logprobs.content] == pytest.approx(ref, rel=1e-9)
 
 
 def test_stream_sse_events_are_json(server, say) -> None:  # noqa: ANN001

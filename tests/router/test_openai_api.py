@@ -104,7 +104,13 @@ def test_echo_with_zero_max_tokens_is_prompt_only(tok: Tokenizer) -> None:
         ({"prompt": "a", "stop": "123456789"}, "stop"),
         ({"prompt": "a", "stop": [""]}, "stop"),
         ({"prompt": "a", "stop_token_ids": [VOCAB]}, "stop_token_ids"),
-        ({"prompt": "a", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {str(VOCAB): 5}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"-1": 5}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"abc": 5}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"1.5": 5}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {" 7": 5}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"7": 1, "07": 2}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {str(t): 1 for t in range(301)}}, "logit_bias"),
         ({"prompt": "a", "suffix": "z"}, "suffix"),
         ({"prompt": "a", "best_of": 3}, "best_of"),
     ],
@@ -175,6 +181,34 @@ def test_chat_errors(tok: Tokenizer, body: dict, param: str) -> None:
 
     err = _error(run)
     assert err.status == 400 and err.param == param
+
+
+def test_logit_bias_maps_to_sampling_params(tok: Tokenizer) -> None:
+    """OpenAI's map of token id strings -> bias becomes (id, bias) pairs sorted by id; values at the range
+    ends and 300 entries are accepted; absent, null and {} mean no bias."""
+    p = _completion(tok, prompt="a", logit_bias={"17": -100, "3": 100, "5": 0.5})
+    assert p.params.logit_bias == ((3, 100.0), (5, 0.5), (17, -100.0))
+    full = {str(t): (t % 201) - 100 for t in range(300)}
+    assert _completion(tok, prompt="a", logit_bias=full).params.logit_bias == tuple(
+        (t, float((t % 201) - 100)) for t in range(300))
+    for none in ({}, None):
+        assert _completion(tok, prompt="a", logit_bias=none).params.logit_bias == ()
+    assert _completion(tok, prompt="a").params.logit_bias == ()
+    chat = prepare_chat(parse_chat_request(json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"9": 2.5}}).encode()), tok, LIMITS)
+    assert chat.params.logit_bias == ((9, 2.5),)
+
+
+@pytest.mark.parametrize(
+    ("bias", "param"),
+    [({"5": 100.5}, "logit_bias.5"), ({"5": -101}, "logit_bias.5"), ({"5": "1"}, "logit_bias.5"),
+     ({"5": True}, "logit_bias.5"), ([[5, 1]], "logit_bias"), ("x", "logit_bias")],
+)
+def test_logit_bias_schema_errors(bias: Any, param: str) -> None:
+    for body in ({"prompt": "a"}, {"messages": [{"role": "user", "content": "x"}]}):
+        parse = parse_completion_request if "prompt" in body else parse_chat_request
+        err = _error(parse, json.dumps({"model": "m", **body, "logit_bias": bias}).encode())
+        assert err.status == 400 and err.param == param, err.message
 
 
 def test_limits_validate() -> None:
