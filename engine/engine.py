@@ -79,8 +79,7 @@ class Engine:
         self.blocks = BlockManager(cfg.num_blocks, cfg.prefix_cache)
         self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
-        paged = cfg.paged_kernels if cfg.paged_kernels is not None else (
-            self.pool.latent.is_cuda and not cfg.latent_fp8)
+        paged = cfg.paged_kernels if cfg.paged_kernels is not None else self.pool.latent.is_cuda
         self.runner = ModelRunner(net, self.pool, self.mtp_k, self.mtp_cache, paged=paged,
                                   graphs=cfg.cuda_graphs and self.pool.latent.is_cuda,
                                   max_rows=cfg.max_running * (self.mtp_k + 1),
