@@ -65,6 +65,7 @@ class Engine:
     def __init__(self, net: DeepseekV32, cfg: EngineConfig) -> None:
         self.net, self.cfg = net, cfg
         net.fuse_weights()
+        self.weight_bytes = net.weight_bytes()["total"]  # memory the weights hold (FP8 values + scales + the rest)
         mcfg = net.cfg
         self.mtp_k = cfg.mtp_draft_tokens if net.has_mtp else 0
         if cfg.mtp_draft_tokens and not net.has_mtp:
