@@ -11,7 +11,7 @@ the references on a CPU.
 |---|---|
 | indexer_topk_decode(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, topk) | q [B, 64, 128] bf16 or e4m3, keys paged [NB, L, 64, 128] (+ fp32 scales) -> [B, topk] int32 |
 | indexer_logits_decode(...) | the scores [B, W] fp32 before top-k |
-| sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] -> [B, 128, 512] |
+| sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] (or uint8 656-byte FP8 entries) -> [B, 128, 512] |
 | rms_norm(x, w, eps, residual=None) | [..., D] -> y, or (y, x + residual) |
 | rope(x, cos, sin, interleaved) | [N, ..., d], cos/sin [N, d/2] |
 | act_quant(x, block=128, ue8m0=True) | [..., D] -> (e4m3 [..., D], fp32 [..., D/128]) |

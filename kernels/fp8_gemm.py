@@ -26,6 +26,7 @@ The weight is read once per column block of M rows; bytes = N*K (e4m3) + 4*ceil(
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -126,6 +127,24 @@ if HAS_TRITON:
                  mask=mmask[:, None] & nmask[None, :])
 
 
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _splitk_sum_kernel(p_ptr, y_ptr, numel, s_split, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """y = sum over the split axis of the fp32 partials, cast to y's dtype (one launch)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros([BLOCK], tl.float32)
+        for sp in tl.static_range(SPLITS):
+            acc += tl.load(p_ptr + sp * s_split + offs, mask=mask, other=0.0)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def _config(m: int, n: int, k: int, sms: int) -> dict[str, int]:
     """Launch parameters by shape. Decode (M <= 64): 64-column tiles of the weight, K split until
     about two programs per SM stream it (while the fp32 partial sums stay small beside the weight);
@@ -156,8 +175,7 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     m = x2.shape[0]
     if weight.stride(1) != 1 or scale.stride(1) != 1:
         raise ValueError("weight and scale need a contiguous last dimension")
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-    cfg = _config(m, n, k, sms)
+    cfg = _config(m, n, k, _sm_count(x.device))
     for key, v in (("block_m", block_m), ("block_n", block_n), ("splits", splits), ("fused", fused),
                    ("num_warps", num_warps), ("num_stages", num_stages)):
         if v is not None:
@@ -184,7 +202,9 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_QUANT=bool(cfg["fused"]), UPCAST=interpreting(kern),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nsplit > 1:
-        y = y.sum(0).to(x.dtype)
+        part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, part.stride(0), SPLITS=nsplit, BLOCK=1024,
+                                                        num_warps=4)
     return y.view(*x.shape[:-1], n)
 
 

@@ -322,9 +322,10 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, fp8_scales=None, block
     top_k = topk_ids.shape[1]
     num_ids = n * top_k
     fp8 = fp8_scales is not None
-    if block_m is None and not fp8 and x.dtype != torch.float32 and num_ids >= 512 * e:
+    if block_m is None and x.dtype != torch.float32 and num_ids >= 512 * e:
         # prefill-sized batches: 128x128 tiles, 8 warps (H100 sweep at 8192 tokens: 13.4 ms vs 23.2 ms
-        # for the decode tiles, 62% of the bf16 matmul rate; bench/results/sweep-kernels-h100.json)
+        # for the decode tiles, 62% of the bf16 matmul rate; bench/results/sweep-kernels-h100.json);
+        # the FP8 kernels take the same tiles (their K step is the 128-deep scale block)
         block_m, block_n, block_k, num_warps, num_stages = 128, 128, block_k or 64, 8, 3
     bm = block_m or _block_m(num_ids, e)
     if fp8:
