@@ -49,12 +49,12 @@ def timed(fn) -> float:
     return bench_ms(g if g is not None else fn)
 
 
-def gemm_cases(ceil: dict[str, float], sweep: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def gemm_cases(ceil: dict[str, float], sweep: bool, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
+               save) -> None:
     from splitserve.kernels import fp8_gemm as K
     from splitserve.model.fp8 import quantize_weight
 
     bw, rate8 = ceil["hbm_copy_bytes_per_s"], 2 * ceil["bf16_matmul_flops_per_s"]
-    rows, sweeps = [], []
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda") * k ** -0.5
         q, s = quantize_weight(w)
@@ -96,10 +96,10 @@ def gemm_cases(ceil: dict[str, float], sweep: bool) -> tuple[list[dict[str, Any]
             del x
         del q, s, wb
         torch.cuda.empty_cache()
-    return rows, sweeps
+        save()
 
 
-def sparse_mla_cases(ceil: dict[str, float]) -> list[dict[str, Any]]:
+def sparse_mla_cases(ceil: dict[str, float], sweep: bool) -> list[dict[str, Any]]:
     from splitserve.engine.cache import CachePool
     from splitserve.kernels import sparse_mla as K
 
@@ -127,6 +127,22 @@ def sparse_mla_cases(ceil: dict[str, float]) -> list[dict[str, Any]]:
             rows.append(row)
             print(f"sparse MLA {fmt:4s} B={b:3d}  {row['us']:8.1f} us  floor {row['floor_us']:7.1f} us = "
                   f"{row['of_floor']:.0%}  err {err:.1e}{'' if row['ok'] else '  !!! MISMATCH'}", flush=True)
+            if sweep:
+                best = None
+                for bn in (16, 32, 64):
+                    for nw in (4, 8):
+                        try:
+                            t = timed(lambda: K.sparse_mla_decode_triton(q_lat, q_rope, pool_t, 0, bt, idx, 192 ** -0.5,
+                                                                         block_n=bn, num_warps=nw))
+                        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: a data point
+                            print(f"    sweep block_n={bn} warps={nw}: {type(e).__name__}", file=sys.stderr)
+                            continue
+                        row.setdefault("sweep", []).append({"block_n": bn, "num_warps": nw, "us": t * 1e3})
+                        if best is None or t < best[0]:
+                            best = (t, bn, nw)
+                if best:
+                    print(f"    sweep best: block_n {best[1]} warps {best[2]} {best[0] * 1e3:.1f} us "
+                          f"({byts / bw / (best[0] * 1e-3):.0%} of floor)", flush=True)
         del latent, raw
         torch.cuda.empty_cache()
     return rows
@@ -148,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                               "date": dt.datetime.now(dt.timezone.utc).isoformat(), "ceilings": ceil}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["sparse_mla"] = sparse_mla_cases(ceil)
+    result["sparse_mla"] = sparse_mla_cases(ceil, not args.no_sweep)
     out.write_text(json.dumps(result, indent=1))
-    result["fp8_linear"], result["fp8_linear_sweep"] = gemm_cases(ceil, not args.no_sweep)
+    result["fp8_linear"], result["fp8_linear_sweep"] = [], []
+    gemm_cases(ceil, not args.no_sweep, result["fp8_linear"], result["fp8_linear_sweep"],
+               lambda: out.write_text(json.dumps(result, indent=1)))
     out.write_text(json.dumps(result, indent=1))
     bad = [r for r in result["fp8_linear"] + result["sparse_mla"] if not r["ok"]]
     print(f"\nwrote {out}; {len(bad)} case(s) disagree with their reference", flush=True)

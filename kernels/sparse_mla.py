@@ -143,10 +143,13 @@ if HAS_TRITON:
             if FP8:  # 656-byte entry: e4m3 values | fp32 scale per G | bf16 rope (off counts bytes)
                 kq = tl.load(row[:, None] + offs_dl[None, :], mask=valid[:, None], other=0)
                 kf = kq.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                sc = tl.load(sc_ptr + (off // 4 + DL // 4)[:, None] + tl.arange(0, NG)[None, :],
-                             mask=valid[:, None], other=0.0)
-                kf = tl.reshape(tl.reshape(kf, [BLOCK_N, NG, G]) * sc[:, :, None], [BLOCK_N, DL])
-                kl = kf.to(ql_ptr.dtype.element_ty)
+                # each column's group scale, selected in registers (the tile keeps its layout)
+                grp = offs_dl // G
+                scol = tl.zeros([BLOCK_N, DL], tl.float32)
+                for g in tl.static_range(NG):
+                    s_g = tl.load(sc_ptr + off // 4 + DL // 4 + g, mask=valid, other=0.0)
+                    scol = tl.where(grp[None, :] == g, s_g[:, None], scol)
+                kl = (kf * scol).to(ql_ptr.dtype.element_ty)
                 kr = tl.load(rp_ptr + (off // 2 + (DL + 4 * NG) // 2)[:, None] + offs_dr[None, :],
                              mask=valid[:, None], other=0.0).to(ql_ptr.dtype.element_ty)
             else:
@@ -223,7 +226,7 @@ def _num_splits(bsz: int, head_groups: int, topk: int, block_n: int, sms: int = 
 
 def sparse_mla_decode_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, layer: int,
                              block_tables: torch.Tensor, indices: torch.Tensor, softmax_scale: float,
-                             *, block_h: int | None = None, block_n: int = 64, num_splits: int | None = None,
+                             *, block_h: int | None = None, block_n: int | None = None, num_splits: int | None = None,
                              num_warps: int = 8, num_stages: int = 2, precompute_offsets: bool = False) -> torch.Tensor:
     require_triton()
     _check(q_lat, q_rope, latent, block_tables, indices)
@@ -234,6 +237,9 @@ def sparse_mla_decode_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: 
     if latent.stride(3) != 1 or q_lat.stride(2) != 1 or q_rope.stride(2) != 1 or indices.stride(1) != 1:
         raise ValueError("latent, q_lat, q_rope and indices need a contiguous last dimension")
     block_h = block_h or min(64, heads)
+    # FP8 entries are widened to fp32 and scaled in registers: half the entries a step keeps that in
+    # bounds (a guess until measured: bench/fp8_kernels.py sweeps it)
+    block_n = block_n or (32 if latent.dtype == torch.uint8 else 64)
     if heads % block_h or block_h < 16 or dl & (dl - 1) or dr & (dr - 1):
         raise ValueError(f"heads {heads} must be a multiple of block_h {block_h} >= 16; Dl, Dr powers of two")
     groups = heads // block_h
