@@ -144,6 +144,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
     if fp8_weights is None:
         fp8_weights = torch.device(device).type == "cuda"
+    if fp8_weights and scale_names and tuple(cfg.weight_block_size or (128, 128)) != (128, 128):
+        log.warning("%s: FP8 weight blocks %s are not 128x128: the FP8 kernels take 128x128, dequantising",
+                    path, cfg.weight_block_size)
+        fp8_weights = False
     keep_modules = fp8_module_names({n[: -len("_scale_inv")] for n in scale_names}) if fp8_weights else set()
     with torch.device("meta"):
         net = DeepseekV32(cfg, with_mtp=use_mtp, indexer_fp8=indexer_fp8)
