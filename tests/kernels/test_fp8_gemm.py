@@ -82,3 +82,20 @@ def test_fp8_linear_gpu_real_shapes(m, n, k):
     out = K.fp8_linear(x, q, s)
     torch.cuda.synchronize()
     assert rel(out, ref) < 1e-2
+
+
+def test_launch_config_covers_k_at_real_shapes():
+    """The decode/prefill launch choice at DeepSeek's shapes: K fully covered, split-K partials small
+    beside the weight, enough programs to stream the weight on a 132-SM GPU."""
+    for n, k in REAL:
+        for m in (1, 8, 64, 65, 8192):
+            cfg = K._config(m, n, k, 132)
+            kblocks = -(-k // 128)
+            per_split = -(-kblocks // cfg["splits"]) * 128
+            nsplit = -(-k // per_split)
+            assert nsplit * per_split >= k and (nsplit - 1) * per_split < k
+            assert cfg["fused"] == (m <= 64)
+            if m <= 64:
+                assert 2 * nsplit * m * n * 4 <= n * k // 2                       # partials << weight bytes
+                programs = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"]) * nsplit
+                assert programs >= 132 or nsplit * 4 > kblocks, (n, k, m, programs)
