@@ -4,6 +4,14 @@ ceilings measured in the same run (HBM copy bandwidth, bf16 matmul rate; bench/k
     splitserve bench engine [--only decode,context,prefill,mtp] [--out results.json]
                             [--batches 1,8,32,64,128,256] [--contexts 4096,16384,65536,131072]
                             [--prefill 1024,2048,4096,8192,16384,32768] [--chunk 8192] [--profile 1,64,8192]
+                            [--weights bf16,fp8] [--latent bf16|fp8]
+
+--weights runs every selected case once per weight format, in one process, against the same
+ceilings: bf16, and fp8 = every linear DeepSeek's FP8 release quantises held in e4m3 with 128x128
+fp32 block scales (model/linear.py; kv_b_proj, embedding, norms, router and LM head stay bf16),
+served by the block-scaled FP8 GEMM and the FP8 grouped MoE. The roofline counts the bytes the step
+actually reads: e4m3 values + their scales + the bf16 rest (FP8 fused projections include their
+padding rows). --latent fp8 keeps the MLA latent cache in the 656-byte FP8 entry format.
 
 1. decode: one decode step (the main model over B rows + LM head + argmax, replayed from the
    engine's CUDA graph; rows.py) at context 4096 by batch size, against the HBM roofline: weight
@@ -58,7 +66,7 @@ DEV = "cuda"  # --device cpu runs the same harness at a small preset (a smoke te
 # ---------------------------------------------------------------------------------------------
 # the network and its byte / flop model
 # ---------------------------------------------------------------------------------------------
-def random_net(cfg, indexer_fp8: bool = True, seed: int = 0) -> DeepseekV32:
+def random_net(cfg, indexer_fp8: bool = True, seed: int = 0, fp8: bool = False) -> DeepseekV32:
     torch.manual_seed(seed)
     with torch.device("meta"):
         net = DeepseekV32(cfg, with_mtp=True, indexer_fp8=indexer_fp8)
@@ -74,7 +82,10 @@ def random_net(cfg, indexer_fp8: bool = True, seed: int = 0) -> DeepseekV32:
         for name, b in net.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
+        if fp8:  # the linears DeepSeek's release quantises, as the loader keeps them
+            net.to_fp8(quantize=True)
     net.rotary.inv_freq = net.rotary.inv_freq.to(DEV)
+    _empty_cache()
     net.fuse_weights()  # as the engine does
     return net.eval()
 
@@ -84,22 +95,35 @@ def _nbytes(params) -> int:
 
 
 def weight_model(net: DeepseekV32) -> dict[str, float]:
-    """Bytes and per-token flops of the main model's weights, split by kind."""
+    """Bytes and per-token flops of the main model's weights, split by kind. Bytes are what the kernels
+    read: FP8 weights count 1 byte a value plus their fp32 block scales, and the zero rows that pad
+    FP8 parts of a fused projection to whole blocks."""
     cfg = net.cfg
     main = list(net.model.layers)[: cfg.num_hidden_layers]
-    routed = [p for layer in main for n, p in layer.named_parameters() if n.endswith(("mlp.w13", "mlp.w2"))]
+    routed_names = ("mlp.w13", "mlp.w2", "mlp.w13_scale_inv", "mlp.w2_scale_inv")
+    routed = [p for layer in main for n, p in layer.named_parameters() if n.endswith(routed_names)]
     routed_ids = {id(p) for p in routed}
-    dense = [p for layer in main for p in layer.parameters() if id(p) not in routed_ids]
+    dense_named = [(n, p) for layer in main for n, p in layer.named_parameters() if id(p) not in routed_ids]
+    dense = [p for _, p in dense_named]
+    pad = 0
+    for layer in main:
+        for m in layer.modules():
+            for fused in (getattr(m, "in_proj", None), getattr(m, "gate_up", None)):
+                if fused is not None and not isinstance(fused, torch.Tensor):
+                    pad += (sum(fused.padded) - sum(fused.rows)) * fused.weight.shape[1] * fused.weight.element_size()
     moe_layers = sum(1 for layer in main if hasattr(layer.mlp, "w13"))
     routed_per_layer = _nbytes(routed) / max(1, moe_layers)
-    lin = sum(p.numel() for p in dense if p.dim() == 2)  # every 2-D weight is one GEMM operand per token
+    # every 2-D weight is one GEMM operand per token (scales are not)
+    lin = sum(p.numel() for n, p in dense_named if p.dim() == 2 and not n.endswith("scale_inv"))
+    routed_values = sum(p.numel() for layer in main for n, p in layer.named_parameters() if n.endswith(("mlp.w13", "mlp.w2")))
     return {
-        "dense_bytes": float(_nbytes(dense) + _nbytes([net.model.norm.weight, net.lm_head.weight])),
+        "dense_bytes": float(_nbytes(dense) + pad + _nbytes([net.model.norm.weight, net.lm_head.weight])),
+        "fp8_pad_bytes": float(pad),
         "routed_bytes_per_layer": routed_per_layer,
         "moe_layers": float(moe_layers),
         "experts": float(cfg.n_routed_experts),
         "active": float(cfg.num_experts_per_tok),
-        "linear_flops_per_token": 2.0 * (lin + sum(p.numel() for p in routed) * cfg.num_experts_per_tok / cfg.n_routed_experts),
+        "linear_flops_per_token": 2.0 * (lin + routed_values * cfg.num_experts_per_tok / cfg.n_routed_experts),
         "lm_head_flops": 2.0 * net.lm_head.weight.numel(),
         "embed_row_bytes": float(cfg.hidden_size * 2),
     }
@@ -109,17 +133,20 @@ def expected_experts(batch_tokens: int, experts: float, active: float) -> float:
     return experts * (1.0 - (1.0 - active / experts) ** batch_tokens)
 
 
-def cache_bytes_per_row(cfg, context: int, topk: int, layers: int) -> float:
-    """Bytes one decode row reads: indexer keys (e4m3 + fp32 scale) over the context, top-k MLA entries."""
+def cache_bytes_per_row(cfg, context: int, topk: int, layers: int, latent_fp8: bool = False) -> float:
+    """Bytes one decode row reads: indexer keys (e4m3 + fp32 scale) over the context, top-k MLA entries
+    (bf16: 1152 bytes; FP8: 656 = 512 e4m3 + 4 fp32 scales + 64 bf16 rope)."""
     idx = context * (cfg.index_head_dim + 4)
-    mla = min(context, topk) * cfg.latent_dim * 2
+    entry = (cfg.kv_lora_rank + 4 * (cfg.kv_lora_rank // 128) + 2 * cfg.qk_rope_head_dim) if latent_fp8 else cfg.latent_dim * 2
+    mla = min(context, topk) * entry
     return float(layers * (idx + mla))
 
 
-def decode_floor(wm: dict[str, float], cfg, batch: int, context: int, topk: int, bw: float) -> dict[str, float]:
+def decode_floor(wm: dict[str, float], cfg, batch: int, context: int, topk: int, bw: float,
+                 latent_fp8: bool = False) -> dict[str, float]:
     touched = expected_experts(batch, wm["experts"], wm["active"])
     w = wm["dense_bytes"] + wm["moe_layers"] * wm["routed_bytes_per_layer"] * touched / wm["experts"]
-    c = batch * cache_bytes_per_row(cfg, context, topk, cfg.num_hidden_layers)
+    c = batch * cache_bytes_per_row(cfg, context, topk, cfg.num_hidden_layers, latent_fp8)
     return {"weight_bytes": w, "cache_bytes": c, "floor_ms": (w + c) / bw * 1e3}
 
 
@@ -189,7 +216,13 @@ class Tables:
 
 def fill_pool(pool: CachePool) -> None:
     g = torch.Generator(device=DEV).manual_seed(1)
-    for p in pool.pools():
+    if pool.latent_fp8:  # real FP8 entries (finite scales), packed by the pool's own writer
+        flat = pool.latent.view(-1, pool.latent.shape[-1])
+        for s in range(0, flat.shape[0], 1 << 18):
+            n = min(1 << 18, flat.shape[0] - s)
+            lat = torch.randn(n, pool.kv_lora + pool.rope_dim, generator=g, device=DEV, dtype=torch.bfloat16) * 0.5
+            flat[s:s + n] = pool._pack_fp8(lat)
+    for p in pool.pools()[1:] if pool.latent_fp8 else pool.pools():
         if p.dtype == torch.uint8:  # e4m3 bits: keep them finite (no 0x7f / 0xff NaN patterns)
             p.copy_(torch.randint(0, 0x70, p.shape, generator=g, device=DEV, dtype=torch.uint8))
         elif p.dtype == torch.float32:
@@ -263,7 +296,7 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
         text, top = profile_top(step_gpu)
         print(f"\nprofile: decode step, batch {batch}, context {context}\n{text}", flush=True)
         prof = top
-    floor = decode_floor(wm, cfg, batch, context, topk, ceil["hbm_copy_bytes_per_s"])
+    floor = decode_floor(wm, cfg, batch, context, topk, ceil["hbm_copy_bytes_per_s"], pool.latent_fp8)
     _empty_cache()
     set_topk(net, net.cfg.index_topk)
     return {"batch": batch, "context": context, "index_topk": topk, "step_ms": gpu, "host_step_ms": host,
@@ -330,6 +363,23 @@ def mtp_case(net, k: int, batch: int, context: int, steps: int) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------
+def compare_formats(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per case run with both weight formats: fp8 time / bf16 time beside the floors' ratio."""
+    rows = []
+    for kind, key, ms, floor in (("decode", "batch", "step_ms", "floor_ms"), ("prefill", "tokens", "ms", "floor_ms")):
+        by = {(r["weights"], r[key]): r for r in result.get(kind, [])}
+        for (fmt, v), r8 in sorted(by.items(), key=lambda kv: kv[0][1]):
+            if fmt != "fp8" or ("bf16", v) not in by:
+                continue
+            r16 = by["bf16", v]
+            row = {"case": f"{kind} {key} {v}", "bf16_ms": r16[ms], "fp8_ms": r8[ms], "fp8_over_bf16": r8[ms] / r16[ms]}
+            if kind == "decode":
+                row["floor_ratio"] = r8[floor] / r16[floor]
+                row["fp8_of_roofline"] = r8["roofline_ratio"]
+            rows.append(row)
+    return rows
+
+
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
@@ -359,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--preset", default="bench", help="model preset (bench is the one the goals refer to)")
     ap.add_argument("--pool-tokens", type=int, default=2_200_000, help="cache pool size for the decode cases")
+    ap.add_argument("--weights", default="bf16", help="weight formats to run, in one process: bf16, fp8 or bf16,fp8")
+    ap.add_argument("--latent", default="bf16", choices=["bf16", "fp8"], help="MLA latent cache format")
     args = ap.parse_args(argv)
     global DEV
     DEV = args.device
@@ -371,14 +423,16 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"command": "splitserve bench engine " + " ".join(argv if argv is not None else sys.argv[1:]),
                               "device": torch.cuda.get_device_name() if DEV == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
                               "host": platform.node(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-                              "preset": args.preset, "indexer_fp8": True, "latent": "bf16"}
+                              "preset": args.preset, "indexer_fp8": True}
     ceil = measure_ceilings(DEV)
     result["ceilings"] = ceil
     print(f"ceilings: copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
           f"{ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
-    net = random_net(cfg)
-    wm = weight_model(net)
-    result["weights"] = wm
+    formats = args.weights.split(",")
+    if not set(formats) <= {"bf16", "fp8"}:
+        ap.error(f"--weights takes bf16 and/or fp8, got {args.weights}")
+    result["weights_formats"], result["latent"] = formats, args.latent
+    result["weight_model"] = {}
     layers = cfg.num_hidden_layers + 1
     out_path = Path(args.out)
 
@@ -386,55 +440,74 @@ def main(argv: list[str] | None = None) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1))
 
+    pool = None
     if only & {"decode", "context", "prefill"}:
-        pool = CachePool(cfg, layers, -(-args.pool_tokens // BLOCK), BLOCK, torch.bfloat16, DEV, indexer_fp8=True)
+        pool = CachePool(cfg, layers, -(-args.pool_tokens // BLOCK), BLOCK, torch.bfloat16, DEV, indexer_fp8=True,
+                         latent_fp8=args.latent == "fp8")
         fill_pool(pool)
-        if "decode" in only:
+    for fmt in formats:
+        net = random_net(cfg, fp8=fmt == "fp8")
+        wm = weight_model(net)
+        result["weight_model"][fmt] = wm
+        result.setdefault("weights", wm)
+        held = net.weight_bytes()
+        print(f"\n=== weights {fmt}: {held['total'] / 1e9:.2f} GB held (e4m3 {held['fp8'] / 1e9:.2f} GB, scales "
+              f"{held['scales'] / 1e6:.1f} MB, bf16/fp32 {held['other'] / 1e9:.2f} GB); a decode step reads the dense "
+              f"{wm['dense_bytes'] / 1e9:.3f} GB (LM head {net.lm_head.weight.nbytes / 1e9:.3f} GB bf16, FP8 padding "
+              f"{wm['fp8_pad_bytes'] / 1e6:.1f} MB) + {wm['routed_bytes_per_layer'] / 1e9:.3f} GB of routed experts per "
+              f"MoE layer at most; floor at batch 1 = bytes / {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+        if pool is not None and "decode" in only:
             rows = []
             for b in args.batches:
-                rows.append(decode_case(net, pool, wm, ceil, b, 4096, cfg.index_topk, profile=b in args.profile))
-                print(_table("", rows[-1:], ["batch", "context", "step_ms", "host_step_ms", "floor_ms", "roofline_ratio"]).splitlines()[-1], flush=True)
-            result["decode"] = rows
-            print(_table("\ndecode step by batch (context 4096)", rows,
-                         ["batch", "step_ms", "host_step_ms", "floor_ms", "roofline_ratio", "tokens_per_s"]), flush=True)
+                rows.append({"weights": fmt, **decode_case(net, pool, wm, ceil, b, 4096, cfg.index_topk, profile=b in args.profile)})
+                print(_table("", rows[-1:], ["weights", "batch", "context", "step_ms", "host_step_ms", "floor_ms", "roofline_ratio"]).splitlines()[-1], flush=True)
+            result.setdefault("decode", []).extend(rows)
+            print(_table(f"\ndecode step by batch (context 4096), weights {fmt}, latent {args.latent}", rows,
+                         ["batch", "step_ms", "host_step_ms", "weight_bytes", "cache_bytes", "floor_ms", "roofline_ratio",
+                          "tokens_per_s"]), flush=True)
             save()
-        if "context" in only:
+        if pool is not None and "context" in only:
             rows = []
             for b in args.context_batches:
                 for c in args.contexts:
                     for topk in (cfg.index_topk, c):
-                        rows.append(decode_case(net, pool, wm, ceil, b, c, topk))
+                        rows.append({"weights": fmt, **decode_case(net, pool, wm, ceil, b, c, topk)})
                         rows[-1]["attention"] = "sparse" if topk == cfg.index_topk else "dense"
                         print(_table("", rows[-1:], ["batch", "context", "attention", "step_ms", "floor_ms"]).splitlines()[-1], flush=True)
             for r in rows:
                 base = next(x for x in rows if x["batch"] == r["batch"] and x["attention"] == "sparse"
                             and x["context"] == min(args.contexts))
                 r["vs_sparse_at_min_context"] = r["step_ms"] / base["step_ms"]
-            result["context"] = rows
-            print(_table("\ndecode step by context", rows, ["batch", "context", "attention", "step_ms", "floor_ms",
-                                                            "roofline_ratio", "vs_sparse_at_min_context"]), flush=True)
+            result.setdefault("context", []).extend(rows)
+            print(_table(f"\ndecode step by context, weights {fmt}", rows, ["batch", "context", "attention", "step_ms", "floor_ms",
+                                                                           "roofline_ratio", "vs_sparse_at_min_context"]), flush=True)
             save()
-        if "prefill" in only:
+        if pool is not None and "prefill" in only:
             rows = []
             for n in args.prefill:
-                rows.append(prefill_case(net, pool, wm, ceil, n, args.chunk, profile=n in args.profile))
-                print(_table("", rows[-1:], ["tokens", "ms", "floor_ms", "mfu"]).splitlines()[-1], flush=True)
-            result["prefill"] = rows
-            print(_table("\nprefill", rows, ["tokens", "chunk", "ms", "floor_ms", "mfu", "tokens_per_s"]), flush=True)
+                rows.append({"weights": fmt, **prefill_case(net, pool, wm, ceil, n, args.chunk, profile=n in args.profile)})
+                print(_table("", rows[-1:], ["weights", "tokens", "ms", "floor_ms", "mfu"]).splitlines()[-1], flush=True)
+            result.setdefault("prefill", []).extend(rows)
+            print(_table(f"\nprefill, weights {fmt} (MFU against the bf16 matmul rate)", rows,
+                         ["tokens", "chunk", "ms", "floor_ms", "mfu", "tokens_per_s"]), flush=True)
             save()
-        del pool
+        if "mtp" in only:
+            rows = []
+            for b in args.mtp_batches:
+                for k in range(4):
+                    rows.append({"weights": fmt, **mtp_case(net, k, b, 1024, 30)})
+                    print(_table("", rows[-1:], ["batch", "k", "step_ms", "measured_acceptance"]).splitlines()[-1], flush=True)
+            result.setdefault("mtp", []).extend(rows)
+            print(_table(f"\nMTP (engine decode step, context 1024), weights {fmt}", rows,
+                         ["batch", "k", "step_ms", "measured_acceptance", "tokens_per_step@a=0.8",
+                          "tokens_per_s_per_seq@a=0.8"]), flush=True)
+            save()
+        del net
         _empty_cache()
-    if "mtp" in only:
-        rows = []
-        for b in args.mtp_batches:
-            for k in range(4):
-                rows.append(mtp_case(net, k, b, 1024, 30))
-                print(_table("", rows[-1:], ["batch", "k", "step_ms", "measured_acceptance"]).splitlines()[-1], flush=True)
-        result["mtp"] = rows
-        print(_table("\nMTP (engine decode step, context 1024)", rows,
-                     ["batch", "k", "step_ms", "measured_acceptance", "tokens_per_step@a=0.8",
-                      "tokens_per_s_per_seq@a=0.8"]), flush=True)
-        save()
+    if len(formats) > 1:
+        result["fp8_vs_bf16"] = compare_formats(result)
+        print(_table("\nfp8 vs bf16 weights (same run): time and floor ratios", result["fp8_vs_bf16"],
+                     ["case", "bf16_ms", "fp8_ms", "fp8_over_bf16", "floor_ratio", "fp8_of_roofline"]), flush=True)
     save()
     print(f"\nwrote {out_path}")
     return 0

@@ -222,12 +222,13 @@ def _admin(args: argparse.Namespace, method: str, path: str, *, json_body: Any =
 
 def format_status(status: dict[str, Any]) -> str:
     """The status as a readable table."""
-    rows = [("ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "BLOCKS USED", "REQUESTS DONE")]
+    rows = [("ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "WEIGHTS", "BLOCKS USED", "REQUESTS DONE")]
     for w in status.get("workers", []):
         gpus = ",".join(str(g) for g in w.get("gpus") or []) or "-"
+        wb = int(w.get("weight_bytes") or 0)
         rows.append((str(w["id"]), str(w["role"]), str(w["state"]), str(w.get("pid") or "-"),
-                     str(w.get("node") or "-"), gpus, f"{w.get('blocks_used', 0)}/{w.get('blocks_total', 0)}",
-                     str(w.get("requests_done", 0))))
+                     str(w.get("node") or "-"), gpus, f"{wb / 2**30:.2f} GiB" if wb else "-",
+                     f"{w.get('blocks_used', 0)}/{w.get('blocks_total', 0)}", str(w.get("requests_done", 0))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"router: {status.get('router', {}).get('url') or '-'}"]
     counts: dict[str, int] = {}

@@ -189,7 +189,7 @@ class ModelConfig(BaseModel):
     # The model name clients send in requests ("model": ...). None: "tiny" for the tiny checkpoint,
     # otherwise the checkpoint directory's name.
     name: typing.Annotated[str | None, Field(min_length=1)] = None
-    # Activation / weight compute dtype (FP8 checkpoint weights are dequantised per block to it).
+    # Activation / weight compute dtype (FP8 checkpoint weights dequantised when loaded land in it).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
     # Store and score the lightning indexer's keys in FP8 e4m3 (as DeepSeek-V3.2 does) instead of dtype.
@@ -197,6 +197,9 @@ class ModelConfig(BaseModel):
     # Keep the MLA latent cache in FP8 (e4m3 + one fp32 scale per 128 values, rope in bf16: FlashMLA's
     # 656-byte token at full size) instead of in dtype.
     latent_fp8: bool = False
+    # FP8 checkpoints: keep the quantised linear weights in e4m3 with their 128x128 block scales (true)
+    # or dequantise them to dtype when loading (false). None: keep them on cuda, dequantise on cpu.
+    fp8_weights: bool | None = None
     # Longest prompt + completion served, in tokens. None: the checkpoint's max_position_embeddings.
     max_model_len: typing.Annotated[int | None, Field(ge=1, le=_MAX_INT32)] = None
 

@@ -279,6 +279,7 @@ class Controller:
                 "blocks_used": int(load.get("blocks_used", 0)),
                 "blocks_total": int(load.get("blocks_total", w.info.get("blocks_total", 0))),
                 "requests_done": int(load.get("requests_done", 0)),
+                "weight_bytes": int(load.get("weight_bytes", 0)),
             })
         return {"router": {"url": self.router_url}, "workers": entries}
 

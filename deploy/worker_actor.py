@@ -69,6 +69,7 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
         device=cfg.model.device,
         indexer_fp8=cfg.model.indexer_fp8,
         latent_fp8=cfg.model.latent_fp8,
+        fp8_weights=cfg.model.fp8_weights,
         max_model_len=cfg.model.max_model_len or 0,
     )
 

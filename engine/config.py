@@ -22,10 +22,12 @@ class EngineConfig:
     prefix_cache: share full blocks between requests with the same token prefix.
     indexer_fp8: run the lightning indexer on its FP8 path, its key cache in e4m3 + per-token scale.
     latent_fp8: keep the MLA latent cache in FP8 (e4m3 + one fp32 scale per 128 values, rope in bf16).
+    fp8_weights: how a worker loads an FP8 checkpoint (model.load): keep its linears e4m3 + 128x128
+        scales (True) or dequantise them to dtype (False); None: keep on CUDA, dequantise elsewhere.
     paged_kernels: attention reads the paged pools in place, one query row per token, through the
-        indexer top-k and sparse MLA kernels (model.attention's "rows" path). None: on when the cache
-        is on CUDA and the latent cache is not FP8 (the kernels read bf16 latents); True on a CPU runs
-        the kernels' PyTorch references (tests).
+        indexer top-k and sparse MLA kernels (model.attention's "rows" path; the sparse MLA kernel
+        reads bf16 latents or the FP8 entries of latent_fp8 directly). None: on when the cache is on
+        CUDA; True on a CPU runs the kernels' PyTorch references (tests).
     cuda_graphs: replay captured CUDA graphs for decode-only steps (CUDA with paged_kernels only).
     cache_memory_fraction: (cuda) size the cache to this fraction of the GPU memory that is free once
         the weights are loaded; num_blocks is then ignored. The rest is headroom for activations and
@@ -43,6 +45,7 @@ class EngineConfig:
     device: str = "cpu"
     indexer_fp8: bool = False
     latent_fp8: bool = False  # MLA latent cache in FlashMLA's FP8 token format (656 B/token/layer at full size)
+    fp8_weights: bool | None = None
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     paged_kernels: bool | None = None
     cuda_graphs: bool = True
@@ -64,8 +67,6 @@ class EngineConfig:
                 raise ValueError(f"cache_memory_fraction must be in (0, 1], got {self.cache_memory_fraction}")
             if self.device != "cuda":
                 raise ValueError("cache_memory_fraction sizes a GPU cache: set num_blocks on other devices")
-        if self.paged_kernels and self.latent_fp8:
-            raise ValueError("paged_kernels reads bf16/fp32 latents: it cannot be used with latent_fp8")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 

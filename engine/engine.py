@@ -69,6 +69,7 @@ class Engine:
     def __init__(self, net: DeepseekV32, cfg: EngineConfig) -> None:
         self.net, self.cfg = net, cfg
         net.fuse_weights()
+        self.weight_bytes = net.weight_bytes()["total"]  # memory the weights hold (FP8 values + scales + the rest)
         mcfg = net.cfg
         self.mtp_k = cfg.mtp_draft_tokens if net.has_mtp else 0
         if cfg.mtp_draft_tokens and not net.has_mtp:
@@ -83,8 +84,7 @@ class Engine:
         self.blocks = BlockManager(cfg.num_blocks, cfg.prefix_cache)
         self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
-        paged = cfg.paged_kernels if cfg.paged_kernels is not None else (
-            self.pool.latent.is_cuda and not cfg.latent_fp8)
+        paged = cfg.paged_kernels if cfg.paged_kernels is not None else self.pool.latent.is_cuda
         self.runner = ModelRunner(net, self.pool, self.mtp_k, self.mtp_cache, paged=paged,
                                   graphs=cfg.cuda_graphs and self.pool.latent.is_cuda,
                                   max_rows=cfg.max_running * (self.mtp_k + 1),

@@ -66,7 +66,8 @@ class WorkerRuntime:
         if ecfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"worker {spec.worker_id}: device 'cuda' requested but no GPU is visible")
         path = resolve_checkpoint(spec.model_path)
-        net = load(path, device=ecfg.device, dtype=ecfg.torch_dtype, indexer_fp8=ecfg.indexer_fp8)
+        net = load(path, device=ecfg.device, dtype=ecfg.torch_dtype, indexer_fp8=ecfg.indexer_fp8,
+                   fp8_weights=ecfg.fp8_weights)
         self.checkpoint = path
         self.engine = Engine(net, ecfg)
         self.loop = EngineLoop(self.engine, name=f"engine-{spec.worker_id}").start()

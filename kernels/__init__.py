@@ -11,16 +11,18 @@ the references on a CPU.
 |---|---|
 | indexer_topk_decode(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, topk) | q [B, 64, 128] bf16 or e4m3, keys paged [NB, L, 64, 128] (+ fp32 scales) -> [B, topk] int32 |
 | indexer_logits_decode(...) | the scores [B, W] fp32 before top-k |
-| sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] -> [B, 128, 512] |
+| sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] (or uint8 656-byte FP8 entries) -> [B, 128, 512] |
 | rms_norm(x, w, eps, residual=None) | [..., D] -> y, or (y, x + residual) |
 | rope(x, cos, sin, interleaved) | [N, ..., d], cos/sin [N, d/2] |
 | act_quant(x, block=128, ue8m0=True) | [..., D] -> (e4m3 [..., D], fp32 [..., D/128]) |
 | moe_align(topk_ids, num_experts, block_m) | [N, k] -> sorted ids, block experts, rows used |
 | fused_moe(x, w13, w2, topk_weights, topk_ids) | [N, H], [E, 2I, H], [E, H, I] -> [N, H] |
 | fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) | e4m3 weights, 128x128 scales |
+| fp8_linear(x, weight, scale) | [..., K] x e4m3 [N, K] (+ fp32 [N/128, K/128]) -> [..., N]; x quantised per 1x128 |
 """
 
 from ._common import HAS_TRITON, use_triton
+from .fp8_gemm import fp8_linear
 from .indexer import indexer_logits_decode, indexer_topk_decode, topk_from_logits
 from .moe import fused_moe, fused_moe_fp8, moe_align
 from .norm import rms_norm
@@ -33,5 +35,5 @@ __all__ = [
     "indexer_logits_decode", "indexer_topk_decode", "topk_from_logits",
     "sparse_mla_decode",
     "rms_norm", "rope", "act_quant",
-    "moe_align", "fused_moe", "fused_moe_fp8",
+    "moe_align", "fused_moe", "fused_moe_fp8", "fp8_linear",
 ]

@@ -77,21 +77,25 @@ def _dequant_stacked(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> to
 
 def fused_moe_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                       w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """FP8 semantics in plain torch: activations round-tripped through act_quant, weights dequantised."""
+    """FP8 semantics in plain torch: activations round-tripped through act_quant (per 1x128 group,
+    ue8m0), weights dequantised per 128x128 block. Also serves sizes that are not multiples of 128
+    (small test presets): gate's and up's scale blocks are then stacked separately
+    (w13_scale [E, 2 * ceil(I/128), ceil(H/128)]) and a partial activation group counts as zero-padded."""
+    from .fp8_gemm import dequant_weight_ref, quantize_act_ref
+
     out = torch.zeros_like(x)
-    xq, xs = act_quant_ref(x.float())
-    xd = (xq.float().unflatten(-1, (-1, 128)) * xs[..., None]).flatten(-2)
+    inter = w13.shape[1] // 2
+    ib = -(-inter // 128)
+    xd = quantize_act_ref(x)
     for e in range(w13.shape[0]):
         rows, slots = (topk_ids == e).nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
-        w13e = _dequant_stacked(w13[e:e + 1], w13_scale[e:e + 1], torch.float32)[0]
-        w2e = _dequant_stacked(w2[e:e + 1], w2_scale[e:e + 1], torch.float32)[0]
-        gate, up = (xd[rows] @ w13e.t()).chunk(2, dim=-1)
-        h = (F.silu(gate) * up).to(x.dtype)
-        hq, hs = act_quant_ref(h.float())
-        hd = (hq.float().unflatten(-1, (-1, 128)) * hs[..., None]).flatten(-2)
-        y = (hd @ w2e.t()) * topk_weights[rows, slots][:, None].float()
+        g = dequant_weight_ref(w13[e, :inter], w13_scale[e, :ib])
+        u = dequant_weight_ref(w13[e, inter:], w13_scale[e, ib:])
+        w2e = dequant_weight_ref(w2[e], w2_scale[e])
+        h = (F.silu(xd[rows] @ g.t()) * (xd[rows] @ u.t())).to(x.dtype)
+        y = (quantize_act_ref(h) @ w2e.t()) * topk_weights[rows, slots][:, None].float()
         out.index_add_(0, rows, y.to(x.dtype))
     return out
 
@@ -318,9 +322,10 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, fp8_scales=None, block
     top_k = topk_ids.shape[1]
     num_ids = n * top_k
     fp8 = fp8_scales is not None
-    if block_m is None and not fp8 and x.dtype != torch.float32 and num_ids >= 512 * e:
+    if block_m is None and x.dtype != torch.float32 and num_ids >= 512 * e:
         # prefill-sized batches: 128x128 tiles, 8 warps (H100 sweep at 8192 tokens: 13.4 ms vs 23.2 ms
-        # for the decode tiles, 62% of the bf16 matmul rate; bench/results/sweep-kernels-h100.json)
+        # for the decode tiles, 62% of the bf16 matmul rate; bench/results/sweep-kernels-h100.json);
+        # the FP8 kernels take the same tiles (their K step is the 128-deep scale block)
         block_m, block_n, block_k, num_warps, num_stages = 128, 128, block_k or 64, 8, 3
     bm = block_m or _block_m(num_ids, e)
     if fp8:
@@ -395,6 +400,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
                   w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """fused_moe with float8_e4m3fn weights and 128x128 block scales (checkpoint `weight_scale_inv`
     stacked per expert: w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]); activations are
-    quantised per 128 values (ue8m0) inside. H and I must be multiples of 128."""
-    fn = fused_moe_fp8_triton if use_triton(x) else fused_moe_fp8_ref
+    quantised per 128 values (ue8m0) inside. The Triton kernels serve H and I that are multiples of
+    128 (DeepSeek's); other sizes (small test presets) run the reference."""
+    fits = x.shape[1] % 128 == 0 and w2.shape[2] % 128 == 0
+    fn = fused_moe_fp8_triton if use_triton(x) and fits else fused_moe_fp8_ref
     return fn(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)

@@ -11,6 +11,15 @@ For each row b (one query token) and head h, over the selected positions p = ind
     logit(h, p) = (q_lat[b, h] . lat[p] + q_rope[b, h] . k_rope[p]) * softmax_scale
     o_lat[b, h] = sum_p softmax_p(logit(h, p)) * lat[p]
 
+FP8 latent cache (engine/cache.py `latent_fp8`; FlashMLA's sparse FP8 token format): the pool is
+uint8 [num_blocks, num_layers, block_size, token_bytes] and each entry is
+
+    Dl e4m3 values | Dl / G fp32 scales (G = min(128, Dl)) | Dr bf16 rope values
+    (512 + 16 + 128 = 656 bytes for DeepSeek-V3.2)
+
+read in place: lat[p] = cast_to_q_dtype(e4m3 * scale of its group), k_rope[p] = bf16 -> q's dtype
+(exactly what CachePool's unpacking gives the model's other path), then the same attention.
+
 q_lat is q_nope folded through kv_b_proj's k part (W_uk); the caller applies W_uv to o_lat.
 Softmax is computed online in fp32; P is rounded to the cache dtype before the P.V product, as in
 model.attention.MLA._absorbed. A row with no valid index gets zeros.
@@ -33,11 +42,34 @@ import torch
 from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
 
 
+def fp8_token_bytes(dl: int, dr: int) -> int:
+    """Bytes of one FP8 cache entry: dl e4m3 + one fp32 scale per min(128, dl) + dr bf16."""
+    return dl + 4 * (dl // min(128, dl)) + 2 * dr
+
+
+def unpack_fp8_entries(raw: torch.Tensor, dl: int, dr: int, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [..., token_bytes] FP8 entries -> [..., dl + dr] in dtype (latent = e4m3 * its group's scale)."""
+    g = min(128, dl)
+    ng = dl // g
+    lead = raw.shape[:-1]
+    raw = raw.reshape(-1, raw.shape[-1])
+    q = raw[:, :dl].contiguous().view(torch.float8_e4m3fn).float()
+    scale = raw[:, dl:dl + 4 * ng].contiguous().view(torch.float32)
+    rope = raw[:, dl + 4 * ng:dl + 4 * ng + 2 * dr].contiguous().view(torch.bfloat16)
+    nope = (q.view(-1, ng, g) * scale[:, :, None]).view(-1, dl)
+    return torch.cat([nope.to(dtype), rope.to(dtype)], dim=-1).view(*lead, dl + dr)
+
+
 def _check(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, block_tables: torch.Tensor,
            indices: torch.Tensor) -> None:
     if q_lat.dim() != 3 or q_rope.shape[:2] != q_lat.shape[:2]:
         raise ValueError(f"q_lat [B, H, Dl] and q_rope [B, H, Dr] must agree; got {tuple(q_lat.shape)}, {tuple(q_rope.shape)}")
-    if latent.dim() != 4 or latent.shape[-1] < q_lat.shape[-1] + q_rope.shape[-1]:
+    if latent.dtype == torch.uint8:
+        want = fp8_token_bytes(q_lat.shape[-1], q_rope.shape[-1])
+        if latent.dim() != 4 or latent.shape[-1] != want or q_lat.shape[-1] % min(128, q_lat.shape[-1]):
+            raise ValueError(f"an FP8 latent pool must be uint8 [num_blocks, num_layers, block_size, {want}], "
+                             f"got {tuple(latent.shape)}")
+    elif latent.dim() != 4 or latent.shape[-1] < q_lat.shape[-1] + q_rope.shape[-1]:
         raise ValueError(f"latent must be [num_blocks, num_layers, block_size, Dl + Dr], got {tuple(latent.shape)}")
     if indices.dim() != 2 or indices.shape[0] != q_lat.shape[0] or block_tables.shape[0] != q_lat.shape[0]:
         raise ValueError("indices [B, topk] and block_tables [B, max_blocks] must match q's batch")
@@ -55,6 +87,8 @@ def sparse_mla_decode_ref(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: tor
     idx = indices.long().clamp(min=0)
     blk = block_tables.long().gather(1, (idx // bs).clamp(max=block_tables.shape[1] - 1))
     ent = latent[blk.clamp(0, latent.shape[0] - 1), layer, idx % bs]            # [B, K, Dl + Dr]
+    if latent.dtype == torch.uint8:
+        ent = unpack_fp8_entries(ent, dl, dr, q_lat.dtype)
     lat, rope = ent[..., :dl], ent[..., dl:dl + dr]
     logits = (torch.einsum("bhc,bkc->bhk", q_lat.float(), lat.float())
               + torch.einsum("bhr,bkr->bhk", q_rope.float(), rope.float())) * softmax_scale
@@ -70,12 +104,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_mla_kernel(
-        ql_ptr, qr_ptr, lat_ptr, bt_ptr, idx_ptr, o_ptr, lse_ptr,
+        ql_ptr, qr_ptr, lat_ptr, sc_ptr, rp_ptr, bt_ptr, idx_ptr, o_ptr, lse_ptr,
         layer, topk, qk_scale, split_len,
         s_qlb, s_qlh, s_qrb, s_qrh, s_l0, s_l1, s_l2, s_bt, s_ib,
         s_ob, s_oh, s_os, s_lb, s_lh,
         DL: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         MULTI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr,
+        FP8: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
     ):
         b = tl.program_id(0)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -97,15 +132,29 @@ if HAS_TRITON:
             if ROWS:  # idx_ptr holds element offsets of the entries (int64), -1 = skip
                 off = tl.load(idx_ptr + b * s_ib + offs_n, mask=offs_n < end, other=-1)
                 valid = off >= 0
-                row = lat_ptr + tl.where(valid, off, 0)
+                off = tl.where(valid, off, 0)
             else:
                 idx = tl.load(idx_ptr + b * s_ib + offs_n, mask=offs_n < end, other=-1)
                 valid = idx >= 0
                 idx = tl.where(valid, idx, 0)
                 blk = tl.load(bt_ptr + b * s_bt + idx // BS, mask=valid, other=0).to(tl.int64)
-                row = lat_ptr + blk * s_l0 + layer * s_l1 + (idx % BS) * s_l2
-            kl = tl.load(row[:, None] + offs_dl[None, :], mask=valid[:, None], other=0.0)
-            kr = tl.load(row[:, None] + DL + offs_dr[None, :], mask=valid[:, None], other=0.0)
+                off = blk * s_l0 + layer * s_l1 + (idx % BS) * s_l2
+            row = lat_ptr + off
+            if FP8:  # 656-byte entry: e4m3 values | fp32 scale per G | bf16 rope (off counts bytes)
+                kq = tl.load(row[:, None] + offs_dl[None, :], mask=valid[:, None], other=0)
+                kf = kq.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                # each column's group scale, selected in registers (the tile keeps its layout)
+                grp = offs_dl // G
+                scol = tl.zeros([BLOCK_N, DL], tl.float32)
+                for g in tl.static_range(NG):
+                    s_g = tl.load(sc_ptr + off // 4 + DL // 4 + g, mask=valid, other=0.0)
+                    scol = tl.where(grp[None, :] == g, s_g[:, None], scol)
+                kl = (kf * scol).to(ql_ptr.dtype.element_ty)
+                kr = tl.load(rp_ptr + (off // 2 + (DL + 4 * NG) // 2)[:, None] + offs_dr[None, :],
+                             mask=valid[:, None], other=0.0).to(ql_ptr.dtype.element_ty)
+            else:
+                kl = tl.load(row[:, None] + offs_dl[None, :], mask=valid[:, None], other=0.0)
+                kr = tl.load(row[:, None] + DL + offs_dr[None, :], mask=valid[:, None], other=0.0)
             if UPCAST:
                 kl = kl.to(tl.float32)
                 kr = kr.to(tl.float32)
@@ -177,7 +226,7 @@ def _num_splits(bsz: int, head_groups: int, topk: int, block_n: int, sms: int = 
 
 def sparse_mla_decode_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, layer: int,
                              block_tables: torch.Tensor, indices: torch.Tensor, softmax_scale: float,
-                             *, block_h: int | None = None, block_n: int = 64, num_splits: int | None = None,
+                             *, block_h: int | None = None, block_n: int | None = None, num_splits: int | None = None,
                              num_warps: int = 8, num_stages: int = 2, precompute_offsets: bool = False) -> torch.Tensor:
     require_triton()
     _check(q_lat, q_rope, latent, block_tables, indices)
@@ -188,6 +237,9 @@ def sparse_mla_decode_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: 
     if latent.stride(3) != 1 or q_lat.stride(2) != 1 or q_rope.stride(2) != 1 or indices.stride(1) != 1:
         raise ValueError("latent, q_lat, q_rope and indices need a contiguous last dimension")
     block_h = block_h or min(64, heads)
+    # FP8 entries are widened to fp32 and scaled in registers: half the entries a step keeps that in
+    # bounds (a guess until measured: bench/fp8_kernels.py sweeps it)
+    block_n = block_n or (32 if latent.dtype == torch.uint8 else 64)
     if heads % block_h or block_h < 16 or dl & (dl - 1) or dr & (dr - 1):
         raise ValueError(f"heads {heads} must be a multiple of block_h {block_h} >= 16; Dl, Dr powers of two")
     groups = heads // block_h
@@ -215,14 +267,18 @@ def sparse_mla_decode_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: 
         _entry_offsets_kernel[(bsz, triton.cdiv(topk, 1024))](
             indices, block_tables, sel, layer, topk, indices.stride(0), block_tables.stride(0), sel.stride(0),
             latent.stride(0), latent.stride(1), latent.stride(2), BS=bs, BLOCK=1024, num_warps=4)
+    fp8 = latent.dtype == torch.uint8
+    # the FP8 entry's scales and rope, addressed as fp32 / bf16 elements of the same bytes
+    sc, rp = (latent.view(torch.float32), latent.view(torch.bfloat16)) if fp8 else (latent, latent)
     kern[(bsz, groups, splits)](
-        q_lat, q_rope, latent, block_tables, sel, part, lse,
+        q_lat, q_rope, latent, sc, rp, block_tables, sel, part, lse,
         layer, topk, softmax_scale * math.log2(math.e), split_len,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent.stride(0), latent.stride(1), latent.stride(2), block_tables.stride(0), sel.stride(0),
         *s_o, lse.stride(0) if splits_p2 > 1 else 0, lse.stride(1) if splits_p2 > 1 else 0,
         DL=dl, DR=dr, BS=bs, BLOCK_H=block_h, BLOCK_N=block_n, MULTI=splits_p2 > 1,
-        UPCAST=interpreting(kern), IEEE=q_lat.dtype == torch.float32, ROWS=precompute_offsets, num_warps=num_warps, num_stages=num_stages,
+        UPCAST=interpreting(kern), IEEE=q_lat.dtype == torch.float32, ROWS=precompute_offsets,
+        FP8=fp8, G=min(128, dl), NG=dl // min(128, dl), num_warps=num_warps, num_stages=num_stages,
     )
     if splits_p2 > 1:
         _merge_splits_kernel[(bsz, heads)](
@@ -241,7 +297,8 @@ def sparse_mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.T
     Args:
         q_lat: [B, H, kv_lora_rank] (512) queries in latent space (q_nope . W_uk), bf16.
         q_rope: [B, H, qk_rope_head_dim] (64) rotated rope queries (cache's de-interleaved order).
-        latent: [num_blocks, num_layers, block_size, kv_lora_rank + qk_rope_head_dim] the latent pool.
+        latent: [num_blocks, num_layers, block_size, kv_lora_rank + qk_rope_head_dim] the latent pool
+            (q's dtype), or the FP8 pool: uint8 [..., 656] (e4m3 latent | fp32 scale per 128 | bf16 rope).
         layer: which layer's slice of the pool.
         block_tables: [B, max_blocks] int32 physical block ids.
         indices: [B, topk] int32 sequence positions to attend to; -1 entries are skipped

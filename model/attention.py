@@ -30,6 +30,7 @@ from splitserve.kernels import act_quant, indexer_topk_decode, rope, sparse_mla_
 from .batch import ForwardBatch, IndexerKeys, PagedRows, SeqSpan
 from .config import ModelConfig
 from .fp8 import hadamard_rotate
+from .linear import FusedLinear
 from .norm import RMSNorm
 
 
@@ -120,27 +121,23 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=False)
         self.indexer = Indexer(cfg, indexer_fp8)
-        self.in_proj: torch.Tensor | None = None  # fuse_weights(): q_a ‖ kv_a ‖ indexer.wk, one GEMM
+        self.in_proj: FusedLinear | None = None  # fuse_weights(): q_a ‖ kv_a ‖ indexer.wk, one GEMM
 
     @torch.no_grad()
     def fuse_weights(self) -> None:
-        """Concatenate the three projections of x into one weight; the modules' weights become views
-        of it (no extra memory). One GEMM instead of three (decode: fewer, larger weight reads)."""
+        """Concatenate the three projections of x into one weight (FP8 ones padded to whole 128-row
+        blocks); the modules' weights become views of it (no extra memory). One GEMM instead of three
+        (decode: fewer, larger weight reads). Projections of mixed kinds (FP8 and not) stay apart."""
         if self.in_proj is not None:
             return
-        mods = (self.q_a_proj, self.kv_a_proj_with_mqa, self.indexer.wk)
-        fused = torch.cat([m.weight for m in mods])
-        start = 0
-        for m in mods:
-            rows = m.weight.shape[0]
-            m.weight.data = fused[start:start + rows]
-            start += rows
-        self.in_proj = fused
+        mods = [self.q_a_proj, self.kv_a_proj_with_mqa, self.indexer.wk]
+        if len({type(m) for m in mods}) == 1:
+            self.in_proj = FusedLinear(mods)
 
     def _project_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
         if self.in_proj is not None:
-            return F.linear(x, self.in_proj).split([cfg.q_lora_rank, cfg.latent_dim, cfg.index_head_dim], dim=-1)
+            q_a, kv_a, k_idx = self.in_proj(x)
+            return q_a, kv_a, k_idx
         return self.q_a_proj(x), self.kv_a_proj_with_mqa(x), self.indexer.wk(x)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def quantize_weight(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tup
     rows, cols = w.shape
     br, bc = block
     nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
-    padded = torch.zeros(nr * br, nc * bc, dtype=torch.float32)
+    padded = torch.zeros(nr * br, nc * bc, dtype=torch.float32, device=w.device)
     padded[:rows, :cols] = w.to(torch.float32)
     blocks = padded.view(nr, br, nc, bc)
     amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)

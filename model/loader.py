@@ -1,8 +1,16 @@
 """Loading a Hugging Face-format DeepSeek-V3.2 checkpoint directory into `DeepseekV32`.
 
-Streams shard by shard: each tensor is read from its safetensors file, dequantised if it is FP8
-(`weight_scale_inv` blocks of 128x128; a scale stored in a later shard is waited for), copied into
-the network's preallocated parameter, and dropped, so the checkpoint is never held twice. Every
+Streams shard by shard: each tensor is read from its safetensors file, copied into the network's
+preallocated parameter, and dropped, so the checkpoint is never held twice.
+
+FP8 checkpoints (e4m3 linear weights with 128x128 `weight_scale_inv` blocks): with fp8_weights
+(the default on CUDA) every quantised linear stays e4m3 + scales (model/linear.py FP8Linear, the
+MoE's stacked experts), served by the block-scaled FP8 kernels; kv_b_proj alone is dequantised
+(MLA's absorbed form contracts it per head, as SGLang and vLLM do). Without it (the default on a
+CPU, whose reference kernels would dequantise every weight on every call) weights are dequantised
+to the compute dtype when loaded; a scale stored in a later shard than its weight is waited for.
+Embeddings, norms, the router, the LM head: whatever the checkpoint keeps in bf16 stays in dtype.
+The memory the weights hold is logged and kept in `net.weight_bytes()`. Every
 tensor is checked against the expected name/shape table (checkpoint_format.py); the first problems
 are reported by name. A checkpoint without MTP weights (transformers writes none) loads with MTP
 unavailable, said once in the log.
@@ -21,6 +29,7 @@ from safetensors import safe_open
 from .checkpoint_format import hf_tensor_shapes, layer_of, scale_shape
 from .config import ModelConfig
 from .fp8 import FP8_DTYPE, dequantize_weight
+from .linear import fp8_module_names
 from .network import DeepseekV32
 
 log = logging.getLogger(__name__)
@@ -74,16 +83,28 @@ def _target(net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig
             return net_params[pre + "w13"], (e, slice(i, 2 * i))
         if proj == "down_proj.weight":
             return net_params[pre + "w2"], (e,)
+        ib = -(-i // 128)  # FP8 experts: gate's scale blocks, then up's (model.moe.MoE.to_fp8)
+        if proj == "gate_proj.weight_scale_inv":
+            return net_params[pre + "w13_scale_inv"], (e, slice(0, ib))
+        if proj == "up_proj.weight_scale_inv":
+            return net_params[pre + "w13_scale_inv"], (e, slice(ib, 2 * ib))
+        if proj == "down_proj.weight_scale_inv":
+            return net_params[pre + "w2_scale_inv"], (e,)
     raise KeyError(name)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         *, indexer_fp8: bool = False, mtp: bool = True, progress: bool | None = None) -> DeepseekV32:
+         *, indexer_fp8: bool = False, mtp: bool = True, progress: bool | None = None,
+         fp8_weights: bool | None = None) -> DeepseekV32:
     """Build the network from a checkpoint directory.
 
     Args:
         path: directory with config.json and model*.safetensors (+ model.safetensors.index.json).
-        device, dtype: where and in which dtype the weights live (FP8 weights are dequantised).
+        device, dtype: where and in which dtype the weights live (the compute dtype).
+        fp8_weights: keep an FP8 checkpoint's quantised linears in e4m3 + 128x128 scales (True) or
+            dequantise them to dtype (False). None: keep them on CUDA, dequantise elsewhere (the CPU
+            runs the kernels' references, which would dequantise on every call). No effect on a
+            checkpoint without FP8 tensors.
         indexer_fp8: run the lightning indexer on its FP8 path (DeepSeek's) instead of the exact one.
         mtp: load the MTP layer when the checkpoint has one.
         progress: log a line per shard (default: when the checkpoint is over 1 GB).
@@ -121,10 +142,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if problems:
         raise CheckpointError(f"{path}: checkpoint does not match config.json: " + "; ".join(problems))
 
+    if fp8_weights is None:
+        fp8_weights = torch.device(device).type == "cuda"
+    if fp8_weights and scale_names and tuple(cfg.weight_block_size or (128, 128)) != (128, 128):
+        log.warning("%s: FP8 weight blocks %s are not 128x128: the FP8 kernels take 128x128, dequantising",
+                    path, cfg.weight_block_size)
+        fp8_weights = False
+    keep_modules = fp8_module_names({n[: -len("_scale_inv")] for n in scale_names}) if fp8_weights else set()
     with torch.device("meta"):
         net = DeepseekV32(cfg, with_mtp=use_mtp, indexer_fp8=indexer_fp8)
+        net.to(dtype)
+        net.to_fp8(keep_modules)
     net.to_empty(device=device)
-    net.to(dtype)
     for name, mod in net.named_modules():  # the router's correction bias and the indexer's head weights stay fp32
         if hasattr(mod, "e_score_correction_bias"):
             mod.e_score_correction_bias.data = mod.e_score_correction_bias.data.float()
@@ -133,6 +162,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     net.rotary.inv_freq = net.rotary.inv_freq.to(device)
     params: dict[str, torch.Tensor] = dict(net.named_parameters())
     params.update(dict(net.named_buffers()))
+    # FP8 tensors (and their scales) copied as they are: those whose target parameter is e4m3
+    kept = {n for n in names - scale_names if n + "_scale_inv" in names and n in expected
+            and (tgt := _target(params, n, cfg)) is not None and tgt[0].dtype == FP8_DTYPE}
 
     by_file: dict[Path, list[str]] = {}
     for n in sorted(names):
@@ -161,7 +193,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                     if name in scale_names:
                         wname = name[: -len("_scale_inv")]
                         t = sf.get_tensor(name)
-                        if wname in pending_fp8:
+                        if wname in kept:
+                            place(name, t.float())
+                        elif wname in pending_fp8:
                             place(wname, _dequant(path, wname, pending_fp8.pop(wname), t, block, dtype))
                         else:
                             pending_scale[wname] = t
@@ -170,7 +204,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                     if shape != expected[name]:
                         raise CheckpointError(f"{path}: tensor {name} has shape {shape}, expected {expected[name]}")
                     t = sf.get_tensor(name)
-                    if t.dtype == FP8_DTYPE:
+                    if t.dtype == FP8_DTYPE and name in kept:
+                        pass  # stays e4m3: placed as is
+                    elif t.dtype == FP8_DTYPE:
                         if name + "_scale_inv" in pending_scale:
                             t = _dequant(path, name, t, pending_scale.pop(name + "_scale_inv"), block, dtype)
                         elif name + "_scale_inv" in names:
@@ -187,6 +223,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if pending_fp8:
         raise CheckpointError(f"{path}: FP8 tensor(s) without scale: {', '.join(sorted(pending_fp8)[:10])}")
     net.eval()
+    wb = net.weight_bytes()
+    log.info("%s: weights hold %.3f GiB on %s (e4m3 %.3f GiB + block scales %.1f MiB, other %.3f GiB in %s)%s",
+             path.name, wb["total"] / 2**30, device, wb["fp8"] / 2**30, wb["scales"] / 2**20, wb["other"] / 2**30,
+             str(dtype).replace("torch.", ""), "" if wb["fp8"] or not scale_names else "; FP8 weights dequantised")
     return net
 
 

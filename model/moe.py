@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels import fused_moe
+from splitserve.kernels import fused_moe, fused_moe_fp8
 
 from .config import ModelConfig
+from .fp8 import FP8_DTYPE, quantize_weight
+from .linear import FusedLinear
 
 
 class MLP(nn.Module):
@@ -25,21 +27,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
-        self.gate_up: torch.Tensor | None = None  # fuse_weights(): gate ‖ up, one GEMM
+        self.gate_up: FusedLinear | None = None  # fuse_weights(): gate ‖ up, one GEMM
 
     @torch.no_grad()
     def fuse_weights(self) -> None:
         """gate and up as one weight; the modules' weights become views of it (no extra memory)."""
-        if self.gate_up is not None:
-            return
-        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        inter = self.gate_proj.weight.shape[0]
-        self.gate_proj.weight.data, self.up_proj.weight.data = fused[:inter], fused[inter:]
-        self.gate_up = fused
+        if self.gate_up is None and type(self.gate_proj) is type(self.up_proj):
+            self.gate_up = FusedLinear([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            gate, up = self.gate_up(x)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -82,10 +80,45 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         self.shared_experts = MLP(h, i * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.w13_scale_inv: nn.Parameter | None = None  # FP8 experts (to_fp8): 128x128 block scales
+        self.w2_scale_inv: nn.Parameter | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.w13.dtype == FP8_DTYPE
+
+    @torch.no_grad()
+    def to_fp8(self, quantize: bool = False) -> None:
+        """Hold the routed experts in e4m3 with the checkpoint's 128x128 block scales, stacked:
+        w13_scale_inv [E, 2 * ceil(I/128), ceil(H/128)] (gate's blocks, then up's), w2_scale_inv
+        [E, ceil(H/128), ceil(I/128)]. quantize=True quantises the current weights (benchmarks);
+        otherwise the tensors are left empty for the loader (on w13's device, meta included)."""
+        if self.fp8:
+            return
+        e, two_i, h = self.w13.shape
+        i = two_i // 2
+        ib, hb = -(-i // 128), -(-h // 128)
+        dev = self.w13.device
+        w13 = torch.empty(e, two_i, h, dtype=FP8_DTYPE, device=dev)
+        w2 = torch.empty(e, h, i, dtype=FP8_DTYPE, device=dev)
+        s13 = torch.empty(e, 2 * ib, hb, dtype=torch.float32, device=dev)
+        s2 = torch.empty(e, hb, ib, dtype=torch.float32, device=dev)
+        if quantize:
+            for x in range(e):
+                w13[x, :i], s13[x, :ib] = quantize_weight(self.w13[x, :i])
+                w13[x, i:], s13[x, ib:] = quantize_weight(self.w13[x, i:])
+                w2[x], s2[x] = quantize_weight(self.w2[x])
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.w13_scale_inv = nn.Parameter(s13, requires_grad=False)
+        self.w2_scale_inv = nn.Parameter(s2, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = fused_moe(x, self.w13, self.w2, weights, ids)  # Triton grouped GEMMs on CUDA, a loop elsewhere
+        if self.fp8:  # block-scaled FP8 grouped GEMMs on CUDA, a loop over dequantised experts elsewhere
+            out = fused_moe_fp8(x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, weights, ids)
+        else:
+            out = fused_moe(x, self.w13, self.w2, weights, ids)  # Triton grouped GEMMs on CUDA, a loop elsewhere
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

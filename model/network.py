@@ -15,7 +15,10 @@ from torch import nn
 
 from .attention import MLA
 from .batch import DenseStore, ForwardBatch
+from .checkpoint_format import fp8_quantised
 from .config import ModelConfig
+from .fp8 import FP8_DTYPE
+from .linear import FP8Linear, fp8_module_names
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryTable
@@ -105,6 +108,40 @@ class DeepseekV32(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "fuse_weights"):
                 m.fuse_weights()
+
+    @torch.no_grad()
+    def to_fp8(self, modules: set[str] | None = None, quantize: bool = False) -> None:
+        """Hold linear weights in e4m3 with 128x128 block scales: `modules` (paths, as
+        linear.fp8_module_names gives them) or, by default, every linear DeepSeek's FP8 release
+        quantises (checkpoint_format.fp8_quantised; kv_b_proj stays in the compute dtype).
+        quantize=True quantises the current weights (benchmarks, tests); otherwise the FP8 tensors are
+        left empty for the loader. Call before fuse_weights()."""
+        if modules is None:
+            modules = fp8_module_names({n for n, _ in self.named_parameters() if fp8_quantised(n)})
+            modules |= {n[: -len(".w13")] for n, _ in self.named_parameters() if n.endswith(".mlp.w13")}
+        for path in sorted(modules):
+            mod = self.get_submodule(path)
+            if isinstance(mod, MoE):
+                mod.to_fp8(quantize)
+            elif isinstance(mod, nn.Linear):
+                parent, _, attr = path.rpartition(".")
+                setattr(self.get_submodule(parent), attr, FP8Linear.from_linear(mod, quantize))
+            elif not isinstance(mod, FP8Linear):
+                raise TypeError(f"{path}: {type(mod).__name__} cannot hold FP8 weights")
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Memory held by the weights: total, of it e4m3 values, their fp32 block scales, the rest
+        (embedding, norms, LM head, router, whatever stays bf16/fp32)."""
+        fp8 = scales = other = 0
+        for name, t in list(self.named_parameters()) + list(self.named_buffers()):
+            b = t.numel() * t.element_size()
+            if t.dtype == FP8_DTYPE:
+                fp8 += b
+            elif name.endswith("scale_inv"):
+                scales += b
+            else:
+                other += b
+        return {"total": fp8 + scales + other, "fp8": fp8, "scales": scales, "other": other}
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rotary.inv_freq.device != positions.device:

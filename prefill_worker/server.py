@@ -306,7 +306,7 @@ class PrefillService(pbg.PrefillWorkerServicer):
             running, queued = len(self.streams), self.queued_prefill_tokens
         return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total, running=running,
                     waiting=len(eng.scheduler.waiting), requests_done=self.requests_done, pid=self.rt.pid,
-                    node=self.rt.node, queued_prefill_tokens=max(0, queued))
+                    node=self.rt.node, queued_prefill_tokens=max(0, queued), weight_bytes=eng.weight_bytes)
 
 
 def serve(spec: WorkerSpec) -> WorkerServer:

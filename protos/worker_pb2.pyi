@@ -198,7 +198,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("kind", "worker_id", "blocks_used", "blocks_total", "running", "waiting", "requests_done", "pid", "node", "queued_prefill_tokens", "blocks_reserved", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "draft_tokens", "accepted_draft_tokens")
+    __slots__ = ("kind", "worker_id", "blocks_used", "blocks_total", "running", "waiting", "requests_done", "pid", "node", "queued_prefill_tokens", "blocks_reserved", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "draft_tokens", "accepted_draft_tokens", "weight_bytes")
     KIND_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class StatsReply(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     kind: WorkerKind
     worker_id: str
     blocks_used: int
@@ -231,7 +232,8 @@ class StatsReply(_message.Message):
     generated_tokens: int
     draft_tokens: int
     accepted_draft_tokens: int
-    def __init__(self, kind: _Optional[_Union[WorkerKind, str]] = ..., worker_id: _Optional[str] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., requests_done: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., blocks_reserved: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ...) -> None: ...
+    weight_bytes: int
+    def __init__(self, kind: _Optional[_Union[WorkerKind, str]] = ..., worker_id: _Optional[str] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., requests_done: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., blocks_reserved: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "epoch", "reason", "nothing_written")

@@ -185,10 +185,11 @@ def test_admin_without_key_or_shutdown_hook() -> None:
 def test_status_table() -> None:
     status = FakeController().status()
     status["workers"][1]["gpus"] = [0, 1]
+    status["workers"][1]["weight_bytes"] = 3 * 2**29
     text = format_status(status)
     lines = text.splitlines()
     assert lines[0] == "router: http://x"
     assert lines[1] == "serving: 1 prefill, 1 decode"
-    assert lines[2].split() == ["ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "BLOCKS", "USED", "REQUESTS", "DONE"]
-    assert lines[3].split() == ["prefill-0", "prefill", "serving", "100", "n", "-", "0/8", "0"]
-    assert lines[4].split() == ["decode-0", "decode", "serving", "100", "n", "0,1", "0/8", "0"]
+    assert lines[2].split() == ["ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "WEIGHTS", "BLOCKS", "USED", "REQUESTS", "DONE"]
+    assert lines[3].split() == ["prefill-0", "prefill", "serving", "100", "n", "-", "-", "0/8", "0"]
+    assert lines[4].split() == ["decode-0", "decode", "serving", "100", "n", "0,1", "1.50", "GiB", "0/8", "0"]

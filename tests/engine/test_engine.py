@@ -176,7 +176,8 @@ def test_cache_exhaustion_alone_finishes_with_length(tiny_net) -> None:
     assert eng.blocks_used == 0
 
 
-def test_fp8_latent_cache_equals_scoring_over_fp8_rounded_latents(tiny_net) -> None:
+@PAGED
+def test_fp8_latent_cache_equals_scoring_over_fp8_rounded_latents(tiny_net, paged) -> None:
     """FP8 latent cache (e4m3 + one fp32 scale per group, rope in bf16) gives the logits of cache-free
     scoring whose cache entries went through the same rounding (computed here independently)."""
     from splitserve.model import DenseStore, ForwardBatch
@@ -192,7 +193,7 @@ def test_fp8_latent_cache_equals_scoring_over_fp8_rounded_latents(tiny_net) -> N
 
     prompts = random_prompts([45, 20], tiny_net.cfg.vocab_size, seed=8)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
-    eng = make_engine(tiny_net, latent_fp8=True)
+    eng = make_engine(tiny_net, latent_fp8=True, paged_kernels=paged)  # rows: the sparse MLA kernel's FP8 read
     assert eng.pool.latent.dtype == torch.uint8  # 32 e4m3 + 4 B scale + 16 bf16 rope = 68 B per token
     assert eng.pool.latent.shape[-1] == 32 + 4 + 2 * 16
     for r in eng.generate(prompts, params):
@@ -325,4 +326,16 @@ def test_mtp_sampling_never_emits_a_banned_token(predictable_net) -> None:
     for r in res:
         assert len(r.token_ids) == 16 and not set(r.token_ids) & ban
     assert sum(r.draft_tokens for r in res) > 0
+
+
+@PAGED
+def test_fp8_weights_engine_matches_fp8_scoring(tiny_fp8_checkpoint, paged) -> None:
+    """An FP8 checkpoint served with its weights kept FP8 (on a CPU through the FP8 kernels'
+    references), fused projections included: the engine's greedy tokens equal cache-free scoring."""
+    net = load(tiny_fp8_checkpoint, fp8_weights=True)
+    assert net.weight_bytes()["fp8"] > 0
+    prompts = random_prompts([40, 9], net.cfg.vocab_size, seed=11)
+    eng = make_engine(net, chunk_size=16, paged_kernels=paged)
+    for r, p in zip(eng.generate(prompts, GREEDY), prompts):
+        assert r.token_ids == greedy_reference(net, p, GREEDY.max_tokens)
     assert eng.blocks_used == 0

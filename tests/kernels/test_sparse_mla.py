@@ -77,3 +77,52 @@ def test_sparse_mla_gpu_real_shapes(bsz):
     for offsets in (False, True):
         out = K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192 ** -0.5, precompute_offsets=offsets)
         assert rel(out, ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 latent cache (656-byte entries at DeepSeek's shapes)
+# ---------------------------------------------------------------------------------------------
+def to_fp8_pool(latent: torch.Tensor, dl: int) -> torch.Tensor:
+    """A float pool [NB, L, BS, dl + dr] -> the FP8 entry format, packed by the engine's own CachePool code."""
+    from splitserve.engine.cache import CachePool
+
+    nb, nl, bs, d = latent.shape
+    pool = CachePool.__new__(CachePool)
+    pool.kv_lora, pool.fp8_group, pool.dtype = dl, min(128, dl), latent.dtype
+    flat = latent.reshape(-1, d)
+    return pool._pack_fp8(flat).view(nb, nl, bs, -1)
+
+
+@pytest.mark.parametrize("dl,dr,splits,offsets", [(256, 32, 1, False), (256, 32, 2, True), (64, 16, 3, False)])
+def test_sparse_mla_fp8_cache_small(dl, dr, splits, offsets, device):
+    q_lat, q_rope, latent, layer, bt, idx = make_case(3, 16, dl, dr, 16, 24, [70, 5, 40], 48, torch.float32, device)
+    idx[2, 7:] = -1
+    raw = to_fp8_pool(latent, dl)
+    assert raw.dtype == torch.uint8 and raw.shape[-1] == K.fp8_token_bytes(dl, dr)
+    ref = K.sparse_mla_decode_ref(q_lat, q_rope, raw, layer, bt, idx, 0.1)
+    # the FP8 reference is the float reference over the unpacked entries, and close to the unquantised one
+    unpacked = K.unpack_fp8_entries(raw, dl, dr, torch.float32)
+    torch.testing.assert_close(ref, K.sparse_mla_decode_ref(q_lat, q_rope, unpacked, layer, bt, idx, 0.1))
+    assert rel(ref, K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 0.1)) < 0.1
+    out = K.sparse_mla_decode_triton(q_lat, q_rope, raw, layer, bt, idx, 0.1, block_h=16, block_n=16,
+                                     num_splits=splits, precompute_offsets=offsets)
+    assert rel(out, ref) < 1e-5
+
+
+def test_fp8_token_is_flashmla_size():
+    assert K.fp8_token_bytes(512, 64) == 656
+
+
+@gpu
+@pytest.mark.parametrize("bsz", [1, 8, 64])
+def test_sparse_mla_fp8_gpu_real_shapes(bsz):
+    ctx = 16384
+    q_lat, q_rope, latent, layer, bt, idx = make_case(bsz, 128, 512, 64, 64, bsz * ctx // 64 + 4,
+                                                      [ctx - i for i in range(bsz)], 2048, torch.bfloat16, "cuda")
+    q_lat, q_rope = q_lat * 0.05, q_rope * 0.05
+    raw = to_fp8_pool(latent, 512)
+    del latent
+    assert raw.shape[-1] == 656
+    ref = K.sparse_mla_decode_ref(q_lat, q_rope, raw, layer, bt, idx, 192 ** -0.5)
+    out = K.sparse_mla_decode(q_lat, q_rope, raw, layer, bt, idx, 192 ** -0.5)
+    assert rel(out, ref) < 1e-2

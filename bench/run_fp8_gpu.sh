@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# FP8 weights (issue 13) on one GPU: correctness first, then timings.
+#  1. pytest at real shapes vs the references: block-scaled FP8 GEMM, FP8 grouped MoE, the sparse MLA
+#     kernel reading the 656-byte FP8 latent entries, and the engine with FP8 weights + FP8 latents
+#     (Triton kernels, CUDA graphs) against cache-free scoring;
+#  2. the FP8 kernels alone against their floors (bench/fp8_kernels.py: fp8_linear at the real dense
+#     shapes vs bf16 cuBLAS, a small launch sweep; sparse MLA over the bf16 vs the FP8 latent cache);
+#  3. splitserve bench engine with bf16 and fp8 weights in the same process: decode step at batch
+#     1, 8, 64 (context 4096) and a prefill of 8192 tokens, each against its roofline (bytes actually
+#     read: e4m3 + scales + the bf16 rest), then the fp8/bf16 table;
+#  4. the FP8 decode steps again with the FP8 latent cache (paged kernel path).
+# Usage, from the repository root:  bash bench/run_fp8_gpu.sh [OUTDIR] [all|tests|bench]
+#   all (default): 1-4, about 5-8 minutes on an H200 (the stage timeouts add up to 10.8 min at worst);
+#   tests: stage 1 only (<= 3.5 min); bench: stages 2-4 only (<= 7.5 min).
+# Writes: OUTDIR/gpu-fp8.txt, fp8-pytest.log, fp8-kernels.{json,log}, engine-fp8.{json,log},
+#         engine-fp8-latent.{json,log}
+set -uo pipefail
+out=${1:-${OUT:-bench/results}}
+stage=${2:-all}
+mkdir -p "$out" /tmp/ss/splitserve
+for d in model engine kernels bench tests kvtransfer protos router; do ln -sfn "$PWD/$d" "/tmp/ss/splitserve/$d"; done
+export PYTHONPATH=/tmp/ss${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu-fp8.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu-fp8.txt"
+start=$(date +%s)
+if [ "$stage" != bench ]; then
+    timeout 200 python3 -m pytest tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_sparse_mla.py \
+        tests/engine/test_fp8_cuda.py -q -p no:cacheprovider -rfE -o addopts="--import-mode=importlib" 2>&1 \
+        | tee "$out/fp8-pytest.log" | tail -15
+    rc=${PIPESTATUS[0]}
+    echo "pytest rc=$rc, took $(( $(date +%s) - start )) s"
+    [ "$rc" -ne 0 ] && echo "!!! FP8 correctness tests FAILED (see $out/fp8-pytest.log): timings are of kernels that disagree with their references"
+fi
+[ "$stage" = tests ] && exit 0
+timeout 150 python3 -m splitserve.bench.fp8_kernels --out "$out/fp8-kernels.json" 2>&1 | tee "$out/fp8-kernels.log"
+timeout 210 python3 -m splitserve.bench.engine --weights bf16,fp8 --only decode,prefill --batches 1,8,64 --prefill 8192 \
+    --pool-tokens 600000 --out "$out/engine-fp8.json" 2>&1 | tee "$out/engine-fp8.log"
+timeout 90 python3 -m splitserve.bench.engine --weights fp8 --latent fp8 --only decode --batches 1,8,64 \
+    --pool-tokens 600000 --out "$out/engine-fp8-latent.json" 2>&1 | tee "$out/engine-fp8-latent.log" | tail -8
+echo "total $(( $(date +%s) - start )) s; files in $out"

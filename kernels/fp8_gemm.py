@@ -1,0 +1,225 @@
+"""Block-scaled FP8 linear layer: y = x @ W^T with W in e4m3 and one fp32 scale per 128x128 block.
+
+Layout (a DeepSeek checkpoint's, `weight` + `weight_scale_inv`)::
+
+    x        [..., K]                     bf16 / fp32 activations
+    weight   [N, K]                       float8_e4m3fn
+    scale    [ceil(N/128), ceil(K/128)]   fp32: W[n, k] = weight[n, k] * scale[n // 128, k // 128]
+    y        [..., N]                     x's dtype
+
+Activations are quantised per row per 128 contiguous values exactly as act_quant does (DeepSeek's
+act_quant with ue8m0 scales: s = 2^ceil(log2(max(amax, 1e-4) / 448)), q = e4m3(x / s)); a last
+group shorter than 128 (K % 128 != 0, small test presets only) is quantised as if zero-padded.
+Each 128-deep step's e4m3 x e4m3 dot is accumulated in fp32 and multiplied by a_scale * w_scale
+(DeepSeek's fp8_gemm), so:
+
+    y[m, n] = sum_g  s_a[m, g] * scale[n // 128, g] * sum_{k in g} q_a[m, k] * weight[n, k]
+
+Triton kernel: one program per (BLOCK_M rows, BLOCK_N columns, split of K). Two ways to get the
+quantised activations:
+- decode-sized M (<= 64): the kernel loads the bf16 rows itself and quantises each 1x128 group in
+  registers (no act_quant launch, no fp8 copy of x); K is split across programs (split-K, partial
+  sums in fp32 added afterwards) so that a weight-streaming GEMV fills the SMs;
+- prefill-sized M: act_quant (one Triton kernel) writes e4m3 + scales first, then 128x128 tiles.
+The weight is read once per column block of M rows; bytes = N*K (e4m3) + 4*ceil(N/128)*ceil(K/128).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from .quant import FP8_DTYPE, act_quant, act_quant_ref
+
+GROUP = 128
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., K] and weight [N, K] must agree; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if weight.dtype != FP8_DTYPE:
+        raise ValueError(f"weight must be float8_e4m3fn, got {weight.dtype}")
+    expect = (math.ceil(weight.shape[0] / GROUP), math.ceil(weight.shape[1] / GROUP))
+    if tuple(scale.shape) != expect:
+        raise ValueError(f"scale must be {expect} for weight {tuple(weight.shape)}, got {tuple(scale.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference
+# ---------------------------------------------------------------------------------------------
+def quantize_act_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> the values the FP8 GEMM multiplies (fp32): act_quant round trip per 1x128 group,
+    a partial last group quantised as if zero-padded."""
+    k = x.shape[-1]
+    kp = -(-k // GROUP) * GROUP
+    xf = F.pad(x.float(), (0, kp - k))
+    q, s = act_quant_ref(xf, GROUP, True)
+    return (q.float().unflatten(-1, (-1, GROUP)) * s[..., None]).flatten(-2)[..., :k]
+
+
+def dequant_weight_ref(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[N, K] e4m3 + [ceil(N/128), ceil(K/128)] -> [N, K] fp32."""
+    n, k = weight.shape
+    s = scale.float().repeat_interleave(GROUP, 0)[:n].repeat_interleave(GROUP, 1)[:, :k]
+    return weight.float() * s
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    _check(x, weight, scale)
+    return (quantize_act_ref(x) @ dequant_weight_ref(weight, scale).t()).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    from .quant import round_to_e4m3
+
+    @triton.jit
+    def _fp8_gemm_kernel(
+        x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr,
+        M, N, K, k_per_split,
+        s_xm, s_xsm, s_wn, s_wsn, s_ys, s_ym,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSED_QUANT: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        m64 = offs_m.to(tl.int64)
+        n64 = offs_n.to(tl.int64)
+        offs_g = tl.arange(0, 128)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k0 in range(k_lo, k_hi, 128):
+            offs_k = k0 + offs_g
+            kmask = offs_k < K
+            a = tl.load(x_ptr + m64[:, None] * s_xm + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if FUSED_QUANT:  # act_quant of this 1x128 group, in registers (ue8m0 scale from the bits)
+                a = a.to(tl.float32)
+                sa = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-4) / 448.0
+                bits = sa.to(tl.int32, bitcast=True)
+                e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+                sa = (e << 23).to(tl.float32, bitcast=True)
+                a = tl.minimum(tl.maximum(a / sa[:, None], -448.0), 448.0)
+                if UPCAST:
+                    a = round_to_e4m3(a)
+                else:
+                    a = a.to(tl.float8e4nv)
+            else:
+                sa = tl.load(xs_ptr + m64 * s_xsm + k0 // 128, mask=mmask, other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+            b = tl.load(w_ptr + n64[None, :] * s_wn + offs_k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+            if UPCAST:
+                b = b.to(tl.float32)
+            sw = tl.load(ws_ptr + (offs_n // 128) * s_wsn + k0 // 128, mask=nmask, other=0.0)
+            acc += tl.dot(a, b) * (sa[:, None] * sw[None, :])
+        tl.store(y_ptr + pid_s * s_ys + m64[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _splitk_sum_kernel(p_ptr, y_ptr, numel, s_split, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """y = sum over the split axis of the fp32 partials, cast to y's dtype (one launch)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros([BLOCK], tl.float32)
+        for sp in tl.static_range(SPLITS):
+            acc += tl.load(p_ptr + sp * s_split + offs, mask=mask, other=0.0)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _config(m: int, n: int, k: int, sms: int) -> dict[str, int]:
+    """Launch parameters by shape. Decode (M <= 64): 64-column tiles of the weight, K split until
+    about two programs per SM stream it (while the fp32 partial sums stay small beside the weight);
+    prefill: 128x128 tiles over pre-quantised activations."""
+    if m > 64:
+        return dict(block_m=128, block_n=128, splits=1, num_warps=8, num_stages=3, fused=0)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 64
+    kblocks = -(-k // GROUP)
+    tiles = -(-m // block_m) * -(-n // block_n)
+    splits = 1
+    while (tiles * splits < 2 * sms and kblocks >= 4 * splits
+           and 2 * splits * m * n * 4 * 2 <= n * k // 2):
+        splits *= 2
+    return dict(block_m=block_m, block_n=block_n, splits=splits, num_warps=4, num_stages=4, fused=1)
+
+
+def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_m: int | None = None,
+                      block_n: int | None = None, splits: int | None = None, fused: bool | None = None,
+                      num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    require_triton()
+    _check(x, weight, scale)
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if weight.stride(1) != 1 or scale.stride(1) != 1:
+        raise ValueError("weight and scale need a contiguous last dimension")
+    cfg = _config(m, n, k, _sm_count(x.device))
+    for key, v in (("block_m", block_m), ("block_n", block_n), ("splits", splits), ("fused", fused),
+                   ("num_warps", num_warps), ("num_stages", num_stages)):
+        if v is not None:
+            cfg[key] = int(v)
+    kblocks = -(-k // GROUP)
+    per_split = -(-kblocks // cfg["splits"]) * GROUP
+    nsplit = -(-k // per_split)
+    if cfg["fused"]:
+        xq, xs = x2, x2
+    else:
+        kp = kblocks * GROUP
+        xq, xs = act_quant(F.pad(x2, (0, kp - k)) if kp != k else x2, GROUP, True)
+    if nsplit == 1:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        s_ys = 0
+    else:
+        y = torch.empty(nsplit, m, n, device=x.device, dtype=torch.float32)
+        s_ys = y.stride(0)
+    kern = _fp8_gemm_kernel
+    grid = (triton.cdiv(m, cfg["block_m"]), triton.cdiv(n, cfg["block_n"]), nsplit)
+    kern[grid](
+        xq, xs, weight, scale, y, m, n, k, per_split,
+        xq.stride(0), 0 if cfg["fused"] else xs.stride(0), weight.stride(0), scale.stride(0), s_ys, y.stride(-2),
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_QUANT=bool(cfg["fused"]), UPCAST=interpreting(kern),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if nsplit > 1:
+        part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, part.stride(0), SPLITS=nsplit, BLOCK=1024,
+                                                        num_warps=4)
+    return y.view(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x @ dequant(weight, scale)^T with x quantised per 1x128 group (act_quant, ue8m0).
+
+    Args:
+        x: [..., K] bf16 or fp32 activations.
+        weight: [N, K] float8_e4m3fn, contiguous rows.
+        scale: [ceil(N/128), ceil(K/128)] fp32 block multipliers (`weight_scale_inv`).
+    Returns:
+        [..., N] in x's dtype.
+    """
+    fn = fp8_linear_triton if use_triton(x) else fp8_linear_ref
+    return fn(x, weight, scale)
