@@ -2,17 +2,19 @@
 # FP8 weights (issue 13) on one GPU: correctness first, then timings.
 #  1. pytest at real shapes vs the references: block-scaled FP8 GEMM, FP8 grouped MoE, the sparse MLA
 #     kernel reading the 656-byte FP8 latent entries, and the engine with FP8 weights + FP8 latents
-#     (Triton kernels, CUDA graphs) against cache-free scoring;
+#     (Triton kernels, CUDA graphs), every FP8 kernel call in the network checked against its reference;
 #  2. the FP8 kernels alone against their floors (bench/fp8_kernels.py: fp8_linear at the real dense
 #     shapes vs bf16 cuBLAS, a small launch sweep; sparse MLA over the bf16 vs the FP8 latent cache);
 #  3. splitserve bench engine with bf16 and fp8 weights in the same process: decode step at batch
 #     1, 8, 64 (context 4096) and a prefill of 8192 tokens, each against its roofline (bytes actually
 #     read: e4m3 + scales + the bf16 rest), then the fp8/bf16 table;
 #  4. the FP8 decode steps again with the FP8 latent cache (paged kernel path).
-# Usage, from the repository root:  bash bench/run_fp8_gpu.sh [OUTDIR] [all|tests|bench]
+#  0. (stage `diagnose` only) bench/fp8_diagnose.py: each FP8 kernel at the real shapes vs its reference,
+#     and every FP8 kernel call inside the small network / engine vs its reference (<= 2 min).
+# Usage, from the repository root:  bash bench/run_fp8_gpu.sh [OUTDIR] [all|tests|bench|diagnose]
 #   all (default): 1-4, about 5-8 minutes on an H200 (the stage timeouts add up to 10.8 min at worst);
 #   tests: stage 1 only (<= 3.5 min); bench: stages 2-4 only (<= 7.5 min).
-# Writes: OUTDIR/gpu-fp8.txt, fp8-pytest.log, fp8-kernels.{json,log}, engine-fp8.{json,log},
+# Writes: OUTDIR/fp8-diagnose.{log,json} (diagnose), OUTDIR/gpu-fp8.txt, fp8-pytest.log, fp8-kernels.{json,log}, engine-fp8.{json,log},
 #         engine-fp8-latent.{json,log}
 set -uo pipefail
 out=${1:-${OUT:-bench/results}}
@@ -23,6 +25,11 @@ export PYTHONPATH=/tmp/ss${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu-fp8.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu-fp8.txt"
 start=$(date +%s)
+if [ "$stage" = diagnose ]; then
+    timeout 300 python3 -m splitserve.bench.fp8_diagnose --out "$out/fp8-diagnose.json" 2>&1 | tee "$out/fp8-diagnose.log"
+    echo "diagnose rc=${PIPESTATUS[0]}, took $(( $(date +%s) - start )) s"
+    exit 0
+fi
 if [ "$stage" != bench ]; then
     timeout 200 python3 -m pytest tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_sparse_mla.py \
         tests/engine/test_fp8_cuda.py -q -p no:cacheprovider -rfE -o addopts="--import-mode=importlib" 2>&1 \

@@ -22,6 +22,21 @@ quantised activations:
   sums in fp32 added afterwards) so that a weight-streaming GEMV fills the SMs;
 - prefill-sized M: act_quant (one Triton kernel) writes e4m3 + scales first, then 128x128 tiles.
 The weight is read once per column block of M rows; bytes = N*K (e4m3) + 4*ceil(N/128)*ceil(K/128).
+
+Accuracy on Hopper (sm_90). tl.dot of two e4m3 tiles into fp32 lowers to the FP8 tensor-core
+instruction, whose accumulation inside one instruction chain keeps only ~14 bits (DeepSeek-V3
+report, sec. 3.3.2); Triton's NVIDIA backend allows that chain to run over the whole dot on sm_90
+(`max_num_imprecise_acc_default = 2**30 if capability == 90`, triton/backends/nvidia/compiler.py).
+It applies to the warpgroup MMA (wgmma), which Triton picks for tiles of >= 64 rows (BLOCK_M 64 and
+128 here, i.e. M > 32); BLOCK_M 16/32 tiles get mma.sync (their tests pass at 1e-5 on an H200). Each 128-deep step is
+promoted to the fp32 accumulator (scaled by a_scale * w_scale), exactly DeepSeek's fp8_gemm /
+DeepGEMM scheme (promotion interval 128), so the error stays at ~1e-4 relative per output (measured
+2.9e-4 on an H200 at M=40, K=256) instead of growing with K. This is the FP8 tensor core's own
+rounding, as TF32 is for fp32 GEMMs, not a defect: the kernel keeps e4m3 operands (twice the
+bf16 tensor rate, which prefill needs) and the GPU tests allow 2e-3 for >= 64-row tiles.
+`precise=True` (a constexpr; default off) converts both tiles to bf16 before the dot (exact:
+every e4m3 value is a bf16 value, products are exact in fp32), for comparisons and measurements
+(bench/fp8_diagnose.py prints both).
 """
 
 from __future__ import annotations
@@ -85,6 +100,7 @@ if HAS_TRITON:
         M, N, K, k_per_split,
         s_xm, s_xsm, s_wn, s_wsn, s_ys, s_ym,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSED_QUANT: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -105,11 +121,12 @@ if HAS_TRITON:
             a = tl.load(x_ptr + m64[:, None] * s_xm + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             if FUSED_QUANT:  # act_quant of this 1x128 group, in registers (ue8m0 scale from the bits)
                 a = a.to(tl.float32)
-                sa = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-4) / 448.0
+                # IEEE divisions as in quant.py's act_quant kernel (`/` is div.full.f32 on GPUs)
+                sa = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), axis=1), 1e-4), 448.0)
                 bits = sa.to(tl.int32, bitcast=True)
                 e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
                 sa = (e << 23).to(tl.float32, bitcast=True)
-                a = tl.minimum(tl.maximum(a / sa[:, None], -448.0), 448.0)
+                a = tl.minimum(tl.maximum(tl.math.div_rn(a, sa[:, None]), -448.0), 448.0)
                 if UPCAST:
                     a = round_to_e4m3(a)
                 else:
@@ -122,6 +139,9 @@ if HAS_TRITON:
             if UPCAST:
                 b = b.to(tl.float32)
             sw = tl.load(ws_ptr + (offs_n // 128) * s_wsn + k0 // 128, mask=nmask, other=0.0)
+            if PRECISE and not UPCAST:  # e4m3 is exact in bf16: exact products, fp32 accumulation
+                a = a.to(tl.bfloat16)
+                b = b.to(tl.bfloat16)
             acc += tl.dot(a, b) * (sa[:, None] * sw[None, :])
         tl.store(y_ptr + pid_s * s_ys + m64[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
@@ -164,7 +184,11 @@ def _config(m: int, n: int, k: int, sms: int) -> dict[str, int]:
 
 def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_m: int | None = None,
                       block_n: int | None = None, splits: int | None = None, fused: bool | None = None,
-                      num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                      num_warps: int | None = None, num_stages: int | None = None,
+                      precise: bool = False) -> torch.Tensor:
+    """The Triton GEMM; the keyword arguments override the launch choice of `_config` (tests, sweeps).
+    precise=True feeds the tensor cores bf16 copies of the e4m3 operands (exact) instead of e4m3:
+    see the module docstring's "Accuracy on Hopper"."""
     require_triton()
     _check(x, weight, scale)
     k = x.shape[-1]
@@ -200,7 +224,7 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         xq, xs, weight, scale, y, m, n, k, per_split,
         xq.stride(0), 0 if cfg["fused"] else xs.stride(0), weight.stride(0), scale.stride(0), s_ys, y.stride(-2),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_QUANT=bool(cfg["fused"]), UPCAST=interpreting(kern),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PRECISE=bool(precise), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nsplit > 1:
         part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)
         _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, part.stride(0), SPLITS=nsplit, BLOCK=1024,

@@ -51,7 +51,14 @@ def test_fp8_linear_small(m, n, k, splits, fused, device):
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     out = K.fp8_linear_triton(x, q, s, block_m=bm, block_n=64, splits=splits, fused=fused)
     assert out.shape == ref.shape and out.dtype == x.dtype
-    assert rel(out, ref) < 1e-5
+    # exact but for summation order, except on a GPU's >= 64-row tiles: Hopper's FP8 tensor-core
+    # (wgmma) accumulation keeps ~14 bits within each 128-deep step (kernels/fp8_gemm.py, "Accuracy on
+    # Hopper"; 2.9e-4 measured on an H200 at m=40), while a wrong scale or mask is off by > 1e-2
+    tol = 2e-3 if device == "cuda" and bm >= 64 else 1e-5
+    assert rel(out, ref) < tol
+    # the bf16-operand variant is exact on every path
+    precise = K.fp8_linear_triton(x, q, s, block_m=bm, block_n=64, splits=splits, fused=fused, precise=True)
+    assert rel(precise, ref) < 1e-5
 
 
 def test_fp8_linear_leading_dims_and_bf16(device):
