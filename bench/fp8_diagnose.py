@@ -13,7 +13,7 @@ outputs for the inputs they were given can.
 Two parts (about a minute on an H200):
 1. the kernels alone at DeepSeek-V3.2's shapes (bench preset): fp8_linear on every dense shape and
    launch path (fused act_quant + split-K for M <= 64, act_quant + 128x128 tiles above), also with
-   bf16 tensor-core operands (precise=True, exact) to separate the FP8 MMA's accumulation error
+   fp16 tensor-core operands (precise=True, exact) to separate the FP8 MMA's accumulation error
    from a fault; fused_moe_fp8 (decode and prefill tiles); act_quant; sparse MLA over the FP8
    latent cache;
 2. the kernel-shaped small network on the GPU: `gpu.score()` and an engine run (paged rows path, bf16
@@ -206,7 +206,7 @@ def kernels_alone(rows: list[dict], quick: bool) -> None:
         _sync()
         return (time.perf_counter() - t) / reps
 
-    print("== fp8_linear at DeepSeek-V3.2 shapes: Triton (default = e4m3 MMA; precise = bf16 MMA) vs reference")
+    print("== fp8_linear at DeepSeek-V3.2 shapes: Triton (default = e4m3 MMA; precise = fp16 MMA, exact) vs reference")
     ms = MS_QUICK if quick else MS
     for label, n, k in REAL_LINEAR:
         q, s = _weight(n, k, gen)

@@ -34,9 +34,9 @@ DeepGEMM scheme (promotion interval 128), so the error stays at ~1e-4 relative p
 2.9e-4 on an H200 at M=40, K=256) instead of growing with K. This is the FP8 tensor core's own
 rounding, as TF32 is for fp32 GEMMs, not a defect: the kernel keeps e4m3 operands (twice the
 bf16 tensor rate, which prefill needs) and the GPU tests allow 2e-3 for >= 64-row tiles.
-`precise=True` (a constexpr; default off) converts both tiles to bf16 before the dot (exact:
-every e4m3 value is a bf16 value, products are exact in fp32), for comparisons and measurements
-(bench/fp8_diagnose.py prints both).
+`precise=True` (a constexpr; default off) converts both tiles to fp16 before the dot (exact:
+every e4m3 value, subnormals included, is an fp16 value; products are exact in fp32; half the FP8
+tensor rate), for comparisons and measurements (bench/fp8_diagnose.py prints both).
 """
 
 from __future__ import annotations
@@ -139,9 +139,9 @@ if HAS_TRITON:
             if UPCAST:
                 b = b.to(tl.float32)
             sw = tl.load(ws_ptr + (offs_n // 128) * s_wsn + k0 // 128, mask=nmask, other=0.0)
-            if PRECISE and not UPCAST:  # e4m3 is exact in bf16: exact products, fp32 accumulation
-                a = a.to(tl.bfloat16)
-                b = b.to(tl.bfloat16)
+            if PRECISE and not UPCAST:  # every e4m3 value is an fp16 value (one cvt): exact products, fp32 sums
+                a = a.to(tl.float16)
+                b = b.to(tl.float16)
             acc += tl.dot(a, b) * (sa[:, None] * sw[None, :])
         tl.store(y_ptr + pid_s * s_ys + m64[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
@@ -187,7 +187,7 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                       num_warps: int | None = None, num_stages: int | None = None,
                       precise: bool = False) -> torch.Tensor:
     """The Triton GEMM; the keyword arguments override the launch choice of `_config` (tests, sweeps).
-    precise=True feeds the tensor cores bf16 copies of the e4m3 operands (exact) instead of e4m3:
+    precise=True feeds the tensor cores fp16 copies of the e4m3 operands (exact) instead of e4m3:
     see the module docstring's "Accuracy on Hopper"."""
     require_triton()
     _check(x, weight, scale)

@@ -56,7 +56,7 @@ def test_fp8_linear_small(m, n, k, splits, fused, device):
     # Hopper"; 2.9e-4 measured on an H200 at m=40), while a wrong scale or mask is off by > 1e-2
     tol = 2e-3 if device == "cuda" and bm >= 64 else 1e-5
     assert rel(out, ref) < tol
-    # the bf16-operand variant is exact on every path
+    # the fp16-operand variant (precise=True) is exact on every path
     precise = K.fp8_linear_triton(x, q, s, block_m=bm, block_n=64, splits=splits, fused=fused, precise=True)
     assert rel(precise, ref) < 1e-5
 
