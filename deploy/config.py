@@ -20,6 +20,7 @@ always concrete:
 
     model.dtype                 float32 on cpu, bfloat16 on cuda
     <pool>.gpus_per_worker      0 on cpu, 1 on cuda
+    <pool>.cpus_per_worker      0.25 on cpu, 1 on cuda
     <pool>.num_blocks           512 on cpu (when neither num_blocks nor cache_memory_fraction is set)
     <pool>.cache_memory_fraction 0.9 on cuda (when neither is set)
 
@@ -86,6 +87,7 @@ _MAX_INT32 = 2**31 - 1
 _MAX_BLOCK_SIZE = 1024
 _MAX_MTP_DRAFT_TOKENS = 8
 _CPU_DEFAULT_NUM_BLOCKS = 512
+_CPU_DEFAULT_CPUS_PER_WORKER = 0.25
 _DECODE_DEFAULT_CHUNK_SIZE = 512
 _CUDA_DEFAULT_CACHE_MEMORY_FRACTION = 0.9
 # Ray reserves these resource names; a pool asks for GPUs through gpus_per_worker instead.
@@ -293,6 +295,9 @@ class PoolConfig(BaseModel):
     gpus_per_worker: typing.Annotated[
         float, Field(ge=0), Allowed("0, a fraction in (0, 1) to share a GPU, or a whole number >= 1")
     ] = 0
+    # Ray CPUs each worker actor reserves (a fraction shares a core: Ray's CPUs are an accounting, the
+    # worker computes with one thread below one CPU). Default 0.25 on cpu, 1 on cuda (the host loop).
+    cpus_per_worker: typing.Annotated[float, Field(gt=0, le=1024)] = 1.0
     # Cache size per worker: a fixed number of blocks, or (cuda only, whole GPUs only) the fraction
     # of the GPU memory left after loading weights. Exactly one is set after validation (see the
     # module docstring).
@@ -452,8 +457,8 @@ class RayConfig(BaseModel):
     ] = None
     # Ray namespace of the cluster's named actors; two clusters on one Ray cluster need two namespaces.
     namespace: typing.Annotated[str, Field(min_length=1)] = "splitserve"
-    # Logical CPUs of a local cluster (address null). None: the machine's count, or 2 per initial
-    # worker if that is more (deploy/controller.py).
+    # Logical CPUs of a local cluster (address null). None: this machine's count, or room for 16 workers
+    # (16 x the larger cpus_per_worker) if that is more (deploy/controller.py).
     num_cpus: typing.Annotated[int | None, Field(ge=1)] = None
 
     @field_validator("address")
@@ -527,6 +532,7 @@ class ClusterConfig(BaseModel):
                 continue
             raw = dict(raw)
             raw.setdefault("gpus_per_worker", 0 if device == "cpu" else 1)
+            raw.setdefault("cpus_per_worker", _CPU_DEFAULT_CPUS_PER_WORKER if device == "cpu" else 1.0)
             if raw.get("num_blocks") is None and raw.get("cache_memory_fraction") is None:
                 if device == "cpu":
                     raw["num_blocks"] = _CPU_DEFAULT_NUM_BLOCKS

@@ -27,9 +27,6 @@ logger = logging.getLogger(__name__)
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, Role] = ("prefill", "decode")
 
-#: Ray CPUs each worker actor reserves. On cpu the worker computes on them (Ray sets the actor's
-#: OMP_NUM_THREADS to it, so torch uses one thread per worker); on cuda it is the host-side loop.
-WORKER_NUM_CPUS = 1.0
 #: Threads serving the actor's methods: ping/stats must answer while stop() or drain() runs.
 ACTOR_MAX_CONCURRENCY = 8
 
@@ -104,7 +101,9 @@ def actor_options(cfg: ClusterConfig, role: Role, wid: str) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": wid,
         "namespace": cfg.ray.namespace,
-        "num_cpus": WORKER_NUM_CPUS,
+        # On cpu the worker computes on them (Ray sets the actor's OMP_NUM_THREADS to max(1, floor(n)),
+        # so torch uses one thread below one CPU); on cuda they are the host-side loop's.
+        "num_cpus": pool.cpus_per_worker,
         "num_gpus": pool.gpus_per_worker,
         "resources": dict(pool.resources),
         # The config has no restart setting: the controller notices a dead worker and starts a fresh
@@ -121,7 +120,7 @@ def actor_options(cfg: ClusterConfig, role: Role, wid: str) -> dict[str, Any]:
 def resource_demand(cfg: ClusterConfig, role: Role) -> dict[str, float]:
     """What one `role` worker asks Ray for, in `ray.nodes()` resource names."""
     pool = pool_config(cfg, role)
-    demand = {"CPU": WORKER_NUM_CPUS, **pool.resources}
+    demand = {"CPU": pool.cpus_per_worker, **pool.resources}
     if pool.gpus_per_worker:
         demand["GPU"] = pool.gpus_per_worker
     return demand

@@ -257,6 +257,15 @@ def test_api_key_sources_are_exclusive() -> None:
     assert [p.path for p in err.problems] == ["router.api_key_env"]
 
 
+def test_cpus_per_worker_defaults_by_device_and_must_be_positive() -> None:
+    assert parse_config({}).decode.cpus_per_worker == 0.25  # a CPU worker shares a core
+    cuda = parse_config({"model": {"device": "cuda"}})
+    assert cuda.prefill.cpus_per_worker == cuda.decode.cpus_per_worker == 1.0
+    assert parse_config({"decode": {"cpus_per_worker": 2}}).decode.cpus_per_worker == 2
+    err = _error({"decode": {"cpus_per_worker": 0}})
+    assert [p.path for p in err.problems] == ["decode.cpus_per_worker"] and "got 0" in str(err)
+
+
 def test_num_cpus_only_for_a_local_cluster() -> None:
     err = _error({"ray": {"address": "auto", "num_cpus": 4}})
     assert [p.path for p in err.problems] == ["ray.num_cpus"]

@@ -15,7 +15,6 @@ from splitserve.deploy.cluster_cli import format_status
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_config, parse_config
 from splitserve.deploy.controller import ControllerError, WorkerStartError
 from splitserve.deploy.worker_actor import (
-    WORKER_NUM_CPUS,
     actor_options,
     resource_demand,
     spec_for,
@@ -83,7 +82,8 @@ def test_actor_options_pin_gpus_resources_and_names() -> None:
         assert opts["name"] == f"{role}-5" and opts["namespace"] == cfg.ray.namespace
         assert opts["num_gpus"] == pool.gpus_per_worker
         assert opts["resources"] == pool.resources
-        assert opts["num_cpus"] == WORKER_NUM_CPUS
+        assert opts["num_cpus"] == pool.cpus_per_worker == 1.0  # cuda default: the host loop's core
+        assert resource_demand(cfg, role)["CPU"] == pool.cpus_per_worker  # type: ignore[arg-type]
         assert opts["max_restarts"] == 0  # the controller replaces dead workers itself
         assert opts["runtime_env"] == {"env_vars": {"UCX_NET_DEVICES": cfg.transfer.interface}}
         demand = resource_demand(cfg, role)  # type: ignore[arg-type]
@@ -92,6 +92,8 @@ def test_actor_options_pin_gpus_resources_and_names() -> None:
     opts = actor_options(local, "decode", "decode-0")
     assert opts["num_gpus"] == 0 and opts["resources"] == {} and "runtime_env" not in opts
     assert "GPU" not in resource_demand(local, "decode")
+    # a CPU worker of the embedded default reserves a fraction of a core (deploy/local.yaml's value)
+    assert opts["num_cpus"] == local.decode.cpus_per_worker == 0.25
 
 
 def test_bad_role_and_index() -> None:
