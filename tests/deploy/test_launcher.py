@@ -206,9 +206,22 @@ def test_completion_through_the_router_and_admin(cluster: SimpleNamespace) -> No
     from splitserve.deploy.launcher import build_router_app, resolve_model
 
     model = resolve_model(cluster.cfg)
-    app, _ = build_router_app(cluster.cfg, cluster.directory, model, controller=cluster.controller)
-    with ServeThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+    shutdowns: list[str] = []
+    app, _ = build_router_app(cluster.cfg, cluster.directory, model, controller=cluster.controller,
+                              api_key="client-key", operator_token="operator-token",
+                              request_shutdown=lambda: shutdowns.append("asked"))
+    clients = {"Authorization": "Bearer client-key"}
+    with ServeThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60, headers=clients) as client:
         wait_until(lambda: client.get("/health").status_code == 200, 20, "/health")
+        # the clients' API key opens the public API only: it cannot scale or stop the cluster
+        for method, path, body in (("GET", "/admin/status", None), ("POST", "/admin/scale", {"decode": 2}),
+                                   ("POST", "/admin/shutdown", None)):
+            r = client.request(method, path, json=body)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_operator_token", (path, r.text)
+        assert shutdowns == [] and cluster.controller.targets == {"prefill": 1, "decode": 1}
+        client.headers["Authorization"] = "Bearer operator-token"
+        assert client.get("/v1/models").status_code == 401  # the operator token is no API key
+        client.headers.update(clients)
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 8,
                                                  "temperature": 0})
         assert r.status_code == 200, r.text
@@ -220,6 +233,7 @@ def test_completion_through_the_router_and_admin(cluster: SimpleNamespace) -> No
                                                   "temperature": 0})
         assert r2.json()["choices"][0]["text"] == body["choices"][0]["text"]
 
+        client.headers["Authorization"] = "Bearer operator-token"
         st = client.get("/admin/status")
         assert st.status_code == 200
         done = {w["id"]: w["requests_done"] for w in st.json()["workers"]}
@@ -227,6 +241,8 @@ def test_completion_through_the_router_and_admin(cluster: SimpleNamespace) -> No
         bad = client.post("/admin/scale", json={"decode": 0})
         assert bad.status_code == 400 and "decode" in bad.json()["error"]["message"]
         assert client.post("/admin/scale", json={}).status_code == 400
+        assert client.post("/admin/shutdown").status_code == 200
+        wait_until(lambda: shutdowns == ["asked"], 10, "the shutdown hook")  # the operator can stop it
     assert cluster.controller.targets == {"prefill": 1, "decode": 1}
 
 
