@@ -255,6 +255,9 @@ class RouterConfig(BaseModel):
     first_token_timeout_s: PositiveSeconds = 120.0
     # Longest gap between two streamed chunks before the request is aborted.
     idle_stream_timeout_s: PositiveSeconds = 30.0
+    # A stream with nothing to send for this long (a long prompt being prefilled) sends an SSE comment
+    # line (": keep-alive") so proxies with idle timeouts keep the connection.
+    sse_keepalive_s: PositiveSeconds = 15.0
     # Largest accepted request body; larger bodies are answered 413.
     max_body_bytes: typing.Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
 

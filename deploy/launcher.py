@@ -97,7 +97,7 @@ def build_router_app(
                             lease_s=r.first_token_timeout_s)
     app = build_app(backend, model.tokenizer, cfg.model.served_name, api_limits(cfg, model), api_key=api_key,
                     max_queued=r.max_queued, add_bos=model.config.bos_token_id is not None,
-                    eos_token_id=model.config.eos_token_id)
+                    eos_token_id=model.config.eos_token_id, sse_keepalive_s=r.sse_keepalive_s)
     if controller is not None:
         if operator_token is None:
             raise ValueError("/admin needs an operator_token")
