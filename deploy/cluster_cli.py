@@ -190,6 +190,22 @@ def write_token(path: Path, token: str) -> None:
         f.write(token + "\n")
 
 
+def read_operator_token(url: str, token_file: str | os.PathLike[str] | None = None,
+                        run_dir: Path = DEFAULT_RUN_DIR) -> str:
+    """The operator token of the cluster at `url`: from `token_file`, else from the file its `up` recorded."""
+    if token_file is None:
+        state = next((s for s in live_states(run_dir) if s.get("url", "").rstrip("/") == url.rstrip("/")), None)
+        token_file = (state or {}).get("operator_token_file")
+        if not token_file:
+            raise CliError(f"no operator token for {url}: no running `splitserve up` in {run_dir} serves it; give "
+                           "the token's file")
+    try:
+        return Path(token_file).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise CliError(f"cannot read the operator token {token_file}: {e.strerror or e} (it is readable only by "
+                       "the user who ran `splitserve up`)") from None
+
+
 def _headers(args: argparse.Namespace, state: dict[str, Any] | None) -> dict[str, str]:
     """The operator's credential for /admin: the token `up` wrote into the run directory."""
     path = args.operator_token_file or ((state or {}).get("operator_token_file"))
