@@ -38,6 +38,7 @@ from splitserve.protos.tensors import logprobs_from_proto
 
 from .backend import GenerationDelta
 from .membership import Directory, WorkerInfo
+from .metrics import metric_key
 
 log = logging.getLogger(__name__)
 
@@ -392,12 +393,14 @@ class DisaggBackend:
                                  "prefill_retries_total": float(self.prefill_retries),
                                  "reserve_refusals_total": float(self.reserve_refusals),
                                  "decode_migrations_total": float(self.migrations)}
+        roles = {}
         for w in self.directory.all():
-            out[f"worker_blocks_used:{w.worker_id}"] = float(w.blocks_used)
-            out[f"worker_running:{w.worker_id}"] = float(w.running)
-            out[f"worker_queue_depth:{w.worker_id}"] = float(w.waiting)
+            roles[w.worker_id] = w.role
+            out[metric_key("worker_blocks_used", worker=w.worker_id, role=w.role)] = float(w.blocks_used)
+            out[metric_key("worker_running", worker=w.worker_id, role=w.role)] = float(w.running)
+            out[metric_key("worker_queue_depth", worker=w.worker_id, role=w.role)] = float(w.waiting)
         for wid, n in self._inflight.items():
-            out[f"worker_router_in_flight:{wid}"] = float(n)
+            out[metric_key("worker_router_in_flight", worker=wid, role=roles.get(wid, ""))] = float(n)
         return out
 
 
