@@ -140,7 +140,7 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 
 def live_states(run_dir: Path) -> list[dict[str, Any]]:
     """State files of running `up` processes (stale ones, whose pid is gone, are deleted)."""
-    out = []
+    out: list[dict[str, Any]] = []
     if not run_dir.is_dir():
         return out
     for path in sorted(run_dir.glob(f"{_STATE_PREFIX}*.json")):

@@ -8,6 +8,7 @@ One YAML file describes a whole cluster. Its sections map to one frozen model ea
     decode     the decode worker pool                      -> DecodePoolConfig
     transfer   how cache blocks move prefill -> decode     -> TransferConfig
     ray        which Ray cluster to start or join          -> RayConfig
+    security   TLS for the workers' gRPC (optional)        -> SecurityConfig
 
 `load_config(path)` reads a YAML file, `parse_config(mapping)` validates a mapping that is already
 loaded, `with_overrides(cfg, ...)` returns a re-validated copy with CLI overrides applied. All
@@ -70,6 +71,7 @@ __all__ = [
     "PrefillPoolConfig",
     "RayConfig",
     "RouterConfig",
+    "SecurityConfig",
     "TransferConfig",
     "load_config",
     "parse_config",
@@ -92,7 +94,7 @@ _DECODE_DEFAULT_CHUNK_SIZE = 512
 _CUDA_DEFAULT_CACHE_MEMORY_FRACTION = 0.9
 # Ray reserves these resource names; a pool asks for GPUs through gpus_per_worker instead.
 _RAY_RESERVED_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
-_SECTIONS = ("model", "router", "prefill", "decode", "transfer", "ray")
+_SECTIONS = ("model", "router", "prefill", "decode", "transfer", "ray", "security")
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,6 +492,49 @@ class RayConfig(BaseModel):
         return self.address is None
 
 
+class SecurityConfig(BaseModel):
+    """Who may talk to the workers. Every gRPC call and TCP-transfer handshake proves a secret made per
+    run (nothing to configure); these fields add TLS to the workers' gRPC, for networks others can read."""
+
+    model_config = _STRICT
+
+    # PEM files: the workers' certificate (chain) and private key, and the CA that signed it (what the
+    # router verifies). All three or none (none: plaintext gRPC). Relative paths resolve against the
+    # YAML file's directory; the files are read where `splitserve up` runs and sent to the workers.
+    grpc_tls_cert: typing.Annotated[str | None, Field(min_length=1)] = None
+    grpc_tls_key: typing.Annotated[str | None, Field(min_length=1)] = None
+    grpc_tls_ca: typing.Annotated[str | None, Field(min_length=1)] = None
+    # The name checked against the certificate when it does not list the workers' addresses. None: the address.
+    grpc_tls_server_name: typing.Annotated[str | None, Field(min_length=1)] = None
+
+    @field_validator("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca")
+    @classmethod
+    def _resolve_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        base = (info.context or {}).get("base_dir")
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        return str(path)
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> SecurityConfig:
+        given = [n for n in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca") if getattr(self, n) is not None]
+        if given and len(given) != 3:
+            missing = [n for n in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca") if n not in given]
+            raise _CrossFieldError([((n,), None, f"{', '.join(given)} set", "a PEM file path when "
+                                     "any of grpc_tls_cert, grpc_tls_key, grpc_tls_ca is set") for n in missing])
+        if self.grpc_tls_server_name is not None and not given:
+            raise _CrossFieldError([(("grpc_tls_server_name",), self.grpc_tls_server_name, "no TLS files are set",
+                                     "null unless grpc_tls_cert, grpc_tls_key and grpc_tls_ca are set")])
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.grpc_tls_cert is not None
+
+
 class ClusterConfig(BaseModel):
     """The whole cluster: what `splitserve up` reads."""
 
@@ -501,6 +546,7 @@ class ClusterConfig(BaseModel):
     decode: DecodePoolConfig = Field(default_factory=DecodePoolConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -789,7 +835,7 @@ def _message(err: Mapping[str, Any], loc: tuple[Any, ...]) -> str:
         msg = "unknown key"
         if parent is not None:
             names = list(parent.model_fields)
-            pools = {PrefillPoolConfig: "prefill", DecodePoolConfig: "decode"}
+            pools: dict[type[PoolConfig], str] = {PrefillPoolConfig: "prefill", DecodePoolConfig: "decode"}
             other = next((n for cls, n in pools.items() if cls is not parent and key in cls.model_fields), None)
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
             if parent in pools and other is not None:
@@ -942,7 +988,8 @@ def _describe_base(tp: Any, metadata: list[Any]) -> str:
         return "true or false"
     if tp in (int, float):
         noun = "an integer" if tp is int else "a number"
-        lo = hi = None
+        lo: Any = None
+        hi: Any = None
         lo_open = hi_open = False
         for m in metadata:
             if isinstance(m, annotated_types.Ge):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import signal
 import threading
 import time
@@ -42,6 +43,7 @@ from splitserve.deploy.worker_actor import (
     RemoteWorkerActor,
     Role,
     actor_options,
+    load_grpc_tls,
     pool_config,
     resource_demand,
     spec_for,
@@ -114,6 +116,7 @@ class Controller:
         stop_grace_s: float = 5.0,
         status_timeout_s: float = 2.0,
         object_store_bytes: int = DEFAULT_OBJECT_STORE_BYTES,
+        cluster_secret: str | None = None,
     ) -> None:
         """
         Args:
@@ -127,6 +130,8 @@ class Controller:
             monitor_interval_s, ping_timeout_s, max_missed_pings: death detection.
             stop_grace_s: time given to in-flight gRPC calls when a worker stops.
             object_store_bytes: object store of a local Ray cluster.
+            cluster_secret: what every worker checks on each gRPC call and transfer handshake (None: a
+                fresh random one; `cluster_secret` attribute). Sent to the workers inside their specs.
         """
         self.cfg = cfg
         self.directory = directory
@@ -140,6 +145,8 @@ class Controller:
         self.stop_grace_s = stop_grace_s
         self.status_timeout_s = status_timeout_s
         self.object_store_bytes = object_store_bytes
+        self.cluster_secret = cluster_secret or secrets.token_urlsafe(32)
+        self.grpc_tls = load_grpc_tls(cfg)  # ConfigError (naming the field) when a file cannot be read
 
         self._targets: dict[Role, int] = {"prefill": cfg.prefill.replicas, "decode": cfg.decode.replicas}
         self._next_index: dict[Role, int] = {"prefill": 0, "decode": 0}
@@ -160,7 +167,7 @@ class Controller:
     # ------------------------------------------------------------------------------------------
 
     @property
-    def targets(self) -> dict[str, int]:
+    def targets(self) -> dict[Role, int]:
         """The size each pool is kept at."""
         with self._lock:
             return dict(self._targets)
@@ -478,7 +485,8 @@ class Controller:
             index = self._next_index[role]
             self._next_index[role] += 1
         wid = worker_id(role, index)
-        spec = spec_for(self.cfg, role, index, model_path=self.model_path)
+        spec = spec_for(self.cfg, role, index, model_path=self.model_path, cluster_secret=self.cluster_secret,
+                        grpc_tls=self.grpc_tls)
         try:
             actor = RemoteWorkerActor.options(**actor_options(self.cfg, role, wid)).remote(spec)
         except ValueError as e:  # e.g. the actor name is taken in this namespace

@@ -77,10 +77,12 @@ def build_router_app(
     api_key: str | None = None,
     operator_token: str | None = None,
     request_shutdown: Callable[[], None] | None = None,
+    cluster_secret: str | None = None,
 ) -> tuple[FastAPI, Any]:
     """The router app over the cluster backend, with /admin when `controller` is given.
 
-    `api_key` guards the public API; `operator_token` (required with `controller`) guards /admin.
+    `api_key` guards the public API; `operator_token` (required with `controller`) guards /admin. The
+    backend presents `cluster_secret` (default: the controller's) to the workers on every call.
 
     Returns (app, backend). Serve the app with lifespan on: it starts and closes the backend.
     """
@@ -94,7 +96,9 @@ def build_router_app(
                             first_token_timeout_s=r.first_token_timeout_s,
                             idle_stream_timeout_s=r.idle_stream_timeout_s,
                             # a reservation lives until its prefill (and cache transfer) is done
-                            lease_s=r.first_token_timeout_s)
+                            lease_s=r.first_token_timeout_s,
+                            cluster_secret=cluster_secret or (controller.cluster_secret if controller else None),
+                            grpc_tls=controller.grpc_tls if controller is not None else None)
     app = build_app(backend, model.tokenizer, cfg.model.served_name, api_limits(cfg, model), api_key=api_key,
                     max_queued=r.max_queued, add_bos=model.config.bos_token_id is not None,
                     eos_token_id=model.config.eos_token_id, sse_keepalive_s=r.sse_keepalive_s)

@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 import ray
 
-from splitserve.deploy.config import ClusterConfig, PoolConfig
+from splitserve.deploy.config import ClusterConfig, ConfigError, ConfigProblem, PoolConfig
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.runtime import WorkerServer, WorkerSpec
+from splitserve.protos.auth import GrpcTls
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,13 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
     )
 
 
-def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | None = None) -> WorkerSpec:
+def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | None = None,
+             cluster_secret: str | None = None, grpc_tls: GrpcTls | None = None) -> WorkerSpec:
     """The `WorkerSpec` of worker `<role>-<index>`.
 
     `model_path` replaces cfg.model.path (the launcher passes the resolved checkpoint directory so
-    workers never race to create the tiny checkpoint).
+    workers never race to create the tiny checkpoint). `cluster_secret` and `grpc_tls` (the controller's,
+    made per run) travel to the worker inside the spec, through Ray.
     """
     if index < 0:
         raise ValueError(f"worker index must be >= 0, got {index}")
@@ -92,6 +95,8 @@ def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | No
         # A reservation waits for prefill + cache transfer: as long as the router waits for a first token.
         reserve_lease_s=cfg.router.first_token_timeout_s,
         first_token_timeout_s=cfg.router.first_token_timeout_s,
+        cluster_secret=cluster_secret,
+        grpc_tls=grpc_tls,
     )
 
 
@@ -115,6 +120,26 @@ def actor_options(cfg: ClusterConfig, role: Role, wid: str) -> dict[str, Any]:
     if cfg.transfer.interface is not None and cfg.transfer.backend == "nixl":
         opts["runtime_env"] = {"env_vars": {"UCX_NET_DEVICES": cfg.transfer.interface}}
     return opts
+
+
+def load_grpc_tls(cfg: ClusterConfig) -> GrpcTls | None:
+    """The TLS material of the security section (None: plaintext gRPC).
+
+    Raises:
+        ConfigError: a file cannot be read (named by its field).
+    """
+    s = cfg.security
+    if not s.uses_tls:
+        return None
+    pem: dict[str, bytes] = {}
+    for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca"):
+        path = str(getattr(s, name))
+        try:
+            with open(path, "rb") as f:
+                pem[name] = f.read()
+        except OSError as e:
+            raise ConfigError([ConfigProblem(f"security.{name}", f"cannot read {path}: {e.strerror or e}")]) from None
+    return GrpcTls(pem["grpc_tls_cert"], pem["grpc_tls_key"], pem["grpc_tls_ca"], s.grpc_tls_server_name)
 
 
 def resource_demand(cfg: ClusterConfig, role: Role) -> dict[str, float]:

@@ -33,6 +33,7 @@ import grpc
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
+from splitserve.protos.auth import GrpcTls, aio_channel
 from splitserve.protos.convert import sampling_params_to_proto
 from splitserve.protos.tensors import logprobs_from_proto
 
@@ -76,8 +77,10 @@ class DisaggBackend:
     def __init__(self, directory: Directory, *, policy: str = "least_loaded", reserve_timeout_s: float = 10.0,
                  first_token_timeout_s: float = 120.0, idle_stream_timeout_s: float = 30.0,
                  lease_s: float = 30.0, poll_interval_s: float = 0.5, prefill_attempts: int = 2,
-                 dead_after_failures: int = 3, max_migrations: int = 2) -> None:
+                 dead_after_failures: int = 3, max_migrations: int = 2, cluster_secret: str | None = None,
+                 grpc_tls: GrpcTls | None = None) -> None:
         self.directory = directory
+        self.cluster_secret, self.grpc_tls = cluster_secret, grpc_tls  # presented on every call to a worker
         self.policy = policy
         self.reserve_timeout_s = reserve_timeout_s
         self.first_token_timeout_s = first_token_timeout_s
@@ -114,8 +117,9 @@ class DisaggBackend:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20),
-                                                             ("grpc.max_send_message_length", 256 << 20)])
+            ch = aio_channel(address, self.cluster_secret, self.grpc_tls,
+                             options=[("grpc.max_receive_message_length", 256 << 20),
+                                      ("grpc.max_send_message_length", 256 << 20)])
             self._channels[address] = ch
         return ch
 
@@ -200,7 +204,7 @@ class DisaggBackend:
         return by_load
 
     async def _reserve(self, request_id: str, prompt_len: int, max_tokens: int,
-                       avoid: set[str] = frozenset()) -> tuple[WorkerInfo, pb.Reservation]:
+                       avoid: frozenset[str] | set[str] = frozenset()) -> tuple[WorkerInfo, pb.Reservation]:
         deadline = time.monotonic() + self.reserve_timeout_s
         delay = 0.01
         last = "no decode worker is serving"

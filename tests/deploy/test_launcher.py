@@ -25,6 +25,7 @@ from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_co
 from splitserve.deploy.controller import Controller, ControllerError, WorkerStartError
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
+from splitserve.protos.auth import channel
 from splitserve.router.membership import Directory, WorkerInfo
 from splitserve.tests.helpers import ServeThread, all_pids, pid_alive, proc_stat, wait_until
 
@@ -108,8 +109,11 @@ def stub_for(info: WorkerInfo, channel: grpc.Channel) -> Any:
     return (pbg.PrefillWorkerStub if info.role == "prefill" else pbg.DecodeWorkerStub)(channel)
 
 
+SECRET: dict[str, str] = {}  # the module cluster's secret, set by the fixture
+
+
 def health(info: WorkerInfo) -> tuple[pb.HealthReply, pb.StatsReply]:
-    with grpc.insecure_channel(info.address) as ch:
+    with channel(info.address, SECRET["secret"]) as ch:
         stub = stub_for(info, ch)
         return (stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S),
                 stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S))
@@ -145,6 +149,7 @@ def cluster() -> Iterator[SimpleNamespace]:
                             ping_timeout_s=3.0)
     t0 = time.monotonic()
     controller.start()
+    SECRET["secret"] = controller.cluster_secret
     ctx = SimpleNamespace(cfg=cfg, controller=controller, directory=directory, start_s=time.monotonic() - t0,
                           worker_pids=set())
     try:
@@ -192,6 +197,24 @@ def test_status_shape_and_real_pids(cluster: SimpleNamespace) -> None:
         pids.add(pid)
         cluster.worker_pids.add(pid)
     assert len(pids) == 2
+
+
+def test_workers_refuse_calls_without_the_cluster_secret(cluster: SimpleNamespace) -> None:
+    secret = cluster.controller.cluster_secret
+    assert len(secret) >= 32 and secret not in repr(cluster.controller.worker_info("decode-0"))
+    for w in cluster.directory.all():
+        for ch in (grpc.insecure_channel(w.address), channel(w.address, secret + "-wrong")):
+            with ch, pytest.raises(grpc.RpcError) as err:
+                stub_for(w, ch).Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        h, _ = health(w)  # the controller's secret opens it
+        assert h.worker_id == w.worker_id
+    # the secret reached the workers through Ray, not through their environment or command line
+    for w in cluster.directory.all():
+        with open(f"/proc/{w.pid}/environ", "rb") as f:
+            assert secret.encode() not in f.read()
+        with open(f"/proc/{w.pid}/cmdline", "rb") as f:
+            assert secret.encode() not in f.read()
 
 
 def test_unplaceable_pool_is_reported(cluster: SimpleNamespace) -> None:
@@ -262,7 +285,7 @@ def test_scale_decode_up_then_down_drains(cluster: SimpleNamespace) -> None:
 
     # Work in flight on decode-1: a reservation (counted as waiting) that lives for `lease` seconds.
     lease_s = 3.0
-    with grpc.insecure_channel(new.address) as ch:
+    with channel(new.address, c.cluster_secret) as ch:
         rep = pbg.DecodeWorkerStub(ch).Reserve(
             pb.ReserveRequest(request_id="drain-test", prompt_len=100, max_tokens=4, lease_ms=int(lease_s * 1000)),
             timeout=RPC_TIMEOUT_S)

@@ -96,6 +96,13 @@ def test_actor_options_pin_gpus_resources_and_names() -> None:
     assert opts["num_cpus"] == local.decode.cpus_per_worker == 0.25
 
 
+def test_the_cluster_secret_travels_in_the_spec_and_is_never_printed() -> None:
+    spec = spec_for(cfg_with(), "decode", 0, cluster_secret="s3cret-value")
+    assert spec.cluster_secret == "s3cret-value"
+    assert "s3cret-value" not in repr(spec) and "s3cret-value" not in str(spec)
+    assert spec_for(cfg_with(), "decode", 0).cluster_secret is None
+
+
 def test_bad_role_and_index() -> None:
     with pytest.raises(ValueError, match="role"):
         spec_for(cfg_with(), "router", 0)  # type: ignore[arg-type]
