@@ -7,7 +7,20 @@ protobuf's zero values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Raw logprob of one token and the top-N alternatives of its position.
+
+    `top` holds (token id, logprob) pairs by decreasing logprob, N of them (N = requested count,
+    or fewer if the vocabulary is smaller).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
