@@ -132,7 +132,7 @@ class PrefillService(pbg.PrefillWorkerServicer):
         rid = request.request_id
         t_start = time.monotonic()
 
-        def error(code: int, msg: str) -> pb.PrefillReply:
+        def error(code: pb.ErrorCode, msg: str) -> pb.PrefillReply:
             log.warning("request %s: prefill failed: %s", rid, msg)
             return pb.PrefillReply(error=pb.Error(code=code, message=msg))
 
