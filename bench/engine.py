@@ -233,7 +233,8 @@ def fill_pool(pool: CachePool) -> None:
 
 def set_topk(net: DeepseekV32, topk: int) -> None:
     for layer in net.model.layers:
-        layer.self_attn.cfg = replace(layer.self_attn.cfg, index_topk=topk)
+        attn: Any = layer.self_attn
+        attn.cfg = replace(attn.cfg, index_topk=topk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def profile_top(fn, iters: int = 5, rows: int = 30) -> tuple[str, list[dict[str,
     events = prof.key_averages()
 
     def gpu_us(e) -> float:
-        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
 
     ranked = sorted((e for e in events if gpu_us(e) > 0), key=gpu_us, reverse=True)
     total = sum(gpu_us(e) for e in ranked) / iters
@@ -279,7 +280,9 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
             return net.logits(hidden).argmax(-1)
 
         step_host()  # captures the graph
-        graph, out = graphs.graphs[graphs.key(plan)]
+        key = graphs.key(plan)
+        assert key is not None  # step_host() captured it
+        graph, out = graphs.graphs[key]
 
         def step_gpu():
             graph.replay()

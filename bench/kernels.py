@@ -70,7 +70,7 @@ def bench_ms(fn: Callable[[], Any], rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
-def measure_ceilings(device: str = DEV) -> dict[str, float]:
+def measure_ceilings(device: str = DEV) -> dict[str, Any]:
     """HBM copy bandwidth (bytes read + written) and bf16 matmul rate on `device` (a CPU gets small
     sizes and wall-clock medians: only for smoke tests of the benchmark harnesses)."""
     gpu = device == "cuda"
@@ -80,13 +80,13 @@ def measure_ceilings(device: str = DEV) -> dict[str, float]:
     timer = bench_ms if gpu else _wall_ms
     ms = timer(lambda: dst.copy_(src), rep=200)
     bw = 2 * n / (ms * 1e-3)
-    src = dst = None  # free before the matmul
+    del src, dst  # free before the matmul
     m = 8192 if gpu else 512
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     ms_mm = timer(lambda: a @ b, rep=200)
     rate = 2 * m ** 3 / (ms_mm * 1e-3)
-    a = b = None
+    del a, b
     if gpu:
         torch.cuda.empty_cache()
     return {"hbm_copy_bytes_per_s": bw, "copy_bytes": 2 * n, "copy_ms": ms,
@@ -138,7 +138,7 @@ def indexer_cases(batches, contexts) -> list[Case]:
                     else:
                         q, kc, ks = q.bfloat16(), kc.bfloat16(), None
                     sl = torch.full((bsz,), ctx, dtype=torch.int32, device=DEV) - torch.arange(bsz, device=DEV).int()
-                    return dict(args=(q, w, kc, ks, 1, bt, sl))
+                    return {"args": (q, w, kc, ks, 1, bt, sl)}
 
                 def check(out, ref, inp, fp8=fp8):
                     logits_ref = K.indexer_logits_decode_ref(*inp["args"])
@@ -159,8 +159,9 @@ def indexer_cases(batches, contexts) -> list[Case]:
 
                 cases.append(Case(
                     "indexer_topk", {"fp8": fp8, "B": bsz, "ctx": ctx}, nbytes, flops, make,
-                    lambda i: K.indexer_topk_decode_triton(*i["args"], topk=TOPK),
-                    lambda i: K.indexer_topk_decode_ref(*i["args"], topk=TOPK), check,
+                    # mypy lets *args of unknown length fill topk too
+                    lambda i: K.indexer_topk_decode_triton(*i["args"], topk=TOPK),  # type: ignore[misc]
+                    lambda i: K.indexer_topk_decode_ref(*i["args"], topk=TOPK), check,  # type: ignore[misc]
                     extra={"logits_only": lambda i: K.indexer_logits_decode_triton(*i["args"])}))
     return cases
 
@@ -368,7 +369,7 @@ def run_case(case: Case, ceil: dict[str, float], time_ref: bool) -> dict[str, An
     res["flops_per_s_over_matmul_rate"] = case.flops / (best * 1e-3) / ceil["bf16_matmul_flops_per_s"]
     if res.get("ref_ms"):
         res["speedup_vs_ref"] = res["ref_ms"] / best
-    inp = None
+    del inp
     torch.cuda.empty_cache()
     return res
 
@@ -379,7 +380,7 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
 
     rows = []
     base = dict(block_h=64, num_warps=8)
-    configs = [dict(base, block_n=32, num_stages=2), dict(base, block_n=64, num_stages=2),
+    configs: list[dict[str, Any]] = [dict(base, block_n=32, num_stages=2), dict(base, block_n=64, num_stages=2),
                dict(base, block_n=32, num_stages=3), dict(base, block_n=64, num_stages=1),
                dict(base, block_n=64, num_stages=3), dict(base, block_n=128, num_stages=1)]
     for bsz in [b for b in batches if b in (1, 64)] or batches[:1]:
@@ -404,7 +405,7 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
                                             case.flops / ceil["bf16_matmul_flops_per_s"]) * 1e3 / ms})
             print(f"  sweep sparse_mla B={bsz} {cfg} splits={splits} offsets={po}: {ms * 1e3:.1f} us (err {err:.1e})",
                   flush=True)
-        inp = ref = None
+        del inp, ref
         torch.cuda.empty_cache()
     return rows
 
@@ -413,7 +414,7 @@ def sweep_moe(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
     from splitserve.kernels import moe as K
 
     rows = []
-    configs = [dict(block_n=64, num_warps=4, num_stages=4), dict(block_n=32, num_warps=4, num_stages=5),
+    configs: list[dict[str, Any]] = [dict(block_n=64, num_warps=4, num_stages=4), dict(block_n=32, num_warps=4, num_stages=5),
                dict(block_n=32, num_warps=4, num_stages=4), dict(block_n=64, num_warps=4, num_stages=3),
                dict(block_n=32, num_warps=2, num_stages=5)]
     sel = [b for b in batches if b in (1, 64)] or batches[:1]
@@ -430,7 +431,7 @@ def sweep_moe(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
             rows.append({"N": case.params["N"], **cfg, "graph_ms": ms,
                          "floor_ratio": case.bytes / ceil["hbm_copy_bytes_per_s"] * 1e3 / ms})
             print(f"  sweep fused_moe N={case.params['N']} {cfg}: {ms * 1e3:.1f} us", flush=True)
-        inp = None
+        del inp
     return rows
 
 
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         cases += elementwise_cases(batches)
     if not only or "moe" in only:
         cases += moe_cases(batches)
-    results = []
+    results: list[dict[str, Any]] = []
     for c in cases:  # the floors first, before anything is timed
         results.append({"name": c.name, "kernel": c.kernel, "params": c.params, "bytes": c.bytes, "flops": c.flops,
                         "floor_bytes_ms": c.bytes / ceil["hbm_copy_bytes_per_s"] * 1e3,

@@ -116,11 +116,14 @@ async def _one(c: httpx.AsyncClient, url: str, headers: dict, res: LevelResult, 
 
 
 async def run_level(url: str, concurrency: int, seconds: float, *, model: str, max_tokens: int, prompt_len: int,
-                    api_key: str | None, max_requests: int, seed: int = 0) -> LevelResult:
+                    api_key: str | None, max_requests: int, seed: int = 0,
+                    operator_token: str | None = None) -> LevelResult:
+    """`operator_token` opens /admin/status (worker pids and blocks); `api_key` the OpenAI API."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    admin = {"Authorization": f"Bearer {operator_token}"} if operator_token else {}
     res = LevelResult(concurrency, seconds)
     async with httpx.AsyncClient() as c:
-        st = await _status(c, url, headers)
+        st = await _status(c, url, admin)
         pids = [w["pid"] for w in st["workers"]]
         res.worker_rss_mb_before = _rss_mb(pids)
         deadline = time.monotonic() + seconds
@@ -133,7 +136,7 @@ async def run_level(url: str, concurrency: int, seconds: float, *, model: str, m
                 await _one(c, url, headers, res, rng, model, max_tokens, prompt_len)
         await asyncio.gather(*(loop(k) for k in range(concurrency)))
         for _ in range(50):  # blocks come back once streams end
-            st = await _status(c, url, headers)
+            st = await _status(c, url, admin)
             res.blocks_used_after = sum(w["blocks_used"] for w in st["workers"])
             if res.blocks_used_after == 0:
                 break
@@ -160,12 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--operator-token-file", default=None,
+                    help="the cluster's operator token, for /admin/status (default: the one `splitserve up` wrote "
+                         "for this URL into its run directory)")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
+    from splitserve.deploy.cluster_cli import CliError, read_operator_token
+
+    try:
+        token = read_operator_token(args.url, args.operator_token_file)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = []
     for cc in args.concurrency:
         r = asyncio.run(run_level(args.url, cc, args.seconds, model=args.model, max_tokens=args.max_tokens,
-                                  prompt_len=args.prompt_len, api_key=args.api_key, max_requests=args.max_requests))
+                                  prompt_len=args.prompt_len, api_key=args.api_key, max_requests=args.max_requests,
+                                  operator_token=token))
         rows.append(r.summary())
         print_table(rows[-1:])
     print()

@@ -40,8 +40,8 @@ def sweep_mla(rows: int, ceil: dict[str, float]) -> list[dict[str, Any]]:
     ref = K.sparse_mla_decode_ref(ql[sub], qr[sub], latent, 1, bt[sub], idx[sub], 0.1)
     nbytes = rows * TOPK * (KV_LORA + ROPE) * 2
     flops = rows * HEADS * TOPK * (2 * KV_LORA + ROPE) * 2
-    out = []
-    configs = [dict(block_h=h, block_n=n, num_warps=w, num_stages=s)
+    out: list[dict[str, Any]] = []
+    configs: list[dict[str, Any]] = [dict(block_h=h, block_n=n, num_warps=w, num_stages=s)
                for h in (64, 32) for n in (32, 64) for w in (4, 8) for s in (1, 2)]
     for cfg in configs:
         try:
@@ -72,8 +72,8 @@ def sweep_moe(tokens: int, ceil: dict[str, float]) -> list[dict[str, Any]]:
     x = torch.randn(tokens, HIDDEN, device="cuda", generator=g).bfloat16()
     ref = K.fused_moe_ref(x, w13, w2, tw, ids)
     flops = 6 * tokens * ACTIVE * HIDDEN * MOE_INTER
-    out = []
-    configs = [dict(block_m=None, block_n=64, block_k=None, num_warps=4, num_stages=4)]  # the default
+    out: list[dict[str, Any]] = []
+    configs: list[dict[str, Any]] = [dict(block_m=None, block_n=64, block_k=None, num_warps=4, num_stages=4)]  # the default
     configs += [dict(block_m=m, block_n=n, block_k=64, num_warps=w, num_stages=s)
                 for m in ((16, 32) if tokens <= 256 else (64, 128)) for n in (64, 128) for w in (4, 8) for s in (3, 4)]
     for cfg in configs:

@@ -293,7 +293,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
             if out.new_logprobs:
                 d.logprobs.extend(logprobs_to_proto(lp) for lp in out.new_logprobs if lp is not None)
             if out.prompt_logprobs is not None:  # only PrefillAndGenerate's first output has them
-                d.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in out.prompt_logprobs[1:])
+                d.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in out.prompt_logprobs[1:] if lp is not None)
             yield pb.GenerateChunk(delta=d)
         if out.finished:
             yield pb.GenerateChunk(finished=pb.Finished(

@@ -4,8 +4,10 @@
     POST /admin/scale      {"prefill": N, "decode": M} (either may be omitted); answers the new status
     POST /admin/shutdown   stops the router, then every worker (answers first)
 
-They take the same Bearer API key as the public API when one is configured. Errors use the OpenAI
-error body the public API uses: 400 (bad request), 401 (key), 409 (scale failed to start a worker),
+They take the operator's own Bearer token (made by `splitserve up` for each run and written into the
+run directory with mode 0600; the CLI reads it there), never the clients' API key. Errors use the OpenAI
+error body the public API uses: 400 (bad request), 401 (no or a wrong operator token), 409 (scale failed to start a worker, or
+the Ray cluster has no room for the new ones),
 503 (the cluster is not running).
 """
 
@@ -22,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from splitserve.deploy.controller import ControllerError, WorkerStartError
+from splitserve.deploy.controller import ControllerError, PlacementError, WorkerStartError
 
 logger = logging.getLogger(__name__)
 
@@ -53,26 +55,30 @@ def _error(status: int, message: str, code: str, type_: str = "invalid_request_e
 def build_admin_router(
     controller: _Controller,
     *,
-    api_key: str | None = None,
+    operator_token: str,
     request_shutdown: Callable[[], None] | None = None,
 ) -> APIRouter:
     """The /admin endpoints over `controller`.
 
     Args:
         controller: what status/scale act on (a `Controller`).
-        api_key: the Bearer token required (None: no authentication), the public API's key.
+        operator_token: the Bearer token every /admin call needs: the operator's credential, never the
+            clients' API key (`splitserve up` makes one per run and writes it, readable only by its owner,
+            into the run directory, where the CLI reads it).
         request_shutdown: called after POST /admin/shutdown has answered (e.g. tells uvicorn to exit;
             the `up` process then shuts the controller down). None: the endpoint answers 501.
     """
+    if not operator_token:
+        raise ValueError("the /admin endpoints need an operator token")
     router = APIRouter(prefix="/admin")
+    expected = operator_token.encode()
 
     def unauthorized(request: Request) -> JSONResponse | None:
-        if api_key is None:
-            return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected):
             return None
-        return _error(401, "Incorrect or missing API key.", "invalid_api_key")
+        return _error(401, "The admin endpoints need the operator token (`splitserve up` writes it into its run "
+                           "directory); an API key is not one.", "invalid_operator_token")
 
     @router.get("/status")
     async def status(request: Request) -> JSONResponse:
@@ -103,6 +109,8 @@ def build_admin_router(
             return _error(400, str(e), "invalid_scale_request")
         except WorkerStartError as e:
             return _error(409, str(e), "worker_start_failed", "server_error", failures=e.failures)
+        except PlacementError as e:
+            return _error(409, str(e), "cannot_place_workers", "server_error")
         except ControllerError as e:
             return _error(503, str(e), "cluster_unavailable", "server_error")
         return JSONResponse(result)

@@ -12,8 +12,9 @@ background (its own session, output to a log file), waits until /health answers,
 the log path, and exits.
 
 A running `up` process keeps a state file in ~/.cache/splitserve/run/ (router URL, its pid, the config
-path and the name of the environment variable holding the API key — never the key itself), which is
-how `status`, `scale` and `down` find the cluster without --url. They call the /admin endpoints;
+path, where its operator token is — never a key or token itself), which is how `status`, `scale` and `down` find the cluster without --url, and beside it the run's operator token
+(`cluster-<port>.token`, mode 0600: only the user who ran `up` can read it). They call the /admin
+endpoints with that token (the clients' API key does not open them);
 `down` falls back to SIGTERM on the recorded pid when the router does not answer.
 """
 
@@ -60,8 +61,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", help="the cluster's router URL (default: the running cluster's state file)")
-        p.add_argument("--api-key-env", metavar="NAME",
-                       help="environment variable holding the API key (default: the one the cluster records)")
+        p.add_argument("--operator-token-file", type=Path, metavar="PATH",
+                       help="file holding the cluster's operator token (default: the one `up` wrote into the "
+                            "run directory)")
         run_dir_arg(p)
 
     up = sub.add_parser("up", help="start a cluster: workers on Ray + the OpenAI-compatible router")
@@ -138,7 +140,7 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 
 def live_states(run_dir: Path) -> list[dict[str, Any]]:
     """State files of running `up` processes (stale ones, whose pid is gone, are deleted)."""
-    out = []
+    out: list[dict[str, Any]] = []
     if not run_dir.is_dir():
         return out
     for path in sorted(run_dir.glob(f"{_STATE_PREFIX}*.json")):
@@ -150,6 +152,8 @@ def live_states(run_dir: Path) -> list[dict[str, Any]]:
         if not _pid_alive(pid):
             with contextlib.suppress(OSError):
                 path.unlink()
+            with contextlib.suppress(OSError):
+                path.with_suffix(".token").unlink()
             continue
         state["_path"] = str(path)
         out.append(state)
@@ -171,18 +175,49 @@ def _find_cluster(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]
     return str(states[0]["url"]).rstrip("/"), states[0]
 
 
-def _headers(args: argparse.Namespace, state: dict[str, Any] | None) -> dict[str, str]:
-    env = args.api_key_env or (state or {}).get("api_key_env")
-    key: str | None = None
-    if env:
-        key = os.environ.get(env)
-        if not key:
-            raise CliError(f"the cluster requires an API key: set the environment variable {env}")
-    elif state is not None and state.get("api_key_in_config") and state.get("config"):
-        from splitserve.deploy.config import load_config
+def token_path(run_dir: Path, port: int) -> Path:
+    return run_dir / f"{_STATE_PREFIX}{port}.token"
 
-        key = load_config(state["config"]).router.api_key
-    return {"Authorization": f"Bearer {key}"} if key else {}
+
+def write_token(path: Path, token: str) -> None:
+    """Write the operator token readable and writable by its owner only (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(token + "\n")
+
+
+def read_operator_token(url: str, token_file: str | os.PathLike[str] | None = None,
+                        run_dir: Path = DEFAULT_RUN_DIR) -> str:
+    """The operator token of the cluster at `url`: from `token_file`, else from the file its `up` recorded."""
+    if token_file is None:
+        state = next((s for s in live_states(run_dir) if s.get("url", "").rstrip("/") == url.rstrip("/")), None)
+        token_file = (state or {}).get("operator_token_file")
+        if not token_file:
+            raise CliError(f"no operator token for {url}: no running `splitserve up` in {run_dir} serves it; give "
+                           "the token's file")
+    try:
+        return Path(token_file).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise CliError(f"cannot read the operator token {token_file}: {e.strerror or e} (it is readable only by "
+                       "the user who ran `splitserve up`)") from None
+
+
+def _headers(args: argparse.Namespace, state: dict[str, Any] | None) -> dict[str, str]:
+    """The operator's credential for /admin: the token `up` wrote into the run directory."""
+    path = args.operator_token_file or ((state or {}).get("operator_token_file"))
+    if not path:
+        raise CliError("the admin endpoints need the cluster's operator token: give --operator-token-file "
+                       "(`splitserve up` writes it into its run directory)")
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise CliError(f"cannot read the operator token {path}: {e.strerror or e} (it is readable only by the "
+                       "user who ran `splitserve up`)") from None
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _admin(args: argparse.Namespace, method: str, path: str, *, json_body: Any = None,
@@ -208,7 +243,8 @@ def _admin(args: argparse.Namespace, method: str, path: str, *, json_body: Any =
     except ValueError:
         body = {"error": {"message": r.text[:500]}}
     if r.status_code == 401:
-        raise CliError(f"{url} refused the API key (401): give the key's environment variable with --api-key-env")
+        raise CliError(f"{url} refused the operator token (401): is {args.operator_token_file or 'the state file'} "
+                       "from this cluster's run?")
     if r.status_code >= 400:
         msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
         raise CliError(f"{method} {path}: HTTP {r.status_code}: {msg or body}")
@@ -387,14 +423,15 @@ def _up_foreground(args: argparse.Namespace) -> int:
     url = _url(cfg.router.host, port)
     cluster.router_url = url
     state_file = state_path(args.run_dir, port)
+    token_file = token_path(args.run_dir, port)
     signals = _Signals()
     signals.install()
     started = False
     try:
+        write_token(token_file, cluster.operator_token)
         write_state(state_file, {
             "url": url, "pid": os.getpid(), "config": str(Path(args.config).resolve()),
-            "api_key_env": cfg.router.api_key_env, "api_key_in_config": cfg.router.api_key is not None,
-            "namespace": cfg.ray.namespace, "started": time.time(),
+            "operator_token_file": str(token_file), "namespace": cfg.ray.namespace, "started": time.time(),
         })
         first_use = "; the tiny checkpoint is made on first use" if cfg.model.is_tiny else ""
         pools = (f"{cfg.decode.replicas} co-located workers (decode workers that prefill)"
@@ -435,6 +472,9 @@ def _up_foreground(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError, ValueError):
             if json.loads(state_file.read_text(encoding="utf-8")).get("pid") == os.getpid():
                 state_file.unlink()
+        with contextlib.suppress(OSError):
+            if token_file.read_text(encoding="utf-8").strip() == cluster.operator_token:
+                token_file.unlink()
         print("cluster stopped", file=sys.stderr, flush=True)
 
 

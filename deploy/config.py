@@ -8,6 +8,7 @@ One YAML file describes a whole cluster. Its sections map to one frozen model ea
     decode     the decode worker pool                      -> DecodePoolConfig
     transfer   how cache blocks move prefill -> decode     -> TransferConfig
     ray        which Ray cluster to start or join          -> RayConfig
+    security   TLS for the workers' gRPC (optional)        -> SecurityConfig
 
 `load_config(path)` reads a YAML file, `parse_config(mapping)` validates a mapping that is already
 loaded, `with_overrides(cfg, ...)` returns a re-validated copy with CLI overrides applied. All
@@ -20,6 +21,7 @@ always concrete:
 
     model.dtype                 float32 on cpu, bfloat16 on cuda
     <pool>.gpus_per_worker      0 on cpu, 1 on cuda
+    <pool>.cpus_per_worker      0.25 on cpu, 1 on cuda
     <pool>.num_blocks           512 on cpu (when neither num_blocks nor cache_memory_fraction is set)
     <pool>.cache_memory_fraction 0.9 on cuda (when neither is set)
 
@@ -69,6 +71,7 @@ __all__ = [
     "PrefillPoolConfig",
     "RayConfig",
     "RouterConfig",
+    "SecurityConfig",
     "TransferConfig",
     "load_config",
     "parse_config",
@@ -86,11 +89,12 @@ _MAX_INT32 = 2**31 - 1
 _MAX_BLOCK_SIZE = 1024
 _MAX_MTP_DRAFT_TOKENS = 8
 _CPU_DEFAULT_NUM_BLOCKS = 512
+_CPU_DEFAULT_CPUS_PER_WORKER = 0.25
 _DECODE_DEFAULT_CHUNK_SIZE = 512
 _CUDA_DEFAULT_CACHE_MEMORY_FRACTION = 0.9
 # Ray reserves these resource names; a pool asks for GPUs through gpus_per_worker instead.
 _RAY_RESERVED_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
-_SECTIONS = ("model", "router", "prefill", "decode", "transfer", "ray")
+_SECTIONS = ("model", "router", "prefill", "decode", "transfer", "ray", "security")
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +260,9 @@ class RouterConfig(BaseModel):
     first_token_timeout_s: PositiveSeconds = 120.0
     # Longest gap between two streamed chunks before the request is aborted.
     idle_stream_timeout_s: PositiveSeconds = 30.0
+    # A stream with nothing to send for this long (a long prompt being prefilled) sends an SSE comment
+    # line (": keep-alive") so proxies with idle timeouts keep the connection.
+    sse_keepalive_s: PositiveSeconds = 15.0
     # Largest accepted request body; larger bodies are answered 413.
     max_body_bytes: typing.Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
 
@@ -296,6 +303,9 @@ class PoolConfig(BaseModel):
     gpus_per_worker: typing.Annotated[
         float, Field(ge=0), Allowed("0, a fraction in (0, 1) to share a GPU, or a whole number >= 1")
     ] = 0
+    # Ray CPUs each worker actor reserves (a fraction shares a core: Ray's CPUs are an accounting, the
+    # worker computes with one thread below one CPU). Default 0.25 on cpu, 1 on cuda (the host loop).
+    cpus_per_worker: typing.Annotated[float, Field(gt=0, le=1024)] = 1.0
     # Cache size per worker: a fixed number of blocks, or (cuda only, whole GPUs only) the fraction
     # of the GPU memory left after loading weights. Exactly one is set after validation (see the
     # module docstring).
@@ -455,8 +465,8 @@ class RayConfig(BaseModel):
     ] = None
     # Ray namespace of the cluster's named actors; two clusters on one Ray cluster need two namespaces.
     namespace: typing.Annotated[str, Field(min_length=1)] = "splitserve"
-    # Logical CPUs of a local cluster (address null). None: the machine's count, or 2 per initial
-    # worker if that is more (deploy/controller.py).
+    # Logical CPUs of a local cluster (address null). None: this machine's count, or room for 16 workers
+    # (16 x the larger cpus_per_worker) if that is more (deploy/controller.py).
     num_cpus: typing.Annotated[int | None, Field(ge=1)] = None
 
     @field_validator("address")
@@ -485,6 +495,49 @@ class RayConfig(BaseModel):
         return self.address is None
 
 
+class SecurityConfig(BaseModel):
+    """Who may talk to the workers. Every gRPC call and TCP-transfer handshake proves a secret made per
+    run (nothing to configure); these fields add TLS to the workers' gRPC, for networks others can read."""
+
+    model_config = _STRICT
+
+    # PEM files: the workers' certificate (chain) and private key, and the CA that signed it (what the
+    # router verifies). All three or none (none: plaintext gRPC). Relative paths resolve against the
+    # YAML file's directory; the files are read where `splitserve up` runs and sent to the workers.
+    grpc_tls_cert: typing.Annotated[str | None, Field(min_length=1)] = None
+    grpc_tls_key: typing.Annotated[str | None, Field(min_length=1)] = None
+    grpc_tls_ca: typing.Annotated[str | None, Field(min_length=1)] = None
+    # The name checked against the certificate when it does not list the workers' addresses. None: the address.
+    grpc_tls_server_name: typing.Annotated[str | None, Field(min_length=1)] = None
+
+    @field_validator("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca")
+    @classmethod
+    def _resolve_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        base = (info.context or {}).get("base_dir")
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        return str(path)
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> SecurityConfig:
+        given = [n for n in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca") if getattr(self, n) is not None]
+        if given and len(given) != 3:
+            missing = [n for n in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca") if n not in given]
+            raise _CrossFieldError([((n,), None, f"{', '.join(given)} set", "a PEM file path when "
+                                     "any of grpc_tls_cert, grpc_tls_key, grpc_tls_ca is set") for n in missing])
+        if self.grpc_tls_server_name is not None and not given:
+            raise _CrossFieldError([(("grpc_tls_server_name",), self.grpc_tls_server_name, "no TLS files are set",
+                                     "null unless grpc_tls_cert, grpc_tls_key and grpc_tls_ca are set")])
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.grpc_tls_cert is not None
+
+
 class ClusterConfig(BaseModel):
     """The whole cluster: what `splitserve up` reads."""
 
@@ -496,6 +549,7 @@ class ClusterConfig(BaseModel):
     decode: DecodePoolConfig = Field(default_factory=DecodePoolConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -530,6 +584,7 @@ class ClusterConfig(BaseModel):
                 continue
             raw = dict(raw)
             raw.setdefault("gpus_per_worker", 0 if device == "cpu" else 1)
+            raw.setdefault("cpus_per_worker", _CPU_DEFAULT_CPUS_PER_WORKER if device == "cpu" else 1.0)
             if raw.get("num_blocks") is None and raw.get("cache_memory_fraction") is None:
                 if device == "cpu":
                     raw["num_blocks"] = _CPU_DEFAULT_NUM_BLOCKS
@@ -783,7 +838,7 @@ def _message(err: Mapping[str, Any], loc: tuple[Any, ...]) -> str:
         msg = "unknown key"
         if parent is not None:
             names = list(parent.model_fields)
-            pools = {PrefillPoolConfig: "prefill", DecodePoolConfig: "decode"}
+            pools: dict[type[PoolConfig], str] = {PrefillPoolConfig: "prefill", DecodePoolConfig: "decode"}
             other = next((n for cls, n in pools.items() if cls is not parent and key in cls.model_fields), None)
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
             if parent in pools and other is not None:
@@ -936,7 +991,8 @@ def _describe_base(tp: Any, metadata: list[Any]) -> str:
         return "true or false"
     if tp in (int, float):
         noun = "an integer" if tp is int else "a number"
-        lo = hi = None
+        lo: Any = None
+        hi: Any = None
         lo_open = hi_open = False
         for m in metadata:
             if isinstance(m, annotated_types.Ge):

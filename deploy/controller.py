@@ -24,7 +24,9 @@ changes (scale, replacement, shutdown) are serialized by one lock.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import secrets
 import signal
 import threading
 import time
@@ -41,6 +43,8 @@ from splitserve.deploy.worker_actor import (
     RemoteWorkerActor,
     Role,
     actor_options,
+    load_grpc_tls,
+    pool_config,
     resource_demand,
     spec_for,
     worker_id,
@@ -49,17 +53,27 @@ from splitserve.router.membership import Directory, WorkerInfo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Controller", "ControllerError", "WorkerStartError"]
+__all__ = ["Controller", "ControllerError", "PlacementError", "WorkerStartError"]
 
 #: Object store of a local Ray cluster: cache blocks travel over the transfer backend and requests over
 #: gRPC, so Ray only carries small control messages.
 DEFAULT_OBJECT_STORE_BYTES = 100 * 1024 * 1024
+
+#: A local Ray cluster (ray.num_cpus null) has room for this many workers of the pools together.
+LOCAL_ROOM_WORKERS = 16
+#: How long a scale waits for Ray's view of free resources to show room for its new workers (the
+#: resources of a worker stopped just before are released asynchronously) before it fails.
+PLACEMENT_CHECK_S = 3.0
 
 _LIVE_STATES = ("starting", "serving")
 
 
 class ControllerError(RuntimeError):
     """The cluster could not be started, scaled or reached."""
+
+
+class PlacementError(ControllerError):
+    """The Ray cluster has no room for the workers asked for (nothing was started or changed)."""
 
 
 class WorkerStartError(ControllerError):
@@ -102,6 +116,7 @@ class Controller:
         stop_grace_s: float = 5.0,
         status_timeout_s: float = 2.0,
         object_store_bytes: int = DEFAULT_OBJECT_STORE_BYTES,
+        cluster_secret: str | None = None,
     ) -> None:
         """
         Args:
@@ -115,6 +130,8 @@ class Controller:
             monitor_interval_s, ping_timeout_s, max_missed_pings: death detection.
             stop_grace_s: time given to in-flight gRPC calls when a worker stops.
             object_store_bytes: object store of a local Ray cluster.
+            cluster_secret: what every worker checks on each gRPC call and transfer handshake (None: a
+                fresh random one; `cluster_secret` attribute). Sent to the workers inside their specs.
         """
         self.cfg = cfg
         self.directory = directory
@@ -128,6 +145,8 @@ class Controller:
         self.stop_grace_s = stop_grace_s
         self.status_timeout_s = status_timeout_s
         self.object_store_bytes = object_store_bytes
+        self.cluster_secret = cluster_secret or secrets.token_urlsafe(32)
+        self.grpc_tls = load_grpc_tls(cfg)  # ConfigError (naming the field) when a file cannot be read
 
         self._targets: dict[Role, int] = {"prefill": cfg.prefill.replicas, "decode": cfg.decode.replicas}
         self._next_index: dict[Role, int] = {"prefill": 0, "decode": 0}
@@ -148,7 +167,7 @@ class Controller:
     # ------------------------------------------------------------------------------------------
 
     @property
-    def targets(self) -> dict[str, int]:
+    def targets(self) -> dict[Role, int]:
         """The size each pool is kept at."""
         with self._lock:
             return dict(self._targets)
@@ -175,6 +194,7 @@ class Controller:
                 if self._targets[role]:  # colocated mode has no prefill pool
                     self._check_feasible(role)
             with self._ops_lock:
+                self._check_room(dict(self._targets))
                 workers, launch_error = self._launch_many(dict(self._targets))
                 if launch_error is not None:
                     raise launch_error  # shutdown() below kills the ones created
@@ -195,10 +215,13 @@ class Controller:
     def scale(self, prefill: int | None = None, decode: int | None = None) -> dict[str, Any]:
         """Set the pool sizes (None leaves a pool as it is); returns `status()` afterwards.
 
-        New workers are started in parallel; removed ones (the newest first) are drained, then stopped.
+        New workers are started in parallel, and each serves (joins the Directory) as soon as it is ready;
+        removed ones (the newest first) are drained, then stopped.
 
         Raises:
             ValueError: a size is not an integer >= 1, or prefill is given in colocated mode (no prefill pool).
+            PlacementError: the Ray cluster's free resources cannot place the new workers (checked before
+                anything changes; the message names what is missing and the settings that fix it).
             WorkerStartError: a new worker failed to start (the pool keeps the workers that did).
             ControllerError: the controller is not running.
         """
@@ -213,19 +236,19 @@ class Controller:
             self._check_running()
             with self._lock:
                 targets = {role: self._targets[role] if n is None else n for role, n in wanted.items()}
+            more = {role: max(0, targets[role] - len(self._active(role))) for role in ROLES}
             for role in ROLES:
-                if len(self._active(role)) < targets[role]:
+                if more[role]:
                     self._check_feasible(role)  # before anything changes
+            self._check_room(more, targets)  # fails within seconds when the new workers cannot be placed
             with self._lock:
                 self._targets.update(targets)
             logger.info("scaling to %d prefill + %d decode workers", targets["prefill"], targets["decode"])
             victims: list[_Worker] = []
-            more: dict[Role, int] = {}
+            more = {role: n for role, n in more.items() if n}
             for role in ROLES:
                 active = self._active(role)
-                if len(active) < targets[role]:
-                    more[role] = targets[role] - len(active)
-                elif len(active) > targets[role]:
+                if len(active) > targets[role]:
                     order = sorted(active, key=lambda w: w.index)  # the newest go first
                     victims += order[targets[role]:]
             new, launch_error = self._launch_many(more)
@@ -346,12 +369,14 @@ class Controller:
             self.model_path = self.cfg.model.path
 
     def local_num_cpus(self) -> int:
-        """CPUs of a local Ray cluster: ray.num_cpus, else this machine's, at least two per initial worker
-        (each worker reserves one; the rest is headroom for scaling up and replacements)."""
+        """Logical CPUs of a local Ray cluster: ray.num_cpus, else this machine's count or room for
+        `LOCAL_ROOM_WORKERS` workers (each takes its pool's cpus_per_worker), whichever is more."""
         if self.cfg.ray.num_cpus is not None:
             return self.cfg.ray.num_cpus
-        workers = self.cfg.prefill.replicas + self.cfg.decode.replicas
-        return max(os.cpu_count() or 1, 2 * workers)
+        pools = [self.cfg.prefill, self.cfg.decode]
+        initial = sum(p.replicas * p.cpus_per_worker for p in pools)
+        room = LOCAL_ROOM_WORKERS * max(p.cpus_per_worker for p in pools)
+        return max(os.cpu_count() or 1, math.ceil(max(initial, room) - 1e-9))
 
     def _connect(self) -> None:
         ns = self.cfg.ray.namespace
@@ -401,12 +426,68 @@ class Controller:
             f"{role}.resources); nodes have: {have}"
         )
 
+    def _check_room(self, more: dict[Role, int], targets: dict[Role, int] | None = None) -> None:
+        """Fail fast when Ray's free resources cannot place `more` new workers per role (first fit over
+        the nodes), naming what is missing and the settings that fix it. Ray's view of free resources
+        lags a worker stopped just before, so a shortfall is looked at again for PLACEMENT_CHECK_S."""
+        wanted = [(role, resource_demand(self.cfg, role)) for role, n in more.items() for _ in range(n)]
+        if not wanted:
+            return
+        deadline = time.monotonic() + PLACEMENT_CHECK_S
+        while True:
+            free = _free_resources_per_node()
+            if free is None:
+                return  # no view of free resources (Ray Client): Ray places or the start timeout reports
+            unplaced = _first_fit(wanted, free)
+            if not unplaced or time.monotonic() >= deadline or self._stopping.is_set():
+                break
+            time.sleep(0.25)
+        if not unplaced:
+            return
+        short: dict[Role, int] = {}
+        for role, _ in unplaced:
+            short[role] = short.get(role, 0) + 1
+        total: dict[str, float] = {}
+        for role, demand in wanted:
+            for k, v in demand.items():
+                total[k] = total.get(k, 0.0) + v
+        free_sum: dict[str, float] = {}
+        for node in free.values():
+            for k, v in node.items():
+                free_sum[k] = free_sum.get(k, 0.0) + v
+        missing = sorted({k for role, _ in unplaced for k in resource_demand(self.cfg, role)
+                          if free_sum.get(k, 0.0) < total[k] - 1e-9} or set(total))
+        fixes: list[str] = []
+        for role in short:
+            pool_demand = resource_demand(self.cfg, role)
+            if "CPU" in missing and "CPU" in pool_demand:
+                fixes.append(f"a smaller {role}.cpus_per_worker (now {pool_demand['CPU']:g})")
+            if "GPU" in missing and "GPU" in pool_demand:
+                fixes.append(f"a smaller {role}.gpus_per_worker (now {pool_demand['GPU']:g})")
+            fixes += [f"nodes with more '{k}' ({role}.resources)" for k in missing if k in pool_config(self.cfg, role).resources]
+        if "CPU" in missing:
+            fixes.append("a larger ray.num_cpus (the local Ray cluster's logical CPUs; it is restarted by "
+                         "`splitserve down` + `up`)" if self.cfg.ray.starts_local_cluster else
+                         "more CPUs in the Ray cluster")
+        if "GPU" in missing:
+            fixes.append("more GPUs in the Ray cluster")
+        want = " + ".join(f"{n} more {role} worker{'s' if n != 1 else ''}" for role, n in more.items() if n)
+        each = "; ".join(f"a {role} worker needs {_fmt_res(resource_demand(self.cfg, role))}" for role in more
+                         if more[role])
+        sizes = "" if targets is None else f" (to {targets['prefill']} prefill + {targets['decode']} decode)"
+        raise PlacementError(
+            f"cannot place {want}{sizes}: not enough {', '.join(missing)} free in the Ray cluster; {each}; "
+            f"they need {_fmt_res({k: total[k] for k in missing})} in all, free now: "
+            f"{_fmt_res({k: free_sum.get(k, 0.0) for k in missing})}. Fix: {'; or '.join(dict.fromkeys(fixes))}. "
+            f"Nothing was changed.")
+
     def _launch(self, role: Role) -> _Worker:
         with self._lock:
             index = self._next_index[role]
             self._next_index[role] += 1
         wid = worker_id(role, index)
-        spec = spec_for(self.cfg, role, index, model_path=self.model_path)
+        spec = spec_for(self.cfg, role, index, model_path=self.model_path, cluster_secret=self.cluster_secret,
+                        grpc_tls=self.grpc_tls)
         try:
             actor = RemoteWorkerActor.options(**actor_options(self.cfg, role, wid)).remote(spec)
         except ValueError as e:  # e.g. the actor name is taken in this namespace
@@ -463,8 +544,7 @@ class Controller:
                     failed[w.worker_id] = _failure_reason(e)
                 else:
                     ready.append(w)
-        for w in ready:
-            self._admit(w)
+                    self._admit(w)  # it serves now, whatever the others are doing
         dead = [w for w in workers if w.worker_id in failed]
         if dead:
             for wid in sorted(failed):
@@ -686,6 +766,38 @@ class Controller:
                     self._replace_backoff.pop(role, None)
         finally:
             self._ops_lock.release()
+
+
+def _fmt_res(res: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in res.items())
+
+
+def _free_resources_per_node() -> dict[str, dict[str, float]] | None:
+    """Ray's free resources of each live node (None where this connection cannot read them)."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return {node: dict(res) for node, res in available_resources_per_node().items()}
+    except Exception:  # noqa: BLE001 - a developer API (absent under Ray Client): the aggregate then
+        try:
+            return {"cluster": dict(ray.available_resources())}
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def _first_fit(wanted: list[tuple[Role, dict[str, float]]],
+               free: dict[str, dict[str, float]]) -> list[tuple[Role, dict[str, float]]]:
+    """The workers that do not fit when placed one by one on the first node with room for each."""
+    room = {node: dict(res) for node, res in free.items()}
+    unplaced = []
+    for role, demand in sorted(wanted, key=lambda w: -sum(w[1].values())):
+        node = next((n for n, r in room.items() if all(r.get(k, 0.0) >= v - 1e-9 for k, v in demand.items())), None)
+        if node is None:
+            unplaced.append((role, demand))
+            continue
+        for k, v in demand.items():
+            room[node][k] -= v
+    return unplaced
 
 
 def _wait_all(refs: list[Any], timeout_s: float) -> None:

@@ -7,7 +7,7 @@
 `splitserve up` does exactly this (deploy/cluster_cli.py); tests do it with a uvicorn thread. The app
 is the router's OpenAI app (`splitserve.router.app.build_app`) over a `DisaggBackend` (a `ColocatedBackend`
 when router.mode is colocated) that routes over the controller's `Directory`, plus the /admin endpoints
-(deploy/admin.py) with the same API key. The app's lifespan starts the backend's worker poller and
+(deploy/admin.py) behind the operator token (`Cluster.operator_token`, not the clients' API key). The app's lifespan starts the backend's worker poller and
 closes its gRPC channels.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,14 @@ def build_router_app(
     *,
     controller: Controller | None = None,
     api_key: str | None = None,
+    operator_token: str | None = None,
     request_shutdown: Callable[[], None] | None = None,
+    cluster_secret: str | None = None,
 ) -> tuple[FastAPI, Any]:
     """The router app over the cluster backend, with /admin when `controller` is given.
+
+    `api_key` guards the public API; `operator_token` (required with `controller`) guards /admin. The
+    backend presents `cluster_secret` (default: the controller's) to the workers on every call.
 
     Returns (app, backend). Serve the app with lifespan on: it starts and closes the backend.
     """
@@ -90,12 +96,17 @@ def build_router_app(
                             first_token_timeout_s=r.first_token_timeout_s,
                             idle_stream_timeout_s=r.idle_stream_timeout_s,
                             # a reservation lives until its prefill (and cache transfer) is done
-                            lease_s=r.first_token_timeout_s)
+                            lease_s=r.first_token_timeout_s,
+                            cluster_secret=cluster_secret or (controller.cluster_secret if controller else None),
+                            grpc_tls=controller.grpc_tls if controller is not None else None)
     app = build_app(backend, model.tokenizer, cfg.model.served_name, api_limits(cfg, model), api_key=api_key,
                     max_queued=r.max_queued, add_bos=model.config.bos_token_id is not None,
-                    eos_token_id=model.config.eos_token_id)
+                    eos_token_id=model.config.eos_token_id, sse_keepalive_s=r.sse_keepalive_s)
     if controller is not None:
-        app.include_router(build_admin_router(controller, api_key=api_key, request_shutdown=request_shutdown))
+        if operator_token is None:
+            raise ValueError("/admin needs an operator_token")
+        app.include_router(build_admin_router(controller, operator_token=operator_token,
+                                              request_shutdown=request_shutdown))
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -115,10 +126,12 @@ class Cluster:
     """One cluster: its controller (workers on Ray), Directory, model files and router app."""
 
     def __init__(self, cfg: ClusterConfig, *, router_url: str | None = None, start_timeout_s: float = 600.0,
-                 **controller_options: Any) -> None:
-        """`controller_options` go to `Controller` (drain_timeout_s, monitor_interval_s, ...)."""
+                 operator_token: str | None = None, **controller_options: Any) -> None:
+        """`operator_token` guards /admin (None: a fresh random one, `self.operator_token`);
+        `controller_options` go to `Controller` (drain_timeout_s, monitor_interval_s, ...)."""
         self.cfg = cfg
         self.api_key = cfg.router.resolve_api_key()  # a missing key variable fails before anything starts
+        self.operator_token = operator_token or secrets.token_urlsafe(32)
         self.directory = Directory()
         self.controller = Controller(cfg, self.directory, router_url=router_url, start_timeout_s=start_timeout_s,
                                      **controller_options)
@@ -143,6 +156,7 @@ class Cluster:
         try:
             self.app, self.backend = build_router_app(self.cfg, self.directory, self.model,
                                                       controller=self.controller, api_key=self.api_key,
+                                                      operator_token=self.operator_token,
                                                       request_shutdown=self._request_shutdown)
         except BaseException:
             self.controller.shutdown()

@@ -18,18 +18,16 @@ from typing import Any, Literal
 
 import ray
 
-from splitserve.deploy.config import ClusterConfig, PoolConfig
+from splitserve.deploy.config import ClusterConfig, ConfigError, ConfigProblem, PoolConfig
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.runtime import WorkerServer, WorkerSpec
+from splitserve.protos.auth import GrpcTls
 
 logger = logging.getLogger(__name__)
 
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, Role] = ("prefill", "decode")
 
-#: Ray CPUs each worker actor reserves. On cpu the worker computes on them (Ray sets the actor's
-#: OMP_NUM_THREADS to it, so torch uses one thread per worker); on cuda it is the host-side loop.
-WORKER_NUM_CPUS = 1.0
 #: Threads serving the actor's methods: ping/stats must answer while stop() or drain() runs.
 ACTOR_MAX_CONCURRENCY = 8
 
@@ -74,11 +72,13 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
     )
 
 
-def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | None = None) -> WorkerSpec:
+def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | None = None,
+             cluster_secret: str | None = None, grpc_tls: GrpcTls | None = None) -> WorkerSpec:
     """The `WorkerSpec` of worker `<role>-<index>`.
 
     `model_path` replaces cfg.model.path (the launcher passes the resolved checkpoint directory so
-    workers never race to create the tiny checkpoint).
+    workers never race to create the tiny checkpoint). `cluster_secret` and `grpc_tls` (the controller's,
+    made per run) travel to the worker inside the spec, through Ray.
     """
     if index < 0:
         raise ValueError(f"worker index must be >= 0, got {index}")
@@ -96,6 +96,8 @@ def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | No
         # A reservation waits for prefill + cache transfer: as long as the router waits for a first token.
         reserve_lease_s=cfg.router.first_token_timeout_s,
         first_token_timeout_s=cfg.router.first_token_timeout_s,
+        cluster_secret=cluster_secret,
+        grpc_tls=grpc_tls,
     )
 
 
@@ -105,7 +107,9 @@ def actor_options(cfg: ClusterConfig, role: Role, wid: str) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": wid,
         "namespace": cfg.ray.namespace,
-        "num_cpus": WORKER_NUM_CPUS,
+        # On cpu the worker computes on them (Ray sets the actor's OMP_NUM_THREADS to max(1, floor(n)),
+        # so torch uses one thread below one CPU); on cuda they are the host-side loop's.
+        "num_cpus": pool.cpus_per_worker,
         "num_gpus": pool.gpus_per_worker,
         "resources": dict(pool.resources),
         # The config has no restart setting: the controller notices a dead worker and starts a fresh
@@ -119,10 +123,30 @@ def actor_options(cfg: ClusterConfig, role: Role, wid: str) -> dict[str, Any]:
     return opts
 
 
+def load_grpc_tls(cfg: ClusterConfig) -> GrpcTls | None:
+    """The TLS material of the security section (None: plaintext gRPC).
+
+    Raises:
+        ConfigError: a file cannot be read (named by its field).
+    """
+    s = cfg.security
+    if not s.uses_tls:
+        return None
+    pem: dict[str, bytes] = {}
+    for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca"):
+        path = str(getattr(s, name))
+        try:
+            with open(path, "rb") as f:
+                pem[name] = f.read()
+        except OSError as e:
+            raise ConfigError([ConfigProblem(f"security.{name}", f"cannot read {path}: {e.strerror or e}")]) from None
+    return GrpcTls(pem["grpc_tls_cert"], pem["grpc_tls_key"], pem["grpc_tls_ca"], s.grpc_tls_server_name)
+
+
 def resource_demand(cfg: ClusterConfig, role: Role) -> dict[str, float]:
     """What one `role` worker asks Ray for, in `ray.nodes()` resource names."""
     pool = pool_config(cfg, role)
-    demand = {"CPU": WORKER_NUM_CPUS, **pool.resources}
+    demand = {"CPU": pool.cpus_per_worker, **pool.resources}
     if pool.gpus_per_worker:
         demand["GPU"] = pool.gpus_per_worker
     return demand

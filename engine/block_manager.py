@@ -102,7 +102,7 @@ class BlockManager:
     # ---- prefix cache -----------------------------------------------------------------------
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """Blocks holding the longest cached prefix of `hashes` (no references taken)."""
-        out = []
+        out: list[int] = []
         if not self.prefix_cache:
             return out
         for h in hashes:

@@ -128,8 +128,8 @@ class EngineLoop:
                         q = self._subs.get(out.request_id)
                         if q is not None:
                             q.put(out)
-                for hook in self.after_step:
-                    hook(self.engine, outputs)
+                for after in self.after_step:
+                    after(self.engine, outputs)
         except BaseException as e:  # noqa: BLE001 - a dead loop must be visible to every waiter
             log.exception("engine loop died")
             self.error = e

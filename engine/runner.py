@@ -66,7 +66,7 @@ class ModelRunner:
              graphed: bool) -> torch.Tensor:
         """The MTP layer over these runs of rows (from a CUDA graph when `graphed` and one fits)."""
         plan = RowPlan.build(groups, self.pool.block_size) if self.paged else None
-        if graphed and self.mtp_graphs is not None:
+        if graphed and self.mtp_graphs is not None and plan is not None:
             out = self.mtp_graphs.run(plan, hidden)
             if out is not None:
                 return out
@@ -112,6 +112,7 @@ class ModelRunner:
         out = {}
         for (req, n, limit), sp in zip(owners, spans):
             req.mtp_computed = limit
+            assert req.pending_hidden is not None  # it had n rows above
             rest = req.pending_hidden[n:]
             req.pending_hidden = rest if rest.shape[0] else None
             out[req.request_id] = g[sp.end - 1]
@@ -128,6 +129,7 @@ class ModelRunner:
         for j in range(self.mtp_k):
             if not active:
                 break
+            assert hidden is not None  # made for the active requests
             if j > 0:  # recursive step: the MTP layer on its own output and previous draft
                 groups = [([r.drafts[-1]], r.num_computed + j - 1, r.block_table) for r in active]
                 spans = [SeqSpan(i, 1, p, absorbed=True) for i, (_, p, _) in enumerate(groups)]
@@ -176,7 +178,7 @@ class ModelRunner:
                 verdicts[i] = VerifyResult(a, list(drafts[:a]) + [t[a]])
         rest = [i for i in range(len(items)) if verdicts[i] is None]
         if rest:
-            target, drafts_probs, gens, greedy, drafts = [], [], [], [], []
+            target, drafts_probs, gens, greedy, draft_ids = [], [], [], [], []
             for i in rest:
                 req, sp = items[i][0].req, items[i][1]
                 lg = logits[[row_of[r] for r in range(sp.start, sp.end)]]
@@ -184,8 +186,8 @@ class ModelRunner:
                 drafts_probs.append(req.draft_probs)
                 gens.append(req.generator)
                 greedy.append(req.params.greedy)
-                drafts.append(req.drafts)
-            for i, v in zip(rest, verify_batch(drafts, drafts_probs, target, gens, greedy)):
+                draft_ids.append(req.drafts)
+            for i, v in zip(rest, verify_batch(draft_ids, drafts_probs, target, gens, greedy)):
                 verdicts[i] = v
         return verdicts  # type: ignore[return-value]
 
@@ -214,7 +216,7 @@ class ModelRunner:
             start += len(toks)
         plan = RowPlan.build(groups, self.pool.block_size) if self.paged else None
         hidden = None
-        if self.graphs is not None and all(it.decode for it in items):
+        if self.graphs is not None and plan is not None and all(it.decode for it in items):
             hidden = self.graphs.run(plan)
         if hidden is None:
             hidden = self.net.forward(self._batch(groups, spans, plan))

@@ -12,16 +12,20 @@ import os
 import socket
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
-import torch
 
-from splitserve.kvtransfer import Compat, TransportConfig, make_transport
+from splitserve.protos.auth import ClusterSecretInterceptor, GrpcTls, add_port
 
 from .config import EngineConfig
-from .engine import Engine
-from .loop import EngineLoop
+
+if TYPE_CHECKING:  # the model stack loads in the worker only: a WorkerSpec is built without torch
+    import torch
+
+    from splitserve.kvtransfer import Compat
+
+    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,10 @@ class WorkerSpec:
     grpc_port: int = 0
     reserve_lease_s: float = 30.0   # decode: reserved blocks come back if no cache arrives in time
     first_token_timeout_s: float = 120.0
+    # Every gRPC call and every TCP-transfer handshake must prove it (None: no check; the launcher always
+    # sets one, made per run and sent to the worker through Ray inside this spec).
+    cluster_secret: str | None = field(default=None, repr=False)
+    grpc_tls: GrpcTls | None = field(default=None, repr=False)  # TLS for the gRPC server (None: plaintext)
 
     @property
     def quarantine_s(self) -> float:
@@ -51,15 +59,24 @@ class WorkerSpec:
 
 def transfer_compat(engine: Engine) -> Compat:
     """Fields both ends of a cache transfer must agree on."""
+    from splitserve.kvtransfer import Compat
+
     cfg = engine.net.cfg
-    return Compat({"model": cfg.short_hash(), **engine.pool.layout.describe(),
-                   "mtp_layers": int(engine.net.has_mtp), "mtp_cache": engine.mtp_cache})
+    fields: dict[str, Any] = {"model": cfg.short_hash(), **engine.pool.layout.describe(),
+                              "mtp_layers": int(engine.net.has_mtp), "mtp_cache": engine.mtp_cache}
+    return Compat.of(**fields)
 
 
 class WorkerRuntime:
     def __init__(self, spec: WorkerSpec) -> None:
+        import torch
+
+        from splitserve.kvtransfer import TransportConfig, make_transport
         from splitserve.model import load
         from splitserve.model.presets import resolve_checkpoint
+
+        from .engine import Engine
+        from .loop import EngineLoop
 
         self.spec = spec
         ecfg = spec.engine
@@ -73,7 +90,9 @@ class WorkerRuntime:
         self.loop = EngineLoop(self.engine, name=f"engine-{spec.worker_id}").start()
         self.transport = make_transport(spec.transfer_backend, spec.worker_id, transfer_compat(self.engine),
                                         host=spec.transfer_host,
-                                        config=TransportConfig(transfer_timeout_s=spec.transfer_timeout_s))
+                                        config=TransportConfig(
+                                            transfer_timeout_s=spec.transfer_timeout_s,
+                                            secret=None if spec.cluster_secret is None else spec.cluster_secret.encode()))
         self.transport.register_pools(self.engine.pool.pools())
         self.metadata = self.transport.metadata()
         log.info("worker %s (%s) ready: %s, %d blocks of %d tokens (%.1f MB each), transfer %s",
@@ -98,11 +117,13 @@ class WorkerServer:
 
     def __init__(self, rt: WorkerRuntime, service, add_to_server, role: str) -> None:
         self.rt, self.service, self.role = rt, service, role
+        secret = rt.spec.cluster_secret
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{role}"),
                                   options=[("grpc.max_receive_message_length", 256 << 20),
-                                           ("grpc.max_send_message_length", 256 << 20)])
+                                           ("grpc.max_send_message_length", 256 << 20)],
+                                  interceptors=[ClusterSecretInterceptor(secret)] if secret is not None else None)
         add_to_server(service, self.server)
-        port = self.server.add_insecure_port(f"{rt.spec.grpc_host}:{rt.spec.grpc_port}")
+        port = add_port(self.server, f"{rt.spec.grpc_host}:{rt.spec.grpc_port}", rt.spec.grpc_tls)
         if port == 0:
             raise RuntimeError(f"cannot bind gRPC on {rt.spec.grpc_host}:{rt.spec.grpc_port}")
         self.address = f"{rt.spec.grpc_host}:{port}"
@@ -127,4 +148,6 @@ class WorkerServer:
 
 def generator_state_from_bytes(data: bytes) -> torch.Tensor | None:
     """A generator state sent as raw bytes (torch.Generator.get_state())."""
+    import torch
+
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None

@@ -44,12 +44,12 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampling_params import SamplingParams, TokenLogprobs
 
 __all__ = [
     "SamplingRow",
@@ -103,19 +103,6 @@ class SamplingRow:
     generator: torch.Generator | None = None
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    """Logprob of one token (after its request's logit_bias) and the top-N alternatives of its position.
-
-    `top` holds (token id, logprob) pairs by decreasing logprob, N of them (N = requested count,
-    or fewer if the vocabulary is smaller).
-    """
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

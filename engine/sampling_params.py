@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Logprob of one token (after its request's logit_bias) and the top-N alternatives of its position.
+
+    `top` holds (token id, logprob) pairs by decreasing logprob, N of them (N = requested count,
+    or fewer if the vocabulary is smaller).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 #: OpenAI's range for one logit_bias value.
 MAX_LOGIT_BIAS = 100.0

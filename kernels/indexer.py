@@ -175,7 +175,7 @@ def indexer_logits_decode_triton(q: torch.Tensor, weights: torch.Tensor, k_cache
     out = torch.empty(bsz, width, device=q.device, dtype=torch.float32)
     fp8 = k_scale is not None
     qv = q.view(torch.uint8) if fp8 else q
-    ks = k_scale if fp8 else out  # dummy pointer when unused
+    ks = k_scale if k_scale is not None else out  # dummy pointer when unused
     pages = pages_per_program or _pages_per_program(bsz, max_blocks)
     kern = _indexer_logits_kernel
     grid = (bsz, triton.cdiv(max_blocks, pages))

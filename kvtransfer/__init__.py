@@ -73,6 +73,7 @@ def make_transport(
                 transfer_timeout_s=config.transfer_timeout_s,
                 connect_timeout_s=config.connect_timeout_s,
                 close_timeout_s=config.close_timeout_s,
+                secret=config.secret,
             )
         return TcpTransport(name, compat, host=host, config=config)
     if backend == "nixl":
@@ -89,6 +90,7 @@ def make_transport(
                 transfer_timeout_s=config.transfer_timeout_s,
                 connect_timeout_s=config.connect_timeout_s,
                 close_timeout_s=config.close_timeout_s,
+                secret=config.secret,
             )
         return NixlTransport(name, compat, host=host, config=config)
     raise ValueError(f"unknown kvtransfer backend {backend!r}; expected 'nixl' or 'tcp'")

@@ -441,6 +441,8 @@ class TransportConfig:
     transfer_timeout_s: float = 30.0  #: a write not DONE after this is FAILED by ``poll``
     connect_timeout_s: float = 10.0  #: bound on ``add_peer`` (connect + handshake)
     close_timeout_s: float = 5.0  #: bound on joining background threads in ``close``
+    #: the cluster secret: a TCP receiver refuses a peer whose handshake does not prove it (None: no check)
+    secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("transfer_timeout_s", "connect_timeout_s", "close_timeout_s"):

@@ -16,11 +16,16 @@ Frames (network byte order, 32-byte header)::
 
     magic b"KV" | u8 version | u8 kind | u32 a | u64 b | u64 c | u64 payload_length | payload
 
-    HELLO      payload = sender metadata            HELLO_OK / HELLO_ERR (payload = reason)
+    HELLO      a = 1: payload = 32-byte proof + sender metadata (a = 0: metadata alone)
+               HELLO_OK / HELLO_ERR (payload = reason)
     DATA       a = pool, b = remote start block, c = block count, length = c * block_bytes
     END        a = flags (1 notif, 2 aborted), b = transfer id, payload = notif
     ACK        b = transfer id                      ERROR  payload = reason, then close
     NOTIF      payload = message                    BYE    orderly close
+
+With a cluster secret (``TransportConfig.secret``) the dialer's HELLO carries a proof, an HMAC-SHA256 of
+its metadata under the secret, and a receiver refuses (HELLO_ERR, then close) a HELLO without a valid one
+before it reads any metadata: a peer that does not hold the secret never gets to write into the pools.
 
 Every length is checked against the receiver's pools (DATA) or ``max_message_bytes`` (others).
 A socket operation stalled for ``io_timeout_s`` fails the connection; a peer that disconnects
@@ -32,6 +37,8 @@ stays broken: ``remove_peer`` + ``add_peer`` reconnects.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import logging
 import queue
 import select
@@ -107,6 +114,14 @@ class TcpConfig(TransportConfig):
 
 
 # -- framing ---------------------------------------------------------------------------------
+
+_PROOF_BYTES = 32
+
+
+def _proof(secret: bytes, hello: bytes) -> bytes:
+    """What a HELLO carries to show its sender holds the cluster secret."""
+    return hmac.new(secret, b"splitserve-kvtcp-hello\0" + hello, hashlib.sha256).digest()
+
 
 
 def _send_frame(
@@ -276,7 +291,11 @@ class TcpTransport(TransportCore):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(timeout)
-            _send_frame(sock, _Kind.HELLO, payload=self._local_metadata().to_bytes())
+            hello = self._local_metadata().to_bytes()
+            if self._config.secret is None:
+                _send_frame(sock, _Kind.HELLO, payload=hello)
+            else:
+                _send_frame(sock, _Kind.HELLO, 1, payload=_proof(self._config.secret, hello) + hello)
             kind, _, _, _, length = _recv_header(sock)
             reply = _recv_small(sock, length, self._cfg.max_message_bytes, "handshake reply")
             if kind is _Kind.HELLO_ERR:
@@ -471,10 +490,17 @@ class TcpTransport(TransportCore):
                 self._server_threads.discard(threading.current_thread())
 
     def _serve_hello(self, sock: socket.socket) -> str | None:
-        kind, _, _, _, length = _recv_header(sock)
+        kind, proved, _, _, length = _recv_header(sock)
         if kind is not _Kind.HELLO:
             raise _ProtocolError(f"expected HELLO, got {kind.name}")
         payload = _recv_small(sock, length, self._cfg.max_message_bytes, "HELLO")
+        proof, payload = (payload[:_PROOF_BYTES], payload[_PROOF_BYTES:]) if proved == 1 else (b"", payload)
+        secret = self._config.secret
+        if secret is not None and not hmac.compare_digest(proof, _proof(secret, payload)):
+            logger.warning("%r refused a peer without the cluster secret", self.name)
+            _send_frame(sock, _Kind.HELLO_ERR, payload=b"unauthenticated: the handshake does not prove the "
+                                                       b"cluster secret")
+            return None
         try:
             if not self._pool_infos:
                 raise HandshakeError(f"{self.name!r} has not registered its pools yet")

@@ -126,8 +126,8 @@ def make_checkpoint(preset: str | ModelConfig, out: str | Path, *, fp8: bool = F
     for i, fname in enumerate(shard_names, 1):
         new = f"model-{i:05d}-of-{len(shard_names):05d}.safetensors"
         (out / fname).rename(out / new)
-        for k, v in weight_map.items():
-            if v == fname:
+        for k, home in weight_map.items():
+            if home == fname:
                 final_map[k] = new
     total = sum((out / f).stat().st_size for f in set(final_map.values()))
     (out / "model.safetensors.index.json").write_text(json.dumps(

@@ -45,6 +45,8 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """Sigmoid scores; group-limited top-k on score + correction bias; weights from unbiased scores."""
 
+    e_score_correction_bias: torch.Tensor  # a buffer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg

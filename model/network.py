@@ -106,8 +106,9 @@ class DeepseekV32(nn.Module):
         and up) so that each group is one GEMM. In place, no extra memory, idempotent; parameter names
         and shapes are unchanged (the originals become views)."""
         for m in self.modules():
-            if m is not self and hasattr(m, "fuse_weights"):
-                m.fuse_weights()
+            fuse = getattr(m, "fuse_weights", None)
+            if m is not self and fuse is not None:
+                fuse()
 
     @torch.no_grad()
     def to_fp8(self, modules: set[str] | None = None, quantize: bool = False) -> None:

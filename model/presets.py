@@ -9,8 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .checkpoint import PRESETS, make_checkpoint
-
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "v2"  # bump whenever a preset changes
@@ -22,6 +20,14 @@ def cache_dir() -> Path:
 
 def resolve_checkpoint(model: str | Path) -> Path:
     """A checkpoint directory for a path or a preset name (made once, atomically, if absent)."""
+    # Found without torch: a preset made before (only presets are cached there), or a directory path.
+    cached = cache_dir() / f"{model}-{CACHE_VERSION}"
+    if os.sep not in str(model) and (cached / "config.json").exists():
+        return cached
+    if os.sep in str(model) and (Path(model).expanduser() / "config.json").exists():
+        return Path(model).expanduser()  # a name with a separator is never a preset
+    from .checkpoint import PRESETS, make_checkpoint
+
     if str(model) not in PRESETS:
         path = Path(model).expanduser()
         if not (path / "config.json").exists():

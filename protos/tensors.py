@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from splitserve.engine.sampler import TokenLogprobs
+import numpy as np
+
+from splitserve.engine.sampling_params import TokenLogprobs
 
 from . import worker_pb2 as pb
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8,
-           "int64": torch.int64}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are converted: the router imports this module for logprobs only
+_DTYPE_NAMES = ("float32", "bfloat16", "float16", "uint8", "int64")
+
+
+def _dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {name: getattr(torch, name) for name in _DTYPE_NAMES}
 
 
 def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
+    import torch
+
     t = t.detach().cpu().contiguous()
     name = str(t.dtype).replace("torch.", "")
-    if name not in _DTYPES:
+    if name not in _DTYPE_NAMES:
         raise ValueError(f"cannot send a {name} tensor")
     return pb.Tensor(dtype=name, shape=list(t.shape), data=t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
-    if msg.dtype not in _DTYPES:
+    import torch
+
+    if msg.dtype not in _DTYPE_NAMES:
         raise ValueError(f"unknown tensor dtype {msg.dtype!r}")
-    dtype = _DTYPES[msg.dtype]
+    dtype = _dtypes()[msg.dtype]
     raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8) if msg.data else torch.empty(0, dtype=torch.uint8)
     n = int(np.prod(msg.shape)) if msg.shape else 1
     if raw.numel() != n * torch.empty(0, dtype=dtype).element_size():

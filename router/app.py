@@ -117,6 +117,7 @@ class _Server:
         self.add_bos = add_bos
         self.eos_token_id = eos_token_id
         self.metrics = metrics
+        self.sse_keepalive_s: float | None = None
         self.strings = R.TokenStrings(tokenizer)
         self.created = int(time.time())
 
@@ -257,6 +258,7 @@ class _Server:
                 request_id=request_id,
                 on_close=lambda: release(turn["started"]),
                 headers={"Cache-Control": "no-cache"},
+                keepalive_s=self.sse_keepalive_s,
             )
         started = False
 
@@ -476,8 +478,12 @@ def build_app(
     retry_after_s: int = 1,
     add_bos: bool = False,
     eos_token_id: int | None = None,
+    sse_keepalive_s: float | None = 15.0,
 ) -> FastAPI:
     """The OpenAI-compatible app over `backend`.
+
+    `sse_keepalive_s`: a stream that has nothing to send for this long sends an SSE comment
+    (``: keep-alive``) so proxies keep the connection while a long prompt is prefilled (None: never).
 
     `max_queued` bounds admitted requests (running + waiting; 429 beyond), `max_running` how many run
     at once. `add_bos` prepends BOS to string prompts of /v1/completions (chat prompts carry their own).
@@ -499,6 +505,7 @@ def build_app(
         eos_token_id=eos_token_id,
         metrics=metrics,
     )
+    server.sse_keepalive_s = sse_keepalive_s
     app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.state.metrics = metrics

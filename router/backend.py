@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from splitserve.engine.sampler import TokenLogprobs as _EngineTokenLogprobs
+from splitserve.engine.sampling_params import TokenLogprobs as _EngineTokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "abort")

@@ -11,6 +11,7 @@ import grpc
 
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
+from splitserve.protos.auth import GrpcTls, aio_channel
 
 from .membership import WorkerInfo
 
@@ -20,13 +21,14 @@ _OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_mess
 
 
 class WorkerClients:
-    def __init__(self) -> None:
+    def __init__(self, cluster_secret: str | None = None, grpc_tls: GrpcTls | None = None) -> None:
+        self.cluster_secret, self.grpc_tls = cluster_secret, grpc_tls  # presented on every call to a worker
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=_OPTIONS)
+            ch = self._channels[address] = aio_channel(address, self.cluster_secret, self.grpc_tls, options=_OPTIONS)
         return ch
 
     def decode(self, w: WorkerInfo) -> pbg.DecodeWorkerStub:

@@ -16,9 +16,12 @@ from dataclasses import replace
 
 from splitserve.engine.sampling_params import SamplingParams
 
+from splitserve.protos.auth import GrpcTls
+
 from .backend import GenerationDelta, Unavailable
 from .clients import WorkerClients
 from .membership import Directory
+from .metrics import metric_key
 from .policy import InFlight, RoutingPolicy
 from .poller import LoadPoller
 from .relay import DecodeLost
@@ -38,7 +41,8 @@ class ClusterBackend:
     def __init__(self, directory: Directory, *, policy: str = "least_loaded", reserve_timeout_s: float = 10.0,
                  first_token_timeout_s: float = 120.0, idle_stream_timeout_s: float = 30.0,
                  lease_s: float = 30.0, poll_interval_s: float = 0.5, prefill_attempts: int = 2,
-                 max_migrations: int = 2) -> None:
+                 max_migrations: int = 2, cluster_secret: str | None = None,
+                 grpc_tls: GrpcTls | None = None) -> None:
         self.directory = directory
         self.policy = RoutingPolicy(policy)
         self.reserve_timeout_s = reserve_timeout_s
@@ -47,7 +51,7 @@ class ClusterBackend:
         self.lease_s = lease_s
         self.prefill_attempts = prefill_attempts
         self.max_migrations = max_migrations
-        self.clients = WorkerClients()
+        self.clients = WorkerClients(cluster_secret, grpc_tls)  # the secret goes with every call to a worker
         self.poller = LoadPoller(directory, self.clients, poll_interval_s)
         self.inflight = InFlight()
         self.migrations = 0
@@ -113,12 +117,14 @@ class ClusterBackend:
                                  "prefill_retries_total": float(self.prefill_retries),
                                  "reserve_refusals_total": float(self.reserve_refusals),
                                  "decode_migrations_total": float(self.migrations)}
+        roles: dict[str, str] = {}
         for w in self.directory.all():
-            out[f"worker_blocks_used:{w.worker_id}"] = float(w.blocks_used)
-            out[f"worker_running:{w.worker_id}"] = float(w.running)
-            out[f"worker_queue_depth:{w.worker_id}"] = float(w.waiting)
+            roles[w.worker_id] = w.role
+            out[metric_key("worker_blocks_used", worker=w.worker_id, role=w.role)] = float(w.blocks_used)
+            out[metric_key("worker_running", worker=w.worker_id, role=w.role)] = float(w.running)
+            out[metric_key("worker_queue_depth", worker=w.worker_id, role=w.role)] = float(w.waiting)
         for wid, n in self.inflight.requests.items():
-            out[f"worker_router_in_flight:{wid}"] = float(n)
+            out[metric_key("worker_router_in_flight", worker=wid, role=roles.get(wid, ""))] = float(n)
         return out
 
 

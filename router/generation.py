@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +220,7 @@ class ChoiceStream:
         self._runners = runners
         self.results: list[ChoiceResult] | None = None
 
-    async def events(self) -> AsyncIterator[ChoiceEvent]:
+    async def events(self) -> AsyncGenerator[ChoiceEvent, None]:
         queue: asyncio.Queue[object] = asyncio.Queue()
 
         async def emit(ev: ChoiceEvent) -> None:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from splitserve.router.backend import SupportsMetrics
 
@@ -21,28 +21,71 @@ _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
 
 
+_LABELLED = re.compile(r"^(?P<name>[^{]+)(?:\{(?P<labels>.*)\})?$")
+_LABEL = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>[^"\\\n]*)"')
+
+
+def metric_key(name: str, **labels: str) -> str:
+    """The key of a labelled value in a backend's ``metrics()`` mapping: ``name{k="v",...}``.
+
+    A backend reports per-worker values as ``metric_key("worker_running", worker="decode-0", role="decode")``;
+    /metrics exports them as one family ``splitserve_backend_worker_running`` with those labels.
+    """
+    for k, v in labels.items():
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k) or any(c in str(v) for c in '"\\\n'):
+            raise ValueError(f"bad metric label {k}={v!r}")
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{labels[k]}"' for k in sorted(labels)) + "}"
+
+
+def _parse_key(key: str) -> tuple[str, dict[str, str]] | None:
+    m = _LABELLED.match(key)
+    if m is None:
+        return None
+    labels = {lm["key"]: lm["value"] for lm in _LABEL.finditer(m["labels"] or "")}
+    return _NAME_OK.sub("_", m["name"]), labels
+
+
 class _BackendCollector(Collector):
-    """Exports the values of ``backend.metrics()`` as gauges ``splitserve_backend_<name>`` on each scrape."""
+    """Exports the values of ``backend.metrics()`` on each scrape as ``splitserve_backend_<name>``.
+
+    Keys made by `metric_key` carry labels (one family per name, e.g. per-worker values labelled
+    ``worker`` and ``role``); a name ending in ``_total`` is a counter, anything else a gauge.
+    """
 
     def __init__(self, backend: SupportsMetrics) -> None:
         self._backend = backend
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         try:
             values = dict(self._backend.metrics())
         except Exception:  # a broken hook must not break /metrics
             logger.exception("backend metrics() failed")
             return
-        for name, value in sorted(values.items()):
+        families: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for key, value in values.items():
+            parsed = _parse_key(str(key))
             try:
                 v = float(value)
             except (TypeError, ValueError):
                 continue
-            if math.isnan(v):
+            if parsed is None or math.isnan(v):
                 continue
-            yield GaugeMetricFamily(
-                "splitserve_backend_" + _NAME_OK.sub("_", str(name)), f"backend metric {name}", value=v
-            )
+            name, labels = parsed
+            families.setdefault(name, []).append((labels, v))
+        for name, samples in sorted(families.items()):
+            label_names = sorted({k for labels, _ in samples for k in labels})
+            full = "splitserve_backend_" + name
+            family: CounterMetricFamily | GaugeMetricFamily
+            if name.endswith("_total"):
+                family = CounterMetricFamily(full.removesuffix("_total"), f"backend counter {name}",
+                                             labels=label_names)
+            else:
+                family = GaugeMetricFamily(full, f"backend metric {name}", labels=label_names)
+            for labels, v in sorted(samples, key=lambda s: sorted(s[0].items())):
+                family.add_metric([labels.get(k, "") for k in label_names], v)
+            yield family
 
 
 class RouterMetrics:

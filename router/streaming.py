@@ -6,6 +6,10 @@ CancelledError inside the body iterator, whose ``finally`` closes the backend ge
 closes the iterator. This does not wait for the next ``send`` to fail, so a backend that is slow to
 produce its next token is cancelled at once.
 
+While the body iterator produces nothing for `keepalive_s` seconds (a long prompt waiting for its first
+token), the response sends an SSE comment line, ``: keep-alive``, so that proxies and load balancers with
+idle timeouts do not cut the connection; clients' SSE parsers skip comments.
+
 `run_until_disconnect` does the same for a non-streaming request's coroutine.
 """
 
@@ -22,6 +26,10 @@ from starlette.types import Receive, Scope, Send
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+#: An SSE comment line (clients ignore it) sent while a stream has nothing else to send.
+KEEPALIVE = b": keep-alive\n\n"
 
 
 class ClientDisconnected(Exception):
@@ -60,9 +68,11 @@ class DisconnectAwareStreamingResponse(Response):
         media_type: str = "text/event-stream",
         request_id: str = "",
         on_close: Callable[[], None] | None = None,
+        keepalive_s: float | None = None,
     ) -> None:
         self.body_iterator = body
         self.on_close = on_close
+        self.keepalive_s = keepalive_s
         self.status_code = status_code
         self.media_type = media_type
         self.background = None
@@ -72,7 +82,22 @@ class DisconnectAwareStreamingResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def stream() -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.body_iterator:
+            it = self.body_iterator.__aiter__()
+            while True:
+                # The next chunk is awaited in a task of its own so that, while none comes (a long prompt's
+                # prefill), an SSE comment goes out every keepalive_s and proxies keep the connection.
+                nxt = asyncio.ensure_future(it.__anext__())
+                try:
+                    while not (await asyncio.wait({nxt}, timeout=self.keepalive_s))[0]:
+                        await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                finally:
+                    if not nxt.done():  # cancelled (client gone): the generator's finally runs now
+                        nxt.cancel()
+                        await asyncio.gather(nxt, return_exceptions=True)
+                try:
+                    chunk = nxt.result()
+                except StopAsyncIteration:
+                    break
                 await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 

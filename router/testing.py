@@ -39,6 +39,7 @@ class ReferenceBackend:
         token_delay_s: float = 0.0,
         tokens_per_delta: int = 1,
         fail_after_tokens: int | None = None,
+        first_token_delay_s: float = 0.0,
     ) -> None:
         if vocab_size < 2 or tokens_per_delta < 1:
             raise ValueError("vocab_size >= 2 and tokens_per_delta >= 1 required")
@@ -50,6 +51,7 @@ class ReferenceBackend:
         self.token_delay_s = token_delay_s
         self.tokens_per_delta = tokens_per_delta
         self.fail_after_tokens = fail_after_tokens
+        self.first_token_delay_s = first_token_delay_s  # a long prompt's prefill, before the first token
         self.started: list[str] = []
         self.finished: list[str] = []
         self.cancelled: list[str] = []
@@ -167,6 +169,7 @@ class ReferenceBackend:
             pending_lps: list[TokenLogprobs] = []
             prev = prompt_token_ids[-1]
             first = True
+            await asyncio.sleep(self.first_token_delay_s)
             while True:
                 if self.fail_after_tokens is not None and len(generated) >= self.fail_after_tokens:
                     completed = True

@@ -34,6 +34,7 @@ def router(tiny_checkpoint):
         with ServeThread(cl.app) as srv:
             wait_until(lambda: httpx.get(f"{srv.url}/health", timeout=5).status_code == 200, 60, "/health")
             srv.cluster = cl
+            srv.operator = {"Authorization": f"Bearer {cl.operator_token}"}
             yield srv
     finally:
         cl.shutdown()
@@ -45,7 +46,7 @@ def test_the_colocated_cluster_has_no_prefill_pool(router) -> None:
     assert [w.role for w in cl.directory.all()] == ["decode", "decode"]
     with pytest.raises(ValueError, match="no prefill pool"):
         cl.controller.scale(prefill=1)
-    r = httpx.post(f"{router.url}/admin/scale", json={"prefill": 1}, timeout=10)
+    r = httpx.post(f"{router.url}/admin/scale", json={"prefill": 1}, headers=router.operator, timeout=10)
     assert r.status_code == 400 and "no prefill pool" in r.json()["error"]["message"]
     assert httpx.get(f"{router.url}/health", timeout=5).json()["mode"] == "colocated"
 
@@ -94,9 +95,9 @@ def test_bench_serve_json_against_a_colocated_cluster(router, tmp_path) -> None:
                    "--slo-ttft-ms", "0.001", "--warmup", "0", "--out", str(out)])
     run = json.loads(out.read_text())["runs"][0]
     assert rc == 0 and run["completed"] == 2 and run["goodput"] == 0 and run["slo_attained"] == 0
-    status = httpx.get(f"{url}/admin/status", timeout=10).json()
+    status = httpx.get(f"{url}/admin/status", headers=router.operator, timeout=10).json()
     assert [w["role"] for w in status["workers"]] == ["decode", "decode"]
-    wait_until(lambda: all(w["blocks_used"] == 0 for w in httpx.get(f"{url}/admin/status", timeout=10)
+    wait_until(lambda: all(w["blocks_used"] == 0 for w in httpx.get(f"{url}/admin/status", headers=router.operator, timeout=10)
                            .json()["workers"]), 10, "every block to be free")
 
 

@@ -257,6 +257,35 @@ def test_api_key_sources_are_exclusive() -> None:
     assert [p.path for p in err.problems] == ["router.api_key_env"]
 
 
+def test_cpus_per_worker_defaults_by_device_and_must_be_positive() -> None:
+    assert parse_config({}).decode.cpus_per_worker == 0.25  # a CPU worker shares a core
+    cuda = parse_config({"model": {"device": "cuda"}})
+    assert cuda.prefill.cpus_per_worker == cuda.decode.cpus_per_worker == 1.0
+    assert parse_config({"decode": {"cpus_per_worker": 2}}).decode.cpus_per_worker == 2
+    err = _error({"decode": {"cpus_per_worker": 0}})
+    assert [p.path for p in err.problems] == ["decode.cpus_per_worker"] and "got 0" in str(err)
+
+
+def test_grpc_tls_files_are_all_or_none_and_must_be_readable(tmp_path: Path) -> None:
+    from splitserve.deploy.worker_actor import load_grpc_tls
+
+    assert not parse_config({}).security.uses_tls and load_grpc_tls(parse_config({})) is None
+    err = _error({"security": {"grpc_tls_cert": "w.pem"}})
+    assert sorted(p.path for p in err.problems) == ["security.grpc_tls_ca", "security.grpc_tls_key"]
+    err = _error({"security": {"grpc_tls_server_name": "w"}})
+    assert [p.path for p in err.problems] == ["security.grpc_tls_server_name"]
+    for name in ("w.pem", "k.pem"):
+        (tmp_path / name).write_bytes(b"PEM " + name.encode())
+    cfg = parse_config({"security": {"grpc_tls_cert": "w.pem", "grpc_tls_key": "k.pem", "grpc_tls_ca": "w.pem"}},
+                       base_dir=tmp_path)
+    tls = load_grpc_tls(cfg)
+    assert tls is not None and tls.cert == tls.ca == b"PEM w.pem" and tls.key == b"PEM k.pem"
+    cfg = parse_config({"security": {"grpc_tls_cert": "w.pem", "grpc_tls_key": "missing.pem", "grpc_tls_ca": "w.pem"}},
+                       base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="security.grpc_tls_key.*missing.pem"):
+        load_grpc_tls(cfg)
+
+
 def test_num_cpus_only_for_a_local_cluster() -> None:
     err = _error({"ray": {"address": "auto", "num_cpus": 4}})
     assert [p.path for p in err.problems] == ["ray.num_cpus"]

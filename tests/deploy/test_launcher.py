@@ -25,6 +25,7 @@ from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_co
 from splitserve.deploy.controller import Controller, ControllerError, WorkerStartError
 from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
+from splitserve.protos.auth import channel
 from splitserve.router.membership import Directory, WorkerInfo
 from splitserve.tests.helpers import ServeThread, all_pids, pid_alive, proc_stat, wait_until
 
@@ -108,8 +109,11 @@ def stub_for(info: WorkerInfo, channel: grpc.Channel) -> Any:
     return (pbg.PrefillWorkerStub if info.role == "prefill" else pbg.DecodeWorkerStub)(channel)
 
 
+SECRET: dict[str, str] = {}  # the module cluster's secret, set by the fixture
+
+
 def health(info: WorkerInfo) -> tuple[pb.HealthReply, pb.StatsReply]:
-    with grpc.insecure_channel(info.address) as ch:
+    with channel(info.address, SECRET["secret"]) as ch:
         stub = stub_for(info, ch)
         return (stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S),
                 stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S))
@@ -145,6 +149,7 @@ def cluster() -> Iterator[SimpleNamespace]:
                             ping_timeout_s=3.0)
     t0 = time.monotonic()
     controller.start()
+    SECRET["secret"] = controller.cluster_secret
     ctx = SimpleNamespace(cfg=cfg, controller=controller, directory=directory, start_s=time.monotonic() - t0,
                           worker_pids=set())
     try:
@@ -194,6 +199,24 @@ def test_status_shape_and_real_pids(cluster: SimpleNamespace) -> None:
     assert len(pids) == 2
 
 
+def test_workers_refuse_calls_without_the_cluster_secret(cluster: SimpleNamespace) -> None:
+    secret = cluster.controller.cluster_secret
+    assert len(secret) >= 32 and secret not in repr(cluster.controller.worker_info("decode-0"))
+    for w in cluster.directory.all():
+        for ch in (grpc.insecure_channel(w.address), channel(w.address, secret + "-wrong")):
+            with ch, pytest.raises(grpc.RpcError) as err:
+                stub_for(w, ch).Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        h, _ = health(w)  # the controller's secret opens it
+        assert h.worker_id == w.worker_id
+    # the secret reached the workers through Ray, not through their environment or command line
+    for w in cluster.directory.all():
+        with open(f"/proc/{w.pid}/environ", "rb") as f:
+            assert secret.encode() not in f.read()
+        with open(f"/proc/{w.pid}/cmdline", "rb") as f:
+            assert secret.encode() not in f.read()
+
+
 def test_unplaceable_pool_is_reported(cluster: SimpleNamespace) -> None:
     cfg = local_cfg(decode__resources={"no_such_node": 1.0})
     probe = Controller(cfg, Directory())
@@ -206,9 +229,22 @@ def test_completion_through_the_router_and_admin(cluster: SimpleNamespace) -> No
     from splitserve.deploy.launcher import build_router_app, resolve_model
 
     model = resolve_model(cluster.cfg)
-    app, _ = build_router_app(cluster.cfg, cluster.directory, model, controller=cluster.controller)
-    with ServeThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+    shutdowns: list[str] = []
+    app, _ = build_router_app(cluster.cfg, cluster.directory, model, controller=cluster.controller,
+                              api_key="client-key", operator_token="operator-token",
+                              request_shutdown=lambda: shutdowns.append("asked"))
+    clients = {"Authorization": "Bearer client-key"}
+    with ServeThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60, headers=clients) as client:
         wait_until(lambda: client.get("/health").status_code == 200, 20, "/health")
+        # the clients' API key opens the public API only: it cannot scale or stop the cluster
+        for method, path, body in (("GET", "/admin/status", None), ("POST", "/admin/scale", {"decode": 2}),
+                                   ("POST", "/admin/shutdown", None)):
+            r = client.request(method, path, json=body)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_operator_token", (path, r.text)
+        assert shutdowns == [] and cluster.controller.targets == {"prefill": 1, "decode": 1}
+        client.headers["Authorization"] = "Bearer operator-token"
+        assert client.get("/v1/models").status_code == 401  # the operator token is no API key
+        client.headers.update(clients)
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 8,
                                                  "temperature": 0})
         assert r.status_code == 200, r.text
@@ -220,6 +256,7 @@ def test_completion_through_the_router_and_admin(cluster: SimpleNamespace) -> No
                                                   "temperature": 0})
         assert r2.json()["choices"][0]["text"] == body["choices"][0]["text"]
 
+        client.headers["Authorization"] = "Bearer operator-token"
         st = client.get("/admin/status")
         assert st.status_code == 200
         done = {w["id"]: w["requests_done"] for w in st.json()["workers"]}
@@ -227,6 +264,8 @@ def test_completion_through_the_router_and_admin(cluster: SimpleNamespace) -> No
         bad = client.post("/admin/scale", json={"decode": 0})
         assert bad.status_code == 400 and "decode" in bad.json()["error"]["message"]
         assert client.post("/admin/scale", json={}).status_code == 400
+        assert client.post("/admin/shutdown").status_code == 200
+        wait_until(lambda: shutdowns == ["asked"], 10, "the shutdown hook")  # the operator can stop it
     assert cluster.controller.targets == {"prefill": 1, "decode": 1}
 
 
@@ -246,7 +285,7 @@ def test_scale_decode_up_then_down_drains(cluster: SimpleNamespace) -> None:
 
     # Work in flight on decode-1: a reservation (counted as waiting) that lives for `lease` seconds.
     lease_s = 3.0
-    with grpc.insecure_channel(new.address) as ch:
+    with channel(new.address, c.cluster_secret) as ch:
         rep = pbg.DecodeWorkerStub(ch).Reserve(
             pb.ReserveRequest(request_id="drain-test", prompt_len=100, max_tokens=4, lease_ms=int(lease_s * 1000)),
             timeout=RPC_TIMEOUT_S)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -86,15 +87,27 @@ def test_up_detach_status_scale_down(tmp_path: Path, reaper: list[int]) -> None:
     assert url in r.stdout and str(run_dir) in r.stdout  # the URL and the log path are printed
     up_pid = int(state["pid"])
     assert up_pid != os.getpid() and pid_alive(up_pid)
-    assert state["api_key_env"] == KEY_ENV and KEY not in json.dumps(state)  # never the key itself
+    assert KEY not in json.dumps(state)  # never the key itself
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
 
-    # the admin API takes the public API's key
-    assert httpx.get(f"{url}/admin/status", timeout=10).status_code == 401
-    r = cli("status", "--run-dir", str(run_dir), env=no_key_env)
-    assert r.returncode == 1 and KEY_ENV in r.stderr
+    # the operator's token: a file of its own in the run directory, readable by its owner only
+    token_file = Path(state["operator_token_file"])
+    assert token_file.parent == run_dir and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) >= 32 and token not in json.dumps(state) and token != KEY
+    # the clients' API key cannot look at, scale or stop the cluster; nothing at all cannot either
+    for headers in ({}, {"Authorization": f"Bearer {KEY}"}):
+        assert httpx.get(f"{url}/admin/status", headers=headers, timeout=10).status_code == 401
+        assert httpx.post(f"{url}/admin/scale", headers=headers, json={"decode": 2}, timeout=10).status_code == 401
+        assert httpx.post(f"{url}/admin/shutdown", headers=headers, timeout=10).status_code == 401
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # still up
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("not-the-token\n")
+    r = cli("status", "--run-dir", str(run_dir), "--operator-token-file", str(wrong), env=env)
+    assert r.returncode == 1 and "refused the operator token" in r.stderr
 
-    r = cli("status", "--json", "--run-dir", str(run_dir), env=env)
+    # the CLI reads the token; it needs no API key
+    r = cli("status", "--json", "--run-dir", str(run_dir), env=no_key_env)
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert st["router"]["url"] == url
@@ -124,7 +137,7 @@ def test_up_detach_status_scale_down(tmp_path: Path, reaper: list[int]) -> None:
     wait_until(lambda: not pid_alive(up_pid), 30, "the up process to exit")
     wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the workers to exit")
     wait_until(lambda: not [p for p in session_pids(up_pid) if pid_alive(p)], 30, "every Ray process to exit")
-    assert states(run_dir) == []
+    assert states(run_dir) == [] and not token_file.exists()
     r = cli("status", "--run-dir", str(run_dir), env=env)
     assert r.returncode == 1 and "no running cluster" in r.stderr
 
@@ -148,7 +161,8 @@ def test_foreground_up_stops_everything_on_sigterm(tmp_path: Path, reaper: list[
 
     wait_until(healthy, 150, "the cluster to serve")
     (state,) = states(run_dir)
-    st = httpx.get(f"{state['url']}/admin/status", timeout=10).json()
+    token = Path(state["operator_token_file"]).read_text().strip()
+    st = httpx.get(f"{state['url']}/admin/status", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
     pids = {w["pid"] for w in st["workers"]}
     assert len(pids) == 2 and all(pid_alive(p) for p in pids)
 

@@ -13,9 +13,8 @@ from fastapi.testclient import TestClient
 from splitserve.deploy.admin import build_admin_router
 from splitserve.deploy.cluster_cli import format_status
 from splitserve.deploy.config import DEFAULT_CONFIG_PATH, ClusterConfig, load_config, parse_config
-from splitserve.deploy.controller import ControllerError, WorkerStartError
+from splitserve.deploy.controller import ControllerError, PlacementError, WorkerStartError
 from splitserve.deploy.worker_actor import (
-    WORKER_NUM_CPUS,
     actor_options,
     resource_demand,
     spec_for,
@@ -83,7 +82,8 @@ def test_actor_options_pin_gpus_resources_and_names() -> None:
         assert opts["name"] == f"{role}-5" and opts["namespace"] == cfg.ray.namespace
         assert opts["num_gpus"] == pool.gpus_per_worker
         assert opts["resources"] == pool.resources
-        assert opts["num_cpus"] == WORKER_NUM_CPUS
+        assert opts["num_cpus"] == pool.cpus_per_worker == 1.0  # cuda default: the host loop's core
+        assert resource_demand(cfg, role)["CPU"] == pool.cpus_per_worker  # type: ignore[arg-type]
         assert opts["max_restarts"] == 0  # the controller replaces dead workers itself
         assert opts["runtime_env"] == {"env_vars": {"UCX_NET_DEVICES": cfg.transfer.interface}}
         demand = resource_demand(cfg, role)  # type: ignore[arg-type]
@@ -92,6 +92,15 @@ def test_actor_options_pin_gpus_resources_and_names() -> None:
     opts = actor_options(local, "decode", "decode-0")
     assert opts["num_gpus"] == 0 and opts["resources"] == {} and "runtime_env" not in opts
     assert "GPU" not in resource_demand(local, "decode")
+    # a CPU worker of the embedded default reserves a fraction of a core (deploy/local.yaml's value)
+    assert opts["num_cpus"] == local.decode.cpus_per_worker == 0.25
+
+
+def test_the_cluster_secret_travels_in_the_spec_and_is_never_printed() -> None:
+    spec = spec_for(cfg_with(), "decode", 0, cluster_secret="s3cret-value")
+    assert spec.cluster_secret == "s3cret-value"
+    assert "s3cret-value" not in repr(spec) and "s3cret-value" not in str(spec)
+    assert spec_for(cfg_with(), "decode", 0).cluster_secret is None
 
 
 def test_bad_role_and_index() -> None:
@@ -130,20 +139,20 @@ def admin() -> tuple[TestClient, FakeController, list[str]]:
     ctl = FakeController()
     calls: list[str] = []
     app = FastAPI()
-    app.include_router(build_admin_router(ctl, api_key="sekret", request_shutdown=lambda: calls.append("shutdown")))
+    app.include_router(build_admin_router(ctl, operator_token="sekret", request_shutdown=lambda: calls.append("shutdown")))
     return TestClient(app), ctl, calls
 
 
 AUTH = {"Authorization": "Bearer sekret"}
 
 
-def test_admin_requires_the_api_key(admin: tuple[TestClient, FakeController, list[str]]) -> None:
+def test_admin_requires_the_operator_token(admin: tuple[TestClient, FakeController, list[str]]) -> None:
     client, _, calls = admin
     for method, path in (("GET", "/admin/status"), ("POST", "/admin/scale"), ("POST", "/admin/shutdown")):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
             r = client.request(method, path, headers=headers, json={"decode": 2})
             assert r.status_code == 401, (method, path, headers)
-            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert r.json()["error"]["code"] == "invalid_operator_token"
     assert calls == []
     assert client.get("/admin/status", headers=AUTH).json()["router"]["url"] == "http://x"
 
@@ -174,12 +183,23 @@ def test_admin_shutdown_answers_then_calls_back(admin: tuple[TestClient, FakeCon
     assert calls == ["shutdown"]
 
 
-def test_admin_without_key_or_shutdown_hook() -> None:
+def test_admin_needs_a_token_and_answers_501_without_a_shutdown_hook() -> None:
+    with pytest.raises(ValueError, match="operator token"):
+        build_admin_router(FakeController(), operator_token="")
     app = FastAPI()
-    app.include_router(build_admin_router(FakeController()))
+    app.include_router(build_admin_router(FakeController(), operator_token="t0k"))
     client = TestClient(app)
-    assert client.get("/admin/status").status_code == 200
-    assert client.post("/admin/shutdown").status_code == 501
+    assert client.get("/admin/status").status_code == 401
+    assert client.get("/admin/status", headers={"Authorization": "Bearer t0k"}).status_code == 200
+    assert client.post("/admin/shutdown", headers={"Authorization": "Bearer t0k"}).status_code == 501
+
+
+def test_unplaceable_scale_is_a_conflict(admin: tuple[TestClient, FakeController, list[str]]) -> None:
+    client, ctl, _ = admin
+    ctl.fail_with = PlacementError("cannot place 2 more decode workers ... Fix: a smaller decode.cpus_per_worker")
+    r = client.post("/admin/scale", headers=AUTH, json={"decode": 3})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "cannot_place_workers"
+    assert "decode.cpus_per_worker" in r.json()["error"]["message"]
 
 
 def test_status_table() -> None:

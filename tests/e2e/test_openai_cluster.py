@@ -42,6 +42,7 @@ def cluster(tiny_checkpoint):
     try:
         with ServeThread(cl.app) as srv:
             wait_until(lambda: httpx.get(f"{srv.url}/health", timeout=5).status_code == 200, 60, "/health")
+            srv.operator = {"Authorization": f"Bearer {cl.operator_token}"}  # type: ignore[attr-defined]
             yield cl, srv
     finally:
         cl.shutdown()
@@ -103,7 +104,7 @@ def test_chat_streams_and_reports_usage(cluster) -> None:
 
 
 def done_by_worker(srv: ServeThread) -> dict[str, int]:
-    ws = httpx.get(f"{srv.url}/admin/status", timeout=10).json()["workers"]
+    ws = httpx.get(f"{srv.url}/admin/status", headers=srv.operator, timeout=10).json()["workers"]
     return {w["id"]: w["requests_done"] for w in ws if w["state"] == "serving"}
 
 
@@ -133,10 +134,10 @@ def test_32_concurrent_requests(cluster, reference) -> None:
 def test_bounded_load_has_no_errors_and_no_block_growth(cluster) -> None:
     from splitserve.bench.load import run_level
 
-    _, srv = cluster
+    cl, srv = cluster
     for concurrency in (2, 8):
         r = asyncio.run(run_level(srv.url, concurrency, 6.0, model="tiny", max_tokens=16, prompt_len=48,
-                                  api_key=None, max_requests=200)).summary()
+                                  api_key=None, max_requests=200, operator_token=cl.operator_token)).summary()
         assert r["requests"] > 0 and r["errors"] == 0 and r["rejected_429"] == 0, r
         assert r["blocks_used_after"] == 0
         assert r["ttft_p50_ms"] is not None and r["itl_p50_ms"] is not None
@@ -164,7 +165,7 @@ def test_scale_up_and_down_while_serving_fails_no_request(cluster) -> None:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         loops = [pool.submit(load_loop, k) for k in range(3)]
         for target in ({"decode": 3}, {"prefill": 1, "decode": 1}, {"prefill": 2, "decode": 2}):
-            r = httpx.post(f"{srv.url}/admin/scale", json=target, timeout=180)
+            r = httpx.post(f"{srv.url}/admin/scale", json=target, headers=srv.operator, timeout=180)
             assert r.status_code == 200, r.text
             time.sleep(1.0)
         stop.set()
@@ -172,7 +173,7 @@ def test_scale_up_and_down_while_serving_fails_no_request(cluster) -> None:
             f.result(timeout=120)
     errors = [r for r in results if r != "length"]
     assert len(results) > 10 and not errors, errors[:3]
-    status = httpx.get(f"{srv.url}/admin/status", timeout=10).json()
+    status = httpx.get(f"{srv.url}/admin/status", headers=srv.operator, timeout=10).json()
     roles = [w["role"] for w in status["workers"] if w["state"] == "serving"]
     assert roles.count("prefill") == 2 and roles.count("decode") == 2
 
@@ -181,6 +182,6 @@ def test_every_worker_ends_with_no_block_in_use(cluster) -> None:
     _, srv = cluster
 
     def idle() -> bool:
-        ws = httpx.get(f"{srv.url}/admin/status", timeout=10).json()["workers"]
+        ws = httpx.get(f"{srv.url}/admin/status", headers=srv.operator, timeout=10).json()["workers"]
         return all(w["blocks_used"] == 0 for w in ws)
     wait_until(idle, 30, "every worker to free its blocks")
