@@ -359,7 +359,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
                     requests_done=self.requests_done, pid=self.rt.pid, node=self.rt.node,
                     queued_prefill_tokens=queued_prefill,
                     blocks_reserved=reserved, draft_tokens=eng.stats.draft_tokens,
-                    accepted_draft_tokens=eng.stats.accepted_draft_tokens)
+                    accepted_draft_tokens=eng.stats.accepted_draft_tokens, **self.rt.warm_stats())
 
     def close(self) -> None:
         self._stop.set()

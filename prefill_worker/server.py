@@ -304,7 +304,8 @@ class PrefillService(pbg.PrefillWorkerServicer):
         eng = self.rt.engine
         return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total, running=len(self.streams),
                     waiting=len(eng.scheduler.waiting), requests_done=self.requests_done, pid=self.rt.pid,
-                    node=self.rt.node, queued_prefill_tokens=max(0, self.queued_prefill_tokens))
+                    node=self.rt.node, queued_prefill_tokens=max(0, self.queued_prefill_tokens),
+                    **self.rt.warm_stats())
 
 
 def serve(spec: WorkerSpec) -> WorkerServer:

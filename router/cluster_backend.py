@@ -154,6 +154,7 @@ class DisaggBackend:
                 changes: dict[str, object] = dict(
                     blocks_used=st.blocks_used, blocks_total=st.blocks_total, running=st.running, waiting=st.waiting,
                     requests_done=st.requests_done, queued_prefill_tokens=st.queued_prefill_tokens,
+                    graph_captures=st.graph_captures, graph_misses_after_ready=st.graph_misses_after_ready,
                     last_seen=time.monotonic(), failures=0)
                 if w.role == "decode" and not w.transfer_metadata:
                     hs = await self._decode(w).Handshake(pb.HandshakeRequest(), timeout=5.0)
@@ -396,6 +397,8 @@ class DisaggBackend:
             out[f"worker_blocks_used:{w.worker_id}"] = float(w.blocks_used)
             out[f"worker_running:{w.worker_id}"] = float(w.running)
             out[f"worker_queue_depth:{w.worker_id}"] = float(w.waiting)
+            out[f"worker_graph_captures:{w.worker_id}"] = float(w.graph_captures)
+            out[f"worker_graph_misses_after_ready:{w.worker_id}"] = float(w.graph_misses_after_ready)
         for wid, n in self._inflight.items():
             out[f"worker_router_in_flight:{wid}"] = float(n)
         return out

@@ -33,6 +33,8 @@ class WorkerInfo:
     waiting: int = 0
     requests_done: int = 0
     queued_prefill_tokens: int = 0
+    graph_captures: int = 0
+    graph_misses_after_ready: int = 0  # decode steps after ready with no CUDA graph (warm-up missed a shape)
     last_seen: float = field(default_factory=time.monotonic)
     failures: int = 0                 # consecutive failed polls
 
