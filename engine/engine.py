@@ -75,7 +75,7 @@ class Engine:
         if cfg.cache_memory_fraction is not None:
             cfg = self.cfg = self._size_cache(cfg, num_layers)
         self.pool = CachePool(mcfg, num_layers, cfg.num_blocks, cfg.block_size, net.dtype, net.device,
-                              net.indexer_fp8, cfg.latent_fp8)
+                              net.indexer_fp8, cfg.latent_fp8, staging_blocks=cfg.staging_blocks)
         self.blocks = BlockManager(cfg.num_blocks, cfg.prefix_cache)
         self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
@@ -304,12 +304,13 @@ class Engine:
             want.add(max(1, int(tokens_per_expert / per_expert) + 1))
         return sorted(n for n in want if 1 <= n <= limit)
 
-    def warm_up(self) -> dict:
+    def warm_up(self, capture_graphs: bool = True) -> dict:
         """Before the worker reports ready: run the prompt lengths of warm_up_lengths() through the
         engine (eager prefill + sampling + decode steps: every kernel compiles) and capture a CUDA graph
         for every batch size of the decode and MTP graphs; then seal the graphs (nothing is captured
         while serving) and leave the engine as it was (no requests, no blocks, no cached prefixes,
-        counters at zero). Returns what it took: seconds, graphs, GPU memory."""
+        counters at zero). Returns what it took: seconds, graphs, GPU memory. capture_graphs=False (a
+        prefill worker, which never runs a decode step): no graph is captured at all."""
         import random
 
         t0 = time.perf_counter()
@@ -318,7 +319,10 @@ class Engine:
             torch.cuda.synchronize()
             free0 = torch.cuda.mem_get_info(self.pool.latent.device)[0]
         graphs = [g for g in (self.runner.graphs, self.runner.mtp_graphs) if g is not None]
-        captured = sum(g.capture_all() for g in graphs)
+        if not capture_graphs:
+            for g in graphs:
+                g.seal()
+        captured = sum(g.capture_all() for g in graphs) if capture_graphs else 0
         t_graphs = time.perf_counter() - t0
         rng = random.Random(0)
         vocab = self.net.cfg.vocab_size
@@ -328,6 +332,7 @@ class Engine:
             self.generate([[rng.randrange(vocab) for _ in range(n)]], params)
         for g in graphs:
             g.seal()
+            g.misses_after_ready = 0  # the warm-up's own eager steps (no graphs captured) do not count
         self.blocks.clear_cache()
         self.stats = EngineStats()
         out = {"seconds": time.perf_counter() - t0, "graph_seconds": t_graphs, "graphs": captured,

@@ -52,11 +52,15 @@ class EngineLoop:
     # ---- API for other threads ---------------------------------------------------------------
     def call(self, fn: Callable[[Engine], T], timeout: float = 30.0) -> T:
         """Run fn(engine) in the loop thread; re-raises its exception here."""
+        return self.submit(fn).result(timeout)
+
+    def submit(self, fn: Callable[[Engine], T]) -> "Future[T]":
+        """Queue fn(engine) for the loop thread (between two steps) without waiting for it."""
         if not self.alive:
             raise RuntimeError(f"engine loop is not running ({self.error!r})")
         fut: Future = Future()
         self._calls.put((fn, fut))
-        return fut.result(timeout)
+        return fut
 
     def subscribe(self, request_id: str) -> "queue.Queue[RequestOutput | BaseException]":
         q: queue.Queue[RequestOutput | BaseException] = queue.Queue()

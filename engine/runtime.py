@@ -69,12 +69,15 @@ class WorkerRuntime:
         net = load(path, device=ecfg.device, dtype=ecfg.torch_dtype, indexer_fp8=ecfg.indexer_fp8)
         self.checkpoint = path
         self.engine = Engine(net, ecfg)
-        self.warm = self.engine.warm_up()  # kernels compiled and graphs captured before ready
+        # kernels compiled and (decode) graphs captured before ready; a prefill worker never decodes
+        self.warm = self.engine.warm_up(capture_graphs=spec.role == "decode")
         self.loop = EngineLoop(self.engine, name=f"engine-{spec.worker_id}").start()
         self.transport = make_transport(spec.transfer_backend, spec.worker_id, transfer_compat(self.engine),
                                         host=spec.transfer_host,
                                         config=TransportConfig(transfer_timeout_s=spec.transfer_timeout_s))
         self.transport.register_pools(self.engine.pool.pools())
+        if self.engine.pool.staging[1]:  # scattered blocks gather here and travel as one region
+            self.transport.enable_staging(*self.engine.pool.staging)
         self.metadata = self.transport.metadata()
         log.info("worker %s (%s) ready: %s, %d blocks of %d tokens (%.1f MB each), transfer %s",
                  spec.worker_id, spec.role, path, self.engine.cfg.num_blocks, ecfg.block_size,

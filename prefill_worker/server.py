@@ -52,6 +52,10 @@ class _Stream:
     error: str | None = None
     bytes: int = 0
     done: threading.Event = field(default_factory=threading.Event)
+    t_first_step: float | None = None  # start of the engine step that ran its first chunk
+    t_computed: float | None = None    # end of the step that sampled the first token
+    finish: tuple | None = None        # (hidden, generator state, cached tokens, prompt logprobs)
+    finished: threading.Event = field(default_factory=threading.Event)  # finish (or error) is set
 
 
 class PrefillService(pbg.PrefillWorkerServicer):
@@ -91,7 +95,23 @@ class PrefillService(pbg.PrefillWorkerServicer):
         s.sent = upto
 
     def _after_step(self, eng: Engine, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        prefilled = {o.request_id for o in outputs if o.finished and o.finish_reason == "prefilled"}
         for s in list(self.streams.values()):
+            if s.t_first_step is None:
+                req = eng.requests.get(s.request_id)
+                if s.request_id in prefilled or (req is not None and req.num_computed > 0):
+                    s.t_first_step = now - eng.stats.step_seconds
+            if s.request_id in prefilled and not s.final_sent and not s.error:
+                # the first token is sampled: send the last blocks with the notification in this step's
+                # hook, not after a round trip into the loop (which waits for the next step to end)
+                s.t_computed = now
+                try:
+                    s.finish = self._finish_now(eng, s)
+                except Exception as e:  # noqa: BLE001 - the handler answers with the error
+                    s.error = f"finishing the prefill failed: {e!r}"
+                s.finished.set()
+                continue
             if s.final_sent or s.error:
                 continue
             for h in s.handles:  # a failed write ends the request now, not after its whole prefill
@@ -103,6 +123,13 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 upto = self._complete_blocks(eng, s)
                 if upto > s.sent:
                     self._send(eng, s, upto, None)
+
+    def _finish_now(self, eng: Engine, s: _Stream) -> tuple:
+        req = eng.requests[s.request_id]
+        self._finish_stream(eng, s)
+        hidden = req.pending_hidden[-1].float().cpu() if req.pending_hidden is not None else None
+        gen = req.generator.get_state().cpu() if req.generator is not None else None
+        return hidden, gen, req.num_cached_prompt, req.prompt_logprobs
 
     def _finish_stream(self, eng: Engine, s: _Stream) -> None:
         bs = eng.cfg.block_size
@@ -179,24 +206,22 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 return error(pb.ERROR_CODE_TRANSFER_FAILED, stream.error)
             if isinstance(out, str):
                 return error(pb.ERROR_CODE_ABORTED if "abort" in out else pb.ERROR_CODE_DEADLINE_EXCEEDED, out)
-            t_prefilled = time.monotonic()
-
-            def finish(eng: Engine) -> tuple:
-                req = eng.requests[rid]
-                self._finish_stream(eng, stream)
-                hidden = req.pending_hidden[-1].float().cpu() if req.pending_hidden is not None else None
-                gen = req.generator.get_state().cpu() if req.generator is not None else None
-                return hidden, gen, req.num_cached_prompt, req.prompt_logprobs
-            hidden, gen_state, cached, prompt_lps = self.rt.loop.call(finish)
+            # the step's hook sends the last blocks and takes the state it runs right after the output
+            if not stream.finished.wait(max(0.0, deadline - time.monotonic())) or stream.finish is None:
+                return error(pb.ERROR_CODE_INTERNAL, stream.error or "the prefill did not finish")
+            t_prefilled = stream.t_computed or time.monotonic()
+            hidden, gen_state, cached, prompt_lps = stream.finish
             err = self._wait_transfers(stream, t_prefilled + self.spec.transfer_timeout_s, context)
             if err:
                 if "transfer failed" in err:
                     self._forget_peer(dest.agent_name)
                 return error(pb.ERROR_CODE_TRANSFER_FAILED, err)
             t_done = time.monotonic()
+            t_first = min(stream.t_first_step or t_prefilled, t_prefilled)
             res = pb.PrefillResult(
                 first_token=out.new_token_ids[0], num_cached_tokens=cached, transfer_bytes=stream.bytes,
-                transfer_seconds=t_done - t_prefilled, prefill_seconds=t_prefilled - t_start,
+                transfer_seconds=max(0.0, t_done - t_prefilled), queue_seconds=max(0.0, t_first - t_start),
+                prefill_seconds=max(0.0, t_prefilled - t_first), handler_seconds=time.monotonic() - t_start,
                 generator_state=gen_state.numpy().tobytes() if gen_state is not None else b"")
             if out.new_logprobs and out.new_logprobs[0] is not None:
                 res.first_token_logprobs.CopyFrom(logprobs_to_proto(out.new_logprobs[0]))
@@ -274,7 +299,14 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 else:
                     eng.abort(rid)
         try:
-            self.rt.loop.call(drop)
+            # not waited for when the cache was delivered: the reply (the first token) need not wait for
+            # the engine's current step to end; the blocks are freed between steps all the same
+            fut = self.rt.loop.submit(drop)
+            if not delivered:
+                fut.result(30.0)
+            else:
+                fut.add_done_callback(lambda f: f.exception() and log.error(
+                    "request %s: cleanup failed: %r", rid, f.exception()))
         except Exception:  # noqa: BLE001 - the loop is gone; nothing left to free
             log.exception("request %s: cleanup failed", rid)
         self.cancelled.discard(rid)

@@ -38,6 +38,7 @@ from splitserve.protos.tensors import logprobs_from_proto
 
 from .backend import GenerationDelta
 from .membership import Directory, WorkerInfo
+from .stage_metrics import StageClock, StageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class DisaggBackend:
         self.migrations = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._poller: asyncio.Task | None = None
+        self.stages = StageMetrics()  # per-stage histograms of each request (router/stage_metrics.py)
         self._rr = 0
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
@@ -199,8 +201,13 @@ class DisaggBackend:
                 return [home] + [w for w in by_load if w is not home]
         return by_load
 
+    def collectors(self) -> list:
+        """Prometheus collectors the router's registry adds (the per-stage histograms)."""
+        return [self.stages]
+
     async def _reserve(self, request_id: str, prompt_len: int, max_tokens: int,
-                       avoid: set[str] = frozenset()) -> tuple[WorkerInfo, pb.Reservation]:
+                       avoid: set[str] = frozenset(), clock: StageClock | None = None
+                       ) -> tuple[WorkerInfo, pb.Reservation]:
         deadline = time.monotonic() + self.reserve_timeout_s
         delay = 0.01
         last = "no decode worker is serving"
@@ -208,6 +215,8 @@ class DisaggBackend:
             for d in [w for w in self._decode_order() if w.worker_id not in avoid] or self._decode_order():
                 # counted before the call: requests arriving together see each other's choice
                 self._count(self._inflight, d.worker_id, 1)
+                if clock is not None:
+                    clock.mark("reserve_start")
                 try:
                     rep = await self._decode(d).Reserve(pb.ReserveRequest(
                         request_id=request_id, prompt_len=prompt_len, max_tokens=max_tokens,
@@ -219,6 +228,8 @@ class DisaggBackend:
                     last = f"{d.worker_id}: {e.code().name}"
                     continue
                 if rep.HasField("reservation"):
+                    if clock is not None:
+                        clock.mark("reserve_end")
                     return d, rep.reservation  # its in-flight count now belongs to the caller
                 self._count(self._inflight, d.worker_id, -1)
                 self.reserve_refusals += 1
@@ -272,12 +283,13 @@ class DisaggBackend:
         d_id = held = ""
         epoch = 0
         finished = False
+        clock = StageClock()
         try:
             result: pb.PrefillResult | None = None
             error = "no prefill worker is serving"
             failed_p: set[str] = set()
             for _attempt in range(self.prefill_attempts):
-                d, res = await self._reserve(request_id, len(prompt_token_ids), params.max_tokens, avoid)
+                d, res = await self._reserve(request_id, len(prompt_token_ids), params.max_tokens, avoid, clock)
                 d_stub, d_id, epoch = self._decode(d), d.worker_id, res.epoch
                 if held:  # an earlier attempt's reservation (aborted)
                     self._count(self._inflight, held, -1)
@@ -293,9 +305,11 @@ class DisaggBackend:
                                       block_ids=res.block_ids, epoch=res.epoch, peer_metadata=d.transfer_metadata)
                 self._count(self._pending_prompt, p.worker_id, len(prompt_token_ids))
                 try:
+                    clock.mark("prefill_start")
                     rep = await p_stub.Prefill(pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                                                  sampling=sampling, destination=dest),
                                                timeout=self.first_token_timeout_s)
+                    clock.mark("prefill_end")
                 except grpc.aio.AioRpcError as e:
                     error = f"prefill worker {p.worker_id}: {e.code().name} {e.details() or ''}".strip()
                     await self._abort(d_stub, request_id, epoch, "prefill failed")
@@ -331,9 +345,12 @@ class DisaggBackend:
                 first.logprobs = [_lp(result.first_token_logprobs)]
             if params.prompt_logprobs is not None:
                 first.prompt_logprobs = [None] + [_lp(x) for x in result.prompt_logprobs]
+            self.stages.observe_first_token(clock, result.queue_seconds, result.prefill_seconds,
+                                            result.transfer_seconds)
             yield first
 
             assert d_stub is not None
+            clock.mark("generate_start")
             call = d_stub.Generate(pb.GenerateRequest(
                 request_id=request_id, epoch=epoch, prompt_token_ids=prompt_token_ids, sampling=sampling,
                 first_token=result.first_token,
@@ -353,12 +370,15 @@ class DisaggBackend:
                     raise DecodeLost(d_id, f"{e.code().name} {e.details() or ''}".strip()) from None
                 kind = chunk.WhichOneof("chunk")
                 if kind == "delta":
+                    if "first_decode" not in clock.marks:
+                        self.stages.observe_first_decode(clock)
                     delta = GenerationDelta(list(chunk.delta.token_ids))
                     if params.logprobs is not None and chunk.delta.logprobs:
                         delta.logprobs = [_lp(x) for x in chunk.delta.logprobs]
                     yield delta
                 elif kind == "finished":
                     finished = True
+                    self.stages.observe_end(clock)
                     yield GenerationDelta([], finish_reason=_FINISH.get(chunk.finished.finish_reason, "abort"))
                     return
                 elif chunk.error.code in _DECODE_LOST:
