@@ -131,7 +131,7 @@ def _stages(url: str, client: httpx.Client) -> dict:
 
 
 def cmd_ttft(a: argparse.Namespace) -> int:
-    from splitserve.bench.serve import stage_deltas
+    from splitserve.bench.serve import DEFAULT_TOKEN_IDS, stage_deltas
 
     rows = []
     with httpx.Client(timeout=300) as c:
@@ -140,11 +140,14 @@ def cmd_ttft(a: argparse.Namespace) -> int:
             ttfts = []
             before = _stages(a.url, c)
             for i in range(a.repeats + 1):
-                prompt = [1000 + (7919 * (i * 131 + j + n)) % 100000 for j in range(n)]  # no prefix-cache hits
+                lo, hi = DEFAULT_TOKEN_IDS  # random ids: no prefix-cache hits between the requests
+                prompt = [lo + (7919 * (i * 131 + j + n) + 104729 * i) % (hi - lo) for j in range(n)]
                 t0 = time.perf_counter()
                 first = None
                 with c.stream("POST", f"{a.url}/v1/completions", json={
                         "model": model, "prompt": prompt, "max_tokens": 2, "stream": True, "ignore_eos": True}) as r:
+                    if r.status_code != 200:
+                        raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
                     for ln in r.iter_lines():
                         if first is None and ln.startswith("data: {") and '"text"' in ln:
                             first = time.perf_counter() - t0
