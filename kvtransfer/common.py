@@ -301,11 +301,7 @@ class TransportCore(Transport):
             st.unstaged_writes += 1
             return runs, None
         staged = np.arange(first, first + n, dtype=np.int64)
-        copy_blocks(self._pools, local, staged)
-        dev = self._pools[0].device
-        if dev.type == "cuda":  # the write reads the staging blocks: the gather must be done
-            import torch
-            torch.cuda.current_stream(dev).synchronize()
+        copy_blocks(self._pools, local, staged)  # on the caller's stream: the sync in write_blocks covers it
         st.staged_writes += 1
         return coalesce_array(staged, remote), (first, n)
 
@@ -332,6 +328,13 @@ class TransportCore(Transport):
                                                        & (local_a < self._staging.start + self._staging.count)).any()):
                 raise ValueError("local block ids inside the staging area")
             runs, stage = self._stage(local_a, np.asarray(remote_block_ids, dtype=np.int64), runs)
+        dev = self._pools[0].device
+        if dev.type == "cuda" and len(runs):
+            # the transfer engine reads the pools outside CUDA stream order: whatever the caller's stream
+            # wrote into these blocks (the step's cache writes, the MTP layer's catch-up, the gather into
+            # the staging area) must be done first
+            import torch
+            torch.cuda.current_stream(dev).synchronize()
         with self._lock:
             md = self._peers.get(peer)
         if md is not None and len(runs):

@@ -102,15 +102,16 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 req = eng.requests.get(s.request_id)
                 if s.request_id in prefilled or (req is not None and req.num_computed > 0):
                     s.t_first_step = now - eng.stats.step_seconds
-            if s.request_id in prefilled and not s.final_sent and not s.error:
+            if s.request_id in prefilled and not s.finished.is_set():
                 # the first token is sampled: send the last blocks with the notification in this step's
                 # hook, not after a round trip into the loop (which waits for the next step to end)
-                s.t_computed = now
-                try:
-                    s.finish = self._finish_now(eng, s)
-                except Exception as e:  # noqa: BLE001 - the handler answers with the error
-                    s.error = f"finishing the prefill failed: {e!r}"
-                s.finished.set()
+                if not s.error and not s.final_sent:
+                    s.t_computed = now
+                    try:
+                        s.finish = self._finish_now(eng, s)
+                    except Exception as e:  # noqa: BLE001 - the handler answers with the error
+                        s.error = f"finishing the prefill failed: {e!r}"
+                s.finished.set()  # the handler waits for this, error or not
                 continue
             if s.final_sent or s.error:
                 continue
@@ -207,8 +208,13 @@ class PrefillService(pbg.PrefillWorkerServicer):
             if isinstance(out, str):
                 return error(pb.ERROR_CODE_ABORTED if "abort" in out else pb.ERROR_CODE_DEADLINE_EXCEEDED, out)
             # the step's hook sends the last blocks and takes the state it runs right after the output
-            if not stream.finished.wait(max(0.0, deadline - time.monotonic())) or stream.finish is None:
-                return error(pb.ERROR_CODE_INTERNAL, stream.error or "the prefill did not finish")
+            if not stream.finished.wait(max(0.0, deadline - time.monotonic())):
+                return error(pb.ERROR_CODE_DEADLINE_EXCEEDED, "the prefill did not finish in time")
+            if stream.error:
+                self._forget_peer(dest.agent_name)
+                return error(pb.ERROR_CODE_TRANSFER_FAILED, stream.error)
+            if stream.finish is None:
+                return error(pb.ERROR_CODE_INTERNAL, "the prefill finished without its state")
             t_prefilled = stream.t_computed or time.monotonic()
             hidden, gen_state, cached, prompt_lps = stream.finish
             err = self._wait_transfers(stream, t_prefilled + self.spec.transfer_timeout_s, context)
