@@ -47,6 +47,11 @@ def cmd_config(a: argparse.Namespace) -> int:
         doc["decode"]["replicas"] = a.decode_replicas
     if a.mtp is not None:
         doc["decode"]["mtp_draft_tokens"] = a.mtp
+    if a.device == "cpu":  # a dry run of the script on a CPU (tiny checkpoint): small caches, fp32
+        doc["model"].update(device="cpu", dtype="float32", indexer_fp8=False, max_model_len=2048)
+        for pool in ("prefill", "decode"):
+            if pool in doc:
+                doc[pool].update(gpus_per_worker=0, num_blocks=512, max_batch_tokens=2048, chunk_size=512)
     Path(a.out).write_text(yaml.safe_dump(doc, sort_keys=False))
     print(f"wrote {a.out} ({a.mode})")
     return 0
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--decode-replicas", type=int, default=0)
     c.add_argument("--colocated-chunk", type=int, default=2048)
     c.add_argument("--mtp", type=int, default=None)
+    c.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run of the script")
     c.add_argument("--out", required=True)
     p = sub.add_parser("prefill-alone")
     p.add_argument("--config", required=True)

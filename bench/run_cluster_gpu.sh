@@ -21,7 +21,8 @@
 #   PARTS="coloc" bash bench/run_cluster_gpu.sh                              (same $OUT: the summary has both)
 # Knobs: NP (prompts per serve run, 24), RATES ("2 4 8 16"), LONG ("4096 256"), CHAT ("1024 512"),
 # WORKLOADS ("long chat"), TTFT_LENS ("1024 4096"), TRANSFER_TOKENS ("4096 16384 32768"), MTP (0),
-# PART_TIMEOUT (s per part, 420), CKPT (/tmp/splitserve-ckpt-bench), PRESET (bench).
+# PART_TIMEOUT (s per part, 420), CKPT (/tmp/splitserve-ckpt-bench), PRESET (bench), DEVICE (cuda; cpu: a
+# dry run of the disagg/coloc parts with CKPT=tiny checkpoint, small lengths).
 set -uo pipefail
 [[ -f /tmp/site/env.sh ]] && source /tmp/site/env.sh
 out=${OUT:-/tmp/out}; mkdir -p "$out"; t0=$(date +%s)
@@ -43,8 +44,8 @@ if [[ ! -f $CKPT/config.json ]]; then
   timeout 600 splitserve make-checkpoint --preset "$PRESET" --out "$CKPT" 2>&1 | tail -1
 fi
 H="$PY -m splitserve.bench.cluster_gpu"
-$H config --base deploy/gpu-1gpu.yaml --ckpt "$CKPT" --mode disaggregated --mtp "$MTP" --out "$out/cluster-disagg.yaml"
-$H config --base deploy/gpu-1gpu.yaml --ckpt "$CKPT" --mode colocated --decode-replicas 2 --mtp "$MTP" --out "$out/cluster-coloc.yaml"
+$H config --base deploy/gpu-1gpu.yaml --ckpt "$CKPT" --mode disaggregated --mtp "$MTP" --device "${DEVICE:-cuda}" --out "$out/cluster-disagg.yaml"
+$H config --base deploy/gpu-1gpu.yaml --ckpt "$CKPT" --mode colocated --decode-replicas 2 --mtp "$MTP" --device "${DEVICE:-cuda}" --out "$out/cluster-coloc.yaml"
 
 cluster_down() { timeout 120 splitserve down > /dev/null 2>&1; cp ~/.cache/splitserve/run/*.log "$out/logs-$1/" 2>/dev/null; }
 

@@ -302,9 +302,10 @@ class DecodeService(pbg.DecodeWorkerServicer):
             if out.new_token_ids and rid in self.local:
                 with self.lock:
                     self.local[rid] = 0  # its prompt is computed
+            if out.finished:  # counted before the last chunk goes out: a caller that saw it sees the count
+                self.requests_done += 1
             yield from self._chunks(out)
             if out.finished:
-                self.requests_done += 1
                 return True
 
     @staticmethod

@@ -88,15 +88,6 @@ class RowPlan:
                             [], None, rows)
 
 
-def _width_bucket(blocks: int) -> int:
-    """Block-table width of a graph: >= 16, four sizes per doubling (16, 20, 24, 28, 32, 40, ...), so the
-    indexer scores and the top-k over them cover at most ~25% more positions than the batch needs."""
-    if blocks <= 16:
-        return 16
-    step = 1 << max(0, (blocks - 1).bit_length() - 3)
-    return -(-blocks // step) * step
-
-
 def _pad_to(n: int, sizes: tuple[int, ...]) -> int | None:
     for s in sizes:
         if s >= n:
