@@ -22,6 +22,7 @@ from .membership import Directory
 from .policy import InFlight, RoutingPolicy
 from .poller import LoadPoller
 from .relay import DecodeLost
+from .stage_metrics import StageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,15 @@ class ClusterBackend:
         self.poller = LoadPoller(directory, self.clients, poll_interval_s)
         self.inflight = InFlight()
         self.migrations = 0
+        self.stages = StageMetrics()  # per-stage histograms of each request (router/stage_metrics.py)
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
         self.prefill_retries = 0
         self.reserve_refusals = 0
+
+    def collectors(self) -> list:
+        """Prometheus collectors the router's registry adds (the per-stage histograms)."""
+        return [self.stages]
 
     async def start(self) -> None:
         await self.poller.start()
@@ -117,6 +123,8 @@ class ClusterBackend:
             out[f"worker_blocks_used:{w.worker_id}"] = float(w.blocks_used)
             out[f"worker_running:{w.worker_id}"] = float(w.running)
             out[f"worker_queue_depth:{w.worker_id}"] = float(w.waiting)
+            out[f"worker_graph_captures:{w.worker_id}"] = float(w.graph_captures)
+            out[f"worker_graph_misses_after_ready:{w.worker_id}"] = float(w.graph_misses_after_ready)
         for wid, n in self.inflight.requests.items():
             out[f"worker_router_in_flight:{wid}"] = float(n)
         return out
