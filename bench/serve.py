@@ -34,6 +34,12 @@ duration; goodput = completed requests meeting the SLO per second: TTFT <= --slo
 percentile (nearest rank) of the request's own ITLs <= --slo-itl-ms — its largest ITL for requests with
 fewer than 100 tokens, so one stall of a short request is a miss, while a long one may have 1%.
 Input tokens are the router's usage.prompt_tokens when the stream reports it, else the prompt's length.
+
+Stages: the router's /metrics is read before and after each run; the difference of its per-stage
+histograms (splitserve_router_stage_seconds, router/stage_metrics.py: router_queue, reserve,
+prefill_queue, prefill_compute, transfer, prefill_overhead, first_decode_step, stream, ttft) gives each
+stage's count, mean and bucket-interpolated p50/p99 for the run (disaggregated clusters; a router
+without them, e.g. co-located, gives none). Printed under the run's row and kept as "stages" in the JSON.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import json
 import logging
 import math
 import platform
+import re
 import shlex
 import sys
 import time
@@ -387,6 +394,78 @@ ROW = [("rate", "request_rate"), ("done", "completed"), ("fail", "failed"), ("du
 LAT = [("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("TPOT", "tpot_ms"), ("E2E", "e2e_ms")]
 
 
+_STAGE_RE = re.compile(r'^splitserve_router_stage_seconds_(bucket|sum|count)\{([^}]*)\} (\S+)$')
+
+
+def parse_stage_metrics(text: str) -> dict[str, dict]:
+    """{stage: {"count", "sum", "buckets": [(le, cumulative count)]}} from a Prometheus text page."""
+    out: dict[str, dict] = {}
+    for line in text.splitlines():
+        m = _STAGE_RE.match(line)
+        if not m:
+            continue
+        kind, labels, value = m.group(1), dict(re.findall(r'(\w+)="([^"]*)"', m.group(2))), float(m.group(3))
+        st = out.setdefault(labels.get("stage", "?"), {"count": 0.0, "sum": 0.0, "buckets": []})
+        if kind == "bucket":
+            st["buckets"].append((float(labels["le"]), value))
+        else:
+            st[kind] = value
+    for st in out.values():
+        st["buckets"].sort()
+    return out
+
+
+def _bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus-style histogram_quantile over cumulative (le, count) pairs."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank, prev_le, prev_c = q * buckets[-1][1], 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if math.isinf(le):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_c) / (c - prev_c) if c > prev_c else 0.0)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def stage_deltas(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """Per stage, what one run added: count, mean / p50 / p99 in ms."""
+    out = {}
+    for stage, a in after.items():
+        b = before.get(stage, {"count": 0.0, "sum": 0.0, "buckets": []})
+        n = a["count"] - b["count"]
+        if n <= 0:
+            continue
+        prev = dict(b["buckets"])
+        buckets = [(le, c - prev.get(le, 0.0)) for le, c in a["buckets"]]
+        p50, p99 = _bucket_quantile(buckets, 0.5), _bucket_quantile(buckets, 0.99)
+        out[stage] = {"count": int(n), "mean_ms": round(1000 * (a["sum"] - b["sum"]) / n, 3),
+                      "p50_ms": None if p50 is None else round(1000 * p50, 3),
+                      "p99_ms": None if p99 is None else round(1000 * p99, 3)}
+    return out
+
+
+async def _scrape_stages(url: str, headers: dict[str, str]) -> dict[str, dict]:
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as c:
+            r = await c.get(f"{url}/metrics", headers=headers)
+            return parse_stage_metrics(r.text) if r.status_code == 200 else {}
+    except httpx.HTTPError:
+        return {}
+
+
+STAGE_ORDER = ("router_queue", "reserve", "prefill_queue", "prefill_compute", "transfer", "prefill_overhead",
+               "ttft", "first_decode_step", "stream")
+
+
+def format_stages(stages: dict[str, dict]) -> str:
+    if not stages:
+        return ""
+    cells = [f"{k} {stages[k]['mean_ms']:.1f}/{stages[k]['p99_ms'] or 0:.1f}" for k in STAGE_ORDER if k in stages]
+    return "  stages mean/p99 ms: " + " | ".join(cells)
+
+
 def format_table(runs: list[dict]) -> str:
     head = [h for h, _ in ROW] + [f"{h} p50/p90/p99 ms" for h, _ in LAT]
     rows = []
@@ -415,9 +494,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         asyncio.run(run_rate(warm, math.inf, opts, max_concurrency=None, seed=args.seed, slo=slo))
     runs = []
     for rate in args.request_rate:
+        before = asyncio.run(_scrape_stages(args.url, headers))
         res = asyncio.run(run_rate(prompts, rate, opts, max_concurrency=args.max_concurrency, seed=args.seed, slo=slo))
+        res["stages"] = stage_deltas(before, asyncio.run(_scrape_stages(args.url, headers)))
         runs.append(res)
         print(format_table([res]), flush=True)
+        if res["stages"]:
+            print(format_stages(res["stages"]), flush=True)
         for e in res["error_samples"]:
             print(f"  error: {e}", flush=True)
     return {
@@ -454,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print(format_table(result["runs"]))
+    for r in result["runs"]:
+        if r.get("stages"):
+            print(f"rate {r['request_rate']}:" + format_stages(r["stages"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

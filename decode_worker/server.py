@@ -281,9 +281,10 @@ class DecodeService(pbg.DecodeWorkerServicer):
                 with self.lock:
                     if rid in self.local:
                         self.local[rid].prompt_left = 0  # its prompt is computed
+            if out.finished:  # counted before the last chunk goes out: a caller that saw it sees the count
+                self.requests_done += 1
             yield from self._chunks(out)
             if out.finished:
-                self.requests_done += 1
                 return True
 
     @staticmethod
@@ -330,7 +331,8 @@ class DecodeService(pbg.DecodeWorkerServicer):
                     requests_done=self.requests_done, pid=self.rt.pid, node=self.rt.node,
                     queued_prefill_tokens=queued_prefill,
                     blocks_reserved=reserved, draft_tokens=eng.stats.draft_tokens,
-                    accepted_draft_tokens=eng.stats.accepted_draft_tokens, weight_bytes=eng.weight_bytes)
+                    accepted_draft_tokens=eng.stats.accepted_draft_tokens, weight_bytes=eng.weight_bytes,
+                    **self.rt.warm_stats())
 
     def close(self) -> None:
         self._stop.set()

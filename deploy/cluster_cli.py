@@ -256,11 +256,20 @@ def _admin(args: argparse.Namespace, method: str, path: str, *, json_body: Any =
 # ----------------------------------------------------------------------------------------------
 
 
+def format_gpus(ids: list, share: float | None) -> str:
+    """A worker's GPUs: the ids Ray gave it, and its share when it holds a fraction of one
+    (`0.5 (gpu 0)`: two workers share GPU 0), so a half GPU never reads as "GPUS 0"."""
+    ids_s = ",".join(str(g) for g in ids)
+    if share is None or share >= 1 or share <= 0:
+        return ids_s or ("-" if not share else f"{share:g}")
+    return f"{share:g}" + (f"(gpu{ids_s})" if ids_s else "")
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The status as a readable table."""
     rows = [("ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "WEIGHTS", "BLOCKS USED", "REQUESTS DONE")]
     for w in status.get("workers", []):
-        gpus = ",".join(str(g) for g in w.get("gpus") or []) or "-"
+        gpus = format_gpus(w.get("gpus") or [], w.get("gpu_share"))
         wb = int(w.get("weight_bytes") or 0)
         rows.append((str(w["id"]), str(w["role"]), str(w["state"]), str(w.get("pid") or "-"),
                      str(w.get("node") or "-"), gpus, f"{wb / 2**30:.2f} GiB" if wb else "-",

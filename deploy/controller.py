@@ -271,7 +271,7 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         """`{"router": {"url"}, "workers": [{"id", "role", "state", "pid", "node", "gpus",
-        "blocks_used", "blocks_total", "requests_done"}]}`; load is read from the workers now
+        "gpu_share" (the pool's gpus_per_worker: 0.5 when two workers share a GPU), "blocks_used", "blocks_total", "requests_done"}]}`; load is read from the workers now
         (bounded by status_timeout_s), else the last known values."""
         with self._lock:
             workers = sorted(self._workers.values(), key=lambda w: (ROLES.index(w.role), w.index))
@@ -299,6 +299,7 @@ class Controller:
                 "pid": w.info.get("pid"),
                 "node": w.info.get("node_ip") or w.info.get("node"),
                 "gpus": list(w.info.get("gpus", [])),
+                "gpu_share": float(pool_config(self.cfg, w.role).gpus_per_worker or 0),
                 "blocks_used": int(load.get("blocks_used", 0)),
                 "blocks_total": int(load.get("blocks_total", w.info.get("blocks_total", 0))),
                 "requests_done": int(load.get("requests_done", 0)),

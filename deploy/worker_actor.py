@@ -52,8 +52,11 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
     pool = pool_config(cfg, role)
     sizing = {"num_blocks": pool.num_blocks} if pool.num_blocks is not None else {
         "cache_memory_fraction": pool.cache_memory_fraction}  # the engine sizes the cache after loading
+    staging = 0
     if role == "prefill":
         chunk_size = cfg.prefill.chunk_size
+        staging = staging_blocks_for(pool.max_batch_tokens, cfg.model.max_model_len or 0, pool.block_size,
+                                     pool.num_blocks)
     else:  # decode computes prompts in colocated mode only (otherwise their cache arrives)
         chunk_size = cfg.decode.effective_chunk_size
     return EngineConfig(
@@ -69,7 +72,16 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
         latent_fp8=cfg.model.latent_fp8,
         fp8_weights=cfg.model.fp8_weights,
         max_model_len=cfg.model.max_model_len or 0,
+        staging_blocks=staging,
     )
+
+
+def staging_blocks_for(max_batch_tokens: int, max_model_len: int, block_size: int, num_blocks: int | None) -> int:
+    """A prefill worker's staging area (kvtransfer/staging.py): room for two steps' writes, or for one
+    whole prompt (a prefix-cache hit sends its cached blocks in one write), plus slack."""
+    step = -(-max_batch_tokens // block_size)
+    n = max(2 * step, -(-max_model_len // block_size)) + 64
+    return min(n, num_blocks) if num_blocks else n
 
 
 def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | None = None,

@@ -61,25 +61,49 @@ class BlockManager:
             return []
         if n > self.num_free:
             raise NoFreeBlocks(f"need {n} blocks, {self.num_free} free")
-        while int(self.free_mask.sum()) < n:  # evict least recently used cached blocks
-            self._evict_one()
         ids = self._take_run(n, after)
+        if ids is None:  # no run: least recently used cached blocks make room, then the lowest free ids
+            while int(self.free_mask.sum()) < n:
+                self._evict_one()
+            ids = [int(i) for i in np.flatnonzero(self.free_mask)[:n]]
+        for b in ids:  # a run may cover cached blocks: their prefixes are forgotten
+            if not self.free_mask[b]:
+                self._evict(b)
         self.free_mask[ids] = False
         self.ref[ids] = 1
         return ids
 
-    def _take_run(self, n: int, after: int | None) -> list[int]:
+    def _take_run(self, n: int, after: int | None) -> list[int] | None:
+        """n consecutive ids: right after `after`, else the lowest run of free blocks, else the lowest
+        run of free or cached blocks (a request's blocks in one run travel as one region, which is worth
+        more than the cached prefixes in the way); None when no run of n exists."""
         fm = self.free_mask
-        if after is not None and after + n < self.num_blocks and fm[after + 1: after + 1 + n].all():
-            return list(range(after + 1, after + 1 + n))
-        if n > 1:
-            # lowest start of a run of n consecutive free blocks
-            run = np.convolve(fm.astype(np.int32), np.ones(n, dtype=np.int32), mode="valid")
+        usable = fm.copy()
+        if self.cached:
+            usable[np.fromiter(self.cached, dtype=np.int64, count=len(self.cached))] = True
+        for mask in (fm, usable):
+            if after is not None and after + n < self.num_blocks and mask[after + 1: after + 1 + n].all():
+                return list(range(after + 1, after + 1 + n))
+            if n == 1:
+                free = np.flatnonzero(mask)
+                if free.size:
+                    return [int(free[0])]
+                continue
+            run = np.convolve(mask.astype(np.int32), np.ones(n, dtype=np.int32), mode="valid")
             starts = np.flatnonzero(run == n)
             if starts.size:
+                if mask is usable:  # the run that forgets the fewest cached prefixes
+                    cached = np.convolve((~fm).astype(np.int32), np.ones(n, dtype=np.int32), mode="valid")
+                    starts = starts[cached[starts] == cached[starts].min()]
                 s = int(starts[0])
                 return list(range(s, s + n))
-        return [int(i) for i in np.flatnonzero(fm)[:n]]
+        return None
+
+    def _evict(self, block: int) -> None:
+        h = self.cached.pop(block)
+        del self.hash_to_block[h]
+        del self.block_to_hash[block]
+        self.free_mask[block] = True
 
     def _evict_one(self) -> None:
         block, h = self.cached.popitem(last=False)

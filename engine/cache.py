@@ -11,7 +11,8 @@ Memory layout (block-major)::
 
 num_layers counts the MTP layer when the network has one (it caches like any layer). The pools hold
 one block more than num_blocks: `scratch_block`, never handed out, where the padding rows of a
-CUDA-graph batch write their throw-away entries.
+CUDA-graph batch write their throw-away entries; then `staging_blocks` more (a prefill worker's staging
+area, kvtransfer/staging.py: scattered blocks are gathered there to travel as one region).
 
 Why block-major: a block holds every layer of its block_size tokens in one contiguous region, so a
 request's cache is (number of blocks) regions per pool, and a run of consecutive block ids is a
@@ -81,16 +82,18 @@ class CachePool:
     """The cache tensors of one engine. `pools()` lists them in a fixed order for transport."""
 
     def __init__(self, model_cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool, latent_fp8: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool, latent_fp8: bool = False,
+                 staging_blocks: int = 0) -> None:
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
         self.scratch_block = num_blocks
+        self.staging = (num_blocks + 1, staging_blocks)  # (first block, count) of the staging area
         self.indexer_fp8 = indexer_fp8
         self.dtype = dtype
         self.kv_lora, self.rope_dim = model_cfg.kv_lora_rank, model_cfg.qk_rope_head_dim
         self.latent_fp8 = latent_fp8
         self.fp8_group = min(128, self.kv_lora)
         specs = pool_specs(model_cfg, num_layers, block_size, dtype, indexer_fp8, latent_fp8)
-        pools = [torch.zeros(num_blocks + 1, *shape, dtype=dt, device=device) for shape, dt in specs]
+        pools = [torch.zeros(num_blocks + 1 + staging_blocks, *shape, dtype=dt, device=device) for shape, dt in specs]
         self.latent, self.ikeys = pools[0], pools[1]
         self.iscale = pools[2] if indexer_fp8 else None
         self.layout = CacheLayout(num_layers, block_size, model_cfg.latent_dim, model_cfg.index_head_dim,

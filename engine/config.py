@@ -53,6 +53,7 @@ class EngineConfig:
     paged_kernels: bool | None = None
     cuda_graphs: bool = True
     cache_memory_fraction: float | None = None
+    staging_blocks: int = 0  # extra blocks of a prefill worker's transfer staging area (kvtransfer/staging.py)
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1:

@@ -80,7 +80,7 @@ class Engine:
         if cfg.cache_memory_fraction is not None:
             cfg = self.cfg = self._size_cache(cfg, num_layers)
         self.pool = CachePool(mcfg, num_layers, cfg.num_blocks, cfg.block_size, net.dtype, net.device,
-                              net.indexer_fp8, cfg.latent_fp8)
+                              net.indexer_fp8, cfg.latent_fp8, staging_blocks=cfg.staging_blocks)
         self.blocks = BlockManager(cfg.num_blocks, cfg.prefix_cache)
         self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
@@ -301,6 +301,70 @@ class Engine:
         return [GenerationResult(r.request_id, r.prompt_ids, r.output_ids, r.finish_reason, r.output_logprobs,
                                  r.prompt_logprobs, r.draft_tokens, r.accepted_draft_tokens, r.num_cached_prompt)
                 for r in reqs]
+
+    # ---- warm start ---------------------------------------------------------------------------
+    def warm_up_lengths(self) -> list[int]:
+        """Prompt lengths the warm-up prefills, one request at a time: on CUDA they cover the fused MoE's
+        tile configurations (by tokens per expert), Triton's divisibility-by-16 specialisations, a full
+        chunk, and a chunk with earlier context; on CPU (reference kernels, nothing to compile) one
+        short prompt runs the path."""
+        limit = min(self.max_model_len - 4 - self.mtp_k,
+                    (self.cfg.num_blocks - 1) * self.cfg.block_size - 2 - self.mtp_k)
+        if not self.pool.latent.is_cuda:
+            return [max(1, min(17, limit))]
+        mcfg = self.net.cfg
+        per_expert = max(1, mcfg.num_experts_per_tok) / max(1, mcfg.n_routed_experts or 1)
+        want = {1, 7, 16, 17, 64, 65, self.cfg.chunk_size, self.cfg.chunk_size + self.cfg.block_size + 1}
+        for tokens_per_expert in (16, 48, 49, 512):  # _block_m's edges and the prefill tiles
+            want.add(max(1, int(tokens_per_expert / per_expert) + 1))
+        return sorted(n for n in want if 1 <= n <= limit)
+
+    def warm_up(self, capture_graphs: bool = True) -> dict:
+        """Before the worker reports ready: run the prompt lengths of warm_up_lengths() through the
+        engine (eager prefill + sampling + decode steps: every kernel compiles) and capture a CUDA graph
+        for every batch size of the decode and MTP graphs; then seal the graphs (nothing is captured
+        while serving) and leave the engine as it was (no requests, no blocks, no cached prefixes,
+        counters at zero). Returns what it took: seconds, graphs, GPU memory. capture_graphs=False (a
+        prefill worker, which never runs a decode step): no graph is captured at all."""
+        import random
+
+        t0 = time.perf_counter()
+        cuda = self.pool.latent.is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+            free0 = torch.cuda.mem_get_info(self.pool.latent.device)[0]
+        graphs = [g for g in (self.runner.graphs, self.runner.mtp_graphs) if g is not None]
+        if not capture_graphs:
+            for g in graphs:
+                g.seal()
+        captured = sum(g.capture_all() for g in graphs) if capture_graphs else 0
+        t_graphs = time.perf_counter() - t0
+        rng = random.Random(0)
+        vocab = self.net.cfg.vocab_size
+        lengths = self.warm_up_lengths()
+        params = SamplingParams(temperature=0.0, max_tokens=2 + self.mtp_k, ignore_eos=True)
+        for n in lengths:
+            self.generate([[rng.randrange(vocab) for _ in range(n)]], params)
+        for g in graphs:
+            g.seal()
+            g.misses_after_ready = 0  # the warm-up's own eager steps (no graphs captured) do not count
+        self.blocks.clear_cache()
+        self.stats = EngineStats()
+        out = {"seconds": time.perf_counter() - t0, "graph_seconds": t_graphs, "graphs": captured,
+               "prefill_lengths": lengths, "gpu_bytes": 0}
+        if cuda:
+            torch.cuda.synchronize()
+            out["gpu_bytes"] = max(0, free0 - torch.cuda.mem_get_info(self.pool.latent.device)[0])
+        log.info("warm-up: %.2f s (%d CUDA graphs in %.2f s, prefills of %s tokens), %.0f MiB of GPU memory",
+                 out["seconds"], captured, t_graphs, lengths, out["gpu_bytes"] / 2**20)
+        return out
+
+    @property
+    def graph_stats(self) -> dict[str, int]:
+        """CUDA graphs captured, and decode steps after ready that found no graph (ran eagerly)."""
+        gs = [g for g in (self.runner.graphs, self.runner.mtp_graphs) if g is not None]
+        return {"graph_captures": sum(g.captures for g in gs),
+                "graph_misses_after_ready": sum(g.misses_after_ready for g in gs)}
 
     # ---- introspection ----------------------------------------------------------------------
     @property

@@ -2,7 +2,8 @@
 
 The engine is not thread-safe: only the loop thread touches it. Other threads (gRPC handlers)
 submit work with `call(fn)` — fn(engine) runs in the loop thread between two steps and its result
-comes back through a future — and read a request's outputs from the queue `subscribe()` returned.
+comes back through a future; `submit(fn)` queues it without waiting (the prefill worker's cleanup
+after a delivered cache) — and read a request's outputs from the queue `subscribe()` returned.
 A call that times out is cancelled when it has not started (it never runs); when it has, its `undo`
 runs in the loop thread once it is done, so what it did is taken back (`CallTimeout.ran` says which).
 `after_step` hooks run in the loop thread after every step (the prefill worker sends the cache
@@ -67,10 +68,7 @@ class EngineLoop:
         """Run fn(engine) in the loop thread; re-raises its exception here. Past `timeout`, raises
         CallTimeout: the call never runs (ran=False) or, having started, is taken back by
         undo(engine, its result) in the loop thread (ran=True; nothing to undo if it raised)."""
-        if not self.alive:
-            raise RuntimeError(f"engine loop is not running ({self.error!r})")
-        fut: Future = Future()
-        self._calls.put((fn, fut))
+        fut = self.submit(fn)
         try:
             return fut.result(timeout)
         except FutureTimeout:
@@ -79,6 +77,14 @@ class EngineLoop:
             if undo is not None:
                 fut.add_done_callback(lambda f: self._undo_when_done(f, undo))
             raise CallTimeout(f"engine call not done within {timeout:.1f} s (undone when it is)", ran=True) from None
+
+    def submit(self, fn: Callable[[Engine], T]) -> "Future[T]":
+        """Queue fn(engine) for the loop thread (between two steps) without waiting for it."""
+        if not self.alive:
+            raise RuntimeError(f"engine loop is not running ({self.error!r})")
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        return fut
 
     def _undo_when_done(self, fut: Future, undo: Callable[[Engine, T], object]) -> None:
         if fut.exception() is None:

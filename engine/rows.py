@@ -6,19 +6,21 @@ With the paged kernels on (EngineConfig.paged_kernels), every token of a forward
 pass; `to_batch` moves them to the device for an eager forward, `DecodeGraphs` copies them into
 the static buffers of a captured forward and replays it.
 
-Graphs are keyed by (padded row count, padded block-table width): rows pad up to the next size in
-ROW_SIZES, widths to one of four sizes per doubling of blocks (>= 16), so the indexer's work follows
-the context actually in the batch rather than the model's maximum. A graph is captured the first time
-its key is met (Triton kernels compile in the warm-up forward before capture); at most MAX_GRAPHS are
-kept (least recently used evicted), and a capture that fails turns graphs off for that engine (the
-steps run eagerly, nothing is lost). Padding rows read and write only the pool's scratch block.
+Graphs are keyed by the padded row count only: rows pad up to the next of `capture_sizes(max_rows)`
+(1, 2, 4, 8, then every multiple of 8, as vLLM and SGLang capture), and every graph's block tables are
+as wide as max_model_len, so one graph per batch size serves every context length (the indexer kernel
+stops at each row's seq_len; the padding costs only the top-k over -inf scores). `capture_all()`
+captures every size before the worker reports ready (the warm-up forward before each capture compiles
+the Triton kernels); `seal()` marks the worker ready, after which nothing is captured: a step with no
+graph runs eagerly and counts in `misses_after_ready` (a GPU test asserts it stays 0 under mixed load).
+A capture that fails turns graphs off for that engine (the steps run eagerly, nothing is lost).
+Padding rows read and write only the pool's scratch block.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +33,17 @@ from .cache import CachePool
 
 log = logging.getLogger(__name__)
 
-MAX_GRAPHS = 64  # captured graphs kept per kind (least recently used evicted)
 ROW_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024)
+
+
+def capture_sizes(max_rows: int) -> tuple[int, ...]:
+    """Row counts captured at start: 1, 2, 4, then every multiple of 8 up to 256, of 16 up to 512, of
+    32 beyond, and max_rows itself (padding wastes at most 1/8 of a step's rows beyond 8 rows)."""
+    sizes = {s for s in (1, 2, 4) if s <= max_rows}
+    for lo, hi, step in ((8, 256, 8), (272, 512, 16), (544, 1 << 20, 32)):
+        sizes.update(range(lo, min(hi, max_rows) + 1, step))
+    sizes.add(max_rows)
+    return tuple(sorted(sizes))
 
 
 @dataclass(slots=True)
@@ -77,15 +88,6 @@ class RowPlan:
                             [], None, rows)
 
 
-def _width_bucket(blocks: int) -> int:
-    """Block-table width of a graph: >= 16, four sizes per doubling (16, 20, 24, 28, 32, 40, ...), so the
-    indexer scores and the top-k over them cover at most ~25% more positions than the batch needs."""
-    if blocks <= 16:
-        return 16
-    step = 1 << max(0, (blocks - 1).bit_length() - 3)
-    return -(-blocks // step) * step
-
-
 def _pad_to(n: int, sizes: tuple[int, ...]) -> int | None:
     for s in sizes:
         if s >= n:
@@ -100,7 +102,8 @@ class DecodeGraphs:
 
     def __init__(self, net: DeepseekV32, pool: CachePool, max_rows: int, max_blocks: int, mtp: bool = False) -> None:
         self.net, self.pool, self.mtp = net, pool, mtp
-        self.max_rows = _pad_to(max_rows, ROW_SIZES) or max_rows
+        self.sizes = capture_sizes(max(1, max_rows))
+        self.max_rows = self.sizes[-1]
         self.max_blocks = max_blocks
         dev = pool.latent.device
         r, w = self.max_rows, max_blocks
@@ -110,54 +113,87 @@ class DecodeGraphs:
         self.slots = torch.full((r,), pool.scratch_block * pool.block_size, dtype=torch.long, device=dev)
         self.tables = torch.full((r, w), pool.scratch_block, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(r, net.cfg.hidden_size, dtype=net.dtype, device=dev) if mtp else None
-        self.graphs: OrderedDict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
-        self.max_graphs = MAX_GRAPHS
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.disabled = False  # a capture failed: every step runs eagerly from then on
+        self.sealed = False    # the worker reported ready: nothing is captured from now on
+        self.captures = 0
+        self.misses_after_ready = 0  # steps after ready that fit a size but had no graph (ran eagerly)
+        self.capture_seconds = 0.0
         self.mempool = torch.cuda.graph_pool_handle()
 
-    def key(self, plan: RowPlan) -> tuple[int, int] | None:
-        rows = _pad_to(len(plan.input_ids), ROW_SIZES)
-        width = min(_width_bucket(plan.tables.shape[1]), self.max_blocks)
-        if rows is None or rows > self.max_rows or plan.tables.shape[1] > width:
+    def key(self, plan: RowPlan) -> int | None:
+        """The graph a plan replays: its padded row count (None: too many rows or too wide)."""
+        if plan.tables.shape[1] > self.max_blocks:
             return None
-        return rows, width
+        return _pad_to(len(plan.input_ids), self.sizes)
+
+    def capture_all(self) -> int:
+        """Capture a graph for every size (before ready); returns how many were captured."""
+        import time
+        t0, n = time.perf_counter(), 0
+        for rows in self.sizes:
+            if self.disabled:
+                break
+            if rows not in self.graphs:
+                self._fill_padding(0, rows)
+                if self._try_capture(rows):
+                    n += 1
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - t0
+        return n
+
+    def seal(self) -> None:
+        self.sealed = True
+
+    def _fill_padding(self, n: int, rows: int) -> None:
+        self.ids[n:rows].zero_()
+        self.pos[n:rows].zero_()
+        self.seq_lens[n:rows].fill_(1)
+        self.slots[n:rows].fill_(self.pool.scratch_block * self.pool.block_size)
+        self.tables[n:rows].fill_(self.pool.scratch_block)
+        if self.hidden is not None:
+            self.hidden[n:rows].zero_()
+
+    def _try_capture(self, rows: int) -> bool:
+        try:
+            self.graphs[rows] = self._capture(rows)
+            self.captures += 1
+            return True
+        except Exception:  # noqa: BLE001 - serving goes on without graphs rather than failing requests
+            log.exception("capturing a %s CUDA graph of %d rows failed: these steps run eagerly from now on",
+                          "MTP" if self.mtp else "decode", rows)
+            self.disabled = True
+            self.graphs.clear()
+            return False
 
     def run(self, plan: RowPlan, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Replay (capturing first if needed) the graph for this plan; None when it does not fit.
+        """Replay the graph for this plan; None when none fits (the caller runs eagerly). Before
+        seal() a missing graph is captured; after it, never (counted in misses_after_ready).
         hidden: the MTP layer's input states [N, hidden] (mtp graphs only)."""
-        key = None if self.disabled else self.key(plan)
-        if key is None:
+        rows = None if self.disabled else self.key(plan)
+        if rows is None:
             return None
-        rows, width = key
+        if rows not in self.graphs:
+            if self.sealed:
+                self.misses_after_ready += 1
+                return None
+            self._fill_padding(0, rows)
+            if not self._try_capture(rows):
+                return None
         n, w = len(plan.input_ids), plan.tables.shape[1]
         self.ids[:n].copy_(torch.from_numpy(plan.input_ids), non_blocking=True)
         self.pos[:n].copy_(torch.from_numpy(plan.positions), non_blocking=True)
         self.seq_lens[:n].copy_(torch.from_numpy(plan.seq_lens), non_blocking=True)
         self.slots[:n].copy_(torch.from_numpy(plan.slots), non_blocking=True)
         self.tables[:n, :w].copy_(torch.from_numpy(plan.tables), non_blocking=True)
+        if w < self.max_blocks:  # beyond a row's table: the scratch block (never read: seq_lens bound it)
+            self.tables[:n, w:].fill_(self.pool.scratch_block)
         if self.hidden is not None:
             assert hidden is not None and hidden.shape[0] == n
             self.hidden[:n].copy_(hidden)
         if n < rows:  # padding rows: position 0 of the scratch block, nothing else
-            self.ids[n:rows].zero_()
-            self.pos[n:rows].zero_()
-            self.seq_lens[n:rows].fill_(1)
-            self.slots[n:rows].fill_(self.pool.scratch_block * self.pool.block_size)
-            self.tables[n:rows, :width].fill_(self.pool.scratch_block)
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-        else:
-            if len(self.graphs) >= self.max_graphs:  # least recently used goes; its memory returns to the pool
-                self.graphs.popitem(last=False)
-            try:
-                self.graphs[key] = self._capture(rows, width)
-            except Exception:  # noqa: BLE001 - serving goes on without graphs rather than failing requests
-                log.exception("capturing a %s CUDA graph (%d rows, width %d) failed: these steps run eagerly "
-                              "from now on", "MTP" if self.mtp else "decode", rows, width)
-                self.disabled = True
-                self.graphs.clear()
-                return None
-        graph, out = self.graphs[key]
+            self._fill_padding(n, rows)
+        graph, out = self.graphs[rows]
         graph.replay()
         return out[:n].clone()  # the static output is overwritten by the next replay; callers keep rows
 
@@ -170,8 +206,8 @@ class DecodeGraphs:
             return self.net.forward(batch)
         return self.net.mtp_forward(self.hidden[:rows], batch.input_ids, batch)
 
-    def _capture(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        batch = self._batch(rows, width)
+    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        batch = self._batch(rows, self.max_blocks)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton compiles, allocator settles
@@ -180,6 +216,6 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
             out = self._forward(batch, rows)
-        log.info("captured a %s CUDA graph: %d rows, block tables %d wide (%d graphs)",
-                 "MTP" if self.mtp else "decode", rows, width, len(self.graphs) + 1)
+        log.debug("captured a %s CUDA graph: %d rows, block tables %d wide", "MTP" if self.mtp else "decode",
+                  rows, self.max_blocks)
         return graph, out

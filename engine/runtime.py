@@ -87,6 +87,8 @@ class WorkerRuntime:
                    fp8_weights=ecfg.fp8_weights)
         self.checkpoint = path
         self.engine = Engine(net, ecfg)
+        # kernels compiled and (decode) graphs captured before ready; a prefill worker never decodes
+        self.warm = self.engine.warm_up(capture_graphs=spec.role == "decode")
         self.loop = EngineLoop(self.engine, name=f"engine-{spec.worker_id}").start()
         self.transport = make_transport(spec.transfer_backend, spec.worker_id, transfer_compat(self.engine),
                                         host=spec.transfer_host,
@@ -94,10 +96,16 @@ class WorkerRuntime:
                                             transfer_timeout_s=spec.transfer_timeout_s,
                                             secret=None if spec.cluster_secret is None else spec.cluster_secret.encode()))
         self.transport.register_pools(self.engine.pool.pools())
+        if self.engine.pool.staging[1]:  # scattered blocks gather here and travel as one region
+            self.transport.enable_staging(*self.engine.pool.staging)
         self.metadata = self.transport.metadata()
         log.info("worker %s (%s) ready: %s, %d blocks of %d tokens (%.1f MB each), transfer %s",
                  spec.worker_id, spec.role, path, self.engine.cfg.num_blocks, ecfg.block_size,
                  self.engine.pool.bytes_per_block / 1e6, spec.transfer_backend)
+
+    def warm_stats(self) -> dict:
+        """For Stats: graphs captured, steps after ready without a graph, warm-up seconds."""
+        return {**self.engine.graph_stats, "warmup_seconds": float(self.warm.get("seconds", 0.0))}
 
     @property
     def pid(self) -> int:
@@ -118,7 +126,10 @@ class WorkerServer:
     def __init__(self, rt: WorkerRuntime, service, add_to_server, role: str) -> None:
         self.rt, self.service, self.role = rt, service, role
         secret = rt.spec.cluster_secret
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"grpc-{role}"),
+        # One thread per open stream (Generate holds one until its last token): with fewer threads than
+        # running requests, later streams would wait in gRPC's queue, a decode stall of whole seconds.
+        threads = max(64, 2 * rt.engine.cfg.max_running + 16)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"grpc-{role}"),
                                   options=[("grpc.max_receive_message_length", 256 << 20),
                                            ("grpc.max_send_message_length", 256 << 20)],
                                   interceptors=[ClusterSecretInterceptor(secret)] if secret is not None else None)

@@ -13,7 +13,10 @@ block) is the ceiling, measured in the same run. `of_region` = region time / req
 A "decode" process owns the destination pools, a "prefill" process pushes into them; both are
 spawned. Each case writes the same number of blocks (so the same bytes): ``contiguous`` (both
 sides consecutive: one descriptor per pool), ``scattered`` (every other block on both sides: one
-descriptor per block per pool). For NIXL, the same two selections are also posted through the
+descriptor per block per pool), and ``scattered -> staged`` (every other block on the sender, a run
+on the receiver as the decode worker's allocator reserves it: the transport gathers the blocks into
+its staging area with one kernel per pool and posts one descriptor per pool, as a prefill worker does;
+the time includes the gather). For NIXL, the same two selections are also posted through the
 pre-built per-block descriptor lists (``prep_xfer_dlist`` + ``make_prepped_xfer``) for comparison
 with our coalesced ``initialize_xfer`` path. Correctness is checked (the destination blocks hold
 the source blocks' pattern) before anything is timed. Times are initiator-side: from
@@ -67,9 +70,14 @@ def _child(
     conn: Connection, role: str, backend: str, device: str, num_blocks: int, block_bytes: tuple[int, ...]
 ) -> None:
     logging.basicConfig(level=logging.WARNING)
+    if device == "cpu":  # as a worker runs (one thread): OpenMP wake-ups on a busy host cost ms per copy
+        torch.set_num_threads(1)
     t = make_transport(backend, role, COMPAT)  # type: ignore[arg-type]
-    pools = _pools(num_blocks, block_bytes, device, fill=(role == "pre"))
+    staging = num_blocks // 2 if role == "pre" and num_blocks > 2 else 0  # the sender's staging area
+    pools = _pools(num_blocks + staging, block_bytes, device, fill=(role == "pre"))
     t.register_pools(pools)
+    if staging:
+        t.enable_staging(num_blocks, staging)
     conn.send(t.metadata())
     try:
         while conn.poll(300):
@@ -109,11 +117,14 @@ def _time(fn: Any, repeats: int) -> float:
 def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     cases = {"contiguous": (list(range(blocks)), list(range(blocks)))}
+    staged = None
     if blocks > 1:
         cases["scattered"] = (list(range(0, 2 * blocks, 2)), list(range(0, 2 * blocks, 2)))
-    for case, (local, remote) in cases.items():
+        if getattr(t, "staging", None) is not None:
+            staged = (list(range(0, 2 * blocks, 2)), list(range(blocks)))
 
-        def once(local: list[int] = local, remote: list[int] = remote, case: str = case) -> None:
+    def measure(case: str, local: list[int], remote: list[int]) -> dict[str, Any]:
+        def once() -> None:
             h = t.write_blocks("dec", local, remote, notif=b"bench")
             state = t.wait(h, 60.0, interval_s=0.0)
             if state is not TransferState.DONE:
@@ -121,13 +132,17 @@ def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
             t.release(h)
 
         h = t.write_blocks("dec", local, remote)
-        ndesc = h.num_descriptors
-        nbytes = h.nbytes
+        ndesc, nbytes = h.num_descriptors, h.nbytes
         t.wait(h, 60.0)
         t.release(h)
-        out.append({"case": case, "descriptors": ndesc, "nbytes": nbytes, "s": _time(once, repeats)})
+        return {"case": case, "descriptors": ndesc, "nbytes": nbytes, "s": _time(once, repeats)}
+
+    for case, (local, remote) in cases.items():
+        out.append(measure(case, local, remote))
     if t.backend == "nixl" and blocks > 1:
         out += _nixl_prepped(t, cases, repeats)
+    if staged is not None:  # last: its destination blocks are the ones verified afterwards
+        out.append(measure("scattered -> staged", *staged))
     return out
 
 
@@ -135,11 +150,10 @@ def _nixl_prepped(t: Any, cases: dict[str, tuple[list[int], list[int]]], repeats
     """The alternative NIXL path: per-block prepped descriptor lists, blocks selected by index."""
     agent = t.agent
     peer_md = t._peers["dec"]  # bench-only peek at the peer's pool descriptors
-    nb = t.pool_infos[0].num_blocks
     lists = []
-    for lp, rp in zip(t.pool_infos, peer_md.pools, strict=True):
-        ld = [(lp.base_addr + b * lp.block_bytes, lp.block_bytes, lp.dev_id) for b in range(nb)]
-        rd = [(rp.base_addr + b * rp.block_bytes, rp.block_bytes, rp.dev_id) for b in range(nb)]
+    for lp, rp in zip(t.pool_infos, peer_md.pools, strict=True):  # the sender's pools also hold its staging
+        ld = [(lp.base_addr + b * lp.block_bytes, lp.block_bytes, lp.dev_id) for b in range(lp.num_blocks)]
+        rd = [(rp.base_addr + b * rp.block_bytes, rp.block_bytes, rp.dev_id) for b in range(rp.num_blocks)]
         lh = agent.prep_xfer_dlist("NIXL_INIT_AGENT", ld, lp.mem_type)
         lists.append((lh, agent.prep_xfer_dlist("dec", rd, rp.mem_type)))
     out = []
@@ -202,7 +216,8 @@ def run(backend: str, device: str, blocks: int, block_bytes: tuple[int, ...], re
         results = call("pre", "bench", blocks, repeats)
         # correctness of what was written last: pattern of local block -> remote block
         sc = list(range(0, 2 * blocks, 2)) if blocks > 1 else [0]
-        if not call("dec", "verify", sc, sc):
+        staged = any(r["case"] == "scattered -> staged" for r in results)
+        if not call("dec", "verify", sc, list(range(blocks)) if staged else sc):
             raise RuntimeError(f"{backend}/{device}: destination blocks do not hold the sent data")
         call("dec", "drain")
         for role in ("pre", "dec"):

@@ -31,6 +31,7 @@ from .base import (
     coalesce_array,
     describe_pool,
 )
+from .staging import StagingArea, copy_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +55,8 @@ class XferRecord:
     aborted: bool = False
     #: backend-specific state (NIXL handles, ...)
     ctx: Any = None
+    #: (first block, count) of the staging area this write reads from (given back once DONE or released)
+    stage: tuple[int, int] | None = None
 
     @property
     def tag(self) -> str:
@@ -86,6 +89,7 @@ class TransportCore(Transport):
         self._xfers: dict[int, XferRecord] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._staging: StagingArea | None = None
 
     # -- hooks for backends -------------------------------------------------------------------
 
@@ -136,6 +140,8 @@ class TransportCore(Transport):
             rec.state = state
             rec.error = error
             rec.finished_at = time.monotonic()
+            if state is TransferState.DONE:  # every byte landed: its staging blocks are free again
+                self._unstage(rec)
         if state is TransferState.FAILED:
             logger.warning("%s FAILED: %s", rec.tag, error)
         else:
@@ -261,6 +267,44 @@ class TransportCore(Transport):
         with self._lock:
             return list(self._peers)
 
+    def enable_staging(self, start: int, count: int) -> None:
+        """Blocks [start, start + count) of every registered pool are this side's staging area (the
+        owner never uses them): a write whose local blocks are more scattered than its remote ones is
+        gathered there first and posted as one descriptor per run of remote blocks (staging.py)."""
+        if not self._pool_infos:
+            raise RuntimeError(f"transport {self._name!r}: register_pools before enable_staging")
+        if start < 0 or start + count > self._pool_infos[0].num_blocks:
+            raise ValueError(f"staging blocks [{start}, {start + count}) are outside the pools' "
+                             f"{self._pool_infos[0].num_blocks} blocks")
+        self._staging = StagingArea(start, count) if count > 0 else None
+
+    @property
+    def staging(self) -> StagingArea | None:
+        return self._staging
+
+    def _unstage(self, rec: XferRecord) -> None:
+        if rec.stage is not None and self._staging is not None:
+            self._staging.give_back(*rec.stage)
+        rec.stage = None
+
+    def _stage(self, local: np.ndarray, remote: np.ndarray, runs: np.ndarray) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """Gather scattered local blocks into the staging area when that cuts the descriptors."""
+        st = self._staging
+        n = len(local)
+        if st is None or len(runs) <= 1 or n < 2:
+            return runs, None
+        remote_runs = 1 + int(np.count_nonzero(np.diff(remote) != 1))
+        if len(runs) <= remote_runs:
+            return runs, None
+        first = st.take(n)
+        if first is None:
+            st.unstaged_writes += 1
+            return runs, None
+        staged = np.arange(first, first + n, dtype=np.int64)
+        copy_blocks(self._pools, local, staged)  # on the caller's stream: the sync in write_blocks covers it
+        st.staged_writes += 1
+        return coalesce_array(staged, remote), (first, n)
+
     def write_blocks(
         self,
         peer: str,
@@ -277,6 +321,20 @@ class TransportCore(Transport):
         local_n = self._pool_infos[0].num_blocks
         if len(runs) and int((runs[:, 0] + runs[:, 2]).max()) > local_n:
             raise ValueError(f"local block id out of range: this side has {local_n} blocks")
+        stage = None
+        if self._staging is not None and len(runs) > 1:
+            local_a = np.asarray(local_block_ids, dtype=np.int64)
+            if self._staging.start < local_n and bool(((local_a >= self._staging.start)
+                                                       & (local_a < self._staging.start + self._staging.count)).any()):
+                raise ValueError("local block ids inside the staging area")
+            runs, stage = self._stage(local_a, np.asarray(remote_block_ids, dtype=np.int64), runs)
+        dev = self._pools[0].device
+        if dev.type == "cuda" and len(runs):
+            # the transfer engine reads the pools outside CUDA stream order: whatever the caller's stream
+            # wrote into these blocks (the step's cache writes, the MTP layer's catch-up, the gather into
+            # the staging area) must be done first
+            import torch
+            torch.cuda.current_stream(dev).synchronize()
         with self._lock:
             md = self._peers.get(peer)
         if md is not None and len(runs):
@@ -297,6 +355,7 @@ class TransportCore(Transport):
             notif=notif_b,
             started=now,
             deadline=now + self._config.transfer_timeout_s,
+            stage=stage,
         )
         with self._lock:
             self._xfers[handle.xfer_id] = rec
@@ -363,6 +422,7 @@ class TransportCore(Transport):
                 self._finish(rec, TransferState.FAILED, "released before completion")
                 self._abort(rec)
             self._release_backend(rec)
+            self._unstage(rec)
 
     def send_notif(self, peer: str, msg: bytes) -> None:
         self._check_open()
@@ -389,6 +449,7 @@ class TransportCore(Transport):
                     self._finish(rec, TransferState.FAILED, "transport closed")
                     self._abort(rec)
                 self._release_backend(rec)
+                self._unstage(rec)
             names = list(self._peers)
             self._peers.clear()
             self._peer_raw.clear()

@@ -198,7 +198,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("kind", "worker_id", "blocks_used", "blocks_total", "running", "waiting", "requests_done", "pid", "node", "queued_prefill_tokens", "blocks_reserved", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "draft_tokens", "accepted_draft_tokens", "weight_bytes")
+    __slots__ = ("kind", "worker_id", "blocks_used", "blocks_total", "running", "waiting", "requests_done", "pid", "node", "queued_prefill_tokens", "blocks_reserved", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "draft_tokens", "accepted_draft_tokens", "graph_captures", "graph_misses_after_ready", "warmup_seconds", "weight_bytes")
     KIND_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,9 @@ class StatsReply(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_CAPTURES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_MISSES_AFTER_READY_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     kind: WorkerKind
     worker_id: str
@@ -232,8 +235,11 @@ class StatsReply(_message.Message):
     generated_tokens: int
     draft_tokens: int
     accepted_draft_tokens: int
+    graph_captures: int
+    graph_misses_after_ready: int
+    warmup_seconds: float
     weight_bytes: int
-    def __init__(self, kind: _Optional[_Union[WorkerKind, str]] = ..., worker_id: _Optional[str] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., requests_done: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., blocks_reserved: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[WorkerKind, str]] = ..., worker_id: _Optional[str] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., requests_done: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., blocks_reserved: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., graph_captures: _Optional[int] = ..., graph_misses_after_ready: _Optional[int] = ..., warmup_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "epoch", "reason", "nothing_written")
@@ -408,7 +414,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[Destination, _Mapping]] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("first_token", "first_token_logprobs", "prompt_logprobs", "mtp_hidden", "num_cached_tokens", "transfer_bytes", "transfer_seconds", "queue_seconds", "prefill_seconds", "generator_state", "finish_reason", "blocks_written")
+    __slots__ = ("first_token", "first_token_logprobs", "prompt_logprobs", "mtp_hidden", "num_cached_tokens", "transfer_bytes", "transfer_seconds", "queue_seconds", "prefill_seconds", "generator_state", "handler_seconds", "finish_reason", "blocks_written")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -419,6 +425,7 @@ class PrefillResult(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
+    HANDLER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     first_token: int
@@ -431,9 +438,10 @@ class PrefillResult(_message.Message):
     queue_seconds: float
     prefill_seconds: float
     generator_state: bytes
+    handler_seconds: float
     finish_reason: FinishReason
     blocks_written: int
-    def __init__(self, first_token: _Optional[int] = ..., first_token_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., mtp_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., generator_state: _Optional[bytes] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., blocks_written: _Optional[int] = ...) -> None: ...
+    def __init__(self, first_token: _Optional[int] = ..., first_token_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., mtp_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., generator_state: _Optional[bytes] = ..., handler_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., blocks_written: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("prefill", "error")

@@ -25,6 +25,7 @@ from .metrics import metric_key
 from .policy import InFlight, RoutingPolicy
 from .poller import LoadPoller
 from .relay import DecodeLost
+from .stage_metrics import StageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,15 @@ class ClusterBackend:
         self.poller = LoadPoller(directory, self.clients, poll_interval_s)
         self.inflight = InFlight()
         self.migrations = 0
+        self.stages = StageMetrics()  # per-stage histograms of each request (router/stage_metrics.py)
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
         self.prefill_retries = 0
         self.reserve_refusals = 0
+
+    def collectors(self) -> list:
+        """Prometheus collectors the router's registry adds (the per-stage histograms)."""
+        return [self.stages]
 
     async def start(self) -> None:
         await self.poller.start()
@@ -123,6 +129,8 @@ class ClusterBackend:
             out[metric_key("worker_blocks_used", worker=w.worker_id, role=w.role)] = float(w.blocks_used)
             out[metric_key("worker_running", worker=w.worker_id, role=w.role)] = float(w.running)
             out[metric_key("worker_queue_depth", worker=w.worker_id, role=w.role)] = float(w.waiting)
+            out[metric_key("worker_graph_captures", worker=w.worker_id, role=w.role)] = float(w.graph_captures)
+            out[metric_key("worker_graph_misses_after_ready", worker=w.worker_id, role=w.role)] = float(w.graph_misses_after_ready)
         for wid, n in self.inflight.requests.items():
             out[metric_key("worker_router_in_flight", worker=wid, role=roles.get(wid, ""))] = float(n)
         return out

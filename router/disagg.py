@@ -13,6 +13,10 @@
    that stream opens;
 4. whatever ends the request early (client gone, stop string, error, timeout) sends Abort to D and P,
    so every block on both sides is freed.
+
+Each segment carries a StageClock: the marks around Reserve, Prefill and Generate plus the prefill
+worker's own times (PrefillResult queue/prefill/transfer seconds) become the per-stage histograms of
+stage_metrics.py (`self.stages`, a collector the router's registry adds).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -34,6 +38,7 @@ from .backend import GenerationDelta, NeverFits, Unavailable
 from .cluster_backend import ClusterBackend, NoCapacity
 from .membership import WorkerInfo
 from .relay import FINISH, StreamRelay
+from .stage_metrics import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class _Held:
     p: WorkerInfo | None = None        # prefill worker that may still hold the request
     counted: str = ""                  # decode worker whose in-flight count this segment holds
     finished: bool = False
+    clock: StageClock = field(default_factory=StageClock)  # the segment's stage marks (stage_metrics.py)
 
 
 class DisaggBackend(ClusterBackend):
@@ -72,10 +78,11 @@ class DisaggBackend(ClusterBackend):
             backlog=lambda w: pending.get(w.worker_id, 0) + w.queued_prefill_tokens)
 
     async def _reserve_once(self, d: WorkerInfo, request_id: str, prompt_len: int, max_tokens: int,
-                            deadline: float) -> pb.ReserveReply | str:
+                            deadline: float, clock: StageClock) -> pb.ReserveReply | str:
         """One Reserve on d; counted in d's in-flight requests when it succeeds (the caller's then)."""
         counts = self.inflight.requests
         self.inflight.add(counts, d.worker_id, 1)  # before the call: a burst sees each other's choice
+        clock.mark("reserve_start")  # the one that admits it is the last: the time before is router_queue
         try:
             rep = await self.clients.decode(d).Reserve(pb.ReserveRequest(
                 request_id=request_id, prompt_len=prompt_len, max_tokens=max_tokens,
@@ -88,16 +95,18 @@ class DisaggBackend(ClusterBackend):
         if not rep.HasField("reservation"):
             self.inflight.add(counts, d.worker_id, -1)
             self.reserve_refusals += 1
+        else:
+            clock.mark("reserve_end")
         return rep
 
     async def _reserve(self, request_id: str, prompt_len: int, max_tokens: int,
-                       avoid: set[str]) -> tuple[WorkerInfo, pb.Reservation]:
+                       avoid: set[str], clock: StageClock) -> tuple[WorkerInfo, pb.Reservation]:
         deadline = time.monotonic() + self.reserve_timeout_s
         delay = 0.01
         last = "no decode worker is serving"
         while True:
             for d in self._decode_order(avoid):
-                rep = await self._reserve_once(d, request_id, prompt_len, max_tokens, deadline)
+                rep = await self._reserve_once(d, request_id, prompt_len, max_tokens, deadline, clock)
                 if isinstance(rep, str):
                     last = rep
                     continue
@@ -121,9 +130,12 @@ class DisaggBackend(ClusterBackend):
         self.inflight.add(pending, p.worker_id, len(prompt))
         h.p = p
         try:
-            return await self.clients.prefill(p).Prefill(pb.PrefillRequest(
+            h.clock.mark("prefill_start")
+            rep = await self.clients.prefill(p).Prefill(pb.PrefillRequest(
                 request_id=h.request_id, prompt_token_ids=prompt, sampling=sampling, destination=dest),
                 timeout=self.first_token_timeout_s)
+            h.clock.mark("prefill_end")
+            return rep
         except grpc.aio.AioRpcError as e:
             return f"prefill worker {p.worker_id}: {e.code().name} {e.details() or ''}".strip()
         finally:
@@ -142,7 +154,7 @@ class DisaggBackend(ClusterBackend):
         error, code = "no prefill worker is serving", pb.ERROR_CODE_UNAVAILABLE
         failed_p: set[str] = set()
         for _attempt in range(self.prefill_attempts):
-            d, res = await self._reserve(h.request_id, len(prompt), params.max_tokens, avoid)
+            d, res = await self._reserve(h.request_id, len(prompt), params.max_tokens, avoid, h.clock)
             self._count_d(h, d)
             h.d, h.epoch = d, res.epoch
             order = [w for w in self._prefill_order(prompt) if w.worker_id not in failed_p]
@@ -202,6 +214,8 @@ class DisaggBackend(ClusterBackend):
             self.transfer_bytes += result.transfer_bytes
             self.transfer_seconds += result.transfer_seconds
             first = self._first_delta(result, params)
+            self.stages.observe_first_token(h.clock, result.queue_seconds, result.prefill_seconds,
+                                            result.transfer_seconds)
             h.p = None  # P answered: it holds nothing any more
             if result.finish_reason:  # finished at its first token: a normal end; give D's blocks back
                 await self._release_d(h, "finished at its first token", nothing_written=result.blocks_written == 0)
@@ -218,6 +232,7 @@ class DisaggBackend(ClusterBackend):
     async def _generate(self, h: _Held, prompt: list[int], params: SamplingParams,
                         result: pb.PrefillResult) -> AsyncIterator[GenerationDelta]:
         assert h.d is not None
+        h.clock.mark("generate_start")
         relay = StreamRelay(h.d.worker_id, params, self.first_token_timeout_s, self.idle_stream_timeout_s,
                             got_first=True)
         call = self.clients.decode(h.d).Generate(pb.GenerateRequest(
@@ -228,10 +243,18 @@ class DisaggBackend(ClusterBackend):
             generator_state=result.generator_state))
         try:
             async for delta in relay.deltas(call):
+                self._observe_decode(h.clock, delta, relay)
                 yield delta
         finally:
             h.finished = relay.finished
             call.cancel()
+
+    def _observe_decode(self, clock: StageClock, delta: GenerationDelta, relay: StreamRelay) -> None:
+        """The decode stages: Generate sent -> first token (first_decode_step), -> finished (stream)."""
+        if delta.token_ids and "first_decode" not in clock.marks:
+            self.stages.observe_first_decode(clock)
+        elif delta.finish_reason and relay.finished and delta.error is None:
+            self.stages.observe_end(clock)
 
     async def _cleanup(self, h: _Held) -> None:
         if h.counted:

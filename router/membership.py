@@ -38,6 +38,8 @@ class WorkerInfo:
     waiting: int = 0
     requests_done: int = 0
     queued_prefill_tokens: int = 0
+    graph_captures: int = 0
+    graph_misses_after_ready: int = 0  # decode steps after ready with no CUDA graph (warm-up missed a shape)
     last_seen: float = field(default_factory=time.monotonic)
     failures: int = 0                 # consecutive failed polls
 
@@ -48,7 +50,8 @@ class WorkerInfo:
 
 # what the router's poller may write: observations, never membership or liveness
 LOAD_FIELDS = frozenset({"blocks_used", "blocks_total", "running", "waiting", "requests_done",
-                         "queued_prefill_tokens", "last_seen", "failures", "transfer_metadata"})
+                         "queued_prefill_tokens", "graph_captures", "graph_misses_after_ready", "last_seen",
+                         "failures", "transfer_metadata"})
 
 
 class Directory:

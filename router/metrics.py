@@ -124,6 +124,8 @@ class RouterMetrics:
         self.rejected = Counter("splitserve_router_rejected_requests", "Requests refused for load (429)", registry=r)
         if isinstance(backend, SupportsMetrics):
             r.register(_BackendCollector(backend))
+        for c in getattr(backend, "collectors", lambda: [])():  # e.g. the per-stage histograms
+            r.register(c)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -56,6 +56,7 @@ class LoadPoller:
             load: dict[str, object] = dict(
                 blocks_used=st.blocks_used, blocks_total=st.blocks_total, running=st.running, waiting=st.waiting,
                 requests_done=st.requests_done, queued_prefill_tokens=st.queued_prefill_tokens,
+                graph_captures=st.graph_captures, graph_misses_after_ready=st.graph_misses_after_ready,
                 last_seen=time.monotonic(), failures=0)
             if w.role == "decode" and not w.transfer_metadata:
                 hs = await self.clients.decode(w).Handshake(pb.HandshakeRequest(), timeout=5.0)

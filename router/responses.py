@@ -15,7 +15,9 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One SSE event. ASCII-only JSON: a raw U+2028, U+2029 or U+0085 (which model output holds) would
+    split the event for every client that splits lines like str.splitlines (httpx.iter_lines, requests)."""
+    return f"data: {json.dumps(obj, ensure_ascii=True, separators=(',', ':'))}\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -139,3 +139,25 @@ def test_arrival_gaps_are_poisson_at_the_rate() -> None:
     assert sum(gaps) / (len(gaps) - 1) == pytest.approx(0.25, rel=0.03)
     # the same draws, scaled: rates compare on the same arrival pattern
     assert arrival_gaps(10, 2.0, 0) == pytest.approx([g * 2 for g in arrival_gaps(10, 4.0, 0)])
+
+
+def test_stage_breakdown_from_two_metrics_scrapes() -> None:
+    """bench serve's per-run stages: the difference of two /metrics pages of the router's stage histograms
+    (rendered by prometheus_client, as the router serves them) gives each stage's count, mean and p50."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from splitserve.bench.serve import parse_stage_metrics, stage_deltas
+    from splitserve.router.stage_metrics import StageMetrics
+
+    sm = StageMetrics()
+    reg = CollectorRegistry()
+    reg.register(sm)
+    sm._observe({"reserve": 0.5, "transfer": 1.0})  # before the run: must not count
+    before = parse_stage_metrics(generate_latest(reg).decode())
+    for v in (0.002, 0.004, 0.006):
+        sm._observe({"reserve": v, "prefill_compute": 10 * v})
+    d = stage_deltas(before, parse_stage_metrics(generate_latest(reg).decode()))
+    assert set(d) == {"reserve", "prefill_compute"}
+    assert d["reserve"]["count"] == 3 and abs(d["reserve"]["mean_ms"] - 4.0) < 1e-6
+    assert abs(d["prefill_compute"]["mean_ms"] - 40.0) < 1e-6
+    assert 2.0 <= d["reserve"]["p50_ms"] <= 5.0 and d["reserve"]["p99_ms"] <= 10.0

@@ -31,7 +31,7 @@ from splitserve.tests.helpers import ServeThread, all_pids, pid_alive, proc_stat
 
 pytestmark = pytest.mark.timeout(240)
 
-STATUS_KEYS = {"id", "role", "state", "pid", "node", "gpus", "blocks_used", "blocks_total", "requests_done"}
+STATUS_KEYS = {"id", "role", "state", "pid", "node", "gpus", "gpu_share", "blocks_used", "blocks_total", "requests_done"}
 RPC_TIMEOUT_S = 5.0
 
 
@@ -181,7 +181,7 @@ def test_status_shape_and_real_pids(cluster: SimpleNamespace) -> None:
     for w in workers:
         assert set(w) == STATUS_KEYS
         assert w["state"] == "serving"
-        assert w["gpus"] == []
+        assert w["gpus"] == [] and w["gpu_share"] == 0.0  # a CPU cluster: no GPU share
         pool = cluster.cfg.prefill if w["role"] == "prefill" else cluster.cfg.decode
         assert w["blocks_total"] == pool.num_blocks
         assert 0 <= w["blocks_used"] <= w["blocks_total"]

@@ -213,3 +213,15 @@ def test_status_table() -> None:
     assert lines[2].split() == ["ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "WEIGHTS", "BLOCKS", "USED", "REQUESTS", "DONE"]
     assert lines[3].split() == ["prefill-0", "prefill", "serving", "100", "n", "-", "-", "0/8", "0"]
     assert lines[4].split() == ["decode-0", "decode", "serving", "100", "n", "0,1", "1.50", "GiB", "0/8", "0"]
+
+
+def test_status_table_shows_fractional_gpus() -> None:
+    """Two workers sharing one GPU (gpus_per_worker 0.5) show their share, never "0"."""
+    status = FakeController().status()
+    status["workers"][0].update(gpus=[0], gpu_share=0.5)
+    status["workers"][1].update(gpus=[], gpu_share=0.5)
+    lines = format_status(status).splitlines()
+    assert lines[3].split()[5] == "0.5(gpu0)"
+    assert lines[4].split()[5] == "0.5"
+    status["workers"][1].update(gpus=[0, 1], gpu_share=2.0)
+    assert format_status(status).splitlines()[4].split()[5] == "0,1"

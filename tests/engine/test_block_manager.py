@@ -59,3 +59,39 @@ def test_random_alloc_free_sequences_keep_the_books(ops) -> None:
     for h in held:
         bm.free(h)
     assert bm.num_used == 0
+
+
+def test_allocations_stay_runs_through_churn_with_the_prefix_cache() -> None:
+    """Whenever n consecutive blocks are free or only cached, an allocation of n is one run (so a
+    reservation travels as one region), whatever churn and prefix caching did to the pool; refcounts and
+    the cache stay consistent."""
+    import random
+
+    rng = random.Random(7)
+    bm = BlockManager(512)
+    live: list[list[int]] = []
+    runs = allocations = 0
+    for step in range(3000):
+        if live and (rng.random() < 0.45 or bm.num_free < 80):
+            blocks = live.pop(rng.randrange(len(live)))
+            for i, b in enumerate(blocks):  # full blocks become cached prefixes when freed
+                if rng.random() < 0.7:
+                    bm.register(b, block_hash(None, [step, i, b]))
+            bm.free(blocks)
+            continue
+        n = rng.randint(1, 40)
+        usable = bm.free_mask.copy()
+        usable[list(bm.cached)] = True
+        possible = any(usable[s:s + n].all() for s in range(512 - n + 1))
+        got = bm.allocate(n)
+        assert len(set(got)) == n and all(bm.ref[b] == 1 for b in got)
+        assert not any(b in bm.block_to_hash for b in got)
+        if possible:
+            assert got == list(range(got[0], got[0] + n)), (n, got)
+        allocations += 1
+        runs += got == list(range(got[0], got[0] + n))
+        live.append(got)
+    assert allocations > 1000 and runs > 0
+    for blocks in live:
+        bm.free(blocks)
+    assert bm.num_used == 0 and bm.num_free == 512

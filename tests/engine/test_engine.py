@@ -339,3 +339,21 @@ def test_fp8_weights_engine_matches_fp8_scoring(tiny_fp8_checkpoint, paged) -> N
     for r, p in zip(eng.generate(prompts, GREEDY), prompts):
         assert r.token_ids == greedy_reference(net, p, GREEDY.max_tokens)
     assert eng.blocks_used == 0
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_warm_up_leaves_the_engine_as_it_was(predictable_net, k) -> None:
+    """The warm-up (run before a worker reports ready) leaves no request, block, cached prefix or counter
+    behind, and what the engine generates afterwards is what a cold engine generates."""
+    net = predictable_net
+    cfg = EngineConfig(num_blocks=64, block_size=16, chunk_size=32, mtp_draft_tokens=k)
+    prompts = random_prompts([40, 7], net.cfg.vocab_size, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    cold = [r.token_ids for r in Engine(net, cfg).generate(prompts, params)]
+    eng = Engine(net, cfg)
+    info = eng.warm_up()
+    assert info["prefill_lengths"] and info["seconds"] >= 0 and info["graphs"] == 0  # CPU: no graphs
+    assert eng.requests == {} and eng.blocks_used == 0 and not eng.blocks.hash_to_block
+    assert eng.stats.steps == 0 and eng.stats.requests_done == 0 and not eng.has_work
+    assert eng.graph_stats == {"graph_captures": 0, "graph_misses_after_ready": 0}
+    assert [r.token_ids for r in eng.generate(prompts, params)] == cold

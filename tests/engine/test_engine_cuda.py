@@ -117,20 +117,40 @@ def test_cache_sized_by_memory_fraction(small_cuda) -> None:
     assert eng.blocks_used == 0
 
 
-def test_graph_eviction_and_a_failed_capture_keep_outputs_exact(kernel_net32, monkeypatch) -> None:
+def test_warm_up_captures_every_size_and_nothing_while_serving(kernel_net32) -> None:
+    """Warm start: every batch size's graph (decode and MTP) is captured before ready; a mixed load of
+    prompt lengths, batch sizes and context lengths afterwards captures nothing and misses no graph,
+    and its outputs equal the cache-free reference."""
+    net = kernel_net32
+    for k in (0, 2):
+        eng = Engine(net, EngineConfig(num_blocks=160, block_size=16, chunk_size=128, mtp_draft_tokens=k,
+                                       max_running=12, device="cuda", dtype="float32"))
+        info = eng.warm_up()
+        sizes = eng.runner.graphs.sizes
+        assert sorted(eng.runner.graphs.graphs) == list(sizes) and sizes[-1] == 12 * (k + 1)
+        if k:
+            assert sorted(eng.runner.mtp_graphs.graphs) == list(eng.runner.mtp_graphs.sizes)
+        assert info["graphs"] == eng.graph_stats["graph_captures"] > 0 and info["seconds"] > 0
+        assert eng.blocks_used == 0 and not eng.requests and not eng.blocks.hash_to_block
+        captured = eng.graph_stats["graph_captures"]
+        prompts = random_prompts([300, 140, 9, 64, 33, 1, 200, 17, 90], net.cfg.vocab_size, seed=5)
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        refs = [greedy_reference(net, p, params.max_tokens) for p in prompts]
+        assert [r.token_ids for r in eng.generate(prompts, params)] == refs
+        assert [r.token_ids for r in eng.generate(prompts[:3], params)] == refs[:3]
+        assert eng.graph_stats == {"graph_captures": captured, "graph_misses_after_ready": 0}
+        assert eng.blocks_used == 0
+
+
+def test_a_failed_capture_keeps_outputs_exact(kernel_net32, monkeypatch) -> None:
     net = kernel_net32
     prompts = random_prompts([150, 20, 70], net.cfg.vocab_size, seed=11)  # decode batches of 2, then 3 rows
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     refs = [greedy_reference(net, p, params.max_tokens) for p in prompts]
     cfg = EngineConfig(num_blocks=96, block_size=16, chunk_size=128, device="cuda", dtype="float32")
     eng = Engine(net, cfg)
-    eng.runner.graphs.max_graphs = 1  # every new (rows, width) evicts the graph before it
-    assert [r.token_ids for r in eng.generate(prompts, params)] == refs
-    assert len(eng.runner.graphs.graphs) == 1
 
-    eng = Engine(net, cfg)
-
-    def capture_fails(rows: int, width: int):
+    def capture_fails(rows: int):
         raise RuntimeError("injected capture failure")
     monkeypatch.setattr(eng.runner.graphs, "_capture", capture_fails)
     assert [r.token_ids for r in eng.generate(prompts, params)] == refs  # eager from the first decode step

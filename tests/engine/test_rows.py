@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitserve.engine.rows import ROW_SIZES, RowPlan, _pad_to, _width_bucket
+from splitserve.engine.rows import ROW_SIZES, RowPlan, _pad_to, capture_sizes
 
 
 @settings(max_examples=200, deadline=None)
@@ -36,13 +36,18 @@ def test_row_plan_refuses_a_table_too_short() -> None:
         RowPlan.build([([1, 2, 3], 6, [0, 1])], 4)
 
 
-def test_graph_buckets_cover_with_bounded_padding() -> None:
-    prev = 0
-    for blocks in range(1, 5000):
-        w = _width_bucket(blocks)
-        assert w >= max(blocks, 16) and w >= prev and (blocks <= 16 or w <= 1.25 * blocks + 1)
-        prev = w
-    assert len({_width_bucket(b) for b in range(1, 4097)}) <= 4 * 9
+def test_capture_sizes_cover_every_batch_with_bounded_padding() -> None:
+    """Graphs are keyed by padded row count only: every batch up to max_rows pads to a captured size,
+    at most 7 rows (up to 256), 15 (up to 512) or 31 rows beyond; the list is fixed by max_rows."""
+    for max_rows in (1, 3, 8, 64, 100, 192, 256, 600):
+        sizes = capture_sizes(max_rows)
+        assert sizes[0] == 1 and sizes[-1] == max_rows and list(sizes) == sorted(set(sizes))
+        for n in range(1, max_rows + 1):
+            p = _pad_to(n, sizes)
+            assert p is not None and p >= n
+            if n > 4:
+                assert p - n < (8 if p <= 256 else 16 if p <= 512 else 32)
+        assert _pad_to(max_rows + 1, sizes) is None
+    assert capture_sizes(64)[:6] == (1, 2, 4, 8, 16, 24)
     for n in range(1, ROW_SIZES[-1] + 1):
         assert _pad_to(n, ROW_SIZES) >= n
-    assert _pad_to(ROW_SIZES[-1] + 1, ROW_SIZES) is None

@@ -33,10 +33,12 @@ def test_request_sizes_against_one_region(tmp_path) -> None:
     for backend in backends:
         for tokens in (128, 640):
             mine = {r["case"]: r for r in rows if r["backend"] == backend and r["tokens"] == tokens}
-            assert {"contiguous", "scattered", "one region"} <= set(mine)
+            assert {"contiguous", "scattered", "scattered -> staged", "one region"} <= set(mine)
             blocks = tokens // 64
             assert mine["contiguous"]["blocks"] == blocks and mine["one region"]["descriptors"] == 1
-            for case in ("contiguous", "scattered", "one region"):  # the same bytes in every case
+            # staged: the scattered blocks gathered on the sender travel as one descriptor per pool
+            assert mine["scattered -> staged"]["descriptors"] == mine["contiguous"]["descriptors"]
+            for case in ("contiguous", "scattered", "scattered -> staged", "one region"):  # the same bytes
                 assert mine[case]["mbytes"] == pytest.approx(blocks * per_block / 1e6)
                 assert mine[case]["median_ms"] > 0
             assert mine["scattered"]["descriptors"] >= mine["contiguous"]["descriptors"]

@@ -67,3 +67,20 @@ def test_a_call_in_time_is_not_undone(loop) -> None:
     assert len(blocks) == 2 and undone == [] and loop.engine.blocks.num_free == free - 2
     loop.call(lambda eng: eng.release_blocks(blocks))
     assert loop.engine.blocks.num_free == free
+
+
+def test_submit_returns_before_the_call_runs(loop) -> None:
+    """`submit` (the prefill worker's cleanup after a delivered cache) queues the call without waiting:
+    it returns while the loop thread is busy, and the call runs once the loop gets to it."""
+    free = loop.engine.blocks.num_free
+    blocks = loop.call(lambda eng: eng.reserve(16))
+    gate = threading.Event()
+    busy = threading.Thread(target=loop.call, args=(lambda e: gate.wait(5),))
+    busy.start()
+    assert until(lambda: loop._calls.empty())  # the loop thread is inside the blocking call
+    fut = loop.submit(lambda eng: eng.release_blocks(blocks))
+    assert not fut.done() and loop.engine.blocks.num_free == free - 2
+    gate.set()
+    busy.join(5)
+    fut.result(5)
+    assert loop.engine.blocks.num_free == free

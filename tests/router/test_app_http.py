@@ -347,3 +347,23 @@ def test_streamed_echo_logprobs_equal_non_streamed(http: httpx.Client, tok: Toke
             assert [x for c in mine for x in c["logprobs"][key]] == choice["logprobs"][key]
         n_prompt = len(tok.encode("Hello 🙂 world").ids)
         assert len(choice["logprobs"]["tokens"]) == n_prompt + 5
+
+
+LINE_BREAKERS = "a\u2028b\u2029c\x85d\u00e9\U0001f600"
+
+
+def test_sse_events_survive_splitlines_readers(http: httpx.Client, tok: Tokenizer) -> None:
+    """Text holding U+2028 / U+2029 / U+0085 (str.splitlines breaks lines there; httpx.iter_lines and
+    requests do too) streams as events that every such reader parses, and the text comes back intact."""
+    prompt = "x " + LINE_BREAKERS
+    assert LINE_BREAKERS in tok.decode(tok.encode(prompt, add_special_tokens=False).ids)
+    body = dict(model=MODEL, prompt=prompt, max_tokens=2, echo=True, stream=True, **NO_EOS)
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        lines = [ln for ln in r.iter_lines() if ln]  # httpx's reader splits like str.splitlines
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(ln[len("data: "):]) for ln in lines[:-1]]  # every line is a whole event
+    assert all(ln.isascii() for ln in lines)
+    text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+    assert text.startswith(prompt)
+    raw = "".join(ln + "\n\n" for ln in lines)
+    assert raw.splitlines()[::2] == lines  # str.splitlines itself sees one line per event
