@@ -36,6 +36,7 @@ def _write(path: str | None, doc: dict) -> None:
 
 def cmd_config(a: argparse.Namespace) -> int:
     import yaml
+
     doc = yaml.safe_load(Path(a.base).read_text())
     doc["model"]["path"] = a.ckpt
     doc["router"]["mode"] = a.mode
@@ -85,8 +86,11 @@ def cmd_prefill_alone(a: argparse.Namespace) -> int:
         med = statistics.median(times[1:])
         rows.append({"tokens": n, "prefill_ms": round(1e3 * med, 3), "all_ms": [round(1e3 * t, 3) for t in times]})
         print(f"engine alone: prefill + first token of {n} tokens: {1e3 * med:.1f} ms (median of {a.repeats})")
-    doc = {"what": "engine prefill alone (the prefill pool's engine settings, warmed up)", "rows": rows,
-           "warmup": {k: v for k, v in warm.items() if k != "prefill_lengths"}}
+    doc = {
+        "what": "engine prefill alone (the prefill pool's engine settings, warmed up)",
+        "rows": rows,
+        "warmup": {k: v for k, v in warm.items() if k != "prefill_lengths"},
+    }
     _write(a.out, doc)
     return 0
 
@@ -107,20 +111,33 @@ def cmd_client_flow(a: argparse.Namespace) -> int:
     checks["completion"] = bool(c.choices[0].text) and c.usage.completion_tokens > 0
     ch = oc.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=16)
     checks["chat"] = ch.choices[0].message.content is not None and ch.usage.completion_tokens > 0
-    parts = [x.choices[0].text for x in oc.completions.create(model=model, prompt="Hello", max_tokens=16, stream=True)
-             if x.choices]
+    parts = [
+        x.choices[0].text
+        for x in oc.completions.create(model=model, prompt="Hello", max_tokens=16, stream=True)
+        if x.choices
+    ]
     checks["completion_stream"] = len(parts) > 1
-    chunks = [x for x in oc.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
-                                                    max_tokens=16, stream=True)]
+    chunks = [
+        x
+        for x in oc.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=16, stream=True
+        )
+    ]
     checks["chat_stream"] = len(chunks) > 1
     # every SSE line is one JSON event for a str.splitlines-style reader (httpx.iter_lines)
-    with httpx.Client(timeout=120) as hc, hc.stream("POST", f"{a.url}/v1/completions", json={
-            "model": model, "prompt": "x", "max_tokens": 48, "stream": True, "ignore_eos": True}) as r:
+    with (
+        httpx.Client(timeout=120) as hc,
+        hc.stream(
+            "POST",
+            f"{a.url}/v1/completions",
+            json={"model": model, "prompt": "x", "max_tokens": 48, "stream": True, "ignore_eos": True},
+        ) as r,
+    ):
         lines = [ln for ln in r.iter_lines() if ln]
     ok = lines and lines[-1] == "data: [DONE]"
     for ln in lines[:-1]:
         try:
-            json.loads(ln[len("data: "):])
+            json.loads(ln[len("data: ") :])
         except (json.JSONDecodeError, IndexError):
             ok = False
     checks["sse_lines_parse"] = bool(ok)
@@ -132,6 +149,7 @@ def cmd_client_flow(a: argparse.Namespace) -> int:
 
 def _stages(url: str, client: httpx.Client) -> dict:
     from splitserve.bench.serve import parse_stage_metrics
+
     return parse_stage_metrics(client.get(f"{url}/metrics").text)
 
 
@@ -149,8 +167,11 @@ def cmd_ttft(a: argparse.Namespace) -> int:
                 prompt = [lo + (7919 * (i * 131 + j + n) + 104729 * i) % (hi - lo) for j in range(n)]
                 t0 = time.perf_counter()
                 first = None
-                with c.stream("POST", f"{a.url}/v1/completions", json={
-                        "model": model, "prompt": prompt, "max_tokens": 2, "stream": True, "ignore_eos": True}) as r:
+                with c.stream(
+                    "POST",
+                    f"{a.url}/v1/completions",
+                    json={"model": model, "prompt": prompt, "max_tokens": 2, "stream": True, "ignore_eos": True},
+                ) as r:
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
                     for ln in r.iter_lines():
@@ -162,10 +183,18 @@ def cmd_ttft(a: argparse.Namespace) -> int:
                     before = _stages(a.url, c)
             st = stage_deltas(before, _stages(a.url, c))
             med = statistics.median(ttfts)
-            rows.append({"tokens": n, "ttft_ms": round(1e3 * med, 3), "all_ms": [round(1e3 * t, 3) for t in ttfts],
-                         "stages": st})
-            print(f"uncontended TTFT, {n} tokens: {1e3 * med:.1f} ms; stages (mean ms): " +
-                  ", ".join(f"{k} {v['mean_ms']:.1f}" for k, v in st.items()))
+            rows.append(
+                {
+                    "tokens": n,
+                    "ttft_ms": round(1e3 * med, 3),
+                    "all_ms": [round(1e3 * t, 3) for t in ttfts],
+                    "stages": st,
+                }
+            )
+            print(
+                f"uncontended TTFT, {n} tokens: {1e3 * med:.1f} ms; stages (mean ms): "
+                + ", ".join(f"{k} {v['mean_ms']:.1f}" for k, v in st.items())
+            )
     _write(a.out, {"rows": rows})
     return 0
 
@@ -204,10 +233,14 @@ def cmd_summary(a: argparse.Namespace) -> int:
             b = base.get(r["tokens"])
             extra = None if b is None else r["ttft_ms"] - b
             st = ", ".join(f"{k} {v['mean_ms']:.1f}" for k, v in r["stages"].items() if k != "ttft")
-            print(f"{r['tokens']:>7} | {b or float('nan'):>16.1f} | {r['ttft_ms']:>8.1f} | "
-                  f"{extra if extra is not None else float('nan'):>8.1f} | {st}")
-        out["ttft_vs_prefill"] = [{"tokens": r["tokens"], "prefill_alone_ms": base.get(r["tokens"]),
-                                   "ttft_ms": r["ttft_ms"]} for r in ttft["rows"]]
+            print(
+                f"{r['tokens']:>7} | {b or float('nan'):>16.1f} | {r['ttft_ms']:>8.1f} | "
+                f"{extra if extra is not None else float('nan'):>8.1f} | {st}"
+            )
+        out["ttft_vs_prefill"] = [
+            {"tokens": r["tokens"], "prefill_alone_ms": base.get(r["tokens"]), "ttft_ms": r["ttft_ms"]}
+            for r in ttft["rows"]
+        ]
     runs = []
     for f in sorted(d.glob("serve-*.json")):
         doc = _load(f)
@@ -218,29 +251,43 @@ def cmd_summary(a: argparse.Namespace) -> int:
     if runs:
         slo = None
         print("\nserve: goodput = requests/s meeting the SLO (TTFT <= 2 s and the request's p99 ITL <= 50 ms)")
-        print(f"{'cluster-workload':28} | {'rate':>5} | {'done':>4} | {'fail':>4} | {'goodput':>7} | "
-              f"{'TTFT p50/p99 ms':>17} | {'ITL p50/p99/max ms':>20} | {'ITL p99/p50':>11}")
+        print(
+            f"{'cluster-workload':28} | {'rate':>5} | {'done':>4} | {'fail':>4} | {'goodput':>7} | "
+            f"{'TTFT p50/p99 ms':>17} | {'ITL p50/p99/max ms':>20} | {'ITL p99/p50':>11}"
+        )
         for name, r in runs:
             t, i = r["ttft_ms"], r["itl_ms"]
-            fmt = (lambda s, k: "-" if s[k] is None else f"{s[k]:.0f}")
+            fmt = lambda s, k: "-" if s[k] is None else f"{s[k]:.0f}"
             ratio = "-" if not i["p50"] else f"{i['p99'] / i['p50']:.1f}"
-            print(f"{name:28} | {str(r['request_rate']):>5} | {r['completed']:>4} | {r['failed']:>4} | "
-                  f"{r['goodput']:>7.2f} | {fmt(t, 'p50') + '/' + fmt(t, 'p99'):>17} | "
-                  f"{fmt(i, 'p50') + '/' + fmt(i, 'p99') + '/' + fmt(i, 'max'):>20} | {ratio:>11}")
-        out["serve"] = [{"run": n, **{k: r[k] for k in ("request_rate", "completed", "failed", "goodput", "ttft_ms",
-                                                         "itl_ms")}, "stages": r.get("stages")} for n, r in runs]
+            print(
+                f"{name:28} | {str(r['request_rate']):>5} | {r['completed']:>4} | {r['failed']:>4} | "
+                f"{r['goodput']:>7.2f} | {fmt(t, 'p50') + '/' + fmt(t, 'p99'):>17} | "
+                f"{fmt(i, 'p50') + '/' + fmt(i, 'p99') + '/' + fmt(i, 'max'):>20} | {ratio:>11}"
+            )
+        out["serve"] = [
+            {
+                "run": n,
+                **{k: r[k] for k in ("request_rate", "completed", "failed", "goodput", "ttft_ms", "itl_ms")},
+                "stages": r.get("stages"),
+            }
+            for n, r in runs
+        ]
         del slo
     tr = _load(d / "transfer.json")
     if tr:
         rows = tr["rows"]
         region = {(r["backend"], r["tokens"]): r["median_ms"] for r in rows if r["case"] == "one region"}
-        print("\ntransfer (NIXL between two processes on the GPU): of one region = region time / case time "
-              "(goal for scattered blocks: >= 0.80)")
+        print(
+            "\ntransfer (NIXL between two processes on the GPU): of one region = region time / case time "
+            "(goal for scattered blocks: >= 0.80)"
+        )
         for r in rows:
             reg = region.get((r["backend"], r["tokens"]))
             of = reg / r["median_ms"] if reg else math.nan
-            print(f"{r['backend']:5} {r['tokens']:>6} {r['case']:40} {r['descriptors']:>6} descs "
-                  f"{r['median_ms']:>9.3f} ms {r['gbps']:>8.1f} GB/s  of region {of:5.2f}")
+            print(
+                f"{r['backend']:5} {r['tokens']:>6} {r['case']:40} {r['descriptors']:>6} descs "
+                f"{r['median_ms']:>9.3f} ms {r['gbps']:>8.1f} GB/s  of region {of:5.2f}"
+            )
     gr = [(_load(f), f.stem) for f in sorted(d.glob("graphs-*.json"))]
     for g, name in gr:
         if g:
@@ -285,8 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("summary")
     s.add_argument("--dir", required=True)
     a = ap.parse_args(argv)
-    return {"config": cmd_config, "prefill-alone": cmd_prefill_alone, "client-flow": cmd_client_flow,
-            "ttft": cmd_ttft, "graphs": cmd_graphs, "summary": cmd_summary}[a.cmd](a)
+    return {
+        "config": cmd_config,
+        "prefill-alone": cmd_prefill_alone,
+        "client-flow": cmd_client_flow,
+        "ttft": cmd_ttft,
+        "graphs": cmd_graphs,
+        "summary": cmd_summary,
+    }[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,9 @@ def weight_model(net: DeepseekV32) -> dict[str, float]:
     routed_per_layer = _nbytes(routed) / max(1, moe_layers)
     # every 2-D weight is one GEMM operand per token (scales are not)
     lin = sum(p.numel() for n, p in dense_named if p.dim() == 2 and not n.endswith("scale_inv"))
-    routed_values = sum(p.numel() for layer in main for n, p in layer.named_parameters() if n.endswith(("mlp.w13", "mlp.w2")))
+    routed_values = sum(
+        p.numel() for layer in main for n, p in layer.named_parameters() if n.endswith(("mlp.w13", "mlp.w2"))
+    )
     return {
         "dense_bytes": float(_nbytes(dense) + pad + _nbytes([net.model.norm.weight, net.lm_head.weight])),
         "fp8_pad_bytes": float(pad),
@@ -137,13 +139,18 @@ def cache_bytes_per_row(cfg, context: int, topk: int, layers: int, latent_fp8: b
     """Bytes one decode row reads: indexer keys (e4m3 + fp32 scale) over the context, top-k MLA entries
     (bf16: 1152 bytes; FP8: 656 = 512 e4m3 + 4 fp32 scales + 64 bf16 rope)."""
     idx = context * (cfg.index_head_dim + 4)
-    entry = (cfg.kv_lora_rank + 4 * (cfg.kv_lora_rank // 128) + 2 * cfg.qk_rope_head_dim) if latent_fp8 else cfg.latent_dim * 2
+    entry = (
+        (cfg.kv_lora_rank + 4 * (cfg.kv_lora_rank // 128) + 2 * cfg.qk_rope_head_dim)
+        if latent_fp8
+        else cfg.latent_dim * 2
+    )
     mla = min(context, topk) * entry
     return float(layers * (idx + mla))
 
 
-def decode_floor(wm: dict[str, float], cfg, batch: int, context: int, topk: int, bw: float,
-                 latent_fp8: bool = False) -> dict[str, float]:
+def decode_floor(
+    wm: dict[str, float], cfg, batch: int, context: int, topk: int, bw: float, latent_fp8: bool = False
+) -> dict[str, float]:
     touched = expected_experts(batch, wm["experts"], wm["active"])
     w = wm["dense_bytes"] + wm["moe_layers"] * wm["routed_bytes_per_layer"] * touched / wm["experts"]
     c = batch * cache_bytes_per_row(cfg, context, topk, cfg.num_hidden_layers, latent_fp8)
@@ -152,9 +159,13 @@ def decode_floor(wm: dict[str, float], cfg, batch: int, context: int, topk: int,
 
 def prefill_flops(wm: dict[str, float], cfg, tokens: int) -> float:
     pos = torch.arange(tokens, dtype=torch.float64) + 1  # keys visible to each token
-    per_layer = (cfg.index_n_heads * cfg.index_head_dim * 2 * pos.sum()
-                 + cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
-                 * pos.clamp(max=cfg.index_topk).sum())
+    per_layer = (
+        cfg.index_n_heads * cfg.index_head_dim * 2 * pos.sum()
+        + cfg.num_attention_heads
+        * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        * 2
+        * pos.clamp(max=cfg.index_topk).sum()
+    )
     return float(wm["linear_flops_per_token"] * tokens + cfg.num_hidden_layers * per_layer + wm["lm_head_flops"])
 
 
@@ -221,7 +232,7 @@ def fill_pool(pool: CachePool) -> None:
         for s in range(0, flat.shape[0], 1 << 18):
             n = min(1 << 18, flat.shape[0] - s)
             lat = torch.randn(n, pool.kv_lora + pool.rope_dim, generator=g, device=DEV, dtype=torch.bfloat16) * 0.5
-            flat[s:s + n] = pool._pack_fp8(lat)
+            flat[s : s + n] = pool._pack_fp8(lat)
     for p in pool.pools()[1:] if pool.latent_fp8 else pool.pools():
         if p.dtype == torch.uint8:  # e4m3 bits: keep them finite (no 0x7f / 0xff NaN patterns)
             p.copy_(torch.randint(0, 0x70, p.shape, generator=g, device=DEV, dtype=torch.uint8))
@@ -257,11 +268,22 @@ def profile_top(fn, iters: int = 5, rows: int = 30) -> tuple[str, list[dict[str,
 
     ranked = sorted((e for e in events if gpu_us(e) > 0), key=gpu_us, reverse=True)
     total = sum(gpu_us(e) for e in ranked) / iters
-    top = [{"kernel": e.key[:120], "us_per_call": gpu_us(e) / iters, "count_per_call": e.count / iters,
-            "share": gpu_us(e) / iters / total if total else 0.0} for e in ranked[:rows]]
-    text = "\n".join([f"GPU time per call {total / 1e3:.3f} ms over {len(ranked)} kernel kinds",
-                      "us/call | share | count/call | kernel"]
-                     + [f"{t['us_per_call']:9.1f} | {t['share']:5.1%} | {t['count_per_call']:6.1f} | {t['kernel']}" for t in top])
+    top = [
+        {
+            "kernel": e.key[:120],
+            "us_per_call": gpu_us(e) / iters,
+            "count_per_call": e.count / iters,
+            "share": gpu_us(e) / iters / total if total else 0.0,
+        }
+        for e in ranked[:rows]
+    ]
+    text = "\n".join(
+        [
+            f"GPU time per call {total / 1e3:.3f} ms over {len(ranked)} kernel kinds",
+            "us/call | share | count/call | kernel",
+        ]
+        + [f"{t['us_per_call']:9.1f} | {t['share']:5.1%} | {t['count_per_call']:6.1f} | {t['kernel']}" for t in top]
+    )
     return text, top
 
 
@@ -288,8 +310,10 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
             graph.replay()
             return net.logits(out[:batch]).argmax(-1)
     else:
+
         def step_host():
             return net.logits(net.forward(RowPlan.build(groups, BLOCK).to_batch(pool))).argmax(-1)
+
         step_gpu = step_host
 
     gpu = cuda_ms(step_gpu)
@@ -302,9 +326,18 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
     floor = decode_floor(wm, cfg, batch, context, topk, ceil["hbm_copy_bytes_per_s"], pool.latent_fp8)
     _empty_cache()
     set_topk(net, net.cfg.index_topk)
-    return {"batch": batch, "context": context, "index_topk": topk, "step_ms": gpu, "host_step_ms": host,
-            **floor, "roofline_ratio": floor["floor_ms"] / gpu, "tokens_per_s": batch / gpu * 1e3,
-            "blocks_wrapped": tables.wrapped, **({"profile": prof} if prof else {})}
+    return {
+        "batch": batch,
+        "context": context,
+        "index_topk": topk,
+        "step_ms": gpu,
+        "host_step_ms": host,
+        **floor,
+        "roofline_ratio": floor["floor_ms"] / gpu,
+        "tokens_per_s": batch / gpu * 1e3,
+        "blocks_wrapped": tables.wrapped,
+        **({"profile": prof} if prof else {}),
+    }
 
 
 def prefill_case(net, pool, wm, ceil, tokens: int, chunk: int, profile: bool = False) -> dict[str, Any]:
@@ -314,7 +347,7 @@ def prefill_case(net, pool, wm, ceil, tokens: int, chunk: int, profile: bool = F
 
     def run():
         for s in range(0, tokens, chunk):
-            hidden = net.forward(RowPlan.build([(ids[s:s + chunk], s, table)], BLOCK).to_batch(pool))
+            hidden = net.forward(RowPlan.build([(ids[s : s + chunk], s, table)], BLOCK).to_batch(pool))
         return net.logits(hidden[-1:]).argmax(-1)
 
     ms = wall_ms(run, iters=3, warmup=1)
@@ -325,15 +358,34 @@ def prefill_case(net, pool, wm, ceil, tokens: int, chunk: int, profile: bool = F
     flops = prefill_flops(wm, net.cfg, tokens)
     floor_ms = flops / ceil["bf16_matmul_flops_per_s"] * 1e3
     _empty_cache()
-    return {"tokens": tokens, "chunk": chunk, "ms": ms, "flops": flops, "floor_ms": floor_ms, "mfu": floor_ms / ms,
-            "tokens_per_s": tokens / ms * 1e3, **({"profile": prof} if prof else {})}
+    return {
+        "tokens": tokens,
+        "chunk": chunk,
+        "ms": ms,
+        "flops": flops,
+        "floor_ms": floor_ms,
+        "mfu": floor_ms / ms,
+        "tokens_per_s": tokens / ms * 1e3,
+        **({"profile": prof} if prof else {}),
+    }
 
 
 def mtp_case(net, k: int, batch: int, context: int, steps: int) -> dict[str, Any]:
     blocks = batch * (-(-(context + steps * (k + 1) + 8) // BLOCK)) + 8
-    eng = Engine(net, EngineConfig(num_blocks=blocks, block_size=BLOCK, chunk_size=8192, max_batch_tokens=16384,
-                                   max_running=batch, mtp_draft_tokens=k, device=DEV, dtype="bfloat16",
-                                   prefix_cache=False))
+    eng = Engine(
+        net,
+        EngineConfig(
+            num_blocks=blocks,
+            block_size=BLOCK,
+            chunk_size=8192,
+            max_batch_tokens=16384,
+            max_running=batch,
+            mtp_draft_tokens=k,
+            device=DEV,
+            dtype="bfloat16",
+            prefix_cache=False,
+        ),
+    )
     params = SamplingParams(temperature=0.0, max_tokens=(steps + 8) * (k + 1), ignore_eos=True)
     for b in range(batch):
         eng.add_request(f"r{b}", torch.randint(2, net.cfg.vocab_size, (context,)).tolist(), params)
@@ -356,10 +408,16 @@ def mtp_case(net, k: int, batch: int, context: int, steps: int) -> dict[str, Any
         eng.abort(rid)
     del eng
     _empty_cache()
-    out = {"k": k, "batch": batch, "context": context, "step_ms": ms, "measured_tokens_per_step": made / steps / batch,
-           "measured_acceptance": accepted / drafted if drafted else None}
+    out = {
+        "k": k,
+        "batch": batch,
+        "context": context,
+        "step_ms": ms,
+        "measured_tokens_per_step": made / steps / batch,
+        "measured_acceptance": accepted / drafted if drafted else None,
+    }
     for a in (0.6, 0.8, 0.9):
-        tps = sum(a ** i for i in range(k + 1))
+        tps = sum(a**i for i in range(k + 1))
         out[f"tokens_per_step@a={a}"] = tps
         out[f"tokens_per_s_per_seq@a={a}"] = tps / ms * 1e3
     return out
@@ -392,6 +450,7 @@ def _table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
         return str(v)
+
     lines = [title, " | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(f(r.get(c)) for c in cols) for r in rows]
     return "\n".join(lines)
@@ -407,8 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", type=_ints, default=_ints("1024,2048,4096,8192,16384,32768"))
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--mtp-batches", type=_ints, default=_ints("1,32"))
-    ap.add_argument("--profile", type=_ints, default=[],
-                    help="decode batch sizes and prefill lengths to profile with torch.profiler (e.g. 1,64,8192)")
+    ap.add_argument(
+        "--profile",
+        type=_ints,
+        default=[],
+        help="decode batch sizes and prefill lengths to profile with torch.profiler (e.g. 1,64,8192)",
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--preset", default="bench", help="model preset (bench is the one the goals refer to)")
     ap.add_argument("--pool-tokens", type=int, default=2_200_000, help="cache pool size for the decode cases")
@@ -418,19 +481,29 @@ def main(argv: list[str] | None = None) -> int:
     global DEV
     DEV = args.device
     if DEV == "cuda" and not torch.cuda.is_available():
-        print("splitserve bench engine: no CUDA device (--device cpu runs a smoke test at a small preset)",
-              file=sys.stderr)
+        print(
+            "splitserve bench engine: no CUDA device (--device cpu runs a smoke test at a small preset)",
+            file=sys.stderr,
+        )
         return 2
     only = set(args.only.split(","))
     cfg = PRESETS[args.preset]
-    result: dict[str, Any] = {"command": "splitserve bench engine " + " ".join(argv if argv is not None else sys.argv[1:]),
-                              "device": torch.cuda.get_device_name() if DEV == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
-                              "host": platform.node(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-                              "preset": args.preset, "indexer_fp8": True}
+    result: dict[str, Any] = {
+        "command": "splitserve bench engine " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "date": dt.datetime.now(dt.UTC).isoformat(),
+        "preset": args.preset,
+        "indexer_fp8": True,
+    }
     ceil = measure_ceilings(DEV)
     result["ceilings"] = ceil
-    print(f"ceilings: copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-          f"{ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    print(
+        f"ceilings: copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+        f"{ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
     formats = args.weights.split(",")
     if not set(formats) <= {"bf16", "fp8"}:
         ap.error(f"--weights takes bf16 and/or fp8, got {args.weights}")
@@ -445,8 +518,16 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = None
     if only & {"decode", "context", "prefill"}:
-        pool = CachePool(cfg, layers, -(-args.pool_tokens // BLOCK), BLOCK, torch.bfloat16, DEV, indexer_fp8=True,
-                         latent_fp8=args.latent == "fp8")
+        pool = CachePool(
+            cfg,
+            layers,
+            -(-args.pool_tokens // BLOCK),
+            BLOCK,
+            torch.bfloat16,
+            DEV,
+            indexer_fp8=True,
+            latent_fp8=args.latent == "fp8",
+        )
         fill_pool(pool)
     for fmt in formats:
         net = random_net(cfg, fp8=fmt == "fp8")
@@ -454,20 +535,49 @@ def main(argv: list[str] | None = None) -> int:
         result["weight_model"][fmt] = wm
         result.setdefault("weights", wm)
         held = net.weight_bytes()
-        print(f"\n=== weights {fmt}: {held['total'] / 1e9:.2f} GB held (e4m3 {held['fp8'] / 1e9:.2f} GB, scales "
-              f"{held['scales'] / 1e6:.1f} MB, bf16/fp32 {held['other'] / 1e9:.2f} GB); a decode step reads the dense "
-              f"{wm['dense_bytes'] / 1e9:.3f} GB (LM head {net.lm_head.weight.nbytes / 1e9:.3f} GB bf16, FP8 padding "
-              f"{wm['fp8_pad_bytes'] / 1e6:.1f} MB) + {wm['routed_bytes_per_layer'] / 1e9:.3f} GB of routed experts per "
-              f"MoE layer at most; floor at batch 1 = bytes / {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+        print(
+            f"\n=== weights {fmt}: {held['total'] / 1e9:.2f} GB held (e4m3 {held['fp8'] / 1e9:.2f} GB, scales "
+            f"{held['scales'] / 1e6:.1f} MB, bf16/fp32 {held['other'] / 1e9:.2f} GB); a decode step reads the dense "
+            f"{wm['dense_bytes'] / 1e9:.3f} GB (LM head {net.lm_head.weight.nbytes / 1e9:.3f} GB bf16, FP8 padding "
+            f"{wm['fp8_pad_bytes'] / 1e6:.1f} MB) + {wm['routed_bytes_per_layer'] / 1e9:.3f} GB of routed experts per "
+            f"MoE layer at most; floor at batch 1 = bytes / {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s",
+            flush=True,
+        )
         if pool is not None and "decode" in only:
             rows = []
             for b in args.batches:
-                rows.append({"weights": fmt, **decode_case(net, pool, wm, ceil, b, 4096, cfg.index_topk, profile=b in args.profile)})
-                print(_table("", rows[-1:], ["weights", "batch", "context", "step_ms", "host_step_ms", "floor_ms", "roofline_ratio"]).splitlines()[-1], flush=True)
+                rows.append(
+                    {
+                        "weights": fmt,
+                        **decode_case(net, pool, wm, ceil, b, 4096, cfg.index_topk, profile=b in args.profile),
+                    }
+                )
+                print(
+                    _table(
+                        "",
+                        rows[-1:],
+                        ["weights", "batch", "context", "step_ms", "host_step_ms", "floor_ms", "roofline_ratio"],
+                    ).splitlines()[-1],
+                    flush=True,
+                )
             result.setdefault("decode", []).extend(rows)
-            print(_table(f"\ndecode step by batch (context 4096), weights {fmt}, latent {args.latent}", rows,
-                         ["batch", "step_ms", "host_step_ms", "weight_bytes", "cache_bytes", "floor_ms", "roofline_ratio",
-                          "tokens_per_s"]), flush=True)
+            print(
+                _table(
+                    f"\ndecode step by batch (context 4096), weights {fmt}, latent {args.latent}",
+                    rows,
+                    [
+                        "batch",
+                        "step_ms",
+                        "host_step_ms",
+                        "weight_bytes",
+                        "cache_bytes",
+                        "floor_ms",
+                        "roofline_ratio",
+                        "tokens_per_s",
+                    ],
+                ),
+                flush=True,
+            )
             save()
         if pool is not None and "context" in only:
             rows = []
@@ -476,41 +586,94 @@ def main(argv: list[str] | None = None) -> int:
                     for topk in (cfg.index_topk, c):
                         rows.append({"weights": fmt, **decode_case(net, pool, wm, ceil, b, c, topk)})
                         rows[-1]["attention"] = "sparse" if topk == cfg.index_topk else "dense"
-                        print(_table("", rows[-1:], ["batch", "context", "attention", "step_ms", "floor_ms"]).splitlines()[-1], flush=True)
+                        print(
+                            _table(
+                                "", rows[-1:], ["batch", "context", "attention", "step_ms", "floor_ms"]
+                            ).splitlines()[-1],
+                            flush=True,
+                        )
             for r in rows:
-                base = next(x for x in rows if x["batch"] == r["batch"] and x["attention"] == "sparse"
-                            and x["context"] == min(args.contexts))
+                base = next(
+                    x
+                    for x in rows
+                    if x["batch"] == r["batch"] and x["attention"] == "sparse" and x["context"] == min(args.contexts)
+                )
                 r["vs_sparse_at_min_context"] = r["step_ms"] / base["step_ms"]
             result.setdefault("context", []).extend(rows)
-            print(_table(f"\ndecode step by context, weights {fmt}", rows, ["batch", "context", "attention", "step_ms", "floor_ms",
-                                                                           "roofline_ratio", "vs_sparse_at_min_context"]), flush=True)
+            print(
+                _table(
+                    f"\ndecode step by context, weights {fmt}",
+                    rows,
+                    [
+                        "batch",
+                        "context",
+                        "attention",
+                        "step_ms",
+                        "floor_ms",
+                        "roofline_ratio",
+                        "vs_sparse_at_min_context",
+                    ],
+                ),
+                flush=True,
+            )
             save()
         if pool is not None and "prefill" in only:
             rows = []
             for n in args.prefill:
-                rows.append({"weights": fmt, **prefill_case(net, pool, wm, ceil, n, args.chunk, profile=n in args.profile)})
-                print(_table("", rows[-1:], ["weights", "tokens", "ms", "floor_ms", "mfu"]).splitlines()[-1], flush=True)
+                rows.append(
+                    {"weights": fmt, **prefill_case(net, pool, wm, ceil, n, args.chunk, profile=n in args.profile)}
+                )
+                print(
+                    _table("", rows[-1:], ["weights", "tokens", "ms", "floor_ms", "mfu"]).splitlines()[-1], flush=True
+                )
             result.setdefault("prefill", []).extend(rows)
-            print(_table(f"\nprefill, weights {fmt} (MFU against the bf16 matmul rate)", rows,
-                         ["tokens", "chunk", "ms", "floor_ms", "mfu", "tokens_per_s"]), flush=True)
+            print(
+                _table(
+                    f"\nprefill, weights {fmt} (MFU against the bf16 matmul rate)",
+                    rows,
+                    ["tokens", "chunk", "ms", "floor_ms", "mfu", "tokens_per_s"],
+                ),
+                flush=True,
+            )
             save()
         if "mtp" in only:
             rows = []
             for b in args.mtp_batches:
                 for k in range(4):
                     rows.append({"weights": fmt, **mtp_case(net, k, b, 1024, 30)})
-                    print(_table("", rows[-1:], ["batch", "k", "step_ms", "measured_acceptance"]).splitlines()[-1], flush=True)
+                    print(
+                        _table("", rows[-1:], ["batch", "k", "step_ms", "measured_acceptance"]).splitlines()[-1],
+                        flush=True,
+                    )
             result.setdefault("mtp", []).extend(rows)
-            print(_table(f"\nMTP (engine decode step, context 1024), weights {fmt}", rows,
-                         ["batch", "k", "step_ms", "measured_acceptance", "tokens_per_step@a=0.8",
-                          "tokens_per_s_per_seq@a=0.8"]), flush=True)
+            print(
+                _table(
+                    f"\nMTP (engine decode step, context 1024), weights {fmt}",
+                    rows,
+                    [
+                        "batch",
+                        "k",
+                        "step_ms",
+                        "measured_acceptance",
+                        "tokens_per_step@a=0.8",
+                        "tokens_per_s_per_seq@a=0.8",
+                    ],
+                ),
+                flush=True,
+            )
             save()
         del net
         _empty_cache()
     if len(formats) > 1:
         result["fp8_vs_bf16"] = compare_formats(result)
-        print(_table("\nfp8 vs bf16 weights (same run): time and floor ratios", result["fp8_vs_bf16"],
-                     ["case", "bf16_ms", "fp8_ms", "fp8_over_bf16", "floor_ratio", "fp8_of_roofline"]), flush=True)
+        print(
+            _table(
+                "\nfp8 vs bf16 weights (same run): time and floor ratios",
+                result["fp8_vs_bf16"],
+                ["case", "bf16_ms", "fp8_ms", "fp8_over_bf16", "floor_ratio", "fp8_of_roofline"],
+            ),
+            flush=True,
+        )
     save()
     print(f"\nwrote {out_path}")
     return 0

@@ -30,9 +30,10 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class KernelCheck:
             self.worst[kernel, shape] = (r, m)
 
     @contextmanager
-    def active(self) -> Iterator["KernelCheck"]:
+    def active(self) -> Iterator[KernelCheck]:
         import splitserve.model.attention as A
         import splitserve.model.linear as L
         import splitserve.model.moe as M
@@ -78,8 +79,13 @@ class KernelCheck:
         def capturing() -> bool:
             return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
-        def wrap(name: str, kernel: Callable, ref: Callable, describe: Callable[..., str],
-                 compare: Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Callable:
+        def wrap(
+            name: str,
+            kernel: Callable,
+            ref: Callable,
+            describe: Callable[..., str],
+            compare: Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        ) -> Callable:
             def checked(*args, **kw):
                 out = kernel(*args, **kw)
                 if not capturing():
@@ -87,12 +93,17 @@ class KernelCheck:
                     a, b = compare(out, want) if compare else (out, want)
                     self._note(name, describe(*args), a, b)
                 return out
+
             return checked
 
         def lin_desc(x, w, s):
             m = x.numel() // x.shape[-1]
             cfg = fp8_gemm._config(m, w.shape[0], w.shape[1], fp8_gemm._sm_count(x.device))
-            path = f"fused bm{cfg['block_m']} splits{cfg['splits']}" if cfg["fused"] else f"act_quant+tiles bm{cfg['block_m']}"
+            path = (
+                f"fused bm{cfg['block_m']} splits{cfg['splits']}"
+                if cfg["fused"]
+                else f"act_quant+tiles bm{cfg['block_m']}"
+            )
             return f"M={m} N={w.shape[0]} K={w.shape[1]} {str(x.dtype)[6:]} [{path}]"
 
         def moe_desc(x, w13, s13, w2, s2, tw, ids):
@@ -108,14 +119,19 @@ class KernelCheck:
         def aq_compare(out, want):  # dequantised values: q * s per group
             (q, s), (qr, sr) = out, want
             blk = q.shape[-1] // s.shape[-1]
-            return ((q.float().unflatten(-1, (-1, blk)) * s[..., None]).flatten(-2),
-                    (qr.float().unflatten(-1, (-1, blk)) * sr[..., None]).flatten(-2))
+            return (
+                (q.float().unflatten(-1, (-1, blk)) * s[..., None]).flatten(-2),
+                (qr.float().unflatten(-1, (-1, blk)) * sr[..., None]).flatten(-2),
+            )
 
         patches = [
             (L, "fp8_linear", wrap("fp8_linear", fp8_gemm.fp8_linear, fp8_gemm.fp8_linear_ref, lin_desc)),
             (M, "fused_moe_fp8", wrap("fused_moe_fp8", moe.fused_moe_fp8, moe.fused_moe_fp8_ref, moe_desc)),
-            (A, "sparse_mla_decode", wrap("sparse_mla", sparse_mla.sparse_mla_decode,
-                                          sparse_mla.sparse_mla_decode_ref, mla_desc)),
+            (
+                A,
+                "sparse_mla_decode",
+                wrap("sparse_mla", sparse_mla.sparse_mla_decode, sparse_mla.sparse_mla_decode_ref, mla_desc),
+            ),
             (A, "act_quant", wrap("act_quant", quant.act_quant, quant.act_quant_ref, aq_desc, aq_compare)),
         ]
         saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
@@ -128,8 +144,11 @@ class KernelCheck:
                 setattr(mod, name, fn)
 
     def failures(self, tol: dict[str, float]) -> list[str]:
-        return [f"{k} {s}: rel {r:.2e} (max abs {m:.2e}) > {tol[k]:g}"
-                for (k, s), (r, m) in sorted(self.worst.items()) if not r <= tol[k]]
+        return [
+            f"{k} {s}: rel {r:.2e} (max abs {m:.2e}) > {tol[k]:g}"
+            for (k, s), (r, m) in sorted(self.worst.items())
+            if not r <= tol[k]
+        ]
 
     def table(self) -> str:
         lines = [f"{'kernel':<14} {'calls':>5} {'worst rel':>10} {'max abs':>10}  shape [path]"]
@@ -164,14 +183,22 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-REAL_LINEAR = [("in_proj q_a|kv_a(pad 640)|wk", 2304, 7168), ("q_b", 24576, 1536), ("o_proj", 7168, 16384),
-               ("dense gate|up", 36864, 7168), ("dense down", 7168, 18432), ("shared gate|up", 4096, 7168),
-               ("shared down", 7168, 2048), ("indexer wq_b", 8192, 1536)]
+REAL_LINEAR = [
+    ("in_proj q_a|kv_a(pad 640)|wk", 2304, 7168),
+    ("q_b", 24576, 1536),
+    ("o_proj", 7168, 16384),
+    ("dense gate|up", 36864, 7168),
+    ("dense down", 7168, 18432),
+    ("shared gate|up", 4096, 7168),
+    ("shared down", 7168, 2048),
+    ("indexer wq_b", 8192, 1536),
+]
 
 
 def _weight(n: int, k: int, gen: torch.Generator):
     from splitserve.model.fp8 import quantize_weight
-    return quantize_weight(torch.randn(n, k, device=DEV, generator=gen) * k ** -0.5)
+
+    return quantize_weight(torch.randn(n, k, device=DEV, generator=gen) * k**-0.5)
 
 
 def _act(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -191,11 +218,22 @@ def kernels_alone(rows: list[dict], quick: bool) -> None:
 
     def add(kernel: str, shape: str, path: str, out: torch.Tensor, ref: torch.Tensor, secs: float | None = None):
         _sync()
-        r = dict(kernel=kernel, shape=shape, path=path, rel=rel(out, ref), max_abs=max_abs(out, ref),
-                 finite=bool(torch.isfinite(out).all()), ms=None if secs is None else secs * 1e3)
+        r = dict(
+            kernel=kernel,
+            shape=shape,
+            path=path,
+            rel=rel(out, ref),
+            max_abs=max_abs(out, ref),
+            finite=bool(torch.isfinite(out).all()),
+            ms=None if secs is None else secs * 1e3,
+        )
         rows.append(r)
-        print(f"{kernel:<12} {shape:<44} {path:<34} rel {r['rel']:.2e}  max|d| {r['max_abs']:.2e}"
-              + ("" if r["finite"] else "  NON-FINITE") + ("" if secs is None else f"  {r['ms']:.3f} ms"), flush=True)
+        print(
+            f"{kernel:<12} {shape:<44} {path:<34} rel {r['rel']:.2e}  max|d| {r['max_abs']:.2e}"
+            + ("" if r["finite"] else "  NON-FINITE")
+            + ("" if secs is None else f"  {r['ms']:.3f} ms"),
+            flush=True,
+        )
 
     def timed(fn, reps=10):
         fn()
@@ -219,16 +257,36 @@ def kernels_alone(rows: list[dict], quick: bool) -> None:
                 x = _act(m, k, dtype, gen)
                 ref = G.fp8_linear_ref(x, q, s)
                 cfg = G._config(m, n, k, G._sm_count(x.device))
-                path = (f"fused bm{cfg['block_m']} splits{cfg['splits']}" if cfg["fused"]
-                        else f"act_quant+tiles bm{cfg['block_m']}")
+                path = (
+                    f"fused bm{cfg['block_m']} splits{cfg['splits']}"
+                    if cfg["fused"]
+                    else f"act_quant+tiles bm{cfg['block_m']}"
+                )
                 sh = f"{label} M={m} N={n} K={k} {str(dtype)[6:]}"
-                add("fp8_linear", sh, path, G.fp8_linear_triton(x, q, s), ref,
-                    timed(lambda: G.fp8_linear_triton(x, q, s)) if dtype == torch.bfloat16 else None)
-                add("fp8_linear", sh, path + " precise", G.fp8_linear_triton(x, q, s, precise=True), ref,
-                    timed(lambda: G.fp8_linear_triton(x, q, s, precise=True)) if dtype == torch.bfloat16 else None)
+                add(
+                    "fp8_linear",
+                    sh,
+                    path,
+                    G.fp8_linear_triton(x, q, s),
+                    ref,
+                    timed(lambda: G.fp8_linear_triton(x, q, s)) if dtype == torch.bfloat16 else None,
+                )
+                add(
+                    "fp8_linear",
+                    sh,
+                    path + " precise",
+                    G.fp8_linear_triton(x, q, s, precise=True),
+                    ref,
+                    timed(lambda: G.fp8_linear_triton(x, q, s, precise=True)) if dtype == torch.bfloat16 else None,
+                )
                 if cfg["fused"] and m > 1:  # the other path at the same shape
-                    add("fp8_linear", sh, "forced act_quant+tiles bm64 s1",
-                        G.fp8_linear_triton(x, q, s, fused=False, splits=1, block_m=64), ref)
+                    add(
+                        "fp8_linear",
+                        sh,
+                        "forced act_quant+tiles bm64 s1",
+                        G.fp8_linear_triton(x, q, s, fused=False, splits=1, block_m=64),
+                        ref,
+                    )
                 del x, ref
         del q, s
     # the m=40 unit-test case (test_fp8_linear_small[40-96-256-1-False]) on every tile height
@@ -236,8 +294,13 @@ def kernels_alone(rows: list[dict], quick: bool) -> None:
     ref = G.fp8_linear_ref(x, q, s)
     for bm in (16, 32, 64):
         for fused in (True, False):
-            add("fp8_linear", "unit case M=40 N=96 K=256 float32", f"bm{bm} fused={fused}",
-                G.fp8_linear_triton(x, q, s, block_m=bm, block_n=64, splits=1, fused=fused), ref)
+            add(
+                "fp8_linear",
+                "unit case M=40 N=96 K=256 float32",
+                f"bm{bm} fused={fused}",
+                G.fp8_linear_triton(x, q, s, block_m=bm, block_n=64, splits=1, fused=fused),
+                ref,
+            )
 
     print("== act_quant")
     for rws, d in ACT:
@@ -255,17 +318,24 @@ def kernels_alone(rows: list[dict], quick: bool) -> None:
         d_, sd_ = _weight(h, i, gen)
         q13.append(torch.cat([g_, u_])), s13.append(torch.cat([sg_, su_])), q2.append(d_), s2.append(sd_)
     q13, s13, q2, s2 = torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
-    for n in (MOE["ns_quick"] if quick else MOE["ns"]):
+    for n in MOE["ns_quick"] if quick else MOE["ns"]:
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(n, h, device=DEV, generator=gen).to(dtype)
             tw, ids = torch.randn(n, e, device=DEV, generator=gen).softmax(-1).topk(topk, dim=-1)
             tw = tw * 2.5
             ref = KM.fused_moe_fp8_ref(x, q13, s13, q2, s2, tw, ids)
-            add("fused_moe_fp8", f"N={n} {str(dtype)[6:]}", "default", KM.fused_moe_fp8_triton(x, q13, s13, q2, s2, tw, ids), ref)
+            add(
+                "fused_moe_fp8",
+                f"N={n} {str(dtype)[6:]}",
+                "default",
+                KM.fused_moe_fp8_triton(x, q13, s13, q2, s2, tw, ids),
+                ref,
+            )
     del q13, s13, q2, s2
 
     print("== sparse MLA over the FP8 latent cache (656-byte entries) and the bf16 cache")
     from splitserve.engine.cache import CachePool
+
     for bsz in MLA["bszs"]:
         ctx, bs, heads, dl, dr, topk_mla = (MLA[k] for k in ("ctx", "bs", "heads", "dl", "dr", "topk"))
         nb = bsz * ctx // bs + 4
@@ -279,9 +349,14 @@ def kernels_alone(rows: list[dict], quick: bool) -> None:
         pool.kv_lora, pool.fp8_group, pool.dtype = dl, min(128, dl), latent.dtype
         raw = pool._pack_fp8(latent.reshape(-1, dl + dr)).view(nb, 1, bs, -1)
         for name, cache in (("bf16 cache", latent), ("fp8 cache", raw)):
-            ref = S.sparse_mla_decode_ref(q_lat, q_rope, cache, 0, perm, idx, 192 ** -0.5)
-            add("sparse_mla", f"B={bsz} H={heads} topk={topk_mla} {name}", "default",
-                S.sparse_mla_decode_triton(q_lat, q_rope, cache, 0, perm, idx, 192 ** -0.5), ref)
+            ref = S.sparse_mla_decode_ref(q_lat, q_rope, cache, 0, perm, idx, 192**-0.5)
+            add(
+                "sparse_mla",
+                f"B={bsz} H={heads} topk={topk_mla} {name}",
+                "default",
+                S.sparse_mla_decode_triton(q_lat, q_rope, cache, 0, perm, idx, 192**-0.5),
+                ref,
+            )
         del latent, raw
 
 
@@ -309,18 +384,39 @@ def in_network(rows: list[dict], tmp: str) -> None:
         with chk.active():
             net.score(ids.cuda())
             for latent_fp8 in (False, True):
-                eng = Engine(net, EngineConfig(num_blocks=128, block_size=16, chunk_size=128, device="cuda",
-                                               dtype=str(dtype)[6:], latent_fp8=latent_fp8, cuda_graphs=False))
+                eng = Engine(
+                    net,
+                    EngineConfig(
+                        num_blocks=128,
+                        block_size=16,
+                        chunk_size=128,
+                        device="cuda",
+                        dtype=str(dtype)[6:],
+                        latent_fp8=latent_fp8,
+                        cuda_graphs=False,
+                    ),
+                )
                 eng.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
         torch.cuda.synchronize()
-        print(f"== in the network ({str(dtype)[6:]}): score(200 tokens) + engine rows path (bf16 and FP8 latents), "
-              f"every FP8 kernel call vs its reference on the same inputs")
+        print(
+            f"== in the network ({str(dtype)[6:]}): score(200 tokens) + engine rows path (bf16 and FP8 latents), "
+            f"every FP8 kernel call vs its reference on the same inputs"
+        )
         print(chk.table())
         bad = chk.failures(TOL[dtype])
         print("FAILURES:\n  " + "\n  ".join(bad) if bad else "all within tolerance", flush=True)
         for (k, s), (r, m) in chk.worst.items():
-            rows.append(dict(kernel=k, shape=f"network {str(dtype)[6:]}: {s}", path="in network", rel=r, max_abs=m,
-                             calls=len(chk.records[k, s]), ok=r <= TOL[dtype][k]))
+            rows.append(
+                dict(
+                    kernel=k,
+                    shape=f"network {str(dtype)[6:]}: {s}",
+                    path="in network",
+                    rel=r,
+                    max_abs=m,
+                    calls=len(chk.records[k, s]),
+                    ok=r <= TOL[dtype][k],
+                )
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     import triton
+
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     t0 = time.time()
     rows: list[dict] = []

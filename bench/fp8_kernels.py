@@ -49,14 +49,15 @@ def timed(fn) -> float:
     return bench_ms(g if g is not None else fn)
 
 
-def gemm_cases(ceil: dict[str, float], sweep: bool, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
-               save) -> None:
+def gemm_cases(
+    ceil: dict[str, float], sweep: bool, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], save
+) -> None:
     from splitserve.kernels import fp8_gemm as K
     from splitserve.model.fp8 import quantize_weight
 
     bw, rate8 = ceil["hbm_copy_bytes_per_s"], 2 * ceil["bf16_matmul_flops_per_s"]
     for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda") * k ** -0.5
+        w = torch.randn(n, k, device="cuda") * k**-0.5
         q, s = quantize_weight(w)
         wb = K.dequant_weight_ref(q, s).bfloat16()
         del w
@@ -70,14 +71,29 @@ def gemm_cases(ceil: dict[str, float], sweep: bool, rows: list[dict[str, Any]], 
             byts = q.numel() + 4 * s.numel() + 2 * m * (k + n)
             flops = 2.0 * m * n * k
             floor = max(byts / bw, flops / rate8) * 1e3
-            row = {"shape": name, "n": n, "k": k, "m": m, "rel_err": err, "ok": err < 1e-2, "fp8_us": ms * 1e3,
-                   "bf16_us": ms16 * 1e3, "fp8_over_bf16": ms / ms16, "bytes": byts, "floor_us": floor * 1e3,
-                   "of_floor": floor / ms, "weight_TBps": q.numel() / (ms * 1e-3) / 1e12,
-                   "config": K._config(m, n, k, K._sm_count(x.device))}
+            row = {
+                "shape": name,
+                "n": n,
+                "k": k,
+                "m": m,
+                "rel_err": err,
+                "ok": err < 1e-2,
+                "fp8_us": ms * 1e3,
+                "bf16_us": ms16 * 1e3,
+                "fp8_over_bf16": ms / ms16,
+                "bytes": byts,
+                "floor_us": floor * 1e3,
+                "of_floor": floor / ms,
+                "weight_TBps": q.numel() / (ms * 1e-3) / 1e12,
+                "config": K._config(m, n, k, K._sm_count(x.device)),
+            }
             rows.append(row)
-            print(f"{name:38s} M={m:5d}  fp8 {row['fp8_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us  "
-                  f"x{row['fp8_over_bf16']:.2f}  floor {row['floor_us']:8.1f} us = {row['of_floor']:.0%}  "
-                  f"err {err:.1e}{'' if row['ok'] else '  !!! MISMATCH'}", flush=True)
+            print(
+                f"{name:38s} M={m:5d}  fp8 {row['fp8_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us  "
+                f"x{row['fp8_over_bf16']:.2f}  floor {row['floor_us']:8.1f} us = {row['of_floor']:.0%}  "
+                f"err {err:.1e}{'' if row['ok'] else '  !!! MISMATCH'}",
+                flush=True,
+            )
             if sweep and m in (1, 64):
                 auto = row["config"]["splits"]
                 for bn in (32, 64, 128):
@@ -87,12 +103,18 @@ def gemm_cases(ceil: dict[str, float], sweep: bool, rows: list[dict[str, Any]], 
                         except Exception as e:  # noqa: BLE001 - a config that does not compile is a data point
                             print(f"    sweep bn={bn} splits={sp}: {type(e).__name__}", file=sys.stderr)
                             continue
-                        sweeps.append({"shape": name, "m": m, "block_n": bn, "splits": sp, "us": t * 1e3,
-                                       "of_floor": floor / t})
-                best = min((r for r in sweeps if r["shape"] == name and r["m"] == m), key=lambda r: r["us"], default=None)
+                        sweeps.append(
+                            {"shape": name, "m": m, "block_n": bn, "splits": sp, "us": t * 1e3, "of_floor": floor / t}
+                        )
+                best = min(
+                    (r for r in sweeps if r["shape"] == name and r["m"] == m), key=lambda r: r["us"], default=None
+                )
                 if best:
-                    print(f"    sweep best: block_n {best['block_n']} splits {best['splits']} {best['us']:.1f} us "
-                          f"({best['of_floor']:.0%} of floor; default {row['fp8_us']:.1f} us)", flush=True)
+                    print(
+                        f"    sweep best: block_n {best['block_n']} splits {best['splits']} {best['us']:.1f} us "
+                        f"({best['of_floor']:.0%} of floor; default {row['fp8_us']:.1f} us)",
+                        flush=True,
+                    )
             del x
         del q, s, wb
         torch.cuda.empty_cache()
@@ -118,22 +140,37 @@ def sparse_mla_cases(ceil: dict[str, float], sweep: bool) -> list[dict[str, Any]
         q_lat = torch.randn(b, heads, 512, device="cuda", dtype=torch.bfloat16) * 0.05
         q_rope = torch.randn(b, heads, 64, device="cuda", dtype=torch.bfloat16) * 0.05
         for fmt, pool_t, entry in (("bf16", latent, 1152), ("fp8", raw, 656)):
-            ref = K.sparse_mla_decode_ref(q_lat, q_rope, pool_t, 0, bt, idx, 192 ** -0.5)
-            err = rel(K.sparse_mla_decode(q_lat, q_rope, pool_t, 0, bt, idx, 192 ** -0.5), ref)
-            ms = timed(lambda: K.sparse_mla_decode(q_lat, q_rope, pool_t, 0, bt, idx, 192 ** -0.5))
+            ref = K.sparse_mla_decode_ref(q_lat, q_rope, pool_t, 0, bt, idx, 192**-0.5)
+            err = rel(K.sparse_mla_decode(q_lat, q_rope, pool_t, 0, bt, idx, 192**-0.5), ref)
+            ms = timed(lambda: K.sparse_mla_decode(q_lat, q_rope, pool_t, 0, bt, idx, 192**-0.5))
             byts = b * topk * entry + 2 * b * heads * (512 + 64 + 512)
-            row = {"cache": fmt, "batch": b, "topk": topk, "us": ms * 1e3, "rel_err": err, "ok": err < 1e-2,
-                   "bytes": byts, "floor_us": byts / bw * 1e6, "of_floor": byts / bw / (ms * 1e-3)}
+            row = {
+                "cache": fmt,
+                "batch": b,
+                "topk": topk,
+                "us": ms * 1e3,
+                "rel_err": err,
+                "ok": err < 1e-2,
+                "bytes": byts,
+                "floor_us": byts / bw * 1e6,
+                "of_floor": byts / bw / (ms * 1e-3),
+            }
             rows.append(row)
-            print(f"sparse MLA {fmt:4s} B={b:3d}  {row['us']:8.1f} us  floor {row['floor_us']:7.1f} us = "
-                  f"{row['of_floor']:.0%}  err {err:.1e}{'' if row['ok'] else '  !!! MISMATCH'}", flush=True)
+            print(
+                f"sparse MLA {fmt:4s} B={b:3d}  {row['us']:8.1f} us  floor {row['floor_us']:7.1f} us = "
+                f"{row['of_floor']:.0%}  err {err:.1e}{'' if row['ok'] else '  !!! MISMATCH'}",
+                flush=True,
+            )
             if sweep:
                 best = None
                 for bn in (16, 32, 64):
                     for nw in (4, 8):
                         try:
-                            t = timed(lambda: K.sparse_mla_decode_triton(q_lat, q_rope, pool_t, 0, bt, idx, 192 ** -0.5,
-                                                                         block_n=bn, num_warps=nw))
+                            t = timed(
+                                lambda: K.sparse_mla_decode_triton(
+                                    q_lat, q_rope, pool_t, 0, bt, idx, 192**-0.5, block_n=bn, num_warps=nw
+                                )
+                            )
                         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: a data point
                             print(f"    sweep block_n={bn} warps={nw}: {type(e).__name__}", file=sys.stderr)
                             continue
@@ -141,8 +178,11 @@ def sparse_mla_cases(ceil: dict[str, float], sweep: bool) -> list[dict[str, Any]
                         if best is None or t < best[0]:
                             best = (t, bn, nw)
                 if best:
-                    print(f"    sweep best: block_n {best[1]} warps {best[2]} {best[0] * 1e3:.1f} us "
-                          f"({byts / bw / (best[0] * 1e-3):.0%} of floor)", flush=True)
+                    print(
+                        f"    sweep best: block_n {best[1]} warps {best[2]} {best[0] * 1e3:.1f} us "
+                        f"({byts / bw / (best[0] * 1e-3):.0%} of floor)",
+                        flush=True,
+                    )
         del latent, raw
         torch.cuda.empty_cache()
     return rows
@@ -157,18 +197,31 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA device", file=sys.stderr)
         return 2
     ceil = measure_ceilings("cuda")
-    print(f"ceilings: copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-          f"{ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s (FP8 taken as 2x)", flush=True)
-    result: dict[str, Any] = {"command": "python -m splitserve.bench.fp8_kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
-                              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
-                              "date": dt.datetime.now(dt.timezone.utc).isoformat(), "ceilings": ceil}
+    print(
+        f"ceilings: copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+        f"{ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s (FP8 taken as 2x)",
+        flush=True,
+    )
+    result: dict[str, Any] = {
+        "command": "python -m splitserve.bench.fp8_kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "date": dt.datetime.now(dt.UTC).isoformat(),
+        "ceilings": ceil,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result["sparse_mla"] = sparse_mla_cases(ceil, not args.no_sweep)
     out.write_text(json.dumps(result, indent=1))
     result["fp8_linear"], result["fp8_linear_sweep"] = [], []
-    gemm_cases(ceil, not args.no_sweep, result["fp8_linear"], result["fp8_linear_sweep"],
-               lambda: out.write_text(json.dumps(result, indent=1)))
+    gemm_cases(
+        ceil,
+        not args.no_sweep,
+        result["fp8_linear"],
+        result["fp8_linear_sweep"],
+        lambda: out.write_text(json.dumps(result, indent=1)),
+    )
     out.write_text(json.dumps(result, indent=1))
     bad = [r for r in result["fp8_linear"] + result["sparse_mla"] if not r["ok"]]
     print(f"\nwrote {out}; {len(bad)} case(s) disagree with their reference", flush=True)

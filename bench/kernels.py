@@ -24,8 +24,9 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -44,10 +45,10 @@ class Case:
     params: dict[str, Any]
     bytes: float
     flops: float
-    make: Callable[[], dict[str, Any]]          # -> inputs
+    make: Callable[[], dict[str, Any]]  # -> inputs
     triton_fn: Callable[[dict[str, Any]], Any]
     ref_fn: Callable[[dict[str, Any]], Any]
-    check: Callable[[Any, Any, dict[str, Any]], dict[str, float]]   # raises on mismatch
+    check: Callable[[Any, Any, dict[str, Any]], dict[str, float]]  # raises on mismatch
     graph: bool = True
     extra: dict[str, Callable[[dict[str, Any]], Any]] = dataclasses.field(default_factory=dict)
 
@@ -85,12 +86,18 @@ def measure_ceilings(device: str = DEV) -> dict[str, Any]:
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     ms_mm = timer(lambda: a @ b, rep=200)
-    rate = 2 * m ** 3 / (ms_mm * 1e-3)
+    rate = 2 * m**3 / (ms_mm * 1e-3)
     del a, b
     if gpu:
         torch.cuda.empty_cache()
-    return {"hbm_copy_bytes_per_s": bw, "copy_bytes": 2 * n, "copy_ms": ms,
-            "bf16_matmul_flops_per_s": rate, "matmul_shape": [m, m, m], "matmul_ms": ms_mm}
+    return {
+        "hbm_copy_bytes_per_s": bw,
+        "copy_bytes": 2 * n,
+        "copy_ms": ms,
+        "bf16_matmul_flops_per_s": rate,
+        "matmul_shape": [m, m, m],
+        "matmul_ms": ms_mm,
+    }
 
 
 def _wall_ms(fn: Callable[[], Any], rep: int = 10) -> float:
@@ -121,15 +128,19 @@ def indexer_cases(batches, contexts) -> list[Case]:
         for bsz in batches:
             for ctx in contexts:
                 kb = 1 if fp8 else 2
-                nbytes = (bsz * ctx * (IDX_DIM * kb + (4 if fp8 else 0)) + bsz * IDX_HEADS * (IDX_DIM * kb + 4)
-                          + bsz * (ctx // BLOCK) * 4 + bsz * TOPK * 4)
+                nbytes = (
+                    bsz * ctx * (IDX_DIM * kb + (4 if fp8 else 0))
+                    + bsz * IDX_HEADS * (IDX_DIM * kb + 4)
+                    + bsz * (ctx // BLOCK) * 4
+                    + bsz * TOPK * 4
+                )
                 flops = 2 * bsz * IDX_HEADS * IDX_DIM * ctx + 3 * bsz * IDX_HEADS * ctx
 
                 def make(bsz=bsz, ctx=ctx, fp8=fp8):
                     g = torch.Generator().manual_seed(bsz * 7 + ctx)
                     bt, nb = _block_tables(bsz, ctx, g)
                     q = torch.randn(bsz, IDX_HEADS, IDX_DIM, device=DEV)
-                    w = torch.rand(bsz, IDX_HEADS, device=DEV) * IDX_HEADS ** -0.5 * IDX_DIM ** -0.5
+                    w = torch.rand(bsz, IDX_HEADS, device=DEV) * IDX_HEADS**-0.5 * IDX_DIM**-0.5
                     kc = torch.randn(nb, LAYERS, BLOCK, IDX_DIM, device=DEV)
                     if fp8:
                         q = q.to(torch.float8_e4m3fn)
@@ -154,15 +165,25 @@ def indexer_cases(batches, contexts) -> list[Case]:
                     overlap = _overlap(out, ref)
                     tol = 2e-3 if fp8 else 1e-4  # Hopper's e4m3 dots accumulate with reduced precision
                     if err > tol or sel > tol or overlap < 0.99:
-                        raise AssertionError(f"logits rel err {err:.2e}, picked-score rel err {sel:.2e}, overlap {overlap}")
+                        raise AssertionError(
+                            f"logits rel err {err:.2e}, picked-score rel err {sel:.2e}, overlap {overlap}"
+                        )
                     return {"logits_rel_err": err, "picked_scores_rel_err": sel, "index_overlap": overlap}
 
-                cases.append(Case(
-                    "indexer_topk", {"fp8": fp8, "B": bsz, "ctx": ctx}, nbytes, flops, make,
-                    # mypy lets *args of unknown length fill topk too
-                    lambda i: K.indexer_topk_decode_triton(*i["args"], topk=TOPK),  # type: ignore[misc]
-                    lambda i: K.indexer_topk_decode_ref(*i["args"], topk=TOPK), check,  # type: ignore[misc]
-                    extra={"logits_only": lambda i: K.indexer_logits_decode_triton(*i["args"])}))
+                cases.append(
+                    Case(
+                        "indexer_topk",
+                        {"fp8": fp8, "B": bsz, "ctx": ctx},
+                        nbytes,
+                        flops,
+                        make,
+                        # mypy lets *args of unknown length fill topk too
+                        lambda i: K.indexer_topk_decode_triton(*i["args"], topk=TOPK),  # type: ignore[misc]
+                        lambda i: K.indexer_topk_decode_ref(*i["args"], topk=TOPK),
+                        check,  # type: ignore[misc]
+                        extra={"logits_only": lambda i: K.indexer_logits_decode_triton(*i["args"])},
+                    )
+                )
     return cases
 
 
@@ -200,15 +221,23 @@ def sparse_mla_cases(batches, contexts) -> list[Case]:
                     raise AssertionError(f"rel err {err:.2e}")
                 return {"rel_err": err}
 
-            cases.append(Case("sparse_mla_decode", {"B": bsz, "ctx": ctx}, nbytes, flops, make,
-                              lambda i: K.sparse_mla_decode_triton(*i["args"]),
-                              lambda i: K.sparse_mla_decode_ref(*i["args"]), check))
+            cases.append(
+                Case(
+                    "sparse_mla_decode",
+                    {"B": bsz, "ctx": ctx},
+                    nbytes,
+                    flops,
+                    make,
+                    lambda i: K.sparse_mla_decode_triton(*i["args"]),
+                    lambda i: K.sparse_mla_decode_ref(*i["args"]),
+                    check,
+                )
+            )
     return cases
 
 
 def elementwise_cases(batches) -> list[Case]:
-    from splitserve.kernels import norm, quant
-    from splitserve.kernels import rotary
+    from splitserve.kernels import norm, quant, rotary
 
     def close(tol):
         def check(out, ref, inp):
@@ -218,31 +247,68 @@ def elementwise_cases(batches) -> list[Case]:
             if max(errs) > tol:
                 raise AssertionError(f"rel errs {errs}")
             return {"rel_err": max(errs)}
+
         return check
 
     cases = []
     for bsz in batches:
+
         def mk_norm(bsz=bsz):
-            return dict(x=torch.randn(bsz, HIDDEN, device=DEV).bfloat16(), r=torch.randn(bsz, HIDDEN, device=DEV).bfloat16(),
-                        w=(1 + 0.1 * torch.randn(HIDDEN, device=DEV)).bfloat16())
-        cases.append(Case("rms_norm_residual", {"B": bsz, "D": HIDDEN}, (4 * bsz * HIDDEN + HIDDEN) * 2, 4 * bsz * HIDDEN,
-                          mk_norm, lambda i: norm.rms_norm_triton(i["x"], i["w"], 1e-6, i["r"]),
-                          lambda i: norm.rms_norm_ref(i["x"], i["w"], 1e-6, i["r"]), close(1e-2)))
+            return dict(
+                x=torch.randn(bsz, HIDDEN, device=DEV).bfloat16(),
+                r=torch.randn(bsz, HIDDEN, device=DEV).bfloat16(),
+                w=(1 + 0.1 * torch.randn(HIDDEN, device=DEV)).bfloat16(),
+            )
+
+        cases.append(
+            Case(
+                "rms_norm_residual",
+                {"B": bsz, "D": HIDDEN},
+                (4 * bsz * HIDDEN + HIDDEN) * 2,
+                4 * bsz * HIDDEN,
+                mk_norm,
+                lambda i: norm.rms_norm_triton(i["x"], i["w"], 1e-6, i["r"]),
+                lambda i: norm.rms_norm_ref(i["x"], i["w"], 1e-6, i["r"]),
+                close(1e-2),
+            )
+        )
 
         def mk_rope(bsz=bsz, heads=HEADS, width=NOPE + ROPE, start=NOPE):
             q = torch.randn(bsz, heads, width, device=DEV).bfloat16()
-            return dict(x=q[..., start:start + ROPE], c=torch.randn(bsz, ROPE // 2, device=DEV).bfloat16(),
-                        s=torch.randn(bsz, ROPE // 2, device=DEV).bfloat16())
-        cases.append(Case("rope_interleaved_q", {"B": bsz, "H": HEADS, "d": ROPE}, 2 * bsz * HEADS * ROPE * 2 + bsz * ROPE * 2,
-                          6 * bsz * HEADS * ROPE, mk_rope, lambda i: rotary.rope_triton(i["x"], i["c"], i["s"], True),
-                          lambda i: rotary.rope_ref(i["x"], i["c"], i["s"], True), close(1e-2)))
+            return dict(
+                x=q[..., start : start + ROPE],
+                c=torch.randn(bsz, ROPE // 2, device=DEV).bfloat16(),
+                s=torch.randn(bsz, ROPE // 2, device=DEV).bfloat16(),
+            )
+
+        cases.append(
+            Case(
+                "rope_interleaved_q",
+                {"B": bsz, "H": HEADS, "d": ROPE},
+                2 * bsz * HEADS * ROPE * 2 + bsz * ROPE * 2,
+                6 * bsz * HEADS * ROPE,
+                mk_rope,
+                lambda i: rotary.rope_triton(i["x"], i["c"], i["s"], True),
+                lambda i: rotary.rope_ref(i["x"], i["c"], i["s"], True),
+                close(1e-2),
+            )
+        )
 
         def mk_irope(bsz=bsz):
             return mk_rope(bsz, IDX_HEADS, IDX_DIM, 0)
-        cases.append(Case("rope_halfsplit_indexer_q", {"B": bsz, "H": IDX_HEADS, "d": ROPE},
-                          2 * bsz * IDX_HEADS * ROPE * 2 + bsz * ROPE * 2, 6 * bsz * IDX_HEADS * ROPE, mk_irope,
-                          lambda i: rotary.rope_triton(i["x"], i["c"], i["s"], False),
-                          lambda i: rotary.rope_ref(i["x"], i["c"], i["s"], False), close(1e-2)))
+
+        cases.append(
+            Case(
+                "rope_halfsplit_indexer_q",
+                {"B": bsz, "H": IDX_HEADS, "d": ROPE},
+                2 * bsz * IDX_HEADS * ROPE * 2 + bsz * ROPE * 2,
+                6 * bsz * IDX_HEADS * ROPE,
+                mk_irope,
+                lambda i: rotary.rope_triton(i["x"], i["c"], i["s"], False),
+                lambda i: rotary.rope_ref(i["x"], i["c"], i["s"], False),
+                close(1e-2),
+            )
+        )
 
         def mk_q(bsz=bsz):
             return dict(x=torch.randn(bsz, HIDDEN, device=DEV).bfloat16())
@@ -251,20 +317,36 @@ def elementwise_cases(batches) -> list[Case]:
             if not (torch.equal(out[1], ref[1]) and torch.equal(out[0].view(torch.uint8), ref[0].view(torch.uint8))):
                 raise AssertionError("act_quant differs from the reference")
             return {"bit_exact": 1.0}
-        cases.append(Case("act_quant", {"B": bsz, "D": HIDDEN}, bsz * HIDDEN * 3 + bsz * HIDDEN // 128 * 4, 3 * bsz * HIDDEN,
-                          mk_q, lambda i: quant.act_quant_triton(i["x"]), lambda i: quant.act_quant_ref(i["x"]), check_q))
+
+        cases.append(
+            Case(
+                "act_quant",
+                {"B": bsz, "D": HIDDEN},
+                bsz * HIDDEN * 3 + bsz * HIDDEN // 128 * 4,
+                3 * bsz * HIDDEN,
+                mk_q,
+                lambda i: quant.act_quant_triton(i["x"]),
+                lambda i: quant.act_quant_ref(i["x"]),
+                check_q,
+            )
+        )
     return cases
 
 
 def moe_cases(batches) -> list[Case]:
     from splitserve.kernels import moe as K
+
     shared: dict[str, Any] = {}
 
     def weights():
         if "w13" not in shared:
             g = torch.Generator(device=DEV).manual_seed(0)
-            shared["w13"] = (torch.randn(EXPERTS, 2 * MOE_INTER, HIDDEN, device=DEV, generator=g) * HIDDEN ** -0.5).bfloat16()
-            shared["w2"] = (torch.randn(EXPERTS, HIDDEN, MOE_INTER, device=DEV, generator=g) * MOE_INTER ** -0.5).bfloat16()
+            shared["w13"] = (
+                torch.randn(EXPERTS, 2 * MOE_INTER, HIDDEN, device=DEV, generator=g) * HIDDEN**-0.5
+            ).bfloat16()
+            shared["w2"] = (
+                torch.randn(EXPERTS, HIDDEN, MOE_INTER, device=DEV, generator=g) * MOE_INTER**-0.5
+            ).bfloat16()
         return shared["w13"], shared["w2"]
 
     def fp8_weights():
@@ -278,6 +360,7 @@ def moe_cases(batches) -> list[Case]:
     cases = []
     for fp8 in (False, True):
         for n in batches:
+
             def make(n=n, fp8=fp8):
                 g = torch.Generator().manual_seed(n)
                 ids = torch.stack([torch.randperm(EXPERTS, generator=g)[:ACTIVE] for _ in range(n)]).to(DEV)
@@ -305,16 +388,38 @@ def moe_cases(batches) -> list[Case]:
                 return {"rel_err": err, "experts_touched": inp["touched"]}
 
             if fp8:
-                tri = lambda i: K.fused_moe_fp8_triton(i["x"], i["w"][0], i["w"][1], i["w"][2], i["w"][3], i["tw"], i["ids"])
-                ref = lambda i: K.fused_moe_fp8_ref(i["x"], i["w"][0], i["w"][1], i["w"][2], i["w"][3], i["tw"], i["ids"])
+                tri = lambda i: K.fused_moe_fp8_triton(
+                    i["x"], i["w"][0], i["w"][1], i["w"][2], i["w"][3], i["tw"], i["ids"]
+                )
+                ref = lambda i: K.fused_moe_fp8_ref(
+                    i["x"], i["w"][0], i["w"][1], i["w"][2], i["w"][3], i["tw"], i["ids"]
+                )
             else:
                 tri = lambda i: K.fused_moe_triton(i["x"], i["w"][0], i["w"][1], i["tw"], i["ids"])
                 ref = lambda i: K.fused_moe_ref(i["x"], i["w"][0], i["w"][1], i["tw"], i["ids"])
-            extra = {} if fp8 else {
-                "align_torch": lambda i: K.moe_align_ref(i["ids"], EXPERTS, K._block_m(i["ids"].numel(), EXPERTS)),
-                "align_triton": lambda i: K.moe_align_triton(i["ids"], EXPERTS, K._block_m(i["ids"].numel(), EXPERTS))}
-            cases.append(Case("fused_moe_fp8" if fp8 else "fused_moe", {"N": n, "E": EXPERTS, "k": ACTIVE},
-                              nbytes, flops, make, tri, ref, check, extra=extra))
+            extra = (
+                {}
+                if fp8
+                else {
+                    "align_torch": lambda i: K.moe_align_ref(i["ids"], EXPERTS, K._block_m(i["ids"].numel(), EXPERTS)),
+                    "align_triton": lambda i: K.moe_align_triton(
+                        i["ids"], EXPERTS, K._block_m(i["ids"].numel(), EXPERTS)
+                    ),
+                }
+            )
+            cases.append(
+                Case(
+                    "fused_moe_fp8" if fp8 else "fused_moe",
+                    {"N": n, "E": EXPERTS, "k": ACTIVE},
+                    nbytes,
+                    flops,
+                    make,
+                    tri,
+                    ref,
+                    check,
+                    extra=extra,
+                )
+            )
     return cases
 
 
@@ -380,16 +485,24 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
 
     rows = []
     base = dict(block_h=64, num_warps=8)
-    configs: list[dict[str, Any]] = [dict(base, block_n=32, num_stages=2), dict(base, block_n=64, num_stages=2),
-               dict(base, block_n=32, num_stages=3), dict(base, block_n=64, num_stages=1),
-               dict(base, block_n=64, num_stages=3), dict(base, block_n=128, num_stages=1)]
+    configs: list[dict[str, Any]] = [
+        dict(base, block_n=32, num_stages=2),
+        dict(base, block_n=64, num_stages=2),
+        dict(base, block_n=32, num_stages=3),
+        dict(base, block_n=64, num_stages=1),
+        dict(base, block_n=64, num_stages=3),
+        dict(base, block_n=128, num_stages=1),
+    ]
     for bsz in [b for b in batches if b in (1, 64)] or batches[:1]:
         case = sparse_mla_cases([bsz], [16384])[0]
         inp = case.make()
         ref = case.ref_fn(inp)
         split_opts = (1, 2) if bsz >= 32 else (8, 16, 32)
-        trials = ([(cfg, None, False) for cfg in configs] + [(configs[1], None, True), (configs[0], None, True)]
-                  + [(configs[1], sp, po) for sp in split_opts for po in (False, True)])
+        trials = (
+            [(cfg, None, False) for cfg in configs]
+            + [(configs[1], None, True), (configs[0], None, True)]
+            + [(configs[1], sp, po) for sp in split_opts for po in (False, True)]
+        )
         for cfg, splits, po in trials:
             try:
                 fn = lambda: K.sparse_mla_decode_triton(*inp["args"], num_splits=splits, precompute_offsets=po, **cfg)
@@ -397,14 +510,32 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
                 g = graph_of(fn)
                 ms = bench_ms(g if g is not None else fn)
             except Exception as exc:  # noqa: BLE001
-                rows.append({"B": bsz, **cfg, "splits": splits, "offsets": po, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                print(f"  sweep sparse_mla B={bsz} {cfg} splits={splits} offsets={po}: {type(exc).__name__}", flush=True)
+                rows.append(
+                    {"B": bsz, **cfg, "splits": splits, "offsets": po, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                )
+                print(
+                    f"  sweep sparse_mla B={bsz} {cfg} splits={splits} offsets={po}: {type(exc).__name__}", flush=True
+                )
                 continue
-            rows.append({"B": bsz, **cfg, "splits": splits, "offsets": po, "graph_ms": ms, "rel_err": err,
-                         "floor_ratio": max(case.bytes / ceil["hbm_copy_bytes_per_s"],
-                                            case.flops / ceil["bf16_matmul_flops_per_s"]) * 1e3 / ms})
-            print(f"  sweep sparse_mla B={bsz} {cfg} splits={splits} offsets={po}: {ms * 1e3:.1f} us (err {err:.1e})",
-                  flush=True)
+            rows.append(
+                {
+                    "B": bsz,
+                    **cfg,
+                    "splits": splits,
+                    "offsets": po,
+                    "graph_ms": ms,
+                    "rel_err": err,
+                    "floor_ratio": max(
+                        case.bytes / ceil["hbm_copy_bytes_per_s"], case.flops / ceil["bf16_matmul_flops_per_s"]
+                    )
+                    * 1e3
+                    / ms,
+                }
+            )
+            print(
+                f"  sweep sparse_mla B={bsz} {cfg} splits={splits} offsets={po}: {ms * 1e3:.1f} us (err {err:.1e})",
+                flush=True,
+            )
         del inp, ref
         torch.cuda.empty_cache()
     return rows
@@ -414,9 +545,13 @@ def sweep_moe(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
     from splitserve.kernels import moe as K
 
     rows = []
-    configs: list[dict[str, Any]] = [dict(block_n=64, num_warps=4, num_stages=4), dict(block_n=32, num_warps=4, num_stages=5),
-               dict(block_n=32, num_warps=4, num_stages=4), dict(block_n=64, num_warps=4, num_stages=3),
-               dict(block_n=32, num_warps=2, num_stages=5)]
+    configs: list[dict[str, Any]] = [
+        dict(block_n=64, num_warps=4, num_stages=4),
+        dict(block_n=32, num_warps=4, num_stages=5),
+        dict(block_n=32, num_warps=4, num_stages=4),
+        dict(block_n=64, num_warps=4, num_stages=3),
+        dict(block_n=32, num_warps=2, num_stages=5),
+    ]
     sel = [b for b in batches if b in (1, 64)] or batches[:1]
     for case in moe_cases(sel)[: len(sel)]:
         inp = case.make()
@@ -428,8 +563,14 @@ def sweep_moe(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
             except Exception as exc:  # noqa: BLE001
                 rows.append({"N": case.params["N"], **cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
-            rows.append({"N": case.params["N"], **cfg, "graph_ms": ms,
-                         "floor_ratio": case.bytes / ceil["hbm_copy_bytes_per_s"] * 1e3 / ms})
+            rows.append(
+                {
+                    "N": case.params["N"],
+                    **cfg,
+                    "graph_ms": ms,
+                    "floor_ratio": case.bytes / ceil["hbm_copy_bytes_per_s"] * 1e3 / ms,
+                }
+            )
             print(f"  sweep fused_moe N={case.params['N']} {cfg}: {ms * 1e3:.1f} us", flush=True)
         del inp
     return rows
@@ -445,14 +586,18 @@ def fmt_table(results: list[dict[str, Any]]) -> str:
         t = r["result"]
         f = lambda v: f"{v * 1e3:8.1f}u" if v is not None else "      - "
         floor = max(r["floor_bytes_ms"], r["floor_flops_ms"])
-        lines.append(f"{r['name']:58s} {f(t['triton_ms'])} {f(t['triton_graph_ms'])} {f(t.get('ref_ms'))} {f(floor)} "
-                     f"{100 * t['floor_ratio']:5.1f}% {t.get('speedup_vs_ref', float('nan')):5.1f}x")
+        lines.append(
+            f"{r['name']:58s} {f(t['triton_ms'])} {f(t['triton_graph_ms'])} {f(t.get('ref_ms'))} {f(floor)} "
+            f"{100 * t['floor_ratio']:5.1f}% {t.get('speedup_vs_ref', float('nan')):5.1f}x"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kernels-<gpu>-<time>.json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default bench/results/kernels-<gpu>-<time>.json)"
+    )
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--contexts", default="4096,16384,65536")
     ap.add_argument("--only", default="", help="comma list of: indexer,sparse_mla,elementwise,moe")
@@ -469,13 +614,19 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = torch.cuda.get_device_name()
     out = args.out or Path(__file__).parent / "results" / (
-        f"kernels-{gpu.replace(' ', '_')}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+        f"kernels-{gpu.replace(' ', '_')}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
         "command": " ".join(["python -m splitserve.bench.kernels"] + (argv if argv is not None else sys.argv[1:])),
-        "device": {"name": gpu, "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-                   "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                   "python": platform.python_version()},
+        "device": {
+            "name": gpu,
+            "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+        },
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "timing": "triton.testing.do_bench median (L2 flushed before each call); graph = CUDA-graph replay of the same call",
     }
@@ -486,8 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     ceil = measure_ceilings()
     doc["ceilings"] = ceil
-    print(f"{gpu}: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-          f"{ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    print(
+        f"{gpu}: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+        f"{ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
 
     cases: list[Case] = []
     if not only or "indexer" in only:
@@ -500,9 +654,17 @@ def main(argv: list[str] | None = None) -> int:
         cases += moe_cases(batches)
     results: list[dict[str, Any]] = []
     for c in cases:  # the floors first, before anything is timed
-        results.append({"name": c.name, "kernel": c.kernel, "params": c.params, "bytes": c.bytes, "flops": c.flops,
-                        "floor_bytes_ms": c.bytes / ceil["hbm_copy_bytes_per_s"] * 1e3,
-                        "floor_flops_ms": c.flops / ceil["bf16_matmul_flops_per_s"] * 1e3})
+        results.append(
+            {
+                "name": c.name,
+                "kernel": c.kernel,
+                "params": c.params,
+                "bytes": c.bytes,
+                "flops": c.flops,
+                "floor_bytes_ms": c.bytes / ceil["hbm_copy_bytes_per_s"] * 1e3,
+                "floor_flops_ms": c.flops / ceil["bf16_matmul_flops_per_s"] * 1e3,
+            }
+        )
     doc["results"] = results
     save()
     failed = False
@@ -510,8 +672,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r["result"] = run_case(c, ceil, not args.no_ref)
             t = r["result"]
-            print(f"  {c.name:58s} {t['best_ms'] * 1e3:9.1f} us  {100 * t['floor_ratio']:5.1f}% of floor  {t['check']}",
-                  flush=True)
+            print(
+                f"  {c.name:58s} {t['best_ms'] * 1e3:9.1f} us  {100 * t['floor_ratio']:5.1f}% of floor  {t['check']}",
+                flush=True,
+            )
         except AssertionError as exc:
             r["error"] = f"correctness: {exc}"
             failed = True
@@ -532,8 +696,10 @@ def main(argv: list[str] | None = None) -> int:
     doc["wall_s"] = time.time() - t0
     save()
     print()
-    print(f"{gpu}; copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s; matmul {ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
-          f"times are medians; %roof = floor / best time; xref = ref / best")
+    print(
+        f"{gpu}; copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s; matmul {ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
+        f"times are medians; %roof = floor / best time; xref = ref / best"
+    )
     print(fmt_table(results))
     print(f"\nwrote {out}")
     return 1 if failed else 0

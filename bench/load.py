@@ -44,13 +44,24 @@ class LevelResult:
                 return None
             xs = sorted(xs)
             return xs[min(len(xs) - 1, int(q * len(xs)))]
-        return {"concurrency": self.concurrency, "seconds": self.seconds, "requests": self.requests,
-                "errors": self.errors, "rejected_429": self.rejected_429, "output_tokens": self.output_tokens,
-                "output_tok_per_s": self.output_tokens / self.seconds if self.seconds else 0.0,
-                "ttft_p50_ms": _ms(pct(self.ttft_s, 0.5)), "ttft_p99_ms": _ms(pct(self.ttft_s, 0.99)),
-                "itl_p50_ms": _ms(pct(self.itl_s, 0.5)), "itl_p99_ms": _ms(pct(self.itl_s, 0.99)),
-                "blocks_used_after": self.blocks_used_after, "worker_rss_mb_before": self.worker_rss_mb_before,
-                "worker_rss_mb_after": self.worker_rss_mb_after, "error_samples": self.error_samples[:5]}
+
+        return {
+            "concurrency": self.concurrency,
+            "seconds": self.seconds,
+            "requests": self.requests,
+            "errors": self.errors,
+            "rejected_429": self.rejected_429,
+            "output_tokens": self.output_tokens,
+            "output_tok_per_s": self.output_tokens / self.seconds if self.seconds else 0.0,
+            "ttft_p50_ms": _ms(pct(self.ttft_s, 0.5)),
+            "ttft_p99_ms": _ms(pct(self.ttft_s, 0.99)),
+            "itl_p50_ms": _ms(pct(self.itl_s, 0.5)),
+            "itl_p99_ms": _ms(pct(self.itl_s, 0.99)),
+            "blocks_used_after": self.blocks_used_after,
+            "worker_rss_mb_before": self.worker_rss_mb_before,
+            "worker_rss_mb_after": self.worker_rss_mb_after,
+            "error_samples": self.error_samples[:5],
+        }
 
 
 def _ms(x: float | None) -> float | None:
@@ -75,11 +86,26 @@ async def _status(c: httpx.AsyncClient, url: str, headers: dict) -> dict:
     return r.json()
 
 
-async def _one(c: httpx.AsyncClient, url: str, headers: dict, res: LevelResult, rng: random.Random,
-               model: str, max_tokens: int, prompt_len: int) -> None:
+async def _one(
+    c: httpx.AsyncClient,
+    url: str,
+    headers: dict,
+    res: LevelResult,
+    rng: random.Random,
+    model: str,
+    max_tokens: int,
+    prompt_len: int,
+) -> None:
     prompt = [0] + [rng.randrange(5, 1000) for _ in range(prompt_len)]
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.8,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0.8,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     last = None
     try:
@@ -115,9 +141,19 @@ async def _one(c: httpx.AsyncClient, url: str, headers: dict, res: LevelResult, 
         res.error_samples.append(repr(e)[:200])
 
 
-async def run_level(url: str, concurrency: int, seconds: float, *, model: str, max_tokens: int, prompt_len: int,
-                    api_key: str | None, max_requests: int, seed: int = 0,
-                    operator_token: str | None = None) -> LevelResult:
+async def run_level(
+    url: str,
+    concurrency: int,
+    seconds: float,
+    *,
+    model: str,
+    max_tokens: int,
+    prompt_len: int,
+    api_key: str | None,
+    max_requests: int,
+    seed: int = 0,
+    operator_token: str | None = None,
+) -> LevelResult:
     """`operator_token` opens /admin/status (worker pids and blocks); `api_key` the OpenAI API."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     admin = {"Authorization": f"Bearer {operator_token}"} if operator_token else {}
@@ -134,6 +170,7 @@ async def run_level(url: str, concurrency: int, seconds: float, *, model: str, m
             while time.monotonic() < deadline and budget[0] > 0:
                 budget[0] -= 1
                 await _one(c, url, headers, res, rng, model, max_tokens, prompt_len)
+
         await asyncio.gather(*(loop(k) for k in range(concurrency)))
         for _ in range(50):  # blocks come back once streams end
             st = await _status(c, url, admin)
@@ -146,8 +183,20 @@ async def run_level(url: str, concurrency: int, seconds: float, *, model: str, m
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["concurrency", "requests", "errors", "rejected_429", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
-            "itl_p50_ms", "itl_p99_ms", "blocks_used_after", "worker_rss_mb_before", "worker_rss_mb_after"]
+    cols = [
+        "concurrency",
+        "requests",
+        "errors",
+        "rejected_429",
+        "output_tok_per_s",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "itl_p50_ms",
+        "itl_p99_ms",
+        "blocks_used_after",
+        "worker_rss_mb_before",
+        "worker_rss_mb_after",
+    ]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
@@ -163,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--api-key", default=None)
-    ap.add_argument("--operator-token-file", default=None,
-                    help="the cluster's operator token, for /admin/status (default: the one `splitserve up` wrote "
-                         "for this URL into its run directory)")
+    ap.add_argument(
+        "--operator-token-file",
+        default=None,
+        help="the cluster's operator token, for /admin/status (default: the one `splitserve up` wrote "
+        "for this URL into its run directory)",
+    )
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
     from splitserve.deploy.cluster_cli import CliError, read_operator_token
@@ -177,18 +229,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for cc in args.concurrency:
-        r = asyncio.run(run_level(args.url, cc, args.seconds, model=args.model, max_tokens=args.max_tokens,
-                                  prompt_len=args.prompt_len, api_key=args.api_key, max_requests=args.max_requests,
-                                  operator_token=token))
+        r = asyncio.run(
+            run_level(
+                args.url,
+                cc,
+                args.seconds,
+                model=args.model,
+                max_tokens=args.max_tokens,
+                prompt_len=args.prompt_len,
+                api_key=args.api_key,
+                max_requests=args.max_requests,
+                operator_token=token,
+            )
+        )
         rows.append(r.summary())
         print_table(rows[-1:])
     print()
     print_table(rows)
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "command": " ".join(["python -m splitserve.bench.load", *(argv if argv is not None else sys.argv[1:])]),
-            "device": f"{platform.node()} {platform.processor() or platform.machine()} (CPU)",
-            "levels": rows}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": " ".join(
+                        ["python -m splitserve.bench.load", *(argv if argv is not None else sys.argv[1:])]
+                    ),
+                    "device": f"{platform.node()} {platform.processor() or platform.machine()} (CPU)",
+                    "levels": rows,
+                },
+                indent=2,
+            )
+        )
     return 0 if all(r["errors"] == 0 and r["blocks_used_after"] == 0 for r in rows) else 1
 
 

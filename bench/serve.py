@@ -55,7 +55,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -76,8 +76,14 @@ class Prompt:
     text: str | None = None  # --prompt-format text: what is sent instead of token_ids
 
 
-def random_dataset(num_prompts: int, input_len: int, output_len: int, range_ratio: float, seed: int,
-                   token_ids: tuple[int, int] = DEFAULT_TOKEN_IDS) -> list[Prompt]:
+def random_dataset(
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    seed: int,
+    token_ids: tuple[int, int] = DEFAULT_TOKEN_IDS,
+) -> list[Prompt]:
     """Random prompts as sglang.bench_serving's "random" dataset draws them (lengths uniform in
     [len x range_ratio, len]); a function of its arguments only."""
     rng = np.random.default_rng(seed)
@@ -110,13 +116,13 @@ def arrival_gaps(n: int, rate: float, seed: int) -> list[float]:
 @dataclass
 class RequestRecord:
     index: int
-    prompt_tokens: int          # router's usage.prompt_tokens, else the prompt's token count
-    requested_tokens: int       # max_tokens sent (ignore_eos: the expected output length)
-    start_s: float = 0.0        # send time, relative to the run's start
+    prompt_tokens: int  # router's usage.prompt_tokens, else the prompt's token count
+    requested_tokens: int  # max_tokens sent (ignore_eos: the expected output length)
+    start_s: float = 0.0  # send time, relative to the run's start
     ok: bool = False
     error: str | None = None
     finish_reason: str | None = None
-    output_tokens: int = 0      # counted from the stream (usage mode: usage.completion_tokens)
+    output_tokens: int = 0  # counted from the stream (usage mode: usage.completion_tokens)
     usage_completion_tokens: int | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None
@@ -133,12 +139,22 @@ class RequestRecord:
         return _nearest_rank(self.itls_s, 0.99)
 
     def compact(self) -> dict:
-        return {"index": self.index, "ok": self.ok, "error": self.error, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "requested_tokens": self.requested_tokens,
-                "output_tokens": self.output_tokens, "usage_completion_tokens": self.usage_completion_tokens,
-                "start_ms": _ms(self.start_s), "ttft_ms": _ms(self.ttft_s), "e2e_ms": _ms(self.e2e_s),
-                "tpot_ms": _ms(self.tpot_s), "itl_p99_ms": _ms(self.itl_p99_s),
-                "itl_max_ms": _ms(max(self.itls_s) if self.itls_s else None)}
+        return {
+            "index": self.index,
+            "ok": self.ok,
+            "error": self.error,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "requested_tokens": self.requested_tokens,
+            "output_tokens": self.output_tokens,
+            "usage_completion_tokens": self.usage_completion_tokens,
+            "start_ms": _ms(self.start_s),
+            "ttft_ms": _ms(self.ttft_s),
+            "e2e_ms": _ms(self.e2e_s),
+            "tpot_ms": _ms(self.tpot_s),
+            "itl_p99_ms": _ms(self.itl_p99_s),
+            "itl_max_ms": _ms(max(self.itls_s) if self.itls_s else None),
+        }
 
 
 @dataclass(frozen=True)
@@ -147,23 +163,30 @@ class RequestOptions:
     model: str
     headers: dict[str, str]
     temperature: float
-    token_count: str            # "logprobs" | "usage"
+    token_count: str  # "logprobs" | "usage"
     timeout_s: float
 
 
-async def send_request(client: httpx.AsyncClient, opts: RequestOptions, prompt: Prompt, rec: RequestRecord,
-                       t_run: float) -> None:
+async def send_request(
+    client: httpx.AsyncClient, opts: RequestOptions, prompt: Prompt, rec: RequestRecord, t_run: float
+) -> None:
     """Stream one completion into `rec`; never raises, never outlives opts.timeout_s."""
-    body: dict = {"model": opts.model, "prompt": prompt.text if prompt.text is not None else prompt.token_ids,
-                  "max_tokens": prompt.output_len, "temperature": opts.temperature, "ignore_eos": True,
-                  "stream": True, "stream_options": {"include_usage": True}}
+    body: dict = {
+        "model": opts.model,
+        "prompt": prompt.text if prompt.text is not None else prompt.token_ids,
+        "max_tokens": prompt.output_len,
+        "temperature": opts.temperature,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if opts.token_count == "logprobs":
         body["logprobs"] = 0
     t0 = time.perf_counter()
     rec.start_s = t0 - t_run
     try:
         await asyncio.wait_for(_stream(client, opts, body, rec, t0), opts.timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         rec.error = f"no complete answer within {opts.timeout_s:g} s (after {rec.output_tokens} tokens)"
     except Exception as e:  # noqa: BLE001 - any failure of one request is data, never the run's end
         rec.error = f"{type(e).__name__}: {e}"[:300]
@@ -233,9 +256,13 @@ def _stats_ms(xs: list[float]) -> dict[str, float | None]:
     if not xs:
         return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
     a = np.asarray(xs) * 1000.0
-    return {"mean": round(float(a.mean()), 3), "p50": round(float(np.percentile(a, 50)), 3),
-            "p90": round(float(np.percentile(a, 90)), 3), "p99": round(float(np.percentile(a, 99)), 3),
-            "max": round(float(a.max()), 3)}
+    return {
+        "mean": round(float(a.mean()), 3),
+        "p50": round(float(np.percentile(a, 50)), 3),
+        "p90": round(float(np.percentile(a, 90)), 3),
+        "p99": round(float(np.percentile(a, 99)), 3),
+        "max": round(float(a.max()), 3),
+    }
 
 
 @dataclass(frozen=True)
@@ -250,8 +277,9 @@ class Slo:
         return p99 is None or p99 * 1000.0 <= self.itl_ms
 
 
-def summarize(records: list[RequestRecord], duration_s: float, rate: float, max_concurrency: int | None,
-              slo: Slo) -> dict:
+def summarize(
+    records: list[RequestRecord], duration_s: float, rate: float, max_concurrency: int | None, slo: Slo
+) -> dict:
     done = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     errors: list[str] = []
@@ -290,8 +318,9 @@ def summarize(records: list[RequestRecord], duration_s: float, rate: float, max_
     }
 
 
-async def run_rate(prompts: list[Prompt], rate: float, opts: RequestOptions, *, max_concurrency: int | None,
-                   seed: int, slo: Slo) -> dict:
+async def run_rate(
+    prompts: list[Prompt], rate: float, opts: RequestOptions, *, max_concurrency: int | None, seed: int, slo: Slo
+) -> dict:
     """Send every prompt (Poisson at `rate`, at most `max_concurrency` in flight) and summarize."""
     records = [RequestRecord(p.index, len(p.token_ids), p.output_len) for p in prompts]
     gaps = arrival_gaps(len(prompts), rate, seed)
@@ -332,8 +361,9 @@ def _rate(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="splitserve bench serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="splitserve bench serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router")
     ap.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
     ap.add_argument("--api-key", default=None)
@@ -341,16 +371,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--range-ratio", type=float, default=1.0, help="lengths uniform in [len x ratio, len]")
-    ap.add_argument("--token-ids", type=int, nargs=2, default=list(DEFAULT_TOKEN_IDS), metavar=("LO", "HI"),
-                    help="prompt token ids are drawn from [LO, HI): keep HI within the model's vocabulary")
+    ap.add_argument(
+        "--token-ids",
+        type=int,
+        nargs=2,
+        default=list(DEFAULT_TOKEN_IDS),
+        metavar=("LO", "HI"),
+        help="prompt token ids are drawn from [LO, HI): keep HI within the model's vocabulary",
+    )
     ap.add_argument("--prompt-format", choices=("ids", "text"), default="ids")
     ap.add_argument("--tokenizer", default=None, help="checkpoint dir (or 'tiny') for --prompt-format text")
-    ap.add_argument("--request-rate", type=_rate, nargs="+", default=[math.inf],
-                    help="requests per second (Poisson), one run each, in order; inf: all at once")
+    ap.add_argument(
+        "--request-rate",
+        type=_rate,
+        nargs="+",
+        default=[math.inf],
+        help="requests per second (Poisson), one run each, in order; inf: all at once",
+    )
     ap.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--token-count", choices=("logprobs", "usage"), default="logprobs",
-                    help="count tokens per chunk from logprobs (default), or chunks with text + usage total")
+    ap.add_argument(
+        "--token-count",
+        choices=("logprobs", "usage"),
+        default="logprobs",
+        help="count tokens per chunk from logprobs (default), or chunks with text + usage total",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     ap.add_argument("--slo-itl-ms", type=float, default=50.0)
@@ -388,13 +433,20 @@ async def _router_info(url: str, headers: dict[str, str]) -> tuple[list[str], di
     return models, health
 
 
-ROW = [("rate", "request_rate"), ("done", "completed"), ("fail", "failed"), ("dur s", "duration_s"),
-       ("req/s", "request_throughput"), ("in tok/s", "input_throughput"), ("out tok/s", "output_throughput"),
-       ("goodput", "goodput")]
+ROW = [
+    ("rate", "request_rate"),
+    ("done", "completed"),
+    ("fail", "failed"),
+    ("dur s", "duration_s"),
+    ("req/s", "request_throughput"),
+    ("in tok/s", "input_throughput"),
+    ("out tok/s", "output_throughput"),
+    ("goodput", "goodput"),
+]
 LAT = [("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("TPOT", "tpot_ms"), ("E2E", "e2e_ms")]
 
 
-_STAGE_RE = re.compile(r'^splitserve_router_stage_seconds_(bucket|sum|count)\{([^}]*)\} (\S+)$')
+_STAGE_RE = re.compile(r"^splitserve_router_stage_seconds_(bucket|sum|count)\{([^}]*)\} (\S+)$")
 
 
 def parse_stage_metrics(text: str) -> dict[str, dict]:
@@ -440,9 +492,12 @@ def stage_deltas(before: dict[str, dict], after: dict[str, dict]) -> dict[str, d
         prev = dict(b["buckets"])
         buckets = [(le, c - prev.get(le, 0.0)) for le, c in a["buckets"]]
         p50, p99 = _bucket_quantile(buckets, 0.5), _bucket_quantile(buckets, 0.99)
-        out[stage] = {"count": int(n), "mean_ms": round(1000 * (a["sum"] - b["sum"]) / n, 3),
-                      "p50_ms": None if p50 is None else round(1000 * p50, 3),
-                      "p99_ms": None if p99 is None else round(1000 * p99, 3)}
+        out[stage] = {
+            "count": int(n),
+            "mean_ms": round(1000 * (a["sum"] - b["sum"]) / n, 3),
+            "p50_ms": None if p50 is None else round(1000 * p50, 3),
+            "p99_ms": None if p99 is None else round(1000 * p99, 3),
+        }
     return out
 
 
@@ -455,8 +510,17 @@ async def _scrape_stages(url: str, headers: dict[str, str]) -> dict[str, dict]:
         return {}
 
 
-STAGE_ORDER = ("router_queue", "reserve", "prefill_queue", "prefill_compute", "transfer", "prefill_overhead",
-               "ttft", "first_decode_step", "stream")
+STAGE_ORDER = (
+    "router_queue",
+    "reserve",
+    "prefill_queue",
+    "prefill_compute",
+    "transfer",
+    "prefill_overhead",
+    "ttft",
+    "first_decode_step",
+    "stream",
+)
 
 
 def format_stages(stages: dict[str, dict]) -> str:
@@ -483,8 +547,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     models, health = asyncio.run(_router_info(args.url, headers))
     model = args.model or models[0]
-    prompts = random_dataset(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed,
-                             tuple(args.token_ids))
+    prompts = random_dataset(
+        args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed, tuple(args.token_ids)
+    )
     if args.prompt_format == "text":
         prompts = with_text(prompts, args.tokenizer)
     opts = RequestOptions(args.url, model, headers, args.temperature, args.token_count, args.request_timeout)
@@ -506,18 +571,28 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     return {
         "benchmark": "serve",
         "command": shlex.join(["splitserve", "bench", "serve", *argv]),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "client_host": f"{platform.node()} ({platform.machine()})",
         "cluster": args.cluster,
         "router": {"url": args.url, "model": model, "health": health},
-        "dataset": {"name": "random", "num_prompts": args.num_prompts, "input_len": args.input_len,
-                    "output_len": args.output_len, "range_ratio": args.range_ratio, "seed": args.seed,
-                    "token_ids": list(args.token_ids), "prompt_format": args.prompt_format,
-                    "mean_input_len": round(float(np.mean([len(p.token_ids) for p in prompts])), 2),
-                    "mean_output_len": round(float(np.mean([p.output_len for p in prompts])), 2)},
+        "dataset": {
+            "name": "random",
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "range_ratio": args.range_ratio,
+            "seed": args.seed,
+            "token_ids": list(args.token_ids),
+            "prompt_format": args.prompt_format,
+            "mean_input_len": round(float(np.mean([len(p.token_ids) for p in prompts])), 2),
+            "mean_output_len": round(float(np.mean([p.output_len for p in prompts])), 2),
+        },
         "sampling": {"temperature": args.temperature, "ignore_eos": True, "token_count": args.token_count},
-        "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms,
-                "rule": "TTFT <= ttft_ms and the request's nearest-rank p99 ITL <= itl_ms"},
+        "slo": {
+            "ttft_ms": args.slo_ttft_ms,
+            "itl_ms": args.slo_itl_ms,
+            "rule": "TTFT <= ttft_ms and the request's nearest-rank p99 ITL <= itl_ms",
+        },
         "request_timeout_s": args.request_timeout,
         "runs": runs,
     }
@@ -532,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args, argv)
     except (httpx.HTTPError, KeyError, IndexError, json.JSONDecodeError) as e:
-        print(f"error: cannot read the router's models at {args.url}/v1/models: {type(e).__name__}: {e}",
-              file=sys.stderr)
+        print(
+            f"error: cannot read the router's models at {args.url}/v1/models: {type(e).__name__}: {e}", file=sys.stderr
+        )
         return 2
     print()
     print(format_table(result["runs"]))

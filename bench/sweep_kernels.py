@@ -16,8 +16,21 @@ from typing import Any
 
 import torch
 
-from splitserve.bench.kernels import (ACTIVE, BLOCK, EXPERTS, HEADS, HIDDEN, KV_LORA, MOE_INTER, ROPE, TOPK, bench_ms,
-                                      graph_of, measure_ceilings, rel_err)
+from splitserve.bench.kernels import (
+    ACTIVE,
+    BLOCK,
+    EXPERTS,
+    HEADS,
+    HIDDEN,
+    KV_LORA,
+    MOE_INTER,
+    ROPE,
+    TOPK,
+    bench_ms,
+    graph_of,
+    measure_ceilings,
+    rel_err,
+)
 
 
 def _ints(s: str) -> list[int]:
@@ -41,8 +54,13 @@ def sweep_mla(rows: int, ceil: dict[str, float]) -> list[dict[str, Any]]:
     nbytes = rows * TOPK * (KV_LORA + ROPE) * 2
     flops = rows * HEADS * TOPK * (2 * KV_LORA + ROPE) * 2
     out: list[dict[str, Any]] = []
-    configs: list[dict[str, Any]] = [dict(block_h=h, block_n=n, num_warps=w, num_stages=s)
-               for h in (64, 32) for n in (32, 64) for w in (4, 8) for s in (1, 2)]
+    configs: list[dict[str, Any]] = [
+        dict(block_h=h, block_n=n, num_warps=w, num_stages=s)
+        for h in (64, 32)
+        for n in (32, 64)
+        for w in (4, 8)
+        for s in (1, 2)
+    ]
     for cfg in configs:
         try:
             fn = lambda: K.sparse_mla_decode_triton(ql, qr, latent, 1, bt, idx, 0.1, **cfg)
@@ -52,12 +70,19 @@ def sweep_mla(rows: int, ceil: dict[str, float]) -> list[dict[str, Any]]:
         except Exception as exc:  # noqa: BLE001
             out.append({"rows": rows, **cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        r = {"rows": rows, **cfg, "us": ms * 1e3, "err": err,
-             "bytes_ratio": nbytes / ceil["hbm_copy_bytes_per_s"] * 1e3 / ms,
-             "flops_ratio": flops / ceil["bf16_matmul_flops_per_s"] * 1e3 / ms}
+        r = {
+            "rows": rows,
+            **cfg,
+            "us": ms * 1e3,
+            "err": err,
+            "bytes_ratio": nbytes / ceil["hbm_copy_bytes_per_s"] * 1e3 / ms,
+            "flops_ratio": flops / ceil["bf16_matmul_flops_per_s"] * 1e3 / ms,
+        }
         out.append(r)
-        print(f"mla rows={rows} {cfg}: {r['us']:.1f} us err {err:.1e} bytes {r['bytes_ratio']:.2f} flops {r['flops_ratio']:.2f}",
-              flush=True)
+        print(
+            f"mla rows={rows} {cfg}: {r['us']:.1f} us err {err:.1e} bytes {r['bytes_ratio']:.2f} flops {r['flops_ratio']:.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -65,17 +90,24 @@ def sweep_moe(tokens: int, ceil: dict[str, float]) -> list[dict[str, Any]]:
     from splitserve.kernels import moe as K
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    w13 = (torch.randn(EXPERTS, 2 * MOE_INTER, HIDDEN, device="cuda", generator=g) * HIDDEN ** -0.5).bfloat16()
-    w2 = (torch.randn(EXPERTS, HIDDEN, MOE_INTER, device="cuda", generator=g) * MOE_INTER ** -0.5).bfloat16()
+    w13 = (torch.randn(EXPERTS, 2 * MOE_INTER, HIDDEN, device="cuda", generator=g) * HIDDEN**-0.5).bfloat16()
+    w2 = (torch.randn(EXPERTS, HIDDEN, MOE_INTER, device="cuda", generator=g) * MOE_INTER**-0.5).bfloat16()
     ids = torch.stack([torch.randperm(EXPERTS, device="cuda", generator=g)[:ACTIVE] for _ in range(tokens)])
     tw = torch.rand(tokens, ACTIVE, device="cuda", generator=g) * 2.5 / ACTIVE
     x = torch.randn(tokens, HIDDEN, device="cuda", generator=g).bfloat16()
     ref = K.fused_moe_ref(x, w13, w2, tw, ids)
     flops = 6 * tokens * ACTIVE * HIDDEN * MOE_INTER
     out: list[dict[str, Any]] = []
-    configs: list[dict[str, Any]] = [dict(block_m=None, block_n=64, block_k=None, num_warps=4, num_stages=4)]  # the default
-    configs += [dict(block_m=m, block_n=n, block_k=64, num_warps=w, num_stages=s)
-                for m in ((16, 32) if tokens <= 256 else (64, 128)) for n in (64, 128) for w in (4, 8) for s in (3, 4)]
+    configs: list[dict[str, Any]] = [
+        dict(block_m=None, block_n=64, block_k=None, num_warps=4, num_stages=4)
+    ]  # the default
+    configs += [
+        dict(block_m=m, block_n=n, block_k=64, num_warps=w, num_stages=s)
+        for m in ((16, 32) if tokens <= 256 else (64, 128))
+        for n in (64, 128)
+        for w in (4, 8)
+        for s in (3, 4)
+    ]
     for cfg in configs:
         try:
             fn = lambda: K.fused_moe_triton(x, w13, w2, tw, ids, **cfg)
@@ -85,8 +117,13 @@ def sweep_moe(tokens: int, ceil: dict[str, float]) -> list[dict[str, Any]]:
         except Exception as exc:  # noqa: BLE001
             out.append({"tokens": tokens, **cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        r = {"tokens": tokens, **cfg, "us": ms * 1e3, "err": err,
-             "flops_ratio": flops / ceil["bf16_matmul_flops_per_s"] * 1e3 / ms}
+        r = {
+            "tokens": tokens,
+            **cfg,
+            "us": ms * 1e3,
+            "err": err,
+            "flops_ratio": flops / ceil["bf16_matmul_flops_per_s"] * 1e3 / ms,
+        }
         out.append(r)
         print(f"moe tokens={tokens} {cfg}: {r['us']:.1f} us err {err:.1e} flops {r['flops_ratio']:.2f}", flush=True)
     return out
@@ -102,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA device", file=sys.stderr)
         return 2
     ceil = measure_ceilings()
-    doc: dict[str, Any] = {"command": "python -m splitserve.bench.sweep_kernels " + " ".join(argv or sys.argv[1:]),
-                           "device": torch.cuda.get_device_name(), "ceilings": ceil, "mla": [], "moe": []}
+    doc: dict[str, Any] = {
+        "command": "python -m splitserve.bench.sweep_kernels " + " ".join(argv or sys.argv[1:]),
+        "device": torch.cuda.get_device_name(),
+        "ceilings": ceil,
+        "mla": [],
+        "moe": [],
+    }
     for r in args.mla_rows:
         doc["mla"] += sweep_mla(r, ceil)
         args.out.write_text(json.dumps(doc, indent=1))

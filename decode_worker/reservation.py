@@ -64,9 +64,9 @@ class Reservation:
     blocks: list[int]
     lease_until: float
     state: ResState = ResState.RESERVED
-    writer_done: bool = False          # the prefill side said RELEASED: it writes nothing more
-    cancelled: bool = False            # an Abort came while ADOPTING/ADOPTED: the stream stops
-    claimed: bool = False              # a Generate stream owns it (only that stream ends it)
+    writer_done: bool = False  # the prefill side said RELEASED: it writes nothing more
+    cancelled: bool = False  # an Abort came while ADOPTING/ADOPTED: the stream stops
+    claimed: bool = False  # a Generate stream owns it (only that stream ends it)
     quarantine_until: float = 0.0
 
     @property
@@ -83,8 +83,8 @@ class ReservationTable:
         self._free = free
         self.quarantine_s = quarantine_s
         self.cv = threading.Condition()
-        self._all: dict[tuple[str, int], Reservation] = {}   # (request id, epoch) -> until RELEASED
-        self._active: dict[str, Reservation] = {}   # request id -> its reservation, until ABORTED or RELEASED
+        self._all: dict[tuple[str, int], Reservation] = {}  # (request id, epoch) -> until RELEASED
+        self._active: dict[str, Reservation] = {}  # request id -> its reservation, until ABORTED or RELEASED
 
     # ---- transitions (call with self.cv held) ------------------------------------------------------
     def _to(self, r: Reservation, state: ResState) -> list[int]:
@@ -153,6 +153,7 @@ class ReservationTable:
             if r.state is ResState.RESERVED:
                 return self._to(r, ResState.COMPLETE)
             return self._to(r, ResState.RELEASED) if r.state is ResState.ABORTED else []
+
         self._run(go)
 
     def wait_complete(self, r: Reservation, deadline: float, stop: Callable[[], bool]) -> str | None:
@@ -181,17 +182,21 @@ class ReservationTable:
 
     def adopt_failed(self, r: Reservation, engine_took_blocks: bool) -> None:
         """The engine refused (or a timed-out adoption is being undone, and the undo frees the blocks)."""
+
         def go() -> list[int]:
             blocks = self._to(r, ResState.RELEASED)
             return [] if engine_took_blocks else blocks
+
         self._run(go)
 
     def end(self, r: Reservation, nothing_written: bool = False) -> None:
         """The stream that owned r is over (finished, failed, cancelled)."""
+
         def go() -> list[int]:
             if r.state is ResState.ADOPTED:
                 return self._to(r, ResState.RELEASED)  # the engine frees the blocks
             return self._give_up(r, nothing_written)
+
         self._run(go)
 
     def abort(self, request_id: str, epoch: int, nothing_written: bool) -> bool:
@@ -212,6 +217,7 @@ class ReservationTable:
                 return self._to(r, ResState.RELEASED) if nothing_written else []
             r.cancelled = True
             return self._give_up(r, nothing_written)
+
         self._run(go)
         return found
 

@@ -63,7 +63,7 @@ def _error(code: int, message: str) -> pb.GenerateChunk:
 class _Local:
     """A co-located request (PrefillAndGenerate)."""
 
-    prompt_left: int                   # prompt tokens not yet prefilled
+    prompt_left: int  # prompt tokens not yet prefilled
     cancelled: bool = False
 
 
@@ -71,7 +71,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
     def __init__(self, rt: WorkerRuntime) -> None:
         self.rt = rt
         self.spec = rt.spec
-        self.lock = threading.Lock()               # guards `local`
+        self.lock = threading.Lock()  # guards `local`
         self.table = ReservationTable(self._release, rt.spec.quarantine_s)
         self.local: dict[str, _Local] = {}
         self.epochs = itertools.count(1)
@@ -99,8 +99,12 @@ class DecodeService(pbg.DecodeWorkerServicer):
                     except BadNotice as e:
                         log.warning("dropping a notification from %s: %s", peer, e)
             for r in self.table.expire():
-                log.warning("request %s: reservation epoch %d timed out (lease or quarantine): now %s",
-                            r.request_id, r.epoch, r.state.value)
+                log.warning(
+                    "request %s: reservation epoch %d timed out (lease or quarantine): now %s",
+                    r.request_id,
+                    r.epoch,
+                    r.state.value,
+                )
             time.sleep(0.001 if notifs else 0.002)
 
     def _release(self, blocks: list[int]) -> None:
@@ -111,10 +115,14 @@ class DecodeService(pbg.DecodeWorkerServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------------
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:
-        return pb.HandshakeReply(peer=pb.PeerInfo(
-            worker_id=self.spec.worker_id,
-            transfer=pb.TransferMetadata(backend=self.spec.transfer_backend, agent_name=self.spec.worker_id,
-                                         agent_metadata=self.rt.metadata)))
+        return pb.HandshakeReply(
+            peer=pb.PeerInfo(
+                worker_id=self.spec.worker_id,
+                transfer=pb.TransferMetadata(
+                    backend=self.spec.transfer_backend, agent_name=self.spec.worker_id, agent_metadata=self.rt.metadata
+                ),
+            )
+        )
 
     def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveReply:
         rid = request.request_id
@@ -123,19 +131,26 @@ class DecodeService(pbg.DecodeWorkerServicer):
         eng = self.rt.engine
         need_tokens = request.prompt_len + 1 + eng.mtp_k
         if -(-need_tokens // eng.cfg.block_size) > eng.cfg.num_blocks:
-            return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_TOO_LONG,
-                                                      message=f"{request.prompt_len} tokens exceed this worker's cache"))
+            return pb.ReserveReply(
+                refusal=pb.Refusal(
+                    reason=pb.REFUSAL_REASON_TOO_LONG, message=f"{request.prompt_len} tokens exceed this worker's cache"
+                )
+            )
         if self.table.get(rid) is not None:
             return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_DUPLICATE, message="already reserved"))
         try:  # a reserve that times out is cancelled, or undone once it ran: no block is left behind
-            blocks = self.rt.loop.call(lambda e: e.reserve(need_tokens), timeout=_left(context, 5.0),
-                                       undo=lambda e, b: b and e.release_blocks(b))
+            blocks = self.rt.loop.call(
+                lambda e: e.reserve(need_tokens),
+                timeout=_left(context, 5.0),
+                undo=lambda e, b: b and e.release_blocks(b),
+            )
         except CallTimeout as e:
             return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_NO_SPACE, message=f"engine busy: {e}"))
         if blocks is None:
             free = eng.blocks.num_free
-            return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_NO_SPACE, free_blocks=free,
-                                                      message=f"{free} free blocks"))
+            return pb.ReserveReply(
+                refusal=pb.Refusal(reason=pb.REFUSAL_REASON_NO_SPACE, free_blocks=free, message=f"{free} free blocks")
+            )
         lease_s = (request.lease_ms / 1000.0) if request.lease_ms else self.spec.reserve_lease_s
         epoch = next(self.epochs)
         try:
@@ -143,8 +158,15 @@ class DecodeService(pbg.DecodeWorkerServicer):
         except Duplicate as e:  # a twin Reserve got there first
             self._release(blocks)
             return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_DUPLICATE, message=str(e)))
-        return pb.ReserveReply(reservation=pb.Reservation(block_ids=blocks, epoch=epoch, lease_ms=int(lease_s * 1000),
-                                                          block_size=eng.cfg.block_size, agent_name=self.spec.worker_id))
+        return pb.ReserveReply(
+            reservation=pb.Reservation(
+                block_ids=blocks,
+                epoch=epoch,
+                lease_ms=int(lease_s * 1000),
+                block_size=eng.cfg.block_size,
+                agent_name=self.spec.worker_id,
+            )
+        )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         rid = request.request_id
@@ -159,16 +181,18 @@ class DecodeService(pbg.DecodeWorkerServicer):
             except ValueError as e:
                 yield _error(pb.ERROR_CODE_INVALID_ARGUMENT, str(e))
                 return
-            err = self.table.wait_complete(res, time.monotonic() + self.spec.transfer_timeout_s,
-                                           lambda: not context.is_active())
+            err = self.table.wait_complete(
+                res, time.monotonic() + self.spec.transfer_timeout_s, lambda: not context.is_active()
+            )
             if err:
                 yield _error(pb.ERROR_CODE_DEADLINE_EXCEEDED, err)
                 return
             q = self.rt.loop.subscribe(rid)
             err = self._adopt(res, request, params)
             if err:
-                yield _error(request_error_code(err) if isinstance(err, RequestError) else pb.ERROR_CODE_INTERNAL,
-                             str(err))
+                yield _error(
+                    request_error_code(err) if isinstance(err, RequestError) else pb.ERROR_CODE_INTERNAL, str(err)
+                )
                 return
             finished = yield from self._relay(rid, q, context)
         finally:
@@ -183,12 +207,23 @@ class DecodeService(pbg.DecodeWorkerServicer):
         """Hand the reservation's blocks to the engine (COMPLETE -> ADOPTING -> ADOPTED); why not, if not."""
         rid = request.request_id
         hidden = tensor_from_proto(request.mtp_hidden) if request.HasField("mtp_hidden") else None
-        first_lp = logprobs_from_proto(request.first_token_logprobs) if request.HasField("first_token_logprobs") else None
+        first_lp = (
+            logprobs_from_proto(request.first_token_logprobs) if request.HasField("first_token_logprobs") else None
+        )
         gen_state = generator_state_from_bytes(request.generator_state)
+
         def adopt(eng: Engine) -> RequestError | None:
             try:
-                eng.adopt_prefilled(rid, list(request.prompt_token_ids), params, res.blocks, request.first_token,
-                                    first_lp, hidden, gen_state)
+                eng.adopt_prefilled(
+                    rid,
+                    list(request.prompt_token_ids),
+                    params,
+                    res.blocks,
+                    request.first_token,
+                    first_lp,
+                    hidden,
+                    gen_state,
+                )
             except RequestError as e:
                 return e  # the engine did not take the blocks
             return None
@@ -230,8 +265,9 @@ class DecodeService(pbg.DecodeWorkerServicer):
             if not duplicate:
                 self.local[rid] = _Local(len(prompt))
         if duplicate:
-            yield pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT,
-                                                  message=f"request id {rid} is already running here"))
+            yield pb.GenerateChunk(
+                error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=f"request id {rid} is already running here")
+            )
             return
         q = self.rt.loop.subscribe(rid)
         added = finished = False
@@ -297,10 +333,15 @@ class DecodeService(pbg.DecodeWorkerServicer):
                 d.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in out.prompt_logprobs[1:] if lp is not None)
             yield pb.GenerateChunk(delta=d)
         if out.finished:
-            yield pb.GenerateChunk(finished=pb.Finished(
-                finish_reason=_FINISH.get(out.finish_reason or "abort", pb.FINISH_REASON_ABORT),
-                prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
-                draft_tokens=out.draft_tokens, accepted_draft_tokens=out.accepted_draft_tokens))
+            yield pb.GenerateChunk(
+                finished=pb.Finished(
+                    finish_reason=_FINISH.get(out.finish_reason or "abort", pb.FINISH_REASON_ABORT),
+                    prompt_tokens=out.num_prompt_tokens,
+                    completion_tokens=out.num_output_tokens,
+                    draft_tokens=out.draft_tokens,
+                    accepted_draft_tokens=out.accepted_draft_tokens,
+                )
+            )
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         rid = request.request_id
@@ -326,13 +367,21 @@ class DecodeService(pbg.DecodeWorkerServicer):
         reserved, pending = self.table.counts()
         with self.lock:
             queued_prefill = sum(x.prompt_left for x in self.local.values())
-        return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total,
-                    running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting) + pending,
-                    requests_done=self.requests_done, pid=self.rt.pid, node=self.rt.node,
-                    queued_prefill_tokens=queued_prefill,
-                    blocks_reserved=reserved, draft_tokens=eng.stats.draft_tokens,
-                    accepted_draft_tokens=eng.stats.accepted_draft_tokens, weight_bytes=eng.weight_bytes,
-                    **self.rt.warm_stats())
+        return dict(
+            blocks_used=eng.blocks_used,
+            blocks_total=eng.blocks_total,
+            running=len(eng.scheduler.running),
+            waiting=len(eng.scheduler.waiting) + pending,
+            requests_done=self.requests_done,
+            pid=self.rt.pid,
+            node=self.rt.node,
+            queued_prefill_tokens=queued_prefill,
+            blocks_reserved=reserved,
+            draft_tokens=eng.stats.draft_tokens,
+            accepted_draft_tokens=eng.stats.accepted_draft_tokens,
+            weight_bytes=eng.weight_bytes,
+            **self.rt.warm_stats(),
+        )
 
     def close(self) -> None:
         self._stop.set()

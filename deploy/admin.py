@@ -46,8 +46,7 @@ class ScaleRequest(BaseModel):
     decode: Annotated[int | None, Field(ge=1)] = None
 
 
-def _error(status: int, message: str, code: str, type_: str = "invalid_request_error",
-           **extra: Any) -> JSONResponse:
+def _error(status: int, message: str, code: str, type_: str = "invalid_request_error", **extra: Any) -> JSONResponse:
     body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": None, "code": code, **extra}}
     return JSONResponse(body, status_code=status)
 
@@ -77,8 +76,12 @@ def build_admin_router(
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected):
             return None
-        return _error(401, "The admin endpoints need the operator token (`splitserve up` writes it into its run "
-                           "directory); an API key is not one.", "invalid_operator_token")
+        return _error(
+            401,
+            "The admin endpoints need the operator token (`splitserve up` writes it into its run "
+            "directory); an API key is not one.",
+            "invalid_operator_token",
+        )
 
     @router.get("/status")
     async def status(request: Request) -> JSONResponse:
@@ -97,8 +100,9 @@ def build_admin_router(
         try:
             body = ScaleRequest.model_validate_json(raw or b"{}")
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-                                 for err in e.errors())
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+            )
             return _error(400, f"Invalid scale request: {problems}", "invalid_scale_request")
         if body.prefill is None and body.decode is None:
             return _error(400, "Give prefill and/or decode (the new pool sizes).", "invalid_scale_request")

@@ -1,9 +1,9 @@
 """The `splitserve` command line.
 
-    splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S]
-    splitserve generate --model DIR|tiny --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
-                        [--seed S] [--mtp K] [--json]
-    splitserve bench kernels|engine|load|serve|transfer [its options]
+splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S]
+splitserve generate --model DIR|tiny --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
+                    [--seed S] [--mtp K] [--json]
+splitserve bench kernels|engine|load|serve|transfer [its options]
 """
 
 from __future__ import annotations
@@ -38,17 +38,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     path = resolve_checkpoint(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    ]
     net = load(path, device=device, dtype=dtype)
     tok = load_tokenizer(path)
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     if net.cfg.bos_token_id is not None:
         ids = [net.cfg.bos_token_id] + ids
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
-                            stop=tuple(args.stop or ()))
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop or ()),
+    )
     need = -(-(len(ids) + args.max_tokens + args.mtp + 1) // 64)
-    eng = Engine(net, EngineConfig(num_blocks=max(need, 16), block_size=64, mtp_draft_tokens=args.mtp,
-                                   dtype=str(dtype).replace("torch.", ""), device=device))
+    eng = Engine(
+        net,
+        EngineConfig(
+            num_blocks=max(need, 16),
+            block_size=64,
+            mtp_draft_tokens=args.mtp,
+            dtype=str(dtype).replace("torch.", ""),
+            device=device,
+        ),
+    )
     try:
         req = eng.add_request("cli-0", ids, params)
     except RequestError as e:
@@ -65,8 +80,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             if out.finished:
                 delta += decoder.finish()
             if params.stop:
-                full, hit = apply_stop_strings(text + delta, params.stop, max(0, len(text) - max(map(len, params.stop))))
-                delta = full[len(text):]
+                full, hit = apply_stop_strings(
+                    text + delta, params.stop, max(0, len(text) - max(map(len, params.stop)))
+                )
+                delta = full[len(text) :]
                 if hit:
                     eng.abort(req.request_id)
                     req.finish_reason, stopped = "stop", True
@@ -79,20 +96,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     t_first = t_first or t_end
     n_out = len(req.output_ids)
     if args.json:
-        print(json.dumps({
-            "text": text, "token_ids": req.output_ids, "finish_reason": req.finish_reason,
-            "prompt_tokens": len(ids), "completion_tokens": n_out,
-            "draft_tokens": req.draft_tokens, "accepted_draft_tokens": req.accepted_draft_tokens,
-            "timings": {"prefill_seconds": t_first - t0, "decode_seconds": t_end - t_first,
-                        "tokens_per_second": (n_out - 1) / (t_end - t_first) if n_out > 1 and t_end > t_first else None},
-        }))
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "token_ids": req.output_ids,
+                    "finish_reason": req.finish_reason,
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": n_out,
+                    "draft_tokens": req.draft_tokens,
+                    "accepted_draft_tokens": req.accepted_draft_tokens,
+                    "timings": {
+                        "prefill_seconds": t_first - t0,
+                        "decode_seconds": t_end - t_first,
+                        "tokens_per_second": (n_out - 1) / (t_end - t_first) if n_out > 1 and t_end > t_first else None,
+                    },
+                }
+            )
+        )
     else:
         print()
     return 0
 
 
-BENCHMARKS = {"kernels": "splitserve.bench.kernels", "engine": "splitserve.bench.engine", "load": "splitserve.bench.load",
-              "serve": "splitserve.bench.serve", "transfer": "splitserve.kvtransfer.bench"}
+BENCHMARKS = {
+    "kernels": "splitserve.bench.kernels",
+    "engine": "splitserve.bench.engine",
+    "load": "splitserve.bench.load",
+    "serve": "splitserve.bench.serve",
+    "transfer": "splitserve.kvtransfer.bench",
+}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -102,7 +135,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode serving for DeepSeek-V3.2 models")
+    p = argparse.ArgumentParser(
+        prog="splitserve", description="Disaggregated prefill/decode serving for DeepSeek-V3.2 models"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -114,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(func=_cmd_make_checkpoint)
 
     g = sub.add_parser("generate", help="offline generation with the engine (no cluster)")
-    g.add_argument("--model", default="tiny", help="checkpoint directory or preset name (default: tiny, made on first use)")
+    g.add_argument(
+        "--model", default="tiny", help="checkpoint directory or preset name (default: tiny, made on first use)"
+    )
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -127,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=_cmd_generate)
 
-    b = sub.add_parser("bench", help="run a benchmark: kernels | engine | load | serve | transfer "
-                                     "(each prints a table and writes JSON)", add_help=False)
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark: kernels | engine | load | serve | transfer (each prints a table and writes JSON)",
+        add_help=False,
+    )
     b.add_argument("name", choices=sorted(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help lists them)")
     b.set_defaults(func=_cmd_bench)
@@ -141,8 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return args.func(args)
     except KeyboardInterrupt:

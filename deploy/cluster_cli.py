@@ -56,26 +56,42 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from splitserve.deploy.config import DEFAULT_CONFIG_PATH
 
     def run_dir_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
-                       help=f"where running clusters keep their state files and logs (default: {DEFAULT_RUN_DIR})")
+        p.add_argument(
+            "--run-dir",
+            type=Path,
+            default=DEFAULT_RUN_DIR,
+            help=f"where running clusters keep their state files and logs (default: {DEFAULT_RUN_DIR})",
+        )
 
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", help="the cluster's router URL (default: the running cluster's state file)")
-        p.add_argument("--operator-token-file", type=Path, metavar="PATH",
-                       help="file holding the cluster's operator token (default: the one `up` wrote into the "
-                            "run directory)")
+        p.add_argument(
+            "--operator-token-file",
+            type=Path,
+            metavar="PATH",
+            help="file holding the cluster's operator token (default: the one `up` wrote into the run directory)",
+        )
         run_dir_arg(p)
 
     up = sub.add_parser("up", help="start a cluster: workers on Ray + the OpenAI-compatible router")
-    up.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG_PATH),
-                    help="cluster YAML (default: the embedded deploy/local.yaml)")
+    up.add_argument(
+        "config",
+        nargs="?",
+        default=str(DEFAULT_CONFIG_PATH),
+        help="cluster YAML (default: the embedded deploy/local.yaml)",
+    )
     up.add_argument("--detach", action="store_true", help="run in the background; print the URL and log path")
     up.add_argument("--host", help="router listen address (overrides router.host)")
     up.add_argument("--port", type=int, help="router listen port, 0 picks a free one (overrides router.port)")
     up.add_argument("--prefill", type=int, metavar="N", help="prefill workers (overrides prefill.replicas)")
     up.add_argument("--decode", type=int, metavar="M", help="decode workers (overrides decode.replicas)")
-    up.add_argument("--start-timeout", type=float, default=600.0, metavar="S",
-                    help="longest wait, in seconds, for a worker to load the model and serve (default 600)")
+    up.add_argument(
+        "--start-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="longest wait, in seconds, for a worker to load the model and serve (default 600)",
+    )
     run_dir_arg(up)
     up.set_defaults(func=cmd_up)
 
@@ -87,15 +103,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sc = sub.add_parser("scale", help="resize the prefill and/or decode pool of the running cluster")
     sc.add_argument("--prefill", type=int, metavar="N", help="prefill workers wanted")
     sc.add_argument("--decode", type=int, metavar="M", help="decode workers wanted")
-    sc.add_argument("--timeout", type=float, default=900.0, metavar="S",
-                    help="longest wait for the scaling to finish (default 900)")
+    sc.add_argument(
+        "--timeout", type=float, default=900.0, metavar="S", help="longest wait for the scaling to finish (default 900)"
+    )
     sc.add_argument("--json", action="store_true", help="print the resulting status as JSON")
     client_args(sc)
     sc.set_defaults(func=cmd_scale)
 
     dn = sub.add_parser("down", help="stop the running cluster (router, workers, local Ray)")
-    dn.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                    help="longest wait for the cluster to stop before it is killed (default 120)")
+    dn.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="longest wait for the cluster to stop before it is killed (default 120)",
+    )
     client_args(dn)
     dn.set_defaults(func=cmd_down)
 
@@ -107,6 +129,7 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         except CliError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+
     run.__name__ = func.__name__
     run.__doc__ = func.__doc__
     return run
@@ -167,8 +190,10 @@ def _find_cluster(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]
         url = args.url.rstrip("/")
         return url, next((s for s in states if s.get("url", "").rstrip("/") == url), None)
     if not states:
-        raise CliError(f"no running cluster found (no live state file in {args.run_dir}); start one with "
-                       "`splitserve up CONFIG`, or give the router's --url")
+        raise CliError(
+            f"no running cluster found (no live state file in {args.run_dir}); start one with "
+            "`splitserve up CONFIG`, or give the router's --url"
+        )
     if len(states) > 1:
         listing = "\n".join(f"  {s['url']}  (pid {s['pid']}, config {s.get('config')})" for s in states)
         raise CliError(f"several clusters are running; choose one with --url:\n{listing}")
@@ -190,38 +215,47 @@ def write_token(path: Path, token: str) -> None:
         f.write(token + "\n")
 
 
-def read_operator_token(url: str, token_file: str | os.PathLike[str] | None = None,
-                        run_dir: Path = DEFAULT_RUN_DIR) -> str:
+def read_operator_token(
+    url: str, token_file: str | os.PathLike[str] | None = None, run_dir: Path = DEFAULT_RUN_DIR
+) -> str:
     """The operator token of the cluster at `url`: from `token_file`, else from the file its `up` recorded."""
     if token_file is None:
         state = next((s for s in live_states(run_dir) if s.get("url", "").rstrip("/") == url.rstrip("/")), None)
         token_file = (state or {}).get("operator_token_file")
         if not token_file:
-            raise CliError(f"no operator token for {url}: no running `splitserve up` in {run_dir} serves it; give "
-                           "the token's file")
+            raise CliError(
+                f"no operator token for {url}: no running `splitserve up` in {run_dir} serves it; give the token's file"
+            )
     try:
         return Path(token_file).read_text(encoding="utf-8").strip()
     except OSError as e:
-        raise CliError(f"cannot read the operator token {token_file}: {e.strerror or e} (it is readable only by "
-                       "the user who ran `splitserve up`)") from None
+        raise CliError(
+            f"cannot read the operator token {token_file}: {e.strerror or e} (it is readable only by "
+            "the user who ran `splitserve up`)"
+        ) from None
 
 
 def _headers(args: argparse.Namespace, state: dict[str, Any] | None) -> dict[str, str]:
     """The operator's credential for /admin: the token `up` wrote into the run directory."""
     path = args.operator_token_file or ((state or {}).get("operator_token_file"))
     if not path:
-        raise CliError("the admin endpoints need the cluster's operator token: give --operator-token-file "
-                       "(`splitserve up` writes it into its run directory)")
+        raise CliError(
+            "the admin endpoints need the cluster's operator token: give --operator-token-file "
+            "(`splitserve up` writes it into its run directory)"
+        )
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except OSError as e:
-        raise CliError(f"cannot read the operator token {path}: {e.strerror or e} (it is readable only by the "
-                       "user who ran `splitserve up`)") from None
+        raise CliError(
+            f"cannot read the operator token {path}: {e.strerror or e} (it is readable only by the "
+            "user who ran `splitserve up`)"
+        ) from None
     return {"Authorization": f"Bearer {token}"}
 
 
-def _admin(args: argparse.Namespace, method: str, path: str, *, json_body: Any = None,
-           timeout_s: float = _HTTP_TIMEOUT_S) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+def _admin(
+    args: argparse.Namespace, method: str, path: str, *, json_body: Any = None, timeout_s: float = _HTTP_TIMEOUT_S
+) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
     """Call an /admin endpoint: (JSON answer, the cluster's state or None, its URL)."""
     import httpx
 
@@ -233,8 +267,10 @@ def _admin(args: argparse.Namespace, method: str, path: str, *, json_body: Any =
         r = httpx.request(method, f"{url}{path}", json=json_body, headers=headers, timeout=timeout_s)
     except httpx.ConnectError as e:
         if state is not None and _pid_alive(int(state["pid"])):
-            raise CliError(f"the cluster at {url} (pid {state['pid']}) does not answer yet: it may still be "
-                           f"starting its workers ({e})") from None
+            raise CliError(
+                f"the cluster at {url} (pid {state['pid']}) does not answer yet: it may still be "
+                f"starting its workers ({e})"
+            ) from None
         raise CliError(f"no cluster answers at {url}: {e}") from None
     except httpx.HTTPError as e:
         raise CliError(f"{method} {url}{path} failed: {type(e).__name__}: {e}") from None
@@ -243,8 +279,10 @@ def _admin(args: argparse.Namespace, method: str, path: str, *, json_body: Any =
     except ValueError:
         body = {"error": {"message": r.text[:500]}}
     if r.status_code == 401:
-        raise CliError(f"{url} refused the operator token (401): is {args.operator_token_file or 'the state file'} "
-                       "from this cluster's run?")
+        raise CliError(
+            f"{url} refused the operator token (401): is {args.operator_token_file or 'the state file'} "
+            "from this cluster's run?"
+        )
     if r.status_code >= 400:
         msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
         raise CliError(f"{method} {path}: HTTP {r.status_code}: {msg or body}")
@@ -271,9 +309,19 @@ def format_status(status: dict[str, Any]) -> str:
     for w in status.get("workers", []):
         gpus = format_gpus(w.get("gpus") or [], w.get("gpu_share"))
         wb = int(w.get("weight_bytes") or 0)
-        rows.append((str(w["id"]), str(w["role"]), str(w["state"]), str(w.get("pid") or "-"),
-                     str(w.get("node") or "-"), gpus, f"{wb / 2**30:.2f} GiB" if wb else "-",
-                     f"{w.get('blocks_used', 0)}/{w.get('blocks_total', 0)}", str(w.get("requests_done", 0))))
+        rows.append(
+            (
+                str(w["id"]),
+                str(w["role"]),
+                str(w["state"]),
+                str(w.get("pid") or "-"),
+                str(w.get("node") or "-"),
+                gpus,
+                f"{wb / 2**30:.2f} GiB" if wb else "-",
+                f"{w.get('blocks_used', 0)}/{w.get('blocks_total', 0)}",
+                str(w.get("requests_done", 0)),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"router: {status.get('router', {}).get('url') or '-'}"]
     counts: dict[str, int] = {}
@@ -301,8 +349,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
         if n is not None and n < 1:
             raise CliError(f"--{name} must be >= 1, got {n}")
     payload = {k: v for k, v in (("prefill", args.prefill), ("decode", args.decode)) if v is not None}
-    print(f"scaling to {', '.join(f'{k} {v}' for k, v in payload.items())} (draining removed workers first)...",
-          file=sys.stderr)
+    print(
+        f"scaling to {', '.join(f'{k} {v}' for k, v in payload.items())} (draining removed workers first)...",
+        file=sys.stderr,
+    )
     body, _, _ = _admin(args, "POST", "/admin/scale", json_body=payload, timeout_s=args.timeout)
     print(json.dumps(body, indent=2) if args.json else format_status(body))
     return 0
@@ -388,8 +438,10 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e} (another cluster or server there? "
-                       "choose another --port)") from None
+        raise CliError(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (another cluster or server there? "
+            "choose another --port)"
+        ) from None
     return sock
 
 
@@ -438,16 +490,28 @@ def _up_foreground(args: argparse.Namespace) -> int:
     started = False
     try:
         write_token(token_file, cluster.operator_token)
-        write_state(state_file, {
-            "url": url, "pid": os.getpid(), "config": str(Path(args.config).resolve()),
-            "operator_token_file": str(token_file), "namespace": cfg.ray.namespace, "started": time.time(),
-        })
+        write_state(
+            state_file,
+            {
+                "url": url,
+                "pid": os.getpid(),
+                "config": str(Path(args.config).resolve()),
+                "operator_token_file": str(token_file),
+                "namespace": cfg.ray.namespace,
+                "started": time.time(),
+            },
+        )
         first_use = "; the tiny checkpoint is made on first use" if cfg.model.is_tiny else ""
-        pools = (f"{cfg.decode.replicas} co-located workers (decode workers that prefill)"
-                 if cfg.router.mode == "colocated" else
-                 f"{cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode workers")
-        print(f"starting {pools} (model {cfg.model.served_name!r} on {cfg.model.device}{first_use})...",
-              file=sys.stderr, flush=True)
+        pools = (
+            f"{cfg.decode.replicas} co-located workers (decode workers that prefill)"
+            if cfg.router.mode == "colocated"
+            else f"{cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode workers"
+        )
+        print(
+            f"starting {pools} (model {cfg.model.served_name!r} on {cfg.model.device}{first_use})...",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             cluster.start()
         except FileNotFoundError as e:
@@ -456,8 +520,11 @@ def _up_foreground(args: argparse.Namespace) -> int:
             raise CliError(str(e)) from None
         started = True
         assert cluster.app is not None
-        server = uvicorn.Server(uvicorn.Config(cluster.app, log_level="warning", access_log=False, lifespan="on",
-                                               timeout_graceful_shutdown=5))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                cluster.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+            )
+        )
 
         def request_shutdown() -> None:
             server.should_exit = True
@@ -465,8 +532,11 @@ def _up_foreground(args: argparse.Namespace) -> int:
         cluster.on_shutdown_request = request_shutdown
         signals.aborting = False
         signals.install()  # replaces the handler ray.init installed; uvicorn takes them over while serving
-        print(f"splitserve is serving {cfg.model.served_name!r} at {url}  (OpenAI API: {url}/v1; "
-              "`splitserve status`, `splitserve down`; Ctrl-C stops)", flush=True)
+        print(
+            f"splitserve is serving {cfg.model.served_name!r} at {url}  (OpenAI API: {url}/v1; "
+            "`splitserve status`, `splitserve down`; Ctrl-C stops)",
+            flush=True,
+        )
         server.run(sockets=[sock])
         return 0
     except KeyboardInterrupt:
@@ -503,14 +573,24 @@ def _up_detached(args: argparse.Namespace) -> int:
     _load(args)  # a bad config fails here, in the foreground
     args.run_dir.mkdir(parents=True, exist_ok=True)
     log_path = args.run_dir / f"up-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    cmd = [sys.executable, "-m", "splitserve.deploy.cli", "up", str(Path(args.config).resolve()),
-           "--run-dir", str(args.run_dir), "--start-timeout", str(args.start_timeout)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "splitserve.deploy.cli",
+        "up",
+        str(Path(args.config).resolve()),
+        "--run-dir",
+        str(args.run_dir),
+        "--start-timeout",
+        str(args.start_timeout),
+    ]
     for flag in ("host", "port", "prefill", "decode"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag}", str(getattr(args, flag))]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True
+        )
     print(f"starting the cluster in the background (pid {proc.pid}); log: {log_path}", flush=True)
     t0 = time.monotonic()
     deadline = t0 + args.start_timeout + 120.0
@@ -519,8 +599,9 @@ def _up_detached(args: argparse.Namespace) -> int:
     while True:
         code = proc.poll()
         if code is not None:
-            raise CliError(f"the cluster exited while starting (exit status {code}); last lines of {log_path}:\n"
-                           f"{_tail(log_path)}")
+            raise CliError(
+                f"the cluster exited while starting (exit status {code}); last lines of {log_path}:\n{_tail(log_path)}"
+            )
         if url is None:
             url = next((s["url"] for s in live_states(args.run_dir) if int(s["pid"]) == proc.pid), None)
         if url is not None:
@@ -531,8 +612,10 @@ def _up_detached(args: argparse.Namespace) -> int:
                 pass
         now = time.monotonic()
         if now >= deadline:
-            print(f"the cluster did not become healthy within {now - t0:.0f} s; stopping it (pid {proc.pid})",
-                  file=sys.stderr)
+            print(
+                f"the cluster did not become healthy within {now - t0:.0f} s; stopping it (pid {proc.pid})",
+                file=sys.stderr,
+            )
             proc.terminate()
             try:
                 proc.wait(60)
@@ -547,4 +630,3 @@ def _up_detached(args: argparse.Namespace) -> int:
         time.sleep(0.5)
     print(f"splitserve is serving at {url}  (pid {proc.pid}; log: {log_path}; stop with `splitserve down`)")
     return 0
-

@@ -351,9 +351,7 @@ class PoolConfig(BaseModel):
     def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
         bad = sorted(k for k in value if k in _RAY_RESERVED_RESOURCES or not k)
         if bad:
-            raise ValueError(
-                f"{', '.join(repr(k) for k in bad)}: empty or reserved by Ray (GPUs are gpus_per_worker)"
-            )
+            raise ValueError(f"{', '.join(repr(k) for k in bad)}: empty or reserved by Ray (GPUs are gpus_per_worker)")
         return value
 
     @model_validator(mode="after")
@@ -361,8 +359,12 @@ class PoolConfig(BaseModel):
         problems = self._pool_problems()
         if self.num_blocks is not None and self.cache_memory_fraction is not None:
             problems.append(
-                (("cache_memory_fraction",), self.cache_memory_fraction, "num_blocks is also set",
-                 "at most one of num_blocks and cache_memory_fraction")
+                (
+                    ("cache_memory_fraction",),
+                    self.cache_memory_fraction,
+                    "num_blocks is also set",
+                    "at most one of num_blocks and cache_memory_fraction",
+                )
             )
         if problems:
             raise _CrossFieldError(problems)
@@ -389,8 +391,12 @@ class PrefillPoolConfig(PoolConfig):
     def _pool_problems(self) -> list[tuple[tuple[str, ...], Any, str, str]]:
         if self.chunk_size > self.max_batch_tokens:
             return [
-                (("chunk_size",), self.chunk_size, f"larger than max_batch_tokens ({self.max_batch_tokens})",
-                 "an integer in [1, max_batch_tokens]")
+                (
+                    ("chunk_size",),
+                    self.chunk_size,
+                    f"larger than max_batch_tokens ({self.max_batch_tokens})",
+                    "an integer in [1, max_batch_tokens]",
+                )
             ]
         return []
 
@@ -410,13 +416,21 @@ class DecodePoolConfig(PoolConfig):
         need = 1 + self.mtp_draft_tokens
         if self.max_batch_tokens < need:
             problems.append(
-                (("max_batch_tokens",), self.max_batch_tokens,
-                 f"one request needs 1 + mtp_draft_tokens = {need} tokens per step", f"an integer >= {need}")
+                (
+                    ("max_batch_tokens",),
+                    self.max_batch_tokens,
+                    f"one request needs 1 + mtp_draft_tokens = {need} tokens per step",
+                    f"an integer >= {need}",
+                )
             )
         if self.chunk_size is not None and self.chunk_size > self.max_batch_tokens:
             problems.append(
-                (("chunk_size",), self.chunk_size, f"larger than max_batch_tokens ({self.max_batch_tokens})",
-                 "null or an integer in [1, max_batch_tokens]")
+                (
+                    ("chunk_size",),
+                    self.chunk_size,
+                    f"larger than max_batch_tokens ({self.max_batch_tokens})",
+                    "null or an integer in [1, max_batch_tokens]",
+                )
             )
         return problems
 
@@ -485,8 +499,14 @@ class RayConfig(BaseModel):
     def _local_only(self) -> RayConfig:
         if self.num_cpus is not None and self.address is not None:
             raise _CrossFieldError(
-                [(("num_cpus",), self.num_cpus, "only applies to a local cluster, but ray.address is set",
-                  "null when ray.address is set")]
+                [
+                    (
+                        ("num_cpus",),
+                        self.num_cpus,
+                        "only applies to a local cluster, but ray.address is set",
+                        "null when ray.address is set",
+                    )
+                ]
             )
         return self
 
@@ -526,11 +546,28 @@ class SecurityConfig(BaseModel):
         given = [n for n in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca") if getattr(self, n) is not None]
         if given and len(given) != 3:
             missing = [n for n in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_ca") if n not in given]
-            raise _CrossFieldError([((n,), None, f"{', '.join(given)} set", "a PEM file path when "
-                                     "any of grpc_tls_cert, grpc_tls_key, grpc_tls_ca is set") for n in missing])
+            raise _CrossFieldError(
+                [
+                    (
+                        (n,),
+                        None,
+                        f"{', '.join(given)} set",
+                        "a PEM file path when any of grpc_tls_cert, grpc_tls_key, grpc_tls_ca is set",
+                    )
+                    for n in missing
+                ]
+            )
         if self.grpc_tls_server_name is not None and not given:
-            raise _CrossFieldError([(("grpc_tls_server_name",), self.grpc_tls_server_name, "no TLS files are set",
-                                     "null unless grpc_tls_cert, grpc_tls_key and grpc_tls_ca are set")])
+            raise _CrossFieldError(
+                [
+                    (
+                        ("grpc_tls_server_name",),
+                        self.grpc_tls_server_name,
+                        "no TLS files are set",
+                        "null unless grpc_tls_cert, grpc_tls_key and grpc_tls_ca are set",
+                    )
+                ]
+            )
         return self
 
     @property
@@ -562,8 +599,11 @@ class ClusterConfig(BaseModel):
             if section in data and data[section] is None:
                 data[section] = {}
         router = data.get("router", {})
-        mode = router.mode if isinstance(router, RouterConfig) else (
-            router.get("mode") if isinstance(router, Mapping) else None)
+        mode = (
+            router.mode
+            if isinstance(router, RouterConfig)
+            else (router.get("mode") if isinstance(router, Mapping) else None)
+        )
         prefill = data.get("prefill", {})
         if mode == "colocated" and isinstance(prefill, Mapping) and "replicas" not in prefill:
             data["prefill"] = {**prefill, "replicas": 0}  # no prefill pool unless the file asks (an error)
@@ -599,48 +639,91 @@ class ClusterConfig(BaseModel):
         device = self.model.device
         colocated = self.router.mode == "colocated"
         if colocated and self.prefill.replicas != 0:
-            problems.append((("prefill", "replicas"), self.prefill.replicas,
-                             "router.mode is 'colocated': decode workers prefill their own requests",
-                             "0 (or leave it out) when router.mode is 'colocated'"))
+            problems.append(
+                (
+                    ("prefill", "replicas"),
+                    self.prefill.replicas,
+                    "router.mode is 'colocated': decode workers prefill their own requests",
+                    "0 (or leave it out) when router.mode is 'colocated'",
+                )
+            )
         if not colocated and self.prefill.replicas == 0:
-            problems.append((("prefill", "replicas"), 0,
-                             "router.mode is 'disaggregated', which needs prefill workers",
-                             "an integer >= 1, or set router.mode: colocated to run without a prefill pool"))
+            problems.append(
+                (
+                    ("prefill", "replicas"),
+                    0,
+                    "router.mode is 'disaggregated', which needs prefill workers",
+                    "an integer >= 1, or set router.mode: colocated to run without a prefill pool",
+                )
+            )
         for name in ("prefill", "decode"):
             if colocated and name == "prefill":
                 continue  # no prefill pool: its settings are unused
             pool: PoolConfig = getattr(self, name)
             if device == "cpu" and pool.gpus_per_worker != 0:
-                problems.append(((name, "gpus_per_worker"), pool.gpus_per_worker,
-                                 "model.device is 'cpu'", "0 when model.device is 'cpu'"))
+                problems.append(
+                    (
+                        (name, "gpus_per_worker"),
+                        pool.gpus_per_worker,
+                        "model.device is 'cpu'",
+                        "0 when model.device is 'cpu'",
+                    )
+                )
             if device == "cuda" and pool.gpus_per_worker == 0:
-                problems.append(((name, "gpus_per_worker"), pool.gpus_per_worker,
-                                 "model.device is 'cuda'", "a number > 0 when model.device is 'cuda'"))
+                problems.append(
+                    (
+                        (name, "gpus_per_worker"),
+                        pool.gpus_per_worker,
+                        "model.device is 'cuda'",
+                        "a number > 0 when model.device is 'cuda'",
+                    )
+                )
             if device == "cpu" and pool.cache_memory_fraction is not None:
-                problems.append(((name, "cache_memory_fraction"), pool.cache_memory_fraction,
-                                 f"only sizes a GPU cache; on cpu set {name}.num_blocks",
-                                 "null when model.device is 'cpu'"))
+                problems.append(
+                    (
+                        (name, "cache_memory_fraction"),
+                        pool.cache_memory_fraction,
+                        f"only sizes a GPU cache; on cpu set {name}.num_blocks",
+                        "null when model.device is 'cpu'",
+                    )
+                )
             if device == "cuda" and 0 < pool.gpus_per_worker < 1 and pool.cache_memory_fraction is not None:
-                problems.append(((name, "cache_memory_fraction"), pool.cache_memory_fraction,
-                                 f"{name}.gpus_per_worker {pool.gpus_per_worker} shares a GPU, so a fraction of its "
-                                 f"free memory would be claimed twice; set {name}.num_blocks",
-                                 "null when gpus_per_worker < 1"))
+                problems.append(
+                    (
+                        (name, "cache_memory_fraction"),
+                        pool.cache_memory_fraction,
+                        f"{name}.gpus_per_worker {pool.gpus_per_worker} shares a GPU, so a fraction of its "
+                        f"free memory would be claimed twice; set {name}.num_blocks",
+                        "null when gpus_per_worker < 1",
+                    )
+                )
             if pool.num_blocks is None and pool.cache_memory_fraction is None:
-                problems.append(((name, "num_blocks"), None, "no cache size",
-                                 "num_blocks or cache_memory_fraction must be set"))
+                problems.append(
+                    ((name, "num_blocks"), None, "no cache size", "num_blocks or cache_memory_fraction must be set")
+                )
             if (
                 self.model.max_model_len is not None
                 and pool.cache_tokens is not None
                 and pool.cache_tokens < self.model.max_model_len
             ):
-                problems.append(((name, "num_blocks"), pool.num_blocks,
-                                 f"holds {pool.cache_tokens} tokens (num_blocks x block_size), fewer than "
-                                 f"model.max_model_len = {self.model.max_model_len}",
-                                 f"an integer >= {-(-self.model.max_model_len // pool.block_size)}"))
+                problems.append(
+                    (
+                        (name, "num_blocks"),
+                        pool.num_blocks,
+                        f"holds {pool.cache_tokens} tokens (num_blocks x block_size), fewer than "
+                        f"model.max_model_len = {self.model.max_model_len}",
+                        f"an integer >= {-(-self.model.max_model_len // pool.block_size)}",
+                    )
+                )
         if not colocated and self.prefill.block_size != self.decode.block_size:
-            problems.append((("decode", "block_size"), self.decode.block_size,
-                             f"differs from prefill.block_size ({self.prefill.block_size}); "
-                             "blocks are copied one-to-one", f"{self.prefill.block_size} (= prefill.block_size)"))
+            problems.append(
+                (
+                    ("decode", "block_size"),
+                    self.decode.block_size,
+                    f"differs from prefill.block_size ({self.prefill.block_size}); blocks are copied one-to-one",
+                    f"{self.prefill.block_size} (= prefill.block_size)",
+                )
+            )
         if problems:
             raise _CrossFieldError(problems)
         return self
@@ -672,8 +755,11 @@ def parse_config(
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(
-            [ConfigProblem("", f"the top level must be a mapping of sections ({', '.join(_SECTIONS)}); "
-                               f"got {_type_name(data)}")],
+            [
+                ConfigProblem(
+                    "", f"the top level must be a mapping of sections ({', '.join(_SECTIONS)}); got {_type_name(data)}"
+                )
+            ],
             source,
         )
     context = {"base_dir": None if base_dir is None else str(base_dir)}
@@ -760,8 +846,10 @@ def _construct_mapping_no_duplicates(loader: _Loader, node: yaml.MappingNode) ->
             continue  # unhashable key: construct_mapping reports it
         if first is not None:
             raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                f"found duplicate key {key!r} (first at line {first})", key_node.start_mark,
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r} (first at line {first})",
+                key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=True)
@@ -805,9 +893,23 @@ def _collect_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str
 # --------------------------------------------------------------------------------------------
 
 _TYPE_ERRORS = {
-    "int_type", "float_type", "bool_type", "string_type", "dict_type", "model_type", "model_attributes_type",
-    "list_type", "literal_error", "none_required", "invalid_key", "int_parsing", "float_parsing",
-    "bool_parsing", "finite_number", "int_from_float", "is_instance_of",
+    "int_type",
+    "float_type",
+    "bool_type",
+    "string_type",
+    "dict_type",
+    "model_type",
+    "model_attributes_type",
+    "list_type",
+    "literal_error",
+    "none_required",
+    "invalid_key",
+    "int_parsing",
+    "float_parsing",
+    "bool_parsing",
+    "finite_number",
+    "int_from_float",
+    "is_instance_of",
 }
 
 
@@ -861,8 +963,16 @@ def _message(err: Mapping[str, Any], loc: tuple[Any, ...]) -> str:
             reason = "not a finite number"
     elif kind in ("value_error", "assertion_error"):
         reason = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "string_too_short",
-                  "string_pattern_mismatch", "too_short", "too_long"):
+    elif kind in (
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "string_too_short",
+        "string_pattern_mismatch",
+        "too_short",
+        "too_long",
+    ):
         reason = ""  # the allowed range says it
     else:
         reason = err["msg"]
@@ -909,8 +1019,13 @@ def _fmt_value(loc: tuple[Any, ...], value: Any) -> str:
 
 def _type_name(value: Any) -> str:
     names = {
-        bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-        dict: "a mapping", type(None): "null",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
     }
     for t, name in names.items():
         if type(value) is t:

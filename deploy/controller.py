@@ -204,11 +204,17 @@ class Controller:
         except BaseException:
             self.shutdown()
             raise
-        logger.info("cluster up in %.1f s: %d prefill + %d decode workers", time.monotonic() - t0,
-                    self._targets["prefill"], self._targets["decode"])
+        logger.info(
+            "cluster up in %.1f s: %d prefill + %d decode workers",
+            time.monotonic() - t0,
+            self._targets["prefill"],
+            self._targets["decode"],
+        )
         # Health checks go on while replacements load their model (minutes for a large checkpoint).
-        self._threads = [threading.Thread(target=self._monitor_loop, name="splitserve-monitor", daemon=True),
-                         threading.Thread(target=self._replacer_loop, name="splitserve-replacer", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._monitor_loop, name="splitserve-monitor", daemon=True),
+            threading.Thread(target=self._replacer_loop, name="splitserve-replacer", daemon=True),
+        ]
         for t in self._threads:
             t.start()
 
@@ -230,8 +236,10 @@ class Controller:
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"{role} must be an integer >= 1, got {n!r}")
         if prefill is not None and self.cfg.router.mode == "colocated":
-            raise ValueError("router.mode is 'colocated': the cluster has no prefill pool to scale "
-                             "(its decode workers prefill; scale decode instead)")
+            raise ValueError(
+                "router.mode is 'colocated': the cluster has no prefill pool to scale "
+                "(its decode workers prefill; scale decode instead)"
+            )
         with self._ops_lock:
             self._check_running()
             with self._lock:
@@ -250,7 +258,7 @@ class Controller:
                 active = self._active(role)
                 if len(active) > targets[role]:
                     order = sorted(active, key=lambda w: w.index)  # the newest go first
-                    victims += order[targets[role]:]
+                    victims += order[targets[role] :]
             new, launch_error = self._launch_many(more)
             failed: dict[str, str] = {}
             if new:
@@ -290,21 +298,24 @@ class Controller:
             d = self.directory.get(w.worker_id)
             load: dict[str, Any] = fresh.get(w.worker_id) or (
                 {"blocks_used": d.blocks_used, "blocks_total": d.blocks_total, "requests_done": d.requests_done}
-                if d is not None else {}
+                if d is not None
+                else {}
             )
-            entries.append({
-                "id": w.worker_id,
-                "role": w.role,
-                "state": d.state if d is not None and w.state == "serving" else w.state,
-                "pid": w.info.get("pid"),
-                "node": w.info.get("node_ip") or w.info.get("node"),
-                "gpus": list(w.info.get("gpus", [])),
-                "gpu_share": float(pool_config(self.cfg, w.role).gpus_per_worker or 0),
-                "blocks_used": int(load.get("blocks_used", 0)),
-                "blocks_total": int(load.get("blocks_total", w.info.get("blocks_total", 0))),
-                "requests_done": int(load.get("requests_done", 0)),
-                "weight_bytes": int(load.get("weight_bytes", 0)),
-            })
+            entries.append(
+                {
+                    "id": w.worker_id,
+                    "role": w.role,
+                    "state": d.state if d is not None and w.state == "serving" else w.state,
+                    "pid": w.info.get("pid"),
+                    "node": w.info.get("node_ip") or w.info.get("node"),
+                    "gpus": list(w.info.get("gpus", [])),
+                    "gpu_share": float(pool_config(self.cfg, w.role).gpus_per_worker or 0),
+                    "blocks_used": int(load.get("blocks_used", 0)),
+                    "blocks_total": int(load.get("blocks_total", w.info.get("blocks_total", 0))),
+                    "requests_done": int(load.get("requests_done", 0)),
+                    "weight_bytes": int(load.get("weight_bytes", 0)),
+                }
+            )
         return {"router": {"url": self.router_url}, "workers": entries}
 
     def worker_info(self, wid: str) -> dict[str, Any]:
@@ -347,8 +358,9 @@ class Controller:
                 # also after an interrupted ray.init(): it kills whatever that init had started
                 ray.shutdown(wait_for_processes=True)
                 _reap(local, timeout_s=10.0)
-                logger.info("Ray disconnected%s", " and the local Ray cluster stopped" if
-                            self.cfg.ray.address is None else "")
+                logger.info(
+                    "Ray disconnected%s", " and the local Ray cluster stopped" if self.cfg.ray.address is None else ""
+                )
             self._owns_ray = False
         finally:
             if got:
@@ -384,8 +396,10 @@ class Controller:
         if ray.is_initialized():
             current = ray.get_runtime_context().namespace
             if current != ns:
-                raise ControllerError(f"this process is already connected to Ray in namespace {current!r}, "
-                                      f"but the config's ray.namespace is {ns!r}")
+                raise ControllerError(
+                    f"this process is already connected to Ray in namespace {current!r}, "
+                    f"but the config's ray.namespace is {ns!r}"
+                )
             logger.info("using this process's existing Ray connection (namespace %s)", ns)
             return
         common: dict[str, Any] = {"namespace": ns, "logging_level": logging.WARNING}
@@ -396,8 +410,13 @@ class Controller:
                 n = self.local_num_cpus()
                 logger.info("starting a local Ray cluster (%d CPUs, namespace %s)", n, ns)
                 # address="local": a new cluster, even where RAY_ADDRESS or a `ray start` cluster exists
-                ray.init(address="local", num_cpus=n, include_dashboard=False, object_store_memory=self.object_store_bytes,
-                         **common)
+                ray.init(
+                    address="local",
+                    num_cpus=n,
+                    include_dashboard=False,
+                    object_store_memory=self.object_store_bytes,
+                    **common,
+                )
             else:
                 logger.info("joining the Ray cluster at %s (namespace %s)", address, ns)
                 ray.init(address=address, **common)
@@ -405,8 +424,10 @@ class Controller:
             where = "start a local Ray cluster" if address is None else f"join the Ray cluster at {address!r}"
             hint = ""
             if address is not None:
-                hint = (" (is it running? `ray start --head` on the head node; a cluster with token "
-                        "authentication needs RAY_AUTH_MODE=token and its token here)")
+                hint = (
+                    " (is it running? `ray start --head` on the head node; a cluster with token "
+                    "authentication needs RAY_AUTH_MODE=token and its token here)"
+                )
             raise ControllerError(f"cannot {where}: {type(e).__name__}: {e}{hint}") from e
 
     def _check_feasible(self, role: Role) -> None:
@@ -415,12 +436,18 @@ class Controller:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in demand.items()) for n in nodes):
             return
-        have = "; ".join(
-            f"{n.get('NodeManagerAddress', '?')}: "
-            + ", ".join(f"{k}={v:g}" for k, v in sorted(n.get("Resources", {}).items())
-                        if not k.startswith("node:") and k not in ("memory", "object_store_memory"))
-            for n in nodes
-        ) or "no alive nodes"
+        have = (
+            "; ".join(
+                f"{n.get('NodeManagerAddress', '?')}: "
+                + ", ".join(
+                    f"{k}={v:g}"
+                    for k, v in sorted(n.get("Resources", {}).items())
+                    if not k.startswith("node:") and k not in ("memory", "object_store_memory")
+                )
+                for n in nodes
+            )
+            or "no alive nodes"
+        )
         raise ControllerError(
             f"no node of the Ray cluster can host a {role} worker: each needs "
             f"{', '.join(f'{k}={v:g}' for k, v in demand.items())} (from {role}.gpus_per_worker and "
@@ -456,8 +483,15 @@ class Controller:
         for node in free.values():
             for k, v in node.items():
                 free_sum[k] = free_sum.get(k, 0.0) + v
-        missing = sorted({k for role, _ in unplaced for k in resource_demand(self.cfg, role)
-                          if free_sum.get(k, 0.0) < total[k] - 1e-9} or set(total))
+        missing = sorted(
+            {
+                k
+                for role, _ in unplaced
+                for k in resource_demand(self.cfg, role)
+                if free_sum.get(k, 0.0) < total[k] - 1e-9
+            }
+            or set(total)
+        )
         fixes: list[str] = []
         for role in short:
             pool_demand = resource_demand(self.cfg, role)
@@ -465,35 +499,52 @@ class Controller:
                 fixes.append(f"a smaller {role}.cpus_per_worker (now {pool_demand['CPU']:g})")
             if "GPU" in missing and "GPU" in pool_demand:
                 fixes.append(f"a smaller {role}.gpus_per_worker (now {pool_demand['GPU']:g})")
-            fixes += [f"nodes with more '{k}' ({role}.resources)" for k in missing if k in pool_config(self.cfg, role).resources]
+            fixes += [
+                f"nodes with more '{k}' ({role}.resources)"
+                for k in missing
+                if k in pool_config(self.cfg, role).resources
+            ]
         if "CPU" in missing:
-            fixes.append("a larger ray.num_cpus (the local Ray cluster's logical CPUs; it is restarted by "
-                         "`splitserve down` + `up`)" if self.cfg.ray.starts_local_cluster else
-                         "more CPUs in the Ray cluster")
+            fixes.append(
+                "a larger ray.num_cpus (the local Ray cluster's logical CPUs; it is restarted by "
+                "`splitserve down` + `up`)"
+                if self.cfg.ray.starts_local_cluster
+                else "more CPUs in the Ray cluster"
+            )
         if "GPU" in missing:
             fixes.append("more GPUs in the Ray cluster")
         want = " + ".join(f"{n} more {role} worker{'s' if n != 1 else ''}" for role, n in more.items() if n)
-        each = "; ".join(f"a {role} worker needs {_fmt_res(resource_demand(self.cfg, role))}" for role in more
-                         if more[role])
+        each = "; ".join(
+            f"a {role} worker needs {_fmt_res(resource_demand(self.cfg, role))}" for role in more if more[role]
+        )
         sizes = "" if targets is None else f" (to {targets['prefill']} prefill + {targets['decode']} decode)"
         raise PlacementError(
             f"cannot place {want}{sizes}: not enough {', '.join(missing)} free in the Ray cluster; {each}; "
             f"they need {_fmt_res({k: total[k] for k in missing})} in all, free now: "
             f"{_fmt_res({k: free_sum.get(k, 0.0) for k in missing})}. Fix: {'; or '.join(dict.fromkeys(fixes))}. "
-            f"Nothing was changed.")
+            f"Nothing was changed."
+        )
 
     def _launch(self, role: Role) -> _Worker:
         with self._lock:
             index = self._next_index[role]
             self._next_index[role] += 1
         wid = worker_id(role, index)
-        spec = spec_for(self.cfg, role, index, model_path=self.model_path, cluster_secret=self.cluster_secret,
-                        grpc_tls=self.grpc_tls)
+        spec = spec_for(
+            self.cfg,
+            role,
+            index,
+            model_path=self.model_path,
+            cluster_secret=self.cluster_secret,
+            grpc_tls=self.grpc_tls,
+        )
         try:
             actor = RemoteWorkerActor.options(**actor_options(self.cfg, role, wid)).remote(spec)
         except ValueError as e:  # e.g. the actor name is taken in this namespace
-            raise ControllerError(f"cannot create worker {wid}: {e} (another splitserve cluster in Ray "
-                                  f"namespace {self.cfg.ray.namespace!r}? give it another ray.namespace)") from e
+            raise ControllerError(
+                f"cannot create worker {wid}: {e} (another splitserve cluster in Ray "
+                f"namespace {self.cfg.ray.namespace!r}? give it another ray.namespace)"
+            ) from e
         w = _Worker(wid, role, index, actor)
         with self._lock:
             self._workers[wid] = w
@@ -528,13 +579,18 @@ class Controller:
                 break
             if now >= deadline:
                 for r in pending:
-                    failed[refs[r].worker_id] = (f"not serving after {self.start_timeout_s:.0f} s"
-                                                 f"{self._placement_hint(refs[r])}")
+                    failed[refs[r].worker_id] = (
+                        f"not serving after {self.start_timeout_s:.0f} s{self._placement_hint(refs[r])}"
+                    )
                 break
             if now >= next_progress:
-                logger.info("waiting for %d worker(s) to load the model and serve (%.0f s of at most %.0f): %s",
-                            len(pending), now - t0, self.start_timeout_s,
-                            ", ".join(f"{refs[r].worker_id}{self._placement_hint(refs[r])}" for r in pending))
+                logger.info(
+                    "waiting for %d worker(s) to load the model and serve (%.0f s of at most %.0f): %s",
+                    len(pending),
+                    now - t0,
+                    self.start_timeout_s,
+                    ", ".join(f"{refs[r].worker_id}{self._placement_hint(refs[r])}" for r in pending),
+                )
                 next_progress = now + 10.0
             done, pending = ray.wait(pending, num_returns=1, timeout=min(0.5, deadline - now))
             for r in done:
@@ -565,28 +621,37 @@ class Controller:
             return ""
         free = {k: avail.get(k, 0.0) for k in demand}
         if pid == 0 or any(free[k] < v for k, v in demand.items()):
-            return (f" (waiting for Ray to place it: it needs "
-                    f"{', '.join(f'{k}={v:g}' for k, v in demand.items())}; free now: "
-                    f"{', '.join(f'{k}={v:g}' for k, v in free.items())})")
+            return (
+                f" (waiting for Ray to place it: it needs "
+                f"{', '.join(f'{k}={v:g}' for k, v in demand.items())}; free now: "
+                f"{', '.join(f'{k}={v:g}' for k, v in free.items())})"
+            )
         return ""
 
     def _admit(self, w: _Worker) -> None:
         info = w.info
         with self._lock:
             w.state = "serving"
-        self.directory.add(WorkerInfo(
-            worker_id=w.worker_id,
-            role=w.role,
-            address=str(info["address"]),
-            pid=int(info.get("pid") or 0),
-            node=str(info.get("node_ip") or info.get("node") or ""),
-            gpus=tuple(int(g) for g in info.get("gpus", ())),
-            state="serving",
-            transfer_metadata=bytes(info.get("transfer_metadata") or b""),
-            blocks_total=int(info.get("blocks_total") or 0),
-        ))
-        logger.info("worker %s serving at %s (pid %s, node %s)", w.worker_id, info["address"], info.get("pid"),
-                    info.get("node_ip") or info.get("node"))
+        self.directory.add(
+            WorkerInfo(
+                worker_id=w.worker_id,
+                role=w.role,
+                address=str(info["address"]),
+                pid=int(info.get("pid") or 0),
+                node=str(info.get("node_ip") or info.get("node") or ""),
+                gpus=tuple(int(g) for g in info.get("gpus", ())),
+                state="serving",
+                transfer_metadata=bytes(info.get("transfer_metadata") or b""),
+                blocks_total=int(info.get("blocks_total") or 0),
+            )
+        )
+        logger.info(
+            "worker %s serving at %s (pid %s, node %s)",
+            w.worker_id,
+            info["address"],
+            info.get("pid"),
+            info.get("node_ip") or info.get("node"),
+        )
 
     # ------------------------------------------------------------------------------------------
     # Stopping
@@ -628,9 +693,13 @@ class Controller:
                 time.sleep(0.2)
         for wid in busy:
             s = last.get(wid, {})
-            logger.warning("worker %s still has %s running / %s waiting requests after %.0f s of draining; "
-                           "stopping it anyway", wid, s.get("running", "?"), s.get("waiting", "?"),
-                           self.drain_timeout_s)
+            logger.warning(
+                "worker %s still has %s running / %s waiting requests after %.0f s of draining; stopping it anyway",
+                wid,
+                s.get("running", "?"),
+                s.get("waiting", "?"),
+                self.drain_timeout_s,
+            )
         self._stop_workers(victims, grace_s=self.stop_grace_s)
 
     def _stop_workers(self, workers: list[_Worker], grace_s: float) -> None:
@@ -711,8 +780,11 @@ class Controller:
                 self._mark_dead(w, "its engine loop stopped")
                 continue
             w.missed_pings = 0
-            load = {k: int(p[k]) for k in ("blocks_used", "blocks_total", "running", "waiting", "requests_done",
-                                           "queued_prefill_tokens") if k in p}
+            load = {
+                k: int(p[k])
+                for k in ("blocks_used", "blocks_total", "running", "waiting", "requests_done", "queued_prefill_tokens")
+                if k in p
+            }
             self.directory.update(w.worker_id, last_seen=time.monotonic(), **load)
         for r in pending:
             self._missed(refs[r], f"no answer to a ping within {self.ping_timeout_s:g} s")
@@ -729,8 +801,13 @@ class Controller:
                 return
             w.state = "dead"
         self.directory.update(w.worker_id, state="dead")
-        logger.error("worker %s (pid %s, node %s) is dead: %s", w.worker_id, w.info.get("pid"),
-                     w.info.get("node_ip") or w.info.get("node"), why)
+        logger.error(
+            "worker %s (pid %s, node %s) is dead: %s",
+            w.worker_id,
+            w.info.get("pid"),
+            w.info.get("node_ip") or w.info.get("node"),
+            why,
+        )
         self.replaced.append((w.worker_id, why))
         self._kill([w])
 
@@ -746,8 +823,13 @@ class Controller:
                 fails, retry_at = self._replace_backoff.get(role, (0, 0.0))
                 if missing <= 0 or now < retry_at:
                     continue
-                logger.info("%s pool has %d of %d workers; starting %d", role, self._targets[role] - missing,
-                            self._targets[role], missing)
+                logger.info(
+                    "%s pool has %d of %d workers; starting %d",
+                    role,
+                    self._targets[role] - missing,
+                    self._targets[role],
+                    missing,
+                )
                 more[role] = missing
             new, launch_error = self._launch_many(more)
             failed: dict[str, str] = {}
@@ -759,10 +841,11 @@ class Controller:
             for role in more:
                 if role in failed_roles:
                     fails = self._replace_backoff.get(role, (0, 0.0))[0] + 1
-                    delay = min(60.0, 2.0 ** fails)
+                    delay = min(60.0, 2.0**fails)
                     self._replace_backoff[role] = (fails, time.monotonic() + delay)
-                    logger.error("could not replace a %s worker (%d failures in a row); retrying in %.0f s",
-                                 role, fails, delay)
+                    logger.error(
+                        "could not replace a %s worker (%d failures in a row); retrying in %.0f s", role, fails, delay
+                    )
                 else:
                     self._replace_backoff.pop(role, None)
         finally:
@@ -786,8 +869,9 @@ def _free_resources_per_node() -> dict[str, dict[str, float]] | None:
             return None
 
 
-def _first_fit(wanted: list[tuple[Role, dict[str, float]]],
-               free: dict[str, dict[str, float]]) -> list[tuple[Role, dict[str, float]]]:
+def _first_fit(
+    wanted: list[tuple[Role, dict[str, float]]], free: dict[str, dict[str, float]]
+) -> list[tuple[Role, dict[str, float]]]:
     """The workers that do not fit when placed one by one on the first node with room for each."""
     room = {node: dict(res) for node, res in free.items()}
     unplaced = []
@@ -822,7 +906,7 @@ def _proc_stat(pid: int) -> list[str] | None:
             stat = f.read()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split()
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def _ray_descendants() -> dict[int, str]:

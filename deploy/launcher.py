@@ -92,21 +92,34 @@ def build_router_app(
 
     r = cfg.router
     kind = ColocatedBackend if r.mode == "colocated" else DisaggBackend
-    backend = kind(directory, policy=r.policy, reserve_timeout_s=r.reserve_timeout_s,
-                            first_token_timeout_s=r.first_token_timeout_s,
-                            idle_stream_timeout_s=r.idle_stream_timeout_s,
-                            # a reservation lives until its prefill (and cache transfer) is done
-                            lease_s=r.first_token_timeout_s,
-                            cluster_secret=cluster_secret or (controller.cluster_secret if controller else None),
-                            grpc_tls=controller.grpc_tls if controller is not None else None)
-    app = build_app(backend, model.tokenizer, cfg.model.served_name, api_limits(cfg, model), api_key=api_key,
-                    max_queued=r.max_queued, add_bos=model.config.bos_token_id is not None,
-                    eos_token_id=model.config.eos_token_id, sse_keepalive_s=r.sse_keepalive_s)
+    backend = kind(
+        directory,
+        policy=r.policy,
+        reserve_timeout_s=r.reserve_timeout_s,
+        first_token_timeout_s=r.first_token_timeout_s,
+        idle_stream_timeout_s=r.idle_stream_timeout_s,
+        # a reservation lives until its prefill (and cache transfer) is done
+        lease_s=r.first_token_timeout_s,
+        cluster_secret=cluster_secret or (controller.cluster_secret if controller else None),
+        grpc_tls=controller.grpc_tls if controller is not None else None,
+    )
+    app = build_app(
+        backend,
+        model.tokenizer,
+        cfg.model.served_name,
+        api_limits(cfg, model),
+        api_key=api_key,
+        max_queued=r.max_queued,
+        add_bos=model.config.bos_token_id is not None,
+        eos_token_id=model.config.eos_token_id,
+        sse_keepalive_s=r.sse_keepalive_s,
+    )
     if controller is not None:
         if operator_token is None:
             raise ValueError("/admin needs an operator_token")
-        app.include_router(build_admin_router(controller, operator_token=operator_token,
-                                              request_shutdown=request_shutdown))
+        app.include_router(
+            build_admin_router(controller, operator_token=operator_token, request_shutdown=request_shutdown)
+        )
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -125,16 +138,24 @@ def build_router_app(
 class Cluster:
     """One cluster: its controller (workers on Ray), Directory, model files and router app."""
 
-    def __init__(self, cfg: ClusterConfig, *, router_url: str | None = None, start_timeout_s: float = 600.0,
-                 operator_token: str | None = None, **controller_options: Any) -> None:
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        *,
+        router_url: str | None = None,
+        start_timeout_s: float = 600.0,
+        operator_token: str | None = None,
+        **controller_options: Any,
+    ) -> None:
         """`operator_token` guards /admin (None: a fresh random one, `self.operator_token`);
         `controller_options` go to `Controller` (drain_timeout_s, monitor_interval_s, ...)."""
         self.cfg = cfg
         self.api_key = cfg.router.resolve_api_key()  # a missing key variable fails before anything starts
         self.operator_token = operator_token or secrets.token_urlsafe(32)
         self.directory = Directory()
-        self.controller = Controller(cfg, self.directory, router_url=router_url, start_timeout_s=start_timeout_s,
-                                     **controller_options)
+        self.controller = Controller(
+            cfg, self.directory, router_url=router_url, start_timeout_s=start_timeout_s, **controller_options
+        )
         self.model: ModelFiles | None = None
         self.app: FastAPI | None = None
         self.backend: Any = None
@@ -154,10 +175,15 @@ class Cluster:
         self.controller.model_path = str(self.model.path)
         self.controller.start()
         try:
-            self.app, self.backend = build_router_app(self.cfg, self.directory, self.model,
-                                                      controller=self.controller, api_key=self.api_key,
-                                                      operator_token=self.operator_token,
-                                                      request_shutdown=self._request_shutdown)
+            self.app, self.backend = build_router_app(
+                self.cfg,
+                self.directory,
+                self.model,
+                controller=self.controller,
+                api_key=self.api_key,
+                operator_token=self.operator_token,
+                request_shutdown=self._request_shutdown,
+            )
         except BaseException:
             self.controller.shutdown()
             raise

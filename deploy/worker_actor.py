@@ -50,13 +50,17 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
     checks that both sides agree on it.
     """
     pool = pool_config(cfg, role)
-    sizing = {"num_blocks": pool.num_blocks} if pool.num_blocks is not None else {
-        "cache_memory_fraction": pool.cache_memory_fraction}  # the engine sizes the cache after loading
+    sizing = (
+        {"num_blocks": pool.num_blocks}
+        if pool.num_blocks is not None
+        else {"cache_memory_fraction": pool.cache_memory_fraction}
+    )  # the engine sizes the cache after loading
     staging = 0
     if role == "prefill":
         chunk_size = cfg.prefill.chunk_size
-        staging = staging_blocks_for(pool.max_batch_tokens, cfg.model.max_model_len or 0, pool.block_size,
-                                     pool.num_blocks)
+        staging = staging_blocks_for(
+            pool.max_batch_tokens, cfg.model.max_model_len or 0, pool.block_size, pool.num_blocks
+        )
     else:  # decode computes prompts in colocated mode only (otherwise their cache arrives)
         chunk_size = cfg.decode.effective_chunk_size
     return EngineConfig(
@@ -84,8 +88,15 @@ def staging_blocks_for(max_batch_tokens: int, max_model_len: int, block_size: in
     return min(n, num_blocks) if num_blocks else n
 
 
-def spec_for(cfg: ClusterConfig, role: Role, index: int, *, model_path: str | None = None,
-             cluster_secret: str | None = None, grpc_tls: GrpcTls | None = None) -> WorkerSpec:
+def spec_for(
+    cfg: ClusterConfig,
+    role: Role,
+    index: int,
+    *,
+    model_path: str | None = None,
+    cluster_secret: str | None = None,
+    grpc_tls: GrpcTls | None = None,
+) -> WorkerSpec:
     """The `WorkerSpec` of worker `<role>-<index>`.
 
     `model_path` replaces cfg.model.path (the launcher passes the resolved checkpoint directory so
@@ -187,8 +198,15 @@ class WorkerActor:
         self.node_id, self.node_ip, self.gpus = _ray_placement()
         self.server = _serve(spec)
         self.address = self._advertised(self.server.address)
-        logger.info("worker %s up: pid %d, node %s (%s), gpus %s, gRPC %s", spec.worker_id, os.getpid(),
-                    self.node_ip, self.node_id[:12], list(self.gpus), self.address)
+        logger.info(
+            "worker %s up: pid %d, node %s (%s), gpus %s, gRPC %s",
+            spec.worker_id,
+            os.getpid(),
+            self.node_ip,
+            self.node_id[:12],
+            list(self.gpus),
+            self.address,
+        )
 
     def _advertised(self, address: str) -> str:
         """The gRPC address peers dial: a wildcard bind advertises the node's IP."""

@@ -82,7 +82,7 @@ class BlockManager:
         if self.cached:
             usable[np.fromiter(self.cached, dtype=np.int64, count=len(self.cached))] = True
         for mask in (fm, usable):
-            if after is not None and after + n < self.num_blocks and mask[after + 1: after + 1 + n].all():
+            if after is not None and after + n < self.num_blocks and mask[after + 1 : after + 1 + n].all():
                 return list(range(after + 1, after + 1 + n))
             if n == 1:
                 free = np.flatnonzero(mask)

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.kernels import act_quant
 from splitserve.model.batch import IndexerKeys
 from splitserve.model.config import ModelConfig
-from splitserve.kernels import act_quant
 from splitserve.model.fp8 import FP8_DTYPE
 
 
@@ -49,13 +49,26 @@ class CacheLayout:
     latent_fp8: bool = False
 
     def describe(self) -> dict[str, str]:
-        return {"layout": "block-major/v1", "num_layers": str(self.num_layers), "block_size": str(self.block_size),
-                "latent_dim": str(self.latent_dim), "index_head_dim": str(self.index_head_dim),
-                "dtype": self.dtype, "indexer_fp8": str(self.indexer_fp8), "latent_fp8": str(self.latent_fp8)}
+        return {
+            "layout": "block-major/v1",
+            "num_layers": str(self.num_layers),
+            "block_size": str(self.block_size),
+            "latent_dim": str(self.latent_dim),
+            "index_head_dim": str(self.index_head_dim),
+            "dtype": self.dtype,
+            "indexer_fp8": str(self.indexer_fp8),
+            "latent_fp8": str(self.latent_fp8),
+        }
 
 
-def pool_specs(model_cfg: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype, indexer_fp8: bool,
-               latent_fp8: bool = False) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def pool_specs(
+    model_cfg: ModelConfig,
+    num_layers: int,
+    block_size: int,
+    dtype: torch.dtype,
+    indexer_fp8: bool,
+    latent_fp8: bool = False,
+) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """(shape of one block, dtype) of each pool, in `CachePool.pools()` order: latent, indexer keys and,
     with the FP8 indexer, their scales."""
     kv_lora, rope, d = model_cfg.kv_lora_rank, model_cfg.qk_rope_head_dim, model_cfg.index_head_dim
@@ -71,8 +84,14 @@ def pool_specs(model_cfg: ModelConfig, num_layers: int, block_size: int, dtype: 
     return [latent, ((num_layers, block_size, d), torch.uint8), ((num_layers, block_size), torch.float32)]
 
 
-def block_bytes(model_cfg: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype, indexer_fp8: bool,
-                latent_fp8: bool = False) -> int:
+def block_bytes(
+    model_cfg: ModelConfig,
+    num_layers: int,
+    block_size: int,
+    dtype: torch.dtype,
+    indexer_fp8: bool,
+    latent_fp8: bool = False,
+) -> int:
     """Bytes of one cache block over every pool."""
     specs = pool_specs(model_cfg, num_layers, block_size, dtype, indexer_fp8, latent_fp8)
     return sum(math.prod(shape) * dt.itemsize for shape, dt in specs)
@@ -81,9 +100,18 @@ def block_bytes(model_cfg: ModelConfig, num_layers: int, block_size: int, dtype:
 class CachePool:
     """The cache tensors of one engine. `pools()` lists them in a fixed order for transport."""
 
-    def __init__(self, model_cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str, indexer_fp8: bool, latent_fp8: bool = False,
-                 staging_blocks: int = 0) -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        indexer_fp8: bool,
+        latent_fp8: bool = False,
+        staging_blocks: int = 0,
+    ) -> None:
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
         self.scratch_block = num_blocks
         self.staging = (num_blocks + 1, staging_blocks)  # (first block, count) of the staging area
@@ -96,8 +124,15 @@ class CachePool:
         pools = [torch.zeros(num_blocks + 1 + staging_blocks, *shape, dtype=dt, device=device) for shape, dt in specs]
         self.latent, self.ikeys = pools[0], pools[1]
         self.iscale = pools[2] if indexer_fp8 else None
-        self.layout = CacheLayout(num_layers, block_size, model_cfg.latent_dim, model_cfg.index_head_dim,
-                                  str(dtype).replace("torch.", ""), indexer_fp8, latent_fp8)
+        self.layout = CacheLayout(
+            num_layers,
+            block_size,
+            model_cfg.latent_dim,
+            model_cfg.index_head_dim,
+            str(dtype).replace("torch.", ""),
+            indexer_fp8,
+            latent_fp8,
+        )
 
     def pools(self) -> list[torch.Tensor]:
         return [p for p in (self.latent, self.ikeys, self.iscale) if p is not None]
@@ -109,16 +144,22 @@ class CachePool:
     # ---- per-token access by slot (block id * block_size + offset) -----------------------
     def _pack_fp8(self, latent: torch.Tensor) -> torch.Tensor:
         """[n, kv_lora + rope] -> [n, token_bytes] uint8: e4m3 latent | fp32 scales | bf16 rope."""
-        nope, rope = latent[:, : self.kv_lora], latent[:, self.kv_lora:]
+        nope, rope = latent[:, : self.kv_lora], latent[:, self.kv_lora :]
         q, scale = act_quant(nope, self.fp8_group, ue8m0=False)
-        return torch.cat([q.view(torch.uint8), scale.float().contiguous().view(torch.uint8),
-                          rope.to(torch.bfloat16).contiguous().view(torch.uint8)], dim=-1)
+        return torch.cat(
+            [
+                q.view(torch.uint8),
+                scale.float().contiguous().view(torch.uint8),
+                rope.to(torch.bfloat16).contiguous().view(torch.uint8),
+            ],
+            dim=-1,
+        )
 
     def _unpack_fp8(self, raw: torch.Tensor) -> torch.Tensor:
         n, k, g = raw.shape[0], self.kv_lora, self.kv_lora // self.fp8_group
         q = raw[:, :k].contiguous().view(FP8_DTYPE).float()
-        scale = raw[:, k: k + 4 * g].contiguous().view(torch.float32)
-        rope = raw[:, k + 4 * g:].contiguous().view(torch.bfloat16)
+        scale = raw[:, k : k + 4 * g].contiguous().view(torch.float32)
+        rope = raw[:, k + 4 * g :].contiguous().view(torch.bfloat16)
         nope = (q.view(n, g, self.fp8_group) * scale[:, :, None]).view(n, k)
         return torch.cat([nope.to(self.dtype), rope.to(self.dtype)], dim=-1)
 
@@ -146,16 +187,24 @@ def blocks_for_memory(free_bytes: int, fraction: float, bytes_per_block: int) ->
     """Cache blocks that fit in `fraction` of `free_bytes` (>= 1, else a ValueError that says why)."""
     n = int(free_bytes * fraction) // bytes_per_block
     if n < 1:
-        raise ValueError(f"{fraction:.0%} of the {free_bytes / 2**30:.2f} GiB free holds no cache block of "
-                         f"{bytes_per_block / 2**20:.1f} MiB: free memory, or set num_blocks")
+        raise ValueError(
+            f"{fraction:.0%} of the {free_bytes / 2**30:.2f} GiB free holds no cache block of "
+            f"{bytes_per_block / 2**20:.1f} MiB: free memory, or set num_blocks"
+        )
     return n
 
 
 class PagedStore:
     """`KVStore` over the pool for one forward pass: sequence i of the batch uses block_tables[i]."""
 
-    def __init__(self, pool: CachePool, block_tables: list[list[int]], total_lens: list[int],
-                 context_lens: list[int], layer_offset: int = 0) -> None:
+    def __init__(
+        self,
+        pool: CachePool,
+        block_tables: list[list[int]],
+        total_lens: list[int],
+        context_lens: list[int],
+        layer_offset: int = 0,
+    ) -> None:
         self.pool = pool
         bs = pool.block_size
         dev = pool.latent.device

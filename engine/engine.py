@@ -73,22 +73,38 @@ class Engine:
         mcfg = net.cfg
         self.mtp_k = cfg.mtp_draft_tokens if net.has_mtp else 0
         if cfg.mtp_draft_tokens and not net.has_mtp:
-            log.warning("mtp_draft_tokens=%d but the checkpoint has no MTP layer: decoding without drafts",
-                        cfg.mtp_draft_tokens)
+            log.warning(
+                "mtp_draft_tokens=%d but the checkpoint has no MTP layer: decoding without drafts", cfg.mtp_draft_tokens
+            )
         self.mtp_cache = self.mtp_k > 0
         num_layers = mcfg.num_hidden_layers + (1 if net.has_mtp else 0)
         if cfg.cache_memory_fraction is not None:
             cfg = self.cfg = self._size_cache(cfg, num_layers)
-        self.pool = CachePool(mcfg, num_layers, cfg.num_blocks, cfg.block_size, net.dtype, net.device,
-                              net.indexer_fp8, cfg.latent_fp8, staging_blocks=cfg.staging_blocks)
+        self.pool = CachePool(
+            mcfg,
+            num_layers,
+            cfg.num_blocks,
+            cfg.block_size,
+            net.dtype,
+            net.device,
+            net.indexer_fp8,
+            cfg.latent_fp8,
+            staging_blocks=cfg.staging_blocks,
+        )
         self.blocks = BlockManager(cfg.num_blocks, cfg.prefix_cache)
         self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
         paged = cfg.paged_kernels if cfg.paged_kernels is not None else self.pool.latent.is_cuda
-        self.runner = ModelRunner(net, self.pool, self.mtp_k, self.mtp_cache, paged=paged,
-                                  graphs=cfg.cuda_graphs and self.pool.latent.is_cuda,
-                                  max_rows=cfg.max_running * (self.mtp_k + 1),
-                                  max_blocks=self.scheduler.blocks_for(self.max_model_len + self.mtp_k + 1))
+        self.runner = ModelRunner(
+            net,
+            self.pool,
+            self.mtp_k,
+            self.mtp_cache,
+            paged=paged,
+            graphs=cfg.cuda_graphs and self.pool.latent.is_cuda,
+            max_rows=cfg.max_running * (self.mtp_k + 1),
+            max_blocks=self.scheduler.blocks_for(self.max_model_len + self.mtp_k + 1),
+        )
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
 
@@ -96,14 +112,22 @@ class Engine:
         """num_blocks from cache_memory_fraction of the GPU memory free after the weights."""
         if self.net.device.type != "cuda":
             raise ValueError("cache_memory_fraction needs the network on a CUDA device")
-        per_block = block_bytes(self.net.cfg, num_layers, cfg.block_size, self.net.dtype, self.net.indexer_fp8,
-                                cfg.latent_fp8)
+        per_block = block_bytes(
+            self.net.cfg, num_layers, cfg.block_size, self.net.dtype, self.net.indexer_fp8, cfg.latent_fp8
+        )
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.net.device)
         n = blocks_for_memory(free, cfg.cache_memory_fraction or 1.0, per_block)
-        log.info("cache: %d blocks of %d tokens (%.1f MiB each, %.1f GiB) = %.0f%% of the %.1f GiB free of %.1f GiB",
-                 n, cfg.block_size, per_block / 2**20, n * per_block / 2**30, 100 * (cfg.cache_memory_fraction or 1.0),
-                 free / 2**30, total / 2**30)
+        log.info(
+            "cache: %d blocks of %d tokens (%.1f MiB each, %.1f GiB) = %.0f%% of the %.1f GiB free of %.1f GiB",
+            n,
+            cfg.block_size,
+            per_block / 2**20,
+            n * per_block / 2**30,
+            100 * (cfg.cache_memory_fraction or 1.0),
+            free / 2**30,
+            total / 2**30,
+        )
         return dataclasses.replace(cfg, num_blocks=n)
 
     # ---- admission -------------------------------------------------------------------------
@@ -129,13 +153,19 @@ class Engine:
         if bad:
             raise RequestError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    *, prefill_only: bool = False) -> Request:
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, prefill_only: bool = False
+    ) -> Request:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
         self.validate(prompt_ids, params)
-        req = Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.net.device),
-                      prefill_only=prefill_only)
+        req = Request(
+            request_id,
+            list(prompt_ids),
+            params,
+            make_generator(params.seed, self.net.device),
+            prefill_only=prefill_only,
+        )
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
@@ -151,9 +181,17 @@ class Engine:
     def release_blocks(self, blocks: list[int]) -> None:
         self.blocks.free(blocks)
 
-    def adopt_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, blocks: list[int],
-                        first_token: int, first_logprobs: TokenLogprobs | None, mtp_hidden: torch.Tensor | None,
-                        generator_state: torch.Tensor | None = None) -> Request:
+    def adopt_prefilled(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        blocks: list[int],
+        first_token: int,
+        first_logprobs: TokenLogprobs | None,
+        mtp_hidden: torch.Tensor | None,
+        generator_state: torch.Tensor | None = None,
+    ) -> Request:
         """Join the running batch with a cache that is already in `blocks` (prompt fully computed,
         the first token sampled by the prefill side). mtp_hidden: the main model's hidden state at
         the last prompt position, [hidden], which the MTP layer needs next."""
@@ -200,7 +238,9 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return any(not (r.prefill_only and r.is_finished) for r in self.scheduler.running) or bool(self.scheduler.waiting)
+        return any(not (r.prefill_only and r.is_finished) for r in self.scheduler.running) or bool(
+            self.scheduler.waiting
+        )
 
     def _finish_reason(self, req: Request, new: list[int]) -> str | None:
         p = req.params
@@ -260,8 +300,17 @@ class Engine:
             if reason is not None or (req.prefill_only and kept):
                 outputs.append(self._finish(req, kept, klps, reason or "prefilled"))
             else:
-                outputs.append(RequestOutput(req.request_id, kept, klps, False, None,
-                                             num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids)))
+                outputs.append(
+                    RequestOutput(
+                        req.request_id,
+                        kept,
+                        klps,
+                        False,
+                        None,
+                        num_prompt_tokens=len(req.prompt_ids),
+                        num_output_tokens=len(req.output_ids),
+                    )
+                )
             if kept and req.prompt_logprobs is not None and len(req.output_ids) == len(kept):
                 outputs[-1].prompt_logprobs = req.prompt_logprobs
         self.stats.step_seconds = time.perf_counter() - t0
@@ -280,13 +329,24 @@ class Engine:
             req.block_table = []
             self.requests.pop(req.request_id, None)
             self.stats.requests_done += 1
-        return RequestOutput(req.request_id, new, lps, True, reason, prompt_logprobs=None,
-                             num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids),
-                             num_cached_prompt=req.num_cached_prompt, draft_tokens=req.draft_tokens,
-                             accepted_draft_tokens=req.accepted_draft_tokens)
+        return RequestOutput(
+            req.request_id,
+            new,
+            lps,
+            True,
+            reason,
+            prompt_logprobs=None,
+            num_prompt_tokens=len(req.prompt_ids),
+            num_output_tokens=len(req.output_ids),
+            num_cached_prompt=req.num_cached_prompt,
+            draft_tokens=req.draft_tokens,
+            accepted_draft_tokens=req.accepted_draft_tokens,
+        )
 
     # ---- offline ----------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationResult]:
         """Run prompts to completion (continuous batching); results in prompt order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         base = f"gen-{time.monotonic_ns()}"
@@ -298,9 +358,20 @@ class Engine:
                     pending.discard(out.request_id)
             if pending and not self.has_work:
                 raise RuntimeError(f"engine idle with unfinished requests {sorted(pending)}")
-        return [GenerationResult(r.request_id, r.prompt_ids, r.output_ids, r.finish_reason, r.output_logprobs,
-                                 r.prompt_logprobs, r.draft_tokens, r.accepted_draft_tokens, r.num_cached_prompt)
-                for r in reqs]
+        return [
+            GenerationResult(
+                r.request_id,
+                r.prompt_ids,
+                r.output_ids,
+                r.finish_reason,
+                r.output_logprobs,
+                r.prompt_logprobs,
+                r.draft_tokens,
+                r.accepted_draft_tokens,
+                r.num_cached_prompt,
+            )
+            for r in reqs
+        ]
 
     # ---- warm start ---------------------------------------------------------------------------
     def warm_up_lengths(self) -> list[int]:
@@ -308,8 +379,9 @@ class Engine:
         tile configurations (by tokens per expert), Triton's divisibility-by-16 specialisations, a full
         chunk, and a chunk with earlier context; on CPU (reference kernels, nothing to compile) one
         short prompt runs the path."""
-        limit = min(self.max_model_len - 4 - self.mtp_k,
-                    (self.cfg.num_blocks - 1) * self.cfg.block_size - 2 - self.mtp_k)
+        limit = min(
+            self.max_model_len - 4 - self.mtp_k, (self.cfg.num_blocks - 1) * self.cfg.block_size - 2 - self.mtp_k
+        )
         if not self.pool.latent.is_cuda:
             return [max(1, min(17, limit))]
         mcfg = self.net.cfg
@@ -350,21 +422,34 @@ class Engine:
             g.misses_after_ready = 0  # the warm-up's own eager steps (no graphs captured) do not count
         self.blocks.clear_cache()
         self.stats = EngineStats()
-        out = {"seconds": time.perf_counter() - t0, "graph_seconds": t_graphs, "graphs": captured,
-               "prefill_lengths": lengths, "gpu_bytes": 0}
+        out = {
+            "seconds": time.perf_counter() - t0,
+            "graph_seconds": t_graphs,
+            "graphs": captured,
+            "prefill_lengths": lengths,
+            "gpu_bytes": 0,
+        }
         if cuda:
             torch.cuda.synchronize()
             out["gpu_bytes"] = max(0, free0 - torch.cuda.mem_get_info(self.pool.latent.device)[0])
-        log.info("warm-up: %.2f s (%d CUDA graphs in %.2f s, prefills of %s tokens), %.0f MiB of GPU memory",
-                 out["seconds"], captured, t_graphs, lengths, out["gpu_bytes"] / 2**20)
+        log.info(
+            "warm-up: %.2f s (%d CUDA graphs in %.2f s, prefills of %s tokens), %.0f MiB of GPU memory",
+            out["seconds"],
+            captured,
+            t_graphs,
+            lengths,
+            out["gpu_bytes"] / 2**20,
+        )
         return out
 
     @property
     def graph_stats(self) -> dict[str, int]:
         """CUDA graphs captured, and decode steps after ready that found no graph (ran eagerly)."""
         gs = [g for g in (self.runner.graphs, self.runner.mtp_graphs) if g is not None]
-        return {"graph_captures": sum(g.captures for g in gs),
-                "graph_misses_after_ready": sum(g.misses_after_ready for g in gs)}
+        return {
+            "graph_captures": sum(g.captures for g in gs),
+            "graph_misses_after_ready": sum(g.misses_after_ready for g in gs),
+        }
 
     # ---- introspection ----------------------------------------------------------------------
     @property

@@ -49,7 +49,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
 
-    def start(self) -> "EngineLoop":
+    def start(self) -> EngineLoop:
         self._thread.start()
         return self
 
@@ -63,8 +63,9 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     # ---- API for other threads ---------------------------------------------------------------
-    def call(self, fn: Callable[[Engine], T], timeout: float = 30.0,
-             undo: Callable[[Engine, T], object] | None = None) -> T:
+    def call(
+        self, fn: Callable[[Engine], T], timeout: float = 30.0, undo: Callable[[Engine, T], object] | None = None
+    ) -> T:
         """Run fn(engine) in the loop thread; re-raises its exception here. Past `timeout`, raises
         CallTimeout: the call never runs (ran=False) or, having started, is taken back by
         undo(engine, its result) in the loop thread (ran=True; nothing to undo if it raised)."""
@@ -78,7 +79,7 @@ class EngineLoop:
                 fut.add_done_callback(lambda f: self._undo_when_done(f, undo))
             raise CallTimeout(f"engine call not done within {timeout:.1f} s (undone when it is)", ran=True) from None
 
-    def submit(self, fn: Callable[[Engine], T]) -> "Future[T]":
+    def submit(self, fn: Callable[[Engine], T]) -> Future[T]:
         """Queue fn(engine) for the loop thread (between two steps) without waiting for it."""
         if not self.alive:
             raise RuntimeError(f"engine loop is not running ({self.error!r})")
@@ -91,7 +92,7 @@ class EngineLoop:
             result = fut.result()
             self._calls.put((lambda e: undo(e, result), Future()))
 
-    def subscribe(self, request_id: str) -> "queue.Queue[RequestOutput | BaseException]":
+    def subscribe(self, request_id: str) -> queue.Queue[RequestOutput | BaseException]:
         q: queue.Queue[RequestOutput | BaseException] = queue.Queue()
         with self._subs_lock:
             self._subs[request_id] = q

@@ -51,9 +51,9 @@ class Request:
     pending_hidden: torch.Tensor | None = None
     drafts: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None  # [k, V] distributions the drafts were sampled from
-    num_cached_prompt: int = 0               # prompt tokens served from the prefix cache
+    num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
-    draft_tokens: int = 0                    # drafts proposed over the request's life
+    draft_tokens: int = 0  # drafts proposed over the request's life
     accepted_draft_tokens: int = 0
     first_token_time: float | None = None
     _prompt_logits: list[torch.Tensor] = field(default_factory=list)

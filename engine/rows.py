@@ -50,14 +50,14 @@ def capture_sizes(max_rows: int) -> tuple[int, ...]:
 class RowPlan:
     """Host arrays of one forward's rows (N rows, W = widest block table)."""
 
-    input_ids: np.ndarray     # [N] int64
-    positions: np.ndarray     # [N] int64
-    seq_lens: np.ndarray      # [N] int32
-    slots: np.ndarray         # [N] int64
-    tables: np.ndarray        # [N, W] int32
+    input_ids: np.ndarray  # [N] int64
+    positions: np.ndarray  # [N] int64
+    seq_lens: np.ndarray  # [N] int32
+    slots: np.ndarray  # [N] int64
+    tables: np.ndarray  # [N, W] int32
 
     @staticmethod
-    def build(groups: list[tuple[list[int], int, list[int]]], block_size: int) -> "RowPlan":
+    def build(groups: list[tuple[list[int], int, list[int]]], block_size: int) -> RowPlan:
         """groups: (token ids, first position, block table) per run of consecutive positions."""
         g = len(groups)
         lens = np.fromiter((len(ids) for ids, _, _ in groups), np.int64, g)
@@ -65,7 +65,7 @@ class RowPlan:
         width = max(len(t) for _, _, t in groups)
         group_tables = np.zeros((g, width), np.int32)
         for i, (_, _, t) in enumerate(groups):
-            group_tables[i, :len(t)] = t
+            group_tables[i, : len(t)] = t
         table_lens = np.fromiter((len(t) for _, _, t in groups), np.int64, g)
         starts = np.fromiter((p for _, p, _ in groups), np.int64, g)
         ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _, _ in groups), np.int64, n)
@@ -82,10 +82,15 @@ class RowPlan:
 
     def to_batch(self, pool: CachePool) -> ForwardBatch:
         dev = pool.latent.device
-        rows = PagedRows(pool, torch.from_numpy(self.tables).to(dev), torch.from_numpy(self.seq_lens).to(dev),
-                         torch.from_numpy(self.slots).to(dev))
-        return ForwardBatch(torch.from_numpy(self.input_ids).to(dev), torch.from_numpy(self.positions).to(dev),
-                            [], None, rows)
+        rows = PagedRows(
+            pool,
+            torch.from_numpy(self.tables).to(dev),
+            torch.from_numpy(self.seq_lens).to(dev),
+            torch.from_numpy(self.slots).to(dev),
+        )
+        return ForwardBatch(
+            torch.from_numpy(self.input_ids).to(dev), torch.from_numpy(self.positions).to(dev), [], None, rows
+        )
 
 
 def _pad_to(n: int, sizes: tuple[int, ...]) -> int | None:
@@ -115,7 +120,7 @@ class DecodeGraphs:
         self.hidden = torch.zeros(r, net.cfg.hidden_size, dtype=net.dtype, device=dev) if mtp else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.disabled = False  # a capture failed: every step runs eagerly from then on
-        self.sealed = False    # the worker reported ready: nothing is captured from now on
+        self.sealed = False  # the worker reported ready: nothing is captured from now on
         self.captures = 0
         self.misses_after_ready = 0  # steps after ready that fit a size but had no graph (ran eagerly)
         self.capture_seconds = 0.0
@@ -130,6 +135,7 @@ class DecodeGraphs:
     def capture_all(self) -> int:
         """Capture a graph for every size (before ready); returns how many were captured."""
         import time
+
         t0, n = time.perf_counter(), 0
         for rows in self.sizes:
             if self.disabled:
@@ -160,8 +166,11 @@ class DecodeGraphs:
             self.captures += 1
             return True
         except Exception:  # noqa: BLE001 - serving goes on without graphs rather than failing requests
-            log.exception("capturing a %s CUDA graph of %d rows failed: these steps run eagerly from now on",
-                          "MTP" if self.mtp else "decode", rows)
+            log.exception(
+                "capturing a %s CUDA graph of %d rows failed: these steps run eagerly from now on",
+                "MTP" if self.mtp else "decode",
+                rows,
+            )
             self.disabled = True
             self.graphs.clear()
             return False
@@ -216,6 +225,10 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
             out = self._forward(batch, rows)
-        log.debug("captured a %s CUDA graph: %d rows, block tables %d wide", "MTP" if self.mtp else "decode",
-                  rows, self.max_blocks)
+        log.debug(
+            "captured a %s CUDA graph: %d rows, block tables %d wide",
+            "MTP" if self.mtp else "decode",
+            rows,
+            self.max_blocks,
+        )
         return graph, out

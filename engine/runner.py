@@ -26,10 +26,17 @@ import torch
 from splitserve.model import DeepseekV32, ForwardBatch, SeqSpan
 
 from .cache import CachePool, PagedStore
-from .rows import DecodeGraphs, RowPlan
 from .request import Request
-from .sampler import (SamplingRow, biased_logits, prompt_logprobs, processed_probs, sample_from_probs, sample_tokens,
-                      token_logprobs)
+from .rows import DecodeGraphs, RowPlan
+from .sampler import (
+    SamplingRow,
+    biased_logits,
+    processed_probs,
+    prompt_logprobs,
+    sample_from_probs,
+    sample_tokens,
+    token_logprobs,
+)
 from .scheduler import ScheduledItem
 from .speculative import VerifyResult, target_probs_for_drafts, verify_batch
 
@@ -51,19 +58,31 @@ class ModelRunner:
     """paged: forwards go through model.attention's rows path (the kernels over the paged pools);
     graphs: decode-only steps replay CUDA graphs of the main model's forward (rows.py)."""
 
-    def __init__(self, net: DeepseekV32, pool: CachePool, mtp_k: int, mtp_cache: bool, *, paged: bool = False,
-                 graphs: bool = False, max_rows: int = 64, max_blocks: int = 1) -> None:
+    def __init__(
+        self,
+        net: DeepseekV32,
+        pool: CachePool,
+        mtp_k: int,
+        mtp_cache: bool,
+        *,
+        paged: bool = False,
+        graphs: bool = False,
+        max_rows: int = 64,
+        max_blocks: int = 1,
+    ) -> None:
         self.net, self.pool = net, pool
         self.mtp_k, self.mtp_cache = mtp_k, mtp_cache
         self.mtp_layer = net.cfg.mtp_layer_index
         self.device = net.device
         self.paged = paged
         self.graphs = DecodeGraphs(net, pool, max_rows, max_blocks) if paged and graphs else None
-        self.mtp_graphs = (DecodeGraphs(net, pool, max_rows, max_blocks, mtp=True)
-                           if paged and graphs and mtp_k else None)
+        self.mtp_graphs = (
+            DecodeGraphs(net, pool, max_rows, max_blocks, mtp=True) if paged and graphs and mtp_k else None
+        )
 
-    def _mtp(self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan], hidden: torch.Tensor,
-             graphed: bool) -> torch.Tensor:
+    def _mtp(
+        self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan], hidden: torch.Tensor, graphed: bool
+    ) -> torch.Tensor:
         """The MTP layer over these runs of rows (from a CUDA graph when `graphed` and one fits)."""
         plan = RowPlan.build(groups, self.pool.block_size) if self.paged else None
         if graphed and self.mtp_graphs is not None and plan is not None:
@@ -73,14 +92,16 @@ class ModelRunner:
         batch = self._batch(groups, spans, plan)
         return self.net.mtp_forward(hidden, batch.input_ids, batch)
 
-    def _batch(self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan],
-               plan: RowPlan | None) -> ForwardBatch:
+    def _batch(
+        self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan], plan: RowPlan | None
+    ) -> ForwardBatch:
         """The forward batch of these runs of tokens (ids, first position, block table), one span each;
         `plan` is their row plan when the paged kernels run."""
         if plan is not None:
             return plan.to_batch(self.pool)
-        store = PagedStore(self.pool, [t for _, _, t in groups], [p + len(ids) for ids, p, _ in groups],
-                           [p for _, p, _ in groups])
+        store = PagedStore(
+            self.pool, [t for _, _, t in groups], [p + len(ids) for ids, p, _ in groups], [p for _, p, _ in groups]
+        )
         ids = torch.tensor([t for g, _, _ in groups for t in g], device=self.device)
         pos = torch.tensor([p for g, p0, _ in groups for p in range(p0, p0 + len(g))], device=self.device)
         return ForwardBatch(ids, pos, spans, store)
@@ -101,7 +122,7 @@ class ModelRunner:
             n = limit - req.mtp_computed
             if n <= 0:
                 continue
-            groups.append((req.all_ids[req.mtp_computed + 1: limit + 1], req.mtp_computed, req.block_table))
+            groups.append((req.all_ids[req.mtp_computed + 1 : limit + 1], req.mtp_computed, req.block_table))
             hid.append(req.pending_hidden[:n])
             spans.append(SeqSpan(start, n, req.mtp_computed, absorbed=False))
             owners.append((req, n, limit))
@@ -155,8 +176,9 @@ class ModelRunner:
                 r.draft_probs = torch.stack(probs_by_req[r.request_id])
 
     @staticmethod
-    def _verify(items: list[tuple[ScheduledItem, SeqSpan]], logits: torch.Tensor, row_of: dict[int, int]
-                ) -> list[VerifyResult]:
+    def _verify(
+        items: list[tuple[ScheduledItem, SeqSpan]], logits: torch.Tensor, row_of: dict[int, int]
+    ) -> list[VerifyResult]:
         """Verdicts for decode items. Plain greedy requests (no penalties) need only the argmax of each
         (biased, when the request has a logit_bias) row: one kernel and one host copy for all of them,
         then the longest agreeing draft prefix.
@@ -170,7 +192,7 @@ class ModelRunner:
             j = 0
             for i in plain:
                 drafts, n = items[i][0].req.drafts, items[i][1].length
-                t = best[j: j + n]
+                t = best[j : j + n]
                 j += n
                 a = 0
                 while a < len(drafts) and drafts[a] == t[a]:
@@ -193,8 +215,11 @@ class ModelRunner:
 
     @staticmethod
     def _wants_prompt_logits(req: Request) -> bool:
-        return (req.params.prompt_logprobs is not None and req.prompt_logprobs is None
-                and req.num_computed < len(req.prompt_ids))
+        return (
+            req.params.prompt_logprobs is not None
+            and req.prompt_logprobs is None
+            and req.num_computed < len(req.prompt_ids)
+        )
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -210,7 +235,7 @@ class ModelRunner:
             if it.decode:
                 toks = [req.all_ids[-1]] + req.drafts
             else:
-                toks = req.all_ids[nc: nc + it.num_tokens]
+                toks = req.all_ids[nc : nc + it.num_tokens]
             groups.append((toks, nc, req.block_table))
             spans.append(SeqSpan(start, len(toks), nc, absorbed=it.decode))
             start += len(toks)
@@ -247,7 +272,7 @@ class ModelRunner:
                 assert logits is not None
                 req._prompt_logits.append(logits[[row_of[r] for r in range(sp.start, sp.end)]].cpu())
             if self.mtp_cache:
-                h = hidden[sp.start: sp.end]
+                h = hidden[sp.start : sp.end]
                 req.pending_hidden = h if req.pending_hidden is None else torch.cat([req.pending_hidden, h])
             req.num_computed += sp.length
             if req.num_computed == req.num_tokens:
@@ -279,11 +304,12 @@ class ModelRunner:
                 a = v.num_accepted
                 lp = None
                 if req.params.logprobs is not None:
-                    lg = biased_logits(logits[[row_of[r] for r in range(sp.start, sp.start + a + 1)]],
-                                       [req.params] * (a + 1))
+                    lg = biased_logits(
+                        logits[[row_of[r] for r in range(sp.start, sp.start + a + 1)]], [req.params] * (a + 1)
+                    )
                     lp = token_logprobs(lg, v.tokens, [req.params.logprobs] * (a + 1))
                 if self.mtp_cache:
-                    h = hidden[sp.start: sp.start + a + 1]
+                    h = hidden[sp.start : sp.start + a + 1]
                     req.pending_hidden = h if req.pending_hidden is None else torch.cat([req.pending_hidden, h])
                 req.num_computed += a + 1
                 results[req.request_id] = StepResult(list(v.tokens), lp, len(req.drafts), a)
@@ -292,8 +318,11 @@ class ModelRunner:
                 req.drafts, req.draft_probs = [], None
 
         if self.mtp_cache:  # requests still prefilling: MTP catches up on positions with a known next token
-            prefilling = [it.req for it in items
-                          if not it.decode and (it.req.num_computed < it.req.num_tokens or it.req.prefill_only)]
+            prefilling = [
+                it.req
+                for it in items
+                if not it.decode and (it.req.num_computed < it.req.num_tokens or it.req.prefill_only)
+            ]
             if prefilling:
                 self._mtp_catch_up(prefilling)
         return results

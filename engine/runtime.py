@@ -43,7 +43,7 @@ class WorkerSpec:
     transfer_timeout_s: float = 30.0
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 0
-    reserve_lease_s: float = 30.0   # decode: reserved blocks come back if no cache arrives in time
+    reserve_lease_s: float = 30.0  # decode: reserved blocks come back if no cache arrives in time
     first_token_timeout_s: float = 120.0
     # Every gRPC call and every TCP-transfer handshake must prove it (None: no check; the launcher always
     # sets one, made per run and sent to the worker through Ray inside this spec).
@@ -62,8 +62,12 @@ def transfer_compat(engine: Engine) -> Compat:
     from splitserve.kvtransfer import Compat
 
     cfg = engine.net.cfg
-    fields: dict[str, Any] = {"model": cfg.short_hash(), **engine.pool.layout.describe(),
-                              "mtp_layers": int(engine.net.has_mtp), "mtp_cache": engine.mtp_cache}
+    fields: dict[str, Any] = {
+        "model": cfg.short_hash(),
+        **engine.pool.layout.describe(),
+        "mtp_layers": int(engine.net.has_mtp),
+        "mtp_cache": engine.mtp_cache,
+    }
     return Compat.of(**fields)
 
 
@@ -83,25 +87,38 @@ class WorkerRuntime:
         if ecfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"worker {spec.worker_id}: device 'cuda' requested but no GPU is visible")
         path = resolve_checkpoint(spec.model_path)
-        net = load(path, device=ecfg.device, dtype=ecfg.torch_dtype, indexer_fp8=ecfg.indexer_fp8,
-                   fp8_weights=ecfg.fp8_weights)
+        net = load(
+            path, device=ecfg.device, dtype=ecfg.torch_dtype, indexer_fp8=ecfg.indexer_fp8, fp8_weights=ecfg.fp8_weights
+        )
         self.checkpoint = path
         self.engine = Engine(net, ecfg)
         # kernels compiled and (decode) graphs captured before ready; a prefill worker never decodes
         self.warm = self.engine.warm_up(capture_graphs=spec.role == "decode")
         self.loop = EngineLoop(self.engine, name=f"engine-{spec.worker_id}").start()
-        self.transport = make_transport(spec.transfer_backend, spec.worker_id, transfer_compat(self.engine),
-                                        host=spec.transfer_host,
-                                        config=TransportConfig(
-                                            transfer_timeout_s=spec.transfer_timeout_s,
-                                            secret=None if spec.cluster_secret is None else spec.cluster_secret.encode()))
+        self.transport = make_transport(
+            spec.transfer_backend,
+            spec.worker_id,
+            transfer_compat(self.engine),
+            host=spec.transfer_host,
+            config=TransportConfig(
+                transfer_timeout_s=spec.transfer_timeout_s,
+                secret=None if spec.cluster_secret is None else spec.cluster_secret.encode(),
+            ),
+        )
         self.transport.register_pools(self.engine.pool.pools())
         if self.engine.pool.staging[1]:  # scattered blocks gather here and travel as one region
             self.transport.enable_staging(*self.engine.pool.staging)
         self.metadata = self.transport.metadata()
-        log.info("worker %s (%s) ready: %s, %d blocks of %d tokens (%.1f MB each), transfer %s",
-                 spec.worker_id, spec.role, path, self.engine.cfg.num_blocks, ecfg.block_size,
-                 self.engine.pool.bytes_per_block / 1e6, spec.transfer_backend)
+        log.info(
+            "worker %s (%s) ready: %s, %d blocks of %d tokens (%.1f MB each), transfer %s",
+            spec.worker_id,
+            spec.role,
+            path,
+            self.engine.cfg.num_blocks,
+            ecfg.block_size,
+            self.engine.pool.bytes_per_block / 1e6,
+            spec.transfer_backend,
+        )
 
     def warm_stats(self) -> dict:
         """For Stats: graphs captured, steps after ready without a graph, warm-up seconds."""
@@ -129,10 +146,11 @@ class WorkerServer:
         # One thread per open stream (Generate holds one until its last token): with fewer threads than
         # running requests, later streams would wait in gRPC's queue, a decode stall of whole seconds.
         threads = max(64, 2 * rt.engine.cfg.max_running + 16)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"grpc-{role}"),
-                                  options=[("grpc.max_receive_message_length", 256 << 20),
-                                           ("grpc.max_send_message_length", 256 << 20)],
-                                  interceptors=[ClusterSecretInterceptor(secret)] if secret is not None else None)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"grpc-{role}"),
+            options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
+            interceptors=[ClusterSecretInterceptor(secret)] if secret is not None else None,
+        )
         add_to_server(service, self.server)
         port = add_port(self.server, f"{rt.spec.grpc_host}:{rt.spec.grpc_port}", rt.spec.grpc_tls)
         if port == 0:
@@ -142,8 +160,15 @@ class WorkerServer:
         log.info("%s worker %s serving gRPC on %s", role, rt.spec.worker_id, self.address)
 
     def info(self) -> dict:
-        return {"worker_id": self.rt.spec.worker_id, "role": self.role, "address": self.address, "pid": self.rt.pid,
-                "node": self.rt.node, "transfer_metadata": self.rt.metadata, "blocks_total": self.rt.engine.blocks_total}
+        return {
+            "worker_id": self.rt.spec.worker_id,
+            "role": self.role,
+            "address": self.address,
+            "pid": self.rt.pid,
+            "node": self.rt.node,
+            "transfer_metadata": self.rt.metadata,
+            "blocks_total": self.rt.engine.blocks_total,
+        }
 
     def stats(self) -> dict:
         return self.service.stats()

@@ -140,7 +140,9 @@ def token_counts(
     return counts
 
 
-def _col(values: torch.Tensor | Sequence[float] | Sequence[int], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _col(
+    values: torch.Tensor | Sequence[float] | Sequence[int], like: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Per-row values as a [B, 1] column of `dtype` on `like`'s device."""
     return torch.as_tensor(values, dtype=dtype, device=like.device).reshape(-1, 1)
 

@@ -24,6 +24,7 @@ class TokenLogprobs:
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
 
+
 #: OpenAI's range for one logit_bias value.
 MAX_LOGIT_BIAS = 100.0
 

@@ -69,7 +69,7 @@ class Scheduler:
         parent = out[-1] if out else None
         j = len(out)
         while (j + 1) * bs <= limit_tokens and (j + 1) * bs + extra <= len(ids):
-            parent = block_hash(parent, ids[j * bs: (j + 1) * bs + extra])
+            parent = block_hash(parent, ids[j * bs : (j + 1) * bs + extra])
             out.append(parent)
             j += 1
         return out
@@ -100,7 +100,9 @@ class Scheduler:
 
     # ---- preemption -------------------------------------------------------------------------
     def preempt(self, req: Request) -> None:
-        log.info("request %s: preempted (out of cache blocks), will recompute %d tokens", req.request_id, req.num_tokens)
+        log.info(
+            "request %s: preempted (out of cache blocks), will recompute %d tokens", req.request_id, req.num_tokens
+        )
         self.running.remove(req)
         self.blocks.free(req.block_table)
         req.block_table, req.block_hashes = [], []
@@ -147,8 +149,9 @@ class Scheduler:
                     self.running.remove(req)
                     req.status, req.finish_reason = Status.FINISHED, "length"
                     self.finished.append(req)
-                    log.warning("request %s: cache full at %d tokens, finishing with 'length'",
-                                req.request_id, req.num_tokens)
+                    log.warning(
+                        "request %s: cache full at %d tokens, finishing with 'length'", req.request_id, req.num_tokens
+                    )
                     break
                 self.preempt(victim)
                 if victim is req:

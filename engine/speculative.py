@@ -195,7 +195,9 @@ def verify_batch(
         q = torch.zeros(b, k_max, v, dtype=torch.float32, device=dev)
     for i in range(b):
         if target_probs[i].shape != (ks[i] + 1, v):
-            raise ValueError(f"request {i}: target_probs must be [{ks[i] + 1}, {v}], got {tuple(target_probs[i].shape)}")
+            raise ValueError(
+                f"request {i}: target_probs must be [{ks[i] + 1}, {v}], got {tuple(target_probs[i].shape)}"
+            )
         d[i, : ks[i]] = torch.as_tensor(list(draft_token_ids[i]), dtype=torch.long)
         p[i, : ks[i] + 1] = target_probs[i]
         qi = draft_probs[i]
@@ -230,9 +232,7 @@ def verify(
     return verify_batch([draft_token_ids], [draft_probs], [target_probs], [generator], [greedy])[0]
 
 
-def target_probs_for_drafts(
-    logits: torch.Tensor, row: SamplingRow, draft_token_ids: Sequence[int]
-) -> torch.Tensor:
+def target_probs_for_drafts(logits: torch.Tensor, row: SamplingRow, draft_token_ids: Sequence[int]) -> torch.Tensor:
     """Processed target distributions p_1..p_{k+1} for one request.
 
     logits [k + 1, V]: the target model's logits at the k + 1 verified positions (row i predicts

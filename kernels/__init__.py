@@ -31,9 +31,17 @@ from .rotary import rope
 from .sparse_mla import sparse_mla_decode
 
 __all__ = [
-    "HAS_TRITON", "use_triton",
-    "indexer_logits_decode", "indexer_topk_decode", "topk_from_logits",
+    "HAS_TRITON",
+    "use_triton",
+    "indexer_logits_decode",
+    "indexer_topk_decode",
+    "topk_from_logits",
     "sparse_mla_decode",
-    "rms_norm", "rope", "act_quant",
-    "moe_align", "fused_moe", "fused_moe_fp8", "fp8_linear",
+    "rms_norm",
+    "rope",
+    "act_quant",
+    "moe_align",
+    "fused_moe",
+    "fused_moe_fp8",
+    "fp8_linear",
 ]

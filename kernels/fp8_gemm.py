@@ -96,10 +96,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp8_gemm_kernel(
-        x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr,
-        M, N, K, k_per_split,
-        s_xm, s_xsm, s_wn, s_wsn, s_ys, s_ym,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSED_QUANT: tl.constexpr, UPCAST: tl.constexpr,
+        x_ptr,
+        xs_ptr,
+        w_ptr,
+        ws_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        k_per_split,
+        s_xm,
+        s_xsm,
+        s_wn,
+        s_wsn,
+        s_ys,
+        s_ym,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FUSED_QUANT: tl.constexpr,
+        UPCAST: tl.constexpr,
         PRECISE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -143,8 +158,11 @@ if HAS_TRITON:
                 a = a.to(tl.float16)
                 b = b.to(tl.float16)
             acc += tl.dot(a, b) * (sa[:, None] * sw[None, :])
-        tl.store(y_ptr + pid_s * s_ys + m64[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
+        tl.store(
+            y_ptr + pid_s * s_ys + m64[:, None] * s_ym + offs_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=mmask[:, None] & nmask[None, :],
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -176,16 +194,24 @@ def _config(m: int, n: int, k: int, sms: int) -> dict[str, int]:
     kblocks = -(-k // GROUP)
     tiles = -(-m // block_m) * -(-n // block_n)
     splits = 1
-    while (tiles * splits < 2 * sms and kblocks >= 4 * splits
-           and 2 * splits * m * n * 4 * 2 <= n * k // 2):
+    while tiles * splits < 2 * sms and kblocks >= 4 * splits and 2 * splits * m * n * 4 * 2 <= n * k // 2:
         splits *= 2
     return dict(block_m=block_m, block_n=block_n, splits=splits, num_warps=4, num_stages=4, fused=1)
 
 
-def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_m: int | None = None,
-                      block_n: int | None = None, splits: int | None = None, fused: bool | None = None,
-                      num_warps: int | None = None, num_stages: int | None = None,
-                      precise: bool = False) -> torch.Tensor:
+def fp8_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    splits: int | None = None,
+    fused: bool | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    precise: bool = False,
+) -> torch.Tensor:
     """The Triton GEMM; the keyword arguments override the launch choice of `_config` (tests, sweeps).
     precise=True feeds the tensor cores fp16 copies of the e4m3 operands (exact) instead of e4m3:
     see the module docstring's "Accuracy on Hopper"."""
@@ -200,8 +226,14 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if weight.stride(1) != 1 or scale.stride(1) != 1:
         raise ValueError("weight and scale need a contiguous last dimension")
     cfg = _config(m, n, k, _sm_count(x.device))
-    for key, v in (("block_m", block_m), ("block_n", block_n), ("splits", splits), ("fused", fused),
-                   ("num_warps", num_warps), ("num_stages", num_stages)):
+    for key, v in (
+        ("block_m", block_m),
+        ("block_n", block_n),
+        ("splits", splits),
+        ("fused", fused),
+        ("num_warps", num_warps),
+        ("num_stages", num_stages),
+    ):
         if v is not None:
             cfg[key] = int(v)
     kblocks = -(-k // GROUP)
@@ -221,14 +253,34 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     kern = _fp8_gemm_kernel
     grid = (triton.cdiv(m, cfg["block_m"]), triton.cdiv(n, cfg["block_n"]), nsplit)
     kern[grid](
-        xq, xs, weight, scale, y, m, n, k, per_split,
-        xq.stride(0), 0 if cfg["fused"] else xs.stride(0), weight.stride(0), scale.stride(0), s_ys, y.stride(-2),
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_QUANT=bool(cfg["fused"]), UPCAST=interpreting(kern),
-        PRECISE=bool(precise), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        xq,
+        xs,
+        weight,
+        scale,
+        y,
+        m,
+        n,
+        k,
+        per_split,
+        xq.stride(0),
+        0 if cfg["fused"] else xs.stride(0),
+        weight.stride(0),
+        scale.stride(0),
+        s_ys,
+        y.stride(-2),
+        BLOCK_M=cfg["block_m"],
+        BLOCK_N=cfg["block_n"],
+        FUSED_QUANT=bool(cfg["fused"]),
+        UPCAST=interpreting(kern),
+        PRECISE=bool(precise),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     if nsplit > 1:
         part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)
-        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, part.stride(0), SPLITS=nsplit, BLOCK=1024,
-                                                        num_warps=4)
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
+            part, y, m * n, part.stride(0), SPLITS=nsplit, BLOCK=1024, num_warps=4
+        )
     return y.view(*x.shape[:-1], n)
 
 

@@ -34,12 +34,20 @@ from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_t
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-def _check(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None,
-           block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+def _check(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
     if q.dim() != 3 or weights.shape != q.shape[:2]:
         raise ValueError(f"q must be [B, H, D] and weights [B, H]; got {tuple(q.shape)} and {tuple(weights.shape)}")
     if k_cache.dim() != 4 or k_cache.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k_cache must be [num_blocks, num_layers, block_size, {q.shape[-1]}], got {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache must be [num_blocks, num_layers, block_size, {q.shape[-1]}], got {tuple(k_cache.shape)}"
+        )
     fp8 = k_cache.dtype == torch.uint8
     if fp8 != (k_scale is not None):
         raise ValueError("an FP8 (uint8) key cache needs k_scale, an exact one must not have it")
@@ -56,9 +64,16 @@ def _width(block_tables: torch.Tensor, block_size: int, max_seq_len: int | None)
 # ---------------------------------------------------------------------------------------------
 # reference
 # ---------------------------------------------------------------------------------------------
-def indexer_logits_decode_ref(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor,
-                              k_scale: torch.Tensor | None, layer: int, block_tables: torch.Tensor,
-                              seq_lens: torch.Tensor, max_seq_len: int | None = None) -> torch.Tensor:
+def indexer_logits_decode_ref(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
     """Index scores [B, W] fp32, -inf at positions >= seq_lens[b]; W = max_seq_len or
     max_blocks * block_size. Arguments as in indexer_topk_decode."""
     _check(q, weights, k_cache, k_scale, block_tables, seq_lens)
@@ -66,9 +81,9 @@ def indexer_logits_decode_ref(q: torch.Tensor, weights: torch.Tensor, k_cache: t
     width = _width(block_tables, bs, max_seq_len)
     pos = torch.arange(width, device=q.device)
     page = (pos // bs).clamp(max=block_tables.shape[1] - 1)
-    blk = block_tables[:, page].long().clamp(0, k_cache.shape[0] - 1)            # [B, W]
+    blk = block_tables[:, page].long().clamp(0, k_cache.shape[0] - 1)  # [B, W]
     off = (pos % bs)[None, :].expand(bsz, width)
-    keys = k_cache[blk, layer, off]                                                 # [B, W, D]
+    keys = k_cache[blk, layer, off]  # [B, W, D]
     if k_scale is not None:
         keys = keys.view(FP8_DTYPE)
     logits = F.relu(torch.einsum("bhd,bwd->bhw", q.float(), keys.float()))
@@ -90,9 +105,17 @@ def topk_from_logits(logits: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.where(vals == float("-inf"), torch.full_like(idx, -1), idx).to(torch.int32)
 
 
-def indexer_topk_decode_ref(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor,
-                            k_scale: torch.Tensor | None, layer: int, block_tables: torch.Tensor,
-                            seq_lens: torch.Tensor, topk: int, max_seq_len: int | None = None) -> torch.Tensor:
+def indexer_topk_decode_ref(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    topk: int,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
     logits = indexer_logits_decode_ref(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, max_seq_len)
     return topk_from_logits(logits, topk)
 
@@ -104,11 +127,33 @@ if HAS_TRITON:
 
     @triton.jit
     def _indexer_logits_kernel(
-        q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, sl_ptr, out_ptr,
-        layer, max_blocks, width, pages,
-        s_qb, s_qh, s_wb, s_k0, s_k1, s_k2, s_s0, s_s1, s_bt, s_ob,
-        H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-        FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        q_ptr,
+        w_ptr,
+        k_ptr,
+        ks_ptr,
+        bt_ptr,
+        sl_ptr,
+        out_ptr,
+        layer,
+        max_blocks,
+        width,
+        pages,
+        s_qb,
+        s_qh,
+        s_wb,
+        s_k0,
+        s_k1,
+        s_k2,
+        s_s0,
+        s_s1,
+        s_bt,
+        s_ob,
+        H: tl.constexpr,
+        D: tl.constexpr,
+        BS: tl.constexpr,
+        FP8: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         b = tl.program_id(0)
         p0 = tl.program_id(1) * pages
@@ -158,10 +203,17 @@ def _pages_per_program(bsz: int, max_blocks: int) -> int:
     return pages
 
 
-def indexer_logits_decode_triton(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor,
-                                 k_scale: torch.Tensor | None, layer: int, block_tables: torch.Tensor,
-                                 seq_lens: torch.Tensor, max_seq_len: int | None = None,
-                                 pages_per_program: int | None = None) -> torch.Tensor:
+def indexer_logits_decode_triton(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int | None = None,
+    pages_per_program: int | None = None,
+) -> torch.Tensor:
     require_triton()
     _check(q, weights, k_cache, k_scale, block_tables, seq_lens)
     bsz, heads, dim = q.shape
@@ -180,19 +232,50 @@ def indexer_logits_decode_triton(q: torch.Tensor, weights: torch.Tensor, k_cache
     kern = _indexer_logits_kernel
     grid = (bsz, triton.cdiv(max_blocks, pages))
     kern[grid](
-        qv, weights, k_cache, ks, block_tables, seq_lens, out,
-        layer, max_blocks, width, pages,
-        qv.stride(0), qv.stride(1), weights.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, block_tables.stride(0), out.stride(0),
-        H=heads, D=dim, BS=bs, FP8=fp8, UPCAST=interpreting(kern),
-        IEEE=(not fp8 and q.dtype == torch.float32), num_warps=4, num_stages=3,
+        qv,
+        weights,
+        k_cache,
+        ks,
+        block_tables,
+        seq_lens,
+        out,
+        layer,
+        max_blocks,
+        width,
+        pages,
+        qv.stride(0),
+        qv.stride(1),
+        weights.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        ks.stride(0) if fp8 else 0,
+        ks.stride(1) if fp8 else 0,
+        block_tables.stride(0),
+        out.stride(0),
+        H=heads,
+        D=dim,
+        BS=bs,
+        FP8=fp8,
+        UPCAST=interpreting(kern),
+        IEEE=(not fp8 and q.dtype == torch.float32),
+        num_warps=4,
+        num_stages=3,
     )
     return out
 
 
-def indexer_topk_decode_triton(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor,
-                               k_scale: torch.Tensor | None, layer: int, block_tables: torch.Tensor,
-                               seq_lens: torch.Tensor, topk: int, max_seq_len: int | None = None) -> torch.Tensor:
+def indexer_topk_decode_triton(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    topk: int,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
     logits = indexer_logits_decode_triton(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, max_seq_len)
     return topk_from_logits(logits, topk)
 
@@ -205,9 +288,16 @@ def _triton_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return use_triton(q) and not (heads & (heads - 1) or dim & (dim - 1) or bs & (bs - 1) or min(heads, dim, bs) < 16)
 
 
-def indexer_logits_decode(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor,
-                          k_scale: torch.Tensor | None, layer: int, block_tables: torch.Tensor,
-                          seq_lens: torch.Tensor, max_seq_len: int | None = None) -> torch.Tensor:
+def indexer_logits_decode(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
     """Index scores of a decode batch over the paged key cache.
 
     Args:
@@ -228,9 +318,17 @@ def indexer_logits_decode(q: torch.Tensor, weights: torch.Tensor, k_cache: torch
     return fn(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, max_seq_len)
 
 
-def indexer_topk_decode(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor,
-                        k_scale: torch.Tensor | None, layer: int, block_tables: torch.Tensor,
-                        seq_lens: torch.Tensor, topk: int, max_seq_len: int | None = None) -> torch.Tensor:
+def indexer_topk_decode(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    topk: int,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
     """The lightning indexer's top-k for a decode batch (arguments as in indexer_logits_decode).
 
     Returns:

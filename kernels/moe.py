@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
-from .quant import act_quant, act_quant_ref
+from .quant import act_quant
 
 
 # ---------------------------------------------------------------------------------------------
 # references
 # ---------------------------------------------------------------------------------------------
-def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_moe_ref(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
     """The loop of model.moe.MoE.forward (routed experts only)."""
     out = torch.zeros_like(x)
     flat_ids = topk_ids.flatten()
@@ -48,9 +49,9 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        tok = token_of[start:start + c]
+        tok = token_of[start : start + c]
         gate, up = F.linear(x[tok], w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e]) * w_sorted[start:start + c, None].to(x.dtype)
+        y = F.linear(F.silu(gate) * up, w2[e]) * w_sorted[start : start + c, None].to(x.dtype)
         out.index_add_(0, tok, y)
         start += c
     return out
@@ -75,8 +76,15 @@ def _dequant_stacked(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> to
     return (w.float() * full).to(dtype)
 
 
-def fused_moe_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
-                      w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_moe_fp8_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
     """FP8 semantics in plain torch: activations round-tripped through act_quant (per 1x128 group,
     ue8m0), weights dequantised per 128x128 block. Also serves sizes that are not multiples of 128
     (small test presets): gate's and up's scale blocks are then stacked separately
@@ -103,8 +111,9 @@ def fused_moe_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # token permutation
 # ---------------------------------------------------------------------------------------------
-def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align_ref(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the flat (token, slot) ids by expert, each expert's run padded to a multiple of block_m.
 
     Args:
@@ -141,11 +150,32 @@ if HAS_TRITON:
 
     @triton.jit
     def _moe_gate_up_kernel(
-        x_ptr, w_ptr, xs_ptr, ws_ptr, sorted_ptr, eid_ptr, npad_ptr, h_ptr,
-        num_ids, inter, hidden, top_k,
-        s_xm, s_we, s_wn, s_wk, s_xsm, s_wse, s_wsn, s_hm,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        xs_ptr,
+        ws_ptr,
+        sorted_ptr,
+        eid_ptr,
+        npad_ptr,
+        h_ptr,
+        num_ids,
+        inter,
+        hidden,
+        top_k,
+        s_xm,
+        s_we,
+        s_wn,
+        s_wk,
+        s_xsm,
+        s_wse,
+        s_wsn,
+        s_hm,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        FP8: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -189,16 +219,40 @@ if HAS_TRITON:
             g_ptrs += BLOCK_K * s_wk
             u_ptrs += BLOCK_K * s_wk
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        tl.store(h_ptr + rows[:, None].to(tl.int64) * s_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & nmask[None, :])
+        tl.store(
+            h_ptr + rows[:, None].to(tl.int64) * s_hm + offs_n[None, :],
+            h.to(h_ptr.dtype.element_ty),
+            mask=rmask[:, None] & nmask[None, :],
+        )
 
     @triton.jit
     def _moe_down_kernel(
-        h_ptr, w_ptr, hs_ptr, ws_ptr, sorted_ptr, eid_ptr, npad_ptr, tw_ptr, y_ptr,
-        num_ids, hidden, inter,
-        s_hm, s_we, s_wn, s_wk, s_hsm, s_wse, s_wsn, s_ym,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        h_ptr,
+        w_ptr,
+        hs_ptr,
+        ws_ptr,
+        sorted_ptr,
+        eid_ptr,
+        npad_ptr,
+        tw_ptr,
+        y_ptr,
+        num_ids,
+        hidden,
+        inter,
+        s_hm,
+        s_we,
+        s_wn,
+        s_wk,
+        s_hsm,
+        s_wse,
+        s_wsn,
+        s_ym,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        FP8: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -232,21 +286,34 @@ if HAS_TRITON:
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * s_wk
         acc = acc * tl.load(tw_ptr + ids, mask=rmask, other=0.0)[:, None]
-        tl.store(y_ptr + ids[:, None].to(tl.int64) * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & nmask[None, :])
-
+        tl.store(
+            y_ptr + ids[:, None].to(tl.int64) * s_ym + offs_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=rmask[:, None] & nmask[None, :],
+        )
 
     @triton.jit
-    def _moe_align_kernel(ids_ptr, sorted_ptr, eid_ptr, npad_ptr, num_ids, num_rows, num_blocks,
-                          E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, NB: tl.constexpr,
-                          BM: tl.constexpr):
+    def _moe_align_kernel(
+        ids_ptr,
+        sorted_ptr,
+        eid_ptr,
+        npad_ptr,
+        num_ids,
+        num_rows,
+        num_blocks,
+        E: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        NB: tl.constexpr,
+        BM: tl.constexpr,
+    ):
         """moe_align in one program (small batches): counts, padded offsets and stable ranks from a
         [tokens x experts] one-hot, then the scatter. Same output as the torch version."""
         offs_t = tl.arange(0, BLOCK_T)
         tmask = offs_t < num_ids
         ids = tl.load(ids_ptr + offs_t, mask=tmask, other=-1).to(tl.int32)
         offs_e = tl.arange(0, BLOCK_E)
-        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)                # [T, E]
+        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [T, E]
         counts = tl.sum(onehot, axis=0)
         padded = (counts + BM - 1) // BM * BM
         ends = tl.cumsum(padded, axis=0)
@@ -266,8 +333,9 @@ if HAS_TRITON:
         tl.store(npad_ptr, tl.max(ends, axis=0))
 
 
-def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align_triton(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_align as one Triton program; for small batches (tokens * k * experts <= 65536)."""
     require_triton()
     flat = topk_ids.reshape(-1)
@@ -279,14 +347,27 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
     sorted_ids = torch.empty(p, dtype=torch.int32, device=flat.device)
     expert_ids = torch.empty(p // block_m, dtype=torch.int32, device=flat.device)
     npad = torch.empty(1, dtype=torch.int32, device=flat.device)
-    _moe_align_kernel[(1,)](flat, sorted_ids, expert_ids, npad, t, p, p // block_m, E=num_experts,
-                            BLOCK_T=block_t, BLOCK_E=block_e, NB=next_pow2(p // block_m), BM=block_m,
-                            num_warps=8 if block_t * block_e > 8192 else 4)
+    _moe_align_kernel[(1,)](
+        flat,
+        sorted_ids,
+        expert_ids,
+        npad,
+        t,
+        p,
+        p // block_m,
+        E=num_experts,
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        NB=next_pow2(p // block_m),
+        BM=block_m,
+        num_warps=8 if block_t * block_e > 8192 else 4,
+    )
     return sorted_ids, expert_ids, npad
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token permutation by expert (contract in moe_align_ref). On CUDA with small batches
     (tokens * k * experts <= 65536 after rounding to powers of two) one Triton program does it
     (6-9 us in a CUDA graph on an H100 vs 59-88 us for the torch ops, whose stable argsort dominates);
@@ -309,14 +390,27 @@ def _block_m(num_ids: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
 
 
-def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, fp8_scales=None, block_m=None, block_n=64,
-                      num_warps=4, num_stages=4, block_k=None):
+def _fused_moe_triton(
+    x,
+    w13,
+    w2,
+    topk_weights,
+    topk_ids,
+    fp8_scales=None,
+    block_m=None,
+    block_n=64,
+    num_warps=4,
+    num_stages=4,
+    block_k=None,
+):
     require_triton()
     n, hidden = x.shape
     e, two_i, hid_w = w13.shape
     inter = two_i // 2
     if hid_w != hidden or w2.shape != (e, hidden, inter):
-        raise ValueError(f"w13 must be [E, 2I, {hidden}] and w2 [E, {hidden}, I]; got {tuple(w13.shape)}, {tuple(w2.shape)}")
+        raise ValueError(
+            f"w13 must be [E, 2I, {hidden}] and w2 [E, {hidden}, I]; got {tuple(w13.shape)}, {tuple(w2.shape)}"
+        )
     if w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("w13 and w2 need a contiguous last dimension")
     top_k = topk_ids.shape[1]
@@ -350,39 +444,98 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, fp8_scales=None, block
     k1, k2 = _moe_gate_up_kernel, _moe_down_kernel
     up = interpreting(k1)
     k1[(p // bm, triton.cdiv(inter, block_n))](
-        xq, w13, xs, w13_s, sorted_ids, expert_ids, npad, h, num_ids, inter, hidden, top_k,
-        xq.stride(0), w13.stride(0), w13.stride(1), w13.stride(2),
-        xs.stride(0) if fp8 else 0, w13_s.stride(0) if fp8 else 0, w13_s.stride(1) if fp8 else 0, h.stride(0),
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk1, FP8=fp8, UPCAST=up, IEEE=x.dtype == torch.float32 and not fp8, num_warps=num_warps, num_stages=num_stages)
+        xq,
+        w13,
+        xs,
+        w13_s,
+        sorted_ids,
+        expert_ids,
+        npad,
+        h,
+        num_ids,
+        inter,
+        hidden,
+        top_k,
+        xq.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        w13.stride(2),
+        xs.stride(0) if fp8 else 0,
+        w13_s.stride(0) if fp8 else 0,
+        w13_s.stride(1) if fp8 else 0,
+        h.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=block_n,
+        BLOCK_K=bk1,
+        FP8=fp8,
+        UPCAST=up,
+        IEEE=x.dtype == torch.float32 and not fp8,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     if fp8:
         hq, hs = act_quant(h)
     else:
         hq, hs = h, h
     y = torch.empty(num_ids, hidden, device=x.device, dtype=x.dtype)
     k2[(p // bm, triton.cdiv(hidden, block_n))](
-        hq, w2, hs, w2_s, sorted_ids, expert_ids, npad, tw, y, num_ids, hidden, inter,
-        hq.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
-        hs.stride(0) if fp8 else 0, w2_s.stride(0) if fp8 else 0, w2_s.stride(1) if fp8 else 0, y.stride(0),
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk2, FP8=fp8, UPCAST=up, IEEE=x.dtype == torch.float32 and not fp8, num_warps=num_warps, num_stages=num_stages)
+        hq,
+        w2,
+        hs,
+        w2_s,
+        sorted_ids,
+        expert_ids,
+        npad,
+        tw,
+        y,
+        num_ids,
+        hidden,
+        inter,
+        hq.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2.stride(2),
+        hs.stride(0) if fp8 else 0,
+        w2_s.stride(0) if fp8 else 0,
+        w2_s.stride(1) if fp8 else 0,
+        y.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=block_n,
+        BLOCK_K=bk2,
+        FP8=fp8,
+        UPCAST=up,
+        IEEE=x.dtype == torch.float32 and not fp8,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return y.view(n, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, **config) -> torch.Tensor:
+def fused_moe_triton(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, **config
+) -> torch.Tensor:
     return _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, None, **config)
 
 
-def fused_moe_fp8_triton(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
-                         w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                         **config) -> torch.Tensor:
+def fused_moe_fp8_triton(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    **config,
+) -> torch.Tensor:
     return _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, (w13_scale, w2_scale), **config)
 
 
 # ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
     """Routed experts of one MoE layer (bf16 grouped GEMMs), combined with the routing weights.
 
     Args:
@@ -396,8 +549,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return fn(x, w13, w2, topk_weights, topk_ids)
 
 
-def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
-                  w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_moe_fp8(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
     """fused_moe with float8_e4m3fn weights and 128x128 block scales (checkpoint `weight_scale_inv`
     stacked per expert: w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]); activations are
     quantised per 128 values (ue8m0) inside. The Triton kernels serve H and I that are multiples of

@@ -12,8 +12,9 @@ import torch
 from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     if residual is not None:
         x = x + residual
     xf = x.float()
@@ -25,14 +26,15 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 if HAS_TRITON:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, dim, eps, s_x, s_r, s_y, s_h,
-                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    def _rms_norm_kernel(
+        x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, dim, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < dim
         x = tl.load(x_ptr + row * s_x + offs, mask=mask, other=0.0)
         if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(r_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(tl.float32) + tl.load(r_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
             x = x.to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + row * s_h + offs, x, mask=mask)
         xf = x.to(tl.float32)
@@ -42,8 +44,9 @@ if HAS_TRITON:
         tl.store(y_ptr + row * s_y + offs, (n * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     require_triton()
     shape, dim = x.shape, x.shape[-1]
     x2 = x.reshape(-1, dim)
@@ -60,14 +63,29 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
         r2, h = x2, y
     block = next_pow2(dim)
     warps = 1 if block <= 512 else 4 if block <= 4096 else 8
-    _rms_norm_kernel[(rows,)](x2, r2, weight, y, h, dim, eps, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
-                              BLOCK=block, HAS_RES=residual is not None, num_warps=warps)
+    _rms_norm_kernel[(rows,)](
+        x2,
+        r2,
+        weight,
+        y,
+        h,
+        dim,
+        eps,
+        x2.stride(0),
+        r2.stride(0),
+        y.stride(0),
+        h.stride(0),
+        BLOCK=block,
+        HAS_RES=residual is not None,
+        num_warps=warps,
+    )
     y = y.view(shape)
     return y if residual is None else (y, h.view(shape))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim, optionally fused with the residual add.
 
     Args:

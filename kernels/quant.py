@@ -38,15 +38,26 @@ if HAS_TRITON:
         """
         a = tl.abs(v)
         bits = a.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF     # 3 mantissa bits, RNE
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF  # 3 mantissa bits, RNE
         normal = bits.to(tl.float32, bitcast=True)
-        sub = (a + 16384.0) - 16384.0                                # multiples of 2^-9, RNE
+        sub = (a + 16384.0) - 16384.0  # multiples of 2^-9, RNE
         r = tl.where(a < 0.015625, sub, normal)
         return tl.where(v < 0, -r, r)
 
     @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, rows, s_x, s_q, s_s,
-                          BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, UE8M0: tl.constexpr, INTERP: tl.constexpr):
+    def _act_quant_kernel(
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        rows,
+        s_x,
+        s_q,
+        s_s,
+        BLOCK: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        UE8M0: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         g = tl.program_id(1)
         offs_c = g * BLOCK + tl.arange(0, BLOCK)
@@ -81,8 +92,19 @@ def act_quant_triton(x: torch.Tensor, block: int = 128, ue8m0: bool = True) -> t
     s = torch.empty(rows, d // block, device=x.device, dtype=torch.float32)
     block_r = min(16, next_pow2(rows))
     _act_quant_kernel[(triton.cdiv(rows, block_r), d // block)](
-        x2, q, s, rows, x2.stride(0), q.stride(0), s.stride(0), BLOCK=block, BLOCK_R=block_r, UE8M0=ue8m0,
-        INTERP=interpreting(_act_quant_kernel), num_warps=4)
+        x2,
+        q,
+        s,
+        rows,
+        x2.stride(0),
+        q.stride(0),
+        s.stride(0),
+        BLOCK=block,
+        BLOCK_R=block_r,
+        UE8M0=ue8m0,
+        INTERP=interpreting(_act_quant_kernel),
+        num_warps=4,
+    )
     return q.view(x.shape), s.view(*x.shape[:-1], d // block)
 
 

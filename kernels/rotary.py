@@ -29,8 +29,22 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved:
 if HAS_TRITON:
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, m_total, s_xn, s_xm, s_cn, s_sn, s_on, s_om,
-                     HALF: tl.constexpr, BLOCK_M: tl.constexpr, INTERLEAVED: tl.constexpr):
+    def _rope_kernel(
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        o_ptr,
+        m_total,
+        s_xn,
+        s_xm,
+        s_cn,
+        s_sn,
+        s_on,
+        s_om,
+        HALF: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        INTERLEAVED: tl.constexpr,
+    ):
         n = tl.program_id(0).to(tl.int64)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_j = tl.arange(0, HALF)
@@ -67,8 +81,22 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
     out = torch.empty(n, m, d, device=x.device, dtype=torch.promote_types(x.dtype, cos.dtype))
     block_m = min(64, next_pow2(m))
     _rope_kernel[(n, triton.cdiv(m, block_m))](
-        xv, cos, sin, out, m, xv.stride(0), xv.stride(1), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
-        HALF=half, BLOCK_M=block_m, INTERLEAVED=interleaved, num_warps=4)
+        xv,
+        cos,
+        sin,
+        out,
+        m,
+        xv.stride(0),
+        xv.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        out.stride(0),
+        out.stride(1),
+        HALF=half,
+        BLOCK_M=block_m,
+        INTERLEAVED=interleaved,
+        num_warps=4,
+    )
     return out.view(x.shape)
 
 

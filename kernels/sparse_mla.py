@@ -54,21 +54,26 @@ def unpack_fp8_entries(raw: torch.Tensor, dl: int, dr: int, dtype: torch.dtype) 
     lead = raw.shape[:-1]
     raw = raw.reshape(-1, raw.shape[-1])
     q = raw[:, :dl].contiguous().view(torch.float8_e4m3fn).float()
-    scale = raw[:, dl:dl + 4 * ng].contiguous().view(torch.float32)
-    rope = raw[:, dl + 4 * ng:dl + 4 * ng + 2 * dr].contiguous().view(torch.bfloat16)
+    scale = raw[:, dl : dl + 4 * ng].contiguous().view(torch.float32)
+    rope = raw[:, dl + 4 * ng : dl + 4 * ng + 2 * dr].contiguous().view(torch.bfloat16)
     nope = (q.view(-1, ng, g) * scale[:, :, None]).view(-1, dl)
     return torch.cat([nope.to(dtype), rope.to(dtype)], dim=-1).view(*lead, dl + dr)
 
 
-def _check(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, block_tables: torch.Tensor,
-           indices: torch.Tensor) -> None:
+def _check(
+    q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, block_tables: torch.Tensor, indices: torch.Tensor
+) -> None:
     if q_lat.dim() != 3 or q_rope.shape[:2] != q_lat.shape[:2]:
-        raise ValueError(f"q_lat [B, H, Dl] and q_rope [B, H, Dr] must agree; got {tuple(q_lat.shape)}, {tuple(q_rope.shape)}")
+        raise ValueError(
+            f"q_lat [B, H, Dl] and q_rope [B, H, Dr] must agree; got {tuple(q_lat.shape)}, {tuple(q_rope.shape)}"
+        )
     if latent.dtype == torch.uint8:
         want = fp8_token_bytes(q_lat.shape[-1], q_rope.shape[-1])
         if latent.dim() != 4 or latent.shape[-1] != want or q_lat.shape[-1] % min(128, q_lat.shape[-1]):
-            raise ValueError(f"an FP8 latent pool must be uint8 [num_blocks, num_layers, block_size, {want}], "
-                             f"got {tuple(latent.shape)}")
+            raise ValueError(
+                f"an FP8 latent pool must be uint8 [num_blocks, num_layers, block_size, {want}], "
+                f"got {tuple(latent.shape)}"
+            )
     elif latent.dim() != 4 or latent.shape[-1] < q_lat.shape[-1] + q_rope.shape[-1]:
         raise ValueError(f"latent must be [num_blocks, num_layers, block_size, Dl + Dr], got {tuple(latent.shape)}")
     if indices.dim() != 2 or indices.shape[0] != q_lat.shape[0] or block_tables.shape[0] != q_lat.shape[0]:
@@ -78,22 +83,31 @@ def _check(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, bloc
 # ---------------------------------------------------------------------------------------------
 # reference
 # ---------------------------------------------------------------------------------------------
-def sparse_mla_decode_ref(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, layer: int,
-                          block_tables: torch.Tensor, indices: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def sparse_mla_decode_ref(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    indices: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
     _check(q_lat, q_rope, latent, block_tables, indices)
     dl, dr = q_lat.shape[-1], q_rope.shape[-1]
     bs = latent.shape[2]
     valid = indices >= 0
     idx = indices.long().clamp(min=0)
     blk = block_tables.long().gather(1, (idx // bs).clamp(max=block_tables.shape[1] - 1))
-    ent = latent[blk.clamp(0, latent.shape[0] - 1), layer, idx % bs]            # [B, K, Dl + Dr]
+    ent = latent[blk.clamp(0, latent.shape[0] - 1), layer, idx % bs]  # [B, K, Dl + Dr]
     if latent.dtype == torch.uint8:
         ent = unpack_fp8_entries(ent, dl, dr, q_lat.dtype)
-    lat, rope = ent[..., :dl], ent[..., dl:dl + dr]
-    logits = (torch.einsum("bhc,bkc->bhk", q_lat.float(), lat.float())
-              + torch.einsum("bhr,bkr->bhk", q_rope.float(), rope.float())) * softmax_scale
+    lat, rope = ent[..., :dl], ent[..., dl : dl + dr]
+    logits = (
+        torch.einsum("bhc,bkc->bhk", q_lat.float(), lat.float())
+        + torch.einsum("bhr,bkr->bhk", q_rope.float(), rope.float())
+    ) * softmax_scale
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0).to(lat.dtype)             # all-masked rows -> 0
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0).to(lat.dtype)  # all-masked rows -> 0
     return torch.einsum("bhk,bkc->bhc", p.float(), lat.float()).to(q_lat.dtype)
 
 
@@ -104,13 +118,45 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_mla_kernel(
-        ql_ptr, qr_ptr, lat_ptr, sc_ptr, rp_ptr, bt_ptr, idx_ptr, o_ptr, lse_ptr,
-        layer, topk, qk_scale, split_len,
-        s_qlb, s_qlh, s_qrb, s_qrh, s_l0, s_l1, s_l2, s_bt, s_ib,
-        s_ob, s_oh, s_os, s_lb, s_lh,
-        DL: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        MULTI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr,
-        FP8: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
+        ql_ptr,
+        qr_ptr,
+        lat_ptr,
+        sc_ptr,
+        rp_ptr,
+        bt_ptr,
+        idx_ptr,
+        o_ptr,
+        lse_ptr,
+        layer,
+        topk,
+        qk_scale,
+        split_len,
+        s_qlb,
+        s_qlh,
+        s_qrb,
+        s_qrh,
+        s_l0,
+        s_l1,
+        s_l2,
+        s_bt,
+        s_ib,
+        s_ob,
+        s_oh,
+        s_os,
+        s_lb,
+        s_lh,
+        DL: tl.constexpr,
+        DR: tl.constexpr,
+        BS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        MULTI: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
+        ROWS: tl.constexpr,
+        FP8: tl.constexpr,
+        G: tl.constexpr,
+        NG: tl.constexpr,
     ):
         b = tl.program_id(0)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -150,8 +196,9 @@ if HAS_TRITON:
                     s_g = tl.load(sc_ptr + off // 4 + DL // 4 + g, mask=valid, other=0.0)
                     scol = tl.where(grp[None, :] == g, s_g[:, None], scol)
                 kl = (kf * scol).to(ql_ptr.dtype.element_ty)
-                kr = tl.load(rp_ptr + (off // 2 + (DL + 4 * NG) // 2)[:, None] + offs_dr[None, :],
-                             mask=valid[:, None], other=0.0).to(ql_ptr.dtype.element_ty)
+                kr = tl.load(
+                    rp_ptr + (off // 2 + (DL + 4 * NG) // 2)[:, None] + offs_dr[None, :], mask=valid[:, None], other=0.0
+                ).to(ql_ptr.dtype.element_ty)
             else:
                 kl = tl.load(row[:, None] + offs_dl[None, :], mask=valid[:, None], other=0.0)
                 kr = tl.load(row[:, None] + DL + offs_dr[None, :], mask=valid[:, None], other=0.0)
@@ -184,8 +231,9 @@ if HAS_TRITON:
             tl.store(lse_ptr + b * s_lb + heads * s_lh + sp, lse)
 
     @triton.jit
-    def _entry_offsets_kernel(idx_ptr, bt_ptr, out_ptr, layer, topk, s_ib, s_bt, s_ob, s_l0, s_l1, s_l2,
-                              BS: tl.constexpr, BLOCK: tl.constexpr):
+    def _entry_offsets_kernel(
+        idx_ptr, bt_ptr, out_ptr, layer, topk, s_ib, s_bt, s_ob, s_l0, s_l1, s_l2, BS: tl.constexpr, BLOCK: tl.constexpr
+    ):
         b = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = offs < topk
@@ -197,8 +245,9 @@ if HAS_TRITON:
         tl.store(out_ptr + b * s_ob + offs, tl.where(valid, off, -1), mask=m)
 
     @triton.jit
-    def _merge_splits_kernel(part_ptr, lse_ptr, o_ptr, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-                             DL: tl.constexpr, SPLITS: tl.constexpr):
+    def _merge_splits_kernel(
+        part_ptr, lse_ptr, o_ptr, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh, DL: tl.constexpr, SPLITS: tl.constexpr
+    ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_s = tl.arange(0, SPLITS)
@@ -224,10 +273,22 @@ def _num_splits(bsz: int, head_groups: int, topk: int, block_n: int, sms: int = 
     return splits
 
 
-def sparse_mla_decode_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, layer: int,
-                             block_tables: torch.Tensor, indices: torch.Tensor, softmax_scale: float,
-                             *, block_h: int | None = None, block_n: int | None = None, num_splits: int | None = None,
-                             num_warps: int = 8, num_stages: int = 2, precompute_offsets: bool = False) -> torch.Tensor:
+def sparse_mla_decode_triton(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    indices: torch.Tensor,
+    softmax_scale: float,
+    *,
+    block_h: int | None = None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 8,
+    num_stages: int = 2,
+    precompute_offsets: bool = False,
+) -> torch.Tensor:
     require_triton()
     _check(q_lat, q_rope, latent, block_tables, indices)
     bsz, heads, dl = q_lat.shape
@@ -265,33 +326,96 @@ def sparse_mla_decode_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: 
     if precompute_offsets:  # one small kernel turns positions into entry offsets: one dependent load less per step
         sel = torch.empty(bsz, topk, device=q_lat.device, dtype=torch.int64)
         _entry_offsets_kernel[(bsz, triton.cdiv(topk, 1024))](
-            indices, block_tables, sel, layer, topk, indices.stride(0), block_tables.stride(0), sel.stride(0),
-            latent.stride(0), latent.stride(1), latent.stride(2), BS=bs, BLOCK=1024, num_warps=4)
+            indices,
+            block_tables,
+            sel,
+            layer,
+            topk,
+            indices.stride(0),
+            block_tables.stride(0),
+            sel.stride(0),
+            latent.stride(0),
+            latent.stride(1),
+            latent.stride(2),
+            BS=bs,
+            BLOCK=1024,
+            num_warps=4,
+        )
     fp8 = latent.dtype == torch.uint8
     # the FP8 entry's scales and rope, addressed as fp32 / bf16 elements of the same bytes
     sc, rp = (latent.view(torch.float32), latent.view(torch.bfloat16)) if fp8 else (latent, latent)
     kern[(bsz, groups, splits)](
-        q_lat, q_rope, latent, sc, rp, block_tables, sel, part, lse,
-        layer, topk, softmax_scale * math.log2(math.e), split_len,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
-        latent.stride(0), latent.stride(1), latent.stride(2), block_tables.stride(0), sel.stride(0),
-        *s_o, lse.stride(0) if splits_p2 > 1 else 0, lse.stride(1) if splits_p2 > 1 else 0,
-        DL=dl, DR=dr, BS=bs, BLOCK_H=block_h, BLOCK_N=block_n, MULTI=splits_p2 > 1,
-        UPCAST=interpreting(kern), IEEE=q_lat.dtype == torch.float32, ROWS=precompute_offsets,
-        FP8=fp8, G=min(128, dl), NG=dl // min(128, dl), num_warps=num_warps, num_stages=num_stages,
+        q_lat,
+        q_rope,
+        latent,
+        sc,
+        rp,
+        block_tables,
+        sel,
+        part,
+        lse,
+        layer,
+        topk,
+        softmax_scale * math.log2(math.e),
+        split_len,
+        q_lat.stride(0),
+        q_lat.stride(1),
+        q_rope.stride(0),
+        q_rope.stride(1),
+        latent.stride(0),
+        latent.stride(1),
+        latent.stride(2),
+        block_tables.stride(0),
+        sel.stride(0),
+        *s_o,
+        lse.stride(0) if splits_p2 > 1 else 0,
+        lse.stride(1) if splits_p2 > 1 else 0,
+        DL=dl,
+        DR=dr,
+        BS=bs,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        MULTI=splits_p2 > 1,
+        UPCAST=interpreting(kern),
+        IEEE=q_lat.dtype == torch.float32,
+        ROWS=precompute_offsets,
+        FP8=fp8,
+        G=min(128, dl),
+        NG=dl // min(128, dl),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits_p2 > 1:
         _merge_splits_kernel[(bsz, heads)](
-            part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1), DL=dl, SPLITS=splits_p2, num_warps=4)
+            part,
+            lse,
+            out,
+            part.stride(0),
+            part.stride(1),
+            part.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            DL=dl,
+            SPLITS=splits_p2,
+            num_warps=4,
+        )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
-def sparse_mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, layer: int,
-                      block_tables: torch.Tensor, indices: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def sparse_mla_decode(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    indices: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
     """Absorbed-form MLA over the selected cache entries only.
 
     Args:

@@ -323,9 +323,7 @@ class PeerMetadata:
         if magic != _MD_MAGIC:
             raise HandshakeError("not splitserve kvtransfer metadata (bad magic)")
         if version != WIRE_VERSION:
-            raise HandshakeError(
-                f"metadata wire version {version} is not supported (this side speaks {WIRE_VERSION})"
-            )
+            raise HandshakeError(f"metadata wire version {version} is not supported (this side speaks {WIRE_VERSION})")
         if hlen > _MAX_HEADER_BYTES or _MD_PREFIX.size + hlen > len(data):
             raise HandshakeError(f"metadata header length {hlen} does not fit in {len(data)} bytes")
         raw = data[_MD_PREFIX.size : _MD_PREFIX.size + hlen]

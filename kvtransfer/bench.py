@@ -190,8 +190,9 @@ def _nixl_prepped(t: Any, cases: dict[str, tuple[list[int], list[int]]], repeats
     return out
 
 
-def run(backend: str, device: str, blocks: int, block_bytes: tuple[int, ...], repeats: int,
-        tokens: int = 0) -> list[Row]:
+def run(
+    backend: str, device: str, blocks: int, block_bytes: tuple[int, ...], repeats: int, tokens: int = 0
+) -> list[Row]:
     ctx = mp.get_context("spawn")
     num_blocks = 2 * blocks
     procs, conns = [], {}
@@ -258,14 +259,18 @@ def preset_block_bytes(preset: str, block_size: int = 64) -> tuple[int, ...]:
 def _print(rows: list[Row]) -> None:
     region = {(r.backend, r.device, r.tokens): r.median_ms for r in rows if r.case == "one region"}
     base = {(r.backend, r.device, r.tokens): r.median_ms for r in rows if r.case == "contiguous"}
-    print(f"{'backend':8} {'device':6} {'tokens':>6} {'case':40} {'blocks':>6} {'descs':>6} {'MB':>8} {'ms':>9} "
-          f"{'GB/s':>7} {'x contig':>8} {'of region':>9}")
+    print(
+        f"{'backend':8} {'device':6} {'tokens':>6} {'case':40} {'blocks':>6} {'descs':>6} {'MB':>8} {'ms':>9} "
+        f"{'GB/s':>7} {'x contig':>8} {'of region':>9}"
+    )
     for r in rows:
         key = (r.backend, r.device, r.tokens)
         ratio = r.median_ms / base[key] if key in base else float("nan")
         of_region = region[key] / r.median_ms if key in region else float("nan")
-        print(f"{r.backend:8} {r.device:6} {r.tokens:6d} {r.case:40} {r.blocks:6d} {r.descriptors:6d} {r.mbytes:8.2f} "
-              f"{r.median_ms:9.3f} {r.gbps:7.2f} {ratio:8.2f} {of_region:9.2f}")
+        print(
+            f"{r.backend:8} {r.device:6} {r.tokens:6d} {r.case:40} {r.blocks:6d} {r.descriptors:6d} {r.mbytes:8.2f} "
+            f"{r.median_ms:9.3f} {r.gbps:7.2f} {ratio:8.2f} {of_region:9.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,9 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", nargs="+", default=["tcp", "nixl"], choices=["tcp", "nixl"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--blocks", type=int, default=64, help="blocks per transfer (without --tokens)")
-    ap.add_argument("--block-kb", type=int, nargs="+", default=[256, 64], help="block size of each pool, KiB (without --tokens)")
+    ap.add_argument(
+        "--block-kb", type=int, nargs="+", default=[256, 64], help="block size of each pool, KiB (without --tokens)"
+    )
     ap.add_argument("--preset", default="bench", help="model preset whose cache layout --tokens uses")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[], help="request sizes in tokens (e.g. 1024 4096 16384 32768)")
+    ap.add_argument(
+        "--tokens", type=int, nargs="+", default=[], help="request sizes in tokens (e.g. 1024 4096 16384 32768)"
+    )
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -298,8 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     _print(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": "splitserve bench transfer " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump(
+                {
+                    "command": "splitserve bench transfer " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "rows": [asdict(r) for r in rows],
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -243,9 +243,7 @@ class TransportCore(Transport):
         with self._lock:
             self._peers[md.name] = md
             self._peer_raw[md.name] = raw
-        logger.info(
-            "%r added peer %r at %s (compat %s)", self._name, md.name, md.address or "-", md.compat.digest()
-        )
+        logger.info("%r added peer %r at %s (compat %s)", self._name, md.name, md.address or "-", md.compat.digest())
         return md.name
 
     def remove_peer(self, name: str) -> None:
@@ -274,8 +272,10 @@ class TransportCore(Transport):
         if not self._pool_infos:
             raise RuntimeError(f"transport {self._name!r}: register_pools before enable_staging")
         if start < 0 or start + count > self._pool_infos[0].num_blocks:
-            raise ValueError(f"staging blocks [{start}, {start + count}) are outside the pools' "
-                             f"{self._pool_infos[0].num_blocks} blocks")
+            raise ValueError(
+                f"staging blocks [{start}, {start + count}) are outside the pools' "
+                f"{self._pool_infos[0].num_blocks} blocks"
+            )
         self._staging = StagingArea(start, count) if count > 0 else None
 
     @property
@@ -287,7 +287,9 @@ class TransportCore(Transport):
             self._staging.give_back(*rec.stage)
         rec.stage = None
 
-    def _stage(self, local: np.ndarray, remote: np.ndarray, runs: np.ndarray) -> tuple[np.ndarray, tuple[int, int] | None]:
+    def _stage(
+        self, local: np.ndarray, remote: np.ndarray, runs: np.ndarray
+    ) -> tuple[np.ndarray, tuple[int, int] | None]:
         """Gather scattered local blocks into the staging area when that cuts the descriptors."""
         st = self._staging
         n = len(local)
@@ -324,8 +326,9 @@ class TransportCore(Transport):
         stage = None
         if self._staging is not None and len(runs) > 1:
             local_a = np.asarray(local_block_ids, dtype=np.int64)
-            if self._staging.start < local_n and bool(((local_a >= self._staging.start)
-                                                       & (local_a < self._staging.start + self._staging.count)).any()):
+            if self._staging.start < local_n and bool(
+                ((local_a >= self._staging.start) & (local_a < self._staging.start + self._staging.count)).any()
+            ):
                 raise ValueError("local block ids inside the staging area")
             runs, stage = self._stage(local_a, np.asarray(remote_block_ids, dtype=np.int64), runs)
         dev = self._pools[0].device
@@ -334,6 +337,7 @@ class TransportCore(Transport):
             # wrote into these blocks (the step's cache writes, the MTP layer's catch-up, the gather into
             # the staging area) must be done first
             import torch
+
             torch.cuda.current_stream(dev).synchronize()
         with self._lock:
             md = self._peers.get(peer)

@@ -62,8 +62,9 @@ class FakeNetwork:
 class FakeTransport(Transport):
     backend = "fake"
 
-    def __init__(self, name: str, network: FakeNetwork, compat: Compat | None = None,
-                 faults: Faults | None = None) -> None:
+    def __init__(
+        self, name: str, network: FakeNetwork, compat: Compat | None = None, faults: Faults | None = None
+    ) -> None:
         self._name, self.net, self._compat = name, network, compat or Compat()
         self.faults = faults or Faults()
         self.pools: list[torch.Tensor] = []
@@ -71,7 +72,7 @@ class FakeTransport(Transport):
         self._peers: set[str] = set()
         self._writes: dict[int, _Write] = {}
         self._inbox: dict[str, list[bytes]] = {}
-        self.landed = 0        # writes that landed (test introspection)
+        self.landed = 0  # writes that landed (test introspection)
         with network.lock:
             network.transports[name] = self
 
@@ -110,13 +111,19 @@ class FakeTransport(Transport):
     def peers(self) -> list[str]:
         return sorted(self._peers)
 
-    def write_blocks(self, peer: str, local_block_ids: Sequence[int], remote_block_ids: Sequence[int],
-                     notif: bytes | None = None) -> TransferHandle:
+    def write_blocks(
+        self, peer: str, local_block_ids: Sequence[int], remote_block_ids: Sequence[int], notif: bytes | None = None
+    ) -> TransferHandle:
         if len(local_block_ids) != len(remote_block_ids):
             raise ValueError("local and remote block lists differ in length")
         with self.net.lock:
-            h = TransferHandle(next(self.net.ids), peer, len(local_block_ids), len(self.pools) or 1,
-                               sum(p[0].nbytes for p in self.pools) * len(local_block_ids))
+            h = TransferHandle(
+                next(self.net.ids),
+                peer,
+                len(local_block_ids),
+                len(self.pools) or 1,
+                sum(p[0].nbytes for p in self.pools) * len(local_block_ids),
+            )
             w = _Write(h, list(local_block_ids), list(remote_block_ids), notif, time.monotonic() + self.faults.delay_s)
             if self.faults.fail_writes:
                 w.state, w.error = TransferState.FAILED, f"injected: {peer} unreachable"
@@ -139,8 +146,11 @@ class FakeTransport(Transport):
             return
         if self.faults.hold or time.monotonic() < w.lands_at:
             return
-        earlier = [x for x in self._writes.values() if x.handle.peer == w.handle.peer
-                   and x.handle.xfer_id < w.handle.xfer_id and not x.state.finished]
+        earlier = [
+            x
+            for x in self._writes.values()
+            if x.handle.peer == w.handle.peer and x.handle.xfer_id < w.handle.xfer_id and not x.state.finished
+        ]
         for x in earlier:  # the ordering rule: earlier writes to the peer land first
             self._advance(x)
             if not x.state.finished:

@@ -125,9 +125,7 @@ class NixlTransport(TransportCore):
 
     backend = "nixl"
 
-    def __init__(
-        self, name: str, compat: Compat, host: str = "127.0.0.1", config: NixlConfig | None = None
-    ) -> None:
+    def __init__(self, name: str, compat: Compat, host: str = "127.0.0.1", config: NixlConfig | None = None) -> None:
         cfg = config if config is not None else NixlConfig()
         super().__init__(name, compat, cfg)
         self._cfg = cfg
@@ -171,9 +169,7 @@ class NixlTransport(TransportCore):
         regs: list[Any] = []
         try:
             for info in infos:
-                regs.append(
-                    self.agent.register_memory([(info.base_addr, info.nbytes, info.dev_id, "")], info.mem_type)
-                )
+                regs.append(self.agent.register_memory([(info.base_addr, info.nbytes, info.dev_id, "")], info.mem_type))
         except Exception as e:
             for r in regs:
                 self._deregister(r)
@@ -192,15 +188,11 @@ class NixlTransport(TransportCore):
             try:
                 got = self.agent.add_remote_agent(md.blob)
             except Exception as e:
-                raise HandshakeError(
-                    f"NIXL could not load the metadata of {md.name!r}: {type(e).__name__}: {e}"
-                ) from e
+                raise HandshakeError(f"NIXL could not load the metadata of {md.name!r}: {type(e).__name__}: {e}") from e
             got_name = got.decode() if isinstance(got, bytes) else str(got)
             if got_name != md.name:
                 self._forget_agent(got_name)
-                raise HandshakeError(
-                    f"peer metadata names {md.name!r} but its NIXL agent is called {got_name!r}"
-                )
+                raise HandshakeError(f"peer metadata names {md.name!r} but its NIXL agent is called {got_name!r}")
 
     def _forget_agent(self, name: str) -> None:
         try:
@@ -262,9 +254,7 @@ class NixlTransport(TransportCore):
         """Drive unfinished transfers (and so their notifications) without the caller polling."""
         while not self._stop.is_set():
             with self._lock:
-                active = sorted(
-                    (r for r in self._active if not r.state.finished), key=lambda r: r.handle.xfer_id
-                )
+                active = sorted((r for r in self._active if not r.state.finished), key=lambda r: r.handle.xfer_id)
                 self._active.difference_update([r for r in self._active if r.state.finished])
                 if not active:
                     self._wake.clear()

@@ -51,6 +51,6 @@ class Notice:
         if version != NOTICE_VERSION:
             raise BadNotice(f"notice version {version}; this side speaks {NOTICE_VERSION}")
         try:
-            return cls(NoticeKind(kind), data[_HEAD.size:].decode(), epoch, version)
+            return cls(NoticeKind(kind), data[_HEAD.size :].decode(), epoch, version)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadNotice(f"malformed notice: {e}") from e

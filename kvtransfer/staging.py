@@ -58,8 +58,9 @@ def copy_blocks_ref(pools: Sequence[torch.Tensor], src: torch.Tensor, dst: torch
         w.index_copy_(0, dst, w.index_select(0, src))
 
 
-def copy_blocks_triton(pools: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor,
-                       block_words: int = 2048) -> None:
+def copy_blocks_triton(
+    pools: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, block_words: int = 2048
+) -> None:
     """Copy block src[i] to block dst[i] in every pool (src and dst disjoint)."""
     n = int(src.numel())
     if n == 0:
@@ -71,8 +72,11 @@ def copy_blocks_triton(pools: Sequence[torch.Tensor], src: torch.Tensor, dst: to
         _copy_rows_kernel[grid](w, src, dst, row, BLOCK=block_words)
 
 
-def copy_blocks(pools: Sequence[torch.Tensor], src: Sequence[int] | np.ndarray | torch.Tensor,
-                dst: Sequence[int] | np.ndarray | torch.Tensor) -> None:
+def copy_blocks(
+    pools: Sequence[torch.Tensor],
+    src: Sequence[int] | np.ndarray | torch.Tensor,
+    dst: Sequence[int] | np.ndarray | torch.Tensor,
+) -> None:
     """Copy whole blocks src[i] -> dst[i] in every pool (the two sets disjoint), on the pools' device
     and the current stream (so after the engine step that wrote them)."""
     if not pools:
@@ -97,8 +101,8 @@ class StagingArea:
         self.start, self.count = start, count
         self._free = np.ones(count, dtype=bool)
         self._lock = threading.Lock()
-        self.staged_writes = 0     # writes that went through the staging area
-        self.unstaged_writes = 0   # scattered writes that found no room (posted block by block)
+        self.staged_writes = 0  # writes that went through the staging area
+        self.unstaged_writes = 0  # scattered writes that found no room (posted block by block)
 
     @property
     def num_free(self) -> int:
@@ -115,12 +119,12 @@ class StagingArea:
             if not starts.size:
                 return None
             s = int(starts[0])
-            self._free[s:s + n] = False
+            self._free[s : s + n] = False
             return self.start + s
 
     def give_back(self, first: int, n: int) -> None:
         with self._lock:
             i = first - self.start
-            if i < 0 or i + n > self.count or self._free[i:i + n].any():
+            if i < 0 or i + n > self.count or self._free[i : i + n].any():
                 raise RuntimeError(f"staging blocks [{first}, {first + n}) were not taken")
-            self._free[i:i + n] = True
+            self._free[i : i + n] = True

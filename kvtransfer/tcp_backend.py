@@ -123,7 +123,6 @@ def _proof(secret: bytes, hello: bytes) -> bytes:
     return hmac.new(secret, b"splitserve-kvtcp-hello\0" + hello, hashlib.sha256).digest()
 
 
-
 def _send_frame(
     sock: socket.socket, kind: _Kind, a: int = 0, b: int = 0, c: int = 0, payload: bytes | memoryview = b""
 ) -> None:
@@ -244,9 +243,7 @@ class TcpTransport(TransportCore):
 
     backend = "tcp"
 
-    def __init__(
-        self, name: str, compat: Compat, host: str = "127.0.0.1", config: TcpConfig | None = None
-    ) -> None:
+    def __init__(self, name: str, compat: Compat, host: str = "127.0.0.1", config: TcpConfig | None = None) -> None:
         cfg = config if config is not None else TcpConfig()
         super().__init__(name, compat, cfg)
         self._cfg = cfg
@@ -262,9 +259,7 @@ class TcpTransport(TransportCore):
         port = self._lsock.getsockname()[1]
         adv = cfg.advertise_host or (socket.gethostname() if host in ("", "0.0.0.0", "::") else host)
         self._addr = _format_address(adv, port)
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name=f"kvtcp-accept-{name}", daemon=True
-        )
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"kvtcp-accept-{name}", daemon=True)
         self._accept_thread.start()
         logger.info("tcp transport %r listening on %s", name, self._addr)
 
@@ -455,9 +450,7 @@ class TcpTransport(TransportCore):
                     return
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = threading.Thread(
-                target=self._serve, args=(conn, addr), name=f"kvtcp-recv-{self.name}", daemon=True
-            )
+            t = threading.Thread(target=self._serve, args=(conn, addr), name=f"kvtcp-recv-{self.name}", daemon=True)
             with self._lock:
                 if self._stop.is_set():
                     conn.close()
@@ -498,8 +491,9 @@ class TcpTransport(TransportCore):
         secret = self._config.secret
         if secret is not None and not hmac.compare_digest(proof, _proof(secret, payload)):
             logger.warning("%r refused a peer without the cluster secret", self.name)
-            _send_frame(sock, _Kind.HELLO_ERR, payload=b"unauthenticated: the handshake does not prove the "
-                                                       b"cluster secret")
+            _send_frame(
+                sock, _Kind.HELLO_ERR, payload=b"unauthenticated: the handshake does not prove the cluster secret"
+            )
             return None
         try:
             if not self._pool_infos:

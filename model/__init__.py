@@ -18,12 +18,33 @@ if TYPE_CHECKING:
     from .loader import CheckpointError, load
     from .network import DeepseekV32
 
-__all__ = ["load", "DeepseekV32", "ModelConfig", "RopeConfig", "ConfigError", "CheckpointError",
-           "ForwardBatch", "SeqSpan", "KVStore", "DenseStore", "IndexerKeys"]
+__all__ = [
+    "load",
+    "DeepseekV32",
+    "ModelConfig",
+    "RopeConfig",
+    "ConfigError",
+    "CheckpointError",
+    "ForwardBatch",
+    "SeqSpan",
+    "KVStore",
+    "DenseStore",
+    "IndexerKeys",
+]
 
-_WHERE = {"DenseStore": "batch", "ForwardBatch": "batch", "IndexerKeys": "batch", "KVStore": "batch",
-          "SeqSpan": "batch", "ConfigError": "config", "ModelConfig": "config", "RopeConfig": "config",
-          "CheckpointError": "loader", "load": "loader", "DeepseekV32": "network"}
+_WHERE = {
+    "DenseStore": "batch",
+    "ForwardBatch": "batch",
+    "IndexerKeys": "batch",
+    "KVStore": "batch",
+    "SeqSpan": "batch",
+    "ConfigError": "config",
+    "ModelConfig": "config",
+    "RopeConfig": "config",
+    "CheckpointError": "loader",
+    "load": "loader",
+    "DeepseekV32": "network",
+}
 
 
 def __getattr__(name: str) -> Any:

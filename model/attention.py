@@ -51,28 +51,31 @@ class Indexer(nn.Module):
         self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
-        self.softmax_scale = self.head_dim ** -0.5
+        self.softmax_scale = self.head_dim**-0.5
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim:]
+        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]
         rot = rope(rot, cos, sin, self.cfg.indexer_rope_interleave)
         return torch.cat([rot, rest], dim=-1)
 
     def keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> IndexerKeys:
         """k = wk(x) [N, head_dim] -> the N tokens' cacheable keys."""
-        k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(), 1e-6).to(k.dtype)
+        k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(), 1e-6).to(
+            k.dtype
+        )
         k = self._rope(k, cos, sin)
         if not self.fp8:
             return IndexerKeys(k)
         kq, ks = act_quant(hadamard_rotate(k), self.head_dim)
         return IndexerKeys(kq, ks[:, 0])
 
-    def queries(self, q_resid: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(
+        self, q_resid: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (q [N, heads, D] (float, or e4m3 on the FP8 path), head weights [N, heads] fp32 with scales folded in)."""
         n = x.shape[0]
         q = self._rope(self.wq_b(q_resid).view(n, self.n_heads, self.head_dim), cos, sin)
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5
         if not self.fp8:
             return q, w
         qq, qs = act_quant(hadamard_rotate(q), self.head_dim)
@@ -157,7 +160,7 @@ class MLA(nn.Module):
             return self.o_proj(out.reshape(n, h * cfg.v_head_dim))
         assert batch.store is not None
         for i, sp in enumerate(batch.spans):
-            batch.store.write(self.layer, i, entries[sp.start:sp.end], keys[sp.start:sp.end])
+            batch.store.write(self.layer, i, entries[sp.start : sp.end], keys[sp.start : sp.end])
 
         out = x.new_empty(n, h, cfg.v_head_dim)
         for i, sp in enumerate(batch.spans):
@@ -165,14 +168,22 @@ class MLA(nn.Module):
             if sp.total_len <= cfg.index_topk:  # every visible key is selected: skip scoring
                 allowed = select_topk(cache.new_empty(sp.length, sp.total_len), sp, cfg.index_topk)
             else:
-                scores = self.indexer.scores(q_idx[sp.start:sp.end], w_idx[sp.start:sp.end], cache_keys)
+                scores = self.indexer.scores(q_idx[sp.start : sp.end], w_idx[sp.start : sp.end], cache_keys)
                 allowed = select_topk(scores, sp, cfg.index_topk)
             attend = self._absorbed if sp.absorbed else self._decompressed
-            out[sp.start:sp.end] = attend(q_nope[sp.start:sp.end], q_rope[sp.start:sp.end], cache, allowed)
+            out[sp.start : sp.end] = attend(q_nope[sp.start : sp.end], q_rope[sp.start : sp.end], cache, allowed)
         return self.o_proj(out.reshape(n, h * cfg.v_head_dim))
 
-    def _rows(self, q_nope: torch.Tensor, q_rope: torch.Tensor, entries: torch.Tensor, keys: IndexerKeys,
-              q_idx: torch.Tensor, w_idx: torch.Tensor, rows: PagedRows) -> torch.Tensor:
+    def _rows(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        entries: torch.Tensor,
+        keys: IndexerKeys,
+        q_idx: torch.Tensor,
+        w_idx: torch.Tensor,
+        rows: PagedRows,
+    ) -> torch.Tensor:
         """Every row one query over the paged pools: write, select top-k, sparse absorbed attention."""
         cfg, pools = self.cfg, rows.pools
         pools.write(self.layer, rows.slots, entries, keys)
@@ -180,20 +191,30 @@ class MLA(nn.Module):
             q_sel, w_sel, k_cache = q_idx.to(pools.ikeys.dtype), w_idx * self.indexer.softmax_scale, pools.ikeys
         else:
             q_sel, w_sel, k_cache = q_idx, w_idx, pools.ikeys
-        selected = indexer_topk_decode(q_sel, w_sel.float().contiguous(), k_cache, pools.iscale, self.layer,
-                                       rows.block_tables, rows.seq_lens, cfg.index_topk)
+        selected = indexer_topk_decode(
+            q_sel,
+            w_sel.float().contiguous(),
+            k_cache,
+            pools.iscale,
+            self.layer,
+            rows.block_tables,
+            rows.seq_lens,
+            cfg.index_topk,
+        )
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)
-        o_lat = sparse_mla_decode(q_lat, q_rope, pools.latent, self.layer, rows.block_tables,
-                                  selected, cfg.softmax_scale)
+        o_lat = sparse_mla_decode(
+            q_lat, q_rope, pools.latent, self.layer, rows.block_tables, selected, cfg.softmax_scale
+        )
         return torch.einsum("nhc,hdc->nhd", o_lat, w_uv)
 
     def _softmax(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         logits = logits.float() * self.cfg.softmax_scale
         return torch.softmax(logits.masked_fill(~allowed[None], float("-inf")), dim=-1)
 
-    def _decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
-                      allowed: torch.Tensor) -> torch.Tensor:
+    def _decompressed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
         """q_nope [n, H, 128], q_rope [n, H, 64], cache [L, 576], allowed [n, L] -> [n, H, v_head_dim]."""
         cfg = self.cfg
         lat, k_rope = cache.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
@@ -207,10 +228,11 @@ class MLA(nn.Module):
         """kv_b_proj split into W_uk [H, nope, kv_lora] and W_uv [H, v_head, kv_lora]."""
         cfg = self.cfg
         w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
+        return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
 
-    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
-                  allowed: torch.Tensor) -> torch.Tensor:
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
         cfg = self.cfg
         w_uk, w_uv = self.absorbed_weights()
         lat, k_rope = cache.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)

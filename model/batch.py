@@ -44,11 +44,11 @@ class IndexerKeys:
     values: torch.Tensor
     scale: torch.Tensor | None = None
 
-    def __getitem__(self, idx: slice) -> "IndexerKeys":
+    def __getitem__(self, idx: slice) -> IndexerKeys:
         return IndexerKeys(self.values[idx], None if self.scale is None else self.scale[idx])
 
     @staticmethod
-    def cat(parts: list["IndexerKeys"]) -> "IndexerKeys":
+    def cat(parts: list[IndexerKeys]) -> IndexerKeys:
         vals = torch.cat([p.values for p in parts])
         if parts[0].scale is None:
             return IndexerKeys(vals)
@@ -91,9 +91,9 @@ class DenseStore:
 class PagedPools(Protocol):
     """The paged cache tensors the attention kernels read in place (engine.cache.CachePool)."""
 
-    latent: torch.Tensor               # [num_blocks, num_layers, block_size, latent_dim]
-    ikeys: torch.Tensor                # [num_blocks, num_layers, block_size, index_head_dim]
-    iscale: torch.Tensor | None        # [num_blocks, num_layers, block_size] fp32 (FP8 indexer)
+    latent: torch.Tensor  # [num_blocks, num_layers, block_size, latent_dim]
+    ikeys: torch.Tensor  # [num_blocks, num_layers, block_size, index_head_dim]
+    iscale: torch.Tensor | None  # [num_blocks, num_layers, block_size] fp32 (FP8 indexer)
     latent_fp8: bool
 
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, keys: IndexerKeys) -> None: ...
@@ -108,8 +108,8 @@ class PagedRows:
 
     pools: PagedPools
     block_tables: torch.Tensor  # [N, max_blocks] int32
-    seq_lens: torch.Tensor      # [N] int32
-    slots: torch.Tensor         # [N] int64
+    seq_lens: torch.Tensor  # [N] int32
+    slots: torch.Tensor  # [N] int64
 
 
 @dataclass
@@ -126,8 +126,9 @@ class ForwardBatch:
     rows: PagedRows | None = None
 
     @staticmethod
-    def single(input_ids: torch.Tensor, store: KVStore | None = None, context_len: int = 0,
-               absorbed: bool = False) -> "ForwardBatch":
+    def single(
+        input_ids: torch.Tensor, store: KVStore | None = None, context_len: int = 0, absorbed: bool = False
+    ) -> ForwardBatch:
         n = input_ids.shape[0]
         pos = torch.arange(context_len, context_len + n, device=input_ids.device)
         return ForwardBatch(input_ids, pos, [SeqSpan(0, n, context_len, absorbed)], store or DenseStore())

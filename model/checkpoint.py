@@ -32,28 +32,90 @@ from .fp8 import quantize_weight
 
 log = logging.getLogger(__name__)
 
-_YARN = RopeConfig(rope_type="yarn", theta=10000.0, factor=40.0, original_max_position_embeddings=4096,
-                   beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+_YARN = RopeConfig(
+    rope_type="yarn",
+    theta=10000.0,
+    factor=40.0,
+    original_max_position_embeddings=4096,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
-        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
-        first_k_dense_replace=1, index_n_heads=16, index_head_dim=32, index_topk=32, max_position_embeddings=4096,
-        rope=replace(_YARN, original_max_position_embeddings=256)),
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        index_n_heads=16,
+        index_head_dim=32,
+        index_topk=32,
+        max_position_embeddings=4096,
+        rope=replace(_YARN, original_max_position_embeddings=256),
+    ),
     "small": ModelConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=8, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
-        v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2,
-        first_k_dense_replace=1, index_n_heads=8, index_head_dim=64, index_topk=128, max_position_embeddings=16384,
-        rope=replace(_YARN, original_max_position_embeddings=1024)),
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=32,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        index_n_heads=8,
+        index_head_dim=64,
+        index_topk=128,
+        max_position_embeddings=16384,
+        rope=replace(_YARN, original_max_position_embeddings=1024),
+    ),
     "bench": ModelConfig(
-        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=4,
-        num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, n_routed_experts=16, num_experts_per_tok=8, n_shared_experts=1, n_group=8, topk_group=4,
-        first_k_dense_replace=1, index_n_heads=64, index_head_dim=128, index_topk=2048,
-        max_position_embeddings=163840, rope=_YARN),
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=16,
+        num_experts_per_tok=8,
+        n_shared_experts=1,
+        n_group=8,
+        topk_group=4,
+        first_k_dense_replace=1,
+        index_n_heads=64,
+        index_head_dim=128,
+        index_topk=2048,
+        max_position_embeddings=163840,
+        rope=_YARN,
+    ),
 }
 
 
@@ -68,14 +130,22 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, cfg:
     if name.endswith("embed_tokens.weight"):
         return torch.randn(shape, generator=gen)
     fan_in = shape[-1]
-    std = fan_in ** -0.5
+    std = fan_in**-0.5
     if name.endswith(("lm_head.weight", "shared_head.head.weight")):
         std *= 4.0  # a peakier next-token distribution than uniform, so greedy text is not noise
     return torch.randn(shape, generator=gen) * std
 
 
-def make_checkpoint(preset: str | ModelConfig, out: str | Path, *, fp8: bool = False, seed: int = 0,
-                    dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 << 30, mtp: bool = True) -> Path:
+def make_checkpoint(
+    preset: str | ModelConfig,
+    out: str | Path,
+    *,
+    fp8: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = 2 << 30,
+    mtp: bool = True,
+) -> Path:
     """Write a random-weight checkpoint directory; returns its path."""
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     if fp8:
@@ -130,15 +200,31 @@ def make_checkpoint(preset: str | ModelConfig, out: str | Path, *, fp8: bool = F
             if home == fname:
                 final_map[k] = new
     total = sum((out / f).stat().st_size for f in set(final_map.values()))
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(final_map.items()))}, indent=1))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(final_map.items()))}, indent=1)
+    )
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
-         "temperature": 1.0, "top_p": 0.95}, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": cfg.bos_token_id,
+                "eos_token_id": cfg.eos_token_id,
+                "do_sample": True,
+                "temperature": 1.0,
+                "top_p": 0.95,
+            },
+            indent=2,
+        )
+    )
     _write_tokenizer(cfg, out)
-    log.info("wrote %s checkpoint to %s (%d shards, %.2f GB%s)", preset if isinstance(preset, str) else "custom",
-             out, len(shard_names), total / 1e9, ", fp8" if fp8 else "")
+    log.info(
+        "wrote %s checkpoint to %s (%d shards, %.2f GB%s)",
+        preset if isinstance(preset, str) else "custom",
+        out,
+        len(shard_names),
+        total / 1e9,
+        ", fp8" if fp8 else "",
+    )
     return out
 
 
@@ -147,6 +233,14 @@ def _write_tokenizer(cfg: ModelConfig, out: Path) -> None:
 
     tok = make_tokenizer(cfg.vocab_size)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
-        "model_max_length": cfg.max_position_embeddings, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<｜begin▁of▁sentence｜>",
+                "eos_token": "<｜end▁of▁sentence｜>",
+                "model_max_length": cfg.max_position_embeddings,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            },
+            indent=2,
+        )
+    )

@@ -37,8 +37,11 @@ def _ffn(cfg: ModelConfig, p: str, layer: int, fused_experts: bool) -> dict[str,
     hid = cfg.hidden_size
     if not cfg.is_moe_layer(layer):
         i = cfg.intermediate_size
-        return {f"{p}.mlp.gate_proj.weight": (i, hid), f"{p}.mlp.up_proj.weight": (i, hid),
-                f"{p}.mlp.down_proj.weight": (hid, i)}
+        return {
+            f"{p}.mlp.gate_proj.weight": (i, hid),
+            f"{p}.mlp.up_proj.weight": (i, hid),
+            f"{p}.mlp.down_proj.weight": (hid, i),
+        }
     i, e = cfg.moe_intermediate_size, cfg.n_routed_experts
     out: dict[str, Shape] = {f"{p}.mlp.gate.weight": (e, hid), f"{p}.mlp.gate.e_score_correction_bias": (e,)}
     if fused_experts:
@@ -59,8 +62,12 @@ def _ffn(cfg: ModelConfig, p: str, layer: int, fused_experts: bool) -> dict[str,
 
 def _layer(cfg: ModelConfig, layer: int, fused_experts: bool) -> dict[str, Shape]:
     p = f"model.layers.{layer}"
-    return {f"{p}.input_layernorm.weight": (cfg.hidden_size,), f"{p}.post_attention_layernorm.weight": (cfg.hidden_size,),
-            **_attention(cfg, p), **_ffn(cfg, p, layer, fused_experts)}
+    return {
+        f"{p}.input_layernorm.weight": (cfg.hidden_size,),
+        f"{p}.post_attention_layernorm.weight": (cfg.hidden_size,),
+        **_attention(cfg, p),
+        **_ffn(cfg, p, layer, fused_experts),
+    }
 
 
 def mtp_tensor_shapes(cfg: ModelConfig, fused_experts: bool = False) -> dict[str, Shape]:
@@ -70,9 +77,12 @@ def mtp_tensor_shapes(cfg: ModelConfig, fused_experts: bool = False) -> dict[str
     hid = cfg.hidden_size
     return {
         **_layer(cfg, n, fused_experts),
-        f"{p}.enorm.weight": (hid,), f"{p}.hnorm.weight": (hid,), f"{p}.eh_proj.weight": (hid, 2 * hid),
+        f"{p}.enorm.weight": (hid,),
+        f"{p}.hnorm.weight": (hid,),
+        f"{p}.eh_proj.weight": (hid, 2 * hid),
         f"{p}.shared_head.norm.weight": (hid,),
-        f"{p}.embed_tokens.weight": (cfg.vocab_size, hid), f"{p}.shared_head.head.weight": (cfg.vocab_size, hid),
+        f"{p}.embed_tokens.weight": (cfg.vocab_size, hid),
+        f"{p}.shared_head.head.weight": (cfg.vocab_size, hid),
     }
 
 
@@ -88,9 +98,18 @@ def hf_tensor_shapes(cfg: ModelConfig, mtp: bool = True, fused_experts: bool = F
     return out
 
 
-_FP8_SUFFIXES = ("q_a_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "kv_b_proj.weight",
-                 "o_proj.weight", "indexer.wq_b.weight", "indexer.wk.weight", "gate_proj.weight",
-                 "up_proj.weight", "down_proj.weight")
+_FP8_SUFFIXES = (
+    "q_a_proj.weight",
+    "q_b_proj.weight",
+    "kv_a_proj_with_mqa.weight",
+    "kv_b_proj.weight",
+    "o_proj.weight",
+    "indexer.wq_b.weight",
+    "indexer.wk.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+)
 
 
 def fp8_quantised(name: str) -> bool:

@@ -102,19 +102,35 @@ class ModelConfig:
     weight_block_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank",
-                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads",
-                    "index_head_dim", "index_topk", "intermediate_size")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "index_n_heads",
+            "index_head_dim",
+            "index_topk",
+            "intermediate_size",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.index_head_dim < self.qk_rope_head_dim:
-            raise ConfigError(f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim})")
+            raise ConfigError(
+                f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim})"
+            )
         if self.has_moe:
             if self.n_routed_experts % self.n_group:
-                raise ConfigError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+                raise ConfigError(
+                    f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
+                )
             if not 1 <= self.topk_group <= self.n_group:
                 raise ConfigError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
             if self.n_routed_experts // self.n_group < 2:
@@ -138,7 +154,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        return self.qk_head_dim ** -0.5 * self.rope.softmax_mscale_sq
+        return self.qk_head_dim**-0.5 * self.rope.softmax_mscale_sq
 
     @property
     def latent_dim(self) -> int:
@@ -151,7 +167,7 @@ class ModelConfig:
 
     # ---- (de)serialisation ----------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         mt = d.get("model_type")
         if mt not in (None, "deepseek_v32", "deepseek_v3"):
             raise ConfigError(f"model_type {mt!r} is not supported (expected 'deepseek_v32')")
@@ -162,8 +178,9 @@ class ModelConfig:
             rope_type=rope_type,
             theta=float(theta),
             factor=float(rp.get("factor") or 1.0),
-            original_max_position_embeddings=int(rp.get("original_max_position_embeddings")
-                                                  or d.get("max_position_embeddings", 4096)),
+            original_max_position_embeddings=int(
+                rp.get("original_max_position_embeddings") or d.get("max_position_embeddings", 4096)
+            ),
             beta_fast=float(rp.get("beta_fast") or 32),
             beta_slow=float(rp.get("beta_slow") or 1),
             mscale=rp.get("mscale"),
@@ -172,7 +189,9 @@ class ModelConfig:
             truncate=bool(rp.get("truncate", True)),
         )
         if rope_type == "yarn" and rp.get("factor") is None:
-            object.__setattr__(rope, "factor", d.get("max_position_embeddings", 4096) / rope.original_max_position_embeddings)
+            object.__setattr__(
+                rope, "factor", d.get("max_position_embeddings", 4096) / rope.original_max_position_embeddings
+            )
         names = {f.name for f in fields(cls)} - {"rope", "weight_block_size", "eos_token_id"}
         kwargs: dict[str, Any] = {k: d[k] for k in names if k in d and d[k] is not None}
         if "n_routed_experts" not in d and "num_experts" in d:
@@ -186,7 +205,9 @@ class ModelConfig:
         wbs = None
         if q:
             if q.get("quant_method") != "fp8":
-                raise ConfigError(f"quantization_config.quant_method {q.get('quant_method')!r} is not supported (allowed: 'fp8')")
+                raise ConfigError(
+                    f"quantization_config.quant_method {q.get('quant_method')!r} is not supported (allowed: 'fp8')"
+                )
             wbs = tuple(q.get("weight_block_size", (128, 128)))
         try:
             return cls(rope=rope, weight_block_size=wbs, **kwargs)
@@ -194,7 +215,7 @@ class ModelConfig:
             raise ConfigError(f"bad config.json: {e}") from e
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -227,17 +248,26 @@ class ModelConfig:
         out["rope_theta"] = rope["theta"]
         if rope["rope_type"] == "yarn":
             out["rope_scaling"] = {
-                "type": "yarn", "factor": rope["factor"],
+                "type": "yarn",
+                "factor": rope["factor"],
                 "original_max_position_embeddings": rope["original_max_position_embeddings"],
-                "beta_fast": rope["beta_fast"], "beta_slow": rope["beta_slow"],
-                "mscale": rope["mscale"], "mscale_all_dim": rope["mscale_all_dim"],
+                "beta_fast": rope["beta_fast"],
+                "beta_slow": rope["beta_slow"],
+                "mscale": rope["mscale"],
+                "mscale_all_dim": rope["mscale_all_dim"],
             }
         if wbs is not None:
-            out["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                          "scale_fmt": "ue8m0", "weight_block_size": list(wbs)}
+            out["quantization_config"] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "scale_fmt": "ue8m0",
+                "weight_block_size": list(wbs),
+            }
         return out
 
     def short_hash(self) -> str:
         """A stable digest of the shapes that decide the cache layout and the network."""
         import hashlib
+
         return hashlib.sha256(json.dumps(self.to_hf_dict(), sort_keys=True).encode()).hexdigest()[:16]

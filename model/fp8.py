@@ -17,14 +17,17 @@ FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-def dequantize_weight(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_weight(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """W[r, c] = float(W_q[r, c]) * S[r // br, c // bc]; partial edge blocks use their block's scale."""
     rows, cols = w.shape
     br, bc = block
     expect = (math.ceil(rows / br), math.ceil(cols / bc))
     if tuple(scale_inv.shape) != expect:
-        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expect} for weight {tuple(w.shape)}")
+        raise ValueError(
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expect} for weight {tuple(w.shape)}"
+        )
     s = scale_inv.to(torch.float32).repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
     return (w.to(torch.float32) * s).to(dtype)
 
@@ -60,4 +63,4 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """x [..., n] -> x · H_n · n^-0.5 (orthonormal, so dot products are preserved)."""
     n = x.shape[-1]
     h = hadamard_matrix(n, x.dtype, x.device)
-    return (x @ h) * n ** -0.5
+    return (x @ h) * n**-0.5

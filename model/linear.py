@@ -36,14 +36,18 @@ class FP8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
+        )
         self.weight_scale_inv = nn.Parameter(
-            torch.empty(math.ceil(out_features / BLOCK), math.ceil(in_features / BLOCK), dtype=torch.float32,
-                        device=device), requires_grad=False)
+            torch.empty(
+                math.ceil(out_features / BLOCK), math.ceil(in_features / BLOCK), dtype=torch.float32, device=device
+            ),
+            requires_grad=False,
+        )
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, quantize: bool = False) -> "FP8Linear":
+    def from_linear(cls, lin: nn.Linear, quantize: bool = False) -> FP8Linear:
         """An FP8 twin of `lin` (same device): empty, or with lin's weight quantised per 128x128 block."""
         out = cls(lin.in_features, lin.out_features, lin.weight.device)
         if quantize:
@@ -87,16 +91,18 @@ class FusedLinear:
                 for m, r, p in zip(mods, self.rows, self.padded):
                     parts.append(m.weight)
                     if p > r:
-                        parts.append(torch.zeros(p - r, m.weight.shape[1], dtype=m.weight.dtype, device=m.weight.device))
+                        parts.append(
+                            torch.zeros(p - r, m.weight.shape[1], dtype=m.weight.dtype, device=m.weight.device)
+                        )
                 self.weight = torch.cat(parts)
                 self.scale = torch.cat([m.weight_scale_inv for m in mods])
             start, sstart = 0, 0
             for m, r, p in zip(mods, self.rows, self.padded):
-                m.weight.data = self.weight[start:start + r]
+                m.weight.data = self.weight[start : start + r]
                 start += p
                 if self.fp8:
                     sr = m.weight_scale_inv.shape[0]
-                    m.weight_scale_inv.data = self.scale[sstart:sstart + sr]
+                    m.weight_scale_inv.data = self.scale[sstart : sstart + sr]
                     sstart += sr
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:

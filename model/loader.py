@@ -59,8 +59,7 @@ def shard_files(path: Path) -> dict[str, Path]:
     return out
 
 
-def _target(net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig
-            ) -> tuple[torch.Tensor, tuple] | None:
+def _target(net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> tuple[torch.Tensor, tuple] | None:
     """Map an HF tensor name onto (parameter, index into it); None for known tensors not kept."""
     if name in net_params:
         return net_params[name], ()
@@ -93,9 +92,16 @@ def _target(net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig
     raise KeyError(name)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         *, indexer_fp8: bool = False, mtp: bool = True, progress: bool | None = None,
-         fp8_weights: bool | None = None) -> DeepseekV32:
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    indexer_fp8: bool = False,
+    mtp: bool = True,
+    progress: bool | None = None,
+    fp8_weights: bool | None = None,
+) -> DeepseekV32:
     """Build the network from a checkpoint directory.
 
     Args:
@@ -119,8 +125,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     mtp_prefix = f"model.layers.{cfg.mtp_layer_index}."
     has_mtp = cfg.num_nextn_predict_layers > 0 and any(n.startswith(mtp_prefix) for n in names)
     if cfg.num_nextn_predict_layers and not has_mtp:
-        log.warning("%s: no MTP weights (model.layers.%d.*): MTP speculative decoding is unavailable",
-                    path, cfg.mtp_layer_index)
+        log.warning(
+            "%s: no MTP weights (model.layers.%d.*): MTP speculative decoding is unavailable", path, cfg.mtp_layer_index
+        )
     use_mtp = mtp and has_mtp
     expected = hf_tensor_shapes(cfg, mtp=has_mtp, fused_experts=fused)
     if not use_mtp:
@@ -134,9 +141,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     orphan_scales = sorted(s for s in scale_names if s[: -len("_scale_inv")] not in names)
     problems = []
     if missing:
-        problems.append(f"missing tensor(s): {', '.join(missing[:10])}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+        problems.append(
+            f"missing tensor(s): {', '.join(missing[:10])}"
+            + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        )
     if unexpected:
-        problems.append(f"unexpected tensor(s): {', '.join(unexpected[:10])}" + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+        problems.append(
+            f"unexpected tensor(s): {', '.join(unexpected[:10])}"
+            + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
+        )
     if orphan_scales:
         problems.append(f"scale(s) without a weight: {', '.join(orphan_scales[:10])}")
     if problems:
@@ -145,8 +158,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if fp8_weights is None:
         fp8_weights = torch.device(device).type == "cuda"
     if fp8_weights and scale_names and tuple(cfg.weight_block_size or (128, 128)) != (128, 128):
-        log.warning("%s: FP8 weight blocks %s are not 128x128: the FP8 kernels take 128x128, dequantising",
-                    path, cfg.weight_block_size)
+        log.warning(
+            "%s: FP8 weight blocks %s are not 128x128: the FP8 kernels take 128x128, dequantising",
+            path,
+            cfg.weight_block_size,
+        )
         fp8_weights = False
     keep_modules = fp8_module_names({n[: -len("_scale_inv")] for n in scale_names}) if fp8_weights else set()
     with torch.device("meta"):
@@ -163,8 +179,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     params: dict[str, torch.Tensor] = dict(net.named_parameters())
     params.update(dict(net.named_buffers()))
     # FP8 tensors (and their scales) copied as they are: those whose target parameter is e4m3
-    kept = {n for n in names - scale_names if n + "_scale_inv" in names and n in expected
-            and (tgt := _target(params, n, cfg)) is not None and tgt[0].dtype == FP8_DTYPE}
+    kept = {
+        n
+        for n in names - scale_names
+        if n + "_scale_inv" in names
+        and n in expected
+        and (tgt := _target(params, n, cfg)) is not None
+        and tgt[0].dtype == FP8_DTYPE
+    }
 
     by_file: dict[Path, list[str]] = {}
     for n in sorted(names):
@@ -172,7 +194,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     total_bytes = sum(f.stat().st_size for f in by_file)
     show = progress if progress is not None else total_bytes > 1 << 30
     block = cfg.weight_block_size or (128, 128)
-    pending_fp8: dict[str, torch.Tensor] = {}   # fp8 weights waiting for their scale
+    pending_fp8: dict[str, torch.Tensor] = {}  # fp8 weights waiting for their scale
     pending_scale: dict[str, torch.Tensor] = {}  # scales waiting for their weight
     t0, done_bytes = time.monotonic(), 0
 
@@ -218,20 +240,36 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             done_bytes += f.stat().st_size
             if show:
                 el = time.monotonic() - t0
-                log.info("loading %s: shard %d/%d, %.1f/%.1f GB, %.0f s", path.name, i + 1, len(by_file),
-                         done_bytes / 1e9, total_bytes / 1e9, el)
+                log.info(
+                    "loading %s: shard %d/%d, %.1f/%.1f GB, %.0f s",
+                    path.name,
+                    i + 1,
+                    len(by_file),
+                    done_bytes / 1e9,
+                    total_bytes / 1e9,
+                    el,
+                )
     if pending_fp8:
         raise CheckpointError(f"{path}: FP8 tensor(s) without scale: {', '.join(sorted(pending_fp8)[:10])}")
     net.eval()
     wb = net.weight_bytes()
-    log.info("%s: weights hold %.3f GiB on %s (e4m3 %.3f GiB + block scales %.1f MiB, other %.3f GiB in %s)%s",
-             path.name, wb["total"] / 2**30, device, wb["fp8"] / 2**30, wb["scales"] / 2**20, wb["other"] / 2**30,
-             str(dtype).replace("torch.", ""), "" if wb["fp8"] or not scale_names else "; FP8 weights dequantised")
+    log.info(
+        "%s: weights hold %.3f GiB on %s (e4m3 %.3f GiB + block scales %.1f MiB, other %.3f GiB in %s)%s",
+        path.name,
+        wb["total"] / 2**30,
+        device,
+        wb["fp8"] / 2**30,
+        wb["scales"] / 2**20,
+        wb["other"] / 2**30,
+        str(dtype).replace("torch.", ""),
+        "" if wb["fp8"] or not scale_names else "; FP8 weights dequantised",
+    )
     return net
 
 
-def _dequant(path: Path, name: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-             dtype: torch.dtype) -> torch.Tensor:
+def _dequant(
+    path: Path, name: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     expect = scale_shape(tuple(w.shape), block)
     if tuple(scale.shape) != expect:
         raise CheckpointError(f"{path}: tensor {name}_scale_inv has shape {tuple(scale.shape)}, expected {expect}")

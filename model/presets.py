@@ -31,8 +31,10 @@ def resolve_checkpoint(model: str | Path) -> Path:
     if str(model) not in PRESETS:
         path = Path(model).expanduser()
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json); "
-                                    f"give a directory or one of the presets {sorted(PRESETS)}")
+            raise FileNotFoundError(
+                f"{path}: not a checkpoint directory (no config.json); "
+                f"give a directory or one of the presets {sorted(PRESETS)}"
+            )
         return path
     target = cache_dir() / f"{model}-{CACHE_VERSION}"
     if (target / "config.json").exists():

@@ -60,11 +60,11 @@ class _Failure:
 class _Prefilled:
     """What the step that sampled the first token leaves for the reply (taken in its after_step hook)."""
 
-    hidden: object          # main hidden state at the last prompt position (MTP), or None
-    gen_state: object       # the request's torch.Generator state, or None
-    cached: int             # prompt tokens the prefix cache served
+    hidden: object  # main hidden state at the last prompt position (MTP), or None
+    gen_state: object  # the request's torch.Generator state, or None
+    cached: int  # prompt tokens the prefix cache served
     prompt_logprobs: object
-    t_computed: float       # end of that step
+    t_computed: float  # end of that step
 
 
 @dataclass
@@ -75,8 +75,8 @@ class _Call:
 
     stream: PrefillStream
     prompt_len: int
-    ended: int = 0                       # FinishReason when it finished at its first token
-    t_first_step: float | None = None    # start of the engine step that ran its first chunk
+    ended: int = 0  # FinishReason when it finished at its first token
+    t_first_step: float | None = None  # start of the engine step that ran its first chunk
     prefilled: _Prefilled | None = None
     error: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
@@ -86,11 +86,11 @@ class PrefillService(pbg.PrefillWorkerServicer):
     def __init__(self, rt: WorkerRuntime) -> None:
         self.rt = rt
         self.spec = rt.spec
-        self.peers: dict[str, str] = {}     # agent name -> transport peer name
+        self.peers: dict[str, str] = {}  # agent name -> transport peer name
         self.peer_lock = threading.Lock()
-        self.lock = threading.Lock()        # guards calls, tombstones, queued_prefill_tokens
+        self.lock = threading.Lock()  # guards calls, tombstones, queued_prefill_tokens
         self.calls: dict[str, _Call] = {}
-        self.tombstones: dict[str, float] = {}   # aborted before they arrived: refuse them for a while
+        self.tombstones: dict[str, float] = {}  # aborted before they arrived: refuse them for a while
         self.draining = False
         self.requests_done = 0
         self.queued_prefill_tokens = 0
@@ -136,7 +136,10 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 c.prefilled = _Prefilled(
                     hidden=req.pending_hidden[-1].float().cpu() if req.pending_hidden is not None else None,
                     gen_state=req.generator.get_state().cpu() if req.generator is not None else None,
-                    cached=req.num_cached_prompt, prompt_logprobs=req.prompt_logprobs, t_computed=now)
+                    cached=req.num_cached_prompt,
+                    prompt_logprobs=req.prompt_logprobs,
+                    t_computed=now,
+                )
         except Exception as e:  # noqa: BLE001 - the handler answers with the error
             log.exception("request %s: finishing the prefill failed", out.request_id)
             c.error = f"finishing the prefill failed: {e!r}"
@@ -212,8 +215,10 @@ class PrefillService(pbg.PrefillWorkerServicer):
             return _Failure(pb.ERROR_CODE_TRANSFER_FAILED, f"cannot reach {dest.decode_worker_id}: {e}")
         bs = self.rt.engine.cfg.block_size
         if len(dest.block_ids) * bs < len(request.prompt_token_ids):
-            return _Failure(pb.ERROR_CODE_INVALID_ARGUMENT,
-                            f"destination has {len(dest.block_ids)} blocks for a {len(request.prompt_token_ids)}-token prompt")
+            return _Failure(
+                pb.ERROR_CODE_INVALID_ARGUMENT,
+                f"destination has {len(dest.block_ids)} blocks for a {len(request.prompt_token_ids)}-token prompt",
+            )
         stream = PrefillStream(self.rt.transport, rid, peer, list(dest.block_ids), dest.epoch)
         c = _Call(stream, len(request.prompt_token_ids))
         with self.lock:  # an Abort from here on finds the stream
@@ -228,11 +233,13 @@ class PrefillService(pbg.PrefillWorkerServicer):
             return _Failure(pb.ERROR_CODE_ABORTED, "aborted before it started")
         return params, c
 
-    def _run(self, rid: str, prompt: list[int], params, c: _Call, q, t_start: float,
-             context: grpc.ServicerContext) -> pb.PrefillResult | _Failure:
+    def _run(
+        self, rid: str, prompt: list[int], params, c: _Call, q, t_start: float, context: grpc.ServicerContext
+    ) -> pb.PrefillResult | _Failure:
         try:
-            self.rt.loop.call(lambda eng: eng.add_request(rid, prompt, params, prefill_only=True),
-                              undo=lambda eng, _: eng.abort(rid))
+            self.rt.loop.call(
+                lambda eng: eng.add_request(rid, prompt, params, prefill_only=True), undo=lambda eng, _: eng.abort(rid)
+            )
         except RequestError as e:
             return _Failure(request_error_code(e), str(e))
         except CallTimeout as e:
@@ -274,25 +281,38 @@ class PrefillService(pbg.PrefillWorkerServicer):
         t_first = min(c.t_first_step or t_prefilled, t_prefilled)
         gen_state = done.gen_state
         res = pb.PrefillResult(
-            first_token=out.new_token_ids[0], num_cached_tokens=done.cached, transfer_bytes=c.stream.nbytes,
-            transfer_seconds=max(0.0, t_done - t_prefilled), queue_seconds=max(0.0, t_first - t_start),
+            first_token=out.new_token_ids[0],
+            num_cached_tokens=done.cached,
+            transfer_bytes=c.stream.nbytes,
+            transfer_seconds=max(0.0, t_done - t_prefilled),
+            queue_seconds=max(0.0, t_first - t_start),
             prefill_seconds=max(0.0, t_prefilled - t_first),
             generator_state=gen_state.numpy().tobytes() if gen_state is not None else b"",
-            finish_reason=c.ended, blocks_written=c.stream.sent)
+            finish_reason=c.ended,
+            blocks_written=c.stream.sent,
+        )
         if out.new_logprobs and out.new_logprobs[0] is not None:
             res.first_token_logprobs.CopyFrom(logprobs_to_proto(out.new_logprobs[0]))
         if done.prompt_logprobs is not None:
             res.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in done.prompt_logprobs[1:])
         if done.hidden is not None:
             res.mtp_hidden.CopyFrom(tensor_to_proto(done.hidden))
-        log.info("request %s: prefilled %d tokens (%d cached) in %.3f s (queued %.3f s), sent %.2f MB in %.3f s",
-                 rid, c.prompt_len, done.cached, t_prefilled - t_first, t_first - t_start, c.stream.nbytes / 1e6,
-                 t_done - t_prefilled)
+        log.info(
+            "request %s: prefilled %d tokens (%d cached) in %.3f s (queued %.3f s), sent %.2f MB in %.3f s",
+            rid,
+            c.prompt_len,
+            done.cached,
+            t_prefilled - t_first,
+            t_first - t_start,
+            c.stream.nbytes / 1e6,
+            t_done - t_prefilled,
+        )
         res.handler_seconds = time.monotonic() - t_start
         return res
 
-    def _wait_prefilled(self, s: PrefillStream, q, deadline: float,
-                        context: grpc.ServicerContext) -> RequestOutput | _Failure:
+    def _wait_prefilled(
+        self, s: PrefillStream, q, deadline: float, context: grpc.ServicerContext
+    ) -> RequestOutput | _Failure:
         """The output that sampled the first token. Read before the stream's state: the step's hook may
         already have stopped the stream of a request that finished at its first token."""
         while True:
@@ -317,11 +337,13 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 return _Failure(pb.ERROR_CODE_ABORTED, "aborted: the router went away")
             if time.monotonic() >= deadline:
                 s.stop("first-token deadline")
-                return _Failure(pb.ERROR_CODE_DEADLINE_EXCEEDED,
-                                f"no first token within {self.spec.first_token_timeout_s:.0f} s")
+                return _Failure(
+                    pb.ERROR_CODE_DEADLINE_EXCEEDED, f"no first token within {self.spec.first_token_timeout_s:.0f} s"
+                )
 
-    def _wait_transfers(self, s: PrefillStream, deadline: float, ended: bool,
-                        context: grpc.ServicerContext) -> _Failure | None:
+    def _wait_transfers(
+        self, s: PrefillStream, deadline: float, ended: bool, context: grpc.ServicerContext
+    ) -> _Failure | None:
         """Until the cache is DELIVERED (or, for a request that ended at its first token, until the
         writes under way settled)."""
         while True:
@@ -336,8 +358,10 @@ class PrefillService(pbg.PrefillWorkerServicer):
                 return None
             if time.monotonic() > deadline:
                 s.stop("transfer deadline")
-                return _Failure(pb.ERROR_CODE_DEADLINE_EXCEEDED,
-                                f"cache transfer not done within {self.spec.transfer_timeout_s:.0f} s")
+                return _Failure(
+                    pb.ERROR_CODE_DEADLINE_EXCEEDED,
+                    f"cache transfer not done within {self.spec.transfer_timeout_s:.0f} s",
+                )
             time.sleep(0.0005)
 
     def _cleanup(self, rid: str, c: _Call) -> None:
@@ -354,13 +378,15 @@ class PrefillService(pbg.PrefillWorkerServicer):
                     eng.release_prefilled(rid)
                 else:
                     eng.abort(rid)
+
         try:
             # not waited for when the cache was delivered: the reply (the first token) need not wait for
             # the engine's current step to end; the blocks are freed between two steps all the same
             fut = self.rt.loop.submit(drop)
             if delivered:
-                fut.add_done_callback(lambda f: f.exception() and log.error(
-                    "request %s: cleanup failed: %r", rid, f.exception()))
+                fut.add_done_callback(
+                    lambda f: f.exception() and log.error("request %s: cleanup failed: %r", rid, f.exception())
+                )
             else:
                 fut.result(30.0)
         except Exception:  # noqa: BLE001 - the loop is gone; nothing left to free
@@ -393,10 +419,18 @@ class PrefillService(pbg.PrefillWorkerServicer):
         eng = self.rt.engine
         with self.lock:
             running, queued = len(self.calls), self.queued_prefill_tokens
-        return dict(blocks_used=eng.blocks_used, blocks_total=eng.blocks_total, running=running,
-                    waiting=len(eng.scheduler.waiting), requests_done=self.requests_done, pid=self.rt.pid,
-                    node=self.rt.node, queued_prefill_tokens=max(0, queued), weight_bytes=eng.weight_bytes,
-                    **self.rt.warm_stats())
+        return dict(
+            blocks_used=eng.blocks_used,
+            blocks_total=eng.blocks_total,
+            running=running,
+            waiting=len(eng.scheduler.waiting),
+            requests_done=self.requests_done,
+            pid=self.rt.pid,
+            node=self.rt.node,
+            queued_prefill_tokens=max(0, queued),
+            weight_bytes=eng.weight_bytes,
+            **self.rt.warm_stats(),
+        )
 
 
 def serve(spec: WorkerSpec) -> WorkerServer:

@@ -64,9 +64,9 @@ class PrefillStream:
     remote_blocks: list[int]
     epoch: int
     state: StreamState = StreamState.PREFILLING
-    sent: int = 0                      # leading blocks handed to the transport
+    sent: int = 0  # leading blocks handed to the transport
     nbytes: int = 0
-    why: str = ""                      # why it stopped or was lost
+    why: str = ""  # why it stopped or was lost
     handles: list[TransferHandle] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -80,8 +80,12 @@ class PrefillStream:
         upto = min(upto, len(self.remote_blocks), len(local))
         if upto <= self.sent and notice is None:
             return
-        h = self.transport.write_blocks(self.peer, local[self.sent:upto], self.remote_blocks[self.sent:upto],
-                                        notif=notice.to_bytes() if notice else None)
+        h = self.transport.write_blocks(
+            self.peer,
+            local[self.sent : upto],
+            self.remote_blocks[self.sent : upto],
+            notif=notice.to_bytes() if notice else None,
+        )
         self.handles.append(h)
         self.nbytes += h.nbytes
         self.sent = max(self.sent, upto)
@@ -146,9 +150,14 @@ class PrefillStream:
             self._to(StreamState.RELEASED)
         if not delivered and settled:
             try:
-                self.transport.send_notif(self.peer, Notice(NoticeKind.RELEASED, self.request_id, self.epoch).to_bytes())
+                self.transport.send_notif(
+                    self.peer, Notice(NoticeKind.RELEASED, self.request_id, self.epoch).to_bytes()
+                )
             except Exception as e:  # noqa: BLE001 - the peer may be gone; its quarantine times out
                 log.info("request %s: RELEASED notice not sent: %s", self.request_id, e)
         elif not delivered:
-            log.warning("request %s: writes still in flight at release; the decode side's quarantine frees "
-                        "epoch %d", self.request_id, self.epoch)
+            log.warning(
+                "request %s: writes still in flight at release; the decode side's quarantine frees epoch %d",
+                self.request_id,
+                self.epoch,
+            )

@@ -46,7 +46,6 @@ class GrpcTls:
     server_name: str | None = None
 
 
-
 def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that refuses the call."""
 
@@ -113,8 +112,12 @@ def _tls_credentials(secret: str | None, tls: GrpcTls) -> tuple[grpc.ChannelCred
     return creds, options
 
 
-class _AddSecret(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _AddSecret(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Plaintext sync channels: the secret as metadata on every call."""
 
     def __init__(self, secret: str) -> None:
@@ -122,8 +125,9 @@ class _AddSecret(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 
     def _details(self, d: Any) -> Any:
         md = list(d.metadata or ()) + [(SECRET_HEADER, self._secret)]
-        return _Details(d.method, d.timeout, md, d.credentials, getattr(d, "wait_for_ready", None),
-                        getattr(d, "compression", None))
+        return _Details(
+            d.method, d.timeout, md, d.credentials, getattr(d, "wait_for_ready", None), getattr(d, "compression", None)
+        )
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return continuation(self._details(client_call_details), request)
@@ -148,8 +152,9 @@ class _Details(grpc.ClientCallDetails):
     compression: grpc.Compression | None
 
 
-def channel(address: str, secret: str | None, tls: GrpcTls | None = None,
-            options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+def channel(
+    address: str, secret: str | None, tls: GrpcTls | None = None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.Channel:
     """A sync channel to a worker that presents `secret` on every call (TLS when `tls` is given)."""
     if tls is not None:
         creds, extra = _tls_credentials(secret, tls)
@@ -182,19 +187,18 @@ class _AioUnaryStream(_AioSecret, grpc.aio.UnaryStreamClientInterceptor):
 
 
 class _AioStreamUnary(_AioSecret, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any,
-                                     request_iterator: Any) -> Any:
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
 class _AioStreamStream(_AioSecret, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any,
-                                      request_iterator: Any) -> Any:
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
-def aio_channel(address: str, secret: str | None, tls: GrpcTls | None = None,
-                options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+def aio_channel(
+    address: str, secret: str | None, tls: GrpcTls | None = None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
     """An asyncio channel to a worker that presents `secret` on every call (TLS when `tls` is given)."""
     if tls is not None:
         creds, extra = _tls_credentials(secret, tls)

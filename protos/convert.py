@@ -18,8 +18,18 @@ __all__ = ["sampling_params_from_proto", "sampling_params_to_proto"]
 
 # Scalar fields carried with `optional` presence; the list fields (stop, stop_token_ids) are the rest.
 _SCALARS = (
-    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "seed", "max_tokens", "ignore_eos", "logprobs", "prompt_logprobs",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "max_tokens",
+    "ignore_eos",
+    "logprobs",
+    "prompt_logprobs",
 )
 _LISTS = ("stop", "stop_token_ids")
 _MAPS = ("logit_bias",)
@@ -54,7 +64,9 @@ def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         try:
             msg.logit_bias[token_id] = bias
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"SamplingParams.logit_bias token id {token_id} does not fit the wire type: {exc}") from None
+            raise ValueError(
+                f"SamplingParams.logit_bias token id {token_id} does not fit the wire type: {exc}"
+            ) from None
     return msg
 
 

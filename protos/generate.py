@@ -125,8 +125,11 @@ def stale_files(proto_dir: Path = PROTO_DIR) -> dict[str, str]:
                 committed = normalize(committed_path.read_text(encoding="utf-8"))
                 if committed != fresh:
                     diff = difflib.unified_diff(
-                        committed.splitlines(keepends=True), fresh.splitlines(keepends=True),
-                        f"committed/{name}", f"regenerated/{name}", n=1,
+                        committed.splitlines(keepends=True),
+                        fresh.splitlines(keepends=True),
+                        f"committed/{name}",
+                        f"regenerated/{name}",
+                        n=1,
                     )
                     problems[name] = "".join(list(diff)[:60])
     return problems

@@ -47,8 +47,12 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
 
 
 def logprobs_to_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:
-    return pb.TokenLogprobs(token_id=lp.token_id, logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top],
-                            top_logprobs=[v for _, v in lp.top])
+    return pb.TokenLogprobs(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top_token_ids=[t for t, _ in lp.top],
+        top_logprobs=[v for _, v in lp.top],
+    )
 
 
 def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:

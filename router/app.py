@@ -24,6 +24,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tokenizers import Tokenizer
+
 from splitserve.model.tokenizer import EOS_TOKEN
 from splitserve.router import responses as R
 from splitserve.router.admission import Admission, AdmissionRejected
@@ -51,9 +55,6 @@ from splitserve.router.openai_api import (
     prepare_completion,
 )
 from splitserve.router.streaming import ClientDisconnected, DisconnectAwareStreamingResponse, run_until_disconnect
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from splitserve.engine.sampling_params import TokenLogprobs as _EngineTokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampling_params import TokenLogprobs as _EngineTokenLogprobs
 
 FINISH_REASONS = ("stop", "length", "abort")
 

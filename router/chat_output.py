@@ -26,7 +26,6 @@ from splitserve.router.tool_calls import (
     parse_tool_calls,
 )
 
-
 logger = logging.getLogger(__name__)
 
 

@@ -44,8 +44,10 @@ class WorkerClients:
     async def abort(stub, request_id: str, epoch: int, reason: str, nothing_written: bool = False) -> None:
         """Tell a worker to drop a request (best effort: a worker that is gone has nothing to free)."""
         try:
-            await stub.Abort(pb.AbortRequest(request_id=request_id, epoch=epoch, reason=reason,
-                                             nothing_written=nothing_written), timeout=2.0)
+            await stub.Abort(
+                pb.AbortRequest(request_id=request_id, epoch=epoch, reason=reason, nothing_written=nothing_written),
+                timeout=2.0,
+            )
         except grpc.aio.AioRpcError as e:
             log.info("request %s: abort (%s) not delivered: %s", request_id, reason, e.code().name)
 

@@ -39,14 +39,18 @@ class ColocatedBackend(ClusterBackend):
     def _replica_order(self, prompt: list[int]) -> list[WorkerInfo]:
         req, pending = self.inflight.requests, self.inflight.prompt_tokens
         return self.policy.rank(
-            self.directory.serving("decode"), prompt,
+            self.directory.serving("decode"),
+            prompt,
             load=lambda w: (req.get(w.worker_id, 0), pending.get(w.worker_id, 0), -w.free_blocks, w.worker_id),
-            backlog=lambda w: pending.get(w.worker_id, 0))
+            backlog=lambda w: pending.get(w.worker_id, 0),
+        )
 
-    async def _segment(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       avoid: set[str]) -> AsyncIterator[GenerationDelta]:
-        request = pb.PrefillAndGenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                               sampling=sampling_params_to_proto(params))
+    async def _segment(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, avoid: set[str]
+    ) -> AsyncIterator[GenerationDelta]:
+        request = pb.PrefillAndGenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling_params_to_proto(params)
+        )
         tried: set[str] = set()
         error = "no decode worker is serving"
         while True:
@@ -62,18 +66,25 @@ class ColocatedBackend(ClusterBackend):
                 return
             except NotTaken as e:
                 error = str(e)
-                log.info("request %s: %s did not take it (%s); trying another decode worker", request_id,
-                         w.worker_id, error)
+                log.info(
+                    "request %s: %s did not take it (%s); trying another decode worker", request_id, w.worker_id, error
+                )
 
-    async def _on(self, w: WorkerInfo, request: pb.PrefillAndGenerateRequest,
-                  params: SamplingParams) -> AsyncIterator[GenerationDelta]:
+    async def _on(
+        self, w: WorkerInfo, request: pb.PrefillAndGenerateRequest, params: SamplingParams
+    ) -> AsyncIterator[GenerationDelta]:
         """The request on worker w, relayed; its in-flight counts held until it ends there."""
         wid, n_prompt = w.worker_id, len(request.prompt_token_ids)
         fl = self.inflight
         fl.add(fl.requests, wid, 1)
         fl.add(fl.prompt_tokens, wid, n_prompt)
-        relay = StreamRelay(wid, params, self.first_token_timeout_s, self.idle_stream_timeout_s,
-                            on_first=lambda: fl.add(fl.prompt_tokens, wid, -n_prompt))
+        relay = StreamRelay(
+            wid,
+            params,
+            self.first_token_timeout_s,
+            self.idle_stream_timeout_s,
+            on_first=lambda: fl.add(fl.prompt_tokens, wid, -n_prompt),
+        )
         stub = self.clients.decode(w)
         call = stub.PrefillAndGenerate(request)
         try:

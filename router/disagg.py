@@ -52,10 +52,10 @@ class _Held:
     """What one segment holds on the workers, for its cleanup."""
 
     request_id: str
-    d: WorkerInfo | None = None        # decode worker whose reservation is live (None: released)
+    d: WorkerInfo | None = None  # decode worker whose reservation is live (None: released)
     epoch: int = 0
-    p: WorkerInfo | None = None        # prefill worker that may still hold the request
-    counted: str = ""                  # decode worker whose in-flight count this segment holds
+    p: WorkerInfo | None = None  # prefill worker that may still hold the request
+    counted: str = ""  # decode worker whose in-flight count this segment holds
     finished: bool = False
     clock: StageClock = field(default_factory=StageClock)  # the segment's stage marks (stage_metrics.py)
 
@@ -67,26 +67,43 @@ class DisaggBackend(ClusterBackend):
         ds = [w for w in self.directory.serving("decode") if w.transfer_metadata]
         ds = [w for w in ds if w.worker_id not in avoid] or ds
         req = self.inflight.requests
-        return sorted(ds, key=lambda w: (bool(w.failures), req.get(w.worker_id, 0), -w.free_blocks,
-                                         w.running + w.waiting, w.worker_id))
+        return sorted(
+            ds,
+            key=lambda w: (
+                bool(w.failures),
+                req.get(w.worker_id, 0),
+                -w.free_blocks,
+                w.running + w.waiting,
+                w.worker_id,
+            ),
+        )
 
     def _prefill_order(self, prompt: list[int]) -> list[WorkerInfo]:
         pending = self.inflight.prompt_tokens
         return self.policy.rank(
-            self.directory.serving("prefill"), prompt,
+            self.directory.serving("prefill"),
+            prompt,
             load=lambda w: (pending.get(w.worker_id, 0), w.queued_prefill_tokens + w.running, w.worker_id),
-            backlog=lambda w: pending.get(w.worker_id, 0) + w.queued_prefill_tokens)
+            backlog=lambda w: pending.get(w.worker_id, 0) + w.queued_prefill_tokens,
+        )
 
-    async def _reserve_once(self, d: WorkerInfo, request_id: str, prompt_len: int, max_tokens: int,
-                            deadline: float, clock: StageClock) -> pb.ReserveReply | str:
+    async def _reserve_once(
+        self, d: WorkerInfo, request_id: str, prompt_len: int, max_tokens: int, deadline: float, clock: StageClock
+    ) -> pb.ReserveReply | str:
         """One Reserve on d; counted in d's in-flight requests when it succeeds (the caller's then)."""
         counts = self.inflight.requests
         self.inflight.add(counts, d.worker_id, 1)  # before the call: a burst sees each other's choice
         clock.mark("reserve_start")  # the one that admits it is the last: the time before is router_queue
         try:
-            rep = await self.clients.decode(d).Reserve(pb.ReserveRequest(
-                request_id=request_id, prompt_len=prompt_len, max_tokens=max_tokens,
-                lease_ms=int(self.lease_s * 1000)), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            rep = await self.clients.decode(d).Reserve(
+                pb.ReserveRequest(
+                    request_id=request_id,
+                    prompt_len=prompt_len,
+                    max_tokens=max_tokens,
+                    lease_ms=int(self.lease_s * 1000),
+                ),
+                timeout=max(0.1, min(5.0, deadline - time.monotonic())),
+            )
         except BaseException as e:
             self.inflight.add(counts, d.worker_id, -1)
             if isinstance(e, grpc.aio.AioRpcError):
@@ -99,8 +116,9 @@ class DisaggBackend(ClusterBackend):
             clock.mark("reserve_end")
         return rep
 
-    async def _reserve(self, request_id: str, prompt_len: int, max_tokens: int,
-                       avoid: set[str], clock: StageClock) -> tuple[WorkerInfo, pb.Reservation]:
+    async def _reserve(
+        self, request_id: str, prompt_len: int, max_tokens: int, avoid: set[str], clock: StageClock
+    ) -> tuple[WorkerInfo, pb.Reservation]:
         deadline = time.monotonic() + self.reserve_timeout_s
         delay = 0.01
         last = "no decode worker is serving"
@@ -114,26 +132,40 @@ class DisaggBackend(ClusterBackend):
                     return d, rep.reservation
                 last = f"{d.worker_id}: {pb.RefusalReason.Name(rep.refusal.reason)} {rep.refusal.message}"
                 if rep.refusal.reason == pb.REFUSAL_REASON_TOO_LONG:
-                    raise NeverFits(f"the prompt of {prompt_len} tokens does not fit a decode worker's cache "
-                                    f"({rep.refusal.message})")
+                    raise NeverFits(
+                        f"the prompt of {prompt_len} tokens does not fit a decode worker's cache "
+                        f"({rep.refusal.message})"
+                    )
             if time.monotonic() + delay > deadline:
-                raise NoCapacity(f"no decode worker could take the request within {self.reserve_timeout_s:.0f} s ({last})")
+                raise NoCapacity(
+                    f"no decode worker could take the request within {self.reserve_timeout_s:.0f} s ({last})"
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
-    async def _prefill_once(self, h: _Held, p: WorkerInfo, res: pb.Reservation, prompt: list[int],
-                            sampling: pb.SamplingParams) -> pb.PrefillReply | str:
+    async def _prefill_once(
+        self, h: _Held, p: WorkerInfo, res: pb.Reservation, prompt: list[int], sampling: pb.SamplingParams
+    ) -> pb.PrefillReply | str:
         assert h.d is not None
-        dest = pb.Destination(decode_worker_id=h.d.worker_id, decode_address=h.d.address, agent_name=res.agent_name,
-                              block_ids=res.block_ids, epoch=res.epoch, peer_metadata=h.d.transfer_metadata)
+        dest = pb.Destination(
+            decode_worker_id=h.d.worker_id,
+            decode_address=h.d.address,
+            agent_name=res.agent_name,
+            block_ids=res.block_ids,
+            epoch=res.epoch,
+            peer_metadata=h.d.transfer_metadata,
+        )
         pending = self.inflight.prompt_tokens
         self.inflight.add(pending, p.worker_id, len(prompt))
         h.p = p
         try:
             h.clock.mark("prefill_start")
-            rep = await self.clients.prefill(p).Prefill(pb.PrefillRequest(
-                request_id=h.request_id, prompt_token_ids=prompt, sampling=sampling, destination=dest),
-                timeout=self.first_token_timeout_s)
+            rep = await self.clients.prefill(p).Prefill(
+                pb.PrefillRequest(
+                    request_id=h.request_id, prompt_token_ids=prompt, sampling=sampling, destination=dest
+                ),
+                timeout=self.first_token_timeout_s,
+            )
             h.clock.mark("prefill_end")
             return rep
         except grpc.aio.AioRpcError as e:
@@ -146,8 +178,7 @@ class DisaggBackend(ClusterBackend):
             await self.clients.abort(self.clients.decode(h.d), h.request_id, h.epoch, reason, nothing_written)
             h.d = None
 
-    async def _prefill(self, h: _Held, prompt: list[int], params: SamplingParams,
-                       avoid: set[str]) -> pb.PrefillResult:
+    async def _prefill(self, h: _Held, prompt: list[int], params: SamplingParams, avoid: set[str]) -> pb.PrefillResult:
         """Reserve + Prefill, retried on another P (or D after a failed transfer); raises when it
         cannot be served now (Unavailable) or ever (NeverFits), or returns the failure as data."""
         sampling = sampling_params_to_proto(params)
@@ -197,8 +228,9 @@ class DisaggBackend(ClusterBackend):
             first.prompt_logprobs = [None] + [logprobs_from_proto(x) for x in result.prompt_logprobs]
         return first
 
-    async def _segment(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       avoid: set[str]) -> AsyncIterator[GenerationDelta]:
+    async def _segment(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, avoid: set[str]
+    ) -> AsyncIterator[GenerationDelta]:
         h = _Held(request_id)
         try:
             try:
@@ -214,8 +246,9 @@ class DisaggBackend(ClusterBackend):
             self.transfer_bytes += result.transfer_bytes
             self.transfer_seconds += result.transfer_seconds
             first = self._first_delta(result, params)
-            self.stages.observe_first_token(h.clock, result.queue_seconds, result.prefill_seconds,
-                                            result.transfer_seconds)
+            self.stages.observe_first_token(
+                h.clock, result.queue_seconds, result.prefill_seconds, result.transfer_seconds
+            )
             h.p = None  # P answered: it holds nothing any more
             if result.finish_reason:  # finished at its first token: a normal end; give D's blocks back
                 await self._release_d(h, "finished at its first token", nothing_written=result.blocks_written == 0)
@@ -229,18 +262,26 @@ class DisaggBackend(ClusterBackend):
         finally:
             await self._cleanup(h)
 
-    async def _generate(self, h: _Held, prompt: list[int], params: SamplingParams,
-                        result: pb.PrefillResult) -> AsyncIterator[GenerationDelta]:
+    async def _generate(
+        self, h: _Held, prompt: list[int], params: SamplingParams, result: pb.PrefillResult
+    ) -> AsyncIterator[GenerationDelta]:
         assert h.d is not None
         h.clock.mark("generate_start")
-        relay = StreamRelay(h.d.worker_id, params, self.first_token_timeout_s, self.idle_stream_timeout_s,
-                            got_first=True)
-        call = self.clients.decode(h.d).Generate(pb.GenerateRequest(
-            request_id=h.request_id, epoch=h.epoch, prompt_token_ids=prompt, sampling=sampling_params_to_proto(params),
-            first_token=result.first_token,
-            first_token_logprobs=result.first_token_logprobs if result.HasField("first_token_logprobs") else None,
-            mtp_hidden=result.mtp_hidden if result.HasField("mtp_hidden") else None,
-            generator_state=result.generator_state))
+        relay = StreamRelay(
+            h.d.worker_id, params, self.first_token_timeout_s, self.idle_stream_timeout_s, got_first=True
+        )
+        call = self.clients.decode(h.d).Generate(
+            pb.GenerateRequest(
+                request_id=h.request_id,
+                epoch=h.epoch,
+                prompt_token_ids=prompt,
+                sampling=sampling_params_to_proto(params),
+                first_token=result.first_token,
+                first_token_logprobs=result.first_token_logprobs if result.HasField("first_token_logprobs") else None,
+                mtp_hidden=result.mtp_hidden if result.HasField("mtp_hidden") else None,
+                generator_state=result.generator_state,
+            )
+        )
         try:
             async for delta in relay.deltas(call):
                 self._observe_decode(h.clock, delta, relay)

@@ -15,11 +15,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.model.tokenizer import StopStringMatcher, TextDecoder
 from splitserve.router.backend import GenerationBackend, NeverFits, TokenLogprobs, Unavailable
 from splitserve.router.metrics import RequestTimer
-from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ class BackendFailure(Exception):
     (`NeverFits`) for the backend's two client-facing refusals; `code` the OpenAI-style error code.
     """
 
-    def __init__(self, message: str, status: int = 500, code: str = "backend_error",
-                 retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, status: int = 500, code: str = "backend_error", retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.retry_after_s = status, code, retry_after_s
 

@@ -25,12 +25,12 @@ State = Literal["starting", "serving", "draining", "dead"]
 class WorkerInfo:
     worker_id: str
     role: Role
-    address: str                      # gRPC host:port
+    address: str  # gRPC host:port
     pid: int = 0
     node: str = ""
     gpus: tuple[int, ...] = ()
     state: State = "serving"
-    transfer_metadata: bytes = b""    # decode workers: what a prefill worker needs to write to it
+    transfer_metadata: bytes = b""  # decode workers: what a prefill worker needs to write to it
     # load, refreshed by the router's poller
     blocks_used: int = 0
     blocks_total: int = 0
@@ -41,7 +41,7 @@ class WorkerInfo:
     graph_captures: int = 0
     graph_misses_after_ready: int = 0  # decode steps after ready with no CUDA graph (warm-up missed a shape)
     last_seen: float = field(default_factory=time.monotonic)
-    failures: int = 0                 # consecutive failed polls
+    failures: int = 0  # consecutive failed polls
 
     @property
     def free_blocks(self) -> int:
@@ -49,9 +49,21 @@ class WorkerInfo:
 
 
 # what the router's poller may write: observations, never membership or liveness
-LOAD_FIELDS = frozenset({"blocks_used", "blocks_total", "running", "waiting", "requests_done",
-                         "queued_prefill_tokens", "graph_captures", "graph_misses_after_ready", "last_seen",
-                         "failures", "transfer_metadata"})
+LOAD_FIELDS = frozenset(
+    {
+        "blocks_used",
+        "blocks_total",
+        "running",
+        "waiting",
+        "requests_done",
+        "queued_prefill_tokens",
+        "graph_captures",
+        "graph_misses_after_ready",
+        "last_seen",
+        "failures",
+        "transfer_metadata",
+    }
+)
 
 
 class Directory:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
 from splitserve.router.backend import SupportsMetrics
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,7 @@ class _BackendCollector(Collector):
             full = "splitserve_backend_" + name
             family: CounterMetricFamily | GaugeMetricFamily
             if name.endswith("_total"):
-                family = CounterMetricFamily(full.removesuffix("_total"), f"backend counter {name}",
-                                             labels=label_names)
+                family = CounterMetricFamily(full.removesuffix("_total"), f"backend counter {name}", labels=label_names)
             else:
                 family = GaugeMetricFamily(full, f"backend metric {name}", labels=label_names)
             for labels, v in sorted(samples, key=lambda s: sorted(s[0].items())):

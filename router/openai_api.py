@@ -24,11 +24,12 @@ from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tokenizers import Tokenizer
+
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.model.tokenizer import BOS_TOKEN_ID
 from splitserve.router.chat import ChatEncoder, ChatEncodingError, encode_messages
 from splitserve.router.chat_output import ChatOutputOptions
-from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -362,16 +363,18 @@ def _logit_bias(bias: Mapping[str, float] | None, limits: ApiLimits) -> tuple[tu
     if not bias:
         return ()
     if len(bias) > limits.max_logit_bias:
-        raise bad_request(f"logit_bias may name at most {limits.max_logit_bias} tokens, got {len(bias)}",
-                          param="logit_bias")
+        raise bad_request(
+            f"logit_bias may name at most {limits.max_logit_bias} tokens, got {len(bias)}", param="logit_bias"
+        )
     out: dict[int, float] = {}
     for key, value in bias.items():
         if not (key.isascii() and key.isdigit()) or len(key) > 12:
             raise bad_request(f"logit_bias keys must be token ids (decimal integers), got {key!r}", param="logit_bias")
         t = int(key)
         if t >= limits.vocab_size:
-            raise bad_request(f"logit_bias token id {t} is outside the vocabulary [0, {limits.vocab_size})",
-                              param="logit_bias")
+            raise bad_request(
+                f"logit_bias token id {t} is outside the vocabulary [0, {limits.vocab_size})", param="logit_bias"
+            )
         if t in out:  # "07" and "7"
             raise bad_request(f"logit_bias names token {t} twice", param="logit_bias")
         out[t] = float(value)

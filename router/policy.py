@@ -34,8 +34,8 @@ class InFlight:
     """What this router has sent and not yet seen end, per worker."""
 
     def __init__(self) -> None:
-        self.requests: dict[str, int] = {}        # requests reserving, reserved, prefilling or streaming
-        self.prompt_tokens: dict[str, int] = {}   # prompt tokens sent whose first token is not back yet
+        self.requests: dict[str, int] = {}  # requests reserving, reserved, prefilling or streaming
+        self.prompt_tokens: dict[str, int] = {}  # prompt tokens sent whose first token is not back yet
 
     @staticmethod
     def add(table: dict[str, int], worker_id: str, n: int) -> None:
@@ -54,16 +54,26 @@ class RoutingPolicy:
         self.name = name
         self._rr = 0
 
-    def rank(self, workers: list[WorkerInfo], prompt: list[int], load: Callable[[WorkerInfo], Any],
-             backlog: Callable[[WorkerInfo], int]) -> list[WorkerInfo]:
+    def rank(
+        self,
+        workers: list[WorkerInfo],
+        prompt: list[int],
+        load: Callable[[WorkerInfo], Any],
+        backlog: Callable[[WorkerInfo], int],
+    ) -> list[WorkerInfo]:
         """`workers` best first. load: the least_loaded sort key; backlog: prompt tokens waiting there."""
         if not workers:
             return []
         ranked = self._by_policy(workers, prompt, load, backlog)
         return [w for w in ranked if not w.failures] + [w for w in ranked if w.failures]
 
-    def _by_policy(self, workers: list[WorkerInfo], prompt: list[int], load: Callable[[WorkerInfo], Any],
-                   backlog: Callable[[WorkerInfo], int]) -> list[WorkerInfo]:
+    def _by_policy(
+        self,
+        workers: list[WorkerInfo],
+        prompt: list[int],
+        load: Callable[[WorkerInfo], Any],
+        backlog: Callable[[WorkerInfo], int],
+    ) -> list[WorkerInfo]:
         by_load = sorted(workers, key=load)
         if self.name == "round_robin":
             self._rr += 1

@@ -54,16 +54,27 @@ class LoadPoller:
         try:
             st = await self.clients.of(w).Stats(pb.StatsRequest(), timeout=2.0)
             load: dict[str, object] = dict(
-                blocks_used=st.blocks_used, blocks_total=st.blocks_total, running=st.running, waiting=st.waiting,
-                requests_done=st.requests_done, queued_prefill_tokens=st.queued_prefill_tokens,
-                graph_captures=st.graph_captures, graph_misses_after_ready=st.graph_misses_after_ready,
-                last_seen=time.monotonic(), failures=0)
+                blocks_used=st.blocks_used,
+                blocks_total=st.blocks_total,
+                running=st.running,
+                waiting=st.waiting,
+                requests_done=st.requests_done,
+                queued_prefill_tokens=st.queued_prefill_tokens,
+                graph_captures=st.graph_captures,
+                graph_misses_after_ready=st.graph_misses_after_ready,
+                last_seen=time.monotonic(),
+                failures=0,
+            )
             if w.role == "decode" and not w.transfer_metadata:
                 hs = await self.clients.decode(w).Handshake(pb.HandshakeRequest(), timeout=5.0)
                 load["transfer_metadata"] = hs.peer.transfer.agent_metadata
             self.directory.report(w.worker_id, **load)
         except grpc.aio.AioRpcError as e:
             if not w.failures:
-                log.warning("worker %s (%s) does not answer its Stats (%s): ranked last until it does",
-                            w.worker_id, w.address, e.code().name)
+                log.warning(
+                    "worker %s (%s) does not answer its Stats (%s): ranked last until it does",
+                    w.worker_id,
+                    w.address,
+                    e.code().name,
+                )
             self.directory.report(w.worker_id, failures=w.failures + 1)

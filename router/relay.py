@@ -43,9 +43,16 @@ class NotTaken(RuntimeError):
 
 
 class StreamRelay:
-    def __init__(self, worker_id: str, params: SamplingParams, first_token_timeout_s: float,
-                 idle_timeout_s: float, *, got_first: bool = False,
-                 on_first: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        params: SamplingParams,
+        first_token_timeout_s: float,
+        idle_timeout_s: float,
+        *,
+        got_first: bool = False,
+        on_first: Callable[[], None] | None = None,
+    ) -> None:
         self.worker_id, self.params = worker_id, params
         self.first_token_timeout_s, self.idle_timeout_s = first_token_timeout_s, idle_timeout_s
         self.got_first, self.on_first = got_first, on_first
@@ -56,8 +63,11 @@ class StreamRelay:
         while True:
             chunk = await self._next(it)
             if chunk is None:  # no first token in time
-                yield GenerationDelta([], finish_reason="abort", error=(
-                    f"{self.worker_id}: no first token within {self.first_token_timeout_s:.0f} s"))
+                yield GenerationDelta(
+                    [],
+                    finish_reason="abort",
+                    error=(f"{self.worker_id}: no first token within {self.first_token_timeout_s:.0f} s"),
+                )
                 return
             kind = chunk.WhichOneof("chunk")
             if kind == "delta":
@@ -74,10 +84,11 @@ class StreamRelay:
         wid = self.worker_id
         try:
             return await asyncio.wait_for(
-                it.__anext__(), self.idle_timeout_s if self.got_first else self.first_token_timeout_s)
+                it.__anext__(), self.idle_timeout_s if self.got_first else self.first_token_timeout_s
+            )
         except StopAsyncIteration:
             raise DecodeLost(wid, "stream ended without finishing") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if not self.got_first:
                 return None
             raise DecodeLost(wid, f"no token for {self.idle_timeout_s:.0f} s") from None

@@ -6,10 +6,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from splitserve.model.tokenizer import TextDecoder, TokenBytes, token_text
 from splitserve.router.backend import TokenLogprobs
 from splitserve.router.generation import Piece
-from tokenizers import Tokenizer
 
 SSE_DONE = "data: [DONE]\n\n"
 

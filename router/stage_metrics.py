@@ -32,11 +32,42 @@ from collections.abc import Iterator
 from prometheus_client import Histogram
 from prometheus_client.registry import Collector
 
-STAGES = ("router_queue", "reserve", "prefill_queue", "prefill_compute", "transfer", "prefill_overhead",
-          "first_decode_step", "stream", "ttft")
+STAGES = (
+    "router_queue",
+    "reserve",
+    "prefill_queue",
+    "prefill_compute",
+    "transfer",
+    "prefill_overhead",
+    "first_decode_step",
+    "stream",
+    "ttft",
+)
 TTFT_STAGES = STAGES[:6]
-_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5,
-            5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
 
 
 class StageClock:
@@ -58,9 +89,13 @@ class StageClock:
 
 class StageMetrics(Collector):
     def __init__(self) -> None:
-        self.hist = Histogram("splitserve_router_stage_seconds",
-                              "Time of each stage of a disaggregated request (router/stage_metrics.py)",
-                              ["stage"], buckets=_BUCKETS, registry=None)
+        self.hist = Histogram(
+            "splitserve_router_stage_seconds",
+            "Time of each stage of a disaggregated request (router/stage_metrics.py)",
+            ["stage"],
+            buckets=_BUCKETS,
+            registry=None,
+        )
         self.last: dict[str, float] = {}  # the most recent request's stages (tests, logs)
 
     def collect(self) -> Iterator:
@@ -70,8 +105,9 @@ class StageMetrics(Collector):
         for name, v in stages.items():
             self.hist.labels(stage=name).observe(v)
 
-    def prefill_stages(self, clock: StageClock, queue_s: float, compute_s: float, transfer_s: float
-                       ) -> dict[str, float]:
+    def prefill_stages(
+        self, clock: StageClock, queue_s: float, compute_s: float, transfer_s: float
+    ) -> dict[str, float]:
         """The stages up to the first token, from the clock's marks start, reserve_start, reserve_end,
         prefill_start, prefill_end (the Prefill call) and the worker's own times."""
         m = clock.marks

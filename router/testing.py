@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import uvicorn
+
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.router.backend import GenerationDelta, TokenLogprobs
 
@@ -88,7 +89,9 @@ class ReferenceBackend:
             x[t] += b
         return x
 
-    def greedy_continuation(self, prompt: list[int], n: int, logit_bias: Mapping[int, float] | None = None) -> list[int]:
+    def greedy_continuation(
+        self, prompt: list[int], n: int, logit_bias: Mapping[int, float] | None = None
+    ) -> list[int]:
         """What greedy decoding without penalties (with `logit_bias` added) produces (for tests)."""
         params = SamplingParams(logit_bias=logit_bias or ())
         out, prev = [], prompt[-1]

@@ -31,11 +31,12 @@ class ServeThread:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def __enter__(self) -> "ServeThread":
+    def __enter__(self) -> ServeThread:
         self.thread.start()
         wait_until(lambda: self.server.started or not self.thread.is_alive(), 30, "uvicorn to start")
         assert self.server.started
@@ -56,7 +57,7 @@ def proc_stat(pid: int) -> list[str] | None:
             stat = f.read()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split()
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def all_pids() -> list[int]:

@@ -17,8 +17,26 @@ def test_one_gpu_configs(tmp_path) -> None:
     base = ROOT / "deploy" / "gpu-1gpu.yaml"
     dis, col = tmp_path / "d.yaml", tmp_path / "c.yaml"
     assert main(["config", "--base", str(base), "--ckpt", "/ckpt", "--mode", "disaggregated", "--out", str(dis)]) == 0
-    assert main(["config", "--base", str(base), "--ckpt", "/ckpt", "--mode", "colocated", "--decode-replicas", "2",
-                 "--mtp", "1", "--out", str(col)]) == 0
+    assert (
+        main(
+            [
+                "config",
+                "--base",
+                str(base),
+                "--ckpt",
+                "/ckpt",
+                "--mode",
+                "colocated",
+                "--decode-replicas",
+                "2",
+                "--mtp",
+                "1",
+                "--out",
+                str(col),
+            ]
+        )
+        == 0
+    )
     d, c = load_config(dis), load_config(col)
     assert d.model.path == "/ckpt" and d.router.mode == "disaggregated"
     for role in ("prefill", "decode"):  # both pools share the one GPU, caches sized by num_blocks
@@ -34,8 +52,9 @@ def test_one_gpu_configs(tmp_path) -> None:
 
 def test_summary_reads_the_parts(tmp_path, capsys) -> None:
     (tmp_path / "prefill-alone.json").write_text(json.dumps({"rows": [{"tokens": 1024, "prefill_ms": 25.0}]}))
-    (tmp_path / "ttft-disagg.json").write_text(json.dumps({"rows": [
-        {"tokens": 1024, "ttft_ms": 31.5, "stages": {"prefill_compute": {"mean_ms": 25.2}}}]}))
+    (tmp_path / "ttft-disagg.json").write_text(
+        json.dumps({"rows": [{"tokens": 1024, "ttft_ms": 31.5, "stages": {"prefill_compute": {"mean_ms": 25.2}}}]})
+    )
     stats = {"p50": 4.0, "p90": 5.0, "p99": 7.0, "max": 9.0, "mean": 4.5}
     run = {"request_rate": 2.0, "completed": 8, "failed": 0, "goodput": 1.9, "ttft_ms": stats, "itl_ms": stats}
     (tmp_path / "serve-disagg-long.json").write_text(json.dumps({"runs": [run]}))

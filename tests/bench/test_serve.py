@@ -54,9 +54,35 @@ def test_the_colocated_cluster_has_no_prefill_pool(router) -> None:
 def test_bench_serve_json_against_a_colocated_cluster(router, tmp_path) -> None:
     url = router.url
     out = tmp_path / "serve.json"
-    rc = cli_main(["bench", "serve", "--url", url, "--num-prompts", "8", "--input-len", "32", "--output-len", "8",
-                   "--request-rate", "8", "inf", "--seed", "3", "--slo-ttft-ms", "60000", "--slo-itl-ms", "60000",
-                   "--request-timeout", "60", "--cluster", "2 co-located tiny workers (test)", "--out", str(out)])
+    rc = cli_main(
+        [
+            "bench",
+            "serve",
+            "--url",
+            url,
+            "--num-prompts",
+            "8",
+            "--input-len",
+            "32",
+            "--output-len",
+            "8",
+            "--request-rate",
+            "8",
+            "inf",
+            "--seed",
+            "3",
+            "--slo-ttft-ms",
+            "60000",
+            "--slo-itl-ms",
+            "60000",
+            "--request-timeout",
+            "60",
+            "--cluster",
+            "2 co-located tiny workers (test)",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["benchmark"] == "serve" and res["command"].startswith("splitserve bench serve --url")
@@ -91,20 +117,62 @@ def test_bench_serve_json_against_a_colocated_cluster(router, tmp_path) -> None:
     assert poisson[-1] > 100  # 8 requests at 8/s arrive over ~1 s; inf sends them at once
     assert burst[-1] - burst[0] < poisson[-1] - poisson[0]
     # an SLO nobody meets: goodput 0, the run still completes
-    rc = cli_main(["bench", "serve", "--url", url, "--num-prompts", "2", "--input-len", "8", "--output-len", "4",
-                   "--slo-ttft-ms", "0.001", "--warmup", "0", "--out", str(out)])
+    rc = cli_main(
+        [
+            "bench",
+            "serve",
+            "--url",
+            url,
+            "--num-prompts",
+            "2",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--slo-ttft-ms",
+            "0.001",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     run = json.loads(out.read_text())["runs"][0]
     assert rc == 0 and run["completed"] == 2 and run["goodput"] == 0 and run["slo_attained"] == 0
     status = httpx.get(f"{url}/admin/status", headers=router.operator, timeout=10).json()
     assert [w["role"] for w in status["workers"]] == ["decode", "decode"]
-    wait_until(lambda: all(w["blocks_used"] == 0 for w in httpx.get(f"{url}/admin/status", headers=router.operator, timeout=10)
-                           .json()["workers"]), 10, "every block to be free")
+    wait_until(
+        lambda: all(
+            w["blocks_used"] == 0
+            for w in httpx.get(f"{url}/admin/status", headers=router.operator, timeout=10).json()["workers"]
+        ),
+        10,
+        "every block to be free",
+    )
 
 
 def test_failures_are_counted_with_a_sample_not_raised(router, tmp_path) -> None:
     out = tmp_path / "fail.json"
-    rc = cli_main(["bench", "serve", "--url", router.url, "--model", "nope", "--num-prompts", "3", "--input-len", "4",
-                   "--output-len", "2", "--warmup", "0", "--out", str(out)])
+    rc = cli_main(
+        [
+            "bench",
+            "serve",
+            "--url",
+            router.url,
+            "--model",
+            "nope",
+            "--num-prompts",
+            "3",
+            "--input-len",
+            "4",
+            "--output-len",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     run = json.loads(out.read_text())["runs"][0]
     assert rc == 1 and (run["completed"], run["failed"]) == (0, 3)
     assert run["error_samples"] and run["error_samples"][0].startswith("HTTP 404")

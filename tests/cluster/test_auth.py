@@ -43,13 +43,25 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
 def spec(ckpt, wid: str, role: str, **extra) -> WorkerSpec:
-    return WorkerSpec(wid, role, str(ckpt), ENGINE, transfer_backend="tcp", transfer_timeout_s=5.0,
-                      first_token_timeout_s=20.0, reserve_lease_s=10.0, cluster_secret=SECRET, **extra)
+    return WorkerSpec(
+        wid,
+        role,
+        str(ckpt),
+        ENGINE,
+        transfer_backend="tcp",
+        transfer_timeout_s=5.0,
+        first_token_timeout_s=20.0,
+        reserve_lease_s=10.0,
+        cluster_secret=SECRET,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint) -> Iterator[list[WorkerProc]]:
-    workers = start_workers([spec(tiny_checkpoint, "prefill-0", "prefill"), spec(tiny_checkpoint, "decode-0", "decode")])
+    workers = start_workers(
+        [spec(tiny_checkpoint, "prefill-0", "prefill"), spec(tiny_checkpoint, "decode-0", "decode")]
+    )
     yield workers
     for w in workers:
         w.stop()
@@ -69,8 +81,10 @@ def test_calls_without_the_secret_are_unauthenticated(cluster: list[WorkerProc])
             stub = stub_of(ch)
             assert _code(lambda: stub.Health(pb.HealthRequest(), timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
             wrong = ((SECRET_HEADER, SECRET + "x"),)
-            assert _code(lambda: stub.Stats(pb.StatsRequest(), metadata=wrong, timeout=5)) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _code(lambda: stub.Stats(pb.StatsRequest(), metadata=wrong, timeout=5))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             ok = stub.Health(pb.HealthRequest(), metadata=((SECRET_HEADER, SECRET),), timeout=5)
             assert ok.worker_id == w.spec.worker_id
         with channel(address, "not-" + SECRET) as ch:
@@ -113,8 +127,12 @@ def test_a_transfer_peer_without_the_secret_cannot_write(cluster: list[WorkerPro
     rogue = make_transport("tcp", "rogue", md.compat)
     try:
         dtypes = [getattr(torch, p.dtype) for p in md.pools]
-        rogue.register_pools([torch.zeros((p.num_blocks, p.block_bytes // d.itemsize), dtype=d)
-                              for p, d in zip(md.pools, dtypes, strict=True)])
+        rogue.register_pools(
+            [
+                torch.zeros((p.num_blocks, p.block_bytes // d.itemsize), dtype=d)
+                for p, d in zip(md.pools, dtypes, strict=True)
+            ]
+        )
         with pytest.raises(HandshakeError, match="unauthenticated"):
             rogue.add_peer(decode.info["transfer_metadata"])
         assert rogue.peers() == []
@@ -173,18 +191,28 @@ def _self_signed() -> tuple[bytes, bytes]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "splitserve-worker")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("splitserve-worker"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("splitserve-worker"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
 
 
 def test_a_worker_over_tls(tiny_checkpoint) -> None:
@@ -196,14 +224,20 @@ def test_a_worker_over_tls(tiny_checkpoint) -> None:
         with channel(address, SECRET, tls) as ch:  # TLS, the certificate checked against the CA, the secret
             assert pbg.DecodeWorkerStub(ch).Health(pb.HealthRequest(), timeout=10).worker_id == "decode-9"
         with channel(address, None, tls) as ch:  # TLS but no secret
-            assert _code(lambda: pbg.DecodeWorkerStub(ch).Health(pb.HealthRequest(), timeout=10)) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _code(lambda: pbg.DecodeWorkerStub(ch).Health(pb.HealthRequest(), timeout=10))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
         with channel(address, SECRET) as ch:  # plaintext to a TLS server
-            assert _code(lambda: pbg.DecodeWorkerStub(ch).Health(pb.HealthRequest(), timeout=5)) == \
-                grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(lambda: pbg.DecodeWorkerStub(ch).Health(pb.HealthRequest(), timeout=5))
+                == grpc.StatusCode.UNAVAILABLE
+            )
         other, _ = _self_signed()  # a CA that did not sign the worker's certificate
         with channel(address, SECRET, GrpcTls(cert=b"", key=b"", ca=other, server_name="splitserve-worker")) as ch:
-            assert _code(lambda: pbg.DecodeWorkerStub(ch).Health(pb.HealthRequest(), timeout=5)) == \
-                grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(lambda: pbg.DecodeWorkerStub(ch).Health(pb.HealthRequest(), timeout=5))
+                == grpc.StatusCode.UNAVAILABLE
+            )
     finally:
         w.stop()

@@ -30,14 +30,27 @@ ENGINE = EngineConfig(num_blocks=128, block_size=8, chunk_size=16, max_batch_tok
 
 
 def spec(ckpt, wid: str, role: str) -> WorkerSpec:
-    return WorkerSpec(wid, role, str(ckpt), ENGINE, transfer_backend="tcp", transfer_timeout_s=5.0,
-                      first_token_timeout_s=20.0, reserve_lease_s=10.0)
+    return WorkerSpec(
+        wid,
+        role,
+        str(ckpt),
+        ENGINE,
+        transfer_backend="tcp",
+        transfer_timeout_s=5.0,
+        first_token_timeout_s=20.0,
+        reserve_lease_s=10.0,
+    )
 
 
 @pytest.fixture(scope="module")
 def workers(tiny_checkpoint):
-    ws = start_workers([spec(tiny_checkpoint, "decode-0", "decode"), spec(tiny_checkpoint, "decode-1", "decode"),
-                        spec(tiny_checkpoint, "prefill-0", "prefill")])
+    ws = start_workers(
+        [
+            spec(tiny_checkpoint, "decode-0", "decode"),
+            spec(tiny_checkpoint, "decode-1", "decode"),
+            spec(tiny_checkpoint, "prefill-0", "prefill"),
+        ]
+    )
     yield ws
     for w in ws:
         w.stop()
@@ -89,8 +102,10 @@ async def with_backend(kind, directory, fn, **options):
 
 
 PROMPTS = [[3 + (i * 37 + j * 11) % 1000 for j in range(n)] for i, n in enumerate((5, 17, 40, 63))]
-CASES = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
-         SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)]
+CASES = [
+    SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+    SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True),
+]
 
 
 def test_colocated_equals_the_engine_and_the_disaggregated_path(workers, engine) -> None:
@@ -98,6 +113,7 @@ def test_colocated_equals_the_engine_and_the_disaggregated_path(workers, engine)
 
     async def run_all(b):
         return await asyncio.gather(*(collect(b, rid, p, sp) for rid, p, sp in jobs))
+
     colocated = asyncio.run(with_backend(ColocatedBackend, directory_of(decode_workers(workers)), run_all))
     disagg_dir = directory_of([w for w in workers if w.spec.worker_id in ("prefill-0", "decode-0")])
     disagg = asyncio.run(with_backend(DisaggBackend, disagg_dir, run_all))
@@ -112,10 +128,15 @@ def test_colocated_equals_the_engine_and_the_disaggregated_path(workers, engine)
 
 
 def test_colocated_logprobs_and_prompt_logprobs_match_the_engine(workers, engine) -> None:
-    prompt, params = PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2,
-                                                prompt_logprobs=1)
-    toks, reason, err, lps, prompt_lps = asyncio.run(with_backend(
-        ColocatedBackend, directory_of(decode_workers(workers)), lambda b: collect(b, "lp", prompt, params)))
+    prompt, params = (
+        PROMPTS[2],
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=1),
+    )
+    toks, reason, err, lps, prompt_lps = asyncio.run(
+        with_backend(
+            ColocatedBackend, directory_of(decode_workers(workers)), lambda b: collect(b, "lp", prompt, params)
+        )
+    )
     ref = engine().generate([prompt], params)[0]
     assert err is None and toks == ref.token_ids
     assert [x.token_id for x in lps] == ref.token_ids
@@ -133,13 +154,21 @@ def test_logit_bias_reaches_the_prefill_sampled_first_token_and_the_decode_token
     forced = 77
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logit_bias={forced: 100.0})
     free = engine().generate([prompt], CASES[1])[0].token_ids
-    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True, logprobs=1,
-                             logit_bias={**{t: -100.0 for t in free[:3]}, **{t: 3.0 for t in range(500, 700, 7)}})
+    sampled = SamplingParams(
+        temperature=0.9,
+        top_p=0.9,
+        seed=7,
+        max_tokens=12,
+        ignore_eos=True,
+        logprobs=1,
+        logit_bias={**{t: -100.0 for t in free[:3]}, **{t: 3.0 for t in range(500, 700, 7)}},
+    )
     ref = engine().generate([prompt], sampled)[0]
     assert ref.token_ids[0] != free[0] and not set(ref.token_ids) & set(free[:3])
 
     async def run(b):
         return await asyncio.gather(collect(b, "bias-g", prompt, greedy), collect(b, "bias-s", prompt, sampled))
+
     disagg_dir = directory_of([w for w in workers if w.spec.worker_id in ("prefill-0", "decode-0")])
     for kind, directory in ((DisaggBackend, disagg_dir), (ColocatedBackend, directory_of(decode_workers(workers)))):
         (g_toks, _, g_err, _, _), (s_toks, _, s_err, s_lps, _) = asyncio.run(with_backend(kind, directory, run))
@@ -159,6 +188,7 @@ def test_client_disconnect_frees_the_blocks(workers) -> None:
                 break
         assert any(stats(w).blocks_used > 0 for w in decode_workers(workers))
         await gen.aclose()
+
     asyncio.run(with_backend(ColocatedBackend, directory_of(decode_workers(workers)), go))
     assert_all_free(workers, 10)
 
@@ -172,8 +202,9 @@ def test_abort_frees_the_blocks_while_prefilling_and_while_decoding(workers) -> 
     with grpc.insecure_channel(w.info["address"]) as ch:
         stub = pbg.DecodeWorkerStub(ch)
         for rid, prompt, chunks_before_abort in (("ab-prefill", long_prompt, 0), ("ab-decode", PROMPTS[1], 3)):
-            call = stub.PrefillAndGenerate(pb.PrefillAndGenerateRequest(
-                request_id=rid, prompt_token_ids=prompt, sampling=sampling), timeout=60)
+            call = stub.PrefillAndGenerate(
+                pb.PrefillAndGenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling), timeout=60
+            )
             seen: list[pb.GenerateChunk] = []
             if chunks_before_abort:
                 for chunk in call:
@@ -181,10 +212,17 @@ def test_abort_frees_the_blocks_while_prefilling_and_while_decoding(workers) -> 
                     if len(seen) == chunks_before_abort:
                         break
             else:
-                wait_for(lambda: (s := stats(w)).blocks_used > 0 and s.queued_prefill_tokens == len(prompt), 20,
-                         "the prefill to take blocks", 0.01)
-            dup = list(stub.PrefillAndGenerate(pb.PrefillAndGenerateRequest(
-                request_id=rid, prompt_token_ids=prompt, sampling=sampling), timeout=10))
+                wait_for(
+                    lambda: (s := stats(w)).blocks_used > 0 and s.queued_prefill_tokens == len(prompt),
+                    20,
+                    "the prefill to take blocks",
+                    0.01,
+                )
+            dup = list(
+                stub.PrefillAndGenerate(
+                    pb.PrefillAndGenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling), timeout=10
+                )
+            )
             assert [c.WhichOneof("chunk") for c in dup] == ["error"] and "already running" in dup[0].error.message
             assert stub.Abort(pb.AbortRequest(request_id=rid, reason="test"), timeout=5).found
             rest = list(call)  # the stream ends by itself
@@ -192,8 +230,11 @@ def test_abort_frees_the_blocks_while_prefilling_and_while_decoding(workers) -> 
             wait_for(lambda: stats(w).blocks_used == 0, 10, f"{rid}'s blocks to be freed")
             assert stats(w).queued_prefill_tokens == 0
         # a bad request is refused as data, holding nothing
-        bad = list(stub.PrefillAndGenerate(pb.PrefillAndGenerateRequest(
-            request_id="bad", prompt_token_ids=[5000], sampling=sampling), timeout=10))
+        bad = list(
+            stub.PrefillAndGenerate(
+                pb.PrefillAndGenerateRequest(request_id="bad", prompt_token_ids=[5000], sampling=sampling), timeout=10
+            )
+        )
         assert [c.WhichOneof("chunk") for c in bad] == ["error"]
         assert bad[0].error.code == pb.ERROR_CODE_INVALID_ARGUMENT and "vocabulary" in bad[0].error.message
     assert_all_free(workers)
@@ -219,9 +260,11 @@ def test_killed_worker_migrates_and_a_dead_one_is_skipped(workers, tiny_checkpoi
         directory.update(extra.spec.worker_id, state="serving", blocks_total=10**6)
         after = await collect(b, "after", PROMPTS[1], params)
         return out, after, b.migrations, await b.health()
+
     try:
         (toks, reason, err, _, _), after, migrations, health = asyncio.run(
-            with_backend(ColocatedBackend, directory, go, poll_interval_s=60))
+            with_backend(ColocatedBackend, directory, go, poll_interval_s=60)
+        )
     finally:
         extra.stop()
     assert err is None and reason == "length" and migrations == 1
@@ -239,13 +282,19 @@ def test_first_token_finish_and_the_two_refusals(workers, engine) -> None:
     from splitserve.router.membership import Directory
 
     one = SamplingParams(temperature=0.0, max_tokens=1)
-    toks, reason, err, _, _ = asyncio.run(with_backend(
-        ColocatedBackend, directory_of(decode_workers(workers)), lambda b: collect(b, "one", PROMPTS[2], one)))
+    toks, reason, err, _, _ = asyncio.run(
+        with_backend(
+            ColocatedBackend, directory_of(decode_workers(workers)), lambda b: collect(b, "one", PROMPTS[2], one)
+        )
+    )
     assert err is None and reason in ("length", "stop") and toks == engine().generate([PROMPTS[2]], one)[0].token_ids
     huge = [3 + i % 900 for i in range(ENGINE.num_blocks * ENGINE.block_size + 8)]
     with pytest.raises(NeverFits, match="cache blocks"):
-        asyncio.run(with_backend(ColocatedBackend, directory_of(decode_workers(workers)),
-                                 lambda b: collect(b, "huge", huge, one)))
+        asyncio.run(
+            with_backend(
+                ColocatedBackend, directory_of(decode_workers(workers)), lambda b: collect(b, "huge", huge, one)
+            )
+        )
     with pytest.raises(Unavailable):
         asyncio.run(with_backend(ColocatedBackend, Directory(), lambda b: collect(b, "none", PROMPTS[0], one)))
     assert_all_free(workers)

@@ -30,13 +30,23 @@ SLOW_PREFILL = EngineConfig(num_blocks=256, block_size=8, chunk_size=4, max_batc
 
 
 def spec(ckpt, wid: str, role: str, engine: EngineConfig = ENGINE) -> WorkerSpec:
-    return WorkerSpec(wid, role, str(ckpt), engine, transfer_backend="tcp", transfer_timeout_s=3.0,
-                      first_token_timeout_s=8.0, reserve_lease_s=5.0)
+    return WorkerSpec(
+        wid,
+        role,
+        str(ckpt),
+        engine,
+        transfer_backend="tcp",
+        transfer_timeout_s=3.0,
+        first_token_timeout_s=8.0,
+        reserve_lease_s=5.0,
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint):
-    workers = start_workers([spec(tiny_checkpoint, "prefill-0", "prefill"), spec(tiny_checkpoint, "decode-0", "decode")])
+    workers = start_workers(
+        [spec(tiny_checkpoint, "prefill-0", "prefill"), spec(tiny_checkpoint, "decode-0", "decode")]
+    )
     yield workers
     for w in workers:
         w.stop()
@@ -61,8 +71,9 @@ def reference(ckpt, prompt: list[int], params: SamplingParams) -> list[int]:
     return Engine(load(ckpt), ENGINE).generate([prompt], params)[0].token_ids
 
 
-async def run(backend: DisaggBackend, rid: str, prompt: list[int], params: SamplingParams,
-              on_delta=None) -> tuple[list[int], str | None, str | None]:
+async def run(
+    backend: DisaggBackend, rid: str, prompt: list[int], params: SamplingParams, on_delta=None
+) -> tuple[list[int], str | None, str | None]:
     toks: list[int] = []
     reason = err = None
     async for d in backend.generate(rid, prompt, params):
@@ -82,6 +93,7 @@ def test_requests_succeed_and_free_everything(cluster, tiny_checkpoint) -> None:
         async with started_backend(directory_of(cluster)) as b:
             outs = await asyncio.gather(*(run(b, f"ok-{i}", PROMPT[: 10 + i], GREEDY) for i in range(6)))
         return outs
+
     outs = asyncio.run(go())
     for i, (toks, reason, err) in enumerate(outs):
         assert err is None and reason == "length"
@@ -99,6 +111,7 @@ def test_client_disconnect_frees_both_sides(cluster) -> None:
                 if n >= 3:
                     break
             await gen.aclose()
+
     asyncio.run(go())
     assert_all_free(cluster, 10)
 
@@ -115,9 +128,20 @@ def test_abort_before_the_cache_arrives_is_released_without_waiting_out_the_quar
         assert stats(d).blocks_used == 0
         # ...and the Prefill that was still on its way is refused, writing nothing
         hs = ds.Handshake(pb.HandshakeRequest(), timeout=5)
-        rep = ps.Prefill(pb.PrefillRequest(request_id="early", prompt_token_ids=PROMPT[:30], destination=pb.Destination(
-            decode_worker_id="decode-0", agent_name=res.agent_name, block_ids=res.block_ids, epoch=res.epoch,
-            peer_metadata=hs.peer.transfer.agent_metadata)), timeout=10)
+        rep = ps.Prefill(
+            pb.PrefillRequest(
+                request_id="early",
+                prompt_token_ids=PROMPT[:30],
+                destination=pb.Destination(
+                    decode_worker_id="decode-0",
+                    agent_name=res.agent_name,
+                    block_ids=res.block_ids,
+                    epoch=res.epoch,
+                    peer_metadata=hs.peer.transfer.agent_metadata,
+                ),
+            ),
+            timeout=10,
+        )
         assert rep.HasField("error") and "aborted" in rep.error.message
         # an abandoned reservation with no word from the prefill side stays quarantined (not reused)
         res2 = ds.Reserve(pb.ReserveRequest(request_id="late", prompt_len=30, max_tokens=4), timeout=5).reservation
@@ -146,15 +170,18 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, tiny_checkpoint) -> N
             t0 = time.monotonic()
             out = await run(b, "victim", PROMPT, params, on_delta)
             return out, time.monotonic() - t0, b.migrations
+
     (toks, reason, err), took, migrations = asyncio.run(go())
     assert err is None and reason == "length" and migrations == 1
     assert toks == reference(tiny_checkpoint, PROMPT, params)
     assert took < 30
     assert_all_free(cluster)
+
     # the next request goes to the live worker and succeeds
     async def after():
         async with started_backend(directory) as b:
             return await run(b, "after-kill", PROMPT, GREEDY)
+
     toks, reason, err = asyncio.run(after())
     assert err is None and toks == reference(tiny_checkpoint, PROMPT, GREEDY)
 
@@ -170,6 +197,7 @@ def test_prefill_worker_killed_mid_prefill_is_retried(cluster, tiny_checkpoint) 
         wait_for(lambda: stats(slow).queued_prefill_tokens > 0, 30, "the prefill to start", 0.01)
         directory.update("prefill-0", state="serving")
         slow.kill()
+
     t = threading.Thread(target=killer)
     t.start()
 
@@ -177,6 +205,7 @@ def test_prefill_worker_killed_mid_prefill_is_retried(cluster, tiny_checkpoint) 
         # poll_interval_s=60: the router learns of the death from the failed call, not from its poller
         async with started_backend(directory, poll_interval_s=60) as b:
             return await run(b, "prefill-victim", long_prompt, params), b.prefill_retries
+
     (toks, reason, err), retries = asyncio.run(go())
     t.join(30)
     assert err is None and reason == "length" and retries >= 1
@@ -192,6 +221,7 @@ def test_handshake_mismatch_is_refused_with_a_clear_error(cluster, tiny_checkpoi
         async def go():
             async with started_backend(directory) as b:
                 return await run(b, "mismatch", PROMPT, GREEDY)
+
         toks, reason, err = asyncio.run(go())
         assert reason == "abort" and "block_size" in err and "refused" in err
         wait_for(lambda: stats(odd).blocks_used == 0, 5, "the refused reservation to be freed at once")
@@ -226,8 +256,9 @@ def test_router_killed_mid_stream_frees_both_sides(cluster) -> None:
     import sys
 
     p, d = cluster
-    proc = subprocess.Popen([sys.executable, "-c", ROUTER_SCRIPT, p.info["address"], d.info["address"]],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ROUTER_SCRIPT, p.info["address"], d.info["address"]], stdout=subprocess.PIPE, text=True
+    )
     try:
         for _ in range(5):  # the request is streaming
             assert proc.stdout.readline().strip() == "token"
@@ -254,12 +285,15 @@ def test_decode_worker_killed_during_the_transfer_frees_the_prefill_side(cluster
         time.sleep(0.3)  # some blocks are on their way
         directory.update("decode-0", state="serving")
         extra.kill()
+
     t = threading.Thread(target=killer)
     t.start()
     try:
+
         async def go():
             async with started_backend(directory) as b:
                 return await run(b, "transfer-victim", long_prompt, params), b.prefill_retries
+
         (toks, reason, err), retries = asyncio.run(go())
         t.join(30)
         assert err is None and reason == "length" and retries >= 1

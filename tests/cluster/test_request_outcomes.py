@@ -39,13 +39,23 @@ PROMPT = [0] + list(range(7, 47))
 
 
 def spec(ckpt, wid: str, role: str) -> WorkerSpec:
-    return WorkerSpec(wid, role, str(ckpt), ENGINE, transfer_backend="tcp", transfer_timeout_s=5.0,
-                      first_token_timeout_s=20.0, reserve_lease_s=10.0)
+    return WorkerSpec(
+        wid,
+        role,
+        str(ckpt),
+        ENGINE,
+        transfer_backend="tcp",
+        transfer_timeout_s=5.0,
+        first_token_timeout_s=20.0,
+        reserve_lease_s=10.0,
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint):
-    workers = start_workers([spec(tiny_checkpoint, "prefill-0", "prefill"), spec(tiny_checkpoint, "decode-0", "decode")])
+    workers = start_workers(
+        [spec(tiny_checkpoint, "prefill-0", "prefill"), spec(tiny_checkpoint, "decode-0", "decode")]
+    )
     try:
         data = load_config(DEFAULT_CONFIG_PATH).model_dump()
         data["model"]["path"] = str(tiny_checkpoint)
@@ -64,8 +74,9 @@ def cluster(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def first_token(tiny_checkpoint) -> tuple[int, float]:
     """The reference engine's greedy first token for PROMPT and its logprob."""
-    r = Engine(load(tiny_checkpoint), ENGINE).generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=1,
-                                                                                 logprobs=0, ignore_eos=True))[0]
+    r = Engine(load(tiny_checkpoint), ENGINE).generate(
+        [PROMPT], SamplingParams(temperature=0.0, max_tokens=1, logprobs=0, ignore_eos=True)
+    )[0]
     return r.token_ids[0], r.logprobs[0].logprob
 
 
@@ -78,8 +89,11 @@ def stats(w: WorkerProc) -> pb.StatsReply:
 def assert_nothing_held(workers: list[WorkerProc]) -> None:
     """Every block free on both sides, the decode reservation released (not left to its lease)."""
     for w in workers:
-        wait_for(lambda: stats(w).blocks_used == 0 and stats(w).blocks_reserved == 0, 3.0,
-                 f"{w.spec.worker_id} to free every block")
+        wait_for(
+            lambda: stats(w).blocks_used == 0 and stats(w).blocks_reserved == 0,
+            3.0,
+            f"{w.spec.worker_id} to free every block",
+        )
 
 
 def client(srv: ServeThread) -> openai.OpenAI:
@@ -92,8 +106,9 @@ def text_of(tiny_checkpoint, ids: list[int], special: bool = False) -> str:
 
 def test_max_tokens_1_returns_the_first_token(cluster, first_token, tiny_checkpoint) -> None:
     workers, srv = cluster
-    r = client(srv).completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=0.0,
-                                       extra_body={"ignore_eos": True})
+    r = client(srv).completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=1, temperature=0.0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 1
     assert r.choices[0].text == text_of(tiny_checkpoint, [first_token[0]])
     assert_nothing_held(workers)
@@ -101,8 +116,11 @@ def test_max_tokens_1_returns_the_first_token(cluster, first_token, tiny_checkpo
 
 def test_max_tokens_1_streamed(cluster, first_token, tiny_checkpoint) -> None:
     workers, srv = cluster
-    chunks = list(client(srv).completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=0.0,
-                                                 stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client(srv).completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=1, temperature=0.0, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text_of(tiny_checkpoint, [first_token[0]])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert_nothing_held(workers)
@@ -110,8 +128,15 @@ def test_max_tokens_1_streamed(cluster, first_token, tiny_checkpoint) -> None:
 
 def test_max_tokens_1_with_echo_and_logprobs(cluster, first_token) -> None:
     workers, srv = cluster
-    r = client(srv).completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=0.0, echo=True,
-                                       logprobs=1, extra_body={"ignore_eos": True})
+    r = client(srv).completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=1,
+        temperature=0.0,
+        echo=True,
+        logprobs=1,
+        extra_body={"ignore_eos": True},
+    )
     lp = r.choices[0].logprobs
     assert r.choices[0].finish_reason == "length"
     assert len(lp.tokens) == len(PROMPT) + 1 and lp.token_logprobs[0] is None
@@ -124,8 +149,15 @@ def test_max_tokens_0_scores_the_prompt(cluster, tiny_checkpoint) -> None:
     workers, srv = cluster
     c = client(srv)
     scored = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1, temperature=0.0)
-    longer = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, echo=True, logprobs=1, temperature=0.0,
-                                  extra_body={"ignore_eos": True})
+    longer = c.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=1,
+        echo=True,
+        logprobs=1,
+        temperature=0.0,
+        extra_body={"ignore_eos": True},
+    )
     lp = scored.choices[0].logprobs
     assert scored.usage.completion_tokens == 0 and len(lp.tokens) == len(PROMPT)
     assert scored.choices[0].text == text_of(tiny_checkpoint, PROMPT, special=True)  # echo keeps BOS
@@ -138,21 +170,28 @@ def test_stop_token_and_stop_string_on_the_first_token(cluster, first_token, tin
     workers, srv = cluster
     c = client(srv)
     tok = first_token[0]
-    r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.0,
-                             extra_body={"stop_token_ids": [tok], "ignore_eos": True})
+    r = c.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0.0,
+        extra_body={"stop_token_ids": [tok], "ignore_eos": True},
+    )
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == "" and r.usage.completion_tokens == 1
     text = text_of(tiny_checkpoint, [tok])
     if text.strip():
-        r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.0, stop=[text],
-                                 extra_body={"ignore_eos": True})
+        r = c.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.0, stop=[text], extra_body={"ignore_eos": True}
+        )
         assert r.choices[0].finish_reason == "stop" and r.choices[0].text == ""
     assert_nothing_held(workers)
 
 
 def test_the_cluster_still_serves_longer_requests(cluster) -> None:
     workers, srv = cluster
-    r = client(srv).completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0.0,
-                                       extra_body={"ignore_eos": True})
+    r = client(srv).completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=6, temperature=0.0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
     assert_nothing_held(workers)
 
@@ -163,18 +202,24 @@ def test_a_full_cluster_answers_503_with_retry_after(cluster) -> None:
     with grpc.insecure_channel(decode.info["address"]) as ch:
         stub = pbg.DecodeWorkerStub(ch)
         # every block of the decode worker (128 x 8 tokens, prompt + first token + 1 MTP draft)
-        rep = stub.Reserve(pb.ReserveRequest(request_id="hog", prompt_len=128 * 8 - 2, max_tokens=1,
-                                             lease_ms=60_000), timeout=10)
+        rep = stub.Reserve(
+            pb.ReserveRequest(request_id="hog", prompt_len=128 * 8 - 2, max_tokens=1, lease_ms=60_000), timeout=10
+        )
         assert rep.HasField("reservation") and len(rep.reservation.block_ids) == 128
         try:
-            r = httpx.post(f"{srv.url}/v1/completions", timeout=30,
-                           json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4})
+            r = httpx.post(
+                f"{srv.url}/v1/completions", timeout=30, json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4}
+            )
             assert r.status_code == 503, r.text
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["code"] == "no_capacity"
         finally:
-            stub.Abort(pb.AbortRequest(request_id="hog", epoch=rep.reservation.epoch, reason="test done",
-                                       nothing_written=True), timeout=10)
+            stub.Abort(
+                pb.AbortRequest(
+                    request_id="hog", epoch=rep.reservation.epoch, reason="test done", nothing_written=True
+                ),
+                timeout=10,
+            )
     assert_nothing_held(workers)
     test_the_cluster_still_serves_longer_requests(cluster)
 

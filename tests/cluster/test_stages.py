@@ -26,8 +26,18 @@ ENGINE = EngineConfig(num_blocks=128, block_size=8, chunk_size=16, max_batch_tok
 
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint):
-    specs = [WorkerSpec(w, w.split("-")[0], str(tiny_checkpoint), ENGINE, transfer_backend="tcp",
-                        transfer_timeout_s=5.0, first_token_timeout_s=20.0) for w in ("prefill-0", "decode-0")]
+    specs = [
+        WorkerSpec(
+            w,
+            w.split("-")[0],
+            str(tiny_checkpoint),
+            ENGINE,
+            transfer_backend="tcp",
+            transfer_timeout_s=5.0,
+            first_token_timeout_s=20.0,
+        )
+        for w in ("prefill-0", "decode-0")
+    ]
     workers = start_workers(specs)
     yield workers
     for w in workers:
@@ -48,6 +58,7 @@ def test_stage_times_add_up_to_the_ttft(cluster) -> None:
                         ttft = time.monotonic() - t0
                 seen.append((ttft, dict(b.stages.last)))
             return seen, RouterMetrics(b).render().decode()
+
     seen, text = asyncio.run(go())
     for ttft, st in seen:
         print(f"TTFT {ttft * 1e3:.1f} ms:", {k: round(v * 1e3, 2) for k, v in st.items()})

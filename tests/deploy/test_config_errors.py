@@ -100,7 +100,11 @@ def test_all_problems_are_listed_at_once() -> None:
     )
     paths = {p.path for p in err.problems}
     assert paths == {
-        "model.dtype", "router.port", "router.polcy", "decode.mtp_draft_tokens", "decode.block_size",
+        "model.dtype",
+        "router.port",
+        "router.polcy",
+        "decode.mtp_draft_tokens",
+        "decode.block_size",
         "transfer.backend",
     }
     assert "6 problems" in str(err)
@@ -201,8 +205,13 @@ def test_memory_fraction_is_cuda_only() -> None:
 
 
 def test_cache_must_hold_max_model_len() -> None:
-    err = _error({"model": {"max_model_len": 4096}, "decode": {"num_blocks": 10, "block_size": 64},
-                  "prefill": {"block_size": 64}})
+    err = _error(
+        {
+            "model": {"max_model_len": 4096},
+            "decode": {"num_blocks": 10, "block_size": 64},
+            "prefill": {"block_size": 64},
+        }
+    )
     (problem,) = err.problems
     assert problem.path == "decode.num_blocks"
     assert "640" in problem.message and "4096" in problem.message and ">= 64" in problem.message
@@ -276,12 +285,15 @@ def test_grpc_tls_files_are_all_or_none_and_must_be_readable(tmp_path: Path) -> 
     assert [p.path for p in err.problems] == ["security.grpc_tls_server_name"]
     for name in ("w.pem", "k.pem"):
         (tmp_path / name).write_bytes(b"PEM " + name.encode())
-    cfg = parse_config({"security": {"grpc_tls_cert": "w.pem", "grpc_tls_key": "k.pem", "grpc_tls_ca": "w.pem"}},
-                       base_dir=tmp_path)
+    cfg = parse_config(
+        {"security": {"grpc_tls_cert": "w.pem", "grpc_tls_key": "k.pem", "grpc_tls_ca": "w.pem"}}, base_dir=tmp_path
+    )
     tls = load_grpc_tls(cfg)
     assert tls is not None and tls.cert == tls.ca == b"PEM w.pem" and tls.key == b"PEM k.pem"
-    cfg = parse_config({"security": {"grpc_tls_cert": "w.pem", "grpc_tls_key": "missing.pem", "grpc_tls_ca": "w.pem"}},
-                       base_dir=tmp_path)
+    cfg = parse_config(
+        {"security": {"grpc_tls_cert": "w.pem", "grpc_tls_key": "missing.pem", "grpc_tls_ca": "w.pem"}},
+        base_dir=tmp_path,
+    )
     with pytest.raises(ConfigError, match="security.grpc_tls_key.*missing.pem"):
         load_grpc_tls(cfg)
 

@@ -31,8 +31,12 @@ from splitserve.deploy.config import (
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 SECTION_MODELS = {
-    "model": ModelConfig, "router": RouterConfig, "prefill": PrefillPoolConfig, "decode": DecodePoolConfig,
-    "transfer": TransferConfig, "ray": RayConfig,
+    "model": ModelConfig,
+    "router": RouterConfig,
+    "prefill": PrefillPoolConfig,
+    "decode": DecodePoolConfig,
+    "transfer": TransferConfig,
+    "ray": RayConfig,
 }
 
 # ----------------------------------------------------------------------------- valid documents
@@ -78,8 +82,16 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
         mbt = draw(st.integers(16, 65536))
         _maybe(draw, p, "max_batch_tokens", st.just(mbt))
         _maybe(draw, p, "max_running_requests", st.integers(1, 4096))
-        _maybe(draw, p, "resources", st.dictionaries(names.filter(lambda n: n not in ("CPU", "GPU", "memory")),
-                                                     st.floats(min_value=0.001, max_value=64), max_size=3))
+        _maybe(
+            draw,
+            p,
+            "resources",
+            st.dictionaries(
+                names.filter(lambda n: n not in ("CPU", "GPU", "memory")),
+                st.floats(min_value=0.001, max_value=64),
+                max_size=3,
+            ),
+        )
         _maybe(draw, p, "grpc_host", hosts)
         budget = p.get("max_batch_tokens", 8192)
         if pool == "prefill":
@@ -186,18 +198,20 @@ FIELDS: dict[str, tuple[str, list[Any]]] = {
     "ray.num_cpus": ("int", [0, -2]),
 }
 for _pool in ("prefill", "decode"):
-    FIELDS.update({
-        _pool: ("section", []),
-        f"{_pool}.replicas": ("int", [0, -1]),
-        f"{_pool}.gpus_per_worker": ("float", [-1, -0.5, 1.5, 2.25]),
-        f"{_pool}.num_blocks": ("int", [0, -5, 2**31]),
-        f"{_pool}.cache_memory_fraction": ("float", [0, 1.01, -0.1]),
-        f"{_pool}.block_size": ("int", [0, 3, 48, 100, 2048, -64]),
-        f"{_pool}.max_batch_tokens": ("int", [0, -1]),
-        f"{_pool}.max_running_requests": ("int", [0]),
-        f"{_pool}.resources": ("dict", [{"GPU": 1}, {"CPU": 2}, {"x": 0}, {"x": -1}, {"x": "1"}, {"": 1}]),
-        f"{_pool}.grpc_host": ("str", ["", "a\tb"]),
-    })
+    FIELDS.update(
+        {
+            _pool: ("section", []),
+            f"{_pool}.replicas": ("int", [0, -1]),
+            f"{_pool}.gpus_per_worker": ("float", [-1, -0.5, 1.5, 2.25]),
+            f"{_pool}.num_blocks": ("int", [0, -5, 2**31]),
+            f"{_pool}.cache_memory_fraction": ("float", [0, 1.01, -0.1]),
+            f"{_pool}.block_size": ("int", [0, 3, 48, 100, 2048, -64]),
+            f"{_pool}.max_batch_tokens": ("int", [0, -1]),
+            f"{_pool}.max_running_requests": ("int", [0]),
+            f"{_pool}.resources": ("dict", [{"GPU": 1}, {"CPU": 2}, {"x": 0}, {"x": -1}, {"x": "1"}, {"": 1}]),
+            f"{_pool}.grpc_host": ("str", ["", "a\tb"]),
+        }
+    )
 FIELDS["prefill.chunk_size"] = ("int", [0, -1])
 FIELDS["decode.chunk_size"] = ("int", [0, -1])
 FIELDS["router.mode"] = ("choice", ["both", "COLOCATED", "disagg"])
@@ -261,8 +275,9 @@ json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
     lambda children: st.one_of(
         st.lists(children, max_size=4),
-        st.dictionaries(st.one_of(st.text(max_size=8), st.sampled_from(["device", "replicas", "port"])),
-                        children, max_size=4),
+        st.dictionaries(
+            st.one_of(st.text(max_size=8), st.sampled_from(["device", "replicas", "port"])), children, max_size=4
+        ),
     ),
     max_leaves=20,
 )

@@ -31,7 +31,18 @@ from splitserve.tests.helpers import ServeThread, all_pids, pid_alive, proc_stat
 
 pytestmark = pytest.mark.timeout(240)
 
-STATUS_KEYS = {"id", "role", "state", "pid", "node", "gpus", "gpu_share", "blocks_used", "blocks_total", "requests_done"}
+STATUS_KEYS = {
+    "id",
+    "role",
+    "state",
+    "pid",
+    "node",
+    "gpus",
+    "gpu_share",
+    "blocks_used",
+    "blocks_total",
+    "requests_done",
+}
 RPC_TIMEOUT_S = 5.0
 
 
@@ -115,8 +126,10 @@ SECRET: dict[str, str] = {}  # the module cluster's secret, set by the fixture
 def health(info: WorkerInfo) -> tuple[pb.HealthReply, pb.StatsReply]:
     with channel(info.address, SECRET["secret"]) as ch:
         stub = stub_for(info, ch)
-        return (stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S),
-                stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S))
+        return (
+            stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S),
+            stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,13 +158,15 @@ def test_start_failure_names_the_worker_and_leaves_nothing() -> None:
 def cluster() -> Iterator[SimpleNamespace]:
     cfg = local_cfg()
     directory = RecordingDirectory()
-    controller = Controller(cfg, directory, start_timeout_s=120, drain_timeout_s=30, monitor_interval_s=0.5,
-                            ping_timeout_s=3.0)
+    controller = Controller(
+        cfg, directory, start_timeout_s=120, drain_timeout_s=30, monitor_interval_s=0.5, ping_timeout_s=3.0
+    )
     t0 = time.monotonic()
     controller.start()
     SECRET["secret"] = controller.cluster_secret
-    ctx = SimpleNamespace(cfg=cfg, controller=controller, directory=directory, start_s=time.monotonic() - t0,
-                          worker_pids=set())
+    ctx = SimpleNamespace(
+        cfg=cfg, controller=controller, directory=directory, start_s=time.monotonic() - t0, worker_pids=set()
+    )
     try:
         yield ctx
     finally:
@@ -230,30 +245,41 @@ def test_completion_through_the_router_and_admin(cluster: SimpleNamespace) -> No
 
     model = resolve_model(cluster.cfg)
     shutdowns: list[str] = []
-    app, _ = build_router_app(cluster.cfg, cluster.directory, model, controller=cluster.controller,
-                              api_key="client-key", operator_token="operator-token",
-                              request_shutdown=lambda: shutdowns.append("asked"))
+    app, _ = build_router_app(
+        cluster.cfg,
+        cluster.directory,
+        model,
+        controller=cluster.controller,
+        api_key="client-key",
+        operator_token="operator-token",
+        request_shutdown=lambda: shutdowns.append("asked"),
+    )
     clients = {"Authorization": "Bearer client-key"}
     with ServeThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60, headers=clients) as client:
         wait_until(lambda: client.get("/health").status_code == 200, 20, "/health")
         # the clients' API key opens the public API only: it cannot scale or stop the cluster
-        for method, path, body in (("GET", "/admin/status", None), ("POST", "/admin/scale", {"decode": 2}),
-                                   ("POST", "/admin/shutdown", None)):
+        for method, path, body in (
+            ("GET", "/admin/status", None),
+            ("POST", "/admin/scale", {"decode": 2}),
+            ("POST", "/admin/shutdown", None),
+        ):
             r = client.request(method, path, json=body)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_operator_token", (path, r.text)
         assert shutdowns == [] and cluster.controller.targets == {"prefill": 1, "decode": 1}
         client.headers["Authorization"] = "Bearer operator-token"
         assert client.get("/v1/models").status_code == 401  # the operator token is no API key
         client.headers.update(clients)
-        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 8,
-                                                 "temperature": 0})
+        r = client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 8, "temperature": 0}
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["choices"][0]["finish_reason"] in ("length", "stop")
         assert 1 <= body["usage"]["completion_tokens"] <= 8
         # the same request again gives the same greedy text (both runs went through prefill -> decode)
-        r2 = client.post("/v1/completions", json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 8,
-                                                  "temperature": 0})
+        r2 = client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 8, "temperature": 0}
+        )
         assert r2.json()["choices"][0]["text"] == body["choices"][0]["text"]
 
         client.headers["Authorization"] = "Bearer operator-token"
@@ -288,7 +314,8 @@ def test_scale_decode_up_then_down_drains(cluster: SimpleNamespace) -> None:
     with channel(new.address, c.cluster_secret) as ch:
         rep = pbg.DecodeWorkerStub(ch).Reserve(
             pb.ReserveRequest(request_id="drain-test", prompt_len=100, max_tokens=4, lease_ms=int(lease_s * 1000)),
-            timeout=RPC_TIMEOUT_S)
+            timeout=RPC_TIMEOUT_S,
+        )
     assert rep.HasField("reservation")
     t0 = time.monotonic()
     st = c.scale(decode=1)
@@ -312,12 +339,16 @@ def test_killed_worker_is_noticed_and_replaced(cluster: SimpleNamespace) -> None
     d: RecordingDirectory = cluster.directory
     old = d.serving("decode")[0]
     os.kill(old.pid, signal.SIGKILL)
-    noticed_s = wait_until(lambda: (w := d.get(old.worker_id)) is None or w.state == "dead", 15,
-                           "the controller to notice the dead worker")
+    noticed_s = wait_until(
+        lambda: (w := d.get(old.worker_id)) is None or w.state == "dead", 15, "the controller to notice the dead worker"
+    )
     assert noticed_s < 10
     assert ("state", "dead") in d.history(old.worker_id)
-    wait_until(lambda: [w.worker_id for w in d.serving("decode")] not in ([], [old.worker_id]), 90,
-               "a replacement decode worker")
+    wait_until(
+        lambda: [w.worker_id for w in d.serving("decode")] not in ([], [old.worker_id]),
+        90,
+        "a replacement decode worker",
+    )
     (new,) = d.serving("decode")
     assert new.worker_id != old.worker_id and new.pid != old.pid and pid_alive(new.pid)
     assert d.get(old.worker_id) is None

@@ -30,8 +30,13 @@ KEY = "test-key-123"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "splitserve.deploy.cli", *args], capture_output=True, text=True,
-                          timeout=timeout_s, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "splitserve.deploy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+    )
 
 
 def write_config(path: Path, **router: object) -> Path:
@@ -76,8 +81,7 @@ def test_up_detach_status_scale_down(tmp_path: Path, reaper: list[int]) -> None:
     assert r.returncode == 1 and "no running cluster" in r.stderr
 
     t0 = time.monotonic()
-    r = cli("up", str(config), "--detach", "--run-dir", str(run_dir), "--start-timeout", "120", env=env,
-            timeout_s=240)
+    r = cli("up", str(config), "--detach", "--run-dir", str(run_dir), "--start-timeout", "120", env=env, timeout_s=240)
     (state,) = states(run_dir) if r.returncode == 0 else [{}]
     if state:
         reaper.append(int(state["pid"]))
@@ -124,12 +128,18 @@ def test_up_detach_status_scale_down(tmp_path: Path, reaper: list[int]) -> None:
     r = cli("scale", "--decode", "2", "--json", "--run-dir", str(run_dir), env=env)
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
-    assert [w["id"] for w in st["workers"] if w["role"] == "decode" and w["state"] == "serving"] == \
-        ["decode-0", "decode-1"]
+    assert [w["id"] for w in st["workers"] if w["role"] == "decode" and w["state"] == "serving"] == [
+        "decode-0",
+        "decode-1",
+    ]
     pids |= {w["pid"] for w in st["workers"]}
 
-    resp = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                      json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
+    resp = httpx.post(
+        f"{url}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+        json={"model": "tiny", "prompt": "hello", "max_tokens": 4},
+    )
     assert resp.status_code == 200, resp.text
 
     r = cli("down", "--run-dir", str(run_dir), env=env)
@@ -146,9 +156,22 @@ def test_foreground_up_stops_everything_on_sigterm(tmp_path: Path, reaper: list[
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "cluster.yaml")
     log = (tmp_path / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "splitserve.deploy.cli", "up", str(config), "--run-dir",
-                             str(run_dir), "--start-timeout", "120"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitserve.deploy.cli",
+            "up",
+            str(config),
+            "--run-dir",
+            str(run_dir),
+            "--start-timeout",
+            "120",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     reaper.append(proc.pid)
 
     def healthy() -> bool:

@@ -38,23 +38,38 @@ def cfg_with(path: Path = DEFAULT_CONFIG_PATH, **changes: Any) -> ClusterConfig:
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_spec_follows_the_pool_config(role: str) -> None:
-    cfg = cfg_with(prefill__num_blocks=96, prefill__max_batch_tokens=4096, prefill__chunk_size=1024,
-                   prefill__max_running_requests=7, decode__num_blocks=80, decode__max_running_requests=9,
-                   decode__mtp_draft_tokens=2, transfer__backend="tcp", transfer__timeout_s=12.5)
+    cfg = cfg_with(
+        prefill__num_blocks=96,
+        prefill__max_batch_tokens=4096,
+        prefill__chunk_size=1024,
+        prefill__max_running_requests=7,
+        decode__num_blocks=80,
+        decode__max_running_requests=9,
+        decode__mtp_draft_tokens=2,
+        transfer__backend="tcp",
+        transfer__timeout_s=12.5,
+    )
     pool = cfg.prefill if role == "prefill" else cfg.decode
     spec = spec_for(cfg, role, 3, model_path="/ckpt")  # type: ignore[arg-type]
     assert spec.worker_id == f"{role}-3" and spec.role == role
     assert spec.model_path == "/ckpt"
     e = spec.engine
     assert (e.num_blocks, e.block_size, e.max_batch_tokens, e.max_running) == (
-        pool.num_blocks, pool.block_size, pool.max_batch_tokens, pool.max_running_requests)
+        pool.num_blocks,
+        pool.block_size,
+        pool.max_batch_tokens,
+        pool.max_running_requests,
+    )
     # both sides run the decode pool's MTP setting: prefill fills the MTP layer's cache decode drafts from
     assert e.mtp_draft_tokens == cfg.decode.mtp_draft_tokens
     assert (e.dtype, e.device, e.indexer_fp8) == (cfg.model.dtype, cfg.model.device, cfg.model.indexer_fp8)
     assert e.chunk_size == (cfg.prefill.chunk_size if role == "prefill" else min(512, pool.max_batch_tokens))
     assert e.chunk_size <= e.max_batch_tokens
     assert (spec.transfer_backend, spec.transfer_host, spec.transfer_timeout_s) == (
-        cfg.transfer.backend, cfg.transfer.host, cfg.transfer.timeout_s)
+        cfg.transfer.backend,
+        cfg.transfer.host,
+        cfg.transfer.timeout_s,
+    )
     assert spec.grpc_host == pool.grpc_host and spec.grpc_port == 0
     assert spec.first_token_timeout_s == cfg.router.first_token_timeout_s
 
@@ -120,9 +135,21 @@ class FakeController:
         self.fail_with: Exception | None = None
 
     def status(self) -> dict[str, Any]:
-        workers = [{"id": f"{role}-{i}", "role": role, "state": "serving", "pid": 100 + i, "node": "n", "gpus": [],
-                    "blocks_used": 0, "blocks_total": 8, "requests_done": 0}
-                   for role in ("prefill", "decode") for i in range(self.sizes[role])]
+        workers = [
+            {
+                "id": f"{role}-{i}",
+                "role": role,
+                "state": "serving",
+                "pid": 100 + i,
+                "node": "n",
+                "gpus": [],
+                "blocks_used": 0,
+                "blocks_total": 8,
+                "requests_done": 0,
+            }
+            for role in ("prefill", "decode")
+            for i in range(self.sizes[role])
+        ]
         return {"router": {"url": "http://x"}, "workers": workers}
 
     def scale(self, prefill: int | None = None, decode: int | None = None) -> dict[str, Any]:
@@ -139,7 +166,9 @@ def admin() -> tuple[TestClient, FakeController, list[str]]:
     ctl = FakeController()
     calls: list[str] = []
     app = FastAPI()
-    app.include_router(build_admin_router(ctl, operator_token="sekret", request_shutdown=lambda: calls.append("shutdown")))
+    app.include_router(
+        build_admin_router(ctl, operator_token="sekret", request_shutdown=lambda: calls.append("shutdown"))
+    )
     return TestClient(app), ctl, calls
 
 
@@ -210,7 +239,19 @@ def test_status_table() -> None:
     lines = text.splitlines()
     assert lines[0] == "router: http://x"
     assert lines[1] == "serving: 1 prefill, 1 decode"
-    assert lines[2].split() == ["ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "WEIGHTS", "BLOCKS", "USED", "REQUESTS", "DONE"]
+    assert lines[2].split() == [
+        "ID",
+        "ROLE",
+        "STATE",
+        "PID",
+        "NODE",
+        "GPUS",
+        "WEIGHTS",
+        "BLOCKS",
+        "USED",
+        "REQUESTS",
+        "DONE",
+    ]
     assert lines[3].split() == ["prefill-0", "prefill", "serving", "100", "n", "-", "-", "0/8", "0"]
     assert lines[4].split() == ["decode-0", "decode", "serving", "100", "n", "0,1", "1.50", "GiB", "0/8", "0"]
 

@@ -50,8 +50,9 @@ def cluster() -> Iterator[SimpleNamespace]:
     cfg = parse_config(data)
     assert cfg.ray.num_cpus is None  # the local cluster is sized by the controller, as `splitserve up` does
     directory = Directory()
-    controller = Controller(cfg, directory, start_timeout_s=150, drain_timeout_s=30, monitor_interval_s=0.5,
-                            ping_timeout_s=5.0)
+    controller = Controller(
+        cfg, directory, start_timeout_s=150, drain_timeout_s=30, monitor_interval_s=0.5, ping_timeout_s=5.0
+    )
     controller.start()
     try:
         yield SimpleNamespace(cfg=cfg, controller=controller, directory=directory, pids=set())
@@ -105,8 +106,7 @@ def test_a_new_worker_serves_while_another_is_still_starting(cluster: SimpleName
     t = threading.Thread(target=wait_for_both, daemon=True)
     t.start()
     try:
-        wait_until(lambda: "real" in result and result["real"] in serving(d, "decode"), 150,
-                   "the new worker to serve")
+        wait_until(lambda: "real" in result and result["real"] in serving(d, "decode"), 150, "the new worker to serve")
         assert t.is_alive(), "the wait returned before the slow worker answered"
         assert d.get("decode-99") is None
     finally:
@@ -128,7 +128,9 @@ def test_scale_to_two_prefill_three_decode_on_the_embedded_default(cluster: Simp
     took = time.monotonic() - t0
     assert took < 240
     assert c.targets == {"prefill": 2, "decode": 3}
-    assert [(w["role"], w["state"]) for w in st["workers"]] == [("prefill", "serving")] * 2 + [("decode", "serving")] * 3
+    assert [(w["role"], w["state"]) for w in st["workers"]] == [("prefill", "serving")] * 2 + [
+        ("decode", "serving")
+    ] * 3
     assert len(serving(d, "prefill")) == 2 and len(serving(d, "decode")) == 3
     pids = {w["pid"] for w in st["workers"]}
     assert len(pids) == 5 and all(pid_alive(p) for p in pids)

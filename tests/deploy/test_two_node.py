@@ -66,14 +66,31 @@ def kill_session(sid: int, timeout_s: float = 5.0) -> None:
 
 def ray_start(args: list[str], env: dict[str, str], sessions: list[int]) -> None:
     """`ray start` in a new session (its daemons keep that session id, so they can be found and stopped)."""
-    ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--num-cpus", "2",
-           "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
+    ports = [
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        *args,
+        "--num-cpus",
+        "2",
+        "--object-store-memory",
+        str(100 * 1024 * 1024),
+        "--disable-usage-stats",
+    ]
     for flag in ports:
         cmd += [flag, str(free_port())]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     sessions.append(proc.pid)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}"
@@ -87,9 +104,21 @@ def two_nodes() -> Iterator[SimpleNamespace]:
     sessions: list[int] = []
     try:
         gcs_port = free_port()
-        ray_start(["--head", f"--port={gcs_port}", "--temp-dir", temp_dir, "--include-dashboard=false",
-                   "--ray-client-server-port", str(free_port()), "--resources", json.dumps({"prefill_node": 1})],
-                  env, sessions)
+        ray_start(
+            [
+                "--head",
+                f"--port={gcs_port}",
+                "--temp-dir",
+                temp_dir,
+                "--include-dashboard=false",
+                "--ray-client-server-port",
+                str(free_port()),
+                "--resources",
+                json.dumps({"prefill_node": 1}),
+            ],
+            env,
+            sessions,
+        )
         address = f"127.0.0.1:{gcs_port}"
         ray_start([f"--address={address}", "--resources", json.dumps({"decode_node": 1})], env, sessions)
         yield SimpleNamespace(address=address, sessions=sessions)
@@ -136,8 +165,11 @@ def test_pools_land_on_their_node_groups(two_nodes: SimpleNamespace) -> None:
         app, _ = build_router_app(cfg, directory, resolve_model(cfg), controller=controller, operator_token="op")
         with ServeThread(app) as srv:
             wait_until(lambda: httpx.get(f"{srv.url}/health", timeout=5).status_code == 200, 20, "/health")
-            r = httpx.post(f"{srv.url}/v1/completions", timeout=60,
-                           json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 6})
+            r = httpx.post(
+                f"{srv.url}/v1/completions",
+                timeout=60,
+                json={"model": "tiny", "prompt": "def fib(n):", "max_tokens": 6},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] >= 1
 

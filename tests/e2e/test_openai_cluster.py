@@ -58,6 +58,7 @@ def reference(tiny_checkpoint):
         ids = Engine(net, cfg).generate([prompt], params)[0].token_ids
         dec = TextDecoder(tok)
         return dec.add(ids) + dec.finish()
+
     return run
 
 
@@ -74,18 +75,21 @@ def test_completion_equals_single_process_engine(cluster, reference) -> None:
     c = client(srv)
     for i, temperature in ((1, 0.0), (2, 0.9)):
         p = prompt_ids(i)
-        r = c.completions.create(model="tiny", prompt=p, max_tokens=20, temperature=temperature, seed=123,
-                                 extra_body={"ignore_eos": True})
+        r = c.completions.create(
+            model="tiny", prompt=p, max_tokens=20, temperature=temperature, seed=123, extra_body={"ignore_eos": True}
+        )
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 20
-        assert r.choices[0].text == reference(p, SamplingParams(temperature=temperature, max_tokens=20, seed=123,
-                                                                ignore_eos=True))
+        assert r.choices[0].text == reference(
+            p, SamplingParams(temperature=temperature, max_tokens=20, seed=123, ignore_eos=True)
+        )
 
 
 def test_streaming_equals_non_streaming(cluster) -> None:
     _, srv = cluster
     c = client(srv)
-    args = dict(model="tiny", prompt=prompt_ids(3), max_tokens=16, temperature=0.8, seed=5,
-                extra_body={"ignore_eos": True})
+    args = dict(
+        model="tiny", prompt=prompt_ids(3), max_tokens=16, temperature=0.8, seed=5, extra_body={"ignore_eos": True}
+    )
     whole = c.completions.create(**args).choices[0].text
     chunks = list(c.completions.create(stream=True, **args))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole
@@ -115,15 +119,27 @@ def test_32_concurrent_requests(cluster, reference) -> None:
     async def go():
         c = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=180)
         try:
-            return await asyncio.gather(*(c.completions.create(
-                model="tiny", prompt=prompt_ids(i), max_tokens=12, temperature=0.9, seed=i,
-                extra_body={"ignore_eos": True}) for i in range(32)))
+            return await asyncio.gather(
+                *(
+                    c.completions.create(
+                        model="tiny",
+                        prompt=prompt_ids(i),
+                        max_tokens=12,
+                        temperature=0.9,
+                        seed=i,
+                        extra_body={"ignore_eos": True},
+                    )
+                    for i in range(32)
+                )
+            )
         finally:
             await c.close()
+
     outs = asyncio.run(go())
     for i in (0, 7, 31):  # a sample checked against the engine (all would take as long again)
-        assert outs[i].choices[0].text == reference(prompt_ids(i), SamplingParams(
-            temperature=0.9, max_tokens=12, seed=i, ignore_eos=True))
+        assert outs[i].choices[0].text == reference(
+            prompt_ids(i), SamplingParams(temperature=0.9, max_tokens=12, seed=i, ignore_eos=True)
+        )
     assert all(o.usage.completion_tokens == 12 for o in outs)
     # a burst that arrives between two polls of the workers' load is spread over every worker of
     # both pools (the router counts what it has in flight per worker)
@@ -136,8 +152,19 @@ def test_bounded_load_has_no_errors_and_no_block_growth(cluster) -> None:
 
     cl, srv = cluster
     for concurrency in (2, 8):
-        r = asyncio.run(run_level(srv.url, concurrency, 6.0, model="tiny", max_tokens=16, prompt_len=48,
-                                  api_key=None, max_requests=200, operator_token=cl.operator_token)).summary()
+        r = asyncio.run(
+            run_level(
+                srv.url,
+                concurrency,
+                6.0,
+                model="tiny",
+                max_tokens=16,
+                prompt_len=48,
+                api_key=None,
+                max_requests=200,
+                operator_token=cl.operator_token,
+            )
+        ).summary()
         assert r["requests"] > 0 and r["errors"] == 0 and r["rejected_429"] == 0, r
         assert r["blocks_used_after"] == 0
         assert r["ttft_p50_ms"] is not None and r["itl_p50_ms"] is not None
@@ -155,8 +182,13 @@ def test_scale_up_and_down_while_serving_fails_no_request(cluster) -> None:
         i = 0
         while not stop.is_set():
             try:
-                r = c.completions.create(model="tiny", prompt=prompt_ids(k * 100 + i), max_tokens=8, temperature=0.0,
-                                         extra_body={"ignore_eos": True})
+                r = c.completions.create(
+                    model="tiny",
+                    prompt=prompt_ids(k * 100 + i),
+                    max_tokens=8,
+                    temperature=0.0,
+                    extra_body={"ignore_eos": True},
+                )
                 results.append(r.choices[0].finish_reason)
             except Exception as e:  # noqa: BLE001 - recorded and asserted on below
                 results.append(f"error: {e!r}")
@@ -184,4 +216,5 @@ def test_every_worker_ends_with_no_block_in_use(cluster) -> None:
     def idle() -> bool:
         ws = httpx.get(f"{srv.url}/admin/status", headers=srv.operator, timeout=10).json()["workers"]
         return all(w["blocks_used"] == 0 for w in ws)
+
     wait_until(idle, 30, "every worker to free its blocks")

@@ -61,4 +61,4 @@ def greedy_reference(net: DeepseekV32, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     for _ in range(n):
         ids.append(int(net.score(torch.tensor(ids))[-1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitserve.engine.block_manager import BlockManager, NoFreeBlocks, block_hash
 
@@ -82,7 +83,7 @@ def test_allocations_stay_runs_through_churn_with_the_prefix_cache() -> None:
         n = rng.randint(1, 40)
         usable = bm.free_mask.copy()
         usable[list(bm.cached)] = True
-        possible = any(usable[s:s + n].all() for s in range(512 - n + 1))
+        possible = any(usable[s : s + n].all() for s in range(512 - n + 1))
         got = bm.allocate(n)
         assert len(set(got)) == n and all(bm.ref[b] == 1 for b in got)
         assert not any(b in bm.block_to_hash for b in got)

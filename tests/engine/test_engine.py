@@ -151,7 +151,9 @@ def test_stop_conditions(tiny_net) -> None:
     free = make_engine(tiny_net).generate([p], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
     stop_tok = free.token_ids[4]
     first = free.token_ids.index(stop_tok)
-    r = make_engine(tiny_net).generate([p], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop_tok,)))[0]
+    r = make_engine(tiny_net).generate([p], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop_tok,)))[
+        0
+    ]
     assert r.token_ids == free.token_ids[: first + 1] and r.finish_reason == "stop"
     r = make_engine(tiny_net).generate([p], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
     assert len(r.token_ids) == 3 and r.finish_reason == "length"
@@ -180,8 +182,8 @@ def test_cache_exhaustion_alone_finishes_with_length(tiny_net) -> None:
 def test_fp8_latent_cache_equals_scoring_over_fp8_rounded_latents(tiny_net, paged) -> None:
     """FP8 latent cache (e4m3 + one fp32 scale per group, rope in bf16) gives the logits of cache-free
     scoring whose cache entries went through the same rounding (computed here independently)."""
-    from splitserve.model import DenseStore, ForwardBatch
     from splitserve.kernels import act_quant
+    from splitserve.model import DenseStore, ForwardBatch
 
     class RoundedStore(DenseStore):
         def write(self, layer, seq, latent, keys):
@@ -231,7 +233,7 @@ def _biased_reference(net, prompt: list[int], n: int, bias: dict[int, float]) ->
         t = int(x.argmax())
         ids.append(t)
         lps.append(torch.log_softmax(x.double(), -1)[t].item())
-    return ids[len(prompt):], lps
+    return ids[len(prompt) :], lps
 
 
 def _banning(free: list[list[int]], extra: dict[int, float]) -> dict[int, float]:
@@ -248,8 +250,9 @@ def test_logit_bias_greedy_and_logprobs_match_biased_scoring(tiny_net, paged) ->
     free = [r.token_ids for r in make_engine(tiny_net, paged_kernels=paged).generate(prompts, params)]
     bias = _banning(free, {5: 1.5, 17: -0.5})
     eng = make_engine(tiny_net, paged_kernels=paged)
-    res = eng.generate(prompts, [params, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
-                                                        logprobs=1, logit_bias=bias)])
+    res = eng.generate(
+        prompts, [params, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1, logit_bias=bias)]
+    )
     assert res[0].token_ids == free[0]  # batched with a biased request, an unbiased one is unchanged
     ref, ref_lps = _biased_reference(tiny_net, prompts[1], 8, bias)
     assert res[1].token_ids == ref and res[1].token_ids != free[1]
@@ -305,8 +308,10 @@ def test_mtp_drafts_are_biased_too(predictable_net) -> None:
     prompts = random_prompts([12, 30], predictable_net.cfg.vocab_size, seed=23)
     forced = 11
     eng = make_engine(predictable_net, mtp_draft_tokens=2)
-    plist = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias={forced: 100.0}),
-             SamplingParams(temperature=1.0, seed=4, max_tokens=12, ignore_eos=True, logit_bias={forced: 100.0})]
+    plist = [
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias={forced: 100.0}),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=12, ignore_eos=True, logit_bias={forced: 100.0}),
+    ]
     for r in eng.generate(prompts, plist):
         assert r.token_ids == [forced] * 12
         assert r.draft_tokens > 0 and r.accepted_draft_tokens == r.draft_tokens
@@ -321,8 +326,10 @@ def test_mtp_sampling_never_emits_a_banned_token(predictable_net) -> None:
     free = [r.token_ids for r in make_engine(predictable_net, mtp_draft_tokens=2).generate(prompts, hot)]
     ban = {t for out in free for t in out}
     eng = make_engine(predictable_net, mtp_draft_tokens=2)
-    res = eng.generate(prompts, SamplingParams(temperature=0.8, seed=1, max_tokens=16, ignore_eos=True,
-                                               logit_bias={t: -100.0 for t in ban}))
+    res = eng.generate(
+        prompts,
+        SamplingParams(temperature=0.8, seed=1, max_tokens=16, ignore_eos=True, logit_bias={t: -100.0 for t in ban}),
+    )
     for r in res:
         assert len(r.token_ids) == 16 and not set(r.token_ids) & ban
     assert sum(r.draft_tokens for r in res) > 0

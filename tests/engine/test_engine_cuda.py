@@ -57,6 +57,7 @@ def _kernel_net(tmp_path_factory, dtype, indexer_fp8=False):
     from dataclasses import replace
 
     from splitserve.model.checkpoint import PRESETS
+
     cfg = replace(PRESETS["small"], num_attention_heads=16, index_n_heads=16)
     path = make_checkpoint(cfg, tmp_path_factory.mktemp("kernel-shaped"), seed=0, dtype=torch.float32)
     return load(path, device="cuda", dtype=dtype, indexer_fp8=indexer_fp8)
@@ -78,8 +79,12 @@ def test_kernels_and_graphs_match_scoring_fp32(kernel_net32) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     refs = [greedy_reference(net, p, params.max_tokens) for p in prompts]
     for k in (0, 2):
-        eng = Engine(net, EngineConfig(num_blocks=96, block_size=16, chunk_size=128, mtp_draft_tokens=k,
-                                       device="cuda", dtype="float32"))
+        eng = Engine(
+            net,
+            EngineConfig(
+                num_blocks=96, block_size=16, chunk_size=128, mtp_draft_tokens=k, device="cuda", dtype="float32"
+            ),
+        )
         assert eng.runner.paged and eng.runner.graphs is not None
         res = eng.generate(prompts, params)
         assert [r.token_ids for r in res] == refs
@@ -96,8 +101,12 @@ def test_graphs_equal_eager_kernels_bf16_fp8_indexer(kernel_net16) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     out = {}
     for graphs in (False, True):
-        eng = Engine(net, EngineConfig(num_blocks=128, block_size=64, chunk_size=256, device="cuda",
-                                       dtype="bfloat16", cuda_graphs=graphs))
+        eng = Engine(
+            net,
+            EngineConfig(
+                num_blocks=128, block_size=64, chunk_size=256, device="cuda", dtype="bfloat16", cuda_graphs=graphs
+            ),
+        )
         out[graphs] = [r.token_ids for r in eng.generate(prompts, params)]
         assert bool(eng.runner.graphs and eng.runner.graphs.graphs) == graphs
         assert eng.blocks_used == 0
@@ -123,8 +132,18 @@ def test_warm_up_captures_every_size_and_nothing_while_serving(kernel_net32) -> 
     and its outputs equal the cache-free reference."""
     net = kernel_net32
     for k in (0, 2):
-        eng = Engine(net, EngineConfig(num_blocks=160, block_size=16, chunk_size=128, mtp_draft_tokens=k,
-                                       max_running=12, device="cuda", dtype="float32"))
+        eng = Engine(
+            net,
+            EngineConfig(
+                num_blocks=160,
+                block_size=16,
+                chunk_size=128,
+                mtp_draft_tokens=k,
+                max_running=12,
+                device="cuda",
+                dtype="float32",
+            ),
+        )
         info = eng.warm_up()
         sizes = eng.runner.graphs.sizes
         assert sorted(eng.runner.graphs.graphs) == list(sizes) and sizes[-1] == 12 * (k + 1)
@@ -152,6 +171,7 @@ def test_a_failed_capture_keeps_outputs_exact(kernel_net32, monkeypatch) -> None
 
     def capture_fails(rows: int):
         raise RuntimeError("injected capture failure")
+
     monkeypatch.setattr(eng.runner.graphs, "_capture", capture_fails)
     assert [r.token_ids for r in eng.generate(prompts, params)] == refs  # eager from the first decode step
     assert eng.runner.graphs.disabled and not eng.runner.graphs.graphs

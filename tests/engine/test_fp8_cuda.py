@@ -47,7 +47,7 @@ def _assert_checked(chk: KernelCheck, dtype: torch.dtype, kernels: set[str]) -> 
 
 
 def test_fp8_kernels_in_the_network_equal_the_references(fp8_path) -> None:
-    gpu = load(fp8_path, device="cuda", dtype=torch.float32)       # default on CUDA: weights stay FP8
+    gpu = load(fp8_path, device="cuda", dtype=torch.float32)  # default on CUDA: weights stay FP8
     assert isinstance(gpu.model.layers[0].self_attn.q_b_proj, FP8Linear) and gpu.weight_bytes()["fp8"] > 0
     gpu.fuse_weights()
     ids = torch.tensor(random_prompts([200], gpu.cfg.vocab_size, seed=4)[0])
@@ -59,8 +59,10 @@ def test_fp8_kernels_in_the_network_equal_the_references(fp8_path) -> None:
     # for the record only (see the module docstring): the CPU references' logits
     cpu = load(fp8_path, device="cpu", dtype=torch.float32, fp8_weights=True)
     b = cpu.score(ids)
-    print(f"Triton vs CPU references, whole network (chaotic under FP8 activations): logits rel {rel(a, b):.2e}, "
-          f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}")
+    print(
+        f"Triton vs CPU references, whole network (chaotic under FP8 activations): logits rel {rel(a, b):.2e}, "
+        f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}"
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -72,18 +74,21 @@ def test_engine_fp8_weights_and_fp8_latents(fp8_path, dtype) -> None:
     tdtype = getattr(torch, dtype)
     net = load(fp8_path, device="cuda", dtype=tdtype, indexer_fp8=dtype == "bfloat16")
     assert isinstance(net.model.layers[0].mlp.down_proj, FP8Linear) and net.model.layers[1].mlp.fp8
-    prompts = random_prompts([300, 140, 9, 64], net.cfg.vocab_size, seed=5)   # > index_topk 128: sparse
+    prompts = random_prompts([300, 140, 9, 64], net.cfg.vocab_size, seed=5)  # > index_topk 128: sparse
     for latent_fp8 in (False, True):
         base = dict(num_blocks=128, block_size=16, chunk_size=128, device="cuda", dtype=dtype, latent_fp8=latent_fp8)
         chk = KernelCheck()
         eng = Engine(net, EngineConfig(**base, cuda_graphs=False))
-        assert eng.runner.paged                                   # the default on CUDA, FP8 latents included
+        assert eng.runner.paged  # the default on CUDA, FP8 latents included
         with chk.active():
             eager = [r.token_ids for r in eng.generate(prompts, GREEDY)]
         assert eng.blocks_used == 0
         print(f"{dtype} latent_fp8={latent_fp8}")
-        _assert_checked(chk, tdtype, {"fp8_linear", "fused_moe_fp8", "sparse_mla"}
-                        | ({"act_quant"} if dtype == "bfloat16" else set()))
+        _assert_checked(
+            chk,
+            tdtype,
+            {"fp8_linear", "fused_moe_fp8", "sparse_mla"} | ({"act_quant"} if dtype == "bfloat16" else set()),
+        )
         if latent_fp8:
             assert any("fp8 cache" in s for k, s in chk.worst if k == "sparse_mla")
         eng = Engine(net, EngineConfig(**base))

@@ -74,8 +74,11 @@ def test_prefill_only_finishing_at_its_first_token_keeps_its_blocks_for_the_owne
     prompt = random_prompts([30], predictable_net.cfg.vocab_size, seed=5)[0]
     greedy = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     first = Engine(predictable_net, cfg).generate([prompt], greedy)[0].token_ids[0]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop_token_ids=(first,)) if stop_first \
+    params = (
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop_token_ids=(first,))
+        if stop_first
         else greedy
+    )
     a = Engine(predictable_net, cfg)
     req = a.add_request("r", prompt, params, prefill_only=True)
     outs = []

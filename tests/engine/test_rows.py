@@ -11,8 +11,10 @@ from splitserve.engine.rows import ROW_SIZES, RowPlan, _pad_to, capture_sizes
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 300), st.integers(0, 3)), min_size=1, max_size=8),
-       st.sampled_from([4, 16, 64]))
+@given(
+    st.lists(st.tuples(st.integers(1, 40), st.integers(0, 300), st.integers(0, 3)), min_size=1, max_size=8),
+    st.sampled_from([4, 16, 64]),
+)
 def test_row_plan_matches_per_row_definition(runs, bs) -> None:
     rng = np.random.default_rng(len(runs) * 1000 + bs)
     groups = []
@@ -26,7 +28,7 @@ def test_row_plan_matches_per_row_definition(runs, bs) -> None:
             p = start + j
             assert plan.input_ids[r] == tok and plan.positions[r] == p and plan.seq_lens[r] == p + 1
             assert plan.slots[r] == table[p // bs] * bs + p % bs
-            assert plan.tables[r, :len(table)].tolist() == table
+            assert plan.tables[r, : len(table)].tolist() == table
             r += 1
     assert r == len(plan.input_ids) == plan.tables.shape[0]
 

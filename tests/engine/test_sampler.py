@@ -54,7 +54,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ----------------------------------------------------------------------------------------------
 
 
-def ref_penalised(logits: Sequence[float], p: SamplingParams, prompt: Sequence[int], output: Sequence[int]) -> list[float]:
+def ref_penalised(
+    logits: Sequence[float], p: SamplingParams, prompt: Sequence[int], output: Sequence[int]
+) -> list[float]:
     lg = [float(x) for x in logits]
     for t, b in p.logit_bias:
         lg[t] += b
@@ -231,11 +233,16 @@ params_st = st.builds(
 
 @settings(max_examples=80, deadline=None)
 @given(
-    st.lists(st.tuples(st.lists(st.integers(-8, 8).map(lambda i: i / 4.0), min_size=10, max_size=10),
-                       params_st,
-                       st.lists(st.integers(0, 9), max_size=4),
-                       st.lists(st.integers(0, 9), max_size=5)),
-             min_size=1, max_size=4)
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(-8, 8).map(lambda i: i / 4.0), min_size=10, max_size=10),
+            params_st,
+            st.lists(st.integers(0, 9), max_size=4),
+            st.lists(st.integers(0, 9), max_size=5),
+        ),
+        min_size=1,
+        max_size=4,
+    )
 )
 def test_full_pipeline_against_reference(cases: list) -> None:
     """processed_probs of a batch equals the float64 reference of each row (all transforms, in
@@ -283,7 +290,9 @@ def _logits_for(key: int, step: int) -> torch.Tensor:
     return torch.randn(V_INV, generator=g) * 2.0
 
 
-def _run(batch: list[tuple[int, SamplingParams]], steps: int) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]]]:
+def _run(
+    batch: list[tuple[int, SamplingParams]], steps: int
+) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]]]:
     """Decode `steps` tokens for every (key, params) in the batch, in that order."""
     gens = {key: make_generator(p.seed) for key, p in batch}
     outs: dict[int, list[int]] = {key: [] for key, _ in batch}
@@ -447,11 +456,21 @@ def test_prompt_logprobs_against_reference() -> None:
 def test_logit_bias_params_are_canonical_and_validated() -> None:
     p = SamplingParams(logit_bias={7: 1, 2: -100})
     assert p.logit_bias == ((2, -100.0), (7, 1.0)) and p.has_logit_bias
-    assert p == SamplingParams(logit_bias=[(7, 1.0), (2, -100.0)]) and hash(p) == hash(SamplingParams(logit_bias={2: -100, 7: 1}))
+    assert p == SamplingParams(logit_bias=[(7, 1.0), (2, -100.0)]) and hash(p) == hash(
+        SamplingParams(logit_bias={2: -100, 7: 1})
+    )
     assert not SamplingParams().has_logit_bias and not SamplingParams(logit_bias={}).has_logit_bias
-    for bad, match in [({-1: 1.0}, "token ids"), ({True: 1.0}, "token ids"), ({"3": 1.0}, "token ids"),
-                       ({3: 100.5}, r"\[-100, 100\]"), ({3: -101}, r"\[-100, 100\]"), ({3: math.nan}, r"\[-100, 100\]"),
-                       ({3: "1"}, "numbers"), ([(3, 1.0), (3, 2.0)], "twice"), ([(3,)], "pairs")]:
+    for bad, match in [
+        ({-1: 1.0}, "token ids"),
+        ({True: 1.0}, "token ids"),
+        ({"3": 1.0}, "token ids"),
+        ({3: 100.5}, r"\[-100, 100\]"),
+        ({3: -101}, r"\[-100, 100\]"),
+        ({3: math.nan}, r"\[-100, 100\]"),
+        ({3: "1"}, "numbers"),
+        ([(3, 1.0), (3, 2.0)], "twice"),
+        ([(3,)], "pairs"),
+    ]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(logit_bias=bad)
 
@@ -497,7 +516,9 @@ def test_bias_minus_100_bans_the_token() -> None:
     assert sample_tokens(logits, [greedy]).tolist() == [second]
     # sampling at a high temperature (the banned token is the likeliest): never drawn in n draws,
     # while without the ban it is drawn often
-    banned = [SamplingRow(SamplingParams(temperature=2.0, logit_bias={best: -100.0}), make_generator(i)) for i in range(n)]
+    banned = [
+        SamplingRow(SamplingParams(temperature=2.0, logit_bias={best: -100.0}), make_generator(i)) for i in range(n)
+    ]
     free = [SamplingRow(SamplingParams(temperature=2.0), make_generator(i)) for i in range(n)]
     assert best not in sample_tokens(logits.expand(n, v), banned).tolist()
     assert sample_tokens(logits.expand(n, v), free).tolist().count(best) > n // 20
@@ -534,11 +555,11 @@ def test_mixed_batch_with_and_without_bias_equals_each_alone() -> None:
         return [SamplingRow(p, make_generator(p.seed) if not p.greedy else None, [1, 2], [3, 4]) for p in params]
 
     batch = Sampler().sample(logits, rows())
-    alone = [Sampler().sample(logits[i: i + 1], [r])[0] for i, r in enumerate(rows())]
+    alone = [Sampler().sample(logits[i : i + 1], [r])[0] for i, r in enumerate(rows())]
     assert batch == alone
     probs_b = processed_probs(logits, rows())
     for i, r in enumerate(rows()):
-        assert torch.equal(probs_b[i], processed_probs(logits[i: i + 1], [r])[0])
+        assert torch.equal(probs_b[i], processed_probs(logits[i : i + 1], [r])[0])
     assert batch[0].token_id == 4
 
 
@@ -548,10 +569,14 @@ def test_logprobs_are_after_the_bias() -> None:
     v = 12
     logits = torch.randn(2, v) * 3
     bias = {2: 100.0, 5: -3.0}
-    params = [SamplingParams(temperature=0.5, seed=9, logprobs=v, logit_bias=bias, presence_penalty=1.0),
-              SamplingParams(temperature=0.0, logprobs=2)]
+    params = [
+        SamplingParams(temperature=0.5, seed=9, logprobs=v, logit_bias=bias, presence_penalty=1.0),
+        SamplingParams(temperature=0.0, logprobs=2),
+    ]
     out = Sampler().sample(logits, [SamplingRow(p, make_generator(p.seed), [0], [1]) for p in params])
-    ref0 = torch.log_softmax(logits[0].double() + torch.tensor([bias.get(t, 0.0) for t in range(v)], dtype=torch.float64), -1)
+    ref0 = torch.log_softmax(
+        logits[0].double() + torch.tensor([bias.get(t, 0.0) for t in range(v)], dtype=torch.float64), -1
+    )
     ref1 = torch.log_softmax(logits[1].double(), -1)
     lp0, lp1 = out[0].logprobs, out[1].logprobs
     assert lp0 is not None and lp1 is not None

@@ -53,7 +53,6 @@ def _norm32(x: np.ndarray) -> torch.Tensor:
     return t / t.sum(-1, keepdim=True)
 
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -142,7 +141,13 @@ def _trial_batch(k: int, onehot: bool, seed: int, n: int = N_TRIALS):
     else:
         q_full = _norm32(dirichlet(rng, (k,)))
         q = q_full.expand(n, k, V)
-        drafts = torch.stack([torch.tensor(rng.choice(V, size=n, p=q_full[i].double().numpy() / q_full[i].double().sum().item())) for i in range(k)], 1)
+        drafts = torch.stack(
+            [
+                torch.tensor(rng.choice(V, size=n, p=q_full[i].double().numpy() / q_full[i].double().sum().item()))
+                for i in range(k)
+            ],
+            1,
+        )
     gens = [make_generator(seed * 1_000_003 + i) for i in range(n)]
     num, tokens = verify_padded(
         drafts, torch.full((n,), k), p.expand(n, k + 1, V), q, gens, torch.zeros(n, dtype=torch.bool)
@@ -310,7 +315,11 @@ def test_validation() -> None:
         verify([V], None, p, make_generator(0), False)  # draft id out of range
     # padding beyond k_b is ignored, whatever it holds
     n, toks = verify_padded(
-        torch.tensor([[-1, 99]]), torch.tensor([0]), p[:1].expand(1, 3, V).contiguous(), None,
-        [None], torch.tensor([True]),
+        torch.tensor([[-1, 99]]),
+        torch.tensor([0]),
+        p[:1].expand(1, 3, V).contiguous(),
+        None,
+        [None],
+        torch.tensor([True]),
     )
     assert n.tolist() == [0] and toks.tolist() == [[0, -1, -1]]

@@ -9,14 +9,19 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (12, 3, 4, 40)), (torch.uint8, (12, 2, 37)),
-                                         (torch.float32, (12, 5))])
+@pytest.mark.parametrize(
+    "dtype,shape", [(torch.bfloat16, (12, 3, 4, 40)), (torch.uint8, (12, 2, 37)), (torch.float32, (12, 5))]
+)
 def test_copy_blocks_triton_equals_reference(device, dtype, shape) -> None:
     import splitserve.kvtransfer.staging as staging
+
     staging = importlib.reload(staging)  # defined under this process's TRITON_INTERPRET setting
     g = torch.Generator().manual_seed(0)
-    pool = (torch.randn(shape, generator=g) * 50).to(dtype) if dtype.is_floating_point else \
-        torch.randint(0, 255, shape, generator=g, dtype=torch.uint8)
+    pool = (
+        (torch.randn(shape, generator=g) * 50).to(dtype)
+        if dtype.is_floating_point
+        else torch.randint(0, 255, shape, generator=g, dtype=torch.uint8)
+    )
     pool = pool.to(device)
     ref = pool.clone().cpu()
     src, dst = [5, 0, 11, 3], [8, 9, 10, 1]

@@ -74,8 +74,9 @@ def test_e4m3_rounding_helper_matches_torch():
         m = o < n
         tl.store(y_ptr + o, quant.round_to_e4m3(tl.load(x_ptr + o, mask=m)), mask=m)
 
-    grid = torch.tensor([float(v) for v in torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-                         if abs(v) <= 448])
+    grid = torch.tensor(
+        [float(v) for v in torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float() if abs(v) <= 448]
+    )
     mids = (grid.sort().values[1:] + grid.sort().values[:-1]) / 2  # exact ties
     x = torch.cat([torch.randn(2000) * 30, torch.rand(500) * 0.03, mids[:1000], grid[:500]]).clamp(-448, 448)
     y = torch.empty_like(x)
@@ -95,8 +96,9 @@ def test_elementwise_gpu_real_shapes():
         torch.testing.assert_close(y, yr, atol=1e-2, rtol=1e-2)
         q = torch.randn(rows, 128, 192, device="cuda", dtype=torch.bfloat16)
         c, s = torch.randn(rows, 32, device="cuda").bfloat16(), torch.randn(rows, 32, device="cuda").bfloat16()
-        torch.testing.assert_close(rope.rope_triton(q[..., 128:], c, s, True),
-                                   rope.rope_ref(q[..., 128:], c, s, True), atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(
+            rope.rope_triton(q[..., 128:], c, s, True), rope.rope_ref(q[..., 128:], c, s, True), atol=2e-2, rtol=1e-2
+        )
         q8, s8 = quant.act_quant_triton(x)
         qr, sr = quant.act_quant_ref(x)
         assert torch.equal(s8, sr) and torch.equal(q8.view(torch.uint8), qr.view(torch.uint8))

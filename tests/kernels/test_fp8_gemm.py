@@ -21,7 +21,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def make_case(m, n, k, dtype, device):
     x = torch.randn(m, k, device=device).to(dtype)
     x[:, : min(k, 7)] *= 20.0  # groups with different amax
-    w = torch.randn(n, k) * k ** -0.5
+    w = torch.randn(n, k) * k**-0.5
     q, s = quantize_weight(w)
     return x, q.to(device), s.to(device), w
 
@@ -32,19 +32,21 @@ def test_reference_is_act_quant_times_dequantised_weight():
     xd = (xq.float().view(6, 3, 128) * xs[..., None]).view(6, 384)
     want = xd.double() @ dequantize_weight(q, s).double().t()
     torch.testing.assert_close(K.fp8_linear_ref(x, q, s).double(), want, atol=1e-4, rtol=1e-4)
-    assert rel(K.fp8_linear_ref(x, q, s), x @ w.t()) < 0.08          # an FP8-accurate version of x @ W^T
+    assert rel(K.fp8_linear_ref(x, q, s), x @ w.t()) < 0.08  # an FP8-accurate version of x @ W^T
 
 
 def test_reference_partial_groups_equal_zero_padding():
-    x, q, s, _ = make_case(3, 100, 200, torch.float32, "cpu")     # K % 128 != 0, N % 128 != 0
+    x, q, s, _ = make_case(3, 100, 200, torch.float32, "cpu")  # K % 128 != 0, N % 128 != 0
     xp = torch.nn.functional.pad(x, (0, 56))
     wp = torch.zeros(100, 256, dtype=q.dtype)
     wp[:, :200] = q
     torch.testing.assert_close(K.fp8_linear_ref(x, q, s), K.fp8_linear_ref(xp, wp, s))
 
 
-@pytest.mark.parametrize("m,n,k,splits,fused", [(1, 192, 384, 1, True), (5, 200, 320, 2, True),
-                                                (19, 128, 256, 3, True), (40, 96, 256, 1, False)])
+@pytest.mark.parametrize(
+    "m,n,k,splits,fused",
+    [(1, 192, 384, 1, True), (5, 200, 320, 2, True), (19, 128, 256, 3, True), (40, 96, 256, 1, False)],
+)
 def test_fp8_linear_small(m, n, k, splits, fused, device):
     x, q, s, _ = make_case(m, n, k, torch.float32, device)
     ref = K.fp8_linear_ref(x, q, s)
@@ -103,6 +105,6 @@ def test_launch_config_covers_k_at_real_shapes():
             assert nsplit * per_split >= k and (nsplit - 1) * per_split < k
             assert cfg["fused"] == (m <= 64)
             if m <= 64:
-                assert 2 * nsplit * m * n * 4 <= n * k // 2                       # partials << weight bytes
+                assert 2 * nsplit * m * n * 4 <= n * k // 2  # partials << weight bytes
                 programs = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"]) * nsplit
                 assert programs >= 132 or nsplit * 4 > kblocks, (n, k, m, programs)

@@ -16,7 +16,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 def make_case(bsz, heads, dim, bs, num_blocks, layers, seq_lens, fp8, dtype, device, layer=1):
     max_blocks = max(-(-s // bs) for s in seq_lens) + 1
     q = torch.randn(bsz, heads, dim, device=device)
-    w = torch.rand(bsz, heads, device=device) * heads ** -0.5
+    w = torch.rand(bsz, heads, device=device) * heads**-0.5
     kc = torch.randn(num_blocks, layers, bs, dim, device=device)
     ks = None
     if fp8:
@@ -71,13 +71,13 @@ def test_reference_matches_model_scoring():
         pos = torch.arange(19)
         blk = bt[0, pos // bs].long()
         keys = kc[blk, 0, pos % bs]
-        me = SimpleNamespace(fp8=fp8, softmax_scale=dim ** -0.5)
+        me = SimpleNamespace(fp8=fp8, softmax_scale=dim**-0.5)
         if fp8:
             model = Indexer.scores(me, q, w, IndexerKeys(keys.view(torch.float8_e4m3fn), ks[blk, 0, pos % bs]))
             kern = K.indexer_logits_decode_ref(q, w, kc, ks, 0, bt, sl)
         else:  # the exact path's softmax_scale is folded into the weights
             model = Indexer.scores(me, q, w, IndexerKeys(keys))
-            kern = K.indexer_logits_decode_ref(q, w * dim ** -0.5, kc, None, 0, bt, sl)
+            kern = K.indexer_logits_decode_ref(q, w * dim**-0.5, kc, None, 0, bt, sl)
         torch.testing.assert_close(kern[:, :19], model, atol=1e-5, rtol=1e-5)
         assert torch.isinf(kern[:, 19:]).all()
 

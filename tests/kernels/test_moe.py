@@ -18,8 +18,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_case(n, hidden, inter, experts, k, dtype, device):
     x = torch.randn(n, hidden, device=device).to(dtype)
-    w13 = (torch.randn(experts, 2 * inter, hidden, device=device) * hidden ** -0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, inter, device=device) * inter ** -0.5).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=device) * hidden**-0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device=device) * inter**-0.5).to(dtype)
     ids = torch.stack([torch.randperm(experts, device=device)[:k] for _ in range(n)])
     tw = torch.rand(n, k, device=device) * 2.5
     return x, w13, w2, tw, ids
@@ -33,14 +33,14 @@ def test_moe_align_invariants():
         used = int(npad)
         assert used % bm == 0 and sorted_ids.numel() % bm == 0 and expert_ids.numel() == sorted_ids.numel() // bm
         real = sorted_ids[sorted_ids < t].long()
-        assert torch.equal(real.sort().values, torch.arange(t))          # a permutation of the flat ids
+        assert torch.equal(real.sort().values, torch.arange(t))  # a permutation of the flat ids
         assert (sorted_ids[used:] == t).all()
         flat = ids.flatten()
         for blk in range(used // bm):
-            rows = sorted_ids[blk * bm:(blk + 1) * bm].long()
+            rows = sorted_ids[blk * bm : (blk + 1) * bm].long()
             rows = rows[rows < t]
             assert (flat[rows] == int(expert_ids[blk])).all()
-        assert (expert_ids[used // bm:] == -1).all()
+        assert (expert_ids[used // bm :] == -1).all()
 
 
 @pytest.mark.parametrize("n,k,experts,bm", [(13, 3, 6, 4), (1, 8, 16, 16), (64, 8, 16, 32), (5, 2, 8, 1)])
@@ -54,8 +54,15 @@ def test_reference_matches_model_moe():
     from splitserve.model.config import ModelConfig
     from splitserve.model.moe import MoE
 
-    cfg = ModelConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
-                      n_shared_experts=0, n_group=2, topk_group=1)
+    cfg = ModelConfig(
+        hidden_size=32,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=0,
+        n_group=2,
+        topk_group=1,
+    )
     m = MoE(cfg)
     for p in (m.w13, m.w2, m.gate.weight):
         torch.nn.init.normal_(p, std=0.2)
@@ -96,8 +103,12 @@ def test_fused_moe_fp8_small(device):
     out = K.fused_moe_fp8_triton(x, q13, s13, q2, s2, tw, ids, block_n=32)
     assert rel(out, ref) < 1e-5
     # and the FP8 reference is an FP8-accurate version of the bf16 one
-    assert rel(ref, K.fused_moe_ref(x, K._dequant_stacked(q13, s13, x.dtype), K._dequant_stacked(q2, s2, x.dtype),
-                                    tw, ids)) < 0.1
+    assert (
+        rel(
+            ref, K.fused_moe_ref(x, K._dequant_stacked(q13, s13, x.dtype), K._dequant_stacked(q2, s2, x.dtype), tw, ids)
+        )
+        < 0.1
+    )
 
 
 @gpu

@@ -37,8 +37,19 @@ def test_sparse_mla_small(dtype, splits, offsets, device):
     scale = 0.1
     ref = K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, scale)
     out = torch.full_like(ref, float("nan"))
-    out = K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, scale, block_h=16, block_n=16,
-                                     num_splits=splits, precompute_offsets=offsets)
+    out = K.sparse_mla_decode_triton(
+        q_lat,
+        q_rope,
+        latent,
+        layer,
+        bt,
+        idx,
+        scale,
+        block_h=16,
+        block_n=16,
+        num_splits=splits,
+        precompute_offsets=offsets,
+    )
     assert out.dtype == dtype and not out.isnan().any()
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
@@ -57,7 +68,7 @@ def test_reference_matches_model_absorbed_form():
     heads, dl, dr, bs, seq = 4, 32, 16, 8, 21
     q_lat, q_rope, latent, layer, bt, idx = make_case(1, heads, dl, dr, bs, 6, [seq], seq, torch.float64, "cpu", 0)
     pos = torch.arange(seq)
-    cache = latent[bt[0, pos // bs].long(), 0, pos % bs]                       # [L, dl + dr]
+    cache = latent[bt[0, pos // bs].long(), 0, pos % bs]  # [L, dl + dr]
     lat, k_rope = cache[:, :dl], cache[:, dl:]
     logits = torch.einsum("nhc,lc->hnl", q_lat, lat) + torch.einsum("nhd,ld->hnl", q_rope, k_rope)
     p = torch.softmax(logits * 0.3, dim=-1)
@@ -70,12 +81,13 @@ def test_reference_matches_model_absorbed_form():
 @pytest.mark.parametrize("bsz", [1, 8, 64])
 def test_sparse_mla_gpu_real_shapes(bsz):
     ctx = 16384
-    q_lat, q_rope, latent, layer, bt, idx = make_case(bsz, 128, 512, 64, 64, bsz * ctx // 64 + 4,
-                                                      [ctx - i for i in range(bsz)], 2048, torch.bfloat16, "cuda")
+    q_lat, q_rope, latent, layer, bt, idx = make_case(
+        bsz, 128, 512, 64, 64, bsz * ctx // 64 + 4, [ctx - i for i in range(bsz)], 2048, torch.bfloat16, "cuda"
+    )
     q_lat, q_rope = q_lat * 0.05, q_rope * 0.05
-    ref = K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 192 ** -0.5)
+    ref = K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5)
     for offsets in (False, True):
-        out = K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192 ** -0.5, precompute_offsets=offsets)
+        out = K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, precompute_offsets=offsets)
         assert rel(out, ref) < 1e-2
 
 
@@ -104,8 +116,9 @@ def test_sparse_mla_fp8_cache_small(dl, dr, splits, offsets, device):
     unpacked = K.unpack_fp8_entries(raw, dl, dr, torch.float32)
     torch.testing.assert_close(ref, K.sparse_mla_decode_ref(q_lat, q_rope, unpacked, layer, bt, idx, 0.1))
     assert rel(ref, K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 0.1)) < 0.1
-    out = K.sparse_mla_decode_triton(q_lat, q_rope, raw, layer, bt, idx, 0.1, block_h=16, block_n=16,
-                                     num_splits=splits, precompute_offsets=offsets)
+    out = K.sparse_mla_decode_triton(
+        q_lat, q_rope, raw, layer, bt, idx, 0.1, block_h=16, block_n=16, num_splits=splits, precompute_offsets=offsets
+    )
     assert rel(out, ref) < 1e-5
 
 
@@ -117,12 +130,13 @@ def test_fp8_token_is_flashmla_size():
 @pytest.mark.parametrize("bsz", [1, 8, 64])
 def test_sparse_mla_fp8_gpu_real_shapes(bsz):
     ctx = 16384
-    q_lat, q_rope, latent, layer, bt, idx = make_case(bsz, 128, 512, 64, 64, bsz * ctx // 64 + 4,
-                                                      [ctx - i for i in range(bsz)], 2048, torch.bfloat16, "cuda")
+    q_lat, q_rope, latent, layer, bt, idx = make_case(
+        bsz, 128, 512, 64, 64, bsz * ctx // 64 + 4, [ctx - i for i in range(bsz)], 2048, torch.bfloat16, "cuda"
+    )
     q_lat, q_rope = q_lat * 0.05, q_rope * 0.05
     raw = to_fp8_pool(latent, 512)
     del latent
     assert raw.shape[-1] == 656
-    ref = K.sparse_mla_decode_ref(q_lat, q_rope, raw, layer, bt, idx, 192 ** -0.5)
-    out = K.sparse_mla_decode(q_lat, q_rope, raw, layer, bt, idx, 192 ** -0.5)
+    ref = K.sparse_mla_decode_ref(q_lat, q_rope, raw, layer, bt, idx, 192**-0.5)
+    out = K.sparse_mla_decode(q_lat, q_rope, raw, layer, bt, idx, 192**-0.5)
     assert rel(out, ref) < 1e-2

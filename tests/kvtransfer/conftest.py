@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from splitserve.kvtransfer import nixl_available
 from splitserve.tests.kvtransfer.workers import Worker, stop_all
 

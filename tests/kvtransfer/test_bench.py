@@ -24,8 +24,12 @@ def test_preset_block_bytes_match_the_engine_pool() -> None:
 def test_request_sizes_against_one_region(tmp_path) -> None:
     backends = ["tcp"] + (["nixl"] if nixl_available() else [])
     out = tmp_path / "t.json"
-    assert main(["--backend", *backends, "--preset", "tiny", "--tokens", "128", "640", "--repeats", "2",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            ["--backend", *backends, "--preset", "tiny", "--tokens", "128", "640", "--repeats", "2", "--json", str(out)]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert doc["command"].startswith("splitserve bench transfer --backend")
     rows = doc["rows"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from splitserve.kvtransfer import coalesce
 
 
@@ -46,9 +47,7 @@ def test_accepts_numpy_and_torch_ints() -> None:
     assert coalesce([np.int64(4)], [np.int32(2)]) == [(4, 2, 1)]
 
 
-pair_lists = st.lists(
-    st.tuples(st.integers(0, 200), st.integers(0, 200)), max_size=120, unique_by=lambda p: p[1]
-)
+pair_lists = st.lists(st.tuples(st.integers(0, 200), st.integers(0, 200)), max_size=120, unique_by=lambda p: p[1])
 
 
 @given(pair_lists)

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 import torch
+
 from splitserve.kvtransfer import WIRE_VERSION, Compat, HandshakeError, PeerMetadata, PoolInfo
 from splitserve.kvtransfer.base import check_handshake, describe_pool
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from splitserve.kvtransfer import Compat, TransferState, Transport, make_transport
 from splitserve.kvtransfer.staging import StagingArea, copy_blocks
 from splitserve.tests.kvtransfer.workers import SMALL_POOLS, make_pools

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from splitserve.kvtransfer import (
     Compat,
     HandshakeError,
@@ -38,8 +39,15 @@ def transports() -> Iterator[list[Transport]]:
         t.close()
 
 
-def new(made: list[Transport], backend: str, name: str, compat: Compat = COMPAT, seed: int | None = 0,
-        specs=SMALL_POOLS, config: TransportConfig | None = None) -> tuple[Transport, list[torch.Tensor]]:
+def new(
+    made: list[Transport],
+    backend: str,
+    name: str,
+    compat: Compat = COMPAT,
+    seed: int | None = 0,
+    specs=SMALL_POOLS,
+    config: TransportConfig | None = None,
+) -> tuple[Transport, list[torch.Tensor]]:
     t = make_transport(backend, name, compat, config=config)  # type: ignore[arg-type]
     made.append(t)
     pools = make_pools(specs, seed)
@@ -152,8 +160,9 @@ def test_tcp_receiver_checks_the_handshake_too(transports: list[Transport]) -> N
     """A dialer that skips its own check is still refused by the receiver, with the reason."""
     b, pb = new(transports, "tcp", "dec", seed=None)
     assert isinstance(b, TcpTransport)
-    bad = PeerMetadata(backend="tcp", name="rogue", address="127.0.0.1:1",
-                       compat=Compat({"model": "other"}), pools=b.pool_infos).to_bytes()
+    bad = PeerMetadata(
+        backend="tcp", name="rogue", address="127.0.0.1:1", compat=Compat({"model": "other"}), pools=b.pool_infos
+    ).to_bytes()
     host, port = b.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.settimeout(5)
@@ -176,14 +185,21 @@ def test_tcp_receiver_checks_the_handshake_too(transports: list[Transport]) -> N
 def test_tcp_stalled_peer_times_out(transports: list[Transport]) -> None:
     """A peer that accepts the connection and then never reads: FAILED at the deadline, no hang."""
     b, _ = new(transports, "tcp", "dec", seed=None, specs=(("uint8", (8, 4 << 20)),))
-    a, _ = new(transports, "tcp", "pre", seed=None, specs=(("uint8", (8, 4 << 20)),),
-               config=TcpConfig(transfer_timeout_s=1.0, io_timeout_s=30.0))
+    a, _ = new(
+        transports,
+        "tcp",
+        "pre",
+        seed=None,
+        specs=(("uint8", (8, 4 << 20)),),
+        config=TcpConfig(transfer_timeout_s=1.0, io_timeout_s=30.0),
+    )
     stalled = socket.create_server(("127.0.0.1", 0))
     try:
         port = stalled.getsockname()[1]
         fake = PeerMetadata.from_bytes(b.metadata())
-        fake = PeerMetadata(backend="tcp", name="stalled", address=f"127.0.0.1:{port}",
-                            compat=fake.compat, pools=fake.pools)
+        fake = PeerMetadata(
+            backend="tcp", name="stalled", address=f"127.0.0.1:{port}", compat=fake.compat, pools=fake.pools
+        )
 
         def accept_and_stall() -> None:
             conn, _ = stalled.accept()

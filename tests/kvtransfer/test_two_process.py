@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+
 from splitserve.tests.kvtransfer.workers import SMALL_POOLS, PoolSpec, Worker, make_pools
 
 COMPAT = {"model": "tiny-dsv32", "layout": "block-major", "block_size": "64"}
@@ -32,8 +33,9 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8).view(t.shape[0], -1)
 
 
-def push_and_check(backend: str, spawn_worker: Callable[..., Worker], dec_specs: Sequence[PoolSpec],
-                   pre_specs: Sequence[PoolSpec]) -> tuple[Worker, Worker]:
+def push_and_check(
+    backend: str, spawn_worker: Callable[..., Worker], dec_specs: Sequence[PoolSpec], pre_specs: Sequence[PoolSpec]
+) -> tuple[Worker, Worker]:
     """Prefill pushes LOCAL -> REMOTE with a notif; decode checks every byte of every block."""
     dec = spawn_worker(backend, "dec", COMPAT, specs=dec_specs, seed=11)
     pre = spawn_worker(backend, "pre", COMPAT, specs=pre_specs, seed=22)

@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
+
 from splitserve.kvtransfer import Compat, TransportConfig, make_transport
 
 #: (dtype name, shape) or (dtype name, shape, device)

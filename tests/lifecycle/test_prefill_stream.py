@@ -24,8 +24,8 @@ def finish(pair: Pair, local: list[int]) -> None:
 def test_prefilling_sending_delivered_released(pair: Pair) -> None:
     res = pair.reserve("r", 4)
     s, local = pair.stream(res, 4)
-    s.send_ready(local, 2)                        # two chunks' blocks complete
-    s.send_ready(local, 2)                        # nothing new: no write
+    s.send_ready(local, 2)  # two chunks' blocks complete
+    s.send_ready(local, 2)  # nothing new: no write
     assert len(s.handles) == 1 and s.state is StreamState.PREFILLING
     assert s.send_last(local, 4) and s.state is StreamState.SENDING
     assert s.check() is StreamState.DELIVERED
@@ -34,7 +34,7 @@ def test_prefilling_sending_delivered_released(pair: Pair) -> None:
     assert pair.d.pool[res.blocks].tolist() == pair.p.pool[local].tolist()  # the bytes landed
     s.release()
     finish(pair, local)
-    pair.pump()                                   # delivered: no RELEASED notice
+    pair.pump()  # delivered: no RELEASED notice
     assert res.state is ResState.COMPLETE and not res.writer_done
     pair.table.begin_adopt(res)
     pair.table.adopted(res)
@@ -61,16 +61,16 @@ def test_illegal_transitions_raise(pair: Pair) -> None:
 def test_abort_during_a_write_waits_for_it_to_settle(pair: Pair) -> None:
     res = pair.reserve("r", 4)
     s, local = pair.stream(res, 4)
-    pair.p.t.faults.hold = True                   # the write is stuck in flight
+    pair.p.t.faults.hold = True  # the write is stuck in flight
     s.send_ready(local, 3)
-    assert pair.table.abort("r", res.epoch, nothing_written=False)   # the router gave up
+    assert pair.table.abort("r", res.epoch, nothing_written=False)  # the router gave up
     assert s.stop("aborted") and s.state is StreamState.STOPPING
     assert not s.settled()
-    s.send_ready(local, 4)                        # a later step sends nothing more
+    s.send_ready(local, 4)  # a later step sends nothing more
     assert len(s.handles) == 1
     pair.p.t.release_held()
     assert s.settled()
-    s.release()                                   # settled: the decode side may free at once
+    s.release()  # settled: the decode side may free at once
     finish(pair, local)
     assert res.state is ResState.ABORTED and pair.leaked() == (0, 4)  # quarantined until told
     pair.pump()
@@ -83,7 +83,7 @@ def test_released_with_writes_in_flight_leaves_the_blocks_to_the_quarantine(pair
     pair.p.t.faults.hold = True
     s.send_ready(local, 4)
     pair.table.abort("r", res.epoch, nothing_written=False)
-    s.release()                                   # not settled: no RELEASED notice (a write may land)
+    s.release()  # not settled: no RELEASED notice (a write may land)
     finish(pair, local)
     pair.pump()
     assert res.state is ResState.ABORTED
@@ -101,11 +101,11 @@ def test_a_failed_write_loses_the_stream(pair: Pair, fault: str) -> None:
     if fault == "decode worker killed":
         pair.d.t.kill()
     assert s.check() is StreamState.LOST and s.why.startswith("cache transfer failed")
-    assert not s.send_last(local, 4)              # lost: nothing more goes out
+    assert not s.send_last(local, 4)  # lost: nothing more goes out
     s.release()
     finish(pair, local)
-    pair.table.end(res)                           # the router's abort / the lease ends it on D
-    if fault == "write fails":                    # the decode side is alive: it heard RELEASED
+    pair.table.end(res)  # the router's abort / the lease ends it on D
+    if fault == "write fails":  # the decode side is alive: it heard RELEASED
         pair.pump()
     else:
         pair.table.expire(time.monotonic() + 61)  # a dead worker's blocks are its own business

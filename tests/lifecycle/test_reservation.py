@@ -30,17 +30,20 @@ def test_reserved_complete_adopted_released(pair: Pair) -> None:
     pair.table.begin_adopt(res)
     assert pair.table.adopted(res) and res.state is ResState.ADOPTED
     assert pair.table.counts() == (0, 0)  # the engine owns the blocks now
-    pair.d.blocks.free(res.blocks)        # ... and frees them when the request ends
+    pair.d.blocks.free(res.blocks)  # ... and frees them when the request ends
     pair.table.end(res)
     assert res.state is ResState.RELEASED and pair.leaked() == (0, 0)
 
 
-@pytest.mark.parametrize("state,call", [
-    ("RESERVED", lambda t, r: t.begin_adopt(r)),
-    ("RESERVED", lambda t, r: t.adopted(r)),
-    ("COMPLETE", lambda t, r: t.adopted(r)),
-    ("RELEASED", lambda t, r: t.begin_adopt(r)),
-])
+@pytest.mark.parametrize(
+    "state,call",
+    [
+        ("RESERVED", lambda t, r: t.begin_adopt(r)),
+        ("RESERVED", lambda t, r: t.adopted(r)),
+        ("COMPLETE", lambda t, r: t.adopted(r)),
+        ("RELEASED", lambda t, r: t.begin_adopt(r)),
+    ],
+)
 def test_illegal_transitions_raise(pair: Pair, state: str, call) -> None:
     res = pair.reserve("r", 2)
     if state == "COMPLETE":
@@ -57,8 +60,8 @@ def test_a_request_id_reserves_once_at_a_time_but_again_after_an_abort(pair: Pai
     res = pair.reserve("r", 2)
     with pytest.raises(Duplicate):
         pair.table.add("r", 2, [], 60.0)
-    pair.table.abort("r", 0, nothing_written=False)          # quarantined: a write may still land
-    retry = pair.reserve("r", 2, epoch=2)                      # the router's retry is a new epoch
+    pair.table.abort("r", 0, nothing_written=False)  # quarantined: a write may still land
+    retry = pair.reserve("r", 2, epoch=2)  # the router's retry is a new epoch
     assert res.state is ResState.ABORTED and retry.state is ResState.RESERVED
     pair.table.on_notice(released(res))
     pair.table.abort("r", 2, nothing_written=True)

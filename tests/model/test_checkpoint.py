@@ -43,9 +43,25 @@ def test_real_config_parses_like_transformers() -> None:
     d = json.loads(SHARED.read_text())
     cfg = ModelConfig.from_hf_dict(d)
     ref = DeepseekV32Config(**{k: v for k, v in d.items() if k != "quantization_config"})
-    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
-              "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
-              "n_group", "topk_group", "index_n_heads", "index_head_dim", "index_topk", "first_k_dense_replace"):
+    for f in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "n_group",
+        "topk_group",
+        "index_n_heads",
+        "index_head_dim",
+        "index_topk",
+        "first_k_dense_replace",
+    ):
         assert getattr(cfg, f) == getattr(ref, f), f
     assert cfg.qk_head_dim == ref.qk_head_dim == 192
     assert cfg.rope.rope_type == "yarn" and cfg.rope.factor == 40
@@ -53,15 +69,41 @@ def test_real_config_parses_like_transformers() -> None:
     assert cfg.latent_dim == 576
     # transformers' softmax scale: 192^-0.5 * mscale^2, mscale = 0.1 * ln(40) + 1
     from transformers.models.deepseek_v32.modeling_deepseek_v32 import yarn_apply_mscale
-    assert cfg.softmax_scale == pytest.approx(yarn_apply_mscale(ref.rope_parameters, 192 ** -0.5))
+
+    assert cfg.softmax_scale == pytest.approx(yarn_apply_mscale(ref.rope_parameters, 192**-0.5))
 
 
 def test_rope_scaling_and_rope_parameters_spellings_agree() -> None:
     base = {"model_type": "deepseek_v32", "max_position_embeddings": 8192, "rope_theta": 10000}
-    a = ModelConfig.from_hf_dict({**base, "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
-                                                            "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}})
-    b = ModelConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000, "factor": 40, "beta_fast": 32,
-                                                               "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}})
+    a = ModelConfig.from_hf_dict(
+        {
+            **base,
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 40,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "original_max_position_embeddings": 4096,
+            },
+        }
+    )
+    b = ModelConfig.from_hf_dict(
+        {
+            **base,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000,
+                "factor": 40,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "original_max_position_embeddings": 4096,
+            },
+        }
+    )
     assert a == b
 
 
@@ -146,9 +188,21 @@ def test_no_mtp_weights_loads_without_mtp_and_says_so_once(tiny_checkpoint: Path
 def test_bench_preset_has_the_real_per_layer_shapes() -> None:
     real = ModelConfig.from_json(SHARED) if SHARED.exists() else None
     bench = PRESETS["bench"]
-    for f in ("hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-              "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim", "index_topk",
-              "moe_intermediate_size", "intermediate_size", "vocab_size"):
+    for f in (
+        "hidden_size",
+        "num_attention_heads",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "index_n_heads",
+        "index_head_dim",
+        "index_topk",
+        "moe_intermediate_size",
+        "intermediate_size",
+        "vocab_size",
+    ):
         if real is not None:
             assert getattr(bench, f) == getattr(real, f), f
     assert bench.num_hidden_layers < 61 and bench.n_routed_experts < 256

@@ -40,9 +40,11 @@ def test_loader_keeps_every_quantised_linear_fp8(tiny_fp8_checkpoint: Path) -> N
     for layer in net.model.layers:
         a = layer.self_attn
         for m in (a.q_a_proj, a.q_b_proj, a.kv_a_proj_with_mqa, a.o_proj, a.indexer.wq_b, a.indexer.wk):
-            assert isinstance(m, FP8Linear) and m.weight.dtype == FP8_DTYPE and m.weight_scale_inv.dtype == torch.float32
-        assert a.kv_b_proj.weight.dtype == torch.float32          # absorbed form: dequantised on purpose
-        assert a.indexer.weights_proj.weight.dtype == torch.float32   # bf16 in the checkpoint
+            assert (
+                isinstance(m, FP8Linear) and m.weight.dtype == FP8_DTYPE and m.weight_scale_inv.dtype == torch.float32
+            )
+        assert a.kv_b_proj.weight.dtype == torch.float32  # absorbed form: dequantised on purpose
+        assert a.indexer.weights_proj.weight.dtype == torch.float32  # bf16 in the checkpoint
         mlp = layer.mlp
         if hasattr(mlp, "w13"):
             assert mlp.w13.dtype == mlp.w2.dtype == FP8_DTYPE
@@ -70,7 +72,7 @@ def test_weight_memory_is_reported(tiny_fp8_checkpoint: Path, caplog) -> None:
     assert b["fp8"] == 0 and a["fp8"] > 0 and a["scales"] > 0
     fp8_params = sum(p.numel() for p in fp8.parameters() if p.dtype == FP8_DTYPE)
     assert a["fp8"] == fp8_params
-    assert b["total"] - a["total"] == fp8_params * (4 - 1) - a["scales"]   # fp32 twin: 4 bytes a value
+    assert b["total"] - a["total"] == fp8_params * (4 - 1) - a["scales"]  # fp32 twin: 4 bytes a value
     assert sum("weights hold" in r.getMessage() for r in caplog.records) == 2
 
 
@@ -109,12 +111,17 @@ def _agreement(fp8_net, ref_net, prompts) -> dict[str, float]:
         n_all += ids.numel()
         top_last += int(same[-1])
         top2 = b.topk(2, dim=-1).values
-        decided = (top2[:, 0] - top2[:, 1]) > 0.1   # the reference's top-1 leads by > 0.1 in logit
+        decided = (top2[:, 0] - top2[:, 1]) > 0.1  # the reference's top-1 leads by > 0.1 in logit
         clear += int(decided.sum())
         clear_same += int((same & decided).sum())
-    return {"rel_err_mean": sum(err) / len(err), "rel_err_max": max(err), "top1_last": top_last / len(prompts),
-            "top1_all_positions": top_all / n_all, "top1_where_margin_gt_0.1": clear_same / max(1, clear),
-            "share_margin_gt_0.1": clear / n_all}
+    return {
+        "rel_err_mean": sum(err) / len(err),
+        "rel_err_max": max(err),
+        "top1_last": top_last / len(prompts),
+        "top1_all_positions": top_all / n_all,
+        "top1_where_margin_gt_0.1": clear_same / max(1, clear),
+        "share_margin_gt_0.1": clear / n_all,
+    }
 
 
 def test_fp8_served_vs_dequantised_accuracy(tmp_path_factory) -> None:
@@ -129,25 +136,31 @@ def test_fp8_served_vs_dequantised_accuracy(tmp_path_factory) -> None:
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, 4096, (int(torch.randint(8, 48, (1,), generator=g)),), generator=g) for _ in range(64)]
     report = {}
-    for label, path in (("as written", base),
-                        ("residual x0.1", _residual_scaled_copy(base, tmp_path_factory.mktemp("s") / "c", 0.1))):
+    for label, path in (
+        ("as written", base),
+        ("residual x0.1", _residual_scaled_copy(base, tmp_path_factory.mktemp("s") / "c", 0.1)),
+    ):
         fp8 = load(path, fp8_weights=True)
         ref = load(path, fp8_weights=False)
         bf16 = load(path, fp8_weights=False, dtype=torch.bfloat16)
-        report[label] = {"fp8 vs dequantised": _agreement(fp8, ref, prompts),
-                         "bf16 vs fp32 (rounding noise)": _agreement(bf16, ref, prompts)}
+        report[label] = {
+            "fp8 vs dequantised": _agreement(fp8, ref, prompts),
+            "bf16 vs fp32 (rounding noise)": _agreement(bf16, ref, prompts),
+        }
     print("\nFP8 served vs dequantised, small preset, 64 random prompts of 8-47 tokens:")
     for label, rows in report.items():
         for what, r in rows.items():
-            print(f"  {label:13s} {what:30s} rel err mean {r['rel_err_mean']:.4f} max {r['rel_err_max']:.4f} | "
-                  f"top-1 last token {r['top1_last']:.1%}, all positions {r['top1_all_positions']:.1%}, "
-                  f"where the top-1 leads by > 0.1 ({r['share_margin_gt_0.1']:.0%} of them) "
-                  f"{r['top1_where_margin_gt_0.1']:.1%}")
+            print(
+                f"  {label:13s} {what:30s} rel err mean {r['rel_err_mean']:.4f} max {r['rel_err_max']:.4f} | "
+                f"top-1 last token {r['top1_last']:.1%}, all positions {r['top1_all_positions']:.1%}, "
+                f"where the top-1 leads by > 0.1 ({r['share_margin_gt_0.1']:.0%} of them) "
+                f"{r['top1_where_margin_gt_0.1']:.1%}"
+            )
     good = report["residual x0.1"]["fp8 vs dequantised"]
     assert good["rel_err_mean"] < 0.04 and good["top1_last"] >= 0.95 and good["top1_all_positions"] >= 0.95
-    assert good["top1_where_margin_gt_0.1"] >= 0.99   # flips happen at near-ties only
+    assert good["top1_where_margin_gt_0.1"] >= 0.99  # flips happen at near-ties only
     # FP8's top-1 disagreement is at the level of bf16 rounding of the same network
     noise = report["residual x0.1"]["bf16 vs fp32 (rounding noise)"]
     assert good["top1_all_positions"] >= noise["top1_all_positions"] - 0.02
     raw = report["as written"]["fp8 vs dequantised"]
-    assert raw["rel_err_mean"] < 0.5 and raw["top1_all_positions"] > 0.4   # chaotic, but not broken
+    assert raw["rel_err_mean"] < 0.5 and raw["top1_all_positions"] > 0.4  # chaotic, but not broken

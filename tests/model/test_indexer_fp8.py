@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from splitserve.kernels import act_quant
 from splitserve.model import load
 from splitserve.model.attention import select_topk
 from splitserve.model.batch import SeqSpan
-from splitserve.kernels import act_quant
 from splitserve.model.fp8 import hadamard_matrix, hadamard_rotate
 
 
@@ -26,7 +26,7 @@ def test_act_quant_ue8m0_scales_are_powers_of_two_and_bound_the_error() -> None:
     assert torch.equal(torch.log2(s), torch.round(torch.log2(s)))
     deq = (q.float().view(64, 2, 128) * s[..., None]).view(64, 256)
     # e4m3 has 3 mantissa bits: relative rounding error <= 2^-4 of the group's scale * 448 range
-    assert ((deq - x).abs() <= (s.repeat_interleave(128, 1) * 448) * 2 ** -4 + 1e-6).all()
+    assert ((deq - x).abs() <= (s.repeat_interleave(128, 1) * 448) * 2**-4 + 1e-6).all()
 
 
 def test_fp8_topk_overlaps_exact_topk(tiny_checkpoint) -> None:

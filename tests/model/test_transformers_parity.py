@@ -11,18 +11,45 @@ from transformers import DeepseekV32Config, DeepseekV32ForCausalLM  # noqa: E402
 
 from splitserve.model import ForwardBatch, load  # noqa: E402
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 40.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 
 def small_config(*, rope: dict, layers: int = 3, dense: int = 1, topk: int = 8, **kw) -> DeepseekV32Config:
-    args = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
-                n_routed_experts=8, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=24,
-                qk_nope_head_dim=32, n_group=2, topk_group=1, num_experts_per_tok=2, index_topk=topk,
-                index_head_dim=32, index_n_heads=4, first_k_dense_replace=dense, max_position_embeddings=4096,
-                rope_parameters=dict(rope))
+    args = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_rope_head_dim=16,
+        v_head_dim=24,
+        qk_nope_head_dim=32,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=2,
+        index_topk=topk,
+        index_head_dim=32,
+        index_n_heads=4,
+        first_k_dense_replace=dense,
+        max_position_embeddings=4096,
+        rope_parameters=dict(rope),
+    )
     args.update(kw)
     return DeepseekV32Config(**args)
 
@@ -43,12 +70,14 @@ def random_reference(cfg: DeepseekV32Config, seed: int) -> DeepseekV32ForCausalL
 
 
 CASES = {
-    "yarn-moe-sparse": (dict(rope=YARN), 40),           # 40 tokens > index_topk 8: sparsity active
+    "yarn-moe-sparse": (dict(rope=YARN), 40),  # 40 tokens > index_topk 8: sparsity active
     "yarn-moe-dense-attn": (dict(rope=YARN, topk=64), 24),  # shorter than index_topk
     "default-rope-moe-sparse": (dict(rope=DEFAULT_ROPE), 33),
     "dense-ffn-only": (dict(rope=YARN, layers=2, dense=2), 30),
-    "all-moe-3groups": (dict(rope=DEFAULT_ROPE, dense=0, n_routed_experts=12, n_group=3, topk_group=2,
-                             num_experts_per_tok=3), 20),
+    "all-moe-3groups": (
+        dict(rope=DEFAULT_ROPE, dense=0, n_routed_experts=12, n_group=3, topk_group=2, num_experts_per_tok=3),
+        20,
+    ),
 }
 
 
@@ -83,9 +112,9 @@ def test_mtp_layer_matches_a_transformers_decoder_block(tiny_checkpoint, tmp_pat
 
     Reference: a one-layer transformers model holding the MTP block's weights, fed u as inputs_embeds,
     its final norm set to shared_head.norm and its head to the LM head."""
-    from safetensors.torch import load_file, save_file
-
     import json
+
+    from safetensors.torch import load_file, save_file
 
     net = load(tiny_checkpoint, dtype=torch.float32)
     cfg = net.cfg
@@ -95,8 +124,12 @@ def test_mtp_layer_matches_a_transformers_decoder_block(tiny_checkpoint, tmp_pat
     src = {}
     for f in tiny_checkpoint.glob("*.safetensors"):
         src.update(load_file(f))
-    block = {k.replace(f"model.layers.{n}.", "model.layers.0."): v for k, v in src.items()
-             if k.startswith(f"model.layers.{n}.") and not any(s in k for s in ("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens"))}
+    block = {
+        k.replace(f"model.layers.{n}.", "model.layers.0."): v
+        for k, v in src.items()
+        if k.startswith(f"model.layers.{n}.")
+        and not any(s in k for s in ("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens"))
+    }
     block["model.embed_tokens.weight"] = src["model.embed_tokens.weight"]
     block["model.norm.weight"] = src[f"model.layers.{n}.shared_head.norm.weight"]
     block["lm_head.weight"] = src["lm_head.weight"]

@@ -26,12 +26,26 @@ class FakeDecode(pb_grpc.DecodeWorkerServicer):
         self.free_blocks = 4
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        return pb.HealthReply(state=pb.SERVING_STATE_SERVING, kind=pb.WORKER_KIND_DECODE, worker_id="decode-0",
-                              incarnation=1, protocol_version=PROTOCOL_VERSION)
+        return pb.HealthReply(
+            state=pb.SERVING_STATE_SERVING,
+            kind=pb.WORKER_KIND_DECODE,
+            worker_id="decode-0",
+            incarnation=1,
+            protocol_version=PROTOCOL_VERSION,
+        )
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
-        return pb.StatsReply(kind=pb.WORKER_KIND_DECODE, worker_id="decode-0", blocks_used=4 - self.free_blocks,
-                             blocks_total=4, running=0, waiting=0, requests_done=0, pid=os.getpid(), node="127.0.0.1")
+        return pb.StatsReply(
+            kind=pb.WORKER_KIND_DECODE,
+            worker_id="decode-0",
+            blocks_used=4 - self.free_blocks,
+            blocks_total=4,
+            running=0,
+            waiting=0,
+            requests_done=0,
+            pid=os.getpid(),
+            node="127.0.0.1",
+        )
 
     def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveReply:
         need = -(-request.prompt_len // 64)
@@ -44,9 +58,13 @@ class FakeDecode(pb_grpc.DecodeWorkerServicer):
         max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 16
         for i in range(1, max_tokens):  # the first token came from prefill
             yield pb.GenerateChunk(delta=pb.TokenDelta(token_ids=[request.first_token + i]))
-        yield pb.GenerateChunk(finished=pb.Finished(finish_reason=pb.FINISH_REASON_LENGTH,
-                                                    prompt_tokens=len(request.prompt_token_ids),
-                                                    completion_tokens=max_tokens))
+        yield pb.GenerateChunk(
+            finished=pb.Finished(
+                finish_reason=pb.FINISH_REASON_LENGTH,
+                prompt_tokens=len(request.prompt_token_ids),
+                completion_tokens=max_tokens,
+            )
+        )
 
 
 class FakePrefill(pb_grpc.PrefillWorkerServicer):
@@ -54,8 +72,9 @@ class FakePrefill(pb_grpc.PrefillWorkerServicer):
         return pb.HealthReply(state=pb.SERVING_STATE_STARTING, kind=pb.WORKER_KIND_PREFILL, worker_id="prefill-0")
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
-        return pb.StatsReply(kind=pb.WORKER_KIND_PREFILL, worker_id="prefill-0", queued_prefill_tokens=1234,
-                             pid=os.getpid())
+        return pb.StatsReply(
+            kind=pb.WORKER_KIND_PREFILL, worker_id="prefill-0", queued_prefill_tokens=1234, pid=os.getpid()
+        )
 
 
 @pytest.fixture
@@ -102,8 +121,9 @@ def test_reserve_admits_then_refuses(channel: grpc.Channel) -> None:
 
 def test_generate_streams_deltas_then_finished(channel: grpc.Channel) -> None:
     decode = pb_grpc.DecodeWorkerStub(channel)
-    request = pb.GenerateRequest(request_id="a", epoch=1, prompt_token_ids=[1, 2, 3], first_token=100,
-                                 sampling=pb.SamplingParams(max_tokens=4))
+    request = pb.GenerateRequest(
+        request_id="a", epoch=1, prompt_token_ids=[1, 2, 3], first_token=100, sampling=pb.SamplingParams(max_tokens=4)
+    )
     chunks = list(decode.Generate(request, timeout=RPC_TIMEOUT_S))
     assert [c.WhichOneof("chunk") for c in chunks] == ["delta"] * 3 + ["finished"]
     assert [t for c in chunks[:-1] for t in c.delta.token_ids] == [101, 102, 103]
@@ -148,8 +168,12 @@ def test_asyncio_server_and_client() -> None:
                 stub = pb_grpc.DecodeWorkerStub(ch)
                 health = await stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
                 assert health.state == pb.SERVING_STATE_DRAINING
-                kinds = [c.WhichOneof("chunk") async for c in
-                         stub.Generate(pb.GenerateRequest(request_id="r", first_token=1), timeout=RPC_TIMEOUT_S)]
+                kinds = [
+                    c.WhichOneof("chunk")
+                    async for c in stub.Generate(
+                        pb.GenerateRequest(request_id="r", first_token=1), timeout=RPC_TIMEOUT_S
+                    )
+                ]
                 assert kinds == ["delta", "error"]
         finally:
             await srv.stop(grace=None)

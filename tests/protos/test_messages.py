@@ -97,8 +97,13 @@ def test_sampling_values_that_do_not_fit_the_wire() -> None:
 
 
 def test_reserve_reply_oneof() -> None:
-    ok = _roundtrip(pb.ReserveReply(reservation=pb.Reservation(block_ids=[3, 1, 2], epoch=2**63 + 5, lease_ms=5000,
-                                                                  block_size=64, agent_name="decode-0/1")))
+    ok = _roundtrip(
+        pb.ReserveReply(
+            reservation=pb.Reservation(
+                block_ids=[3, 1, 2], epoch=2**63 + 5, lease_ms=5000, block_size=64, agent_name="decode-0/1"
+            )
+        )
+    )
     assert ok.WhichOneof("result") == "reservation"
     assert list(ok.reservation.block_ids) == [3, 1, 2] and ok.reservation.epoch == 2**63 + 5
     no = _roundtrip(pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_NO_SPACE, free_blocks=7)))
@@ -112,11 +117,14 @@ def test_reserve_reply_oneof() -> None:
 def test_generate_request_and_stream_chunks() -> None:
     hidden = pb.Tensor(dtype="bfloat16", shape=[7168], data=bytes(range(256)) * 56)
     req = pb.GenerateRequest(
-        request_id="req-1", epoch=9, prompt_token_ids=[1, 2, 3],
+        request_id="req-1",
+        epoch=9,
+        prompt_token_ids=[1, 2, 3],
         sampling=sampling_params_to_proto(SamplingParams(temperature=0.0, logprobs=2)),
         first_token=42,
-        first_token_logprobs=pb.TokenLogprobs(token_id=42, logprob=-0.5, top_token_ids=[42, 7],
-                                              top_logprobs=[-0.5, -1.0]),
+        first_token_logprobs=pb.TokenLogprobs(
+            token_id=42, logprob=-0.5, top_token_ids=[42, 7], top_logprobs=[-0.5, -1.0]
+        ),
         mtp_hidden=hidden,
     )
     back = _roundtrip(req)
@@ -127,9 +135,16 @@ def test_generate_request_and_stream_chunks() -> None:
 
     chunks = [
         pb.GenerateChunk(delta=pb.TokenDelta(token_ids=[5, 6])),
-        pb.GenerateChunk(finished=pb.Finished(finish_reason=pb.FINISH_REASON_STOP, stop_token_id=2,
-                                              prompt_tokens=3, completion_tokens=4, draft_tokens=2,
-                                              accepted_draft_tokens=1)),
+        pb.GenerateChunk(
+            finished=pb.Finished(
+                finish_reason=pb.FINISH_REASON_STOP,
+                stop_token_id=2,
+                prompt_tokens=3,
+                completion_tokens=4,
+                draft_tokens=2,
+                accepted_draft_tokens=1,
+            )
+        ),
         pb.GenerateChunk(error=pb.Error(code=pb.ERROR_CODE_TRANSFER_FAILED, message="req-1: peer gone")),
     ]
     kinds = [_roundtrip(c).WhichOneof("chunk") for c in chunks]
@@ -141,23 +156,38 @@ def test_generate_request_and_stream_chunks() -> None:
 
 def test_prefill_request_and_reply() -> None:
     req = pb.PrefillRequest(
-        request_id="req-2", prompt_token_ids=list(range(100)),
+        request_id="req-2",
+        prompt_token_ids=list(range(100)),
         sampling=sampling_params_to_proto(SamplingParams()),
-        destination=pb.Destination(decode_worker_id="decode-0", decode_address="127.0.0.1:5555",
-                                   agent_name="decode-0/1", block_ids=[0, 1], epoch=3),
+        destination=pb.Destination(
+            decode_worker_id="decode-0",
+            decode_address="127.0.0.1:5555",
+            agent_name="decode-0/1",
+            block_ids=[0, 1],
+            epoch=3,
+        ),
     )
     assert _roundtrip(req) == req
-    reply = _roundtrip(pb.PrefillReply(prefill=pb.PrefillResult(first_token=11, num_cached_tokens=64,
-                                                                transfer_bytes=123456, transfer_seconds=0.01)))
+    reply = _roundtrip(
+        pb.PrefillReply(
+            prefill=pb.PrefillResult(first_token=11, num_cached_tokens=64, transfer_bytes=123456, transfer_seconds=0.01)
+        )
+    )
     assert reply.WhichOneof("result") == "prefill" and reply.prefill.num_cached_tokens == 64
     err = _roundtrip(pb.PrefillReply(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message="too long")))
     assert err.WhichOneof("result") == "error"
 
 
 def test_handshake_messages() -> None:
-    peer = pb.PeerInfo(protocol_version=1, compat_hash="abc", worker_id="prefill-0", incarnation=77,
-                       transfer=pb.TransferMetadata(backend="nixl", agent_name="prefill-0/77",
-                                                    agent_metadata=b"\x00\x01blob", layout=b"layout"))
+    peer = pb.PeerInfo(
+        protocol_version=1,
+        compat_hash="abc",
+        worker_id="prefill-0",
+        incarnation=77,
+        transfer=pb.TransferMetadata(
+            backend="nixl", agent_name="prefill-0/77", agent_metadata=b"\x00\x01blob", layout=b"layout"
+        ),
+    )
     assert _roundtrip(pb.HandshakeRequest(peer=peer)).peer == peer
     refused = _roundtrip(pb.HandshakeReply(error=pb.Error(code=pb.ERROR_CODE_INCOMPATIBLE, message="hash")))
     assert refused.WhichOneof("result") == "error"

@@ -6,11 +6,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from tokenizers import Tokenizer
+
 from splitserve.model.tokenizer import make_tokenizer
 from splitserve.router.app import build_app
 from splitserve.router.openai_api import ApiLimits
 from splitserve.router.testing import ReferenceBackend, ServerThread
-from tokenizers import Tokenizer
 
 VOCAB = 1024
 MODEL = "tiny"

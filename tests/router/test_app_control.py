@@ -8,6 +8,7 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
+
 from splitserve.router.testing import ReferenceBackend
 
 from .conftest import MODEL, VOCAB

@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from tokenizers import Tokenizer
+
 from splitserve.router.chat import encode_messages
 from splitserve.router.testing import ReferenceBackend
-from tokenizers import Tokenizer
 
 from .conftest import MODEL, VOCAB
 
@@ -361,7 +362,7 @@ def test_sse_events_survive_splitlines_readers(http: httpx.Client, tok: Tokenize
     with http.stream("POST", "/v1/completions", json=body) as r:
         lines = [ln for ln in r.iter_lines() if ln]  # httpx's reader splits like str.splitlines
     assert lines[-1] == "data: [DONE]"
-    events = [json.loads(ln[len("data: "):]) for ln in lines[:-1]]  # every line is a whole event
+    events = [json.loads(ln[len("data: ") :]) for ln in lines[:-1]]  # every line is a whole event
     assert all(ln.isascii() for ln in lines)
     text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
     assert text.startswith(prompt)

@@ -15,11 +15,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from tokenizers import Tokenizer
+
+from splitserve.engine.sampling_params import SamplingParams
 from splitserve.router.chat import encode_messages
 from splitserve.router.openai_api import ApiLimits
-from splitserve.engine.sampling_params import SamplingParams
 from splitserve.router.testing import ReferenceBackend, ScriptedBackend
-from tokenizers import Tokenizer
 
 from .conftest import MODEL, VOCAB
 
@@ -169,7 +170,9 @@ def test_thinking_streams_reasoning_then_content(client: openai.OpenAI, say) -> 
 
 
 def test_max_completion_tokens_cuts_inside_reasoning(
-    client: openai.OpenAI, tok: Tokenizer, say  # noqa: ANN001
+    client: openai.OpenAI,
+    tok: Tokenizer,
+    say,  # noqa: ANN001
 ) -> None:
     ids = say(REASONING + "</think>answer")
     r = client.chat.completions.create(model=MODEL, messages=USER, max_completion_tokens=5, extra_body=THINK)
@@ -228,7 +231,9 @@ def test_call_cut_by_a_stop_string_is_not_finished(client: openai.OpenAI, say) -
     r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, stop=["Paris"])
     c = r.choices[0]
     assert c.finish_reason == "stop"
-    assert [(t.function.name, t.function.arguments) for t in c.message.tool_calls] == [("get_weather", '{"location": "')]
+    assert [(t.function.name, t.function.arguments) for t in c.message.tool_calls] == [
+        ("get_weather", '{"location": "')
+    ]
     _c, out = _stream(client, messages=USER, tools=TOOLS, stop=["Paris"])
     assert out[0]["finish"] == "stop" and [(x["name"], x["args"]) for x in out[0]["calls"]] == [
         ("get_weather", '{"location": "')
@@ -342,9 +347,7 @@ def test_n_stop_and_usage(client: openai.OpenAI, say) -> None:  # noqa: ANN001
     for c in r.choices:
         assert (_extra(c.message, "reasoning_content"), c.message.content) == (REASONING, "Sunny today.")
         assert c.finish_reason == "stop"
-    chunks, out = _stream(
-        client, messages=USER, n=2, extra_body=THINK, stream_options={"include_usage": True}
-    )
+    chunks, out = _stream(client, messages=USER, n=2, extra_body=THINK, stream_options={"include_usage": True})
     assert sorted(out) == [0, 1]
     for acc in out.values():
         assert (acc["reasoning"], acc["content"], acc["finish"]) == (REASONING, "Sunny today. Rain tomorrow.", "stop")
@@ -399,12 +402,21 @@ def test_logit_bias_plus_100_forces_a_token_streaming_or_not(reference, tok: Tok
     client, _ = reference
     forced = _plain_token(tok)
     want = tok.decode([forced] * 6)
-    kw = dict(model=MODEL, max_tokens=6, temperature=temperature, seed=3, logit_bias={str(forced): 100},
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL,
+        max_tokens=6,
+        temperature=temperature,
+        seed=3,
+        logit_bias={str(forced): 100},
+        extra_body={"ignore_eos": True},
+    )
     chat = client.chat.completions.create(messages=USER, **kw)
     assert chat.choices[0].message.content == want
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        messages=USER, stream=True, **kw) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(messages=USER, stream=True, **kw)
+        if c.choices
+    )
     assert streamed == want
     assert client.completions.create(prompt="x", **kw).choices[0].text == want
     streamed = "".join(c.choices[0].text for c in client.completions.create(prompt="x", stream=True, **kw) if c.choices)
@@ -424,16 +436,29 @@ def test_logit_bias_bans_tokens_and_logprobs_are_after_the_bias(reference, tok: 
     want = backend.greedy_continuation(prompt, 8, bias)
     assert want != free and free[0] not in want and free[3] not in want
     params = SamplingParams(logit_bias=bias)
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
-                                  logit_bias={str(t): b for t, b in bias.items()}, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
+        logprobs=2,
+        logit_bias={str(t): b for t, b in bias.items()},
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].text == tok.decode(want)
     prevs = [prompt[-1], *want[:-1]]
     ref = [float(backend.logprobs(p, params)[t]) for p, t in zip(prevs, want)]
     assert r.choices[0].logprobs.token_logprobs == pytest.approx(ref, rel=1e-9)
     assert ref != pytest.approx([float(backend.logprobs(p)[t]) for p, t in zip(prevs, want)], rel=1e-3)
-    chat = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0, logprobs=True,
-                                          logit_bias={str(t): b for t, b in bias.items()},
-                                          extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        logit_bias={str(t): b for t, b in bias.items()},
+        extra_body={"ignore_eos": True},
+    )
     sent = backend.requests[backend.started[-1]][0]
     want = backend.greedy_continuation(sent, 8, bias)
     prevs = [sent[-1], *want[:-1]]
@@ -445,9 +470,10 @@ def test_stream_sse_events_are_json(server, say) -> None:  # noqa: ANN001
     """Raw SSE: every event parses, the role chunk comes first and [DONE] last."""
     say(REASONING + "</think>" + BLOCK)
     body = {"model": MODEL, "messages": USER, "tools": TOOLS, "stream": True, **THINK}
-    with httpx.Client(base_url=server[0], timeout=20) as http, http.stream(
-        "POST", "/v1/chat/completions", json=body
-    ) as resp:
+    with (
+        httpx.Client(base_url=server[0], timeout=20) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as resp,
+    ):
         raw = resp.read().decode()
     events = [e[len("data: ") :] for e in raw.split("\n\n") if e]
     assert events[-1] == "[DONE]"

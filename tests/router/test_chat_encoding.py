@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from splitserve.router.chat import ChatEncodingError, JinjaChatEncoder, encode_messages, load_chat_encoder
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"

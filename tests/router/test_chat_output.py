@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
 from splitserve.router.chat import encode_messages, render_tool_calls
 from splitserve.router.chat_output import ChatOutputOptions, ChatOutputStream, chat_message
 from splitserve.router.reasoning import ReasoningStream, split_reasoning
@@ -223,7 +224,14 @@ _P2 = PARAM_OPEN + 'a" string="true">2' + PARAM_CLOSE
         ),
         # junk inside an invoke closes the call with what it has
         (
-            "x\n\n" + BLOCK_OPEN + "\n" + INVOKE_OPEN + 'f">\n' + PARAM_OPEN + 'a" string="true">v' + PARAM_CLOSE
+            "x\n\n"
+            + BLOCK_OPEN
+            + "\n"
+            + INVOKE_OPEN
+            + 'f">\n'
+            + PARAM_OPEN
+            + 'a" string="true">v'
+            + PARAM_CLOSE
             + "\nOOPS",
             "x\nOOPS",
             [("f", '{"a": "v"}')],
@@ -276,7 +284,10 @@ def test_max_calls_keeps_the_first() -> None:
 
 _NAMES = st.text(alphabet="abcxyz_0189-.", min_size=1, max_size=8)
 _VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(alphabet=st.characters(exclude_characters="\x00"), max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_NAMES, inner, max_size=3),
     max_leaves=6,
@@ -324,9 +335,29 @@ def test_encoder_round_trip_and_stream(
 
 
 _PIECES = [
-    "\n", "\n\n", " ", "x", "é", '"', ">", "<", "true", "false", "1", '{"k": 2}',
-    BLOCK_OPEN, BLOCK_CLOSE, INVOKE_OPEN, INVOKE_CLOSE, PARAM_OPEN, PARAM_CLOSE,
-    '">', '" string="', "｜DSML｜", "f", "a",
+    "\n",
+    "\n\n",
+    " ",
+    "x",
+    "é",
+    '"',
+    ">",
+    "<",
+    "true",
+    "false",
+    "1",
+    '{"k": 2}',
+    BLOCK_OPEN,
+    BLOCK_CLOSE,
+    INVOKE_OPEN,
+    INVOKE_CLOSE,
+    PARAM_OPEN,
+    PARAM_CLOSE,
+    '">',
+    '" string="',
+    "｜DSML｜",
+    "f",
+    "a",
 ]
 
 

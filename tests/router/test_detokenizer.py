@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from splitserve.model.tokenizer import StopStringMatcher, TextDecoder, apply_stop_strings, make_tokenizer
 from tokenizers import Tokenizer, decoders
+
+from splitserve.model.tokenizer import StopStringMatcher, TextDecoder, apply_stop_strings, make_tokenizer
 
 from .conftest import VOCAB
 

@@ -28,7 +28,8 @@ print("HEAVY", heavy)
 
 
 def test_the_router_app_does_not_import_torch(tiny_checkpoint: Path) -> None:
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_checkpoint)], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_checkpoint)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout, r.stdout

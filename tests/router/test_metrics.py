@@ -35,7 +35,10 @@ def test_cluster_backend_exports_workers_as_labels_and_counters_as_counters() ->
     used = fams["splitserve_backend_worker_blocks_used"]
     assert used.type == "gauge"
     assert {(s.labels["worker"], s.labels["role"]): s.value for s in used.samples} == {
-        ("prefill-0", "prefill"): 3, ("decode-0", "decode"): 7, ("decode-1", "decode"): 0}
+        ("prefill-0", "prefill"): 3,
+        ("decode-0", "decode"): 7,
+        ("decode-1", "decode"): 0,
+    }
     running = fams["splitserve_backend_worker_running"]
     assert {s.labels["worker"]: s.value for s in running.samples} == {"prefill-0": 1, "decode-0": 4, "decode-1": 0}
     queue = fams["splitserve_backend_worker_queue_depth"]
@@ -51,7 +54,10 @@ def test_cluster_backend_exports_workers_as_labels_and_counters_as_counters() ->
 
 def test_metric_key_round_trips_and_rejects_bad_labels() -> None:
     assert metric_key("x") == "x"
-    assert metric_key("worker_running", worker="decode-0", role="decode") == 'worker_running{role="decode",worker="decode-0"}'
+    assert (
+        metric_key("worker_running", worker="decode-0", role="decode")
+        == 'worker_running{role="decode",worker="decode-0"}'
+    )
     for bad in ('a"b', "a\nb", "a\\b"):
         try:
             metric_key("x", worker=bad)
@@ -70,5 +76,8 @@ def test_app_metrics_endpoint_parses(start_server: Callable) -> None:
     assert fams["splitserve_backend_active_requests"].type == "gauge"
     requests = fams["splitserve_router_requests"]
     assert requests.type == "counter"
-    assert any(s.labels == {"endpoint": "/v1/completions", "status": "200"} and s.value >= 1
-               for s in requests.samples if s.name.endswith("_total"))
+    assert any(
+        s.labels == {"endpoint": "/v1/completions", "status": "200"} and s.value >= 1
+        for s in requests.samples
+        if s.name.endswith("_total")
+    )

@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from tokenizers import Tokenizer
+
 from splitserve.router.chat import encode_messages
 from splitserve.router.openai_api import (
     ApiError,
@@ -15,7 +17,6 @@ from splitserve.router.openai_api import (
     prepare_chat,
     prepare_completion,
 )
-from tokenizers import Tokenizer
 
 from .conftest import VOCAB
 
@@ -190,19 +191,33 @@ def test_logit_bias_maps_to_sampling_params(tok: Tokenizer) -> None:
     assert p.params.logit_bias == ((3, 100.0), (5, 0.5), (17, -100.0))
     full = {str(t): (t % 201) - 100 for t in range(300)}
     assert _completion(tok, prompt="a", logit_bias=full).params.logit_bias == tuple(
-        (t, float((t % 201) - 100)) for t in range(300))
+        (t, float((t % 201) - 100)) for t in range(300)
+    )
     for none in ({}, None):
         assert _completion(tok, prompt="a", logit_bias=none).params.logit_bias == ()
     assert _completion(tok, prompt="a").params.logit_bias == ()
-    chat = prepare_chat(parse_chat_request(json.dumps(
-        {"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"9": 2.5}}).encode()), tok, LIMITS)
+    chat = prepare_chat(
+        parse_chat_request(
+            json.dumps(
+                {"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"9": 2.5}}
+            ).encode()
+        ),
+        tok,
+        LIMITS,
+    )
     assert chat.params.logit_bias == ((9, 2.5),)
 
 
 @pytest.mark.parametrize(
     ("bias", "param"),
-    [({"5": 100.5}, "logit_bias.5"), ({"5": -101}, "logit_bias.5"), ({"5": "1"}, "logit_bias.5"),
-     ({"5": True}, "logit_bias.5"), ([[5, 1]], "logit_bias"), ("x", "logit_bias")],
+    [
+        ({"5": 100.5}, "logit_bias.5"),
+        ({"5": -101}, "logit_bias.5"),
+        ({"5": "1"}, "logit_bias.5"),
+        ({"5": True}, "logit_bias.5"),
+        ([[5, 1]], "logit_bias"),
+        ("x", "logit_bias"),
+    ],
 )
 def test_logit_bias_schema_errors(bias: Any, param: str) -> None:
     for body in ({"prompt": "a"}, {"messages": [{"role": "user", "content": "x"}]}):

@@ -10,8 +10,8 @@ import pytest
 
 from splitserve.router.clients import WorkerClients
 from splitserve.router.membership import Directory, WorkerInfo
-from splitserve.router.poller import LoadPoller
 from splitserve.router.policy import RoutingPolicy, affinity_ranked
+from splitserve.router.poller import LoadPoller
 
 
 def workers(n: int, **kw) -> list[WorkerInfo]:
@@ -39,8 +39,9 @@ def test_prefix_affinity_keeps_a_prefix_home_unless_it_is_far_busier() -> None:
     assert affinity_ranked(prompt + [7, 8], ws)[0] is home  # the first 64 tokens decide
     assert p.rank(ws, prompt, load=lambda w: w.worker_id, backlog=lambda w: 0)[0] is home
     busy = {home.worker_id: 10_000}
-    ranked = p.rank(ws, prompt, load=lambda w: (busy.get(w.worker_id, 0), w.worker_id),
-                    backlog=lambda w: busy.get(w.worker_id, 0))
+    ranked = p.rank(
+        ws, prompt, load=lambda w: (busy.get(w.worker_id, 0), w.worker_id), backlog=lambda w: busy.get(w.worker_id, 0)
+    )
     assert ranked[0] is not home and ranked[-1] is home
 
 
@@ -74,6 +75,7 @@ def test_the_poller_counts_failed_polls_and_never_declares_a_worker_dead() -> No
                 await poller.refresh()
         finally:
             await clients.close()
+
     asyncio.run(go())
     w = d.get("gone")
     assert w.failures == 3 and w.state == "serving"  # the controller decides; routing ranks it last

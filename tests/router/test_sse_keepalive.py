@@ -53,8 +53,11 @@ def test_keepalives_while_the_first_token_is_slow(start_server: Callable) -> Non
 def test_openai_client_reads_a_stream_with_keepalives(start_server: Callable) -> None:
     url, _ = start_server(ReferenceBackend(VOCAB, first_token_delay_s=0.8), sse_keepalive_s=0.2)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    chunks = list(client.completions.create(model=MODEL, prompt="hello there", max_tokens=4, stream=True,
-                                            extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="hello there", max_tokens=4, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 

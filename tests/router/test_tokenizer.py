@@ -9,6 +9,8 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
 from splitserve.model.tokenizer import (
     ASSISTANT_TOKEN,
     BOS_TOKEN,
@@ -23,7 +25,6 @@ from splitserve.model.tokenizer import (
     make_tokenizer,
     special_token_ids,
 )
-from tokenizers import Tokenizer
 
 ALL_SPECIAL = (BOS_TOKEN, EOS_TOKEN, *CONFIRMED_TOKEN_IDS, *EXTRA_SPECIAL_TOKENS)
 
