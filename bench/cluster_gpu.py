@@ -77,7 +77,7 @@ def cmd_prefill_alone(a: argparse.Namespace) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     for n in a.lengths:
         times = []
-        for i in range(a.repeats + 1):
+        for _ in range(a.repeats + 1):
             prompt = torch.randint(100, net.cfg.vocab_size - 100, (n,), generator=g).tolist()
             torch.cuda.synchronize()
             t0 = time.perf_counter()

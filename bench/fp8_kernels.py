@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,8 @@ def gemm_cases(
             ref = K.fp8_linear_ref(x, q, s)
             err = rel(K.fp8_linear(x, q, s), ref)
             del ref
-            ms = timed(lambda: K.fp8_linear(x, q, s))
-            ms16 = timed(lambda: F.linear(x, wb))
+            ms = timed(partial(K.fp8_linear, x, q, s))
+            ms16 = timed(partial(F.linear, x, wb))
             byts = q.numel() + 4 * s.numel() + 2 * m * (k + n)
             flops = 2.0 * m * n * k
             floor = max(byts / bw, flops / rate8) * 1e3
@@ -99,7 +100,7 @@ def gemm_cases(
                 for bn in (32, 64, 128):
                     for sp in sorted({max(1, auto // 2), auto, auto * 2}):
                         try:
-                            t = timed(lambda: K.fp8_linear_triton(x, q, s, block_n=bn, splits=sp))
+                            t = timed(partial(K.fp8_linear_triton, x, q, s, block_n=bn, splits=sp))
                         except Exception as e:  # noqa: BLE001 - a config that does not compile is a data point
                             print(f"    sweep bn={bn} splits={sp}: {type(e).__name__}", file=sys.stderr)
                             continue

@@ -25,6 +25,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,13 @@ def measure_ceilings(device: str = DEV) -> dict[str, Any]:
     src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     timer = bench_ms if gpu else _wall_ms
-    ms = timer(lambda: dst.copy_(src), rep=200)
+    ms = timer(partial(dst.copy_, src), rep=200)
     bw = 2 * n / (ms * 1e-3)
     del src, dst  # free before the matmul
     m = 8192 if gpu else 512
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    ms_mm = timer(lambda: a @ b, rep=200)
+    ms_mm = timer(partial(torch.matmul, a, b), rep=200)
     rate = 2 * m**3 / (ms_mm * 1e-3)
     del a, b
     if gpu:
@@ -453,17 +454,17 @@ def run_case(case: Case, ceil: dict[str, float], time_ref: bool) -> dict[str, An
     checked = case.check(out, ref, inp)
     del out, ref
     res: dict[str, Any] = {"check": checked}
-    ms = bench_ms(lambda: case.triton_fn(inp))
+    ms = bench_ms(partial(case.triton_fn, inp))
     res["triton_ms"] = ms
-    g = graph_of(lambda: case.triton_fn(inp)) if case.graph else None
+    g = graph_of(partial(case.triton_fn, inp)) if case.graph else None
     res["triton_graph_ms"] = bench_ms(g) if g is not None else None
     for name, fn in case.extra.items():
-        res[f"{name}_ms"] = bench_ms(lambda: fn(inp))
-        ge = graph_of(lambda: fn(inp))
+        res[f"{name}_ms"] = bench_ms(partial(fn, inp))
+        ge = graph_of(partial(fn, inp))
         res[f"{name}_graph_ms"] = bench_ms(ge) if ge is not None else None
     if time_ref:
         try:
-            res["ref_ms"] = bench_ms(lambda: case.ref_fn(inp), rep=50)
+            res["ref_ms"] = bench_ms(partial(case.ref_fn, inp), rep=50)
         except torch.OutOfMemoryError:
             res["ref_ms"] = None
     best = min(t for t in (res["triton_ms"], res["triton_graph_ms"]) if t is not None)
@@ -505,7 +506,7 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
         )
         for cfg, splits, po in trials:
             try:
-                fn = lambda: K.sparse_mla_decode_triton(*inp["args"], num_splits=splits, precompute_offsets=po, **cfg)
+                fn = lambda: K.sparse_mla_decode_triton(*inp["args"], num_splits=splits, precompute_offsets=po, **cfg)  # noqa: F821 - runs before `del inp` frees this case
                 err = rel_err(fn(), ref)
                 g = graph_of(fn)
                 ms = bench_ms(g if g is not None else fn)
@@ -557,7 +558,7 @@ def sweep_moe(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
         inp = case.make()
         for cfg in configs:
             try:
-                fn = lambda: K.fused_moe_triton(inp["x"], inp["w"][0], inp["w"][1], inp["tw"], inp["ids"], **cfg)
+                fn = lambda: K.fused_moe_triton(inp["x"], inp["w"][0], inp["w"][1], inp["tw"], inp["ids"], **cfg)  # noqa: F821 - runs before `del inp` frees this case
                 g = graph_of(fn)
                 ms = bench_ms(g if g is not None else fn)
             except Exception as exc:  # noqa: BLE001

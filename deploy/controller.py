@@ -476,7 +476,7 @@ class Controller:
         for role, _ in unplaced:
             short[role] = short.get(role, 0) + 1
         total: dict[str, float] = {}
-        for role, demand in wanted:
+        for _, demand in wanted:
             for k, v in demand.items():
                 total[k] = total.get(k, 0.0) + v
         free_sum: dict[str, float] = {}

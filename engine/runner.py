@@ -285,7 +285,7 @@ class ModelRunner:
             rows = [_row(it.req) for it, _ in sample_items]
             lg = logits[[r for _, r in sample_items]]
             toks = sample_tokens(lg, rows).tolist()
-            for (it, r), t, lrow in zip(sample_items, toks, lg):
+            for (it, _), t, lrow in zip(sample_items, toks, lg):
                 req = it.req
                 lp = None
                 if req.params.logprobs is not None:  # reported after the logit_bias, as OpenAI does

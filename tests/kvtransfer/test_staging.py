@@ -43,7 +43,7 @@ def _write(a: Transport, local: list[int], remote: list[int], notif: bytes | Non
 
 
 def _landed(pa, pb, local, remote) -> bool:
-    return all(torch.equal(q[r], p[l]) for p, q in zip(pa, pb) for l, r in zip(local, remote))
+    return all(torch.equal(q[ro], p[lo]) for p, q in zip(pa, pb) for lo, ro in zip(local, remote))
 
 
 def test_scattered_blocks_travel_as_one_region(pair) -> None:
