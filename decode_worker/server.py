@@ -55,8 +55,14 @@ def _left(context: grpc.ServicerContext, default: float) -> float:
     return max(0.05, default if left is None else min(left, default))
 
 
-def _error(code: int, message: str) -> pb.GenerateChunk:
+def _error(code: pb.ErrorCode, message: str) -> pb.GenerateChunk:
     return pb.GenerateChunk(error=pb.Error(code=code, message=message))
+
+
+def _release_reserved(eng: Engine, blocks: list[int] | None) -> None:
+    """Undo of a reserve that ran after its call timed out: give its blocks (if it got any) back."""
+    if blocks:
+        eng.release_blocks(blocks)
 
 
 @dataclass
@@ -142,7 +148,7 @@ class DecodeService(pbg.DecodeWorkerServicer):
             blocks = self.rt.loop.call(
                 lambda e: e.reserve(need_tokens),
                 timeout=_left(context, 5.0),
-                undo=lambda e, b: b and e.release_blocks(b),
+                undo=_release_reserved,
             )
         except CallTimeout as e:
             return pb.ReserveReply(refusal=pb.Refusal(reason=pb.REFUSAL_REASON_NO_SPACE, message=f"engine busy: {e}"))
@@ -188,10 +194,11 @@ class DecodeService(pbg.DecodeWorkerServicer):
                 yield _error(pb.ERROR_CODE_DEADLINE_EXCEEDED, err)
                 return
             q = self.rt.loop.subscribe(rid)
-            err = self._adopt(res, request, params)
-            if err:
+            refused = self._adopt(res, request, params)
+            if refused is not None:
                 yield _error(
-                    request_error_code(err) if isinstance(err, RequestError) else pb.ERROR_CODE_INTERNAL, str(err)
+                    request_error_code(refused) if isinstance(refused, RequestError) else pb.ERROR_CODE_INTERNAL,
+                    str(refused),
                 )
                 return
             finished = yield from self._relay(rid, q, context)

@@ -464,7 +464,7 @@ class Sampler:
         anything else) and its top-N alternatives. logits [B, V] float."""
         tokens = sample_tokens(logits, rows)
         wanted = [r.params.logprobs for r in rows]
-        lps = [None] * len(rows)
+        lps: list[TokenLogprobs | None] = [None] * len(rows)
         if any(n is not None for n in wanted):
             lps = token_logprobs(biased_logits(logits, [r.params for r in rows]), tokens, wanted)
         return [SampleOutput(int(t), lp) for t, lp in zip(tokens.tolist(), lps)]

@@ -28,7 +28,9 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -44,15 +46,25 @@ from splitserve.protos.tensors import logprobs_to_proto, tensor_to_proto
 
 from .stream import PrefillStream, StreamState
 
+if TYPE_CHECKING:
+    import torch
+
+    from splitserve.engine.sampling_params import TokenLogprobs
+
 log = logging.getLogger(__name__)
 
 # a request that finished at its first token ("prefilled": it goes on at the decode worker)
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
+def _log_cleanup_failure(rid: str, fut: Future) -> None:
+    if fut.exception() is not None:
+        log.error("request %s: cleanup failed: %r", rid, fut.exception())
+
+
 @dataclass(frozen=True)
 class _Failure:
-    code: int
+    code: pb.ErrorCode
     message: str
 
 
@@ -60,10 +72,10 @@ class _Failure:
 class _Prefilled:
     """What the step that sampled the first token leaves for the reply (taken in its after_step hook)."""
 
-    hidden: object  # main hidden state at the last prompt position (MTP), or None
-    gen_state: object  # the request's torch.Generator state, or None
+    hidden: torch.Tensor | None  # main hidden state at the last prompt position (MTP)
+    gen_state: torch.Tensor | None  # the request's torch.Generator state
     cached: int  # prompt tokens the prefix cache served
-    prompt_logprobs: object
+    prompt_logprobs: list[TokenLogprobs | None] | None
     t_computed: float  # end of that step
 
 
@@ -75,7 +87,7 @@ class _Call:
 
     stream: PrefillStream
     prompt_len: int
-    ended: int = 0  # FinishReason when it finished at its first token
+    ended: pb.FinishReason = pb.FINISH_REASON_UNSPECIFIED  # when it finished at its first token
     t_first_step: float | None = None  # start of the engine step that ran its first chunk
     prefilled: _Prefilled | None = None
     error: str | None = None
@@ -294,7 +306,8 @@ class PrefillService(pbg.PrefillWorkerServicer):
         if out.new_logprobs and out.new_logprobs[0] is not None:
             res.first_token_logprobs.CopyFrom(logprobs_to_proto(out.new_logprobs[0]))
         if done.prompt_logprobs is not None:
-            res.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in done.prompt_logprobs[1:])
+            # entry 0 is None (no prefix), every later one is set (engine.sampler.prompt_logprobs)
+            res.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in done.prompt_logprobs[1:] if lp is not None)
         if done.hidden is not None:
             res.mtp_hidden.CopyFrom(tensor_to_proto(done.hidden))
         log.info(
@@ -384,9 +397,7 @@ class PrefillService(pbg.PrefillWorkerServicer):
             # the engine's current step to end; the blocks are freed between two steps all the same
             fut = self.rt.loop.submit(drop)
             if delivered:
-                fut.add_done_callback(
-                    lambda f: f.exception() and log.error("request %s: cleanup failed: %r", rid, f.exception())
-                )
+                fut.add_done_callback(lambda f: _log_cleanup_failure(rid, f))
             else:
                 fut.result(30.0)
         except Exception:  # noqa: BLE001 - the loop is gone; nothing left to free

@@ -83,7 +83,7 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**kwargs)  # type: ignore[arg-type]
 
 
-def request_error_code(e: Exception) -> int:
+def request_error_code(e: Exception) -> pb.ErrorCode:
     """The wire code of an engine's RequestError: TOO_LONG (never fits: the client's 400), else INVALID_ARGUMENT."""
     from splitserve.engine.engine import TooLong
 
