@@ -17,6 +17,7 @@ and W_uv and contracts it in einsums, so it is dequantised at load, as SGLang an
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,39 +75,41 @@ class FusedLinear:
     does not grow and the parameters keep their names and shapes. `__call__(x)` returns one output
     per module."""
 
-    def __init__(self, mods: list[nn.Module]) -> None:
+    def __init__(self, mods: Sequence[nn.Linear | FP8Linear]) -> None:
         kinds = {is_fp8(m) for m in mods}
         if len(kinds) != 1:
             raise ValueError("FusedLinear needs linears of one kind (all FP8 or none)")
         self.fp8 = kinds.pop()
-        self.rows = [m.weight.shape[0] for m in mods]
+        self.rows: list[int] = [m.weight.shape[0] for m in mods]
+        self.scale: torch.Tensor | None = None
         with torch.no_grad():
             if not self.fp8:
                 self.padded = list(self.rows)
                 self.weight = torch.cat([m.weight for m in mods])
-                self.scale = None
             else:
+                fp8s = [m for m in mods if isinstance(m, FP8Linear)]  # all of them (one kind)
                 self.padded = [-(-r // BLOCK) * BLOCK for r in self.rows[:-1]] + self.rows[-1:]
-                parts = []
-                for m, r, p in zip(mods, self.rows, self.padded):
-                    parts.append(m.weight)
+                parts: list[torch.Tensor] = []
+                for f, r, p in zip(fp8s, self.rows, self.padded):
+                    parts.append(f.weight)
                     if p > r:
                         parts.append(
-                            torch.zeros(p - r, m.weight.shape[1], dtype=m.weight.dtype, device=m.weight.device)
+                            torch.zeros(p - r, f.weight.shape[1], dtype=f.weight.dtype, device=f.weight.device)
                         )
                 self.weight = torch.cat(parts)
-                self.scale = torch.cat([m.weight_scale_inv for m in mods])
-            start, sstart = 0, 0
+                self.scale = torch.cat([f.weight_scale_inv for f in fp8s])
+                sstart = 0
+                for f in fp8s:
+                    sr = f.weight_scale_inv.shape[0]
+                    f.weight_scale_inv.data = self.scale[sstart : sstart + sr]
+                    sstart += sr
+            start = 0
             for m, r, p in zip(mods, self.rows, self.padded):
                 m.weight.data = self.weight[start : start + r]
                 start += p
-                if self.fp8:
-                    sr = m.weight_scale_inv.shape[0]
-                    m.weight_scale_inv.data = self.scale[sstart : sstart + sr]
-                    sstart += sr
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.fp8:
+        if self.scale is not None:  # FP8
             y = fp8_linear(x, self.weight, self.scale)
         else:
             y = F.linear(x, self.weight)

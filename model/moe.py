@@ -118,6 +118,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         if self.fp8:  # block-scaled FP8 grouped GEMMs on CUDA, a loop over dequantised experts elsewhere
+            assert self.w13_scale_inv is not None and self.w2_scale_inv is not None  # set with fp8 (to_fp8)
             out = fused_moe_fp8(x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, weights, ids)
         else:
             out = fused_moe(x, self.w13, self.w2, weights, ids)  # Triton grouped GEMMs on CUDA, a loop elsewhere
