@@ -422,23 +422,25 @@ class Engine:
             g.misses_after_ready = 0  # the warm-up's own eager steps (no graphs captured) do not count
         self.blocks.clear_cache()
         self.stats = EngineStats()
+        seconds = time.perf_counter() - t0
+        gpu_bytes = 0
+        if cuda:
+            torch.cuda.synchronize()
+            gpu_bytes = max(0, free0 - torch.cuda.mem_get_info(self.pool.latent.device)[0])
         out = {
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
             "graph_seconds": t_graphs,
             "graphs": captured,
             "prefill_lengths": lengths,
-            "gpu_bytes": 0,
+            "gpu_bytes": gpu_bytes,
         }
-        if cuda:
-            torch.cuda.synchronize()
-            out["gpu_bytes"] = max(0, free0 - torch.cuda.mem_get_info(self.pool.latent.device)[0])
         log.info(
             "warm-up: %.2f s (%d CUDA graphs in %.2f s, prefills of %s tokens), %.0f MiB of GPU memory",
-            out["seconds"],
+            seconds,
             captured,
             t_graphs,
             lengths,
-            out["gpu_bytes"] / 2**20,
+            gpu_bytes / 2**20,
         )
         return out
 

@@ -24,6 +24,7 @@ from .base import (
     TransportError,
     coalesce,
 )
+from .common import TransportCore
 from .tcp_backend import TcpConfig, TcpTransport
 
 __all__ = [
@@ -61,8 +62,8 @@ def make_transport(
     host: str = "127.0.0.1",
     *,
     config: TransportConfig | None = None,
-) -> Transport:
-    """Create the transport of one worker process.
+) -> TransportCore:
+    """Create the transport of one worker process (both backends share TransportCore: staging and the rest).
 
     ``config`` may be the backend's own config (``NixlConfig`` / ``TcpConfig``) or a plain
     ``TransportConfig`` whose timeouts are then used with the backend's defaults.

@@ -27,9 +27,10 @@ histograms travel as one collector the router's registry adds.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 from prometheus_client import Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 STAGES = (
@@ -98,7 +99,7 @@ class StageMetrics(Collector):
         )
         self.last: dict[str, float] = {}  # the most recent request's stages (tests, logs)
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterable[Metric]:
         return self.hist.collect()
 
     def _observe(self, stages: dict[str, float]) -> None:

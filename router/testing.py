@@ -93,7 +93,7 @@ class ReferenceBackend:
         self, prompt: list[int], n: int, logit_bias: Mapping[int, float] | None = None
     ) -> list[int]:
         """What greedy decoding without penalties (with `logit_bias` added) produces (for tests)."""
-        params = SamplingParams(logit_bias=logit_bias or ())
+        params = SamplingParams(logit_bias=tuple(logit_bias.items()) if logit_bias else ())
         out, prev = [], prompt[-1]
         for _ in range(n):
             prev = int(np.argmax(self._biased(self.logits(prev), params)))
