@@ -108,9 +108,11 @@ def cmd_client_flow(a: argparse.Namespace) -> int:
     checks = {}
     t0 = time.perf_counter()
     c = oc.completions.create(model=model, prompt="def fib(n):", max_tokens=16)
-    checks["completion"] = bool(c.choices[0].text) and c.usage.completion_tokens > 0
+    checks["completion"] = bool(c.choices[0].text) and c.usage is not None and c.usage.completion_tokens > 0
     ch = oc.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=16)
-    checks["chat"] = ch.choices[0].message.content is not None and ch.usage.completion_tokens > 0
+    checks["chat"] = (
+        ch.choices[0].message.content is not None and ch.usage is not None and ch.usage.completion_tokens > 0
+    )
     parts = [
         x.choices[0].text
         for x in oc.completions.create(model=model, prompt="Hello", max_tokens=16, stream=True)
@@ -160,13 +162,13 @@ def cmd_ttft(a: argparse.Namespace) -> int:
     with httpx.Client(timeout=300) as c:
         model = _model(c, a.url)
         for n in a.lengths:
-            ttfts = []
+            ttfts: list[float] = []
             before = _stages(a.url, c)
             for i in range(a.repeats + 1):
                 lo, hi = DEFAULT_TOKEN_IDS  # random ids: no prefix-cache hits between the requests
                 prompt = [lo + (7919 * (i * 131 + j + n) + 104729 * i) % (hi - lo) for j in range(n)]
                 t0 = time.perf_counter()
-                first = None
+                first: float | None = None
                 with c.stream(
                     "POST",
                     f"{a.url}/v1/completions",
@@ -177,6 +179,8 @@ def cmd_ttft(a: argparse.Namespace) -> int:
                     for ln in r.iter_lines():
                         if first is None and ln.startswith("data: {") and '"text"' in ln:
                             first = time.perf_counter() - t0
+                if first is None:
+                    raise RuntimeError(f"the {n}-token request streamed no text (no time to first token)")
                 if i:  # the first one is a warm-up (peer handshake)
                     ttfts.append(first)
                 else:

@@ -72,7 +72,7 @@ def gemm_cases(
             byts = q.numel() + 4 * s.numel() + 2 * m * (k + n)
             flops = 2.0 * m * n * k
             floor = max(byts / bw, flops / rate8) * 1e3
-            row = {
+            row: dict[str, Any] = {
                 "shape": name,
                 "n": n,
                 "k": k,
@@ -127,7 +127,7 @@ def sparse_mla_cases(ceil: dict[str, float], sweep: bool) -> list[dict[str, Any]
     from splitserve.kernels import sparse_mla as K
 
     bw = ceil["hbm_copy_bytes_per_s"]
-    rows = []
+    rows: list[dict[str, Any]] = []
     ctx, topk, heads = 8192, 2048, 128
     for b in (1, 8, 64):
         nb = b * ctx // 64 + 4
@@ -145,7 +145,7 @@ def sparse_mla_cases(ceil: dict[str, float], sweep: bool) -> list[dict[str, Any]
             err = rel(K.sparse_mla_decode(q_lat, q_rope, pool_t, 0, bt, idx, 192**-0.5), ref)
             ms = timed(lambda: K.sparse_mla_decode(q_lat, q_rope, pool_t, 0, bt, idx, 192**-0.5))
             byts = b * topk * entry + 2 * b * heads * (512 + 64 + 512)
-            row = {
+            row: dict[str, Any] = {
                 "cache": fmt,
                 "batch": b,
                 "topk": topk,

@@ -180,8 +180,8 @@ def indexer_cases(batches, contexts) -> list[Case]:
                         make,
                         # mypy lets *args of unknown length fill topk too
                         lambda i: K.indexer_topk_decode_triton(*i["args"], topk=TOPK),  # type: ignore[misc]
-                        lambda i: K.indexer_topk_decode_ref(*i["args"], topk=TOPK),
-                        check,  # type: ignore[misc]
+                        lambda i: K.indexer_topk_decode_ref(*i["args"], topk=TOPK),  # type: ignore[misc]
+                        check,
                         extra={"logits_only": lambda i: K.indexer_logits_decode_triton(*i["args"])},
                     )
                 )
