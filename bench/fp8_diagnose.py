@@ -33,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -173,8 +173,29 @@ TOL = {
 # ---------------------------------------------------------------------------------------------
 DEV = "cuda"  # part 1's device (a CPU smoke run under TRITON_INTERPRET=1 sets "cpu" and shrinks the shapes)
 MS, MS_QUICK = (1, 8, 40, 64, 300, 4096), (1, 8, 40, 64, 300)
-MOE = dict(e=16, h=7168, i=2048, topk=8, ns=(1, 8, 64, 1024), ns_quick=(1, 8, 64))
-MLA = dict(ctx=4096, bs=64, heads=128, dl=512, dr=64, topk=2048, bszs=(1, 8, 64))
+
+
+class MoeShapes(TypedDict):
+    e: int  # experts
+    h: int  # hidden size
+    i: int  # intermediate size
+    topk: int
+    ns: tuple[int, ...]  # tokens
+    ns_quick: tuple[int, ...]
+
+
+class MlaShapes(TypedDict):
+    ctx: int
+    bs: int  # cache block size
+    heads: int
+    dl: int  # latent dim
+    dr: int  # rope dim
+    topk: int
+    bszs: tuple[int, ...]  # batch sizes
+
+
+MOE: MoeShapes = {"e": 16, "h": 7168, "i": 2048, "topk": 8, "ns": (1, 8, 64, 1024), "ns_quick": (1, 8, 64)}
+MLA: MlaShapes = {"ctx": 4096, "bs": 64, "heads": 128, "dl": 512, "dr": 64, "topk": 2048, "bszs": (1, 8, 64)}
 ACT = ((1, 7168), (300, 7168), (4096, 2048), (64, 128))
 
 
@@ -311,13 +332,20 @@ def kernels_alone(rows: list[dict], quick: bool) -> None:
 
     e, h, i, topk = MOE["e"], MOE["h"], MOE["i"], MOE["topk"]
     print(f"== fused_moe_fp8 (H={h}, I={i}, {e} experts, top-{topk})")
-    q13, s13, q2, s2 = [], [], [], []
+    q13s: list[torch.Tensor] = []
+    s13s: list[torch.Tensor] = []
+    q2s: list[torch.Tensor] = []
+    s2s: list[torch.Tensor] = []
     for _ in range(e):  # per expert: gate and up quantised as separate checkpoint tensors
         g_, sg_ = _weight(i, h, gen)
         u_, su_ = _weight(i, h, gen)
         d_, sd_ = _weight(h, i, gen)
-        q13.append(torch.cat([g_, u_])), s13.append(torch.cat([sg_, su_])), q2.append(d_), s2.append(sd_)
-    q13, s13, q2, s2 = torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
+        q13s.append(torch.cat([g_, u_]))
+        s13s.append(torch.cat([sg_, su_]))
+        q2s.append(d_)
+        s2s.append(sd_)
+    q13, s13, q2, s2 = torch.stack(q13s), torch.stack(s13s), torch.stack(q2s), torch.stack(s2s)
+    del q13s, s13s, q2s, s2s
     for n in MOE["ns_quick"] if quick else MOE["ns"]:
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(n, h, device=DEV, generator=gen).to(dtype)
@@ -337,7 +365,7 @@ def kernels_alone(rows: list[dict], quick: bool) -> None:
     from splitserve.engine.cache import CachePool
 
     for bsz in MLA["bszs"]:
-        ctx, bs, heads, dl, dr, topk_mla = (MLA[k] for k in ("ctx", "bs", "heads", "dl", "dr", "topk"))
+        ctx, bs, heads, dl, dr, topk_mla = MLA["ctx"], MLA["bs"], MLA["heads"], MLA["dl"], MLA["dr"], MLA["topk"]
         nb = bsz * ctx // bs + 4
         latent = torch.randn(nb, 1, bs, dl + dr, device=DEV, generator=gen).to(torch.bfloat16)
         perm = torch.randperm(nb, generator=cpu_gen)[: bsz * (ctx // bs)].view(bsz, ctx // bs).int().to(DEV)
