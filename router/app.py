@@ -54,7 +54,13 @@ from splitserve.router.openai_api import (
     prepare_chat,
     prepare_completion,
 )
-from splitserve.router.streaming import ClientDisconnected, DisconnectAwareStreamingResponse, run_until_disconnect
+from splitserve.router.streaming import (
+    KEEPALIVE,
+    ClientDisconnected,
+    DisconnectAwareStreamingResponse,
+    run_until_disconnect,
+    wait_for_disconnect,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -252,15 +258,7 @@ class _Server:
         timer = RequestTimer(self.metrics, start)
         release = self._releaser()
         if prepared.stream:
-            turn = {"started": False}
-            gen = self._stream(request_id, prepared, timer, chat, turn)
-            return DisconnectAwareStreamingResponse(
-                gen,
-                request_id=request_id,
-                on_close=lambda: release(turn["started"]),
-                headers={"Cache-Control": "no-cache"},
-                keepalive_s=self.sse_keepalive_s,
-            )
+            return await self.start_stream(request, request_id, prepared, timer, chat, release)
         started = False
 
         async def work() -> list[ChoiceResult]:
@@ -344,21 +342,100 @@ class _Server:
 
     # ---- streaming ----------------------------------------------------------------------------
 
-    async def _stream(
-        self, request_id: str, prepared: PreparedRequest, timer: RequestTimer, chat: bool, turn: dict[str, bool]
-    ) -> AsyncGenerator[str, None]:
-        """SSE lines of a streaming request; sets ``turn["started"]`` once admitted to run."""
-        created = self.created_now()
-        include_usage = prepared.include_usage
+    async def start_stream(
+        self,
+        request: Request,
+        request_id: str,
+        prepared: PreparedRequest,
+        timer: RequestTimer,
+        chat: bool,
+        release: Callable[[bool], None],
+    ) -> Response:
+        """Starts a streaming request, holding the HTTP response back until its first event, for a while.
+
+        The backend refuses a request before its first delta (`Unavailable`: 503 + Retry-After,
+        `NeverFits`: 400), and the backend interface has no separate "admitted / reserved" event; so the
+        first event (the first delta of any choice, or the failure) is awaited before the response
+        starts, and a failure by then answers the same status code as a non-streaming request.
+
+        That wait is bounded by `sse_keepalive_s`: a prompt whose prefill takes longer gets its 200 and
+        the SSE stream then, starting with a keep-alive comment and sending one every `sse_keepalive_s`
+        until the first token (so proxies keep the connection), as before. A refusal after that point,
+        or any failure once the stream started, is an SSE error event (as OpenAI does). With no
+        keep-alives configured (None) the response waits for the first event, however long.
+        A client that disconnects while the response is held cancels the generation (499).
+        """
+        turn = {"started": False}
         stream = ChoiceStream(self.runners(request_id, prepared, timer))
         events = stream.events()
+
+        async def first_event() -> ChoiceEvent | None:
+            await self.admission.wait_turn()
+            turn["started"] = True
+            try:
+                return await events.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        first = asyncio.create_task(first_event(), name=f"{request_id}-first")
+        watch = asyncio.create_task(wait_for_disconnect(request.receive))
+        try:
+            await asyncio.wait({first, watch}, timeout=self.sse_keepalive_s, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            first.cancel()
+            raise
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        failure = first.exception() if first.done() and not first.cancelled() else None
+        gone = not first.done() and watch.done() and not watch.cancelled()
+        if isinstance(failure, BackendFailure) or gone or first.cancelled():
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await events.aclose()
+            release(turn["started"])
+            timer.done()
+            if isinstance(failure, BackendFailure):
+                logger.error("request %s: backend failure before the first token: %s", request_id, failure)
+                return error_response(self.failure_error(failure))
+            logger.info("request %s: client disconnected before the first token, generation cancelled", request_id)
+            return Response(status_code=499)
+
+        def on_close() -> None:
+            if not first.done():  # the body never ran (client gone at once): stop the generation
+                first.cancel()
+            release(turn["started"])
+
+        gen = self._stream(request_id, prepared, timer, chat, stream, events, first)
+        return DisconnectAwareStreamingResponse(
+            gen,
+            request_id=request_id,
+            on_close=on_close,
+            headers={"Cache-Control": "no-cache"},
+            keepalive_s=self.sse_keepalive_s,
+        )
+
+    async def _stream(
+        self,
+        request_id: str,
+        prepared: PreparedRequest,
+        timer: RequestTimer,
+        chat: bool,
+        stream: ChoiceStream,
+        events: AsyncGenerator[ChoiceEvent, None],
+        first: asyncio.Task[ChoiceEvent | None],
+    ) -> AsyncGenerator[str, None]:
+        """SSE lines of a streaming request whose first event is (or will be) the result of `first`."""
+        created = self.created_now()
+        include_usage = prepared.include_usage
         obj = "chat.completion.chunk" if chat else "text_completion"
         echo_lens: dict[int, int] = {}  # prompt index -> length of its echoed text
         options = prepared.chat_output or ChatOutputOptions()
         outputs = [ChatOutputStream(options) for _ in range(prepared.num_choices if chat else 0)]
         try:
-            await self.admission.wait_turn()
-            turn["started"] = True
+            if not first.done():  # the first token is slow: the stream starts now, with a keep-alive
+                yield KEEPALIVE.decode()
+            ev0 = await first
             if chat:
                 for i in range(prepared.num_choices):
                     yield R.sse(
@@ -373,7 +450,8 @@ class _Server:
                             include_usage,
                         )
                     )
-            async for ev in events:
+            ev: ChoiceEvent | None = ev0
+            while ev is not None:
                 lines = (
                     self._chat_lines(ev, request_id, created, prepared, outputs[ev.index])
                     if chat
@@ -381,6 +459,7 @@ class _Server:
                 )
                 for line in lines:
                     yield line
+                ev = await anext(events, None)
             results = stream.results or []
             if include_usage:
                 yield R.sse(R.usage_chunk(request_id, created, self.model_name, obj, self._usage(prepared, results)))
@@ -392,6 +471,9 @@ class _Server:
             yield R.sse(error_body(err.message, err.type, None, err.code))
             yield R.SSE_DONE
         finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
             await events.aclose()  # cancels every choice if we stopped early (client gone, error)
             timer.done()
 
@@ -485,6 +567,8 @@ def build_app(
 
     `sse_keepalive_s`: a stream that has nothing to send for this long sends an SSE comment
     (``: keep-alive``) so proxies keep the connection while a long prompt is prefilled (None: never).
+    A stream's response is held back for up to this long waiting for its first token, so that a request
+    the backend refuses by then answers 503 / 400 like a non-streaming one (see `_Server.start_stream`).
 
     `max_queued` bounds admitted requests (running + waiting; 429 beyond), `max_running` how many run
     at once. `add_bos` prepends BOS to string prompts of /v1/completions (chat prompts carry their own).

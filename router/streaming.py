@@ -36,7 +36,7 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
+async def wait_for_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -46,7 +46,7 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     """Runs `work`; if the client disconnects first, cancels it and raises `ClientDisconnected`."""
     work_task = asyncio.ensure_future(work)
-    watch = asyncio.create_task(_wait_for_disconnect(receive))
+    watch = asyncio.create_task(wait_for_disconnect(receive))
     try:
         await asyncio.wait({work_task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work_task.done():
@@ -102,7 +102,7 @@ class DisconnectAwareStreamingResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         stream_task = asyncio.create_task(stream())
-        watch = asyncio.create_task(_wait_for_disconnect(receive))
+        watch = asyncio.create_task(wait_for_disconnect(receive))
         try:
             await asyncio.wait({stream_task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not stream_task.done():

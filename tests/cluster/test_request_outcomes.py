@@ -6,7 +6,7 @@ the router app under uvicorn, the `openai` client / httpx):
   Each answers 200 with the reference engine's first token (or the prompt's logprobs) and its
   finish reason;
 - no capacity: 503 with Retry-After while every decode block is taken, 400 for a prompt larger
-  than a decode worker's whole cache.
+  than a decode worker's whole cache; streamed requests (completions and chat) get the same codes.
 
 After each, both workers have no block in use or reserved."""
 
@@ -213,6 +213,17 @@ def test_a_full_cluster_answers_503_with_retry_after(cluster) -> None:
             assert r.status_code == 503, r.text
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["code"] == "no_capacity"
+            # streamed: the same 503 (not a 200 with an SSE error event), completions and chat
+            c = client(srv)
+            with pytest.raises(openai.APIStatusError) as e:
+                c.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, stream=True)
+            assert e.value.status_code == 503 and int(e.value.response.headers["retry-after"]) >= 1
+            with pytest.raises(openai.APIStatusError) as e:
+                c.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True
+                )
+            assert e.value.status_code == 503 and int(e.value.response.headers["retry-after"]) >= 1
+            assert e.value.body["code"] == "no_capacity"
         finally:
             stub.Abort(
                 pb.AbortRequest(
@@ -224,10 +235,22 @@ def test_a_full_cluster_answers_503_with_retry_after(cluster) -> None:
     test_the_cluster_still_serves_longer_requests(cluster)
 
 
-def test_a_prompt_larger_than_any_decode_cache_answers_400(cluster) -> None:
+def test_a_prompt_larger_than_any_decode_cache_answers_400(cluster, tiny_checkpoint) -> None:
     workers, srv = cluster
     prompt = [0] + [5 + i % 900 for i in range(128 * 8 + 40)]  # within the context, beyond the cache
     r = httpx.post(f"{srv.url}/v1/completions", timeout=30, json={"model": "tiny", "prompt": prompt, "max_tokens": 4})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "context_length_exceeded" and "cache" in r.json()["error"]["message"]
+    # streamed: the same 400, completions and chat
+    c = client(srv)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt=prompt, max_tokens=4, stream=True)
+    assert e.value.body["code"] == "context_length_exceeded" and "cache" in e.value.body["message"]
+    content = " ".join(str(i) for i in range(600))
+    assert len(load_tokenizer(tiny_checkpoint).encode(content)) > 128 * 8
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": content}], max_tokens=4, stream=True
+        )
+    assert e.value.body["code"] == "context_length_exceeded" and "cache" in e.value.body["message"]
     assert_nothing_held(workers)
