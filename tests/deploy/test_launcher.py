@@ -42,6 +42,7 @@ STATUS_KEYS = {
     "blocks_used",
     "blocks_total",
     "requests_done",
+    "weight_bytes",
 }
 RPC_TIMEOUT_S = 5.0
 
