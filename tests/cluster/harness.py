@@ -10,9 +10,25 @@ import signal
 import time
 from dataclasses import dataclass
 
+from splitserve.engine.config import EngineConfig
 from splitserve.engine.runtime import WorkerSpec
 from splitserve.router.cluster_backend import DisaggBackend
 from splitserve.router.membership import Directory, WorkerInfo
+
+
+def tcp_spec(ckpt, wid: str, role: str, engine: EngineConfig, **extra) -> WorkerSpec:
+    """A worker over the TCP transfer backend with the short timeouts the cluster tests use."""
+    return WorkerSpec(
+        wid,
+        role,
+        str(ckpt),
+        engine,
+        transfer_backend="tcp",
+        transfer_timeout_s=5.0,
+        first_token_timeout_s=20.0,
+        reserve_lease_s=10.0,
+        **extra,
+    )
 
 
 def _worker_main(spec: WorkerSpec, q) -> None:  # runs in the child

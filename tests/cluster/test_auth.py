@@ -33,7 +33,7 @@ from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.protos.auth import SECRET_HEADER, GrpcTls, channel
 from splitserve.tests.kvtransfer.workers import SMALL_POOLS, make_pools
 
-from .harness import WorkerProc, directory_of, start_workers, started_backend
+from .harness import WorkerProc, directory_of, start_workers, started_backend, tcp_spec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,18 +43,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
 def spec(ckpt, wid: str, role: str, **extra) -> WorkerSpec:
-    return WorkerSpec(
-        wid,
-        role,
-        str(ckpt),
-        ENGINE,
-        transfer_backend="tcp",
-        transfer_timeout_s=5.0,
-        first_token_timeout_s=20.0,
-        reserve_lease_s=10.0,
-        cluster_secret=SECRET,
-        **extra,
-    )
+    return tcp_spec(ckpt, wid, role, ENGINE, cluster_secret=SECRET, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.protos.convert import sampling_params_to_proto
 from splitserve.router.cluster_backend import ColocatedBackend, DisaggBackend
 
-from .harness import WorkerProc, directory_of, start_workers, wait_for
+from .harness import WorkerProc, directory_of, start_workers, tcp_spec, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,16 +30,7 @@ ENGINE = EngineConfig(num_blocks=128, block_size=8, chunk_size=16, max_batch_tok
 
 
 def spec(ckpt, wid: str, role: str) -> WorkerSpec:
-    return WorkerSpec(
-        wid,
-        role,
-        str(ckpt),
-        ENGINE,
-        transfer_backend="tcp",
-        transfer_timeout_s=5.0,
-        first_token_timeout_s=20.0,
-        reserve_lease_s=10.0,
-    )
+    return tcp_spec(ckpt, wid, role, ENGINE)
 
 
 @pytest.fixture(scope="module")

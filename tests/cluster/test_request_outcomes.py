@@ -29,7 +29,7 @@ from splitserve.protos import worker_pb2 as pb
 from splitserve.protos import worker_pb2_grpc as pbg
 from splitserve.tests.helpers import ServeThread
 
-from .harness import WorkerProc, directory_of, start_workers, wait_for
+from .harness import WorkerProc, directory_of, start_workers, tcp_spec, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,16 +39,7 @@ PROMPT = [0] + list(range(7, 47))
 
 
 def spec(ckpt, wid: str, role: str) -> WorkerSpec:
-    return WorkerSpec(
-        wid,
-        role,
-        str(ckpt),
-        ENGINE,
-        transfer_backend="tcp",
-        transfer_timeout_s=5.0,
-        first_token_timeout_s=20.0,
-        reserve_lease_s=10.0,
-    )
+    return tcp_spec(ckpt, wid, role, ENGINE)
 
 
 @pytest.fixture(scope="module")
