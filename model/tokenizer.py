@@ -24,6 +24,7 @@ import codecs
 import functools
 import json
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -264,16 +265,28 @@ def make_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(checkpoint_dir: str | Path) -> Tokenizer:
-    """Loads ``tokenizer.json`` from a checkpoint directory."""
+    """Loads ``tokenizer.json`` from a checkpoint directory (its special ids read now, not by a first request)."""
     path = Path(checkpoint_dir) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {checkpoint_dir}")
-    return Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer.from_file(str(path))
+    special_token_ids(tokenizer)
+    return tokenizer
+
+
+# Per-tokenizer caches (a loaded tokenizer is never changed afterwards): reading the added tokens costs
+# ~0.1-0.2 s for a vocabulary padded with 128k reserved tokens (the bench preset), far too much per request.
+_SPECIAL_IDS: weakref.WeakKeyDictionary[Tokenizer, frozenset[int]] = weakref.WeakKeyDictionary()
+_TOKEN_BYTES: weakref.WeakKeyDictionary[Tokenizer, dict[bool, TokenBytes]] = weakref.WeakKeyDictionary()
 
 
 def special_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """Ids of the tokens that ``decode(..., skip_special_tokens=True)`` drops."""
-    return frozenset(tid for tid, tok in tokenizer.get_added_tokens_decoder().items() if tok.special)
+    """Ids of the tokens that ``decode(..., skip_special_tokens=True)`` drops (computed once per tokenizer)."""
+    ids = _SPECIAL_IDS.get(tokenizer)
+    if ids is None:
+        ids = frozenset(tid for tid, tok in tokenizer.get_added_tokens_decoder().items() if tok.special)
+        _SPECIAL_IDS[tokenizer] = ids
+    return ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,6 +323,15 @@ class TokenBytes:
     @staticmethod
     def supports(tokenizer: Tokenizer) -> bool:
         return isinstance(tokenizer.decoder, decoders.ByteLevel)
+
+    @staticmethod
+    def shared(tokenizer: Tokenizer, skip_special_tokens: bool = True) -> TokenBytes:
+        """The one instance (and byte cache) for this tokenizer, so a request does not build its own."""
+        per = _TOKEN_BYTES.setdefault(tokenizer, {})
+        tb = per.get(skip_special_tokens)
+        if tb is None:
+            tb = per[skip_special_tokens] = TokenBytes(tokenizer, skip_special_tokens)
+        return tb
 
     def __call__(self, token_id: int) -> bytes:
         b = self._cache.get(token_id)
@@ -356,7 +378,7 @@ class TextDecoder:
         self.token_ids: list[int] = []
         self.text = ""  # everything emitted so far
         if self._byte_level:
-            self._bytes = TokenBytes(tokenizer, skip_special_tokens)
+            self._bytes = TokenBytes.shared(tokenizer, skip_special_tokens)
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         else:
             # Generic fallback: decode a sliding window and emit when it does not end mid-character.

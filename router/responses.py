@@ -34,7 +34,7 @@ class TokenStrings:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
-        self._bytes = TokenBytes(tokenizer, skip_special_tokens=True) if TokenBytes.supports(tokenizer) else None
+        self._bytes = TokenBytes.shared(tokenizer, skip_special_tokens=True) if TokenBytes.supports(tokenizer) else None
         self._cache: dict[int, tuple[str, bytes]] = {}
 
     def get(self, token_id: int) -> tuple[str, bytes]:
