@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from . import Compat, TransferState, Transport, make_transport, nixl_available
+from .staging import copy_blocks
 
 COMPAT = Compat({"bench": "kvtransfer"})
 
@@ -142,8 +143,35 @@ def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
     if t.backend == "nixl" and blocks > 1:
         out += _nixl_prepped(t, cases, repeats)
     if staged is not None:  # last: its destination blocks are the ones verified afterwards
+        out.append(_gather_only(t, staged[0], repeats))
         out.append(measure("scattered -> staged", *staged))
     return out
+
+
+def _gather_only(t: Any, local: list[int], repeats: int) -> dict[str, Any]:
+    """The staged case's gather alone (scattered blocks copied into the staging area, waited for): the
+    part of "scattered -> staged" that is not the transfer."""
+    st = t.staging
+    first = st.take(len(local))
+    if first is None:
+        raise RuntimeError("the staging area has no room for the bench's blocks")
+    try:
+        staged = list(range(first, first + len(local)))
+
+        def once() -> None:
+            copy_blocks(t._pools, local, staged)
+            if t._pools[0].device.type == "cuda":
+                torch.cuda.synchronize()
+
+        s = _time(once, repeats)
+    finally:
+        st.give_back(first, len(local))
+    return {
+        "case": "gather into staging only",
+        "descriptors": 0,
+        "nbytes": len(local) * sum(i.block_bytes for i in t.pool_infos),
+        "s": s,
+    }
 
 
 def _nixl_prepped(t: Any, cases: dict[str, tuple[list[int], list[int]]], repeats: int) -> list[dict[str, Any]]:
