@@ -114,8 +114,10 @@ class StagingArea:
         if n <= 0 or n > self.count:
             return None
         with self._lock:
-            run = np.convolve(self._free.astype(np.int32), np.ones(n, dtype=np.int32), mode="valid")
-            starts = np.flatnonzero(run == n)
+            # free blocks in each window of n, by prefix sums: O(count), where a convolution was O(count x n)
+            # (~1 ms for a 2048-block area, on every staged write)
+            c = np.concatenate(([0], np.cumsum(self._free, dtype=np.int64)))
+            starts = np.flatnonzero(c[n:] - c[:-n] == n)
             if not starts.size:
                 return None
             s = int(starts[0])

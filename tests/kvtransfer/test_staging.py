@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitserve.kvtransfer import Compat, TransferState, Transport, make_transport
 from splitserve.kvtransfer.staging import StagingArea, copy_blocks
@@ -105,3 +107,23 @@ def test_copy_blocks_and_staging_area() -> None:
     assert st.take(3) == 10 and st.num_free == 1
     with pytest.raises(RuntimeError):
         st.give_back(14, 3)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 12)), max_size=40))
+def test_staging_area_is_first_fit(ops: list[tuple[bool, int]]) -> None:
+    """take() hands out the lowest run of n free blocks, exactly as a linear first-fit scan does."""
+    area, free, held = StagingArea(100, 24), [True] * 24, []
+    for is_take, n in ops:
+        if is_take or not held:
+            want = next((i for i in range(24 - n + 1) if all(free[i : i + n])), None)
+            got = area.take(n)
+            assert got == (None if want is None else 100 + want)
+            if want is not None:
+                free[want : want + n] = [False] * n
+                held.append((got, n))
+        else:
+            first, k = held.pop(n % len(held))
+            area.give_back(first, k)
+            free[first - 100 : first - 100 + k] = [True] * k
+        assert area.num_free == sum(free)
