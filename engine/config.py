@@ -25,8 +25,8 @@ class EngineConfig:
         (engine/spec_step.py RelaxedAcceptance): a draft among the target's top mtp_relaxed_topk tokens
         and within mtp_relaxed_delta of the best log-probability is accepted. 0: off (exact acceptance).
         Applies to the fused speculative step (paged kernels, requests without penalties / logit_bias /
-        logprobs); needs think_token_ids.
-    think_token_ids: the ids of <think> and </think> (from the tokenizer), for relaxed acceptance.
+        logprobs); needs think_token_ids (the Engine refuses it without them).
+    think_token_ids: the ids of <think> and </think> (a worker reads them from its tokenizer).
     prefix_cache: share full blocks between requests with the same token prefix.
     indexer_fp8: run the lightning indexer on its FP8 path, its key cache in e4m3 + per-token scale.
     latent_fp8: keep the MLA latent cache in FP8 (e4m3 + one fp32 scale per 128 values, rope in bf16).
@@ -74,8 +74,6 @@ class EngineConfig:
             raise ValueError(f"mtp_draft_tokens must be in [0, 8], got {self.mtp_draft_tokens}")
         if self.mtp_relaxed_topk < 0 or not self.mtp_relaxed_delta >= 0.0:
             raise ValueError("mtp_relaxed_topk and mtp_relaxed_delta must be >= 0")
-        if self.mtp_relaxed_topk and self.think_token_ids is None:
-            raise ValueError("mtp_relaxed_topk needs think_token_ids (the ids of <think> and </think>)")
         if self.max_batch_tokens < self.mtp_draft_tokens + 1:
             raise ValueError("max_batch_tokens must fit one decode step with its drafts")
         if self.cache_memory_fraction is not None:

@@ -98,7 +98,8 @@ class Engine:
         paged = cfg.paged_kernels if cfg.paged_kernels is not None else self.pool.latent.is_cuda
         relaxed = None
         if cfg.mtp_relaxed_topk and self.mtp_k:
-            assert cfg.think_token_ids is not None  # EngineConfig checks it
+            if cfg.think_token_ids is None:
+                raise ValueError("mtp_relaxed_topk needs think_token_ids (the ids of <think> and </think>)")
             relaxed = RelaxedAcceptance(cfg.mtp_relaxed_topk, cfg.mtp_relaxed_delta, *cfg.think_token_ids)
         self.runner = ModelRunner(
             net,

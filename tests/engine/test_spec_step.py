@@ -153,7 +153,7 @@ def test_relaxed_acceptance_off_or_outside_thinking_is_exact(predictable_net) ->
     for eng in (make_engine(net, mtp_draft_tokens=2), _relaxed_engine(net, 2, 50, 100.0)):
         assert [r.token_ids for r in eng.generate(prompts, params)] == [r.token_ids for r in base]
     with pytest.raises(ValueError, match="think_token_ids"):
-        EngineConfig(mtp_draft_tokens=1, mtp_relaxed_topk=2)
+        make_engine(net, mtp_draft_tokens=1, mtp_relaxed_topk=2)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -211,3 +211,22 @@ def test_graphs_equal_eager_on_cuda(tiny_checkpoint, k) -> None:
         assert eng.runner.spec is not None and eng.runner.spec.captures > 0 and eng.runner.spec.steps > 0
         assert eng.graph_stats["graph_misses_after_ready"] == 0
         assert eng.blocks_used == 0
+
+
+def test_yaml_fields_reach_the_engine_and_the_tokenizer_names_the_think_ids(tiny_checkpoint) -> None:
+    from splitserve.deploy.config import ConfigError, parse_config
+    from splitserve.deploy.worker_actor import engine_config_for
+    from splitserve.engine.runtime import think_token_ids
+    from splitserve.model.tokenizer import THINK_END_TOKEN, THINK_START_TOKEN, load_tokenizer
+
+    cfg = parse_config({"decode": {"mtp_draft_tokens": 2, "mtp_relaxed_topk": 3, "mtp_relaxed_delta": 0.5}})
+    ecfg = engine_config_for(cfg, "decode")
+    assert (ecfg.mtp_relaxed_topk, ecfg.mtp_relaxed_delta) == (3, 0.5)
+    assert engine_config_for(cfg, "prefill").mtp_relaxed_topk == 0  # prefill never verifies drafts
+    off = engine_config_for(parse_config({"decode": {"mtp_draft_tokens": 2}}), "decode")
+    assert off.mtp_relaxed_topk == 0  # off by default
+    with pytest.raises(ConfigError) as info:
+        parse_config({"decode": {"mtp_relaxed_delta": -1.0}})
+    assert [p.path for p in info.value.problems] == ["decode.mtp_relaxed_delta"]
+    tok = load_tokenizer(tiny_checkpoint)
+    assert think_token_ids(tiny_checkpoint) == (tok.token_to_id(THINK_START_TOKEN), tok.token_to_id(THINK_END_TOKEN))
