@@ -245,7 +245,7 @@ class SpecStep:
         net, k, r = self.net, self.k, self.r
         nr = b * r
         tables = self.tables[:b]
-        tables_rows = tables.repeat_interleave(r, dim=0)
+        tables_rows = tables[:, None, :].expand(b, r, tables.shape[1]).reshape(nr, -1)  # no host sync
         greedy = self._field(_F_GREEDY, b, b) != 0
         # 1. catch-up of the MTP layer (right-aligned pending rows; padding rows on the scratch block)
         c_ids, c_pos, c_slot = (self._field(f, b) for f in (_F_C_IDS, _F_C_POS, _F_C_SLOT))
@@ -280,7 +280,7 @@ class SpecStep:
         tl = net.logits(hidden).view(b, r, -1)
         # 4. acceptance
         if sampling:
-            rep = lambda x: x.repeat_interleave(r)  # noqa: E731 - per-row params of the b * r rows
+            rep = lambda x: x[:, None].expand(b, r).reshape(nr)  # noqa: E731 - per-row params of the b * r rows
             p = processed_probs_static(tl.view(nr, -1), rep(greedy), rep(temp), rep(top_k), rep(top_p), rep(min_p))
             p = p.view(b, r, -1)
             q_all = torch.stack(qs, dim=1)  # [b, k, V]

@@ -194,18 +194,21 @@ def test_relaxed_engine_option_validation() -> None:
 # ---- CUDA graphs -----------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("k", [1, 3])
-def test_graphs_equal_eager_on_cuda(tiny_checkpoint, k) -> None:
-    from splitserve.model import load
+def test_graphs_equal_eager_on_cuda(tmp_path_factory, k) -> None:
+    from .test_engine_cuda import _kernel_net  # the shapes the Triton kernels take
 
-    net = load(tiny_checkpoint, dtype=torch.float32, device="cuda")
+    net = _kernel_net(tmp_path_factory, torch.float32)
     prompts = random_prompts([6, 35, 18, 70, 9], net.cfg.vocab_size, seed=4)
     greedy = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (3, 17, 20, 8, 11)]
     sampled = [SamplingParams(temperature=0.9, top_k=20, max_tokens=15, seed=s, ignore_eos=True) for s in range(5)]
-    kw = dict(mtp_draft_tokens=k, device="cuda", max_running=8)
+    kw = dict(mtp_draft_tokens=k, device="cuda", dtype="float32", max_running=8, block_size=16)
     for plist in (greedy, sampled):
         eager = make_engine(net, cuda_graphs=False, **kw).generate(prompts, plist)
         eng = make_engine(net, **kw)
         eng.warm_up()
+        spec = eng.runner.spec
+        assert spec is not None
+        assert sorted(spec.graphs) == sorted((s, m) for s in spec.sizes for m in (False, True))
         got = eng.generate(prompts, plist)
         assert [r.token_ids for r in got] == [r.token_ids for r in eager]
         assert eng.runner.spec is not None and eng.runner.spec.captures > 0 and eng.runner.spec.steps > 0
