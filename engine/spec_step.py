@@ -5,14 +5,19 @@ Where it runs: a decode-only step (every scheduled item is a decode item) with t
 whose requests sample without penalties, logit_bias or logprobs (`eligible`). Other steps run the
 per-phase path of runner.py (its module docstring), which stays the reference.
 
-What the per-phase path costs (k drafts, CUDA graphs on, decode-only step of greedy requests): the MTP
-catch-up is one graph replay; each draft is one LM-head GEMM + argmax launched eagerly and one
-device->host copy of the draft ids (host sync), and drafts 2..k each add one MTP graph replay built
-from those host ids; the verify forward is one graph replay; its LM head + argmax is eager and ends in
-one device->host copy (sync); the acceptance is computed on the host. So per step: k + 1 graph
-replays (1 catch-up, k - 1 drafts, 1 verify), about 2k + 2 eager kernel groups between them and
-k + 1 host syncs: 3 replays / 2 syncs at k = 1, 4 / 3 at k = 2, 5 / 4 at k = 3 (sampled requests add
-the sampler pipeline, and the verification's random draws, eagerly per phase).
+What the per-phase path costs (runner.py; k drafts, CUDA graphs on, a decode-only step of greedy
+requests): the MTP catch-up is one graph replay (its row plan built on the host and copied in: 5-6
+host->device copies per replay); each draft j is an eager LM-head GEMM + argmax ending in a
+device->host copy of the draft ids (a host sync), and drafts 2..k each need one more MTP graph replay
+built from those host ids; the verify forward is one graph replay, then eager gathers, LM head and
+argmax end in a device->host copy (a sync), and the acceptance is computed on the host. Per step:
+k + 1 graph replays and k + 1 host syncs, with about 3k + 3 eager kernels and 6(k + 1) small copies
+between them:
+
+    k = 1: 2 replays, 2 syncs;   k = 2: 3 replays, 3 syncs;   k = 3: 4 replays, 4 syncs.
+
+Sampling requests add, per draft and for the verification, the sampler pipeline eagerly with its own
+syncs (bool(...) checks, .tolist() of the drawn tokens, per-row random draws).
 
 This step instead (`SpecStep`): the host copies one packed int64 plan, the block tables and the
 pending hidden states into static buffers (plus, only when some request samples, its sampling
@@ -39,7 +44,8 @@ before the replay into static buffers; greedy requests consume nothing.
 Graphs are keyed by (padded request count, sampling): `capture_sizes(max_requests)` sizes, each once
 with the greedy program (no sampler pipeline) and once with the sampling one; `capture_all()` takes
 them all before the worker is ready and `seal()` forbids captures after (a step with no graph runs
-eagerly and counts in misses_after_ready). A failed capture turns the graphs off (eager from then on).
+eagerly and counts in misses_after_ready). A failed capture turns the graphs off (eager from then on;
+a failure of the sampling program only turns off the sampling graphs).
 """
 
 from __future__ import annotations
@@ -217,13 +223,14 @@ class SpecStep:
         self.tables = torch.full((bmax, max_blocks), pool.scratch_block, dtype=torch.int32, device=self.dev)
         self.hidden_in = torch.zeros(bmax * r, h, dtype=net.dtype, device=self.dev)
         self.fparams = torch.zeros(3 * bmax, dtype=torch.float32, device=self.dev)  # temperature, top_p, min_p
-        self.draft_noise = torch.ones(bmax, k, self.vocab, dtype=torch.float32, device=self.dev)
-        self.uniforms = torch.zeros(bmax, k, dtype=torch.float32, device=self.dev)
-        self.bonus_noise = torch.ones(bmax, self.vocab, dtype=torch.float32, device=self.dev)
+        # random draws of sampling requests: allocated on the first sampling step or capture (a prefill
+        # worker, which never decodes, never holds them)
+        self.draft_noise = self.uniforms = self.bonus_noise = torch.empty(0, device=self.dev)
         self.zero_rows = torch.zeros(r, h, dtype=net.dtype, device=self.dev)
         # graphs
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.disabled = not graphs
+        self.sampling_disabled = False  # a capture of the sampling program failed: sampling steps run eagerly
         self.sealed = False
         self.captures = 0
         self.misses_after_ready = 0
@@ -313,6 +320,13 @@ class SpecStep:
         return torch.cat([n[:, None], toks], dim=1), hidden
 
     # ---- host side --------------------------------------------------------------------------
+    def _random_buffers(self) -> None:
+        if self.draft_noise.numel() == 0:
+            bmax, k, v = self.max_requests, self.k, self.vocab
+            self.draft_noise = torch.ones(bmax, k, v, dtype=torch.float32, device=self.dev)
+            self.uniforms = torch.zeros(bmax, k, dtype=torch.float32, device=self.dev)
+            self.bonus_noise = torch.ones(bmax, v, dtype=torch.float32, device=self.dev)
+
     def _fill(self, reqs: list[Request], b: int, sampling: bool) -> None:
         """Write the plan of these requests (padded to b) into the static buffers."""
         k, r, bs = self.k, self.r, self.pool.block_size
@@ -358,6 +372,7 @@ class SpecStep:
         self.tables[:b].copy_(torch.from_numpy(tables), non_blocking=True)
         torch.cat(pieces, out=self.hidden_in[: b * r])
         if sampling:
+            self._random_buffers()
             bm = self.max_requests
             fp = np.zeros(3 * bm, np.float32)
             for i, req in enumerate(reqs):
@@ -386,7 +401,7 @@ class SpecStep:
         sampling = any(not r.params.greedy for r in reqs)
         b = nreq
         key = None
-        if not self.disabled:
+        if not self.disabled and not (sampling and self.sampling_disabled):
             pad = _pad_to(nreq, self.sizes)
             if pad is not None:
                 key = (pad, sampling)
@@ -424,9 +439,11 @@ class SpecStep:
         t0, n = time.perf_counter(), 0
         for size in self.sizes:
             for sampling in (False, True):
-                if self.disabled:
-                    break
+                if self.disabled or (sampling and self.sampling_disabled):
+                    continue
                 if (size, sampling) not in self.graphs:
+                    if sampling:
+                        self._random_buffers()
                     self._padding_plan(size)
                     n += self._try_capture(size, sampling)
         if self.dev.type == "cuda":
@@ -443,9 +460,16 @@ class SpecStep:
             self.captures += 1
             return True
         except Exception:  # noqa: BLE001 - serving goes on eagerly rather than failing requests
-            log.exception("capturing the speculative step for %d requests failed: it runs eagerly from now on", b)
-            self.disabled = True
-            self.graphs.clear()
+            what = "sampling" if sampling else "every"
+            log.exception(
+                "capturing the speculative step for %d requests failed: %s step runs eagerly from now on", b, what
+            )
+            if sampling:  # the greedy program keeps its graphs
+                self.sampling_disabled = True
+                self.graphs = {key: g for key, g in self.graphs.items() if not key[1]}
+            else:
+                self.disabled = True
+                self.graphs.clear()
             return False
 
     def _capture(self, b: int, sampling: bool) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:

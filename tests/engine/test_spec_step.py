@@ -233,3 +233,24 @@ def test_yaml_fields_reach_the_engine_and_the_tokenizer_names_the_think_ids(tiny
     assert [p.path for p in info.value.problems] == ["decode.mtp_relaxed_delta"]
     tok = load_tokenizer(tiny_checkpoint)
     assert think_token_ids(tiny_checkpoint) == (tok.token_to_id(THINK_START_TOKEN), tok.token_to_id(THINK_END_TOKEN))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_padded_batches_as_the_graphs_run_them(predictable_net, k) -> None:
+    """CUDA graphs run the step padded to a captured size (padding requests on the scratch block): on a
+    CPU the same padded program, run eagerly, gives the unpadded results (greedy and seeded sampling)."""
+    net = predictable_net
+    prompts = random_prompts([7, 19, 26], net.cfg.vocab_size, seed=9)  # 3 requests pad to 4, then 2, 1
+    greedy = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (6, 12, 9)]
+    sampled = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=10, seed=s, ignore_eos=True) for s in range(3)]
+    for plist in (greedy, sampled):
+        ref = make_engine(net, mtp_draft_tokens=k).generate(prompts, plist)
+        eng = make_engine(net, mtp_draft_tokens=k)
+        spec = eng.runner.spec
+        assert spec is not None
+        spec.disabled = False  # pad to the graph sizes ...
+        spec._try_capture = lambda b, sampling: False  # type: ignore[method-assign]  # ... and run eagerly
+        res = eng.generate(prompts, plist)
+        assert [r.token_ids for r in res] == [r.token_ids for r in ref]
+        assert [r.accepted_draft_tokens for r in res] == [r.accepted_draft_tokens for r in ref]
+        assert eng.blocks_used == 0
