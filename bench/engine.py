@@ -563,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default="def fibonacci(n):\n", help="cpu-mtp: the prompt")
     ap.add_argument("--max-tokens", type=int, default=128, help="cpu-mtp: tokens to generate")
     ap.add_argument("--cpu-paged", action="store_true", help="cpu-mtp: the paged rows path (fused MTP step)")
+    ap.add_argument("--cpu-threads", type=int, default=1, help="cpu-mtp: torch threads")
+    ap.add_argument("--cpu-repeats", type=int, default=3, help="cpu-mtp: runs per k (the best is reported)")
     ap.add_argument(
         "--profile",
         type=_ints,
@@ -587,11 +589,20 @@ def main(argv: list[str] | None = None) -> int:
     if "cpu-mtp" in only:
         if DEV != "cpu":
             ap.error("cpu-mtp measures on the CPU: add --device cpu")
-        rows = cpu_speedup(args.checkpoint, args.prompt, args.max_tokens, [0, 1, 2, 3], args.cpu_paged)
+        rows = cpu_speedup(
+            args.checkpoint,
+            args.prompt,
+            args.max_tokens,
+            [0, 1, 2, 3],
+            args.cpu_paged,
+            args.cpu_threads,
+            args.cpu_repeats,
+        )
         Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "cpu_mtp": rows}, indent=1))
         print(
             _table(
-                f"\nMTP on CPU: {args.checkpoint}, greedy, {args.max_tokens} tokens",
+                f"\nMTP on CPU: {args.checkpoint}, greedy, {args.max_tokens} tokens, {args.cpu_threads} thread(s), "
+                f"best of {args.cpu_repeats}",
                 rows,
                 ["k", "decode_tokens_per_s", "speedup_vs_k0", "accept_length", "acceptance", "same_tokens_as_k0"],
             )

@@ -258,50 +258,58 @@ def project(parts: dict[str, Any], step0_ms: float, step_k_ms: float, cfg, accep
 # ---------------------------------------------------------------------------------------------
 # CPU: the measured speedup of a checkpoint
 # ---------------------------------------------------------------------------------------------
-def cpu_speedup(checkpoint: str, prompt: str, max_tokens: int, ks: list[int], paged: bool) -> list[dict[str, Any]]:
+def cpu_speedup(
+    checkpoint: str, prompt: str, max_tokens: int, ks: list[int], paged: bool, threads: int = 1, repeats: int = 3
+) -> list[dict[str, Any]]:
+    """Greedy decode speed of `checkpoint` on `prompt` for each k (best of `repeats` runs, the ks
+    interleaved, on `threads` torch threads: small models on shared cores lose most to thread contention)."""
     from splitserve.model import load
     from splitserve.model.presets import resolve_checkpoint
     from splitserve.model.tokenizer import load_tokenizer
 
+    torch.set_num_threads(threads)
     path = resolve_checkpoint(checkpoint)
     net = load(path, device="cpu", dtype=torch.float32)
     ids = load_tokenizer(path).encode(prompt, add_special_tokens=False).ids
     if net.cfg.bos_token_id is not None:
         ids = [net.cfg.bos_token_id] + ids
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    rows: list[dict[str, Any]] = []
-    ref: list[int] | None = None
+    if any(k for k in ks) and not net.has_mtp:
+        raise SystemExit(f"{path} has no MTP layer: MTP cannot run")
+    engines = {}
     for k in ks:
-        if k and not net.has_mtp:
-            raise SystemExit(f"{path} has no MTP layer: k = {k} cannot run")
         need = -(-(len(ids) + max_tokens + k + 1) // 64) + 2
-        eng = Engine(
-            net,
-            EngineConfig(num_blocks=need, block_size=64, mtp_draft_tokens=k, paged_kernels=paged, prefix_cache=False),
-        )
-        eng.generate([ids], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm
-        req = eng.add_request(f"cpu-{k}", ids, params)
-        while not req.output_ids:  # prefill and the first token
-            eng.step()
-        first = len(req.output_ids)
-        steps, t = 0, time.perf_counter()
-        while not req.is_finished:
-            eng.step()
-            steps += 1
-        secs = time.perf_counter() - t
-        made = len(req.output_ids) - first
-        if ref is None:
-            ref = list(req.output_ids)
-        rows.append(
-            {
+        cfg = EngineConfig(num_blocks=need, block_size=64, mtp_draft_tokens=k, paged_kernels=paged, prefix_cache=False)
+        engines[k] = Engine(net, cfg)
+        engines[k].generate([ids], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm
+    best: dict[int, dict[str, Any]] = {}
+    for rep in range(repeats):
+        for k in ks:
+            eng = engines[k]
+            req = eng.add_request(f"cpu-{k}-{rep}", ids, params)
+            while not req.output_ids:  # prefill and the first token
+                eng.step()
+            first = len(req.output_ids)
+            steps, t = 0, time.perf_counter()
+            while not req.is_finished:
+                eng.step()
+                steps += 1
+            secs = time.perf_counter() - t
+            made = len(req.output_ids) - first
+            row = {
                 "k": k,
                 "decode_tokens": made,
                 "decode_steps": steps,
                 "decode_tokens_per_s": made / secs,
                 "accept_length": made / steps if steps else None,
                 "acceptance": req.accepted_draft_tokens / req.draft_tokens if req.draft_tokens else None,
-                "same_tokens_as_k0": list(req.output_ids) == ref,
+                "tokens": list(req.output_ids),
             }
-        )
-        rows[-1]["speedup_vs_k0"] = rows[-1]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+            if k not in best or row["decode_tokens_per_s"] > best[k]["decode_tokens_per_s"]:
+                best[k] = row
+    rows = [best[k] for k in ks]
+    ref = rows[0]["tokens"]
+    for row in rows:
+        row["same_tokens_as_k0"] = row.pop("tokens") == ref
+        row["speedup_vs_k0"] = row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
     return rows
