@@ -246,6 +246,7 @@ class SpecStep:
     def _rows(self, tables: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> PagedRows:
         return PagedRows(self.pool, tables, (pos + 1).to(torch.int32), slots)
 
+    @torch.inference_mode()
     def compute(self, b: int, sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The step over the first b requests of the static buffers. Returns (packed [b, 1 + R] int64:
         accepted count then the tokens to emit, -1 after them; hidden [b * R, H] of the verified rows)."""
@@ -435,6 +436,7 @@ class SpecStep:
         self.hidden_in.zero_()
         self.fparams.zero_()
 
+    @torch.inference_mode()
     def capture_all(self) -> int:
         t0, n = time.perf_counter(), 0
         for size in self.sizes:

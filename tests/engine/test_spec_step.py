@@ -254,3 +254,19 @@ def test_padded_batches_as_the_graphs_run_them(predictable_net, k) -> None:
         assert [r.token_ids for r in res] == [r.token_ids for r in ref]
         assert [r.accepted_draft_tokens for r in res] == [r.accepted_draft_tokens for r in ref]
         assert eng.blocks_used == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_disaggregated_handoff_through_the_fused_step(predictable_net, temperature) -> None:
+    """Prefill on one engine, decode on another (one pending MTP position after adopt_prefilled): the
+    decode side's fused steps give what one engine gives."""
+    from .test_handoff import handoff
+
+    net = predictable_net
+    p = random_prompts([27], net.cfg.vocab_size, seed=13)[0]
+    params = SamplingParams(temperature=temperature, max_tokens=14, ignore_eos=True, seed=4)
+    ref = make_engine(net, mtp_draft_tokens=2).generate([p], params)[0].token_ids
+    a, b = make_engine(net, mtp_draft_tokens=2), make_engine(net, mtp_draft_tokens=2)
+    assert handoff(a, b, "h-0", p, params) == ref
+    assert b.runner.spec is not None and b.runner.spec.steps > 0
+    assert a.blocks_used == 0 and b.blocks_used == 0
