@@ -77,7 +77,8 @@ class RelaxedAcceptance:
     DeepSeek-R1): inside <think>...</think>, draft d_i is accepted when fewer than `topk` tokens have a
     strictly higher target log-probability than d_i (it is among the target's top-N) and
     ``logp(d_i) >= max logp - delta``. Outside the thinking phase, and for sampling requests, acceptance
-    is exact. A draft position is in the thinking phase when the last of think_start / think_end among
+    is exact, and so it is in steps that do not run the fused program (a step that also prefills, or has
+    an ineligible request). A draft position is in the thinking phase when the last of think_start / think_end among
     the tokens before it is think_start."""
 
     topk: int
@@ -258,7 +259,7 @@ class SpecStep:
         # 1. catch-up of the MTP layer (right-aligned pending rows; padding rows on the scratch block)
         c_ids, c_pos, c_slot = (self._field(f, b) for f in (_F_C_IDS, _F_C_POS, _F_C_SLOT))
         batch = ForwardBatch(c_ids, c_pos, [], None, self._rows(tables_rows, c_pos, c_slot))
-        h = net.mtp_forward(self.hidden_in[:nr], c_ids, batch).view(b, r, -1)[:, -1]
+        h = net.mtp_forward(self.hidden_in[:nr], c_ids, batch).view(b, r, -1)[:, -1].contiguous()
         if sampling:
             fp = self.fparams
             temp, top_p, min_p = fp[:b], fp[self.max_requests : self.max_requests + b], fp[2 * self.max_requests :][:b]

@@ -270,3 +270,20 @@ def test_disaggregated_handoff_through_the_fused_step(predictable_net, temperatu
     assert handoff(a, b, "h-0", p, params) == ref
     assert b.runner.spec is not None and b.runner.spec.steps > 0
     assert a.blocks_used == 0 and b.blocks_used == 0
+
+
+def test_relaxed_acceptance_extremes(predictable_net) -> None:
+    """Inside <think> (never closed here): with top-N = V and an infinite delta every draft is accepted;
+    with top-1 and delta 0 the rule is exact acceptance (the output equals decoding without MTP)."""
+    net = predictable_net
+    v = net.cfg.vocab_size
+    prompts = [[t for t in p if t != 5] + [5] for p in random_prompts([9, 20], v, seed=17)]
+    params = SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True)
+    # </think> outside the vocabulary: never emitted; chunks hold whole prompts, so every decode step is a
+    # decode-only (fused) step: a step that also prefills verifies exactly
+    cfg = dict(mtp_draft_tokens=3, think_token_ids=(5, v), chunk_size=32)
+    res = make_engine(net, mtp_relaxed_topk=v, mtp_relaxed_delta=math.inf, **cfg).generate(prompts, params)
+    assert all(r.accepted_draft_tokens == r.draft_tokens > 0 for r in res)
+    base = make_engine(net, paged_kernels=False).generate(prompts, params)
+    exact = make_engine(net, mtp_relaxed_topk=1, mtp_relaxed_delta=0.0, **cfg).generate(prompts, params)
+    assert [r.token_ids for r in exact] == [r.token_ids for r in base]
