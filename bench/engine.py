@@ -389,6 +389,7 @@ def mtp_case(net, k: int, batch: int, context: int, steps: int) -> dict[str, Any
             device=DEV,
             dtype="bfloat16",
             prefix_cache=False,
+            paged_kernels=True,  # as on CUDA by default; on a CPU smoke run too, so the fused MTP step runs
         ),
     )
     params = SamplingParams(temperature=0.0, max_tokens=(steps + 8) * (k + 1), ignore_eos=True)

@@ -26,7 +26,9 @@ copies one [B, 1 + (k + 1)] int64 tensor back (accepted count, then the tokens t
 1 host sync at every k. Inside the graph, for a padded batch of B requests and R = k + 1:
 
 1. catch-up: the MTP layer over B x R rows, each request's pending positions right-aligned in its R
-   slots (1..R of them: what the previous step accepted, plus one), padding slots on the scratch block;
+   slots (1..R of them: what the previous step accepted, plus one); its padding slots replicate its
+   first pending row (so they select the same experts and add no weight bytes) but write the scratch
+   block; padding requests are rows at position 0 of the scratch block;
    the last slot's output proposes draft 1;
 2. drafts: d_j = argmax (greedy) or an exponential-race draw (sampling) of the MTP logits, processed as
    the sampler does (temperature, top-k, top-p, min-p); drafts 2..k run the MTP layer on B rows fed its
@@ -352,6 +354,9 @@ class SpecStep:
             plan[_F_C_IDS, lo : (i + 1) * r] = ids[m0 + 1 : nc + 1]
             plan[_F_C_POS, lo : (i + 1) * r] = cpos
             plan[_F_C_SLOT, lo : (i + 1) * r] = t[cpos // bs] * bs + cpos % bs
+            if n < r:  # padding slots replicate the first pending row (same experts), writing the scratch block
+                plan[_F_C_IDS, i * r : lo] = ids[m0 + 1]
+                plan[_F_C_POS, i * r : lo] = m0
             vpos = np.arange(nc, nc + r, dtype=np.int64)
             plan[_F_V_POS, i * r : (i + 1) * r] = vpos
             plan[_F_V_SLOT, i * r : (i + 1) * r] = t[vpos // bs] * bs + vpos % bs
@@ -363,9 +368,9 @@ class SpecStep:
                 p = nc + j - 1
                 plan[_NF_BASE + 2 * (j - 1), i] = p
                 plan[_NF_BASE + 2 * (j - 1) + 1, i] = t[p // bs] * bs + p % bs
-            if n < r:
-                pieces.append(self.zero_rows[: r - n])
             assert req.pending_hidden is not None  # eligible()
+            if n < r:
+                pieces.append(req.pending_hidden[:1].expand(r - n, -1))
             pieces.append(req.pending_hidden[:n])
         plan[_F_GREEDY, nreq:b] = 1
         if nreq < b:
