@@ -24,9 +24,8 @@ class EngineConfig:
     mtp_relaxed_topk, mtp_relaxed_delta: relaxed acceptance of greedy drafts inside <think>...</think>
         (engine/spec_step.py RelaxedAcceptance): a draft among the target's top mtp_relaxed_topk tokens
         and within mtp_relaxed_delta of the best log-probability is accepted. 0: off (exact acceptance).
-        Applies to the fused speculative step (decode-only steps with the paged kernels, requests without
-        penalties / logit_bias / logprobs; other steps verify exactly); needs think_token_ids (the Engine
-        refuses it without them).
+        Applies to greedy requests without penalties; needs think_token_ids (the Engine refuses it
+        without them).
     think_token_ids: the ids of <think> and </think> (a worker reads them from its tokenizer).
     prefix_cache: share full blocks between requests with the same token prefix.
     indexer_fp8: run the lightning indexer on its FP8 path, its key cache in e4m3 + per-token scale.

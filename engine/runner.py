@@ -44,7 +44,7 @@ from .sampler import (
     token_logprobs,
 )
 from .scheduler import ScheduledItem
-from .spec_step import RelaxedAcceptance, SpecStep, eligible, thinking_after
+from .spec_step import RelaxedAcceptance, SpecStep, eligible, relaxed_accept, thinking_after, thinking_states
 from .speculative import VerifyResult, target_probs_for_drafts, verify_batch
 
 
@@ -192,13 +192,31 @@ class ModelRunner:
             if probs_by_req[r.request_id]:
                 r.draft_probs = torch.stack(probs_by_req[r.request_id])
 
-    @staticmethod
+    def _relaxed_ok(self, req: Request, lg: torch.Tensor) -> list[bool]:
+        """Per draft of a greedy request: accepted by the relaxed rule (spec_step.RelaxedAcceptance) in
+        the thinking phase. lg: the (biased) target logits at the k draft positions, [k, V]."""
+        rx = self.relaxed
+        assert rx is not None
+        d = torch.tensor(req.drafts, dtype=torch.long, device=lg.device)[None]
+        state0 = torch.tensor([req.thinking], device=lg.device)
+        think = thinking_states(d, state0, rx.think_start, rx.think_end)
+        return (relaxed_accept(lg[None], d, rx.topk, rx.delta) & think)[0].tolist()
+
+    def _update_thinking(self, reqs: list[Request]) -> None:
+        rx = self.relaxed
+        if rx is None:
+            return
+        for q in reqs:
+            ids = q.all_ids
+            q.thinking = thinking_after(ids[q.think_scanned :], rx.think_start, rx.think_end, q.thinking)
+            q.think_scanned = len(ids)
+
     def _verify(
-        items: list[tuple[ScheduledItem, SeqSpan]], logits: torch.Tensor, row_of: dict[int, int]
+        self, items: list[tuple[ScheduledItem, SeqSpan]], logits: torch.Tensor, row_of: dict[int, int]
     ) -> list[VerifyResult]:
         """Verdicts for decode items. Plain greedy requests (no penalties) need only the argmax of each
         (biased, when the request has a logit_bias) row: one kernel and one host copy for all of them,
-        then the longest agreeing draft prefix.
+        then the longest agreeing draft prefix (or relaxed-accepted draft, with relaxed acceptance on).
         The others go through processed distributions and verify_batch (rejection sampling)."""
         verdicts: list[VerifyResult | None] = [None] * len(items)
         plain = [i for i, (it, _) in enumerate(items) if it.req.params.greedy and not it.req.params.has_penalties]
@@ -211,8 +229,13 @@ class ModelRunner:
                 drafts, n = items[i][0].req.drafts, items[i][1].length
                 t = best[j : j + n]
                 j += n
+                ok = [False] * len(drafts)
+                if self.relaxed is not None and drafts:
+                    req, sp = items[i][0].req, items[i][1]
+                    rows_i = [row_of[r] for r in range(sp.start, sp.start + len(drafts))]
+                    ok = self._relaxed_ok(req, biased_logits(logits[rows_i], [req.params] * len(drafts)))
                 a = 0
-                while a < len(drafts) and drafts[a] == t[a]:
+                while a < len(drafts) and (drafts[a] == t[a] or ok[a]):
                     a += 1
                 verdicts[i] = VerifyResult(a, list(drafts[:a]) + [t[a]])
         rest = [i for i in range(len(items)) if verdicts[i] is None]
@@ -249,12 +272,7 @@ class ModelRunner:
         behind = [q for q in reqs if q.num_computed - q.mtp_computed > r]
         if behind:
             self._mtp_catch_up(behind, graphed=True, keep=1)
-        if self.relaxed is not None:
-            rx = self.relaxed
-            for q in reqs:
-                ids = q.all_ids
-                q.thinking = thinking_after(ids[q.think_scanned :], rx.think_start, rx.think_end, q.thinking)
-                q.think_scanned = len(ids)
+        self._update_thinking(reqs)
         out = self.spec.run(reqs)
         results: dict[str, StepResult] = {}
         for i, (req, a, toks) in enumerate(zip(reqs, out.num_accepted, out.tokens)):
@@ -348,6 +366,7 @@ class ModelRunner:
 
         if verify_items:
             assert logits is not None
+            self._update_thinking([it.req for it, _ in verify_items])
             verdicts = self._verify(verify_items, logits, row_of)
             for (it, sp), v in zip(verify_items, verdicts):
                 req = it.req

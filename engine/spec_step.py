@@ -79,8 +79,8 @@ class RelaxedAcceptance:
     DeepSeek-R1): inside <think>...</think>, draft d_i is accepted when fewer than `topk` tokens have a
     strictly higher target log-probability than d_i (it is among the target's top-N) and
     ``logp(d_i) >= max logp - delta``. Outside the thinking phase, and for sampling requests, acceptance
-    is exact, and so it is in steps that do not run the fused program (a step that also prefills, or has
-    an ineligible request). A draft position is in the thinking phase when the last of think_start / think_end among
+    is exact. runner.py's per-phase path applies the same rule to its plain greedy requests. A draft
+    position is in the thinking phase when the last of think_start / think_end among
     the tokens before it is think_start."""
 
     topk: int

@@ -166,6 +166,10 @@ def test_relaxed_acceptance_inside_thinking_accepts_exactly_the_rule(predictable
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     eng = _relaxed_engine(net, k, topk, delta)
     res = eng.generate(prompts, params)
+    # the per-phase path (steps that also prefill, ineligible requests) applies the same rule
+    ref = per_phase(_relaxed_engine(net, k, topk, delta)).generate(prompts, params)
+    assert [r.token_ids for r in res] == [r.token_ids for r in ref]
+    assert [r.accepted_draft_tokens for r in res] == [r.accepted_draft_tokens for r in ref]
     relaxed_taken = 0
     for p, r in zip(prompts, res):
         seq = p + r.token_ids
@@ -279,9 +283,7 @@ def test_relaxed_acceptance_extremes(predictable_net) -> None:
     v = net.cfg.vocab_size
     prompts = [[t for t in p if t != 5] + [5] for p in random_prompts([9, 20], v, seed=17)]
     params = SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True)
-    # </think> outside the vocabulary: never emitted; chunks hold whole prompts, so every decode step is a
-    # decode-only (fused) step: a step that also prefills verifies exactly
-    cfg = dict(mtp_draft_tokens=3, think_token_ids=(5, v), chunk_size=32)
+    cfg = dict(mtp_draft_tokens=3, think_token_ids=(5, v))  # </think> outside the vocabulary: never emitted
     res = make_engine(net, mtp_relaxed_topk=v, mtp_relaxed_delta=math.inf, **cfg).generate(prompts, params)
     assert all(r.accepted_draft_tokens == r.draft_tokens > 0 for r in res)
     base = make_engine(net, paged_kernels=False).generate(prompts, params)
