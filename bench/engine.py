@@ -25,10 +25,14 @@ padding rows). --latent fp8 keeps the MLA latent cache in the 656-byte FP8 entry
    (every linear layer on every token, the routed experts each token uses, the indexer over each
    token's visible keys, sparse MLA over min(position + 1, 2048) entries in the absorbed form, the
    LM head on the last token) over the measured bf16 matmul rate.
-4. mtp: the engine's own decode step (eager MTP catch-up and drafts, then the verify forward from a
-   CUDA graph) at k = 0..3. The bench weights are random, so drafts are almost never accepted:
-   tokens per step is reported as 1 + a + ... + a^k for stated acceptance rates a, beside the
-   measured step time and the measured acceptance.
+4. mtp: the engine's own decode step at k = 0..3 (k >= 1: the fused speculative step of
+   engine/spec_step.py, one CUDA graph) at batch 1 and 32; then (bench/mtp.py) one draft and the
+   verification of k + 1 rows against their own rooflines (experts counted from the router's
+   selections), and the projected batch-1 speedup of the real 61-layer model at --acceptance (the
+   formula is in bench/mtp.py). The bench weights are random, so drafts are almost never accepted:
+   tokens per step is reported as 1 + a + ... + a^k for stated acceptance rates a.
+5. cpu-mtp (--device cpu): the measured greedy decode speedup of --checkpoint with MTP k = 1..3 over
+   k = 0 on --prompt (tokens/s, accept length, acceptance; bench/mtp.py).
 
 The weights are random (normal, std 0.02), drawn on the GPU: timings do not depend on the values
 except through MoE routing, which random weights spread about evenly over the experts. Cache
@@ -51,6 +55,7 @@ from typing import Any
 import torch
 
 from splitserve.bench.kernels import measure_ceilings
+from splitserve.bench.mtp import cpu_speedup, parts_case, project
 from splitserve.engine.cache import CachePool
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import Engine
@@ -384,6 +389,7 @@ def mtp_case(net, k: int, batch: int, context: int, steps: int) -> dict[str, Any
             device=DEV,
             dtype="bfloat16",
             prefix_cache=False,
+            paged_kernels=True,  # as on CUDA by default; on a CPU smoke run too, so the fused MTP step runs
         ),
     )
     params = SamplingParams(temperature=0.0, max_tokens=(steps + 8) * (k + 1), ignore_eos=True)
@@ -423,6 +429,83 @@ def mtp_case(net, k: int, batch: int, context: int, steps: int) -> dict[str, Any
     return out
 
 
+def mtp_parts(net, cfg, ceil, args, fmt: str, steps: list[dict[str, Any]], result: dict[str, Any], save) -> None:
+    """Draft and verification against their rooflines and the real-model projection (bench/mtp.py)."""
+    per = -(-(args.mtp_context + 8) // BLOCK)
+    pool = CachePool(
+        cfg,
+        cfg.num_hidden_layers + 1,
+        2 + max(args.mtp_batches) * per,
+        BLOCK,
+        torch.bfloat16,
+        DEV,
+        indexer_fp8=True,
+        latent_fp8=args.latent == "fp8",
+    )
+    fill_pool(pool)
+    rows, proj = [], []
+    for b in args.mtp_batches:
+        for k in (1, 2, 3):
+            part = parts_case(net, pool, ceil, b, k, args.mtp_context, cuda_ms, BLOCK)
+            step = {r["k"]: r["step_ms"] for r in steps if r["batch"] == b}
+            part = {"weights": fmt, "step_ms": step.get(k), "step0_ms": step.get(0), **part}
+            if k in step and 1 < k:
+                part["marginal_draft_ms"] = step[k] - step[k - 1]
+            rows.append(part)
+            print(
+                _table("", rows[-1:], ["batch", "k", "draft_vs_roofline", "verify_vs_roofline"]).splitlines()[-1],
+                flush=True,
+            )
+            if b == 1 and 0 in step and k in step:
+                proj.append({"weights": fmt, **project(part, step[0], step[k], cfg, args.acceptance)})
+    del pool
+    _empty_cache()
+    result.setdefault("mtp_parts", []).extend(rows)
+    result.setdefault("mtp_projection", []).extend(proj)
+    result["acceptance_for_projection"] = args.acceptance
+    save()
+    print(
+        _table(
+            f"\nMTP parts vs their rooflines (context {args.mtp_context}, copy "
+            f"{ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s), weights {fmt}; goals: draft <= 1.3, verify <= 1.1",
+            rows,
+            [
+                "batch",
+                "k",
+                "step0_ms",
+                "step_ms",
+                "marginal_draft_ms",
+                "draft_ms",
+                "draft_experts",
+                "draft_floor_ms",
+                "draft_vs_roofline",
+                "verify_ms",
+                "verify_experts",
+                "verify_floor_ms",
+                "verify_vs_roofline",
+            ],
+        ),
+        flush=True,
+    )
+    print(
+        _table(
+            f"\nprojected batch-1 speedup of the real 61-layer model at acceptance {args.acceptance}"
+            " (E_k T_0 / T_k, bench/mtp.py)",
+            proj,
+            [
+                "k",
+                "tokens_per_step",
+                "real_step0_ms",
+                "real_stepk_ms",
+                "overhead_0_ms",
+                "overhead_k_ms",
+                "projected_speedup",
+            ],
+        ),
+        flush=True,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 def compare_formats(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per case run with both weight formats: fp8 time / bf16 time beside the floors' ratio."""
@@ -443,6 +526,10 @@ def compare_formats(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
 
 
 def _table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> str:
@@ -466,6 +553,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", type=_ints, default=_ints("1024,2048,4096,8192,16384,32768"))
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--mtp-batches", type=_ints, default=_ints("1,32"))
+    ap.add_argument("--mtp-context", type=int, default=1024)
+    ap.add_argument(
+        "--acceptance",
+        type=_floats,
+        default=[0.8],
+        help="MTP acceptance for the projection: a, or a_1,a_2,a_3 (draft i accepted given 1..i-1 were)",
+    )
+    ap.add_argument("--checkpoint", default="tiny", help="cpu-mtp: checkpoint directory or preset name")
+    ap.add_argument("--prompt", default="def fibonacci(n):\n", help="cpu-mtp: the prompt")
+    ap.add_argument("--max-tokens", type=int, default=128, help="cpu-mtp: tokens to generate")
+    ap.add_argument("--cpu-paged", action="store_true", help="cpu-mtp: the paged rows path (fused MTP step)")
+    ap.add_argument("--cpu-threads", type=int, default=1, help="cpu-mtp: torch threads")
+    ap.add_argument("--cpu-repeats", type=int, default=3, help="cpu-mtp: runs per k (the best is reported)")
     ap.add_argument(
         "--profile",
         type=_ints,
@@ -487,6 +587,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     only = set(args.only.split(","))
+    if "cpu-mtp" in only:
+        if DEV != "cpu":
+            ap.error("cpu-mtp measures on the CPU: add --device cpu")
+        rows = cpu_speedup(
+            args.checkpoint,
+            args.prompt,
+            args.max_tokens,
+            [0, 1, 2, 3],
+            args.cpu_paged,
+            args.cpu_threads,
+            args.cpu_repeats,
+        )
+        Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "cpu_mtp": rows}, indent=1))
+        print(
+            _table(
+                f"\nMTP on CPU: {args.checkpoint}, greedy, {args.max_tokens} tokens, {args.cpu_threads} thread(s), "
+                f"best of {args.cpu_repeats}",
+                rows,
+                ["k", "decode_tokens_per_s", "speedup_vs_k0", "accept_length", "acceptance", "same_tokens_as_k0"],
+            )
+        )
+        print(f"\nwrote {args.out}")
+        return 0
     cfg = PRESETS[args.preset]
     result: dict[str, Any] = {
         "command": "splitserve bench engine " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -640,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for b in args.mtp_batches:
                 for k in range(4):
-                    rows.append({"weights": fmt, **mtp_case(net, k, b, 1024, 30)})
+                    rows.append({"weights": fmt, **mtp_case(net, k, b, args.mtp_context, 30)})
                     print(
                         _table("", rows[-1:], ["batch", "k", "step_ms", "measured_acceptance"]).splitlines()[-1],
                         flush=True,
@@ -662,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             save()
+            mtp_parts(net, cfg, ceil, args, fmt, rows, result, save)
         del net
         _empty_cache()
     if len(formats) > 1:

@@ -430,6 +430,11 @@ class DecodePoolConfig(PoolConfig):
 
     # Draft tokens the MTP layer proposes per step (0: no speculative decoding).
     mtp_draft_tokens: typing.Annotated[int, Field(ge=0, le=_MAX_MTP_DRAFT_TOKENS)] = 0
+    # Relaxed acceptance of greedy drafts inside <think>...</think> (reasoning): a draft among the target's
+    # top mtp_relaxed_topk tokens and within mtp_relaxed_delta of the best log-probability is accepted.
+    # 0: off (exact acceptance everywhere). Needs a tokenizer with <think> and </think>.
+    mtp_relaxed_topk: typing.Annotated[int, Field(ge=0)] = 0
+    mtp_relaxed_delta: typing.Annotated[float, Field(ge=0.0)] = 0.0
     # Tokens of one prompt computed per step: the chunked prefill of every prompt in colocated mode,
     # otherwise only the recomputation of a preempted request. <= max_batch_tokens.
     # None: min(512, max_batch_tokens).

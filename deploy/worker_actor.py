@@ -70,6 +70,8 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
         chunk_size=chunk_size,
         max_running=pool.max_running_requests,
         mtp_draft_tokens=cfg.decode.mtp_draft_tokens,
+        mtp_relaxed_topk=cfg.decode.mtp_relaxed_topk if role == "decode" else 0,
+        mtp_relaxed_delta=cfg.decode.mtp_relaxed_delta,
         dtype=cfg.model.dtype,
         device=cfg.model.device,
         indexer_fp8=cfg.model.indexer_fp8,

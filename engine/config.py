@@ -21,6 +21,12 @@ class EngineConfig:
     chunk_size: the most prompt tokens one request prefills in one step (chunked prefill).
     max_running: the most requests in the running batch.
     mtp_draft_tokens: k drafts per decode step from the MTP layer (0 = speculative decoding off).
+    mtp_relaxed_topk, mtp_relaxed_delta: relaxed acceptance of greedy drafts inside <think>...</think>
+        (engine/spec_step.py RelaxedAcceptance): a draft among the target's top mtp_relaxed_topk tokens
+        and within mtp_relaxed_delta of the best log-probability is accepted. 0: off (exact acceptance).
+        Applies to greedy requests without penalties; needs think_token_ids (the Engine refuses it
+        without them).
+    think_token_ids: the ids of <think> and </think> (a worker reads them from its tokenizer).
     prefix_cache: share full blocks between requests with the same token prefix.
     indexer_fp8: run the lightning indexer on its FP8 path, its key cache in e4m3 + per-token scale.
     latent_fp8: keep the MLA latent cache in FP8 (e4m3 + one fp32 scale per 128 values, rope in bf16).
@@ -42,6 +48,9 @@ class EngineConfig:
     chunk_size: int = 512
     max_running: int = 64
     mtp_draft_tokens: int = 0
+    mtp_relaxed_topk: int = 0
+    mtp_relaxed_delta: float = 0.0
+    think_token_ids: tuple[int, int] | None = None
     prefix_cache: bool = True
     dtype: str = "float32"
     device: str = "cpu"
@@ -63,6 +72,8 @@ class EngineConfig:
             raise ValueError("chunk_size, max_batch_tokens and max_running must be >= 1")
         if not 0 <= self.mtp_draft_tokens <= 8:
             raise ValueError(f"mtp_draft_tokens must be in [0, 8], got {self.mtp_draft_tokens}")
+        if self.mtp_relaxed_topk < 0 or not self.mtp_relaxed_delta >= 0.0:
+            raise ValueError("mtp_relaxed_topk and mtp_relaxed_delta must be >= 0")
         if self.max_batch_tokens < self.mtp_draft_tokens + 1:
             raise ValueError("max_batch_tokens must fit one decode step with its drafts")
         if self.cache_memory_fraction is not None:

@@ -27,6 +27,7 @@ from .runner import ModelRunner
 from .sampler import TokenLogprobs, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .spec_step import RelaxedAcceptance
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ class Engine:
         self.scheduler = Scheduler(cfg, self.blocks, self.mtp_k, self.mtp_cache)
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
         paged = cfg.paged_kernels if cfg.paged_kernels is not None else self.pool.latent.is_cuda
+        relaxed = None
+        if cfg.mtp_relaxed_topk and self.mtp_k:
+            if cfg.think_token_ids is None:
+                raise ValueError("mtp_relaxed_topk needs think_token_ids (the ids of <think> and </think>)")
+            relaxed = RelaxedAcceptance(cfg.mtp_relaxed_topk, cfg.mtp_relaxed_delta, *cfg.think_token_ids)
         self.runner = ModelRunner(
             net,
             self.pool,
@@ -104,6 +110,8 @@ class Engine:
             graphs=cfg.cuda_graphs and self.pool.latent.is_cuda,
             max_rows=cfg.max_running * (self.mtp_k + 1),
             max_blocks=self.scheduler.blocks_for(self.max_model_len + self.mtp_k + 1),
+            max_requests=cfg.max_running,
+            relaxed=relaxed,
         )
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
@@ -405,7 +413,7 @@ class Engine:
         if cuda:
             torch.cuda.synchronize()
             free0 = torch.cuda.mem_get_info(self.pool.latent.device)[0]
-        graphs = [g for g in (self.runner.graphs, self.runner.mtp_graphs) if g is not None]
+        graphs = [g for g in self._graph_sets() if g is not None]
         if not capture_graphs:
             for g in graphs:
                 g.seal()
@@ -444,10 +452,15 @@ class Engine:
         )
         return out
 
+    def _graph_sets(self) -> list:
+        """The runner's graph sets: decode and MTP forwards, and the fused speculative step (graphs on)."""
+        spec = self.runner.spec if self.runner.spec is not None and self.runner.spec.use_graphs else None
+        return [self.runner.graphs, self.runner.mtp_graphs, spec]
+
     @property
     def graph_stats(self) -> dict[str, int]:
         """CUDA graphs captured, and decode steps after ready that found no graph (ran eagerly)."""
-        gs = [g for g in (self.runner.graphs, self.runner.mtp_graphs) if g is not None]
+        gs = [g for g in self._graph_sets() if g is not None]
         return {
             "graph_captures": sum(g.captures for g in gs),
             "graph_misses_after_ready": sum(g.misses_after_ready for g in gs),

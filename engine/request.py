@@ -55,6 +55,8 @@ class Request:
     num_preemptions: int = 0
     draft_tokens: int = 0  # drafts proposed over the request's life
     accepted_draft_tokens: int = 0
+    thinking: bool = False  # inside <think>...</think> after all_ids[:think_scanned] (relaxed MTP acceptance)
+    think_scanned: int = 0
     first_token_time: float | None = None
     _prompt_logits: list[torch.Tensor] = field(default_factory=list)
 

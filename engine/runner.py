@@ -15,6 +15,12 @@ A step, for the scheduled items:
 4. requests still prefilling let the MTP layer catch up on their new positions right away, so a
    prefill worker hands over a complete MTP cache (minus the last position, whose next token is
    the sampled one: its main hidden state travels as the MTP state instead).
+
+A decode-only step whose requests are all `spec_step.eligible` (no penalties, logit_bias or
+logprobs) with the paged kernels on runs steps 1-3 as one tensor program instead (spec_step.py: one
+CUDA graph replay and one device->host copy per step; its docstring counts what the per-phase path
+above costs). A request with more pending MTP positions than k + 1 (the first decode step after a
+local prefill) first catches up eagerly on all but its last one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .sampler import (
     token_logprobs,
 )
 from .scheduler import ScheduledItem
+from .spec_step import RelaxedAcceptance, SpecStep, eligible, relaxed_accept, thinking_after, thinking_states
 from .speculative import VerifyResult, target_probs_for_drafts, verify_batch
 
 
@@ -69,6 +76,8 @@ class ModelRunner:
         graphs: bool = False,
         max_rows: int = 64,
         max_blocks: int = 1,
+        max_requests: int = 64,
+        relaxed: RelaxedAcceptance | None = None,
     ) -> None:
         self.net, self.pool = net, pool
         self.mtp_k, self.mtp_cache = mtp_k, mtp_cache
@@ -78,6 +87,12 @@ class ModelRunner:
         self.graphs = DecodeGraphs(net, pool, max_rows, max_blocks) if paged and graphs else None
         self.mtp_graphs = (
             DecodeGraphs(net, pool, max_rows, max_blocks, mtp=True) if paged and graphs and mtp_k else None
+        )
+        self.relaxed = relaxed
+        self.spec = (
+            SpecStep(net, pool, mtp_k, max_requests, max_blocks, graphs=graphs, relaxed=relaxed)
+            if paged and mtp_k and mtp_cache
+            else None
         )
 
     def _mtp(
@@ -107,8 +122,9 @@ class ModelRunner:
         return ForwardBatch(ids, pos, spans, store)
 
     # ---- MTP --------------------------------------------------------------------------------
-    def _mtp_catch_up(self, reqs: list[Request], graphed: bool = False) -> dict[str, torch.Tensor]:
-        """Run the MTP layer over each request's pending positions whose next token is known.
+    def _mtp_catch_up(self, reqs: list[Request], graphed: bool = False, keep: int = 0) -> dict[str, torch.Tensor]:
+        """Run the MTP layer over each request's pending positions whose next token is known (all but
+        the last `keep` of them).
 
         Returns request id -> MTP hidden of its last processed row (for drafting)."""
         groups, hid, spans, owners = [], [], [], []
@@ -119,6 +135,7 @@ class ModelRunner:
             limit = min(req.num_computed, req.num_tokens - 1)  # hidden computed, next token known
             if req.prefill_only:  # the sampled token's position is left to the decode side
                 limit = min(limit, len(req.prompt_ids) - 1)
+            limit -= keep
             n = limit - req.mtp_computed
             if n <= 0:
                 continue
@@ -175,13 +192,31 @@ class ModelRunner:
             if probs_by_req[r.request_id]:
                 r.draft_probs = torch.stack(probs_by_req[r.request_id])
 
-    @staticmethod
+    def _relaxed_ok(self, req: Request, lg: torch.Tensor) -> list[bool]:
+        """Per draft of a greedy request: accepted by the relaxed rule (spec_step.RelaxedAcceptance) in
+        the thinking phase. lg: the (biased) target logits at the k draft positions, [k, V]."""
+        rx = self.relaxed
+        assert rx is not None
+        d = torch.tensor(req.drafts, dtype=torch.long, device=lg.device)[None]
+        state0 = torch.tensor([req.thinking], device=lg.device)
+        think = thinking_states(d, state0, rx.think_start, rx.think_end)
+        return (relaxed_accept(lg[None], d, rx.topk, rx.delta) & think)[0].tolist()
+
+    def _update_thinking(self, reqs: list[Request]) -> None:
+        rx = self.relaxed
+        if rx is None:
+            return
+        for q in reqs:
+            ids = q.all_ids
+            q.thinking = thinking_after(ids[q.think_scanned :], rx.think_start, rx.think_end, q.thinking)
+            q.think_scanned = len(ids)
+
     def _verify(
-        items: list[tuple[ScheduledItem, SeqSpan]], logits: torch.Tensor, row_of: dict[int, int]
+        self, items: list[tuple[ScheduledItem, SeqSpan]], logits: torch.Tensor, row_of: dict[int, int]
     ) -> list[VerifyResult]:
         """Verdicts for decode items. Plain greedy requests (no penalties) need only the argmax of each
         (biased, when the request has a logit_bias) row: one kernel and one host copy for all of them,
-        then the longest agreeing draft prefix.
+        then the longest agreeing draft prefix (or relaxed-accepted draft, with relaxed acceptance on).
         The others go through processed distributions and verify_batch (rejection sampling)."""
         verdicts: list[VerifyResult | None] = [None] * len(items)
         plain = [i for i, (it, _) in enumerate(items) if it.req.params.greedy and not it.req.params.has_penalties]
@@ -194,8 +229,13 @@ class ModelRunner:
                 drafts, n = items[i][0].req.drafts, items[i][1].length
                 t = best[j : j + n]
                 j += n
+                ok = [False] * len(drafts)
+                if self.relaxed is not None and drafts:
+                    req, sp = items[i][0].req, items[i][1]
+                    rows_i = [row_of[r] for r in range(sp.start, sp.start + len(drafts))]
+                    ok = self._relaxed_ok(req, biased_logits(logits[rows_i], [req.params] * len(drafts)))
                 a = 0
-                while a < len(drafts) and drafts[a] == t[a]:
+                while a < len(drafts) and (drafts[a] == t[a] or ok[a]):
                     a += 1
                 verdicts[i] = VerifyResult(a, list(drafts[:a]) + [t[a]])
         rest = [i for i in range(len(items)) if verdicts[i] is None]
@@ -221,9 +261,37 @@ class ModelRunner:
             and req.num_computed < len(req.prompt_ids)
         )
 
+    # ---- the fused speculative step ---------------------------------------------------------
+    def _spec_execute(self, items: list[ScheduledItem]) -> dict[str, StepResult] | None:
+        """A decode-only step through spec_step.SpecStep; None when some request is not eligible."""
+        assert self.spec is not None
+        reqs = [it.req for it in items]
+        if not all(eligible(r) for r in reqs):
+            return None
+        r = self.mtp_k + 1
+        behind = [q for q in reqs if q.num_computed - q.mtp_computed > r]
+        if behind:
+            self._mtp_catch_up(behind, graphed=True, keep=1)
+        self._update_thinking(reqs)
+        out = self.spec.run(reqs)
+        results: dict[str, StepResult] = {}
+        for i, (req, a, toks) in enumerate(zip(reqs, out.num_accepted, out.tokens)):
+            req.mtp_computed = req.num_computed
+            req.pending_hidden = out.hidden[i * r : i * r + a + 1]
+            req.num_computed += a + 1
+            req.draft_tokens += self.mtp_k
+            req.accepted_draft_tokens += a
+            req.drafts, req.draft_probs = [], None
+            results[req.request_id] = StepResult(toks, None, self.mtp_k, a)
+        return results
+
     # ---- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, items: list[ScheduledItem]) -> dict[str, StepResult]:
+        if self.spec is not None and items and all(it.decode for it in items):
+            res = self._spec_execute(items)
+            if res is not None:
+                return res
         if self.mtp_k:
             need = [it.req for it in items if it.decode]
             if need:
@@ -298,6 +366,7 @@ class ModelRunner:
 
         if verify_items:
             assert logits is not None
+            self._update_thinking([it.req for it, _ in verify_items])
             verdicts = self._verify(verify_items, logits, row_of)
             for (it, sp), v in zip(verify_items, verdicts):
                 req = it.req

@@ -7,11 +7,13 @@ compatibility fields (model, cache layout, MTP) are checked first in every trans
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
@@ -57,6 +59,20 @@ class WorkerSpec:
         return self.first_token_timeout_s + self.transfer_timeout_s + 5.0
 
 
+def think_token_ids(checkpoint: str | Path) -> tuple[int, int]:
+    """The ids of <think> and </think> in a checkpoint's tokenizer (relaxed MTP acceptance needs them)."""
+    from splitserve.model.tokenizer import THINK_END_TOKEN, THINK_START_TOKEN, load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    start, end = tok.token_to_id(THINK_START_TOKEN), tok.token_to_id(THINK_END_TOKEN)
+    if start is None or end is None:
+        raise RuntimeError(
+            f"decode.mtp_relaxed_topk is set but the tokenizer of {checkpoint} has no {THINK_START_TOKEN} / "
+            f"{THINK_END_TOKEN} tokens: relaxed acceptance only applies inside the thinking phase"
+        )
+    return start, end
+
+
 def transfer_compat(engine: Engine) -> Compat:
     """Fields both ends of a cache transfer must agree on."""
     from splitserve.kvtransfer import Compat
@@ -87,6 +103,8 @@ class WorkerRuntime:
         if ecfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"worker {spec.worker_id}: device 'cuda' requested but no GPU is visible")
         path = resolve_checkpoint(spec.model_path)
+        if ecfg.mtp_relaxed_topk and ecfg.think_token_ids is None:
+            ecfg = dataclasses.replace(ecfg, think_token_ids=think_token_ids(path))
         net = load(
             path, device=ecfg.device, dtype=ecfg.torch_dtype, indexer_fp8=ecfg.indexer_fp8, fp8_weights=ecfg.fp8_weights
         )
