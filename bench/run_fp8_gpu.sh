@@ -33,10 +33,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu-fp8.txt"
 start=$(date +%s)
 if [ "$stage" = sweep ]; then
-    timeout 240 python3 -m splitserve.bench.fp8_sweep --budget-s 170 --out "$out/fp8-sweep.json" 2>&1 | tee "$out/fp8-sweep.log"
+    timeout 220 python3 -m splitserve.bench.fp8_sweep --budget-s 180 --out "$out/fp8-sweep.json" 2>&1 | tee "$out/fp8-sweep.log"
     echo "sweep rc=${PIPESTATUS[0]}, took $(( $(date +%s) - start )) s"
     # pool: 64 sequences x 65 blocks of 64 tokens (context 4096) fit without wrapping
-    timeout 200 python3 -m splitserve.bench.engine --weights bf16,fp8 --only decode --batches 1,8,64 --profile 1 \
+    timeout 170 python3 -m splitserve.bench.engine --weights bf16,fp8 --only decode --batches 1,8,64 --profile 1 \
         --pool-tokens 280000 --out "$out/engine-decode.json" 2>&1 | tee "$out/engine-decode.log"
     erc=${PIPESTATUS[0]}
     echo "engine rc=$erc, total $(( $(date +%s) - start )) s; files in $out"

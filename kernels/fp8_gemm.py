@@ -15,12 +15,12 @@ Each 128-deep step's e4m3 x e4m3 dot is accumulated in fp32 and multiplied by a_
 
     y[m, n] = sum_g  s_a[m, g] * scale[n // 128, g] * sum_{k in g} q_a[m, k] * weight[n, k]
 
-Triton kernel: one program per (BLOCK_M rows, BLOCK_N columns, split of K). Two ways to get the
-quantised activations:
-- decode-sized M (<= 64): the kernel loads the bf16 rows itself and quantises each 1x128 group in
-  registers (no act_quant launch, no fp8 copy of x); K is split across programs (split-K, partial
-  sums in fp32 added afterwards) so that a weight-streaming GEMV fills the SMs;
-- prefill-sized M: act_quant (one Triton kernel) writes e4m3 + scales first, then 128x128 tiles.
+Triton kernels, dispatched by M (`fp8_linear`):
+- decode M (<= GEMV_MAX_M = 64): the weight-streaming GEMV (`fp8_gemv_triton`, "small M" below);
+- above: the tiles kernel, one program per (BLOCK_M rows, BLOCK_N columns, split of K), after
+  act_quant (one Triton kernel) writes e4m3 + scales; 128x128 tiles. `fp8_linear_triton` can also
+  quantise the rows in registers and split K (fused=1: what served M <= 64 before the GEMV; kept for
+  comparison, bench/fp8_diagnose.py and `splitserve bench engine --fp8-decode-kernels tiles`).
 The weight is read once per column block of M rows; bytes = N*K (e4m3) + 4*ceil(N/128)*ceil(K/128).
 
 Accuracy on Hopper (sm_90). tl.dot of two e4m3 tiles into fp32 lowers to the FP8 tensor-core
@@ -306,8 +306,10 @@ def fp8_linear_triton(
 # Hopper's 64-row wgmma while M is only the narrow side). Each step's dot is scaled by
 # s_a * s_w and added in fp32 (DeepSeek's promotion interval of 128). K is split across programs
 # until about `ctas_per_sm` programs per SM stream the weight; the fp32 partials ([splits, M, N],
-# small beside the weight) are summed by one more tiny launch.
-GEMV_MAX_M = 16
+# small beside the weight) are summed by one more tiny launch. With more rows (prequant=True, meant
+# for M >= 32) the per-program quantisation of M x 128 values a step would cost as much ALU as the
+# weight tile; then act_quant runs once first (one small launch) and the kernel loads e4m3 rows and
+# their scales instead: the same numbers.
 
 
 @dataclass(frozen=True)
@@ -317,17 +319,20 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     dot: bool  # tensor-core MMA (swap AB) instead of CUDA-core FMAs
+    prequant: bool = False  # act_quant launch first instead of quantising in registers
 
 
-# Launch choice by M class (the largest M of the class -> config). To be measured by
-# `bash bench/run_fp8_gpu.sh OUT sweep` (bench/fp8_sweep.py prints "table row" lines in this form).
-# NOT YET MEASURED: the author's starting guesses (written without a GPU, 2026-12-02); replace them with
-# the sweep's rows and name the run here.
+# Launch choice by M class (the largest M of the class -> config), measured by bench/fp8_sweep.py
+# (`bash bench/run_fp8_gpu.sh OUT sweep` prints "table row" lines in this form): H200, 2026-12-02,
+# bench/results/fp8-h200/fp8-sweep-run1.log (one coordinate-descent pass from FMA-first guesses; the
+# tensor-core path won every class, the FMA path lost 2-4x at M = 1 and 4).
 GEMV_TABLE: dict[int, GemvConfig] = {
-    1: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=False),
-    4: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=False),
-    16: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=True),
+    1: GemvConfig(block_n=64, ctas_per_sm=16, num_warps=8, num_stages=4, dot=True, prequant=False),
+    4: GemvConfig(block_n=128, ctas_per_sm=16, num_warps=4, num_stages=4, dot=True, prequant=False),
+    16: GemvConfig(block_n=64, ctas_per_sm=2, num_warps=4, num_stages=4, dot=True, prequant=True),
+    64: GemvConfig(block_n=128, ctas_per_sm=4, num_warps=4, num_stages=4, dot=True, prequant=True),
 }
+GEMV_MAX_M = max(GEMV_TABLE)  # fp8_linear sends M <= GEMV_MAX_M rows here (read at every call)
 
 
 def gemv_class(m: int) -> int:
@@ -400,6 +405,7 @@ if HAS_TRITON:
     @triton.jit
     def _fp8_gemv_kernel(
         x_ptr,
+        xs_ptr,
         w_ptr,
         ws_ptr,
         y_ptr,
@@ -408,6 +414,7 @@ if HAS_TRITON:
         K,
         k_per_split,
         s_xm,
+        s_xsm,
         s_wn,
         s_wsn,
         s_ys,
@@ -417,6 +424,7 @@ if HAS_TRITON:
         DOT: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISE: tl.constexpr,
+        PREQUANT: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -436,7 +444,11 @@ if HAS_TRITON:
             w = tl.load(w_ptrs + k0, mask=nmask[:, None] & kmask[None, :], other=0.0)
             a = tl.load(x_ptrs + k0, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             sw = tl.load(ws_row + k0 // 128)
-            q, sa = quant_group(a, UPCAST)
+            if PREQUANT:  # x holds act_quant's e4m3 values, xs its scales
+                q = a
+                sa = tl.load(xs_ptr + offs_m * s_xsm + k0 // 128, mask=mmask, other=0.0)
+            else:
+                q, sa = quant_group(a, UPCAST)
             part = tile_dot(w, q, offs_m, BLOCK_N, BLOCK_M, DOT, UPCAST, PRECISE)
             acc += part * (sa[None, :] * sw)
         tl.store(
@@ -456,6 +468,7 @@ def fp8_gemv_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     dot: bool | None = None,
+    prequant: bool | None = None,
     precise: bool = False,
 ) -> torch.Tensor:
     """The weight-streaming kernel for M <= GEMV_MAX_M rows (contract of fp8_linear_ref); keyword
@@ -477,6 +490,7 @@ def fp8_gemv_triton(
     if bn not in (16, 32, 64, 128):
         raise ValueError(f"block_n must be 16, 32, 64 or 128 (inside one scale block), got {bn}")
     use_dot = cfg.dot if dot is None else bool(dot)
+    pre = cfg.prequant if prequant is None else bool(prequant)
     block_m = max(16, next_pow2(m)) if use_dot else next_pow2(m)
     sp = int(splits) if splits is not None else gemv_splits(n, k, m, bn, cfg.ctas_per_sm, _sm_count(x.device))
     kblocks = -(-k // GROUP)
@@ -488,9 +502,15 @@ def fp8_gemv_triton(
     else:
         y = torch.empty(nsplit, m, n, device=x.device, dtype=torch.float32)
         s_ys = y.stride(0)
+    if pre:
+        kp = kblocks * GROUP
+        xq, xs = act_quant(F.pad(x2, (0, kp - k)) if kp != k else x2, GROUP, True)
+    else:
+        xq, xs = x2, x2
     kern = _fp8_gemv_kernel
     kern[(triton.cdiv(n, bn), nsplit)](
-        x2,
+        xq,
+        xs,
         weight,
         scale,
         y,
@@ -498,7 +518,8 @@ def fp8_gemv_triton(
         n,
         k,
         per_split,
-        x2.stride(0),
+        xq.stride(0),
+        xs.stride(0) if pre else 0,
         weight.stride(0),
         scale.stride(0),
         s_ys,
@@ -508,6 +529,7 @@ def fp8_gemv_triton(
         DOT=use_dot,
         UPCAST=interpreting(kern),
         PRECISE=bool(precise),
+        PREQUANT=pre,
         num_warps=int(num_warps or cfg.num_warps),
         num_stages=int(num_stages or cfg.num_stages),
     )

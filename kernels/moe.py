@@ -548,17 +548,17 @@ def fused_moe_fp8_triton(
 # kernel. down writes each (token, slot)'s fp32 row scaled by its routing weight, and one last
 # kernel sums the slots (and splits) of each token into x's dtype. Launches: moe_align, gate/up,
 # [silu-sum], down, combine; inactive blocks (moe_align's static bound) return at once.
-MOE_GEMV_MAX_N = 64
 
-# by token-count class (largest N of the class); same fields as fp8_gemm.GemvConfig. To be measured by
-# `bash bench/run_fp8_gpu.sh OUT sweep` (bench/fp8_sweep.py "moe table row" lines). NOT YET MEASURED:
-# the author's starting guesses (no GPU, 2026-12-02); replace them with the sweep's rows and name the run.
+# by token-count class (largest N of the class); same fields as fp8_gemm.GemvConfig. Measured by
+# bench/fp8_sweep.py ("moe table row" lines of `bash bench/run_fp8_gpu.sh OUT sweep`): H200, 2026-12-02,
+# bench/results/fp8-h200/fp8-sweep-run1.log. No row above 16 tokens: at 64 the tuned decode path took
+# 294 us against the grouped-GEMM tiles' 269 us (all 16 experts busy, 32 rows each), so the tiles serve it.
 MOE_GEMV_TABLE: dict[int, GemvConfig] = {
-    1: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=False),
-    4: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=False),
-    16: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=True),
-    64: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=True),
+    1: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=8, num_stages=4, dot=True, prequant=False),
+    4: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=True, prequant=False),
+    16: GemvConfig(block_n=64, ctas_per_sm=2, num_warps=4, num_stages=4, dot=True, prequant=False),
 }
+MOE_GEMV_MAX_N = max(MOE_GEMV_TABLE)  # fused_moe_fp8 sends N <= this many tokens here (read at every call)
 
 
 def moe_gemv_class(n: int) -> int:
@@ -573,6 +573,7 @@ if HAS_TRITON:
     @triton.jit
     def _moe_gemv_gate_up_kernel(
         x_ptr,
+        xs_ptr,
         w_ptr,
         ws_ptr,
         sorted_ptr,
@@ -585,6 +586,7 @@ if HAS_TRITON:
         top_k,
         k_per_split,
         s_xm,
+        s_xsm,
         s_we,
         s_wn,
         s_wse,
@@ -597,6 +599,7 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         PRECISE: tl.constexpr,
         PARTIAL: tl.constexpr,
+        PREQUANT: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -627,7 +630,11 @@ if HAS_TRITON:
             a = tl.load(x_ptrs + k0, mask=rmask[:, None], other=0.0).to(tl.float32)
             sg = tl.load(sg_row + k0 // 128)
             su = tl.load(su_row + k0 // 128)
-            q, sa = quant_group(a, UPCAST)
+            if PREQUANT:  # x holds act_quant's e4m3 values, xs its scales
+                q = a
+                sa = tl.load(xs_ptr + tok * s_xsm + k0 // 128, mask=rmask, other=0.0)
+            else:
+                q, sa = quant_group(a, UPCAST)
             acc_g += tile_dot(g, q, offs_m, BLOCK_N, BLOCK_M, DOT, UPCAST, PRECISE) * (sa[None, :] * sg)
             acc_u += tile_dot(u, q, offs_m, BLOCK_N, BLOCK_M, DOT, UPCAST, PRECISE) * (sa[None, :] * su)
         smask = nmask[:, None] & rmask[None, :]
@@ -661,6 +668,7 @@ if HAS_TRITON:
     @triton.jit
     def _moe_gemv_down_kernel(
         h_ptr,
+        hs_ptr,
         w_ptr,
         ws_ptr,
         sorted_ptr,
@@ -673,6 +681,7 @@ if HAS_TRITON:
         inter,
         k_per_split,
         s_hm,
+        s_hsm,
         s_we,
         s_wn,
         s_wse,
@@ -684,6 +693,7 @@ if HAS_TRITON:
         DOT: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISE: tl.constexpr,
+        PREQUANT: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -708,7 +718,11 @@ if HAS_TRITON:
             w = tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
             a = tl.load(h_ptrs + k0, mask=rmask[:, None], other=0.0).to(tl.float32)
             sw = tl.load(s_row + k0 // 128)
-            q, sa = quant_group(a, UPCAST)
+            if PREQUANT:
+                q = a
+                sa = tl.load(hs_ptr + rows.to(tl.int64) * s_hsm + k0 // 128, mask=rmask, other=0.0)
+            else:
+                q, sa = quant_group(a, UPCAST)
             acc += tile_dot(w, q, offs_m, BLOCK_N, BLOCK_M, DOT, UPCAST, PRECISE) * (sa[None, :] * sw)
         acc = acc * tl.load(tw_ptr + ids, mask=rmask, other=0.0)[None, :]
         tl.store(
@@ -746,6 +760,7 @@ def fused_moe_fp8_gemv_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     dot: bool | None = None,
+    prequant: bool | None = None,
     precise: bool = False,
 ) -> torch.Tensor:
     """The decode-size FP8 MoE (N <= MOE_GEMV_MAX_N tokens; contract of fused_moe_fp8_ref, H and I
@@ -771,6 +786,7 @@ def fused_moe_fp8_gemv_triton(
     if bn not in (16, 32, 64, 128):
         raise ValueError(f"block_n must be 16, 32, 64 or 128 (inside one scale block), got {bn}")
     use_dot = cfg.dot if dot is None else bool(dot)
+    pre = cfg.prequant if prequant is None else bool(prequant)
     bm = max(16, next_pow2(n)) if use_dot else next_pow2(n)  # >= the tokens any one expert gets
     nw, ns = int(num_warps or cfg.num_warps), int(num_stages or cfg.num_stages)
     sms = _sm_count(x.device)
@@ -786,6 +802,7 @@ def fused_moe_fp8_gemv_triton(
     per2 = -(-(inter // 128) // max(1, sp2)) * 128
     ns2 = -(-inter // per2)
     xc = x if x.stride(1) == 1 else x.contiguous()
+    xq, xs = act_quant(xc) if pre else (xc, xc)
     sorted_ids, expert_ids, npad = moe_align(topk_ids, e, bm)
     p = sorted_ids.numel()
     blocks = p // bm
@@ -797,7 +814,8 @@ def fused_moe_fp8_gemv_triton(
     else:
         out1, s_os, s_om = h, 0, h.stride(0)
     _moe_gemv_gate_up_kernel[(blocks, triton.cdiv(inter, bn), ns1)](
-        xc,
+        xq,
+        xs,
         w13,
         w13_scale,
         sorted_ids,
@@ -809,7 +827,8 @@ def fused_moe_fp8_gemv_triton(
         hidden,
         top_k,
         per1,
-        xc.stride(0),
+        xq.stride(0),
+        xs.stride(0) if pre else 0,
         w13.stride(0),
         w13.stride(1),
         w13_scale.stride(0),
@@ -822,6 +841,7 @@ def fused_moe_fp8_gemv_triton(
         UPCAST=up,
         PRECISE=bool(precise),
         PARTIAL=ns1 > 1,
+        PREQUANT=pre,
         num_warps=nw,
         num_stages=ns,
     )
@@ -831,8 +851,10 @@ def fused_moe_fp8_gemv_triton(
         )
     y = torch.empty(ns2, num_ids, hidden, device=x.device, dtype=torch.float32)
     tw = topk_weights.reshape(-1).float().contiguous()
+    hq, hs = act_quant(h) if pre else (h, h)
     _moe_gemv_down_kernel[(blocks, triton.cdiv(hidden, bn), ns2)](
-        h,
+        hq,
+        hs,
         w2,
         w2_scale,
         sorted_ids,
@@ -844,7 +866,8 @@ def fused_moe_fp8_gemv_triton(
         hidden,
         inter,
         per2,
-        h.stride(0),
+        hq.stride(0),
+        hs.stride(0) if pre else 0,
         w2.stride(0),
         w2.stride(1),
         w2_scale.stride(0),
@@ -856,6 +879,7 @@ def fused_moe_fp8_gemv_triton(
         DOT=use_dot,
         UPCAST=up,
         PRECISE=bool(precise),
+        PREQUANT=pre,
         num_warps=nw,
         num_stages=ns,
     )
