@@ -300,14 +300,15 @@ def fp8_linear_triton(
 # prefill tiles, results that do not depend on the batch size's path, and the checks in
 # tests / bench/fp8_diagnose.py unchanged. (Weight-only dequantisation against bf16 activations
 # would be closer to the bf16-dequantised model, but then the answer would change with the batch
-# size crossing GEMV_MAX_M.) The dot of a step is either CUDA-core FMAs (DOT=False, M <= 4: the
-# weight tile upcast to fp32, one row at a time) or one tensor-core MMA with the weight as the
-# tall operand (DOT=True, "swap AB": [BLOCK_N, 128] x [128, BLOCK_M>=16], so BLOCK_N = 64 rows fill
-# Hopper's 64-row wgmma while M is only the narrow side). Each step's dot is scaled by
+# size crossing GEMV_MAX_M.) The dot of a step is either CUDA-core FMAs (DOT=False, for M <= 4: the
+# weight tile upcast to fp32, one row at a time; 2-4x slower than the MMA on an H200, kept for the
+# sweep) or one tensor-core MMA with the weight as the tall operand (DOT=True, "swap AB":
+# [BLOCK_N, 128] x [128, BLOCK_M>=16], so BLOCK_N = 64 rows fill Hopper's 64-row wgmma while M is
+# only the narrow side). Each step's dot is scaled by
 # s_a * s_w and added in fp32 (DeepSeek's promotion interval of 128). K is split across programs
 # until about `ctas_per_sm` programs per SM stream the weight; the fp32 partials ([splits, M, N],
-# small beside the weight) are summed by one more tiny launch. With more rows (prequant=True, meant
-# for M >= 32) the per-program quantisation of M x 128 values a step would cost as much ALU as the
+# small beside the weight) are summed by one more tiny launch. With more rows (prequant=True: the
+# sweep's pick from M = 8) the per-program quantisation of M x 128 values a step would cost as much ALU as the
 # weight tile; then act_quant runs once first (one small launch) and the kernel loads e4m3 rows and
 # their scales instead: the same numbers.
 
