@@ -4,7 +4,7 @@ ceilings measured in the same run (HBM copy bandwidth, bf16 matmul rate; bench/k
     splitserve bench engine [--only decode,context,prefill,mtp] [--out results.json]
                             [--batches 1,8,32,64,128,256] [--contexts 4096,16384,65536,131072]
                             [--prefill 1024,2048,4096,8192,16384,32768] [--chunk 8192] [--profile 1,64,8192]
-                            [--weights bf16,fp8] [--latent bf16|fp8]
+                            [--weights bf16,fp8] [--latent bf16|fp8] [--fp8-decode-kernels gemv|tiles]
 
 --weights runs every selected case once per weight format, in one process, against the same
 ceilings: bf16, and fp8 = every linear DeepSeek's FP8 release quantises held in e4m3 with 128x128
@@ -577,7 +577,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-tokens", type=int, default=2_200_000, help="cache pool size for the decode cases")
     ap.add_argument("--weights", default="bf16", help="weight formats to run, in one process: bf16, fp8 or bf16,fp8")
     ap.add_argument("--latent", default="bf16", choices=["bf16", "fp8"], help="MLA latent cache format")
+    ap.add_argument(
+        "--fp8-decode-kernels",
+        default="gemv",
+        choices=["gemv", "tiles"],
+        help="FP8 linears and MoE at decode sizes: the weight-streaming kernels (gemv, the serving default) "
+        "or the tiled GEMMs for every batch size (tiles: the kernels before them, for comparison)",
+    )
     args = ap.parse_args(argv)
+    if args.fp8_decode_kernels == "tiles":
+        from splitserve.kernels import fp8_gemm, moe
+
+        fp8_gemm.GEMV_MAX_M = 0  # fp8_linear and fused_moe_fp8 read these at every call
+        moe.MOE_GEMV_MAX_N = 0
     global DEV
     DEV = args.device
     if DEV == "cuda" and not torch.cuda.is_available():
@@ -619,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(),
         "preset": args.preset,
         "indexer_fp8": True,
+        "fp8_decode_kernels": args.fp8_decode_kernels,
     }
     ceil = measure_ceilings(DEV)
     result["ceilings"] = ceil

@@ -99,6 +99,9 @@ class KernelCheck:
         def lin_desc(x, w, s):
             m = x.numel() // x.shape[-1]
             cfg = fp8_gemm._config(m, w.shape[0], w.shape[1], fp8_gemm._sm_count(x.device))
+            if fp8_gemm.fp8_linear_path(m) == "gemv":
+                g = fp8_gemm.GEMV_TABLE[fp8_gemm.gemv_class(m)]
+                return f"M={m} N={w.shape[0]} K={w.shape[1]} {str(x.dtype)[6:]} [gemv bn{g.block_n} dot={g.dot}]"
             path = (
                 f"fused bm{cfg['block_m']} splits{cfg['splits']}"
                 if cfg["fused"]

@@ -11,7 +11,14 @@
 #  4. the FP8 decode steps again with the FP8 latent cache (paged kernel path).
 #  0. (stage `diagnose` only) bench/fp8_diagnose.py: each FP8 kernel at the real shapes vs its reference,
 #     and every FP8 kernel call inside the small network / engine vs its reference (<= 2 min).
-# Usage, from the repository root:  bash bench/run_fp8_gpu.sh [OUTDIR] [all|tests|bench|diagnose]
+#  S. (stage `sweep` only, <= 5 min) the decode kernels: bench/fp8_sweep.py checks the weight-streaming
+#     FP8 GEMV and decode MoE against their references at the real shapes, times old vs new per shape
+#     against the byte floor and the copy bandwidth measured in the same run, sweeps launch configs per
+#     M class (prints "table row" lines for GEMV_TABLE / MOE_GEMV_TABLE); then the engine decode step
+#     bf16 vs fp8 at batch 1, 8, 64 (context 4096) with a per-kernel profile of batch 1.
+#     Writes OUTDIR/gpu-fp8.txt, fp8-sweep.{log,json}, engine-decode.{log,json} (+ engine-decode-tiles.{log,json}
+#     only if the engine failed with the new kernels: the old kernels' numbers for comparison).
+# Usage, from the repository root:  bash bench/run_fp8_gpu.sh [OUTDIR] [all|tests|bench|diagnose|sweep]
 #   all (default): 1-4, about 5-8 minutes on an H200 (the stage timeouts add up to 10.8 min at worst);
 #   tests: stage 1 only (<= 3.5 min); bench: stages 2-4 only (<= 7.5 min).
 # Writes: OUTDIR/fp8-diagnose.{log,json} (diagnose), OUTDIR/gpu-fp8.txt, fp8-pytest.log, fp8-kernels.{json,log}, engine-fp8.{json,log},
@@ -25,6 +32,23 @@ export PYTHONPATH=/tmp/ss${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu-fp8.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu-fp8.txt"
 start=$(date +%s)
+if [ "$stage" = sweep ]; then
+    timeout 220 python3 -m splitserve.bench.fp8_sweep --budget-s 180 --out "$out/fp8-sweep.json" 2>&1 | tee "$out/fp8-sweep.log"
+    echo "sweep rc=${PIPESTATUS[0]}, took $(( $(date +%s) - start )) s"
+    # pool: 64 sequences x 65 blocks of 64 tokens (context 4096) fit without wrapping
+    timeout 170 python3 -m splitserve.bench.engine --weights bf16,fp8 --only decode --batches 1,8,64 --profile 1 \
+        --pool-tokens 280000 --out "$out/engine-decode.json" 2>&1 | tee "$out/engine-decode.log"
+    erc=${PIPESTATUS[0]}
+    echo "engine rc=$erc, total $(( $(date +%s) - start )) s; files in $out"
+    if [ "$erc" -ne 0 ] && [ "$erc" -ne 124 ]; then  # the new kernels failed in the engine: the old ones, for a baseline
+        echo "!!! engine bench failed with the decode kernels: rerunning fp8 with --fp8-decode-kernels tiles"
+        timeout 120 python3 -m splitserve.bench.engine --weights fp8 --only decode --batches 1,8,64 \
+            --fp8-decode-kernels tiles --pool-tokens 280000 --out "$out/engine-decode-tiles.json" 2>&1 \
+            | tee "$out/engine-decode-tiles.log" | tail -12
+    fi
+    grep -E "^(decode batch|fp8 \||bf16 \|)" "$out/engine-decode.log"
+    exit 0
+fi
 if [ "$stage" = diagnose ]; then
     timeout 300 python3 -m splitserve.bench.fp8_diagnose --out "$out/fp8-diagnose.json" 2>&1 | tee "$out/fp8-diagnose.log"
     echo "diagnose rc=${PIPESTATUS[0]}, took $(( $(date +%s) - start )) s"

@@ -17,8 +17,8 @@ the references on a CPU.
 | act_quant(x, block=128, ue8m0=True) | [..., D] -> (e4m3 [..., D], fp32 [..., D/128]) |
 | moe_align(topk_ids, num_experts, block_m) | [N, k] -> sorted ids, block experts, rows used |
 | fused_moe(x, w13, w2, topk_weights, topk_ids) | [N, H], [E, 2I, H], [E, H, I] -> [N, H] |
-| fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) | e4m3 weights, 128x128 scales |
-| fp8_linear(x, weight, scale) | [..., K] x e4m3 [N, K] (+ fp32 [N/128, K/128]) -> [..., N]; x quantised per 1x128 |
+| fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) | e4m3 weights, 128x128 scales; <= 16 tokens: each active expert streamed once (moe.fused_moe_fp8_gemv_triton) |
+| fp8_linear(x, weight, scale) | [..., K] x e4m3 [N, K] (+ fp32 [N/128, K/128]) -> [..., N]; x quantised per 1x128; M <= 64 rows: the weight-streaming GEMV (fp8_gemm.fp8_gemv_triton) |
 """
 
 from ._common import HAS_TRITON, use_triton

@@ -15,12 +15,12 @@ Each 128-deep step's e4m3 x e4m3 dot is accumulated in fp32 and multiplied by a_
 
     y[m, n] = sum_g  s_a[m, g] * scale[n // 128, g] * sum_{k in g} q_a[m, k] * weight[n, k]
 
-Triton kernel: one program per (BLOCK_M rows, BLOCK_N columns, split of K). Two ways to get the
-quantised activations:
-- decode-sized M (<= 64): the kernel loads the bf16 rows itself and quantises each 1x128 group in
-  registers (no act_quant launch, no fp8 copy of x); K is split across programs (split-K, partial
-  sums in fp32 added afterwards) so that a weight-streaming GEMV fills the SMs;
-- prefill-sized M: act_quant (one Triton kernel) writes e4m3 + scales first, then 128x128 tiles.
+Triton kernels, dispatched by M (`fp8_linear`):
+- decode M (<= GEMV_MAX_M = 64): the weight-streaming GEMV (`fp8_gemv_triton`, "small M" below);
+- above: the tiles kernel, one program per (BLOCK_M rows, BLOCK_N columns, split of K), after
+  act_quant (one Triton kernel) writes e4m3 + scales; 128x128 tiles. `fp8_linear_triton` can also
+  quantise the rows in registers and split K (fused=1: what served M <= 64 before the GEMV; kept for
+  comparison, bench/fp8_diagnose.py and `splitserve bench engine --fp8-decode-kernels tiles`).
 The weight is read once per column block of M rows; bytes = N*K (e4m3) + 4*ceil(N/128)*ceil(K/128).
 
 Accuracy on Hopper (sm_90). tl.dot of two e4m3 tiles into fp32 lowers to the FP8 tensor-core
@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
 from .quant import FP8_DTYPE, act_quant, act_quant_ref
 
 GROUP = 128
@@ -285,10 +286,274 @@ def fp8_linear_triton(
 
 
 # ---------------------------------------------------------------------------------------------
+# small M: weight-streaming GEMV (decode)
+# ---------------------------------------------------------------------------------------------
+# At decode sizes (M <= GEMV_MAX_M) a linear is a stream of its e4m3 weight: N*K bytes against
+# 2*M*N*K flops, far below the tensor cores' balance point, so the kernel is built to keep HBM busy.
+# One program owns BLOCK_N weight rows and one split of K: per 128-deep step it loads one
+# [BLOCK_N, 128] e4m3 tile (128 contiguous bytes a row: 16-byte loads, fully coalesced), the
+# tile's one fp32 block scale, and the M activation rows' 1x128 group, which it quantises in
+# registers exactly as act_quant does (ue8m0 scale from the amax's bits; x / s as x * 2^-e, which
+# equals the IEEE quotient because s is a power of two). The activation bytes are negligible
+# beside the weight's (M * 128 values against BLOCK_N * 128 bytes a step), so quantising them costs
+# nothing measurable, and it keeps one contract for every M: the same fp8_linear_ref as the
+# prefill tiles, results that do not depend on the batch size's path, and the checks in
+# tests / bench/fp8_diagnose.py unchanged. (Weight-only dequantisation against bf16 activations
+# would be closer to the bf16-dequantised model, but then the answer would change with the batch
+# size crossing GEMV_MAX_M.) The dot of a step is either CUDA-core FMAs (DOT=False, for M <= 4: the
+# weight tile upcast to fp32, one row at a time; 2-4x slower than the MMA on an H200, kept for the
+# sweep) or one tensor-core MMA with the weight as the tall operand (DOT=True, "swap AB":
+# [BLOCK_N, 128] x [128, BLOCK_M>=16], so BLOCK_N = 64 rows fill Hopper's 64-row wgmma while M is
+# only the narrow side). Each step's dot is scaled by
+# s_a * s_w and added in fp32 (DeepSeek's promotion interval of 128). K is split across programs
+# until about `ctas_per_sm` programs per SM stream the weight; the fp32 partials ([splits, M, N],
+# small beside the weight) are summed by one more tiny launch. With more rows (prequant=True: the
+# sweep's pick from M = 8) the per-program quantisation of M x 128 values a step would cost as much ALU as the
+# weight tile; then act_quant runs once first (one small launch) and the kernel loads e4m3 rows and
+# their scales instead: the same numbers.
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # weight rows per program (16/32/64/128: inside one 128-row scale block)
+    ctas_per_sm: int  # split K until (N / block_n) * splits >= ctas_per_sm * SMs
+    num_warps: int
+    num_stages: int
+    dot: bool  # tensor-core MMA (swap AB) instead of CUDA-core FMAs
+    prequant: bool = False  # act_quant launch first instead of quantising in registers
+
+
+# Launch choice by M class (the largest M of the class -> config), measured by bench/fp8_sweep.py
+# (`bash bench/run_fp8_gpu.sh OUT sweep` prints "table row" lines in this form): H200, 2026-12-02,
+# bench/results/fp8-h200/fp8-sweep-run1.log (one coordinate-descent pass from FMA-first guesses; the
+# tensor-core path won every class, the FMA path lost 2-4x at M = 1 and 4).
+GEMV_TABLE: dict[int, GemvConfig] = {
+    1: GemvConfig(block_n=64, ctas_per_sm=16, num_warps=8, num_stages=4, dot=True, prequant=False),
+    4: GemvConfig(block_n=128, ctas_per_sm=16, num_warps=4, num_stages=4, dot=True, prequant=False),
+    16: GemvConfig(block_n=64, ctas_per_sm=2, num_warps=4, num_stages=4, dot=True, prequant=True),
+    64: GemvConfig(block_n=128, ctas_per_sm=4, num_warps=4, num_stages=4, dot=True, prequant=True),
+}
+GEMV_MAX_M = max(GEMV_TABLE)  # fp8_linear sends M <= GEMV_MAX_M rows here (read at every call)
+
+
+def gemv_class(m: int) -> int:
+    """The GEMV_TABLE key serving M rows (the smallest class >= m)."""
+    for c in sorted(GEMV_TABLE):
+        if m <= c:
+            return c
+    raise ValueError(f"M={m} is above GEMV_MAX_M={GEMV_MAX_M}")
+
+
+def gemv_splits(n: int, k: int, m: int, block_n: int, ctas_per_sm: int, sms: int) -> int:
+    """Split-K factor: a power of two until (N / block_n) * splits >= ctas_per_sm * SMs, at most one
+    split per 128-deep block, and the fp32 partials (splits * M * N * 4 bytes) at most 1/8 of the
+    weight's bytes."""
+    kblocks = -(-k // GROUP)
+    tiles = -(-n // block_n)
+    splits = 1
+    while tiles * splits < ctas_per_sm * sms and 2 * splits <= kblocks and 2 * splits * m * n * 4 * 8 <= n * k:
+        splits *= 2
+    return splits
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def quant_group(a, UPCAST: tl.constexpr):
+        """a [R, 128] fp32 -> (q [R, 128], s [R]): act_quant of each row's 1x128 group (ue8m0 scale;
+        q = e4m3(clamp(a / s)), returned as fp32 values holding e4m3 numbers)."""
+        s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), axis=1), 1e-4), 448.0)
+        bits = s.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        s = (e << 23).to(tl.float32, bitcast=True)
+        inv = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 1 / s, exact: s is a power of two
+        q = tl.minimum(tl.maximum(a * inv[:, None], -448.0), 448.0)
+        if UPCAST:
+            q = round_to_e4m3(q)
+        else:
+            q = q.to(tl.float8e4nv).to(tl.float32)
+        return q, s
+
+    @triton.jit
+    def tile_dot(
+        w,
+        q,
+        offs_m,
+        BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISE: tl.constexpr,
+    ):
+        """w [BLOCK_N, 128] e4m3 tile, q [BLOCK_M, 128] fp32 holding e4m3 values -> w @ q^T [BLOCK_N, BLOCK_M]
+        in fp32 (unscaled), on the tensor cores (DOT) or as CUDA-core FMAs."""
+        if DOT:
+            if UPCAST:  # the interpreter: fp32 operands (exact)
+                part = tl.dot(w.to(tl.float32), tl.trans(q))
+            elif PRECISE:  # fp16 operands: exact products, full fp32 accumulation
+                part = tl.dot(w.to(tl.float16), tl.trans(q.to(tl.float16)))
+            else:  # e4m3 operands (q holds e4m3 values: the conversion is exact)
+                part = tl.dot(w, tl.trans(q.to(tl.float8e4nv)))
+        else:
+            wf = w.to(tl.float32)
+            part = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for mi in tl.static_range(BLOCK_M):
+                row = tl.sum(tl.where(offs_m[:, None] == mi, q, 0.0), axis=0)
+                d = tl.sum(wf * row[None, :], axis=1)
+                part += tl.where(offs_m[None, :] == mi, d[:, None], 0.0)
+        return part
+
+    @triton.jit
+    def _fp8_gemv_kernel(
+        x_ptr,
+        xs_ptr,
+        w_ptr,
+        ws_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        k_per_split,
+        s_xm,
+        s_xsm,
+        s_wn,
+        s_wsn,
+        s_ys,
+        s_ym,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISE: tl.constexpr,
+        PREQUANT: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        mmask = offs_m < M
+        offs_g = tl.arange(0, 128)
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn + offs_g[None, :]
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + offs_g[None, :]
+        ws_row = ws_ptr + ((pid_n * BLOCK_N) // 128) * s_wsn  # BLOCK_N divides 128: one scale row a tile
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k0 in range(k_lo, k_hi, 128):
+            kmask = (k0 + offs_g) < K
+            w = tl.load(w_ptrs + k0, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            a = tl.load(x_ptrs + k0, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            sw = tl.load(ws_row + k0 // 128)
+            if PREQUANT:  # x holds act_quant's e4m3 values, xs its scales
+                q = a
+                sa = tl.load(xs_ptr + offs_m * s_xsm + k0 // 128, mask=mmask, other=0.0)
+            else:
+                q, sa = quant_group(a, UPCAST)
+            part = tile_dot(w, q, offs_m, BLOCK_N, BLOCK_M, DOT, UPCAST, PRECISE)
+            acc += part * (sa[None, :] * sw)
+        tl.store(
+            y_ptr + pid_s * s_ys + offs_m[None, :] * s_ym + offs_n[:, None],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=nmask[:, None] & mmask[None, :],
+        )
+
+
+def fp8_gemv_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    block_n: int | None = None,
+    splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    dot: bool | None = None,
+    prequant: bool | None = None,
+    precise: bool = False,
+) -> torch.Tensor:
+    """The weight-streaming kernel for M <= GEMV_MAX_M rows (contract of fp8_linear_ref); keyword
+    arguments override GEMV_TABLE's choice (tests, bench/fp8_sweep.py)."""
+    require_triton()
+    _check(x, weight, scale)
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > GEMV_MAX_M:
+        raise ValueError(f"fp8_gemv serves M <= GEMV_MAX_M = {GEMV_MAX_M} rows, got {m}")
+    if weight.stride(1) != 1 or scale.stride(1) != 1:
+        raise ValueError("weight and scale need a contiguous last dimension")
+    cfg = GEMV_TABLE[gemv_class(m)]
+    bn = int(block_n or cfg.block_n)
+    if bn not in (16, 32, 64, 128):
+        raise ValueError(f"block_n must be 16, 32, 64 or 128 (inside one scale block), got {bn}")
+    use_dot = cfg.dot if dot is None else bool(dot)
+    pre = cfg.prequant if prequant is None else bool(prequant)
+    block_m = max(16, next_pow2(m)) if use_dot else next_pow2(m)
+    sp = int(splits) if splits is not None else gemv_splits(n, k, m, bn, cfg.ctas_per_sm, _sm_count(x.device))
+    kblocks = -(-k // GROUP)
+    per_split = -(-kblocks // max(1, sp)) * GROUP
+    nsplit = -(-k // per_split)
+    if nsplit == 1:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        s_ys = 0
+    else:
+        y = torch.empty(nsplit, m, n, device=x.device, dtype=torch.float32)
+        s_ys = y.stride(0)
+    if pre:
+        kp = kblocks * GROUP
+        xq, xs = act_quant(F.pad(x2, (0, kp - k)) if kp != k else x2, GROUP, True)
+    else:
+        xq, xs = x2, x2
+    kern = _fp8_gemv_kernel
+    kern[(triton.cdiv(n, bn), nsplit)](
+        xq,
+        xs,
+        weight,
+        scale,
+        y,
+        m,
+        n,
+        k,
+        per_split,
+        xq.stride(0),
+        xs.stride(0) if pre else 0,
+        weight.stride(0),
+        scale.stride(0),
+        s_ys,
+        y.stride(-2),
+        BLOCK_M=block_m,
+        BLOCK_N=bn,
+        DOT=use_dot,
+        UPCAST=interpreting(kern),
+        PRECISE=bool(precise),
+        PREQUANT=pre,
+        num_warps=int(num_warps or cfg.num_warps),
+        num_stages=int(num_stages or cfg.num_stages),
+    )
+    if nsplit > 1:
+        part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
+            part, y, m * n, part.stride(0), SPLITS=nsplit, BLOCK=1024, num_warps=4
+        )
+    return y.view(*x.shape[:-1], n)
+
+
+def fp8_linear_path(m: int) -> str:
+    """Which Triton kernel fp8_linear runs for M rows: "gemv" (weight streaming) or "tiles"."""
+    return "gemv" if m <= GEMV_MAX_M else "tiles"
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = x @ dequant(weight, scale)^T with x quantised per 1x128 group (act_quant, ue8m0).
+
+    On CUDA: the weight-streaming GEMV for M <= GEMV_MAX_M rows, the tiled GEMM above.
 
     Args:
         x: [..., K] bf16 or fp32 activations.
@@ -297,5 +562,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     Returns:
         [..., N] in x's dtype.
     """
-    fn = fp8_linear_triton if use_triton(x) else fp8_linear_ref
-    return fn(x, weight, scale)
+    if not use_triton(x):
+        return fp8_linear_ref(x, weight, scale)
+    if fp8_linear_path(x.numel() // max(1, x.shape[-1])) == "gemv":
+        return fp8_gemv_triton(x, weight, scale)
+    return fp8_linear_triton(x, weight, scale)

@@ -29,7 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
+from .fp8_gemm import GemvConfig, _sm_count, gemv_splits
 from .quant import act_quant
+
+if HAS_TRITON:
+    from .fp8_gemm import quant_group, tile_dot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +535,362 @@ def fused_moe_fp8_triton(
 
 
 # ---------------------------------------------------------------------------------------------
+# FP8 experts at decode sizes: each active expert's weights streamed once
+# ---------------------------------------------------------------------------------------------
+# With N <= MOE_GEMV_MAX_N tokens, an expert gets at most N rows, so moe_align with block_m >= N
+# gives every active expert exactly one block: the grid is (blocks, column tiles, K splits) and each
+# expert's e4m3 w13 and w2 are read once, by programs that stream them like the dense GEMV
+# (kernels/fp8_gemm.py, "small M"): [BLOCK_N, 128] weight tiles with their block scale, the block's
+# token rows gathered and act_quant-ed per 1x128 group in registers (no act_quant launches; same
+# contract as fused_moe_fp8_ref), the dot as CUDA-core FMAs (block_m <= 4) or one swap-AB MMA.
+# gate and up are one pass over the same rows (gate row r and up row I + r in the same program);
+# with K split, the fp32 gate/up partials are summed and silu(gate) * up written by one small
+# kernel. down writes each (token, slot)'s fp32 row scaled by its routing weight, and one last
+# kernel sums the slots (and splits) of each token into x's dtype. Launches: moe_align, gate/up,
+# [silu-sum], down, combine; inactive blocks (moe_align's static bound) return at once.
+
+# by token-count class (largest N of the class); same fields as fp8_gemm.GemvConfig. Measured by
+# bench/fp8_sweep.py ("moe table row" lines of `bash bench/run_fp8_gpu.sh OUT sweep`): H200, 2026-12-02,
+# bench/results/fp8-h200/fp8-sweep-run1.log. No row above 16 tokens: at 64 the tuned decode path took
+# 294 us against the grouped-GEMM tiles' 269 us (all 16 experts busy, 32 rows each), so the tiles serve it.
+MOE_GEMV_TABLE: dict[int, GemvConfig] = {
+    1: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=8, num_stages=4, dot=True, prequant=False),
+    4: GemvConfig(block_n=64, ctas_per_sm=4, num_warps=4, num_stages=4, dot=True, prequant=False),
+    16: GemvConfig(block_n=64, ctas_per_sm=2, num_warps=4, num_stages=4, dot=True, prequant=False),
+}
+MOE_GEMV_MAX_N = max(MOE_GEMV_TABLE)  # fused_moe_fp8 sends N <= this many tokens here (read at every call)
+
+
+def moe_gemv_class(n: int) -> int:
+    for c in sorted(MOE_GEMV_TABLE):
+        if n <= c:
+            return c
+    raise ValueError(f"{n} tokens is above MOE_GEMV_MAX_N={MOE_GEMV_MAX_N}")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _moe_gemv_gate_up_kernel(
+        x_ptr,
+        xs_ptr,
+        w_ptr,
+        ws_ptr,
+        sorted_ptr,
+        eid_ptr,
+        npad_ptr,
+        out_ptr,
+        num_ids,
+        inter,
+        hidden,
+        top_k,
+        k_per_split,
+        s_xm,
+        s_xsm,
+        s_we,
+        s_wn,
+        s_wse,
+        s_wsn,
+        s_os,
+        s_om,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISE: tl.constexpr,
+        PARTIAL: tl.constexpr,
+        PREQUANT: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        if pid_b * BLOCK_M >= tl.load(npad_ptr):
+            return
+        e = tl.load(eid_ptr + pid_b).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        rows = pid_b * BLOCK_M + offs_m
+        ids = tl.load(sorted_ptr + rows)
+        rmask = ids < num_ids
+        tok = (ids // top_k).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < inter
+        offs_g = tl.arange(0, 128)
+        g_ptrs = w_ptr + e * s_we + offs_n.to(tl.int64)[:, None] * s_wn + offs_g[None, :]
+        u_ptrs = g_ptrs + inter * s_wn
+        x_ptrs = x_ptr + tok[:, None] * s_xm + offs_g[None, :]
+        sg_row = ws_ptr + e * s_wse + ((pid_n * BLOCK_N) // 128) * s_wsn
+        su_row = ws_ptr + e * s_wse + ((inter + pid_n * BLOCK_N) // 128) * s_wsn
+        acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, hidden)
+        for k0 in range(k_lo, k_hi, 128):
+            g = tl.load(g_ptrs + k0, mask=nmask[:, None], other=0.0)
+            u = tl.load(u_ptrs + k0, mask=nmask[:, None], other=0.0)
+            a = tl.load(x_ptrs + k0, mask=rmask[:, None], other=0.0).to(tl.float32)
+            sg = tl.load(sg_row + k0 // 128)
+            su = tl.load(su_row + k0 // 128)
+            if PREQUANT:  # x holds act_quant's e4m3 values, xs its scales
+                q = a
+                sa = tl.load(xs_ptr + tok * s_xsm + k0 // 128, mask=rmask, other=0.0)
+            else:
+                q, sa = quant_group(a, UPCAST)
+            acc_g += tile_dot(g, q, offs_m, BLOCK_N, BLOCK_M, DOT, UPCAST, PRECISE) * (sa[None, :] * sg)
+            acc_u += tile_dot(u, q, offs_m, BLOCK_N, BLOCK_M, DOT, UPCAST, PRECISE) * (sa[None, :] * su)
+        smask = nmask[:, None] & rmask[None, :]
+        o_ptrs = out_ptr + rows.to(tl.int64)[None, :] * s_om + offs_n[:, None]
+        if PARTIAL:  # fp32 partial sums of this K split: gate in columns [0, I), up in [I, 2I)
+            tl.store(o_ptrs + pid_s * s_os, acc_g, mask=smask)
+            tl.store(o_ptrs + pid_s * s_os + inter, acc_u, mask=smask)
+        else:
+            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+            tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=smask)
+
+    @triton.jit
+    def _moe_silu_sum_kernel(
+        p_ptr, h_ptr, npad_ptr, inter, s_ps, s_pm, s_hm, SPLITS: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        """h[r] = silu(sum_s gate partial) * (sum_s up partial) for row r of the sorted buffer."""
+        r = tl.program_id(0)
+        if r >= tl.load(npad_ptr):
+            return
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < inter
+        base = p_ptr + r.to(tl.int64) * s_pm + offs
+        g = tl.zeros([BLOCK], tl.float32)
+        u = tl.zeros([BLOCK], tl.float32)
+        for sp in tl.static_range(SPLITS):
+            g += tl.load(base + sp * s_ps, mask=mask, other=0.0)
+            u += tl.load(base + sp * s_ps + inter, mask=mask, other=0.0)
+        h = g / (1.0 + tl.exp(-g)) * u
+        tl.store(h_ptr + r.to(tl.int64) * s_hm + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _moe_gemv_down_kernel(
+        h_ptr,
+        hs_ptr,
+        w_ptr,
+        ws_ptr,
+        sorted_ptr,
+        eid_ptr,
+        npad_ptr,
+        tw_ptr,
+        y_ptr,
+        num_ids,
+        hidden,
+        inter,
+        k_per_split,
+        s_hm,
+        s_hsm,
+        s_we,
+        s_wn,
+        s_wse,
+        s_wsn,
+        s_ys,
+        s_ym,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISE: tl.constexpr,
+        PREQUANT: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        if pid_b * BLOCK_M >= tl.load(npad_ptr):
+            return
+        e = tl.load(eid_ptr + pid_b).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        rows = pid_b * BLOCK_M + offs_m
+        ids = tl.load(sorted_ptr + rows)
+        rmask = ids < num_ids
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hidden
+        offs_g = tl.arange(0, 128)
+        w_ptrs = w_ptr + e * s_we + offs_n.to(tl.int64)[:, None] * s_wn + offs_g[None, :]
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * s_hm + offs_g[None, :]
+        s_row = ws_ptr + e * s_wse + ((pid_n * BLOCK_N) // 128) * s_wsn
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, inter)
+        for k0 in range(k_lo, k_hi, 128):
+            w = tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
+            a = tl.load(h_ptrs + k0, mask=rmask[:, None], other=0.0).to(tl.float32)
+            sw = tl.load(s_row + k0 // 128)
+            if PREQUANT:
+                q = a
+                sa = tl.load(hs_ptr + rows.to(tl.int64) * s_hsm + k0 // 128, mask=rmask, other=0.0)
+            else:
+                q, sa = quant_group(a, UPCAST)
+            acc += tile_dot(w, q, offs_m, BLOCK_N, BLOCK_M, DOT, UPCAST, PRECISE) * (sa[None, :] * sw)
+        acc = acc * tl.load(tw_ptr + ids, mask=rmask, other=0.0)[None, :]
+        tl.store(
+            y_ptr + pid_s * s_ys + ids.to(tl.int64)[None, :] * s_ym + offs_n[:, None],
+            acc,
+            mask=nmask[:, None] & rmask[None, :],
+        )
+
+    @triton.jit
+    def _moe_combine_kernel(y_ptr, out_ptr, hidden, top_k, s_ys, s_ym, s_om, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t] = sum over splits s and slots j of y[s, t * top_k + j] (fp32), in out's dtype."""
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < hidden
+        acc = tl.zeros([BLOCK], tl.float32)
+        for j in range(0, top_k):
+            row = y_ptr + (t * top_k + j).to(tl.int64) * s_ym + offs
+            for sp in tl.static_range(SPLITS):
+                acc += tl.load(row + sp * s_ys, mask=mask, other=0.0)
+        tl.store(out_ptr + t.to(tl.int64) * s_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fused_moe_fp8_gemv_triton(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    block_n: int | None = None,
+    splits: int | None = None,
+    down_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    dot: bool | None = None,
+    prequant: bool | None = None,
+    precise: bool = False,
+) -> torch.Tensor:
+    """The decode-size FP8 MoE (N <= MOE_GEMV_MAX_N tokens; contract of fused_moe_fp8_ref, H and I
+    multiples of 128); keyword arguments override MOE_GEMV_TABLE's choice (tests, bench/fp8_sweep.py)."""
+    require_triton()
+    n, hidden = x.shape
+    e, two_i, hid_w = w13.shape
+    inter = two_i // 2
+    if hid_w != hidden or w2.shape != (e, hidden, inter):
+        raise ValueError(
+            f"w13 must be [E, 2I, {hidden}] and w2 [E, {hidden}, I]; got {tuple(w13.shape)}, {tuple(w2.shape)}"
+        )
+    if hidden % 128 or inter % 128:
+        raise ValueError(f"the FP8 decode MoE needs H and I multiples of 128, got H={hidden}, I={inter}")
+    if n > MOE_GEMV_MAX_N:
+        raise ValueError(f"the FP8 decode MoE serves <= MOE_GEMV_MAX_N = {MOE_GEMV_MAX_N} tokens, got {n}")
+    if w13.stride(2) != 1 or w2.stride(2) != 1 or w13_scale.stride(2) != 1 or w2_scale.stride(2) != 1:
+        raise ValueError("w13, w2 and their scales need a contiguous last dimension")
+    top_k = topk_ids.shape[1]
+    num_ids = n * top_k
+    cfg = MOE_GEMV_TABLE[moe_gemv_class(n)]
+    bn = int(block_n or cfg.block_n)
+    if bn not in (16, 32, 64, 128):
+        raise ValueError(f"block_n must be 16, 32, 64 or 128 (inside one scale block), got {bn}")
+    use_dot = cfg.dot if dot is None else bool(dot)
+    pre = cfg.prequant if prequant is None else bool(prequant)
+    bm = max(16, next_pow2(n)) if use_dot else next_pow2(n)  # >= the tokens any one expert gets
+    nw, ns = int(num_warps or cfg.num_warps), int(num_stages or cfg.num_stages)
+    sms = _sm_count(x.device)
+    active = min(e, num_ids)  # experts that can be busy
+    sp1 = int(splits) if splits is not None else gemv_splits(active * inter, hidden, bm, bn, cfg.ctas_per_sm, sms)
+    sp2 = (
+        int(down_splits)
+        if down_splits is not None
+        else gemv_splits(active * hidden, inter, bm, bn, cfg.ctas_per_sm, sms)
+    )
+    per1 = -(-(hidden // 128) // max(1, sp1)) * 128
+    ns1 = -(-hidden // per1)
+    per2 = -(-(inter // 128) // max(1, sp2)) * 128
+    ns2 = -(-inter // per2)
+    xc = x if x.stride(1) == 1 else x.contiguous()
+    xq, xs = act_quant(xc) if pre else (xc, xc)
+    sorted_ids, expert_ids, npad = moe_align(topk_ids, e, bm)
+    p = sorted_ids.numel()
+    blocks = p // bm
+    up = interpreting(_moe_gemv_gate_up_kernel)
+    h = torch.empty(p, inter, device=x.device, dtype=x.dtype)
+    if ns1 > 1:
+        part = torch.empty(ns1, p, two_i, device=x.device, dtype=torch.float32)
+        out1, s_os, s_om = part, part.stride(0), part.stride(1)
+    else:
+        out1, s_os, s_om = h, 0, h.stride(0)
+    _moe_gemv_gate_up_kernel[(blocks, triton.cdiv(inter, bn), ns1)](
+        xq,
+        xs,
+        w13,
+        w13_scale,
+        sorted_ids,
+        expert_ids,
+        npad,
+        out1,
+        num_ids,
+        inter,
+        hidden,
+        top_k,
+        per1,
+        xq.stride(0),
+        xs.stride(0) if pre else 0,
+        w13.stride(0),
+        w13.stride(1),
+        w13_scale.stride(0),
+        w13_scale.stride(1),
+        s_os,
+        s_om,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DOT=use_dot,
+        UPCAST=up,
+        PRECISE=bool(precise),
+        PARTIAL=ns1 > 1,
+        PREQUANT=pre,
+        num_warps=nw,
+        num_stages=ns,
+    )
+    if ns1 > 1:
+        _moe_silu_sum_kernel[(p, triton.cdiv(inter, 1024))](
+            part, h, npad, inter, part.stride(0), part.stride(1), h.stride(0), SPLITS=ns1, BLOCK=1024, num_warps=4
+        )
+    y = torch.empty(ns2, num_ids, hidden, device=x.device, dtype=torch.float32)
+    tw = topk_weights.reshape(-1).float().contiguous()
+    hq, hs = act_quant(h) if pre else (h, h)
+    _moe_gemv_down_kernel[(blocks, triton.cdiv(hidden, bn), ns2)](
+        hq,
+        hs,
+        w2,
+        w2_scale,
+        sorted_ids,
+        expert_ids,
+        npad,
+        tw,
+        y,
+        num_ids,
+        hidden,
+        inter,
+        per2,
+        hq.stride(0),
+        hs.stride(0) if pre else 0,
+        w2.stride(0),
+        w2.stride(1),
+        w2_scale.stride(0),
+        w2_scale.stride(1),
+        y.stride(0),
+        y.stride(1),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DOT=use_dot,
+        UPCAST=up,
+        PRECISE=bool(precise),
+        PREQUANT=pre,
+        num_warps=nw,
+        num_stages=ns,
+    )
+    out = torch.empty(n, hidden, device=x.device, dtype=x.dtype)
+    _moe_combine_kernel[(n, triton.cdiv(hidden, 1024))](
+        y, out, hidden, top_k, y.stride(0), y.stride(1), out.stride(0), SPLITS=ns2, BLOCK=1024, num_warps=4
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
 def fused_moe(
@@ -561,7 +921,10 @@ def fused_moe_fp8(
     """fused_moe with float8_e4m3fn weights and 128x128 block scales (checkpoint `weight_scale_inv`
     stacked per expert: w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]); activations are
     quantised per 128 values (ue8m0) inside. The Triton kernels serve H and I that are multiples of
-    128 (DeepSeek's); other sizes (small test presets) run the reference."""
+    128 (DeepSeek's); other sizes (small test presets) run the reference. Up to MOE_GEMV_MAX_N tokens
+    the decode kernels (each active expert streamed once), above them the grouped-GEMM tiles."""
     fits = x.shape[1] % 128 == 0 and w2.shape[2] % 128 == 0
-    fn = fused_moe_fp8_triton if use_triton(x) and fits else fused_moe_fp8_ref
+    if not (use_triton(x) and fits):
+        return fused_moe_fp8_ref(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+    fn = fused_moe_fp8_gemv_triton if x.shape[0] <= MOE_GEMV_MAX_N else fused_moe_fp8_triton
     return fn(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)

@@ -108,3 +108,88 @@ def test_launch_config_covers_k_at_real_shapes():
                 assert 2 * nsplit * m * n * 4 <= n * k // 2  # partials << weight bytes
                 programs = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"]) * nsplit
                 assert programs >= 132 or nsplit * 4 > kblocks, (n, k, m, programs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the small-M weight-streaming kernel (fp8_gemv_triton)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "m,n,k,dot,splits,block_n,prequant",
+    [
+        (1, 192, 384, False, 2, 64, False),  # FMA path, K split in two
+        (3, 200, 320, False, 1, 32, False),  # partial last column block and K group (zero-padded)
+        (4, 256, 512, False, 3, 16, False),  # uneven split of 4 K blocks over 3 programs
+        (5, 128, 256, True, 2, 64, False),  # tensor-core path, 5 of 16 rows
+        (16, 96, 384, True, 3, 32, False),
+        (40, 160, 320, True, 2, 64, True),  # act_quant launch first, e4m3 rows loaded; partial K group
+        (3, 128, 256, False, 1, 64, True),
+    ],
+)
+def test_fp8_gemv_small(m, n, k, dot, splits, block_n, prequant, device):
+    x, q, s, _ = make_case(m, n, k, torch.float32, device)
+    ref = K.fp8_linear_ref(x, q, s)
+    out = K.fp8_gemv_triton(x, q, s, dot=dot, splits=splits, block_n=block_n, prequant=prequant)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    # the act_quant contract exactly (up to fp32 summation order); on a GPU the e4m3 MMA's accumulation
+    # keeps ~14 bits within each 128-deep step (module docstring), the fp16 operands none of that
+    tol = 2e-3 if device == "cuda" and dot else 1e-5
+    assert rel(out, ref) < tol
+    if dot:
+        precise = K.fp8_gemv_triton(x, q, s, dot=True, splits=splits, block_n=block_n, prequant=prequant, precise=True)
+        assert rel(precise, ref) < 1e-5
+
+
+def test_fp8_gemv_quantises_activations_like_act_quant(device):
+    """The in-register quantisation is act_quant's: against a plain x @ W^T (no activation
+    quantisation) the kernel is off by the FP8 rounding of x, against the reference by nothing."""
+    x, q, s, _ = make_case(2, 128, 256, torch.float32, device)
+    out = K.fp8_gemv_triton(x, q, s, dot=False, splits=1)
+    unquantised = x.double() @ K.dequant_weight_ref(q, s).double().t()
+    assert rel(out, K.fp8_linear_ref(x, q, s)) < 1e-6
+    assert rel(out, unquantised) > 1e-3  # e4m3 keeps 3 mantissa bits: ~2% per value
+
+
+def test_fp8_gemv_bad_input():
+    x, q, s, _ = make_case(2, 128, 256, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="block_n"):
+        K.fp8_gemv_triton(x, q, s, block_n=256)
+    with pytest.raises(ValueError, match="GEMV_MAX_M"):
+        K.fp8_gemv_triton(torch.randn(K.GEMV_MAX_M + 1, 256), q, s)
+    with pytest.raises(ValueError, match="scale"):
+        K.fp8_gemv_triton(x, q, s[:, :1])
+
+
+def test_gemv_table_and_splits():
+    """Every M up to GEMV_MAX_M has a table row; split-K covers K, stops at the target program count,
+    and keeps the fp32 partials at most 1/8 of the weight at DeepSeek's shapes."""
+    assert max(K.GEMV_TABLE) == K.GEMV_MAX_M >= 16
+    for m in range(1, K.GEMV_MAX_M + 1):
+        cfg = K.GEMV_TABLE[K.gemv_class(m)]
+        assert 128 % cfg.block_n == 0
+        for n, k in REAL:
+            sp = K.gemv_splits(n, k, m, cfg.block_n, cfg.ctas_per_sm, 132)
+            kblocks = -(-k // 128)
+            assert 1 <= sp <= kblocks and sp & (sp - 1) == 0
+            assert sp == 1 or sp * m * n * 4 * 8 <= n * k  # fp32 partials small beside the weight
+            tiles = -(-n // cfg.block_n)
+            if sp > 1:  # it split only while short of the target
+                assert tiles * sp // 2 < cfg.ctas_per_sm * 132
+    assert K.fp8_linear_path(K.GEMV_MAX_M) == "gemv" and K.fp8_linear_path(K.GEMV_MAX_M + 1) == "tiles"
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 40, 64])
+@pytest.mark.parametrize("n,k", REAL)
+def test_fp8_gemv_gpu_real_shapes(m, n, k):
+    x, q, s, _ = make_case(m, n, k, torch.bfloat16, "cuda")
+    ref = K.fp8_linear_ref(x, q, s)
+    assert rel(K.fp8_gemv_triton(x, q, s), ref) < 1e-2
+    assert rel(K.fp8_linear(x, q, s), ref) < 1e-2  # the dispatcher's path at this M
+    x32 = x.float()
+    ref32 = K.fp8_linear_ref(x32, q, s)
+    assert rel(K.fp8_gemv_triton(x32, q, s, dot=True, precise=True), ref32) < 1e-5
+    assert rel(K.fp8_gemv_triton(x32, q, s, dot=True), ref32) < 3e-3
+    for pre in (False, True):
+        assert rel(K.fp8_gemv_triton(x32, q, s, dot=True, prequant=pre, precise=True), ref32) < 1e-5
+    if m <= 4:
+        assert rel(K.fp8_gemv_triton(x32, q, s, dot=False), ref32) < 1e-5

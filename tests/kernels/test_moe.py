@@ -120,3 +120,72 @@ def test_fused_moe_gpu_real_shapes(n):
     q13, s13, q2, s2 = _fp8_weights(w13, w2)
     ref8 = K.fused_moe_fp8_ref(x, q13, s13, q2, s2, tw, ids)
     assert rel(K.fused_moe_fp8_triton(x, q13, s13, q2, s2, tw, ids), ref8) < 2e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode-size FP8 MoE (each active expert streamed once)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n,dot,splits,down_splits,block_n,prequant",
+    [
+        (1, False, 1, 1, 64, False),  # FMA path, one token
+        (3, False, 2, 2, 32, False),  # K split on both GEMMs: silu-sum and combine over the splits
+        (5, True, 1, 1, 64, False),  # tensor-core path, 16-row blocks
+        (9, True, 2, 1, 32, False),
+        (12, True, 2, 2, 64, True),  # act_quant launches first (x, then the hidden rows)
+    ],
+)
+def test_fused_moe_fp8_gemv_small(n, dot, splits, down_splits, block_n, prequant, device):
+    x, w13, w2, tw, ids = make_case(n, 256, 256, 6, 3, torch.float32, device)
+    q13, s13, q2, s2 = _fp8_weights(w13, w2)
+    ref = K.fused_moe_fp8_ref(x, q13, s13, q2, s2, tw, ids)
+    out = K.fused_moe_fp8_gemv_triton(
+        x,
+        q13,
+        s13,
+        q2,
+        s2,
+        tw,
+        ids,
+        dot=dot,
+        splits=splits,
+        down_splits=down_splits,
+        block_n=block_n,
+        prequant=prequant,
+    )
+    assert out.shape == x.shape and out.dtype == x.dtype
+    tol = 3e-2 if device == "cuda" and dot else 1e-5  # GPU e4m3 MMA, requantised hidden (fp8_diagnose TOL)
+    assert rel(out, ref) < tol
+
+
+def test_fused_moe_fp8_gemv_repeated_expert_and_bad_input(device):
+    """Tokens sharing experts (every token picks the same 2 of 4): one block per expert holds them all."""
+    x, w13, w2, tw, _ = make_case(4, 128, 128, 4, 2, torch.float32, device)
+    ids = torch.tensor([[1, 3]] * 4, device=device)
+    q13, s13, q2, s2 = _fp8_weights(w13, w2)
+    ref = K.fused_moe_fp8_ref(x, q13, s13, q2, s2, tw, ids)
+    assert rel(K.fused_moe_fp8_gemv_triton(x, q13, s13, q2, s2, tw, ids, dot=False), ref) < 1e-5
+    with pytest.raises(ValueError, match="MOE_GEMV_MAX_N"):
+        big = torch.zeros(K.MOE_GEMV_MAX_N + 1, 128, device=device)
+        ids_big = torch.zeros(K.MOE_GEMV_MAX_N + 1, 2, dtype=torch.long, device=device)
+        K.fused_moe_fp8_gemv_triton(big, q13, s13, q2, s2, tw[:1].expand(len(big), 2), ids_big)
+
+
+def test_moe_gemv_table_covers_decode_sizes():
+    assert max(K.MOE_GEMV_TABLE) == K.MOE_GEMV_MAX_N
+    for n in range(1, K.MOE_GEMV_MAX_N + 1):
+        cfg = K.MOE_GEMV_TABLE[K.moe_gemv_class(n)]
+        assert 128 % cfg.block_n == 0 and K.moe_gemv_class(n) >= n
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 4, 8, 16])
+def test_fused_moe_fp8_gemv_gpu_real_shapes(n):
+    x, w13, w2, tw, ids = make_case(n, 7168, 2048, 16, 8, torch.bfloat16, "cuda")
+    q13, s13, q2, s2 = _fp8_weights(w13, w2)
+    ref = K.fused_moe_fp8_ref(x, q13, s13, q2, s2, tw, ids)
+    assert rel(K.fused_moe_fp8_gemv_triton(x, q13, s13, q2, s2, tw, ids), ref) < 2e-2
+    assert rel(K.fused_moe_fp8(x, q13, s13, q2, s2, tw, ids), ref) < 2e-2  # the dispatcher's path
+    assert rel(K.fused_moe_fp8_gemv_triton(x, q13, s13, q2, s2, tw, ids, splits=2, down_splits=2), ref) < 2e-2
+    for pre in (False, True):
+        assert rel(K.fused_moe_fp8_gemv_triton(x, q13, s13, q2, s2, tw, ids, prequant=pre), ref) < 2e-2
