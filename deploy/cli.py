@@ -4,6 +4,7 @@ splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S
 splitserve generate --model DIR|tiny --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
                     [--seed S] [--mtp K] [--json]
 splitserve bench kernels|engine|load|serve|transfer [its options]
+splitserve train --out DIR [--tokenizer DIR] [--time-budget-s S] [...]   (model/training.py)
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(importlib.import_module(BENCHMARKS[args.name]).main(args.args) or 0)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from splitserve.model import training
+
+    return training.main(args.train_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitserve", description="Disaggregated prefill/decode serving for DeepSeek-V3.2 models"
@@ -173,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help lists them)")
     b.set_defaults(func=_cmd_bench)
 
+    t = sub.add_parser(
+        "train",
+        help="train the pycoder model on the Python standard library (model/training.py; --help lists its options)",
+        add_help=False,
+    )
+    t.set_defaults(func=_cmd_train)
+
     from . import cluster_cli  # noqa: F401  (adds up/status/scale/down when present)
 
     cluster_cli.add_commands(sub)
@@ -180,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # the trainer parses its own options (torch is imported only then)
+        args.train_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
