@@ -1,9 +1,9 @@
 """The `splitserve` command line.
 
 splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S]
-splitserve generate --model DIR|tiny --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
+splitserve generate [--model DIR|pycoder|tiny] --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
                     [--seed S] [--mtp K] [--json]
-splitserve bench kernels|engine|load|serve|transfer [its options]
+splitserve bench kernels|engine|load|serve|transfer|trained [its options]
 splitserve train --out DIR [--tokenizer DIR] [--time-budget-s S] [...]   (model/training.py)
 """
 
@@ -126,6 +126,7 @@ BENCHMARKS = {
     "load": "splitserve.bench.load",
     "serve": "splitserve.bench.serve",
     "transfer": "splitserve.kvtransfer.bench",
+    "trained": "splitserve.bench.trained_model",
 }
 
 
@@ -157,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="offline generation with the engine (no cluster)")
     g.add_argument(
-        "--model", default="tiny", help="checkpoint directory or preset name (default: tiny, made on first use)"
+        "--model",
+        default="pycoder",
+        help="checkpoint directory or preset name (default: pycoder, the trained model shipped in the package; "
+        "tiny: random weights, made on first use)",
     )
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=32)
@@ -173,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="run a benchmark: kernels | engine | load | serve | transfer (each prints a table and writes JSON)",
+        help="run a benchmark: kernels | engine | load | serve | transfer | trained (each prints a table and writes JSON)",
         add_help=False,
     )
     b.add_argument("name", choices=sorted(BENCHMARKS))

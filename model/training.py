@@ -254,10 +254,7 @@ class TrainForward:
         self.cfg = net.cfg
 
     def cos_sin(self, s: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        rot = self.net.rotary
-        inv = rot.inv_freq.to(device)
-        freqs = torch.outer(torch.arange(s, device=device, dtype=torch.float32), inv)
-        return (freqs.cos() * rot.scale).to(dtype), (freqs.sin() * rot.scale).to(dtype)
+        return self.net.rotary.cos_sin(torch.arange(s, device=device), dtype)
 
     def __call__(self, ids: torch.Tensor, mode: Mode, next_ids: torch.Tensor | None = None) -> ForwardOut:
         net, cfg = self.net, self.cfg
@@ -550,10 +547,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    corpus = Path(args.corpus) if args.corpus else None
     tok_dir = Path(args.tokenizer) if args.tokenizer else out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         log.info("training the tokenizer (vocab %d) into %s", args.vocab_size, tok_dir)
-        train_tokenizer(args.vocab_size, tok_dir)
+        train_tokenizer(args.vocab_size, tok_dir, corpus)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
@@ -561,9 +559,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = pycoder_config(vocab)
     if args.tiny:
         cfg = replace(cfg, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, index_topk=32)
-    train_stream = token_stream(tokenizer, corpus_texts("train"))
-    valid_stream = token_stream(tokenizer, corpus_texts("valid"))
-    held_stream = token_stream(tokenizer, corpus_texts("heldout"))
+    train_stream = token_stream(tokenizer, corpus_texts("train", corpus))
+    valid_stream = token_stream(tokenizer, corpus_texts("valid", corpus))
+    held_stream = token_stream(tokenizer, corpus_texts("heldout", corpus))
     log.info(
         "data: %d train, %d validation, %d held-out tokens, %.1f s; model %d parameters (%.2f MB bf16)",
         train_stream.numel(),
@@ -789,6 +787,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory: checkpoint/, train_state.json, tokenizer/")
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: train one into OUT)")
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--corpus", default=None, help="directory of .py files (default: this Python's standard library)")
     p.add_argument("--resume", default=None, help="an earlier OUT to continue from (its checkpoint and clock)")
     p.add_argument("--time-budget-s", type=float, default=480.0, help="wall time of this call, all included")
     p.add_argument("--eval-reserve-s", type=float, default=45.0, help="of the budget, kept for evaluation + save")
