@@ -67,11 +67,11 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------
 # corpus
 
-#: Directory names under the standard library whose files are not used (tests, installed packages,
-#: data modules that are one big literal, the codec tables of encodings/).
-SKIP_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"}
-)
+#: Directory names under the standard library whose files are not used (installed packages, data
+#: modules that are one big literal, the codec tables of encodings/).
+SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"})
+#: The library's own test suites: training data for the model (2/3 of the code), not for the tokenizer.
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 HELDOUT_PERCENT = 5  # the evaluation split (held out from everything, tokenizer included)
 VALID_PERCENT = 3  # the validation split (watched during training for over-fitting)
 SPLITS = ("train", "valid", "heldout")
@@ -89,15 +89,17 @@ def split_of(rel: str) -> str:
     return "valid" if bucket < HELDOUT_PERCENT + VALID_PERCENT else "train"
 
 
-def corpus_files(split: str, root: Path | None = None) -> list[tuple[str, Path]]:
-    """(relative path, path) of the standard library's .py files of `split` (SPLITS), sorted."""
+def corpus_files(split: str, root: Path | None = None, tests: bool = True) -> list[tuple[str, Path]]:
+    """(relative path, path) of the standard library's .py files of `split` (SPLITS), sorted; `tests`:
+    with the files under the test suites' directories (TEST_DIRS)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = root or stdlib_root()
     out = []
     for p in root.rglob("*.py"):
         rel = p.relative_to(root).as_posix()
-        if SKIP_DIRS.intersection(rel.split("/")[:-1]):
+        dirs = rel.split("/")[:-1]
+        if SKIP_DIRS.intersection(dirs) or (not tests and TEST_DIRS.intersection(dirs)):
             continue
         if split_of(rel) == split:
             out.append((rel, p))
@@ -106,9 +108,9 @@ def corpus_files(split: str, root: Path | None = None) -> list[tuple[str, Path]]
     return sorted(out)
 
 
-def corpus_texts(split: str, root: Path | None = None) -> list[str]:
+def corpus_texts(split: str, root: Path | None = None, tests: bool = True) -> list[str]:
     texts = []
-    for _, p in corpus_files(split, root):
+    for _, p in corpus_files(split, root, tests):
         try:
             texts.append(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, OSError):
@@ -132,11 +134,12 @@ def token_stream(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
 
 
 def train_tokenizer(vocab_size: int, out: Path, root: Path | None = None) -> None:
-    """Train the byte-level BPE on the train split and write tokenizer.json + tokenizer_config.json."""
+    """Train the byte-level BPE on the train split's modules (without the test suites) and write
+    tokenizer.json + tokenizer_config.json."""
     from .tokenizer import BOS_TOKEN, EOS_TOKEN
     from .tokenizer import train_tokenizer as bpe
 
-    tok = bpe(vocab_size, corpus_texts("train", root))
+    tok = bpe(vocab_size, corpus_texts("train", root, tests=False))
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"), pretty=False)
     write_tokenizer_config(out, BOS_TOKEN, EOS_TOKEN)
@@ -195,7 +198,7 @@ def pycoder_config(vocab_size: int = 4096) -> ModelConfig:
         index_topk=128,
         num_nextn_predict_layers=1,
         max_position_embeddings=2048,
-        rope=RopeConfig(rope_type="default", theta=10000.0),
+        rope=RopeConfig(rope_type="default", theta=10000.0, original_max_position_embeddings=2048),
     )
 
 
@@ -800,7 +803,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-epochs",
         type=float,
-        default=40.0,
+        default=10.0,
         help="token budget of the schedule in passes over the train split (0: time only); the first limit reached ends it",
     )
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
