@@ -5,8 +5,6 @@ compiles)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -103,19 +101,48 @@ def test_heldout_loss_is_far_below_the_unigram_baseline(net: torch.nn.Module, he
     nwin = m["tokens_evaluated"] // 256
     targets = stream[: nwin * 257].view(nwin, 257)[:, 1:].flatten()
     uni = unigram_loss(token_stream(tok, corpus_texts("train")), targets, net.cfg.vocab_size)
-    assert m["loss_sparse"] < 0.5 * uni, (m["loss_sparse"], uni)
-    assert m["mtp_loss"] < 0.7 * uni, (m["mtp_loss"], uni)
-    assert m["bits_per_byte"] < 1.5
+    # 2 nats below: the model gives the held-out tokens e^2 = 7.4x the unigram's probability on
+    # average (random weights score above the unigram, ~ln(vocab))
+    assert m["loss_sparse"] < uni - 2.0, (m["loss_sparse"], uni)
+    assert m["mtp_loss"] < uni - 1.5, (m["mtp_loss"], uni)  # the MTP layer predicts t + 2 as well
 
 
-def test_greedy_completion_of_a_function_compiles(net: torch.nn.Module) -> None:
+def _compiling_lines(text: str) -> int:
+    """The most whole lines from the start of `text` (its last, maybe cut, line left out) that compile."""
+    lines = text.split("\n")[:-1]
+    for n in range(len(lines), 0, -1):
+        try:
+            compile("\n".join(lines[:n]) + "\n", "<completion>", "exec")
+            return n
+        except SyntaxError:
+            continue
+    return 0
+
+
+def test_greedy_completion_of_a_function_is_python(net: torch.nn.Module) -> None:
+    """Greedy decoding (with MTP drafts, lossless) continues `def fibonacci(n):` with an indented body:
+    at least three lines from the start compile, and the text is printable ASCII."""
     tok = load_tokenizer(PATH)
-    prompt = "def fibonacci(n):\n"
+    prompt = "def fibonacci(n):"
     ids = [BOS_TOKEN_ID] + tok.encode(prompt, add_special_tokens=False).ids
     eng = Engine(net, EngineConfig(num_blocks=16, block_size=64, mtp_draft_tokens=2))
     res = eng.generate([ids], SamplingParams(temperature=0.0, max_tokens=96))[0]
     text = prompt + tok.decode(res.token_ids)
-    body = text.split("\n\n")[0]  # up to the first blank line
-    assert len(body.splitlines()) >= 2, text
-    compile(body + "\n", "<completion>", "exec")  # raises SyntaxError on non-Python
-    assert math.isfinite(res.accepted_draft_tokens) and res.accepted_draft_tokens > 0
+    assert text.startswith(prompt + "\n    "), text  # an indented body follows the signature
+    assert _compiling_lines(text) >= 3, text
+    printable = sum(c.isascii() and (c.isprintable() or c in "\n\t") for c in text)
+    assert printable >= 0.98 * len(text), text
+    assert res.draft_tokens > 0 and res.accepted_draft_tokens > 0
+
+
+def test_package_data_ships_every_checkpoint_file() -> None:
+    """A non-editable install copies model/pycoder: pyproject's package-data globs cover each file."""
+    import fnmatch
+    import tomllib
+
+    root = PATH.parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    globs = data["splitserve.model"]
+    for f in PATH.iterdir():
+        rel = f"{PATH.name}/{f.name}"
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), rel
