@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 #: Directory names under the standard library whose files are not used (installed packages, data
 #: modules that are one big literal, the codec tables of encodings/).
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"})
-#: The library's own test suites: training data for the model (2/3 of the code), not for the tokenizer.
+#: The library's own test suites (`--with-tests`: 3/4 of the code where the Python install has them; the
+#: shipped model's GPU machine had none). Never tokenizer data.
 TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 HELDOUT_PERCENT = 5  # the evaluation split (held out from everything, tokenizer included)
 VALID_PERCENT = 3  # the validation split (watched during training for over-fitting)
@@ -89,7 +90,7 @@ def split_of(rel: str) -> str:
     return "valid" if bucket < HELDOUT_PERCENT + VALID_PERCENT else "train"
 
 
-def corpus_files(split: str, root: Path | None = None, tests: bool = True) -> list[tuple[str, Path]]:
+def corpus_files(split: str, root: Path | None = None, tests: bool = False) -> list[tuple[str, Path]]:
     """(relative path, path) of the standard library's .py files of `split` (SPLITS), sorted; `tests`:
     with the files under the test suites' directories (TEST_DIRS)."""
     if split not in SPLITS:
@@ -108,7 +109,7 @@ def corpus_files(split: str, root: Path | None = None, tests: bool = True) -> li
     return sorted(out)
 
 
-def corpus_texts(split: str, root: Path | None = None, tests: bool = True) -> list[str]:
+def corpus_texts(split: str, root: Path | None = None, tests: bool = False) -> list[str]:
     texts = []
     for _, p in corpus_files(split, root, tests):
         try:
@@ -562,9 +563,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = pycoder_config(vocab)
     if args.tiny:
         cfg = replace(cfg, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, index_topk=32)
-    train_stream = token_stream(tokenizer, corpus_texts("train", corpus))
-    valid_stream = token_stream(tokenizer, corpus_texts("valid", corpus))
-    held_stream = token_stream(tokenizer, corpus_texts("heldout", corpus))
+    train_stream = token_stream(tokenizer, corpus_texts("train", corpus, args.with_tests))
+    valid_stream = token_stream(tokenizer, corpus_texts("valid", corpus, args.with_tests))
+    held_stream = token_stream(tokenizer, corpus_texts("heldout", corpus, args.with_tests))
     log.info(
         "data: %d train, %d validation, %d held-out tokens, %.1f s; model %d parameters (%.2f MB bf16)",
         train_stream.numel(),
@@ -791,6 +792,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: train one into OUT)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--corpus", default=None, help="directory of .py files (default: this Python's standard library)")
+    p.add_argument(
+        "--with-tests", action="store_true", help="train (and evaluate) on the test suites' files too (TEST_DIRS)"
+    )
     p.add_argument("--resume", default=None, help="an earlier OUT to continue from (its checkpoint and clock)")
     p.add_argument("--time-budget-s", type=float, default=480.0, help="wall time of this call, all included")
     p.add_argument("--eval-reserve-s", type=float, default=45.0, help="of the budget, kept for evaluation + save")
