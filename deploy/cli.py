@@ -139,7 +139,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from splitserve.model import training
 
-    return training.main(args.train_args)
+    return training.main(args.train_args, prog="splitserve train")
 
 
 def build_parser() -> argparse.ArgumentParser:

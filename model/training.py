@@ -795,7 +795,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--with-tests", action="store_true", help="train (and evaluate) on the test suites' files too (TEST_DIRS)"
     )
-    p.add_argument("--resume", default=None, help="an earlier OUT to continue from (its checkpoint and clock)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="an earlier OUT to continue from: its checkpoint's weights, router biases and training clock "
+        "(the optimizer's moments restart)",
+    )
     p.add_argument("--time-budget-s", type=float, default=480.0, help="wall time of this call, all included")
     p.add_argument("--eval-reserve-s", type=float, default=45.0, help="of the budget, kept for evaluation + save")
     p.add_argument(
@@ -835,8 +840,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return train(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m splitserve.model.training", description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m splitserve.model.training") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
