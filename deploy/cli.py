@@ -1,9 +1,10 @@
 """The `splitserve` command line.
 
 splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S]
-splitserve generate --model DIR|tiny --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
+splitserve generate [--model DIR|pycoder|tiny] --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
                     [--seed S] [--mtp K] [--json]
-splitserve bench kernels|engine|load|serve|transfer [its options]
+splitserve bench kernels|engine|load|serve|transfer|trained [its options]
+splitserve train --out DIR [--tokenizer DIR] [--time-budget-s S] [...]   (model/training.py)
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ BENCHMARKS = {
     "load": "splitserve.bench.load",
     "serve": "splitserve.bench.serve",
     "transfer": "splitserve.kvtransfer.bench",
+    "trained": "splitserve.bench.trained_model",
 }
 
 
@@ -132,6 +134,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
     return int(importlib.import_module(BENCHMARKS[args.name]).main(args.args) or 0)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from splitserve.model import training
+
+    return training.main(args.train_args, prog="splitserve train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="offline generation with the engine (no cluster)")
     g.add_argument(
-        "--model", default="tiny", help="checkpoint directory or preset name (default: tiny, made on first use)"
+        "--model",
+        default="pycoder",
+        help="checkpoint directory or preset name (default: pycoder, the trained model shipped in the package; "
+        "tiny: random weights, made on first use)",
     )
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=32)
@@ -166,12 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="run a benchmark: kernels | engine | load | serve | transfer (each prints a table and writes JSON)",
+        help="run a benchmark: kernels | engine | load | serve | transfer | trained (each prints a table and writes JSON)",
         add_help=False,
     )
     b.add_argument("name", choices=sorted(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help lists them)")
     b.set_defaults(func=_cmd_bench)
+
+    t = sub.add_parser(
+        "train",
+        help="train the pycoder model on the Python standard library (model/training.py; --help lists its options)",
+        add_help=False,
+    )
+    t.set_defaults(func=_cmd_train)
 
     from . import cluster_cli  # noqa: F401  (adds up/status/scale/down when present)
 
@@ -180,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # the trainer parses its own options (torch is imported only then)
+        args.train_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -81,8 +81,11 @@ __all__ = [
 #: The embedded default cluster (model "tiny" on CPU, 1 prefill + 1 decode, router on :8000).
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("local.yaml")
 
-#: `model.path` value naming the project's embedded tiny checkpoint (created on first run).
+#: `model.path` value naming the project's embedded tiny checkpoint (random weights, created on first run).
 TINY_MODEL = "tiny"
+#: `model.path` values naming a checkpoint by name (model/presets.py resolves them): the tiny one and the
+#: trained ones shipped in the package (deploy/local.yaml serves "pycoder").
+PRESET_MODELS = frozenset({TINY_MODEL, "pycoder"})
 
 #: Largest block id / block count: block ids travel as int32 on the wire (protos/worker.proto).
 _MAX_INT32 = 2**31 - 1
@@ -191,11 +194,14 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
-    # Checkpoint directory (HF layout: config.json, *.safetensors, tokenizer), or "tiny" for the
-    # project's embedded tiny checkpoint (created on first run). A relative path in a YAML file is
-    # resolved against the file's directory; "~" is expanded.
-    path: typing.Annotated[str, Field(min_length=1), Allowed("'tiny' or a checkpoint directory")] = TINY_MODEL
-    # The model name clients send in requests ("model": ...). None: "tiny" for the tiny checkpoint,
+    # Checkpoint directory (HF layout: config.json, *.safetensors, tokenizer), or a preset name:
+    # "pycoder" (the trained model shipped in the package) or "tiny" (the project's embedded tiny
+    # random-weight checkpoint, created on first run). A relative path in a YAML file is resolved
+    # against the file's directory; "~" is expanded.
+    path: typing.Annotated[str, Field(min_length=1), Allowed("'pycoder', 'tiny' or a checkpoint directory")] = (
+        TINY_MODEL
+    )
+    # The model name clients send in requests ("model": ...). None: the preset's name for a preset,
     # otherwise the checkpoint directory's name.
     name: typing.Annotated[str | None, Field(min_length=1)] = None
     # Activation / weight compute dtype (FP8 checkpoint weights dequantised when loaded land in it).
@@ -215,7 +221,7 @@ class ModelConfig(BaseModel):
     @field_validator("path")
     @classmethod
     def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
-        if value == TINY_MODEL:
+        if value in PRESET_MODELS:
             return value
         path = Path(value).expanduser()
         base = (info.context or {}).get("base_dir")
@@ -228,11 +234,16 @@ class ModelConfig(BaseModel):
         return self.path == TINY_MODEL
 
     @property
+    def is_preset(self) -> bool:
+        """A checkpoint named by a preset (resolved where `up` runs: model/presets.py)."""
+        return self.path in PRESET_MODELS
+
+    @property
     def served_name(self) -> str:
         """The name clients put in the request's "model" field."""
         if self.name is not None:
             return self.name
-        return TINY_MODEL if self.is_tiny else (Path(self.path).name or self.path)
+        return self.path if self.is_preset else (Path(self.path).name or self.path)
 
 
 class RouterConfig(BaseModel):

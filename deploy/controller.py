@@ -122,8 +122,8 @@ class Controller:
         Args:
             cfg: the validated cluster config; pool sizes start at `<pool>.replicas`.
             directory: the router's membership view, kept current by this controller.
-            model_path: the checkpoint directory workers load (default: cfg.model.path; "tiny" is
-                resolved — made on first use — once, in this process, by `start()`).
+            model_path: the checkpoint directory workers load (default: cfg.model.path; a preset name
+                is resolved — "tiny" made on first use — once, in this process, by `start()`).
             router_url: reported by `status()`; settable later (`router_url` attribute).
             start_timeout_s: longest wait for a worker to load its model and serve.
             drain_timeout_s: longest wait for a draining worker to finish its requests.
@@ -373,7 +373,7 @@ class Controller:
     def _resolve_model(self) -> None:
         if self.model_path is not None:
             return
-        if self.cfg.model.is_tiny:
+        if self.cfg.model.is_preset:
             from splitserve.model.presets import resolve_checkpoint
 
             self.model_path = str(resolve_checkpoint(self.cfg.model.path))

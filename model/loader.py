@@ -59,12 +59,16 @@ def shard_files(path: Path) -> dict[str, Path]:
     return out
 
 
+def _is_mtp_copy(name: str) -> bool:
+    return name.endswith((".embed_tokens.weight", ".shared_head.head.weight"))
+
+
 def _target(net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> tuple[torch.Tensor, tuple] | None:
     """Map an HF tensor name onto (parameter, index into it); None for known tensors not kept."""
     if name in net_params:
         return net_params[name], ()
     layer = layer_of(name)
-    if layer == cfg.mtp_layer_index and name.endswith((".embed_tokens.weight", ".shared_head.head.weight")):
+    if layer == cfg.mtp_layer_index and _is_mtp_copy(name):
         return None  # copies of the main embedding / LM head
     if layer is not None and ".mlp.experts." in name:
         pre = name.split(".mlp.experts.")[0] + ".mlp."
@@ -137,7 +141,10 @@ def load(
     scale_names = {n for n in names if n.endswith("_scale_inv")}
     tensor_names = names - scale_names
     unexpected = sorted(tensor_names - expected.keys())
-    missing = sorted(expected.keys() - tensor_names)
+    # the MTP layer's copies of the embedding and the LM head are never used (the main ones are):
+    # a checkpoint may leave them out
+    copies = {k for k in expected if layer_of(k) == cfg.mtp_layer_index and _is_mtp_copy(k)}
+    missing = sorted(expected.keys() - tensor_names - copies)
     orphan_scales = sorted(s for s in scale_names if s[: -len("_scale_inv")] not in names)
     problems = []
     if missing:

@@ -25,7 +25,7 @@ import functools
 import json
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -186,6 +186,13 @@ def _byte_level_alphabet() -> list[str]:
 @functools.lru_cache(maxsize=8)
 def _tokenizer_json(vocab_size: int) -> str:
     """Builds the tokenizer for `vocab_size` and returns its JSON (cached; `make_tokenizer` parses a fresh copy)."""
+    return train_tokenizer(vocab_size, [_CORPUS]).to_str()
+
+
+def train_tokenizer(vocab_size: int, texts: Iterable[str], min_frequency: int = 2) -> Tokenizer:
+    """A byte-level BPE with exactly `vocab_size` tokens whose merges are learned on `texts`, in this
+    module's vocabulary layout (BOS 0, EOS 1, the chat / thinking / tool / DSML tokens where the module
+    docstring puts them, reserved tokens filling unused ids). Deterministic for the same texts."""
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}], got {vocab_size}")
 
@@ -207,14 +214,14 @@ def _tokenizer_json(vocab_size: int) -> str:
     alphabet = _byte_level_alphabet()
     trainer = trainers.BpeTrainer(
         vocab_size=len(free_ids),
-        min_frequency=2,
+        min_frequency=min_frequency,
         special_tokens=[],
         initial_alphabet=alphabet,
         show_progress=False,
     )
     base = Tokenizer(models.BPE())
     base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    base.train_from_iterator([_CORPUS], trainer=trainer)
+    base.train_from_iterator(texts, trainer=trainer)
     trained = json.loads(base.to_str())["model"]
     learned: dict[str, int] = trained["vocab"]
     merges: list[tuple[str, str]] = []
@@ -253,7 +260,7 @@ def _tokenizer_json(vocab_size: int) -> str:
         if tok.token_to_id(t) != tid:  # pragma: no cover - layout invariant
             raise RuntimeError(f"{t!r} got id {tok.token_to_id(t)}, wanted {tid}")
     logger.debug("built byte-level BPE: vocab %d, %d learned, %d reserved", vocab_size, len(ordered), len(reserved_ids))
-    return tok.to_str()
+    return tok
 
 
 def make_tokenizer(vocab_size: int) -> Tokenizer:

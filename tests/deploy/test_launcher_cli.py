@@ -41,6 +41,7 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 180) -
 
 def write_config(path: Path, **router: object) -> Path:
     data = load_config(DEFAULT_CONFIG_PATH).model_dump()
+    data["model"]["path"] = "tiny"  # the fast random-weight model (local.yaml serves pycoder)
     data["transfer"]["backend"] = "tcp"
     data["router"]["port"] = 0
     data["router"].update(router)

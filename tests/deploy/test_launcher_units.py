@@ -75,9 +75,10 @@ def test_spec_follows_the_pool_config(role: str) -> None:
 
 
 def test_tiny_model_path_and_max_model_len() -> None:
-    cfg = cfg_with(model__max_model_len=2048)
+    cfg = cfg_with(model__max_model_len=2048, model__path="tiny")
     spec = spec_for(cfg, "decode", 0)
     assert spec.model_path == "tiny"
+    assert spec_for(cfg_with(), "decode", 0).model_path == "pycoder"  # local.yaml's preset, passed by name
     assert spec.engine.max_model_len == 2048
     assert spec_for(cfg_with(), "decode", 0).engine.max_model_len == 0  # 0: the checkpoint's own
 

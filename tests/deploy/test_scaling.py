@@ -45,6 +45,7 @@ class NeverReady:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SimpleNamespace]:
     data = load_config(DEFAULT_CONFIG_PATH).model_dump()
+    data["model"]["path"] = "tiny"  # the fast random-weight model (local.yaml serves pycoder)
     data["transfer"]["backend"] = "tcp"
     data["router"]["port"] = 0
     cfg = parse_config(data)

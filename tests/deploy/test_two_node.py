@@ -134,6 +134,7 @@ def two_nodes() -> Iterator[SimpleNamespace]:
 
 def two_node_cfg(address: str) -> ClusterConfig:
     data = load_config(DEFAULT_CONFIG_PATH).model_dump()
+    data["model"]["path"] = "tiny"  # the fast random-weight model (local.yaml serves pycoder)
     data["transfer"]["backend"] = "tcp"
     data["router"]["port"] = 0
     data["prefill"]["resources"] = {"prefill_node": 1.0}
