@@ -21,19 +21,24 @@ from .fp8 import FP8_DTYPE
 from .linear import FP8Linear, fp8_module_names
 from .moe import MLP, MoE
 from .norm import RMSNorm
+from .parallel import ParallelState
 from .rope import RotaryTable
 
 log = logging.getLogger(__name__)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, indexer_fp8: bool = False) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, indexer_fp8: bool = False, parallel: ParallelState | None = None
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, layer, indexer_fp8)
+        self.self_attn = MLA(cfg, layer, indexer_fp8, parallel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp: nn.Module = (
+            MoE(cfg, parallel) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, parallel)
+        )
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
@@ -51,10 +56,11 @@ class MTPLayer(DecoderLayer):
 
     The checkpoint's copies of embed_tokens and shared_head.head are not kept: the main model's
     embedding and LM head are used (the copies are the same tensors in DeepSeek's release).
+    Tensor parallel like any decoder layer; eh_proj is replicated.
     """
 
-    def __init__(self, cfg: ModelConfig, indexer_fp8: bool = False) -> None:
-        super().__init__(cfg, cfg.mtp_layer_index, indexer_fp8)
+    def __init__(self, cfg: ModelConfig, indexer_fp8: bool = False, parallel: ParallelState | None = None) -> None:
+        super().__init__(cfg, cfg.mtp_layer_index, indexer_fp8, parallel)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
@@ -62,25 +68,40 @@ class MTPLayer(DecoderLayer):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, with_mtp: bool, indexer_fp8: bool) -> None:
+    def __init__(self, cfg: ModelConfig, with_mtp: bool, indexer_fp8: bool, parallel: ParallelState) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        layers: list[nn.Module] = [DecoderLayer(cfg, i, indexer_fp8) for i in range(cfg.num_hidden_layers)]
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # replicated on every rank
+        layers: list[nn.Module] = [DecoderLayer(cfg, i, indexer_fp8, parallel) for i in range(cfg.num_hidden_layers)]
         if with_mtp:
-            layers.append(MTPLayer(cfg, indexer_fp8))
+            layers.append(MTPLayer(cfg, indexer_fp8, parallel))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekV32(nn.Module):
-    """The network. Use `splitserve.model.load()` to build one from a checkpoint."""
+    """The network. Use `splitserve.model.load()` to build one from a checkpoint.
 
-    def __init__(self, cfg: ModelConfig, *, with_mtp: bool = True, indexer_fp8: bool = False) -> None:
+    With `parallel` of world size N this is one rank's shard (model/parallel.py): MLA heads, the MLP's
+    and experts' intermediate dimension (or whole experts, expert_parallel) and the LM head's vocabulary
+    split N ways; embedding, norms, the latent path, the indexer, the router and eh_proj replicated.
+    Every rank must run the same forwards in the same order (their collectives pair up); their outputs
+    (hidden states, logits) are the same on every rank."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        with_mtp: bool = True,
+        indexer_fp8: bool = False,
+        parallel: ParallelState | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.indexer_fp8 = indexer_fp8
-        self.model = Backbone(cfg, with_mtp, indexer_fp8)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.parallel = parallel or ParallelState.single()
+        self.model = Backbone(cfg, with_mtp, indexer_fp8, self.parallel)
+        # vocab-parallel: rank r holds rows [r * V/N, (r + 1) * V/N); logits() all-gathers them
+        self.lm_head = nn.Linear(cfg.hidden_size, self.parallel.split(cfg.vocab_size, "vocab_size"), bias=False)
         self.rotary = RotaryTable(cfg.rope, cfg.qk_rope_head_dim, "cpu")
 
     @property
@@ -164,8 +185,8 @@ class DeepseekV32(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (normed) -> logits [N, vocab] fp32."""
-        return self.lm_head(hidden).float()
+        """hidden [N, hidden] (normed) -> logits [N, vocab] fp32 (every rank's vocabulary slice)."""
+        return self.parallel.all_gather_last(self.lm_head(hidden).float())
 
     @torch.inference_mode()
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
