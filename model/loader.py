@@ -202,13 +202,15 @@ def load(
         and (tgt := _target(params, n, cfg, sharding)) is not None
         and tgt[0].dtype == FP8_DTYPE
     }
+    block = cfg.weight_block_size or (128, 128)
+    for n in sorted(kept):  # before reading anything: every kept FP8 weight splits on whole blocks
+        sharding.scale_index(n, expected[n], block)
 
     by_file: dict[Path, list[str]] = {}
     for n in sorted(names):
         by_file.setdefault(files[n], []).append(n)
     total_bytes = sum(f.stat().st_size for f in by_file)
     show = progress if progress is not None else total_bytes > 1 << 30
-    block = cfg.weight_block_size or (128, 128)
     pending_fp8: dict[str, torch.Tensor] = {}  # fp8 weights waiting for their scale
     pending_scale: dict[str, torch.Tensor] = {}  # scales waiting for their weight
     t0, done_bytes = time.monotonic(), 0

@@ -91,6 +91,12 @@ class Sharding:
         self, wname: str, wshape: tuple[int, ...], read_scale: Reader, block: tuple[int, int]
     ) -> torch.Tensor | None:
         """The 128x128 block scales of this rank's part of the FP8 weight `wname` (2-D, [out, in])."""
+        sidx = self.scale_index(wname, wshape, block)
+        return None if sidx is None else read_scale(sidx)
+
+    def scale_index(self, wname: str, wshape: tuple[int, ...], block: tuple[int, int]) -> Index | None:
+        """This rank's slice of the block scales of the FP8 weight `wname`; ShardError when its slice of
+        the weight does not fall on whole blocks."""
         idx = self.index(wname, wshape)
         if idx is None:
             return None
@@ -106,4 +112,4 @@ class Sharding:
                     f"size that splits on {b}-element blocks)"
                 )
             sidx.append(slice(lo // b, -(-hi // b)))
-        return read_scale(tuple(sidx))
+        return tuple(sidx)

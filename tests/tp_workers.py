@@ -10,12 +10,30 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from splitserve.model.checkpoint import PRESETS
+
+# the tiny preset widened so that every split tensor splits on 128-blocks at 2 ranks
+FP8_TP = replace(
+    PRESETS["tiny"],
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=256,
+    num_attention_heads=4,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=64,
+    v_head_dim=64,
+    q_lora_rank=128,
+    kv_lora_rank=128,
+    index_head_dim=64,
+)
 
 
 def free_port() -> int:
@@ -104,7 +122,7 @@ def tp_rank(rank: int, world: int, init: str, ckpt: str, cases: list[dict[str, A
     try:
         results = []
         for case in cases:
-            net = load(ckpt, dtype=torch.float32, parallel=ps.with_expert_parallel(case["ep"]))
+            net = load(ckpt, dtype=torch.float32, parallel=ps.with_expert_parallel(case["ep"]), **case.get("load", {}))
             results.append(run_case(net, case))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:

@@ -21,7 +21,7 @@ from splitserve.model import load
 from splitserve.model.checkpoint import make_checkpoint
 from splitserve.model.parallel import ParallelState, ShardError
 
-from ..tp_workers import run_case, run_ranks, tp_rank
+from ..tp_workers import FP8_TP, run_case, run_ranks, tp_rank
 from .conftest import random_prompts
 
 ENGINE = dict(num_blocks=64, block_size=8, chunk_size=16, max_batch_tokens=64)
@@ -65,6 +65,31 @@ def test_two_ranks_equal_one(preset, ep, tiny_checkpoint, small_checkpoint, tmp_
         assert follow["follower_calls"] > 0
         if case["engine"].get("mtp_draft_tokens"):
             assert lead["accepted"] == ref["accepted"] > 0
+
+
+@pytest.fixture(scope="module")
+def fp8_tp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(FP8_TP, tmp_path_factory.mktemp("fp8tp"), seed=3, fp8=True)
+
+
+def test_fp8_weights_two_ranks_equal_one(fp8_tp_checkpoint, tmp_path) -> None:
+    """FP8 weights kept in e4m3 (128x128 block scales sliced with them; the CPU runs the FP8 kernels'
+    references): TP2 and TP2 with EP equal one rank."""
+    torch.set_num_threads(1)
+    ckpt = fp8_tp_checkpoint
+    vocab = FP8_TP.vocab_size
+    cases = [
+        {**c, "load": {"fp8_weights": True}}
+        for ep in (False, True)
+        for c in _cases(vocab, ep)[1:2]  # rows path, no MTP
+    ]
+    run_ranks(tp_rank, 2, (str(ckpt), cases, str(tmp_path)), timeout_s=600)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ref = run_case(load(ckpt, dtype=torch.float32, fp8_weights=True), cases[0])
+    for i in range(len(cases)):
+        for r in ranks:
+            torch.testing.assert_close(r[i]["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
+        assert ranks[0][i]["tokens"] == ref["tokens"]
 
 
 def test_shard_sizes_and_errors(tiny_checkpoint) -> None:
