@@ -4,6 +4,10 @@
     splitserve status [--json] [--url URL]
     splitserve scale [--prefill N] [--decode M] [--url URL]
     splitserve down [--url URL]
+    splitserve plan CONFIG [--json]
+
+`plan` prints each pool's per-GPU memory (deploy/plan.py) from the checkpoint's config.json alone; `up` refuses,
+on cuda, a layout that plan says does not fit, with the same table.
 
 `up` runs in the foreground by default: it starts the workers (Ray actors, see `Controller`), serves
 the router (OpenAI API + /admin) with uvicorn and prints the URL; Ctrl-C or SIGTERM stops the router,
@@ -109,6 +113,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--json", action="store_true", help="print the resulting status as JSON")
     client_args(sc)
     sc.set_defaults(func=cmd_scale)
+
+    pl = sub.add_parser(
+        "plan",
+        help="per-GPU memory of each pool (weights, cache, activations) and whether it fits; from config.json only",
+    )
+    pl.add_argument("config", help="cluster YAML (model.path: a checkpoint directory; only its config.json is read)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     dn = sub.add_parser("down", help="stop the running cluster (router, workers, local Ray)")
     dn.add_argument(
@@ -408,8 +420,23 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# up
+# plan, up
 # ----------------------------------------------------------------------------------------------
+
+
+@_guard
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan (deploy/plan.py). Exit status 1 when a pool does not fit its GPUs."""
+    from splitserve.deploy.config import load_config
+    from splitserve.deploy.plan import PlanError, format_plan, plan_cluster
+
+    cfg = load_config(args.config)
+    try:
+        plan = plan_cluster(cfg)
+    except PlanError as e:
+        raise CliError(str(e)) from None
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits else 1
 
 
 @_guard
@@ -421,10 +448,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> Any:
     from splitserve.deploy.config import load_config, with_overrides
+    from splitserve.deploy.plan import PlanError, check_fits
 
     cfg = load_config(args.config)
     if any(v is not None for v in (args.host, args.port, args.prefill, args.decode)):
         cfg = with_overrides(cfg, host=args.host, port=args.port, prefill=args.prefill, decode=args.decode)
+    try:
+        check_fits(cfg)  # cuda: a layout that does not fit the GPUs is refused before any worker starts
+    except PlanError as e:
+        raise CliError(str(e)) from None
     return cfg
 
 

@@ -20,7 +20,7 @@ Defaults that depend on `model.device` are filled before validation, so a valida
 always concrete:
 
     model.dtype                 float32 on cpu, bfloat16 on cuda
-    <pool>.gpus_per_worker      0 on cpu, 1 on cuda
+    <pool>.gpus_per_worker      0 on cpu, tensor_parallel_size on cuda (1 GPU per rank)
     <pool>.cpus_per_worker      0.25 on cpu, 1 on cuda
     <pool>.num_blocks           512 on cpu (when neither num_blocks nor cache_memory_fraction is set)
     <pool>.cache_memory_fraction 0.9 on cuda (when neither is set)
@@ -88,6 +88,7 @@ TINY_MODEL = "tiny"
 _MAX_INT32 = 2**31 - 1
 _MAX_BLOCK_SIZE = 1024
 _MAX_MTP_DRAFT_TOKENS = 8
+_MAX_TENSOR_PARALLEL = 1024
 _CPU_DEFAULT_NUM_BLOCKS = 512
 _CPU_DEFAULT_CPUS_PER_WORKER = 0.25
 _DECODE_DEFAULT_CHUNK_SIZE = 512
@@ -164,6 +165,10 @@ def _check_host(value: str) -> str:
     if not _HOST_RE.match(value):
         raise ValueError("not a hostname or IP address")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -326,6 +331,16 @@ class PoolConfig(BaseModel):
     # Address each worker's gRPC server binds (the port is picked free). 0.0.0.0 on multi-node
     # clusters; the worker then advertises its node's IP.
     grpc_host: HostStr = "127.0.0.1"
+    # Ranks one worker spans (tensor parallelism: attention heads, dense MLP and LM head split across
+    # them), placed together on one node. On cuda one GPU per rank (gpus_per_worker = this, its default);
+    # on cpu that many processes. Whether the model's shapes divide by it is checked by `splitserve plan`.
+    tensor_parallel_size: typing.Annotated[int, Field(ge=1, le=_MAX_TENSOR_PARALLEL)] = 1
+    # MoE experts split across the worker's ranks (expert parallelism) instead of each expert split
+    # tensor-parallel across them. Needs tensor_parallel_size >= 2 (one rank has nothing to split).
+    expert_parallel: bool = False
+    # Memory of one GPU, in GiB (2**30 bytes), that `splitserve plan` / `up` plan the worker against.
+    # None: the device's own memory on cuda; on cpu the plan is for information only.
+    gpu_memory_gb: typing.Annotated[float | None, Field(gt=0, le=1_000_000)] = None
 
     @field_validator("grpc_host")
     @classmethod
@@ -357,6 +372,15 @@ class PoolConfig(BaseModel):
     @model_validator(mode="after")
     def _pool_rules(self) -> PoolConfig:
         problems = self._pool_problems()
+        if self.expert_parallel and self.tensor_parallel_size == 1:
+            problems.append(
+                (
+                    ("expert_parallel",),
+                    True,
+                    "tensor_parallel_size is 1: one rank holds every expert, there is nothing to split",
+                    "false, or true with tensor_parallel_size >= 2",
+                )
+            )
         if self.num_blocks is not None and self.cache_memory_fraction is not None:
             problems.append(
                 (
@@ -623,7 +647,8 @@ class ClusterConfig(BaseModel):
             if not isinstance(raw, Mapping):
                 continue
             raw = dict(raw)
-            raw.setdefault("gpus_per_worker", 0 if device == "cpu" else 1)
+            tp = raw.get("tensor_parallel_size", 1)
+            raw.setdefault("gpus_per_worker", 0 if device == "cpu" else (tp if _is_int(tp) and tp >= 1 else 1))
             raw.setdefault("cpus_per_worker", _CPU_DEFAULT_CPUS_PER_WORKER if device == "cpu" else 1.0)
             if raw.get("num_blocks") is None and raw.get("cache_memory_fraction") is None:
                 if device == "cpu":
@@ -676,6 +701,16 @@ class ClusterConfig(BaseModel):
                         pool.gpus_per_worker,
                         "model.device is 'cuda'",
                         "a number > 0 when model.device is 'cuda'",
+                    )
+                )
+            tp = pool.tensor_parallel_size
+            if device == "cuda" and tp > 1 and pool.gpus_per_worker != tp:
+                problems.append(
+                    (
+                        (name, "gpus_per_worker"),
+                        pool.gpus_per_worker,
+                        f"{name}.tensor_parallel_size is {tp}: each rank holds one GPU (NCCL takes one rank per GPU)",
+                        f"{tp} (= tensor_parallel_size), or leave it out",
                     )
                 )
             if device == "cpu" and pool.cache_memory_fraction is not None:

@@ -181,6 +181,40 @@ def test_fractional_gpus_above_one_must_be_whole() -> None:
     assert cfg.prefill.gpus_per_worker == 0.5
 
 
+def test_tensor_parallel_size_range_and_its_gpus() -> None:
+    err = _error({"decode": {"tensor_parallel_size": 0}})
+    (problem,) = err.problems
+    assert problem.path == "decode.tensor_parallel_size" and "got 0" in problem.message
+    # cuda: one GPU per rank, the default follows the size; anything else names both fields
+    cfg = parse_config({"model": {"device": "cuda"}, "prefill": {"tensor_parallel_size": 8}})
+    assert (cfg.prefill.tensor_parallel_size, cfg.prefill.gpus_per_worker) == (8, 8)
+    assert cfg.decode.gpus_per_worker == 1
+    err = _error({"model": {"device": "cuda"}, "decode": {"tensor_parallel_size": 4, "gpus_per_worker": 1}})
+    (problem,) = err.problems
+    assert problem.path == "decode.gpus_per_worker"
+    assert "tensor_parallel_size is 4" in problem.message and "allowed: 4" in problem.message
+    # cpu: N processes, no GPUs
+    cfg = parse_config({"decode": {"tensor_parallel_size": 2}})
+    assert (cfg.decode.tensor_parallel_size, cfg.decode.gpus_per_worker) == (2, 0)
+
+
+def test_expert_parallel_needs_several_ranks() -> None:
+    err = _error({"prefill": {"expert_parallel": True}})
+    (problem,) = err.problems
+    assert problem.path == "prefill.expert_parallel"
+    assert "tensor_parallel_size is 1" in problem.message and "tensor_parallel_size >= 2" in problem.message
+    cfg = parse_config({"prefill": {"expert_parallel": True, "tensor_parallel_size": 2}})
+    assert cfg.prefill.expert_parallel and not cfg.decode.expert_parallel
+
+
+def test_gpu_memory_gb_is_positive_or_null() -> None:
+    err = _error({"decode": {"gpu_memory_gb": 0}})
+    (problem,) = err.problems
+    assert problem.path == "decode.gpu_memory_gb" and "got 0" in problem.message and "or null" in problem.message
+    assert parse_config({"decode": {"gpu_memory_gb": 141}}).decode.gpu_memory_gb == 141
+    assert parse_config({}).decode.gpu_memory_gb is None
+
+
 def test_shared_gpu_cache_is_sized_in_blocks() -> None:
     err = _error({"model": {"device": "cuda"}, "decode": {"gpus_per_worker": 0.5}})
     (problem,) = err.problems
