@@ -216,6 +216,7 @@ class Engine:
         the first token sampled by the prefill side). mtp_hidden: the main model's hidden state at
         the last prompt position, [hidden], which the MTP layer needs next."""
         self._check_logit_bias(params)
+        self.sync_blocks(blocks)  # tensor parallel: the cache arrived on this rank only; the others get a copy
         req = Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.net.device))
         if generator_state is not None and req.generator is not None:
             req.generator.set_state(generator_state)

@@ -148,8 +148,10 @@ class ModelRunner:
             t.index_copy_(0, idx, part)
 
     def stop_followers(self) -> None:
-        """Leader: end the followers' `follow()` loops."""
+        """Leader: end the followers' `follow()` loops (returns once every follower has the message,
+        so the process group can be destroyed right after)."""
         self._announce("stop")
+        self.parallel.barrier()
 
     @torch.inference_mode()
     def follow(self) -> int:
@@ -160,6 +162,7 @@ class ModelRunner:
         while True:
             op, groups, spans, meta = self.parallel.broadcast_object()
             if op == "stop":
+                self.parallel.barrier()
                 return calls
             calls += 1
             x = None

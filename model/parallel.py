@@ -123,6 +123,11 @@ class ParallelState:
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
 
+    def barrier(self) -> None:
+        """Every rank reached this point (control group)."""
+        if self.world_size > 1:
+            dist.barrier(group=self.cpu_group)
+
     def all_min(self, value: int) -> int:
         """The smallest of every rank's value (control group)."""
         if self.world_size == 1:
