@@ -109,6 +109,9 @@ def run_case(net: Any, case: dict[str, Any]) -> dict[str, Any]:
     else:
         out["follower_calls"] = eng.follow()
     out["pools"] = [t.clone() for t in eng.pool.pools()]
+    from splitserve.engine.runtime import transfer_compat
+
+    out["compat"] = transfer_compat(eng).to_json()  # what a cache transfer's handshake compares
     return out
 
 

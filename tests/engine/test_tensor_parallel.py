@@ -7,7 +7,8 @@ chunked prefill over the paged cache (spans path) and over the rows path (absorb
 kernels' references), and MTP speculative decoding on a network whose drafts are often accepted.
 Checked: logits equal one rank's within fp32 rounding; greedy tokens identical; every rank's cache
 pools equal one rank's (so the followers' caches are the leader's: only one rank's blocks need to
-travel); the MTP cases accepted drafts (the verification path ran)."""
+travel) and the cache-transfer handshake's fields equal one rank's (TP size is not among them); the
+MTP cases accepted drafts (the verification path ran)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def test_two_ranks_equal_one(preset, ep, tiny_checkpoint, small_checkpoint, tmp_
             for got, want in zip(r["pools"], ref["pools"]):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert lead["tokens"] == ref["tokens"], f"case {i}: greedy tokens differ from one rank's"
+        # a TP-2 worker's cache transfers to and from a TP-1 worker: the handshake sees the same fields
+        assert lead["compat"] == ref["compat"]
         assert follow["follower_calls"] > 0
         if case["engine"].get("mtp_draft_tokens"):
             assert lead["accepted"] == ref["accepted"] > 0
