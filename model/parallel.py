@@ -38,6 +38,7 @@ class ParallelState:
     expert_parallel: bool = False
     group: Any = None  # torch.distributed ProcessGroup for tensors (None: world size 1)
     cpu_group: Any = None  # gloo group for control messages
+    backend: str = ""  # of `group`: "nccl" or "gloo"
 
     @staticmethod
     def single() -> ParallelState:
@@ -64,20 +65,23 @@ class ParallelState:
         *,
         expert_parallel: bool = False,
         timeout_s: float = 7 * 24 * 3600.0,
+        backend: str | None = None,
     ) -> ParallelState:
-        """Join the worker's process group (init_method: "tcp://host:port" of rank 0). device "cuda":
-        NCCL for tensors (the rank's GPU must be current), gloo for control; otherwise gloo for both.
-        timeout_s bounds a collective; followers wait for the leader's next step inside one, so the
-        default is long (an idle worker is not an error)."""
+        """Join the worker's process group (init_method: "tcp://host:port" of rank 0 or "file://..."
+        on a shared node). device "cuda": NCCL for tensors (the rank's GPU must be current), gloo for
+        control; otherwise gloo for both. backend="gloo" on cuda: gloo for CUDA tensors too (ranks
+        sharing one GPU, which NCCL refuses: a correctness check, not a fast path). timeout_s bounds
+        a collective; followers wait for the leader's next step inside one, so the default is long
+        (an idle worker is not an error)."""
         if world_size == 1:
             return ParallelState(expert_parallel=expert_parallel)
-        backend = "nccl" if device == "cuda" else "gloo"
+        backend = backend or ("nccl" if device == "cuda" else "gloo")
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
         group = dist.group.WORLD
         cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else group
         log.info("rank %d/%d joined (%s, pid %d)", rank, world_size, backend, os.getpid())
-        return ParallelState(rank, world_size, expert_parallel, group, cpu_group)
+        return ParallelState(rank, world_size, expert_parallel, group, cpu_group, backend)
 
     def destroy(self) -> None:
         if self.distributed and dist.is_initialized():
@@ -105,6 +109,11 @@ class ParallelState:
         """Concatenation of every rank's x along the last dimension (rank order)."""
         if self.world_size == 1:
             return x
+        if self.backend == "gloo" and x.is_cuda:  # gloo has no CUDA all-gather: sum zero-padded slices
+            d = x.shape[-1]
+            out = x.new_zeros(*x.shape[:-1], d * self.world_size)
+            out[..., self.rank * d : (self.rank + 1) * d] = x
+            return self.all_reduce(out)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

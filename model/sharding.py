@@ -6,8 +6,8 @@ Split tensors (rank r of N takes the r-th of N equal slices):
 - dense MLP and shared experts: gate_proj / up_proj rows, down_proj columns;
 - routed experts: with expert_parallel, experts [r * E/N, (r + 1) * E/N) whole (the others are not
   read at all); otherwise each expert's gate/up rows and down columns, like an MLP;
-- lm_head rows (vocab-parallel).
-Everything else (embedding, norms, q_a_proj, kv_a_proj_with_mqa, the indexer, the router, eh_proj)
+- lm_head and model.embed_tokens rows (vocab-parallel).
+Everything else (norms, q_a_proj, kv_a_proj_with_mqa, the indexer, the router, eh_proj)
 is read whole by every rank.
 
 Reading goes through a `read(index)` callable (a safetensors slice), so that a rank reads only its
@@ -70,7 +70,7 @@ class Sharding:
             e = int(rest.split(".", 1)[0])
             if ep:
                 return () if self.local_expert(e) is not None else None
-        if name == "lm_head.weight" or name.endswith(_ROWS):
+        if name in ("lm_head.weight", "model.embed_tokens.weight") or name.endswith(_ROWS):
             return self._split(shape, 0, name)
         if name.endswith(_COLS):
             return self._split(shape, 1, name)

@@ -115,18 +115,32 @@ def run_case(net: Any, case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tp_rank(rank: int, world: int, init: str, ckpt: str, cases: list[dict[str, Any]], out_dir: str) -> None:
-    """A rank of a tensor-parallel worker: join, then run every case on its shard; saves rank{r}.pt."""
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_to_cpu(v) for v in x]
+    return x
+
+
+def tp_rank(
+    rank: int, world: int, init: str, ckpt: str, cases: list[dict[str, Any]], out_dir: str, device: str = "cpu"
+) -> None:
+    """A rank of a tensor-parallel worker: join (gloo, on `device`: "cuda" puts every rank on the one
+    GPU there is), then run every case on its shard; saves rank{r}.pt (on the CPU)."""
     from splitserve.model import load
     from splitserve.model.parallel import ParallelState
 
     torch.set_num_threads(1)
-    ps = ParallelState.init(rank, world, init, "cpu", timeout_s=300)
+    ps = ParallelState.init(rank, world, init, device, timeout_s=300, backend="gloo")
     try:
         results = []
         for case in cases:
-            net = load(ckpt, dtype=torch.float32, parallel=ps.with_expert_parallel(case["ep"]), **case.get("load", {}))
-            results.append(run_case(net, case))
+            par = ps.with_expert_parallel(case["ep"])
+            net = load(ckpt, device=device, dtype=torch.float32, parallel=par, **case.get("load", {}))
+            results.append(_to_cpu(run_case(net, case)))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         ps.destroy()

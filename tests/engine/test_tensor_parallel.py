@@ -112,6 +112,42 @@ def test_shard_sizes_and_errors(tiny_checkpoint) -> None:
     assert half.model.layers[moe_layer].mlp.w13.shape[1] == cfg.moe_intermediate_size  # 2 * I / 2
     assert ep.model.layers[moe_layer].mlp.w13.shape[0] == cfg.n_routed_experts // 2
     assert half.lm_head.weight.shape[0] == cfg.vocab_size // 2
-    with pytest.raises(ShardError, match="num_attention_heads .* tensor_parallel_size 3"):
+    with pytest.raises(
+        ShardError, match=r"(vocab_size|num_attention_heads) \(\d+\) does not divide by tensor_parallel_size 3"
+    ):
         with torch.device("meta"):
             DeepseekV32(cfg, parallel=ParallelState(rank=0, world_size=3))
+
+
+# The small preset with 32 attention heads (16 per rank: what the sparse MLA kernel takes) and 16
+# indexer heads: on a GPU every rank's rows path runs the Triton kernels (indexer top-k, sparse MLA,
+# fused MoE on its experts or its slice of each). NCCL refuses two ranks on one device, so the ranks
+# share the one GPU over gloo (CUDA tensors; the same code path as NCCL, slower).
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_ranks_on_one_gpu_equal_one(tmp_path_factory, tmp_path) -> None:
+    from dataclasses import replace
+
+    from splitserve.model.checkpoint import PRESETS
+
+    cfg = replace(PRESETS["small"], num_attention_heads=32, index_n_heads=16)
+    ckpt = make_checkpoint(cfg, tmp_path_factory.mktemp("tp-cuda"), seed=2, dtype=torch.float32)
+    prompts = random_prompts([300, 140, 9], cfg.vocab_size, seed=5)  # 300, 140 > index_topk 128
+    score_ids = random_prompts([200], cfg.vocab_size, seed=6)[0]
+    eng = dict(num_blocks=96, block_size=16, chunk_size=128, device="cuda", dtype="float32")
+    base = dict(prompts=prompts, score_ids=score_ids, max_tokens=12)
+    cases = [
+        {**base, "ep": ep, "engine": dict(eng, mtp_draft_tokens=k), "predictable": k > 0}
+        for ep in (False, True)
+        for k in (0, 2)
+    ]
+    run_ranks(tp_rank, 2, (str(ckpt), cases, str(tmp_path), "cuda"), timeout_s=900)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for i, case in enumerate(cases):
+        ref = run_case(load(ckpt, device="cuda", dtype=torch.float32), case)
+        for r in ranks:
+            torch.testing.assert_close(r[i]["logits"], ref["logits"].cpu(), rtol=1e-4, atol=1e-4)
+            for got, want in zip(r[i]["pools"], ref["pools"]):
+                torch.testing.assert_close(got, want.cpu(), rtol=1e-4, atol=1e-4)
+        assert ranks[0][i]["tokens"] == ref["tokens"], f"case {i}"
+        if case["predictable"]:
+            assert ranks[0][i]["accepted"] == ref["accepted"] > 0
