@@ -806,8 +806,15 @@ class Controller:
         if not serving:
             return
         refs = {w.actor.ping.remote(): w for w in serving}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.ping_timeout_s)
+        # ranks 1.. of tensor-parallel workers: a dead one leaves its leader waiting in a collective
+        # (NCCL does not notice a dead peer), so the controller watches every rank
+        rank_refs = {f.ping.remote(): (w, i + 1) for w in serving for i, f in enumerate(w.followers)}
+        everything = list(refs) + list(rank_refs)
+        ready, pending = ray.wait(everything, num_returns=len(everything), timeout=self.ping_timeout_s)
         for r in ready:
+            if r in rank_refs:
+                self._check_rank(r, *rank_refs[r])
+                continue
             w = refs[r]
             try:
                 p = ray.get(r)
@@ -828,7 +835,23 @@ class Controller:
             }
             self.directory.update(w.worker_id, last_seen=time.monotonic(), **load)
         for r in pending:
-            self._missed(refs[r], f"no answer to a ping within {self.ping_timeout_s:g} s")
+            if r in rank_refs:
+                w, rank = rank_refs[r]
+                self._missed(w, f"rank {rank}: no answer to a ping within {self.ping_timeout_s:g} s")
+            else:
+                self._missed(refs[r], f"no answer to a ping within {self.ping_timeout_s:g} s")
+
+    def _check_rank(self, ref: Any, w: _Worker, rank: int) -> None:
+        try:
+            p = ray.get(ref)
+        except RayActorError as e:
+            self._mark_dead(w, f"its rank {rank} died: {_failure_reason(e)}")
+            return
+        except Exception as e:  # noqa: BLE001 - counted as a miss, like the leader's
+            self._missed(w, f"rank {rank}: ping failed: {type(e).__name__}: {e}")
+            return
+        if not p.get("following", True):
+            self._mark_dead(w, f"its rank {rank} stopped following the leader")
 
     def _missed(self, w: _Worker, why: str) -> None:
         w.missed_pings += 1

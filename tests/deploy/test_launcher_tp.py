@@ -1,12 +1,14 @@
 """Tensor-parallel workers on Ray (real local Ray cluster, real processes): a TP-2 prefill worker with
 experts split (expert_parallel) and a TP-2 decode worker, each two actors in one STRICT_PACK placement
-group joined by gloo. They serve the greedy tokens of one engine, status shows every rank, and
-shutdown leaves no worker, rank or Ray process behind."""
+group joined by gloo. They serve the greedy tokens of one engine, status shows every rank; a killed
+follower rank takes its worker down and a replacement serves the same tokens; shutdown leaves no
+worker, rank or Ray process behind."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 import pytest
 
@@ -64,6 +66,22 @@ def test_tp2_workers_on_ray_serve_one_engines_tokens() -> None:
         got = asyncio.run(go())
         ref = Engine(load(resolve_checkpoint(cfg.model.path)), EngineConfig()).generate([prompt], params)[0]
         assert got == ref.token_ids
+
+        # a follower rank dies: the whole worker is marked dead, its leader killed, a new one started
+        decode = next(w for w in workers if w["id"] == "decode-0")
+        os.kill(decode["ranks"][1]["pid"], signal.SIGKILL)
+        wait_until(lambda: any(wid == "decode-0" for wid, _ in controller.replaced), 30, "decode-0 marked dead")
+        assert "rank 1" in dict(controller.replaced)["decode-0"]
+        wait_until(lambda: not pid_alive(decode["pid"]), 30, "the dead worker's leader to be killed")
+        wait_until(
+            lambda: any(w["id"] == "decode-1" and w["state"] == "serving" for w in controller.status()["workers"]),
+            120,
+            "a replacement TP-2 decode worker",
+        )
+        new = next(w for w in controller.status()["workers"] if w["id"] == "decode-1")
+        assert [r["rank"] for r in new["ranks"]] == [0, 1]
+        pids |= {r["pid"] for r in new["ranks"]}
+        assert asyncio.run(go()) == ref.token_ids
     finally:
         controller.shutdown()
     wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "every rank of every worker to exit")
