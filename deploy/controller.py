@@ -54,6 +54,7 @@ from splitserve.deploy.worker_actor import (
     spec_for,
     worker_id,
 )
+from splitserve.engine.runtime import remove_rendezvous
 from splitserve.router.membership import Directory, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class _Worker:
     # tensor parallel (tensor_parallel_size > 1): ranks 1.. and the placement group holding every rank
     followers: list[Any] = field(default_factory=list)
     placement_group: Any = None
+    rendezvous: str = ""  # the ranks' torch.distributed init method (a file on their node)
 
 
 class Controller:
@@ -574,7 +576,7 @@ class Controller:
                 f"cannot create worker {wid}: {e} (another splitserve cluster in Ray "
                 f"namespace {self.cfg.ray.namespace!r}? give it another ray.namespace)"
             ) from e
-        w = _Worker(wid, role, index, actor, followers=followers, placement_group=pg)
+        w = _Worker(wid, role, index, actor, followers=followers, placement_group=pg, rendezvous=spec.dist_init_method)
         with self._lock:
             self._workers[wid] = w
         logger.info("starting worker %s", wid)
@@ -764,6 +766,7 @@ class Controller:
                     remove_placement_group(w.placement_group)
                 except Exception as e:  # noqa: BLE001 - already removed
                     logger.debug("remove placement group of %s: %s", w.worker_id, e)
+            remove_rendezvous(w.rendezvous)  # when the ranks ran on this node (a clean stop removed it already)
             with self._lock:
                 w.state = "stopped"
                 self._workers.pop(w.worker_id, None)

@@ -212,6 +212,16 @@ class WorkerRuntime:
         if self.parallel.distributed and self.loop.stopped_cleanly:  # no step half done: the followers are waiting
             self.engine.stop_followers()
             self.parallel.destroy()
+        remove_rendezvous(self.spec.dist_init_method)
+
+
+def remove_rendezvous(init_method: str) -> None:
+    """Delete a "file://" rendezvous of a worker's ranks (once they are done with it), if it is here."""
+    if init_method.startswith("file://"):
+        try:
+            os.unlink(init_method.removeprefix("file://"))
+        except OSError:
+            pass
 
 
 class WorkerServer:

@@ -36,6 +36,7 @@ def test_tp2_workers_on_ray_serve_one_engines_tokens() -> None:
     directory = Directory()
     controller = Controller(cfg, directory, start_timeout_s=240, monitor_interval_s=0.5, ping_timeout_s=5.0)
     pids: set[int] = set()
+    rendezvous: list[str] = []
     try:
         controller.start()
         workers = controller.status()["workers"]
@@ -47,6 +48,8 @@ def test_tp2_workers_on_ray_serve_one_engines_tokens() -> None:
             assert [r["rank"] for r in w["ranks"]] == [0, 1] and w["ranks"][0]["pid"] == w["pid"]
             pids |= {r["pid"] for r in w["ranks"]}
         assert len(pids) == 4 and all(pid_alive(p) for p in pids)
+        rendezvous = [w.rendezvous.removeprefix("file://") for w in controller._workers.values()]
+        assert len(rendezvous) == 2 and all(os.path.exists(f) for f in rendezvous)
 
         prompt = list(range(7, 48))
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -81,8 +84,10 @@ def test_tp2_workers_on_ray_serve_one_engines_tokens() -> None:
         new = next(w for w in controller.status()["workers"] if w["id"] == "decode-1")
         assert [r["rank"] for r in new["ranks"]] == [0, 1]
         pids |= {r["pid"] for r in new["ranks"]}
+        rendezvous += [w.rendezvous.removeprefix("file://") for w in controller._workers.values()]
         assert asyncio.run(go()) == ref.token_ids
     finally:
         controller.shutdown()
     wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "every rank of every worker to exit")
     assert ray_descendants(os.getpid()) == set()
+    assert not [f for f in rendezvous if os.path.exists(f)], "rendezvous files left behind"
