@@ -25,6 +25,8 @@ from splitserve.model.parallel import ParallelState, ShardError
 from ..tp_workers import FP8_TP, run_case, run_ranks, tp_rank
 from .conftest import random_prompts
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors; restored after the module
+
 ENGINE = dict(num_blocks=64, block_size=8, chunk_size=16, max_batch_tokens=64)
 
 
@@ -49,7 +51,6 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_two_ranks_equal_one(preset, ep, tiny_checkpoint, small_checkpoint, tmp_path) -> None:
     ckpt = tiny_checkpoint if preset == "tiny" else small_checkpoint
-    torch.set_num_threads(1)
     vocab = load(ckpt, dtype=torch.float32, mtp=False).cfg.vocab_size
     cases = _cases(vocab, ep)
     run_ranks(tp_rank, 2, (str(ckpt), cases, str(tmp_path)), timeout_s=600)
@@ -78,7 +79,6 @@ def fp8_tp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fp8_weights_two_ranks_equal_one(fp8_tp_checkpoint, tmp_path) -> None:
     """FP8 weights kept in e4m3 (128x128 block scales sliced with them; the CPU runs the FP8 kernels'
     references): TP2 and TP2 with EP equal one rank."""
-    torch.set_num_threads(1)
     ckpt = fp8_tp_checkpoint
     vocab = FP8_TP.vocab_size
     cases = [
