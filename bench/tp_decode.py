@@ -66,6 +66,7 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, ckpt: str, gr
     from splitserve.model.parallel import ParallelState
 
     dev = a.device
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the host's cores
     if dev == "cuda":
         torch.cuda.set_device(rank)
     ps = ParallelState.init(rank, world, f"tcp://127.0.0.1:{port}", dev, expert_parallel=a.ep and world > 1)
