@@ -151,3 +151,24 @@ def test_two_ranks_on_one_gpu_equal_one(tmp_path_factory, tmp_path) -> None:
         assert ranks[0][i]["tokens"] == ref["tokens"], f"case {i}"
         if case["predictable"]:
             assert ranks[0][i]["accepted"] == ref["accepted"] > 0
+
+
+def test_cli_generate_tensor_parallel_same_text(tiny_checkpoint) -> None:
+    """`splitserve generate --tensor-parallel-size 2` (and with --expert-parallel), MTP on: the same greedy
+    tokens and text as one rank; the follower process exits with the leader."""
+    import json
+    import subprocess
+    import sys
+
+    def gen(*extra: str) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "splitserve.deploy.cli", "generate", "--model", str(tiny_checkpoint)]
+        cmd += ["--prompt", "def fib(n):", "--max-tokens", "12", "--mtp", "2", "--json", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout)
+
+    one = gen()
+    assert len(one["token_ids"]) == 12
+    for extra in (("--tensor-parallel-size", "2"), ("--tensor-parallel-size", "2", "--expert-parallel")):
+        out = gen(*extra)
+        assert (out["token_ids"], out["text"]) == (one["token_ids"], one["text"]), extra
