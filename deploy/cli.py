@@ -2,7 +2,7 @@
 
 splitserve make-checkpoint --preset tiny|small|bench --out DIR [--fp8] [--seed S]
 splitserve generate [--model DIR|pycoder|tiny] --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P]
-                    [--seed S] [--mtp K] [--json]
+                    [--seed S] [--mtp K] [--tensor-parallel-size N [--expert-parallel]] [--json]
 splitserve bench kernels|engine|load|serve|transfer|trained [its options]
 splitserve train --out DIR [--tokenizer DIR] [--time-budget-s S] [...]   (model/training.py)
 """
@@ -31,22 +31,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from splitserve.engine.config import EngineConfig
-    from splitserve.engine.engine import Engine, RequestError
+    from splitserve.engine.engine import Engine
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.model import load
+    from splitserve.model.config import ModelConfig
     from splitserve.model.presets import resolve_checkpoint
-    from splitserve.model.tokenizer import TextDecoder, apply_stop_strings, load_tokenizer
+    from splitserve.model.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
         args.dtype or ("bfloat16" if device == "cuda" else "float32")
     ]
-    net = load(path, device=device, dtype=dtype)
+    tp = args.tensor_parallel_size
+    if tp < 1 or (args.expert_parallel and tp < 2):
+        print("error: --tensor-parallel-size must be >= 1 (>= 2 with --expert-parallel)", file=sys.stderr)
+        return 2
+    if device == "cuda" and tp > torch.cuda.device_count():
+        print(f"error: --tensor-parallel-size {tp}: {torch.cuda.device_count()} GPUs visible", file=sys.stderr)
+        return 2
     tok = load_tokenizer(path)
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
-    if net.cfg.bos_token_id is not None:
-        ids = [net.cfg.bos_token_id] + ids
+    bos = ModelConfig.from_json(path).bos_token_id
+    if bos is not None:
+        ids = [bos] + ids
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -55,16 +63,78 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
     )
     need = -(-(len(ids) + args.max_tokens + args.mtp + 1) // 64)
-    eng = Engine(
-        net,
-        EngineConfig(
-            num_blocks=max(need, 16),
-            block_size=64,
-            mtp_draft_tokens=args.mtp,
-            dtype=str(dtype).replace("torch.", ""),
-            device=device,
-        ),
+    ecfg = EngineConfig(
+        num_blocks=max(need, 16),
+        block_size=64,
+        mtp_draft_tokens=args.mtp,
+        dtype=str(dtype).replace("torch.", ""),
+        device=device,
     )
+    followers = _start_followers(tp, str(path), ecfg, args.expert_parallel)
+    try:
+        init = followers[0] if followers else ""
+        ps = _join_rank(0, tp, init, device, args.expert_parallel)
+        eng = Engine(load(path, device=device, dtype=dtype, parallel=ps), ecfg)
+        try:
+            return _generate(args, eng, tok, ids, params)
+        finally:
+            eng.stop_followers()
+            ps.destroy()
+    finally:
+        for p in followers[1:]:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def _join_rank(rank: int, world: int, init: str, device: str, ep: bool):  # -> ParallelState
+    import os
+
+    import torch
+
+    from splitserve.model.parallel import ParallelState
+
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share the host's cores
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+    return ParallelState.init(rank, world, init, device, expert_parallel=ep)
+
+
+def _start_followers(world: int, path: str, ecfg, ep: bool) -> list:
+    """Ranks 1.. of `generate --tensor-parallel-size N` as spawned processes: [init method, processes...]."""
+    if world == 1:
+        return []
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_follow_rank, args=(r, world, init, path, ecfg, ep), daemon=True) for r in range(1, world)
+    ]
+    for p in procs:
+        p.start()
+    return [init, *procs]
+
+
+def _follow_rank(rank: int, world: int, init: str, path: str, ecfg, ep: bool) -> None:
+    from splitserve.engine.engine import Engine
+    from splitserve.model import load
+
+    ps = _join_rank(rank, world, init, ecfg.device, ep)
+    Engine(load(path, device=ecfg.device, dtype=ecfg.torch_dtype, parallel=ps), ecfg).follow()
+    ps.destroy()
+
+
+def _generate(args: argparse.Namespace, eng, tok, ids: list[int], params) -> int:
+    from splitserve.engine.engine import RequestError
+    from splitserve.model.tokenizer import TextDecoder, apply_stop_strings
+
     try:
         req = eng.add_request("cli-0", ids, params)
     except RequestError as e:
@@ -172,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mtp", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="ranks the model is split over (processes; one GPU each on cuda); rank 0 runs the engine",
+    )
+    g.add_argument("--expert-parallel", action="store_true", help="split the routed experts across the ranks")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=_cmd_generate)
 

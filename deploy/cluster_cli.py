@@ -317,16 +317,19 @@ def format_gpus(ids: list, share: float | None) -> str:
 
 def format_status(status: dict[str, Any]) -> str:
     """The status as a readable table."""
-    rows = [("ID", "ROLE", "STATE", "PID", "NODE", "GPUS", "WEIGHTS", "BLOCKS USED", "REQUESTS DONE")]
+    rows = [("ID", "ROLE", "STATE", "TP", "PID", "NODE", "GPUS", "WEIGHTS", "BLOCKS USED", "REQUESTS DONE")]
     for w in status.get("workers", []):
         gpus = format_gpus(w.get("gpus") or [], w.get("gpu_share"))
         wb = int(w.get("weight_bytes") or 0)
+        tp = f"{w.get('tensor_parallel_size', 1)}" + ("+ep" if w.get("expert_parallel") else "")
+        pids = ",".join(str(r.get("pid") or "-") for r in w.get("ranks") or []) or str(w.get("pid") or "-")
         rows.append(
             (
                 str(w["id"]),
                 str(w["role"]),
                 str(w["state"]),
-                str(w.get("pid") or "-"),
+                tp,
+                pids,  # every rank's, rank 0 (it serves) first
                 str(w.get("node") or "-"),
                 gpus,
                 f"{wb / 2**30:.2f} GiB" if wb else "-",

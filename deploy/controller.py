@@ -23,6 +23,7 @@ changes (scale, replacement, shutdown) are serialized by one lock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,19 +37,24 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from splitserve.deploy.config import ClusterConfig
 from splitserve.deploy.worker_actor import (
     ROLES,
+    RemoteRankActor,
     RemoteWorkerActor,
     Role,
     actor_options,
     load_grpc_tls,
     pool_config,
+    rank_bundles,
+    rank_options,
     resource_demand,
     spec_for,
     worker_id,
 )
+from splitserve.engine.runtime import remove_rendezvous
 from splitserve.router.membership import Directory, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -96,6 +102,10 @@ class _Worker:
     info: dict[str, Any] = field(default_factory=dict)
     missed_pings: int = 0
     created: float = field(default_factory=time.monotonic)
+    # tensor parallel (tensor_parallel_size > 1): ranks 1.. and the placement group holding every rank
+    followers: list[Any] = field(default_factory=list)
+    placement_group: Any = None
+    rendezvous: str = ""  # the ranks' torch.distributed init method (a file on their node)
 
 
 class Controller:
@@ -279,7 +289,9 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         """`{"router": {"url"}, "workers": [{"id", "role", "state", "pid", "node", "gpus",
-        "gpu_share" (the pool's gpus_per_worker: 0.5 when two workers share a GPU), "blocks_used", "blocks_total", "requests_done"}]}`; load is read from the workers now
+        "gpu_share" (the pool's gpus_per_worker: 0.5 when two workers share a GPU), "blocks_used", "blocks_total",
+        "requests_done", "weight_bytes", "tensor_parallel_size", "expert_parallel", "ranks" ([{"rank", "pid",
+        "gpus"}], rank 0 first: it serves)}]}`; load is read from the workers now
         (bounded by status_timeout_s), else the last known values."""
         with self._lock:
             workers = sorted(self._workers.values(), key=lambda w: (ROLES.index(w.role), w.index))
@@ -296,6 +308,9 @@ class Controller:
         entries = []
         for w in workers:
             d = self.directory.get(w.worker_id)
+            ranks: list[dict[str, Any]] = w.info.get("ranks") or [
+                {"rank": 0, "pid": w.info.get("pid"), "gpus": list(w.info.get("gpus", []))}
+            ]
             load: dict[str, Any] = fresh.get(w.worker_id) or (
                 {"blocks_used": d.blocks_used, "blocks_total": d.blocks_total, "requests_done": d.requests_done}
                 if d is not None
@@ -308,8 +323,11 @@ class Controller:
                     "state": d.state if d is not None and w.state == "serving" else w.state,
                     "pid": w.info.get("pid"),
                     "node": w.info.get("node_ip") or w.info.get("node"),
-                    "gpus": list(w.info.get("gpus", [])),
+                    "gpus": [g for r in ranks for g in r["gpus"]],
                     "gpu_share": float(pool_config(self.cfg, w.role).gpus_per_worker or 0),
+                    "tensor_parallel_size": int(w.info.get("tensor_parallel_size", len(ranks))),
+                    "expert_parallel": bool(w.info.get("expert_parallel", False)),
+                    "ranks": ranks,
                     "blocks_used": int(load.get("blocks_used", 0)),
                     "blocks_total": int(load.get("blocks_total", w.info.get("blocks_total", 0))),
                     "requests_done": int(load.get("requests_done", 0)),
@@ -538,14 +556,27 @@ class Controller:
             cluster_secret=self.cluster_secret,
             grpc_tls=self.grpc_tls,
         )
+        pg: Any = None
+        followers: list[Any] = []
         try:
-            actor = RemoteWorkerActor.options(**actor_options(self.cfg, role, wid)).remote(spec)
+            if spec.tensor_parallel_size == 1:
+                actor = RemoteWorkerActor.options(**actor_options(self.cfg, role, wid)).remote(spec)
+            else:  # every rank in one placement group, packed on one node; rank 0 serves
+                pg = placement_group(rank_bundles(self.cfg, role), strategy="STRICT_PACK", name=f"{wid}-ranks")
+                actor = RemoteWorkerActor.options(**rank_options(self.cfg, role, wid, 0, pg)).remote(spec)
+                for r in range(1, spec.tensor_parallel_size):
+                    opts = rank_options(self.cfg, role, wid, r, pg)
+                    followers.append(RemoteRankActor.options(**opts).remote(dataclasses.replace(spec, rank=r)))
         except ValueError as e:  # e.g. the actor name is taken in this namespace
+            for a in followers:
+                ray.kill(a, no_restart=True)
+            if pg is not None:
+                remove_placement_group(pg)
             raise ControllerError(
                 f"cannot create worker {wid}: {e} (another splitserve cluster in Ray "
                 f"namespace {self.cfg.ray.namespace!r}? give it another ray.namespace)"
             ) from e
-        w = _Worker(wid, role, index, actor)
+        w = _Worker(wid, role, index, actor, followers=followers, placement_group=pg, rendezvous=spec.dist_init_method)
         with self._lock:
             self._workers[wid] = w
         logger.info("starting worker %s", wid)
@@ -597,6 +628,12 @@ class Controller:
                 w = refs[r]
                 try:
                     w.info = ray.get(r)
+                    if w.followers:  # rank 0 serves once every rank has joined and follows it
+                        ranks = ray.get([f.ping.remote() for f in w.followers], timeout=30.0)
+                        w.info["ranks"] = [
+                            {"rank": 0, "pid": w.info.get("pid"), "gpus": list(w.info.get("gpus", []))},
+                            *({"rank": x["rank"], "pid": x["pid"], "gpus": x["gpus"]} for x in ranks),
+                        ]
                 except Exception as e:  # noqa: BLE001 - any failure of a worker's creation is reported
                     failed[w.worker_id] = _failure_reason(e)
                 else:
@@ -719,10 +756,17 @@ class Controller:
 
     def _kill(self, workers: Iterable[_Worker]) -> None:
         for w in workers:
-            try:
-                ray.kill(w.actor, no_restart=True)
-            except Exception as e:  # noqa: BLE001 - already gone
-                logger.debug("kill %s: %s", w.worker_id, e)
+            for a in [w.actor, *w.followers]:  # every rank of the worker
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception as e:  # noqa: BLE001 - already gone
+                    logger.debug("kill %s: %s", w.worker_id, e)
+            if w.placement_group is not None:
+                try:
+                    remove_placement_group(w.placement_group)
+                except Exception as e:  # noqa: BLE001 - already removed
+                    logger.debug("remove placement group of %s: %s", w.worker_id, e)
+            remove_rendezvous(w.rendezvous)  # when the ranks ran on this node (a clean stop removed it already)
             with self._lock:
                 w.state = "stopped"
                 self._workers.pop(w.worker_id, None)
@@ -765,8 +809,15 @@ class Controller:
         if not serving:
             return
         refs = {w.actor.ping.remote(): w for w in serving}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.ping_timeout_s)
+        # ranks 1.. of tensor-parallel workers: a dead one leaves its leader waiting in a collective
+        # (NCCL does not notice a dead peer), so the controller watches every rank
+        rank_refs = {f.ping.remote(): (w, i + 1) for w in serving for i, f in enumerate(w.followers)}
+        everything = list(refs) + list(rank_refs)
+        ready, pending = ray.wait(everything, num_returns=len(everything), timeout=self.ping_timeout_s)
         for r in ready:
+            if r in rank_refs:
+                self._check_rank(r, *rank_refs[r])
+                continue
             w = refs[r]
             try:
                 p = ray.get(r)
@@ -787,7 +838,23 @@ class Controller:
             }
             self.directory.update(w.worker_id, last_seen=time.monotonic(), **load)
         for r in pending:
-            self._missed(refs[r], f"no answer to a ping within {self.ping_timeout_s:g} s")
+            if r in rank_refs:
+                w, rank = rank_refs[r]
+                self._missed(w, f"rank {rank}: no answer to a ping within {self.ping_timeout_s:g} s")
+            else:
+                self._missed(refs[r], f"no answer to a ping within {self.ping_timeout_s:g} s")
+
+    def _check_rank(self, ref: Any, w: _Worker, rank: int) -> None:
+        try:
+            p = ray.get(ref)
+        except RayActorError as e:
+            self._mark_dead(w, f"its rank {rank} died: {_failure_reason(e)}")
+            return
+        except Exception as e:  # noqa: BLE001 - counted as a miss, like the leader's
+            self._missed(w, f"rank {rank}: ping failed: {type(e).__name__}: {e}")
+            return
+        if not p.get("following", True):
+            self._mark_dead(w, f"its rank {rank} stopped following the leader")
 
     def _missed(self, w: _Worker, why: str) -> None:
         w.missed_pings += 1

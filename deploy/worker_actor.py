@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import ray
 
 from splitserve.deploy.config import ClusterConfig, ConfigError, ConfigProblem, PoolConfig
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.runtime import WorkerServer, WorkerSpec
+from splitserve.engine.runtime import FollowerRuntime, WorkerServer, WorkerSpec
 from splitserve.protos.auth import GrpcTls
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,52 @@ def spec_for(
         first_token_timeout_s=cfg.router.first_token_timeout_s,
         cluster_secret=cluster_secret,
         grpc_tls=grpc_tls,
+        tensor_parallel_size=pool.tensor_parallel_size,
+        expert_parallel=pool.expert_parallel,
+        # the ranks share one node (a STRICT_PACK placement group): a fresh file there is their rendezvous
+        dist_init_method=(
+            f"file:///tmp/splitserve-tp-{worker_id(role, index)}-{secrets.token_hex(8)}"
+            if pool.tensor_parallel_size > 1
+            else ""
+        ),
     )
+
+
+def rank_bundles(cfg: ClusterConfig, role: Role) -> list[dict[str, float]]:
+    """The placement-group bundles of a `role` worker, one per rank: each rank's CPUs and its GPU
+    (gpus_per_worker / tensor_parallel_size); the pool's custom resources go with rank 0."""
+    pool = pool_config(cfg, role)
+    n = pool.tensor_parallel_size
+    bundles: list[dict[str, float]] = []
+    for r in range(n):
+        b: dict[str, float] = {"CPU": pool.cpus_per_worker}
+        if pool.gpus_per_worker:
+            b["GPU"] = pool.gpus_per_worker / n
+        if r == 0:
+            b.update(pool.resources)
+        bundles.append(b)
+    return bundles
+
+
+def rank_options(cfg: ClusterConfig, role: Role, wid: str, rank: int, placement_group: Any) -> dict[str, Any]:
+    """Ray options of rank `rank` of a tensor-parallel worker: its bundle of the worker's placement group
+    (rank 0 is the worker's named actor; the others are named `<wid>-rank<r>`)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = rank_bundles(cfg, role)[rank]
+    opts = actor_options(cfg, role, wid)
+    opts.update(
+        num_cpus=bundle["CPU"],
+        num_gpus=bundle.get("GPU", 0),
+        resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=rank
+        ),
+    )
+    if rank:
+        opts["name"] = f"{wid}-rank{rank}"
+        opts["max_concurrency"] = 2
+    return opts
 
 
 def actor_options(cfg: ClusterConfig, role: Role, wid: str) -> dict[str, Any]:
@@ -171,7 +217,7 @@ def load_grpc_tls(cfg: ClusterConfig) -> GrpcTls | None:
 def resource_demand(cfg: ClusterConfig, role: Role) -> dict[str, float]:
     """What one `role` worker asks Ray for, in `ray.nodes()` resource names."""
     pool = pool_config(cfg, role)
-    demand = {"CPU": pool.cpus_per_worker, **pool.resources}
+    demand = {"CPU": pool.cpus_per_worker * pool.tensor_parallel_size, **pool.resources}  # CPUs per rank
     if pool.gpus_per_worker:
         demand["GPU"] = pool.gpus_per_worker
     return demand
@@ -256,6 +302,30 @@ class WorkerActor:
         self.server.stop(grace_s)
 
 
+class RankActor:
+    """Rank 1.. of a tensor-parallel worker (rank 0 is its WorkerActor, which serves gRPC and leads):
+    joins the worker's process group, loads its shard, follows the leader's engine steps. It lives and
+    dies with its worker (the controller kills every rank together)."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.spec = spec
+        self.node_id, self.node_ip, self.gpus = _ray_placement()
+        self.rt = FollowerRuntime(spec)
+
+    def ping(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.spec.worker_id,
+            "rank": self.spec.rank,
+            "pid": os.getpid(),
+            "node_ip": self.node_ip,
+            "gpus": list(self.gpus),
+            "following": self.rt.alive,
+            "calls": self.rt.calls,
+        }
+
+
 def _ray_placement() -> tuple[str, str, tuple[int, ...]]:
     """(node id, node IP, GPU ids) of this process, as Ray placed it ('' / () outside Ray)."""
     if not ray.is_initialized():
@@ -272,3 +342,5 @@ def _ray_placement() -> tuple[str, str, tuple[int, ...]]:
 
 #: The Ray actor class of `WorkerActor` (options per worker from `actor_options`).
 RemoteWorkerActor = ray.remote(WorkerActor)
+#: The Ray actor class of `RankActor` (options from `rank_options`).
+RemoteRankActor = ray.remote(RankActor)

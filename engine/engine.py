@@ -81,6 +81,11 @@ class Engine:
         num_layers = mcfg.num_hidden_layers + (1 if net.has_mtp else 0)
         if cfg.cache_memory_fraction is not None:
             cfg = self.cfg = self._size_cache(cfg, num_layers)
+        self.parallel = net.parallel
+        if self.parallel.distributed:  # every rank holds the same cache: the smallest fits them all
+            n = self.parallel.all_min(cfg.num_blocks)
+            if n != cfg.num_blocks:
+                cfg = self.cfg = dataclasses.replace(cfg, num_blocks=n)
         self.pool = CachePool(
             mcfg,
             num_layers,
@@ -107,7 +112,8 @@ class Engine:
             self.mtp_k,
             self.mtp_cache,
             paged=paged,
-            graphs=cfg.cuda_graphs and self.pool.latent.is_cuda,
+            # not yet under tensor parallelism: the followers would have to replay the same graphs
+            graphs=cfg.cuda_graphs and self.pool.latent.is_cuda and not self.parallel.distributed,
             max_rows=cfg.max_running * (self.mtp_k + 1),
             max_blocks=self.scheduler.blocks_for(self.max_model_len + self.mtp_k + 1),
             max_requests=cfg.max_running,
@@ -137,6 +143,20 @@ class Engine:
             total / 2**30,
         )
         return dataclasses.replace(cfg, num_blocks=n)
+
+    # ---- tensor parallel ---------------------------------------------------------------------
+    def follow(self) -> int:
+        """A follower rank (not rank 0): run the leader's network calls until `stop_followers()`
+        (engine/runner.py). Its scheduler is never used: the leader plans every step."""
+        return self.runner.follow()
+
+    def stop_followers(self) -> None:
+        """The leader: release the followers from `follow()` (no-op at world size 1)."""
+        self.runner.stop_followers()
+
+    def sync_blocks(self, blocks: list[int]) -> None:
+        """The leader: copy these cache blocks to every follower (they arrived on the leader only)."""
+        self.runner.sync_blocks(blocks)
 
     # ---- admission -------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -204,6 +224,7 @@ class Engine:
         the first token sampled by the prefill side). mtp_hidden: the main model's hidden state at
         the last prompt position, [hidden], which the MTP layer needs next."""
         self._check_logit_bias(params)
+        self.sync_blocks(blocks)  # tensor parallel: the cache arrived on this rank only; the others get a copy
         req = Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.net.device))
         if generator_state is not None and req.generator is not None:
             req.generator.set_state(generator_state)

@@ -62,6 +62,11 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def stopped_cleanly(self) -> bool:
+        """The loop thread has ended through stop(), not by an error (no step is half done)."""
+        return not self._thread.is_alive() and self.error is None
+
     # ---- API for other threads ---------------------------------------------------------------
     def call(
         self, fn: Callable[[Engine], T], timeout: float = 30.0, undo: Callable[[Engine, T], object] | None = None

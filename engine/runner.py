@@ -20,7 +20,18 @@ A decode-only step whose requests are all `spec_step.eligible` (no penalties, lo
 logprobs) with the paged kernels on runs steps 1-3 as one tensor program instead (spec_step.py: one
 CUDA graph replay and one device->host copy per step; its docstring counts what the per-phase path
 above costs). A request with more pending MTP positions than k + 1 (the first decode step after a
-local prefill) first catches up eagerly on all but its last one.
+local prefill) first catches up eagerly on all but its last one. (Single-rank workers only: its network calls
+are not broadcast to tensor-parallel followers, so TP workers take the per-phase path.)
+
+Tensor parallel (net.parallel of world size N > 1): the leader (rank 0) runs the engine and this
+runner as above; before each call into the network (main forward, MTP forward, LM head) it
+broadcasts that call's plan — the token runs (ids, first position, block table) and spans, and the
+hidden states the call takes — and every follower rank, inside `follow()`, builds the same batch
+over its own cache pool and makes the same call on its shard of the network. The collectives inside
+the network pair up because every rank makes the same calls in the same order; the cache writes are
+the same on every rank, so the followers' caches stay equal to the leader's. Sampling, drafting and
+verification happen on the leader only (the LM head's logits are all-gathered, so it has all of them).
+At world size 1 nothing is broadcast.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.model import DeepseekV32, ForwardBatch, SeqSpan
+from splitserve.model.parallel import ParallelState
 
 from .cache import CachePool, PagedStore
 from .request import Request
@@ -46,6 +58,8 @@ from .sampler import (
 from .scheduler import ScheduledItem
 from .spec_step import RelaxedAcceptance, SpecStep, eligible, relaxed_accept, thinking_after, thinking_states
 from .speculative import VerifyResult, target_probs_for_drafts, verify_batch
+
+Group = tuple[list[int], int, list[int]]  # a run of tokens: ids, first position, block table
 
 
 @dataclass(slots=True)
@@ -80,6 +94,7 @@ class ModelRunner:
         relaxed: RelaxedAcceptance | None = None,
     ) -> None:
         self.net, self.pool = net, pool
+        self.parallel: ParallelState = net.parallel
         self.mtp_k, self.mtp_cache = mtp_k, mtp_cache
         self.mtp_layer = net.cfg.mtp_layer_index
         self.device = net.device
@@ -91,7 +106,7 @@ class ModelRunner:
         self.relaxed = relaxed
         self.spec = (
             SpecStep(net, pool, mtp_k, max_requests, max_blocks, graphs=graphs, relaxed=relaxed)
-            if paged and mtp_k and mtp_cache
+            if paged and mtp_k and mtp_cache and self.parallel.world_size == 1  # its calls are not broadcast
             else None
         )
 
@@ -105,7 +120,87 @@ class ModelRunner:
             if out is not None:
                 return out
         batch = self._batch(groups, spans, plan)
+        self._announce("mtp", groups, spans, hidden)
         return self.net.mtp_forward(hidden, batch.input_ids, batch)
+
+    # ---- tensor parallel: the leader announces each network call, followers repeat it -------------
+    def _announce(
+        self,
+        op: str,
+        groups: list[Group] | None = None,
+        spans: list[SeqSpan] | None = None,
+        x: torch.Tensor | None = None,
+    ) -> None:
+        """Leader: tell the followers the next network call (and send its input hidden states)."""
+        if not self.parallel.distributed:
+            return
+        meta = None if x is None else (tuple(x.shape), str(x.dtype).removeprefix("torch."))
+        self.parallel.broadcast_object((op, groups, spans, meta))
+        if x is not None:
+            self.parallel.broadcast_tensor(x.contiguous())
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._announce("logits", x=hidden)
+        return self.net.logits(hidden)
+
+    def _forward(self, groups: list[Group], spans: list[SeqSpan], plan: RowPlan | None) -> torch.Tensor:
+        batch = self._batch(groups, spans, plan)
+        self._announce("forward", groups, spans)
+        return self.net.forward(batch)
+
+    def sync_blocks(self, blocks: list[int]) -> None:
+        """Leader: copy these cache blocks (every pool) to the followers (a decode worker's leader
+        received them from a prefill worker; the followers' caches must hold them too)."""
+        if not self.parallel.distributed or not blocks:
+            return
+        self._announce("blocks", [(list(blocks), 0, [])])
+        self._blocks(blocks)
+
+    def _blocks(self, blocks: list[int]) -> None:
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.pool.latent.device)
+        for t in self.pool.pools():
+            part = t.index_select(0, idx)
+            self.parallel.broadcast_tensor(part)
+            t.index_copy_(0, idx, part)
+
+    def stop_followers(self) -> None:
+        """Leader: end the followers' `follow()` loops (returns once every follower has the message,
+        so the process group can be destroyed right after)."""
+        self._announce("stop")
+        self.parallel.barrier()
+
+    @torch.inference_mode()
+    def follow(self) -> int:
+        """Follower: repeat the leader's network calls until it says stop; returns the calls made."""
+        if self.parallel.is_leader:
+            raise RuntimeError("rank 0 leads: follow() runs on the other ranks")
+        calls = 0
+        while True:
+            op, groups, spans, meta = self.parallel.broadcast_object()
+            if op == "stop":
+                self.parallel.barrier()
+                return calls
+            calls += 1
+            x = None
+            if meta is not None:
+                shape, dtype = meta
+                x = self.parallel.broadcast_tensor(torch.empty(shape, dtype=getattr(torch, dtype), device=self.device))
+            if op == "blocks":
+                self._blocks(groups[0][0])
+                continue
+            if op == "logits":
+                assert x is not None
+                self.net.logits(x)
+                continue
+            plan = RowPlan.build(groups, self.pool.block_size) if self.paged else None
+            batch = self._batch(groups, spans, plan)
+            if op == "forward":
+                self.net.forward(batch)
+            elif op == "mtp":
+                assert x is not None
+                self.net.mtp_forward(x, batch.input_ids, batch)
+            else:
+                raise RuntimeError(f"unknown tensor-parallel call {op!r} from the leader")
 
     def _batch(
         self, groups: list[tuple[list[int], int, list[int]]], spans: list[SeqSpan], plan: RowPlan | None
@@ -172,7 +267,7 @@ class ModelRunner:
                 groups = [([r.drafts[-1]], r.num_computed + j - 1, r.block_table) for r in active]
                 spans = [SeqSpan(i, 1, p, absorbed=True) for i, (_, p, _) in enumerate(groups)]
                 hidden = self._mtp(groups, spans, hidden, graphed=True)
-            logits = self.net.logits(hidden)
+            logits = self._logits(hidden)
             greedy_rows = [i for i, r in enumerate(active) if r.params.greedy]
             if greedy_rows:  # one argmax and one host copy for every greedy request
                 # Drafts see the request's logit_bias too (so do sampled drafts, through processed_probs):
@@ -312,7 +407,7 @@ class ModelRunner:
         if self.graphs is not None and plan is not None and all(it.decode for it in items):
             hidden = self.graphs.run(plan)
         if hidden is None:
-            hidden = self.net.forward(self._batch(groups, spans, plan))
+            hidden = self._forward(groups, spans, plan)
 
         # rows whose logits are needed
         want: list[int] = []
@@ -326,7 +421,7 @@ class ModelRunner:
                 elif req.num_computed + sp.length == req.num_tokens:
                     want.append(sp.end - 1)
         row_of = {r: i for i, r in enumerate(want)}
-        logits = self.net.logits(hidden[want]) if want else None
+        logits = self._logits(hidden[want]) if want else None
 
         results: dict[str, StepResult] = {}
         sample_items: list[tuple[ScheduledItem, int]] = []

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the model stack loads in the worker only: a WorkerSpec is b
     import torch
 
     from splitserve.kvtransfer import Compat
+    from splitserve.model.parallel import ParallelState
 
     from .engine import Engine
 
@@ -51,6 +52,13 @@ class WorkerSpec:
     # sets one, made per run and sent to the worker through Ray inside this spec).
     cluster_secret: str | None = field(default=None, repr=False)
     grpc_tls: GrpcTls | None = field(default=None, repr=False)  # TLS for the gRPC server (None: plaintext)
+    # Tensor parallelism (model/parallel.py): the worker is tensor_parallel_size processes; this spec's
+    # rank 0 serves gRPC and leads the engine, ranks 1.. follow (FollowerRuntime). dist_init_method is
+    # their torch.distributed rendezvous ("file://..." on the node they share, or "tcp://host:port").
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
+    dist_init_method: str = ""
+    rank: int = 0
 
     @property
     def quarantine_s(self) -> float:
@@ -73,6 +81,78 @@ def think_token_ids(checkpoint: str | Path) -> tuple[int, int]:
     return start, end
 
 
+def join_parallel(spec: WorkerSpec) -> ParallelState:
+    """This process's rank of the worker (world size 1: no process group at all)."""
+    from splitserve.model.parallel import ParallelState
+
+    n = spec.tensor_parallel_size
+    if n > 1 and not spec.dist_init_method:
+        raise ValueError(f"worker {spec.worker_id}: tensor_parallel_size {n} needs a dist_init_method")
+    return ParallelState.init(
+        spec.rank, n, spec.dist_init_method, spec.engine.device, expert_parallel=spec.expert_parallel
+    )
+
+
+def load_shard(spec: WorkerSpec, parallel: ParallelState) -> tuple[Any, Any]:
+    """(checkpoint directory, this rank's network)."""
+    import torch
+
+    from splitserve.model import load
+    from splitserve.model.presets import resolve_checkpoint
+
+    ecfg = spec.engine
+    if ecfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"worker {spec.worker_id}: device 'cuda' requested but no GPU is visible")
+    path = resolve_checkpoint(spec.model_path)
+    net = load(
+        path,
+        device=ecfg.device,
+        dtype=ecfg.torch_dtype,
+        indexer_fp8=ecfg.indexer_fp8,
+        fp8_weights=ecfg.fp8_weights,
+        parallel=parallel,
+    )
+    return path, net
+
+
+class FollowerRuntime:
+    """Rank 1.. of a tensor-parallel worker: its shard of the network and a cache like the leader's,
+    repeating the leader's network calls in a thread (Engine.follow) until the leader stops it."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        import threading
+
+        from .engine import Engine
+
+        if spec.rank < 1:
+            raise ValueError("FollowerRuntime is for ranks >= 1 (rank 0 is the WorkerRuntime)")
+        self.spec = spec
+        self.parallel = join_parallel(spec)
+        _, net = load_shard(spec, self.parallel)
+        self.engine = Engine(net, spec.engine)
+        self.error: BaseException | None = None
+        self.calls = 0
+        self._thread = threading.Thread(target=self._follow, name=f"follow-{spec.worker_id}-{spec.rank}", daemon=True)
+        self._thread.start()
+        log.info("worker %s rank %d/%d following", spec.worker_id, spec.rank, spec.tensor_parallel_size)
+
+    def _follow(self) -> None:
+        try:
+            self.calls = self.engine.follow()
+        except BaseException as e:  # noqa: BLE001 - reported by alive/ping; the leader fails on its side
+            log.exception("worker %s rank %d: following the leader failed", self.spec.worker_id, self.spec.rank)
+            self.error = e
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.parallel.destroy()
+
+
 def transfer_compat(engine: Engine) -> Compat:
     """Fields both ends of a cache transfer must agree on."""
     from splitserve.kvtransfer import Compat
@@ -89,25 +169,19 @@ def transfer_compat(engine: Engine) -> Compat:
 
 class WorkerRuntime:
     def __init__(self, spec: WorkerSpec) -> None:
-        import torch
-
         from splitserve.kvtransfer import TransportConfig, make_transport
-        from splitserve.model import load
-        from splitserve.model.presets import resolve_checkpoint
 
         from .engine import Engine
         from .loop import EngineLoop
 
         self.spec = spec
         ecfg = spec.engine
-        if ecfg.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"worker {spec.worker_id}: device 'cuda' requested but no GPU is visible")
-        path = resolve_checkpoint(spec.model_path)
+        if spec.rank != 0:
+            raise ValueError("WorkerRuntime is rank 0 of its worker (the others run FollowerRuntime)")
+        self.parallel = join_parallel(spec)  # tensor parallel: waits for the other ranks to join
+        path, net = load_shard(spec, self.parallel)
         if ecfg.mtp_relaxed_topk and ecfg.think_token_ids is None:
             ecfg = dataclasses.replace(ecfg, think_token_ids=think_token_ids(path))
-        net = load(
-            path, device=ecfg.device, dtype=ecfg.torch_dtype, indexer_fp8=ecfg.indexer_fp8, fp8_weights=ecfg.fp8_weights
-        )
         self.checkpoint = path
         self.engine = Engine(net, ecfg)
         # kernels compiled and (decode) graphs captured before ready; a prefill worker never decodes
@@ -153,6 +227,19 @@ class WorkerRuntime:
     def close(self) -> None:
         self.loop.stop()
         self.transport.close()
+        if self.parallel.distributed and self.loop.stopped_cleanly:  # no step half done: the followers are waiting
+            self.engine.stop_followers()
+            self.parallel.destroy()
+        remove_rendezvous(self.spec.dist_init_method)
+
+
+def remove_rendezvous(init_method: str) -> None:
+    """Delete a "file://" rendezvous of a worker's ranks (once they are done with it), if it is here."""
+    if init_method.startswith("file://"):
+        try:
+            os.unlink(init_method.removeprefix("file://"))
+        except OSError:
+            pass
 
 
 class WorkerServer:
@@ -186,6 +273,8 @@ class WorkerServer:
             "node": self.rt.node,
             "transfer_metadata": self.rt.metadata,
             "blocks_total": self.rt.engine.blocks_total,
+            "tensor_parallel_size": self.rt.parallel.world_size,
+            "expert_parallel": self.rt.parallel.expert_parallel,
         }
 
     def stats(self) -> dict:

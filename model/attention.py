@@ -32,6 +32,7 @@ from .config import ModelConfig
 from .fp8 import hadamard_rotate
 from .linear import FusedLinear
 from .norm import RMSNorm
+from .parallel import ParallelState
 
 
 class Indexer(nn.Module):
@@ -110,12 +111,20 @@ def select_topk(index_scores: torch.Tensor, span: SeqSpan, topk: int) -> torch.T
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention for one layer (weights named as in the HF checkpoint)."""
+    """Multi-head latent attention for one layer (weights named as in the HF checkpoint).
 
-    def __init__(self, cfg: ModelConfig, layer: int, indexer_fp8: bool = False) -> None:
+    Tensor parallel (parallel.world_size N): each rank holds num_attention_heads / N heads — its rows
+    of q_b_proj and kv_b_proj and its columns of o_proj, whose partial output is summed over the ranks
+    (all-reduce). The latent path (q_a_proj, kv_a_proj_with_mqa, their norms) and the indexer are
+    replicated, so every rank writes the same MLA latent and indexer key cache entries."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer: int, indexer_fp8: bool = False, parallel: ParallelState | None = None
+    ) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        h = cfg.num_attention_heads
+        self.parallel = parallel or ParallelState.single()
+        h = self.n_heads = self.parallel.split(cfg.num_attention_heads, "num_attention_heads")
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
@@ -145,7 +154,7 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        n, h = x.shape[0], cfg.num_attention_heads
+        n, h = x.shape[0], self.n_heads
         q_a, kv_a, k_idx = self._project_in(x)
         q_resid = self.q_a_layernorm(q_a)
         q = self.q_b_proj(q_resid).view(n, h, cfg.qk_head_dim)
@@ -157,7 +166,7 @@ class MLA(nn.Module):
         q_idx, w_idx = self.indexer.queries(q_resid, x, cos, sin)
         if batch.rows is not None:
             out = self._rows(q_nope, q_rope, entries, keys, q_idx, w_idx, batch.rows)
-            return self.o_proj(out.reshape(n, h * cfg.v_head_dim))
+            return self.parallel.all_reduce(self.o_proj(out.reshape(n, h * cfg.v_head_dim)))
         assert batch.store is not None
         for i, sp in enumerate(batch.spans):
             batch.store.write(self.layer, i, entries[sp.start : sp.end], keys[sp.start : sp.end])
@@ -172,7 +181,7 @@ class MLA(nn.Module):
                 allowed = select_topk(scores, sp, cfg.index_topk)
             attend = self._absorbed if sp.absorbed else self._decompressed
             out[sp.start : sp.end] = attend(q_nope[sp.start : sp.end], q_rope[sp.start : sp.end], cache, allowed)
-        return self.o_proj(out.reshape(n, h * cfg.v_head_dim))
+        return self.parallel.all_reduce(self.o_proj(out.reshape(n, h * cfg.v_head_dim)))
 
     def _rows(
         self,
@@ -218,7 +227,7 @@ class MLA(nn.Module):
         """q_nope [n, H, 128], q_rope [n, H, 64], cache [L, 576], allowed [n, L] -> [n, H, v_head_dim]."""
         cfg = self.cfg
         lat, k_rope = cache.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(lat).view(lat.shape[0], cfg.num_attention_heads, -1)
+        kv = self.kv_b_proj(lat).view(lat.shape[0], self.n_heads, -1)
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         logits = torch.einsum("nhd,lhd->hnl", q_nope, k_nope) + torch.einsum("nhd,ld->hnl", q_rope, k_rope)
         p = self._softmax(logits, allowed).to(v.dtype)
@@ -227,7 +236,7 @@ class MLA(nn.Module):
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split into W_uk [H, nope, kv_lora] and W_uv [H, v_head, kv_lora]."""
         cfg = self.cfg
-        w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w = self.kv_b_proj.weight.view(self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
 
     def _absorbed(

@@ -31,6 +31,8 @@ from .config import ModelConfig
 from .fp8 import FP8_DTYPE, dequantize_weight
 from .linear import fp8_module_names
 from .network import DeepseekV32
+from .parallel import ParallelState
+from .sharding import Reader, Sharding
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,11 @@ def _is_mtp_copy(name: str) -> bool:
     return name.endswith((".embed_tokens.weight", ".shared_head.head.weight"))
 
 
-def _target(net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> tuple[torch.Tensor, tuple] | None:
-    """Map an HF tensor name onto (parameter, index into it); None for known tensors not kept."""
+def _target(
+    net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig, sharding: Sharding | None = None
+) -> tuple[torch.Tensor, tuple] | None:
+    """Map an HF tensor name onto (parameter, index into it); None for known tensors not kept (by this
+    rank: routed experts of another rank under expert parallelism)."""
     if name in net_params:
         return net_params[name], ()
     layer = layer_of(name)
@@ -73,13 +78,17 @@ def _target(net_params: dict[str, torch.Tensor], name: str, cfg: ModelConfig) ->
     if layer is not None and ".mlp.experts." in name:
         pre = name.split(".mlp.experts.")[0] + ".mlp."
         rest = name.split(".mlp.experts.")[1]
-        i = cfg.moe_intermediate_size
+        i = net_params[pre + "w2"].shape[2]  # this rank's intermediate size (all of it without TP)
         if rest == "gate_up_proj":
             return net_params[pre + "w13"], ()
         if rest == "down_proj":
             return net_params[pre + "w2"], ()
         e_str, proj = rest.split(".", 1)
-        e = int(e_str)
+        e: int | None = int(e_str)
+        if sharding is not None:
+            e = sharding.local_expert(int(e_str))
+            if e is None:
+                return None
         if proj == "gate_proj.weight":
             return net_params[pre + "w13"], (e, slice(0, i))
         if proj == "up_proj.weight":
@@ -105,6 +114,7 @@ def load(
     mtp: bool = True,
     progress: bool | None = None,
     fp8_weights: bool | None = None,
+    parallel: ParallelState | None = None,
 ) -> DeepseekV32:
     """Build the network from a checkpoint directory.
 
@@ -118,8 +128,11 @@ def load(
         indexer_fp8: run the lightning indexer on its FP8 path (DeepSeek's) instead of the exact one.
         mtp: load the MTP layer when the checkpoint has one.
         progress: log a line per shard (default: when the checkpoint is over 1 GB).
+        parallel: this process's rank in a tensor-parallel worker (model/parallel.py): the network is
+            its shard and only its slices are read (model/sharding.py). None: the whole network.
     Raises:
-        CheckpointError naming missing, unexpected or mis-shaped tensors.
+        CheckpointError naming missing, unexpected or mis-shaped tensors; ShardError when a dimension
+        does not split across the ranks (or, for FP8 weights kept in e4m3, not on 128-blocks).
     """
     path = Path(path)
     cfg = ModelConfig.from_json(path)
@@ -172,8 +185,10 @@ def load(
         )
         fp8_weights = False
     keep_modules = fp8_module_names({n[: -len("_scale_inv")] for n in scale_names}) if fp8_weights else set()
+    parallel = parallel or ParallelState.single()
+    sharding = Sharding(cfg, parallel)
     with torch.device("meta"):
-        net = DeepseekV32(cfg, with_mtp=use_mtp, indexer_fp8=indexer_fp8)
+        net = DeepseekV32(cfg, with_mtp=use_mtp, indexer_fp8=indexer_fp8, parallel=parallel)
         net.to(dtype)
         net.to_fp8(keep_modules)
     net.to_empty(device=device)
@@ -191,22 +206,24 @@ def load(
         for n in names - scale_names
         if n + "_scale_inv" in names
         and n in expected
-        and (tgt := _target(params, n, cfg)) is not None
+        and (tgt := _target(params, n, cfg, sharding)) is not None
         and tgt[0].dtype == FP8_DTYPE
     }
+    block = cfg.weight_block_size or (128, 128)
+    for n in sorted(kept):  # before reading anything: every kept FP8 weight splits on whole blocks
+        sharding.scale_index(n, expected[n], block)
 
     by_file: dict[Path, list[str]] = {}
     for n in sorted(names):
         by_file.setdefault(files[n], []).append(n)
     total_bytes = sum(f.stat().st_size for f in by_file)
     show = progress if progress is not None else total_bytes > 1 << 30
-    block = cfg.weight_block_size or (128, 128)
     pending_fp8: dict[str, torch.Tensor] = {}  # fp8 weights waiting for their scale
     pending_scale: dict[str, torch.Tensor] = {}  # scales waiting for their weight
     t0, done_bytes = time.monotonic(), 0
 
     def place(name: str, value: torch.Tensor) -> None:
-        tgt = _target(params, name, cfg)
+        tgt = _target(params, name, cfg, sharding)
         if tgt is None:
             return
         param, idx = tgt
@@ -218,32 +235,51 @@ def load(
     with torch.no_grad():
         for i, (f, keys) in enumerate(by_file.items()):
             with safe_open(f, framework="pt", device="cpu") as sf:
+
+                def reader(n: str) -> Reader:
+                    return lambda idx: sf.get_slice(n)[idx] if idx else sf.get_tensor(n)
+
                 for name in keys:
                     if name in scale_names:
                         wname = name[: -len("_scale_inv")]
-                        t = sf.get_tensor(name)
+                        if _target(params, wname, cfg, sharding) is None:
+                            continue  # not kept here (an expert of another rank, an MTP copy)
+                        wshape = expected[wname]
                         if wname in kept:
-                            place(name, t.float())
+                            sc = sharding.read_scale(wname, wshape, reader(name), block)
+                            assert sc is not None  # the weight is this rank's
+                            place(name, sc.float())
                         elif wname in pending_fp8:
-                            place(wname, _dequant(path, wname, pending_fp8.pop(wname), t, block, dtype))
+                            full = _dequant(path, wname, pending_fp8.pop(wname), sf.get_tensor(name), block, dtype)
+                            place(wname, _shard_of(sharding, wname, full))
                         else:
-                            pending_scale[wname] = t
+                            pending_scale[wname] = sf.get_tensor(name)
                         continue
                     shape = tuple(sf.get_slice(name).get_shape())
                     if shape != expected[name]:
                         raise CheckpointError(f"{path}: tensor {name} has shape {shape}, expected {expected[name]}")
-                    t = sf.get_tensor(name)
-                    if t.dtype == FP8_DTYPE and name in kept:
-                        pass  # stays e4m3: placed as is
-                    elif t.dtype == FP8_DTYPE:
-                        if name + "_scale_inv" in pending_scale:
-                            t = _dequant(path, name, t, pending_scale.pop(name + "_scale_inv"), block, dtype)
-                        elif name + "_scale_inv" in names:
-                            pending_fp8[name] = t
-                            continue
-                        else:
+                    if _target(params, name, cfg, sharding) is None:
+                        continue
+                    if name in kept:  # stays e4m3: this rank's slice placed as is
+                        t = sharding.read(name, shape, reader(name))
+                        assert t is not None
+                        place(name, t)
+                        continue
+                    if name + "_scale_inv" not in names:  # not quantised: read this rank's slice only
+                        t = sharding.read(name, shape, reader(name))
+                        assert t is not None
+                        if t.dtype == FP8_DTYPE:
                             raise CheckpointError(f"{path}: FP8 tensor {name} has no {name}_scale_inv")
-                    place(name, t)
+                        place(name, t)
+                        continue
+                    t = sf.get_tensor(name)  # dequantised at load: whole blocks first, then this rank's slice
+                    if t.dtype != FP8_DTYPE:
+                        place(name, _shard_of(sharding, name, t))
+                    elif name + "_scale_inv" in pending_scale:
+                        full = _dequant(path, name, t, pending_scale.pop(name + "_scale_inv"), block, dtype)
+                        place(name, _shard_of(sharding, name, full))
+                    else:
+                        pending_fp8[name] = t
             done_bytes += f.stat().st_size
             if show:
                 el = time.monotonic() - t0
@@ -272,6 +308,12 @@ def load(
         "" if wb["fp8"] or not scale_names else "; FP8 weights dequantised",
     )
     return net
+
+
+def _shard_of(sharding: Sharding, name: str, full: torch.Tensor) -> torch.Tensor:
+    t = sharding.read(name, tuple(full.shape), lambda idx: full[idx] if idx else full)
+    assert t is not None  # callers check the tensor is this rank's
+    return t
 
 
 def _dequant(

@@ -17,13 +17,21 @@ from splitserve.kernels import fused_moe, fused_moe_fp8
 from .config import ModelConfig
 from .fp8 import FP8_DTYPE, quantize_weight
 from .linear import FusedLinear
+from .parallel import ParallelState
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)).
 
-    def __init__(self, hidden: int, inter: int) -> None:
+    Tensor parallel: gate and up column-parallel (each rank inter / N rows), down row-parallel; the
+    partial outputs are summed over the ranks (all-reduce) unless reduce=False (a MoE's shared
+    experts: the MoE reduces routed and shared partials together, one all-reduce)."""
+
+    def __init__(self, hidden: int, inter: int, parallel: ParallelState | None = None, reduce: bool = True) -> None:
         super().__init__()
+        self.parallel = parallel or ParallelState.single()
+        self.reduce = reduce
+        inter = self.parallel.split(inter, "intermediate size")
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
@@ -38,8 +46,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
             gate, up = self.gate_up(x)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            out = self.down_proj(F.silu(gate) * up)
+        else:
+            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.parallel.all_reduce(out) if self.reduce else out
 
 
 class Gate(nn.Module):
@@ -74,14 +84,33 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Router (replicated) + routed experts + shared experts.
+
+    Over N ranks: with parallel.expert_parallel, rank r holds experts [r * E/N, (r + 1) * E/N) whole
+    and computes them for the (token, expert) pairs routed to them; otherwise every rank holds every
+    expert's slice of the intermediate dimension (I/N: w13's gate and up rows, w2's columns). Shared
+    experts are tensor parallel either way. Each rank's output is a partial sum (of its experts, or of
+    its intermediate slice, plus its shared-expert slice); one all-reduce combines them (activations
+    are replicated on every rank, so no all-to-all dispatch is needed)."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.parallel = ps = parallel or ParallelState.single()
         e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.expert_start = 0
+        if ps.expert_parallel:
+            self.expert_start = ps.my_range(e, "n_routed_experts")[0]
+            e = ps.split(e, "n_routed_experts")
+        else:
+            i = ps.split(i, "moe_intermediate_size")
+        self.num_local_experts = e
         self.gate = Gate(cfg)
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
-        self.shared_experts = MLP(h, i * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.shared_experts = (
+            MLP(h, cfg.moe_intermediate_size * cfg.n_shared_experts, ps, reduce=False) if cfg.n_shared_experts else None
+        )
         self.w13_scale_inv: nn.Parameter | None = None  # FP8 experts (to_fp8): 128x128 block scales
         self.w2_scale_inv: nn.Parameter | None = None
 
@@ -115,13 +144,26 @@ class MoE(nn.Module):
         self.w13_scale_inv = nn.Parameter(s13, requires_grad=False)
         self.w2_scale_inv = nn.Parameter(s2, requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.fp8:  # block-scaled FP8 grouped GEMMs on CUDA, a loop over dequantised experts elsewhere
             assert self.w13_scale_inv is not None and self.w2_scale_inv is not None  # set with fp8 (to_fp8)
             out = fused_moe_fp8(x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, weights, ids)
         else:
             out = fused_moe(x, self.w13, self.w2, weights, ids)  # Triton grouped GEMMs on CUDA, a loop elsewhere
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        if self.parallel.expert_parallel and self.parallel.distributed:
+            # this rank's experts, for the (token, slot) pairs routed to them: one row per pair
+            local = (ids >= self.expert_start) & (ids < self.expert_start + self.num_local_experts)
+            tok, slot = local.nonzero(as_tuple=True)
+            out = torch.zeros_like(x)
+            if tok.numel():
+                y = self._routed(x[tok], weights[tok, slot][:, None], (ids[tok, slot] - self.expert_start)[:, None])
+                out.index_add_(0, tok, y)
+        else:
+            out = self._routed(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return self.parallel.all_reduce(out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import MLA
@@ -21,19 +22,24 @@ from .fp8 import FP8_DTYPE
 from .linear import FP8Linear, fp8_module_names
 from .moe import MLP, MoE
 from .norm import RMSNorm
+from .parallel import ParallelState
 from .rope import RotaryTable
 
 log = logging.getLogger(__name__)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, indexer_fp8: bool = False) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, indexer_fp8: bool = False, parallel: ParallelState | None = None
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, layer, indexer_fp8)
+        self.self_attn = MLA(cfg, layer, indexer_fp8, parallel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp: nn.Module = (
+            MoE(cfg, parallel) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, parallel)
+        )
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
@@ -51,36 +57,74 @@ class MTPLayer(DecoderLayer):
 
     The checkpoint's copies of embed_tokens and shared_head.head are not kept: the main model's
     embedding and LM head are used (the copies are the same tensors in DeepSeek's release).
+    Tensor parallel like any decoder layer; eh_proj is replicated.
     """
 
-    def __init__(self, cfg: ModelConfig, indexer_fp8: bool = False) -> None:
-        super().__init__(cfg, cfg.mtp_layer_index, indexer_fp8)
+    def __init__(self, cfg: ModelConfig, indexer_fp8: bool = False, parallel: ParallelState | None = None) -> None:
+        super().__init__(cfg, cfg.mtp_layer_index, indexer_fp8, parallel)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
 
-class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, with_mtp: bool, indexer_fp8: bool) -> None:
+class VocabEmbedding(nn.Module):
+    """The token embedding, vocab-parallel over the ranks: rank r holds rows [r * V/N, (r + 1) * V/N);
+    a token's row comes from the rank that holds it, the others add zeros (one all-reduce). At world
+    size 1 a plain lookup. (Replicated it would cost V x hidden per GPU: 1.85 GB at DeepSeek-V3.2's
+    size in bf16, against 0.23 GB over 8 ranks, for one all-reduce of [tokens, hidden] per forward.)"""
+
+    def __init__(self, vocab: int, hidden: int, parallel: ParallelState) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        layers: list[nn.Module] = [DecoderLayer(cfg, i, indexer_fp8) for i in range(cfg.num_hidden_layers)]
+        self.parallel = parallel
+        self.start = parallel.my_range(vocab, "vocab_size")[0]
+        self.weight = nn.Parameter(torch.empty(parallel.split(vocab, "vocab_size"), hidden))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.parallel.distributed:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        other = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(other, 0), self.weight).masked_fill(other[:, None], 0.0)
+        return self.parallel.all_reduce(out)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, with_mtp: bool, indexer_fp8: bool, parallel: ParallelState) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
+        layers: list[nn.Module] = [DecoderLayer(cfg, i, indexer_fp8, parallel) for i in range(cfg.num_hidden_layers)]
         if with_mtp:
-            layers.append(MTPLayer(cfg, indexer_fp8))
+            layers.append(MTPLayer(cfg, indexer_fp8, parallel))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekV32(nn.Module):
-    """The network. Use `splitserve.model.load()` to build one from a checkpoint."""
+    """The network. Use `splitserve.model.load()` to build one from a checkpoint.
 
-    def __init__(self, cfg: ModelConfig, *, with_mtp: bool = True, indexer_fp8: bool = False) -> None:
+    With `parallel` of world size N this is one rank's shard (model/parallel.py): MLA heads, the MLP's
+    and experts' intermediate dimension (or whole experts, expert_parallel) and the LM head's vocabulary
+    split N ways, the embedding's too (vocab-parallel); norms, the latent path, the indexer, the router and
+    eh_proj replicated.
+    Every rank must run the same forwards in the same order (their collectives pair up); their outputs
+    (hidden states, logits) are the same on every rank."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        with_mtp: bool = True,
+        indexer_fp8: bool = False,
+        parallel: ParallelState | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.indexer_fp8 = indexer_fp8
-        self.model = Backbone(cfg, with_mtp, indexer_fp8)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.parallel = parallel or ParallelState.single()
+        self.model = Backbone(cfg, with_mtp, indexer_fp8, self.parallel)
+        # vocab-parallel: rank r holds rows [r * V/N, (r + 1) * V/N); logits() all-gathers them
+        self.lm_head = nn.Linear(cfg.hidden_size, self.parallel.split(cfg.vocab_size, "vocab_size"), bias=False)
         self.rotary = RotaryTable(cfg.rope, cfg.qk_rope_head_dim, "cpu")
 
     @property
@@ -164,8 +208,8 @@ class DeepseekV32(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (normed) -> logits [N, vocab] fp32."""
-        return self.lm_head(hidden).float()
+        """hidden [N, hidden] (normed) -> logits [N, vocab] fp32 (every rank's vocabulary slice)."""
+        return self.parallel.all_gather_last(self.lm_head(hidden).float())
 
     @torch.inference_mode()
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

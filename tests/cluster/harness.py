@@ -8,7 +8,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.runtime import WorkerSpec
@@ -49,46 +49,73 @@ def _worker_main(spec: WorkerSpec, q) -> None:  # runs in the child
     srv.stop(1.0)
 
 
+def _follower_main(spec: WorkerSpec) -> None:  # rank >= 1 of a tensor-parallel worker, in the child
+    import logging
+
+    from splitserve.engine.runtime import FollowerRuntime
+
+    logging.basicConfig(level=logging.WARNING)
+    rt = FollowerRuntime(spec)
+    rt.join(timeout=3600.0)  # until the leader says stop (or dies: the test kills this process)
+
+
 @dataclass
 class WorkerProc:
     spec: WorkerSpec
     proc: mp.Process
     info: dict
+    followers: list[mp.Process] = field(default_factory=list)  # ranks 1.. of a tensor-parallel worker
 
     def kill(self) -> None:
-        if self.proc.is_alive():
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.join(10)
+        for p in [self.proc, *self.followers]:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
 
     def stop(self) -> None:
         if self.proc.is_alive():
             os.kill(self.proc.pid, signal.SIGTERM)
             self.proc.join(10)
-        if self.proc.is_alive():
+        for p in self.followers:  # released by the leader's stop; bounded either way
+            p.join(10)
+        if self.proc.is_alive() or any(p.is_alive() for p in self.followers):
             self.kill()
 
 
 def start_workers(specs: list[WorkerSpec], timeout_s: float = 120.0) -> list[WorkerProc]:
+    """Each spec's worker in spawned processes: rank 0 serves; a spec of tensor_parallel_size N gets
+    N - 1 follower processes too (its dist_init_method, e.g. from `tp_init()`, is their rendezvous)."""
     ctx = mp.get_context("spawn")
     started = []
     for spec in specs:
         q = ctx.Queue()
         p = ctx.Process(target=_worker_main, args=(spec, q), daemon=True)
         p.start()
-        started.append((spec, p, q))
+        followers = []
+        for r in range(1, spec.tensor_parallel_size):
+            f = ctx.Process(target=_follower_main, args=(replace(spec, rank=r),), daemon=True)
+            f.start()
+            followers.append(f)
+        started.append((spec, p, q, followers))
     out = []
     try:
-        for spec, p, q in started:
+        for spec, p, q, followers in started:
             status, info = q.get(timeout=timeout_s)
             if status != "ok":
                 raise RuntimeError(f"worker {spec.worker_id} failed to start: {info}")
-            out.append(WorkerProc(spec, p, info))
+            out.append(WorkerProc(spec, p, info, followers))
     except BaseException:
-        for _, p, _ in started:
-            if p.is_alive():
-                p.kill()
+        for _, p, _, followers in started:
+            for x in [p, *followers]:
+                if x.is_alive():
+                    x.kill()
         raise
     return out
+
+
+def tp_init(tmp_path, wid: str) -> str:
+    """A rendezvous for the ranks of worker `wid` (a file that does not exist yet)."""
+    return f"file://{tmp_path / f'tp-{wid}'}"
 
 
 def directory_of(workers: list[WorkerProc]) -> Directory:

@@ -43,6 +43,9 @@ STATUS_KEYS = {
     "blocks_total",
     "requests_done",
     "weight_bytes",
+    "tensor_parallel_size",
+    "expert_parallel",
+    "ranks",
 }
 RPC_TIMEOUT_S = 5.0
 

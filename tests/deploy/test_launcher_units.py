@@ -236,6 +236,11 @@ def test_status_table() -> None:
     status = FakeController().status()
     status["workers"][1]["gpus"] = [0, 1]
     status["workers"][1]["weight_bytes"] = 3 * 2**29
+    status["workers"][1].update(  # a tensor-parallel worker: two ranks, experts split
+        tensor_parallel_size=2,
+        expert_parallel=True,
+        ranks=[{"rank": 0, "pid": 100, "gpus": [0]}, {"rank": 1, "pid": 101, "gpus": [1]}],
+    )
     text = format_status(status)
     lines = text.splitlines()
     assert lines[0] == "router: http://x"
@@ -244,6 +249,7 @@ def test_status_table() -> None:
         "ID",
         "ROLE",
         "STATE",
+        "TP",
         "PID",
         "NODE",
         "GPUS",
@@ -253,8 +259,20 @@ def test_status_table() -> None:
         "REQUESTS",
         "DONE",
     ]
-    assert lines[3].split() == ["prefill-0", "prefill", "serving", "100", "n", "-", "-", "0/8", "0"]
-    assert lines[4].split() == ["decode-0", "decode", "serving", "100", "n", "0,1", "1.50", "GiB", "0/8", "0"]
+    assert lines[3].split() == ["prefill-0", "prefill", "serving", "1", "100", "n", "-", "-", "0/8", "0"]
+    assert lines[4].split() == [
+        "decode-0",
+        "decode",
+        "serving",
+        "2+ep",
+        "100,101",
+        "n",
+        "0,1",
+        "1.50",
+        "GiB",
+        "0/8",
+        "0",
+    ]
 
 
 def test_status_table_shows_fractional_gpus() -> None:
@@ -263,7 +281,7 @@ def test_status_table_shows_fractional_gpus() -> None:
     status["workers"][0].update(gpus=[0], gpu_share=0.5)
     status["workers"][1].update(gpus=[], gpu_share=0.5)
     lines = format_status(status).splitlines()
-    assert lines[3].split()[5] == "0.5(gpu0)"
-    assert lines[4].split()[5] == "0.5"
+    assert lines[3].split()[6] == "0.5(gpu0)"
+    assert lines[4].split()[6] == "0.5"
     status["workers"][1].update(gpus=[0, 1], gpu_share=2.0)
-    assert format_status(status).splitlines()[4].split()[5] == "0,1"
+    assert format_status(status).splitlines()[4].split()[6] == "0,1"
