@@ -814,9 +814,16 @@ class Controller:
         rank_refs = {f.ping.remote(): (w, i + 1) for w in serving for i, f in enumerate(w.followers)}
         everything = list(refs) + list(rank_refs)
         ready, pending = ray.wait(everything, num_returns=len(everything), timeout=self.ping_timeout_s)
+        # a round counts once per worker: missed when any of its ranks missed, answered when none did and
+        # its leader answered (so N followers missing one round do not add up to max_missed_pings)
+        missed: dict[str, tuple[_Worker, str]] = {}
+        answered: set[str] = set()
         for r in ready:
             if r in rank_refs:
-                self._check_rank(r, *rank_refs[r])
+                w, rank = rank_refs[r]
+                why = self._check_rank(r, w, rank)
+                if why is not None:
+                    missed.setdefault(w.worker_id, (w, why))
                 continue
             w = refs[r]
             try:
@@ -825,12 +832,12 @@ class Controller:
                 self._mark_dead(w, _failure_reason(e))
                 continue
             except Exception as e:  # noqa: BLE001 - the worker answered with an error: count it as a miss
-                self._missed(w, f"ping failed: {type(e).__name__}: {e}")
+                missed.setdefault(w.worker_id, (w, f"ping failed: {type(e).__name__}: {e}"))
                 continue
             if not p.get("engine_alive", True):
                 self._mark_dead(w, "its engine loop stopped")
                 continue
-            w.missed_pings = 0
+            answered.add(w.worker_id)
             load = {
                 k: int(p[k])
                 for k in ("blocks_used", "blocks_total", "running", "waiting", "requests_done", "queued_prefill_tokens")
@@ -840,21 +847,30 @@ class Controller:
         for r in pending:
             if r in rank_refs:
                 w, rank = rank_refs[r]
-                self._missed(w, f"rank {rank}: no answer to a ping within {self.ping_timeout_s:g} s")
+                missed.setdefault(
+                    w.worker_id, (w, f"rank {rank}: no answer to a ping within {self.ping_timeout_s:g} s")
+                )
             else:
-                self._missed(refs[r], f"no answer to a ping within {self.ping_timeout_s:g} s")
+                w = refs[r]
+                missed.setdefault(w.worker_id, (w, f"no answer to a ping within {self.ping_timeout_s:g} s"))
+        for w in serving:
+            if w.worker_id in missed:
+                self._missed(*missed[w.worker_id])
+            elif w.worker_id in answered:
+                w.missed_pings = 0
 
-    def _check_rank(self, ref: Any, w: _Worker, rank: int) -> None:
+    def _check_rank(self, ref: Any, w: _Worker, rank: int) -> str | None:
+        """Marks the worker dead when this rank died or stopped following; a miss's reason otherwise."""
         try:
             p = ray.get(ref)
         except RayActorError as e:
             self._mark_dead(w, f"its rank {rank} died: {_failure_reason(e)}")
-            return
+            return None
         except Exception as e:  # noqa: BLE001 - counted as a miss, like the leader's
-            self._missed(w, f"rank {rank}: ping failed: {type(e).__name__}: {e}")
-            return
+            return f"rank {rank}: ping failed: {type(e).__name__}: {e}"
         if not p.get("following", True):
             self._mark_dead(w, f"its rank {rank} stopped following the leader")
+        return None
 
     def _missed(self, w: _Worker, why: str) -> None:
         w.missed_pings += 1

@@ -365,11 +365,13 @@ def model_config_for(cfg: ClusterConfig) -> ModelConfig:
     """The model's shapes from model.path: a preset's config, or the directory's config.json (no weights needed)."""
     from splitserve.model.checkpoint import PRESETS
     from splitserve.model.config import ConfigError as ModelConfigError
+    from splitserve.model.presets import SHIPPED
 
-    if cfg.model.is_tiny:
-        return PRESETS["tiny"]
+    if cfg.model.path in PRESETS:  # a random-weight preset: its config, without making the checkpoint
+        return PRESETS[cfg.model.path]
+    path = SHIPPED.get(cfg.model.path, Path(cfg.model.path))  # a checkpoint the package ships, or a directory
     try:
-        return ModelConfig.from_json(Path(cfg.model.path))
+        return ModelConfig.from_json(path)
     except ModelConfigError as e:
         raise PlanError(f"model.path: {e}") from None
 
@@ -554,8 +556,11 @@ def plan_cluster(
 
 def check_fits(cfg: ClusterConfig, plan: ClusterPlan | None = None) -> ClusterPlan | None:
     """What `splitserve up` runs: on cuda, raise PlanError with the plan's table when a pool does not fit.
-    Returns the plan (None on cpu, where nothing is refused)."""
+    Returns the plan (None on cpu, where no layout is refused for memory; a tensor-parallel split the
+    model does not divide is refused on every device, naming the field, before any worker starts)."""
     if cfg.model.device != "cuda":
+        if max(cfg.prefill.tensor_parallel_size, cfg.decode.tensor_parallel_size) > 1:
+            plan_cluster(cfg)  # raises PlanError when a pool's split does not divide the model
         return None
     plan = plan or plan_cluster(cfg)
     if not plan.fits:

@@ -81,6 +81,14 @@ def think_token_ids(checkpoint: str | Path) -> tuple[int, int]:
     return start, end
 
 
+def engine_config(spec: WorkerSpec, checkpoint: str | Path) -> EngineConfig:
+    """The worker's engine config, completed from its checkpoint (every rank builds the same one)."""
+    ecfg = spec.engine
+    if ecfg.mtp_relaxed_topk and ecfg.think_token_ids is None:
+        ecfg = dataclasses.replace(ecfg, think_token_ids=think_token_ids(checkpoint))
+    return ecfg
+
+
 def join_parallel(spec: WorkerSpec) -> ParallelState:
     """This process's rank of the worker (world size 1: no process group at all)."""
     from splitserve.model.parallel import ParallelState
@@ -128,8 +136,8 @@ class FollowerRuntime:
             raise ValueError("FollowerRuntime is for ranks >= 1 (rank 0 is the WorkerRuntime)")
         self.spec = spec
         self.parallel = join_parallel(spec)
-        _, net = load_shard(spec, self.parallel)
-        self.engine = Engine(net, spec.engine)
+        path, net = load_shard(spec, self.parallel)
+        self.engine = Engine(net, engine_config(spec, path))  # the same config as the leader's
         self.error: BaseException | None = None
         self.calls = 0
         self._thread = threading.Thread(target=self._follow, name=f"follow-{spec.worker_id}-{spec.rank}", daemon=True)
@@ -180,8 +188,7 @@ class WorkerRuntime:
             raise ValueError("WorkerRuntime is rank 0 of its worker (the others run FollowerRuntime)")
         self.parallel = join_parallel(spec)  # tensor parallel: waits for the other ranks to join
         path, net = load_shard(spec, self.parallel)
-        if ecfg.mtp_relaxed_topk and ecfg.think_token_ids is None:
-            ecfg = dataclasses.replace(ecfg, think_token_ids=think_token_ids(path))
+        ecfg = engine_config(spec, path)
         self.checkpoint = path
         self.engine = Engine(net, ecfg)
         # kernels compiled and (decode) graphs captured before ready; a prefill worker never decodes

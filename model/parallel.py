@@ -65,21 +65,27 @@ class ParallelState:
         *,
         expert_parallel: bool = False,
         timeout_s: float = 7 * 24 * 3600.0,
+        step_timeout_s: float = 600.0,
         backend: str | None = None,
     ) -> ParallelState:
         """Join the worker's process group (init_method: "tcp://host:port" of rank 0 or "file://..."
         on a shared node). device "cuda": NCCL for tensors (the rank's GPU must be current), gloo for
         control; otherwise gloo for both. backend="gloo" on cuda: gloo for CUDA tensors too (ranks
         sharing one GPU, which NCCL refuses: a correctness check, not a fast path). timeout_s bounds
-        a collective; followers wait for the leader's next step inside one, so the default is long
-        (an idle worker is not an error)."""
+        a collective of the control group, where followers wait for the leader's next step, so the default
+        is long (an idle worker is not an error); step_timeout_s bounds joining and the tensor collectives."""
         if world_size == 1:
             return ParallelState(expert_parallel=expert_parallel)
         backend = backend or ("nccl" if device == "cuda" else "gloo")
-        timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+        # joining and the tensor collectives inside a step are bounded by minutes (a rank that dies before
+        # joining or in a step must not hold the others for days); only the control group, where followers
+        # wait idle for the leader's next step, has the long timeout
+        step_timeout = datetime.timedelta(seconds=min(timeout_s, step_timeout_s))
+        dist.init_process_group(
+            backend, init_method=init_method, rank=rank, world_size=world_size, timeout=step_timeout
+        )
         group = dist.group.WORLD
-        cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else group
+        cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         log.info("rank %d/%d joined (%s, pid %d)", rank, world_size, backend, os.getpid())
         return ParallelState(rank, world_size, expert_parallel, group, cpu_group, backend)
 

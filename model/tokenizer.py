@@ -337,7 +337,9 @@ class TokenBytes:
         per = _TOKEN_BYTES.setdefault(tokenizer, {})
         tb = per.get(skip_special_tokens)
         if tb is None:
-            tb = per[skip_special_tokens] = TokenBytes(tokenizer, skip_special_tokens)
+            tb = TokenBytes(tokenizer, skip_special_tokens)
+            tb._tokenizer = weakref.proxy(tokenizer)  # a cache entry must not keep its own key alive
+            per[skip_special_tokens] = tb
         return tb
 
     def __call__(self, token_id: int) -> bytes:

@@ -100,6 +100,9 @@ def test_a_split_the_model_does_not_divide_names_the_field() -> None:
         plan_cluster(cfg)
     msg = str(info.value)
     assert "decode.tensor_parallel_size 3" in msg and "num_attention_heads (4)" in msg
+    with pytest.raises(PlanError, match="decode.tensor_parallel_size 3"):  # what `up` runs, also on cpu
+        check_fits(cfg)
+    assert check_fits(parse_config({"decode": {"tensor_parallel_size": 2}})) is None  # cpu: no memory verdict
 
 
 def _reference_yaml(tmp_path: Path, gpu_gb: float, ep: bool) -> Path:
@@ -182,3 +185,15 @@ def test_cpu_plan_is_informational(capsys: pytest.CaptureFixture[str]) -> None:
     assert decode.fits is None and decode.cache_tokens == 512 * 64  # the cpu default num_blocks
     assert prefill.fits is False and prefill.cpu  # too small, but only said
     assert check_fits(cfg) is None  # never refused on cpu
+
+
+def test_the_default_config_plans_the_shipped_model() -> None:
+    """deploy/local.yaml serves the shipped pycoder checkpoint: the plan reads its config (no preset
+    fallback, no directory relative to the working directory) and counts what the loaded network holds."""
+    from splitserve.model.presets import resolve_checkpoint
+
+    cfg = load_config(Path(__file__).parents[2] / "deploy" / "local.yaml")
+    plan = plan_cluster(cfg)
+    net = load(resolve_checkpoint(cfg.model.path), dtype=torch.float32)
+    for pool in plan.pools:
+        assert pool.to_json()["weights_gb"] * GIB == pytest.approx(net.weight_bytes()["total"], rel=1e-9)

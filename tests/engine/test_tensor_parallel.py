@@ -61,8 +61,11 @@ def test_two_ranks_equal_one(preset, ep, tiny_checkpoint, small_checkpoint, tmp_
         for r in (lead, follow):
             torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
             assert len(r["pools"]) == len(ref["pools"])
+            # every request block equal; the scratch block after them (index num_blocks) holds throw-away
+            # padding writes, which the single-rank fused MTP step makes and a TP worker's per-phase path does not
+            n = ENGINE["num_blocks"]
             for got, want in zip(r["pools"], ref["pools"]):
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(got[:n], want[:n], rtol=1e-4, atol=1e-4)
         assert lead["tokens"] == ref["tokens"], f"case {i}: greedy tokens differ from one rank's"
         # a TP-2 worker's cache transfers to and from a TP-1 worker: the handshake sees the same fields
         assert lead["compat"] == ref["compat"]
@@ -146,8 +149,9 @@ def test_two_ranks_on_one_gpu_equal_one(tmp_path_factory, tmp_path) -> None:
         ref = run_case(load(ckpt, device="cuda", dtype=torch.float32), case)
         for r in ranks:
             torch.testing.assert_close(r[i]["logits"], ref["logits"].cpu(), rtol=1e-4, atol=1e-4)
-            for got, want in zip(r[i]["pools"], ref["pools"]):
-                torch.testing.assert_close(got, want.cpu(), rtol=1e-4, atol=1e-4)
+            for got, want in zip(r[i]["pools"], ref["pools"]):  # request blocks (not the scratch block)
+                n = eng["num_blocks"]
+                torch.testing.assert_close(got[:n], want[:n].cpu(), rtol=1e-4, atol=1e-4)
         assert ranks[0][i]["tokens"] == ref["tokens"], f"case {i}"
         if case["predictable"]:
             assert ranks[0][i]["accepted"] == ref["accepted"] > 0

@@ -164,3 +164,16 @@ def test_decoders_share_one_byte_table_per_tokenizer() -> None:
         ids = list(range(tok.get_vocab_size()))
         dec = TextDecoder(tok)
         assert "".join(dec.add([i]) for i in ids) + dec.finish() == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_the_shared_tables_do_not_keep_a_tokenizer_alive() -> None:
+    import gc
+    import weakref
+
+    tok = make_tokenizer(VOCAB)
+    alive = weakref.ref(tok)
+    dec = TextDecoder(tok)
+    assert dec.add(list(range(2, 40))) + dec.finish() == tok.decode(list(range(2, 40)))
+    del dec, tok
+    gc.collect()
+    assert alive() is None
