@@ -57,6 +57,7 @@ RPC_TIMEOUT_S = 5.0
 def local_cfg(**changes: Any) -> ClusterConfig:
     """deploy/local.yaml with test overrides; `section__field=value` changes more."""
     data = load_config(DEFAULT_CONFIG_PATH).model_dump()
+    data["model"]["path"] = "tiny"  # local.yaml serves pycoder; these tests ask for the tiny checkpoint
     data["transfer"]["backend"] = "tcp"
     data["router"]["port"] = 0
     data["ray"]["num_cpus"] = 4
