@@ -68,9 +68,10 @@ def run_ranks(fn: Callable[..., None], world: int, args: tuple, timeout_s: float
 
 
 def make_predictable(net: Any) -> None:
-    """tests/engine/conftest.py's predictable_net, on a shard: main residual branches scaled by 0.1 and
-    an MTP layer whose eh_proj passes the embedding through (drafts accepted often, rejected sometimes).
-    Every scaled weight is a shard-local slice, eh_proj is replicated: the same network on any N."""
+    """Main residual branches scaled by 0.1 and an MTP layer whose eh_proj passes the embedding through
+    (drafts accepted often, rejected sometimes): tests/engine/conftest.py's predictable_net, and the same on
+    each rank's shard (every scaled weight is a shard-local slice, eh_proj is replicated: the same network
+    on any N)."""
     h = net.cfg.hidden_size
     with torch.no_grad():
         for layer in net.model.layers:

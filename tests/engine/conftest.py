@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from splitserve.model import DeepseekV32, load
+from splitserve.tests.tp_workers import make_predictable
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +34,7 @@ def predictable_net(tiny_checkpoint) -> DeepseekV32:
     current one) and an MTP layer whose eh_proj passes the embedding through: its draft for t+2 is
     the main model's bigram guess from t+1, right most of the time, wrong sometimes."""
     net = load(tiny_checkpoint, dtype=torch.float32)
-    h = net.cfg.hidden_size
-    with torch.no_grad():
-        for layer in net.model.layers:
-            layer.self_attn.o_proj.weight.mul_(0.1)
-            mlp = layer.mlp
-            if hasattr(mlp, "w2"):
-                mlp.w2.mul_(0.1)
-                mlp.shared_experts.down_proj.weight.mul_(0.1)
-            else:
-                mlp.down_proj.weight.mul_(0.1)
-        mtp = net.mtp
-        mtp.eh_proj.weight.zero_()
-        mtp.eh_proj.weight[:, :h] = torch.eye(h)
-        mtp.enorm.weight.copy_(net.model.norm.weight)
-        mtp.shared_head.norm.weight.fill_(1.0)
+    make_predictable(net)  # the same recipe the tensor-parallel tests apply to each rank's shard
     return net
 
 
