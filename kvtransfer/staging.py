@@ -12,14 +12,16 @@ Floors, per request of B bytes: the transfer itself B / link rate (H200 cuda_ipc
 for one region); the gather reads and writes B in HBM: 2B / 4.3 TB/s, ~5% of the transfer time. So
 staged scattered blocks can reach ~95% of one region; unstaged they are at ~5%.
 
-`copy_blocks(pools, src, dst)` copies whole blocks inside each pool: one Triton kernel per pool on
-CUDA (rows of 8-byte words, no temporaries), `pool[dst] = pool[src]` elsewhere (the reference).
+`copy_blocks(pools, src, dst)` copies whole blocks inside each pool: on CUDA one Triton launch for
+all pools (rows of 8-byte words, no temporaries; the pools are addressed from the first one's
+pointer), `pool[dst] = pool[src]` elsewhere (the reference).
 `StagingArea` hands out contiguous runs of the staging blocks (first fit) and takes them back when the
 write is done.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 
@@ -31,9 +33,14 @@ from splitserve.kernels._common import HAS_TRITON, tl, triton
 if HAS_TRITON:
 
     @triton.jit
-    def _copy_rows_kernel(base, src_idx, dst_idx, row_words, BLOCK: tl.constexpr):
+    def _copy_rows_kernel(ref, pool_offs, pool_rows, src_idx, dst_idx, BLOCK: tl.constexpr):
+        """Block src[r] -> dst[r] of pool p, words [c * BLOCK, (c + 1) * BLOCK): pool p starts
+        pool_offs[p] words after `ref` and its blocks are pool_rows[p] words long."""
         r = tl.program_id(0)
         c = tl.program_id(1)
+        p = tl.program_id(2)
+        row_words = tl.load(pool_rows + p)
+        base = ref + tl.load(pool_offs + p)
         s = tl.load(src_idx + r).to(tl.int64)
         d = tl.load(dst_idx + r).to(tl.int64)
         offs = c * BLOCK + tl.arange(0, BLOCK)
@@ -61,15 +68,35 @@ def copy_blocks_ref(pools: Sequence[torch.Tensor], src: torch.Tensor, dst: torch
 def copy_blocks_triton(
     pools: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, block_words: int = 2048
 ) -> None:
-    """Copy block src[i] to block dst[i] in every pool (src and dst disjoint)."""
+    """Copy block src[i] to block dst[i] in every pool (src and dst disjoint): one launch for all the
+    pools whose blocks are rows of the same word type (normally all of them)."""
     n = int(src.numel())
     if n == 0:
         return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in pools:
         w = _words(p)
-        row = w.shape[1]
-        grid = (n, triton.cdiv(row, block_words))
-        _copy_rows_kernel[grid](w, src, dst, row, BLOCK=block_words)
+        groups.setdefault(w.dtype, []).append(w)
+    for words in groups.values():
+        ref = words[0]
+        item = ref.element_size()
+        offs, rows = _pool_table(
+            tuple((w.data_ptr() - ref.data_ptr()) // item for w in words), tuple(w.shape[1] for w in words), ref.device
+        )
+        grid = (n, triton.cdiv(max(w.shape[1] for w in words), block_words), len(words))
+        _copy_rows_kernel[grid](ref, offs, rows, src, dst, BLOCK=block_words)
+
+
+@functools.lru_cache(maxsize=16)
+def _pool_table(
+    offs: tuple[int, ...], rows: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pool's start (in words from the first pool's) and block length, on the device; kept, as
+    a transport's pools never move."""
+    return (
+        torch.tensor(offs, dtype=torch.int64, device=device),
+        torch.tensor(rows, dtype=torch.int64, device=device),
+    )
 
 
 def copy_blocks(
@@ -82,10 +109,11 @@ def copy_blocks(
     if not pools:
         return
     dev = pools[0].device
-    s = torch.as_tensor(np.asarray(src, dtype=np.int64)).to(dev, non_blocking=True)
-    d = torch.as_tensor(np.asarray(dst, dtype=np.int64)).to(dev, non_blocking=True)
-    if s.numel() != d.numel():
-        raise ValueError(f"{s.numel()} source blocks for {d.numel()} destinations")
+    src_a, dst_a = np.asarray(src, dtype=np.int64).ravel(), np.asarray(dst, dtype=np.int64).ravel()
+    if src_a.size != dst_a.size:
+        raise ValueError(f"{src_a.size} source blocks for {dst_a.size} destinations")
+    idx = torch.from_numpy(np.stack([src_a, dst_a])).to(dev, non_blocking=True)  # one host -> device copy
+    s, d = idx[0], idx[1]
     if HAS_TRITON and dev.type == "cuda":
         copy_blocks_triton(pools, s, d)
     else:
