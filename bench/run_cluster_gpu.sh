@@ -21,6 +21,8 @@
 #   PARTS="coloc" bash bench/run_cluster_gpu.sh                              (same $OUT: the summary has both)
 # Knobs: NP (prompts per serve run, 24), RATES ("2 4 8 16"), LONG ("4096 256"), CHAT ("1024 512"),
 # WORKLOADS ("long chat"), TTFT_LENS ("1024 4096"), TRANSFER_TOKENS ("4096 16384 32768"), MTP (0),
+# MPS (1: run the cluster parts under an NVIDIA MPS server started here in /tmp/mps and stopped at the end,
+# so the two workers' kernels share the GPU's SMs instead of time-slicing; results get the suffix "-mps"),
 # PART_TIMEOUT (s per part, 420), CKPT (/tmp/splitserve-ckpt-bench), PRESET (bench), DEVICE (cuda; cpu: a
 # dry run of the disagg/coloc parts with CKPT=tiny checkpoint, small lengths).
 set -uo pipefail
@@ -47,6 +49,14 @@ H="$PY -m splitserve.bench.cluster_gpu"
 $H config --base deploy/gpu-1gpu.yaml --ckpt "$CKPT" --mode disaggregated --mtp "$MTP" --device "${DEVICE:-cuda}" --out "$out/cluster-disagg.yaml"
 $H config --base deploy/gpu-1gpu.yaml --ckpt "$CKPT" --mode colocated --decode-replicas 2 --mtp "$MTP" --device "${DEVICE:-cuda}" --out "$out/cluster-coloc.yaml"
 
+if [[ ${MPS:-0} == 1 ]]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d && say "MPS server started (pipe $CUDA_MPS_PIPE_DIRECTORY)" || { say "MPS could not start"; exit 1; }
+  trap 'echo quit | nvidia-cuda-mps-control; say "MPS server stopped"' EXIT
+  SUFFIX=-mps
+fi
+SUFFIX=${SUFFIX:-}
 cluster_down() { timeout 120 splitserve down > /dev/null 2>&1; cp ~/.cache/splitserve/run/*.log "$out/logs-$1/" 2>/dev/null; }
 
 serve_runs() {  # $1: cluster name
@@ -61,19 +71,19 @@ serve_runs() {  # $1: cluster name
 }
 
 run_cluster() {  # $1: disagg | coloc
-  local name=$1; mkdir -p "$out/logs-$name"
+  local name=$1 tag=$1$SUFFIX; mkdir -p "$out/logs-$tag"
   say "starting the $name cluster"
-  if ! timeout 400 splitserve up "$out/cluster-$name.yaml" --detach > "$out/logs-$name/up.log" 2>&1; then
-    say "up failed:"; tail -20 "$out/logs-$name/up.log"; cluster_down "$name"; return 1
+  if ! timeout 400 splitserve up "$out/cluster-$name.yaml" --detach > "$out/logs-$tag/up.log" 2>&1; then
+    say "up failed:"; tail -20 "$out/logs-$tag/up.log"; cluster_down "$tag"; return 1
   fi
   say "up"; splitserve status
   grep -h "warm-up:" ~/.cache/splitserve/run/*.log 2>/dev/null | tail -4
-  $H client-flow --url $URL --out "$out/flow-$name.json"
-  [[ $name == disagg ]] && $H ttft --url $URL --lengths $TTFT_LENS --out "$out/ttft-disagg.json"
-  serve_runs "$name"
-  $H graphs --url $URL --out "$out/graphs-$name.json"
+  $H client-flow --url $URL --out "$out/flow-$tag.json"
+  [[ $name == disagg ]] && $H ttft --url $URL --lengths $TTFT_LENS --out "$out/ttft-$tag.json"
+  serve_runs "$tag"
+  $H graphs --url $URL --out "$out/graphs-$tag.json"
   splitserve status
-  cluster_down "$name"; say "$name done"
+  cluster_down "$tag"; say "$tag done"
 }
 
 if has tests; then
@@ -88,7 +98,7 @@ if has engine; then
 fi
 # each cluster part in a child bash under `timeout`, so a hang cannot eat the next part's time
 export -f say serve_runs run_cluster cluster_down
-export t0 out H URL NP RATES LONG CHAT WORKLOADS TTFT_LENS PRESET PART_TIMEOUT
+export t0 out H URL NP RATES LONG CHAT WORKLOADS TTFT_LENS PRESET PART_TIMEOUT SUFFIX
 for c in disagg coloc; do
   has $c || continue
   timeout "$PART_TIMEOUT" bash -c "run_cluster $c" || { say "$c part failed or timed out"; cluster_down $c; }

@@ -55,6 +55,8 @@ class Row:
     descriptors: int
     mbytes: float
     median_ms: float
+    #: of which inside write_blocks (the staged gather and its wait, building and posting the request)
+    post_ms: float
     gbps: float
 
 
@@ -137,8 +139,12 @@ def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
             staged = (list(range(0, 2 * blocks, 2)), list(range(blocks)))
 
     def measure(case: str, local: list[int], remote: list[int]) -> dict[str, Any]:
+        posts: list[float] = []
+
         def once() -> None:
+            t0 = time.perf_counter()
             h = t.write_blocks("dec", local, remote, notif=b"bench")
+            posts.append(time.perf_counter() - t0)
             state = t.wait(h, 60.0, interval_s=0.0)
             if state is not TransferState.DONE:
                 raise RuntimeError(f"{case}: {state} {t.error(h)}")
@@ -148,7 +154,8 @@ def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
         ndesc, nbytes = h.num_descriptors, h.nbytes
         t.wait(h, 60.0)
         t.release(h)
-        return {"case": case, "descriptors": ndesc, "nbytes": nbytes, "s": _time(once, repeats)}
+        s = _time(once, repeats)
+        return {"case": case, "descriptors": ndesc, "nbytes": nbytes, "s": s, "post_s": statistics.median(posts[1:])}
 
     for case, (local, remote) in cases.items():
         out.append(measure(case, local, remote))
@@ -243,6 +250,7 @@ def run(
             descriptors=r["descriptors"],
             mbytes=r["nbytes"] / 1e6,
             median_ms=1e3 * r["s"],
+            post_ms=1e3 * r.get("post_s", r["s"]),
             gbps=r["nbytes"] / r["s"] / 1e9,
         )
         for r in results
@@ -273,7 +281,7 @@ def _print(rows: list[Row]) -> None:
     region = {key(r, "one region"): r.median_ms for r in rows if key(r, "one region")}
     base = {key(r, "contiguous"): r.median_ms for r in rows if key(r, "contiguous")}
     print(
-        f"{'backend':8} {'device':6} {'tokens':>6} {'case':40} {'blocks':>6} {'descs':>6} {'MB':>8} {'ms':>9} "
+        f"{'backend':8} {'device':6} {'tokens':>6} {'case':40} {'blocks':>6} {'descs':>6} {'MB':>8} {'ms':>9} {'post ms':>8} "
         f"{'GB/s':>7} {'x contig':>8} {'of region':>9}"
     )
     for r in rows:
@@ -282,7 +290,7 @@ def _print(rows: list[Row]) -> None:
         of_region = region[k] / r.median_ms if k in region else float("nan")
         print(
             f"{r.backend:8} {r.device:6} {r.tokens:6d} {r.case:40} {r.blocks:6d} {r.descriptors:6d} {r.mbytes:8.2f} "
-            f"{r.median_ms:9.3f} {r.gbps:7.2f} {ratio:8.2f} {of_region:9.2f}"
+            f"{r.median_ms:9.3f} {r.post_ms:8.3f} {r.gbps:7.2f} {ratio:8.2f} {of_region:9.2f}"
         )
 
 

@@ -22,6 +22,7 @@ write is done.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections.abc import Sequence
 
@@ -33,20 +34,23 @@ from splitserve.kernels._common import HAS_TRITON, tl, triton
 if HAS_TRITON:
 
     @triton.jit
-    def _copy_rows_kernel(ref, pool_offs, pool_rows, src_idx, dst_idx, BLOCK: tl.constexpr):
+    def _copy_rows_kernel(ref, pool_offs, pool_rows, src_idx, dst_idx, BLOCK: tl.constexpr, VEC: tl.constexpr):
         """Block src[r] -> dst[r] of pool p, words [c * BLOCK, (c + 1) * BLOCK): pool p starts
-        pool_offs[p] words after `ref` and its blocks are pool_rows[p] words long."""
+        pool_offs[p] words after `ref` and its blocks are pool_rows[p] words long; every start and
+        length is a multiple of VEC words (so the accesses can be 16-byte vectors)."""
         r = tl.program_id(0)
         c = tl.program_id(1)
         p = tl.program_id(2)
-        row_words = tl.load(pool_rows + p)
-        base = ref + tl.load(pool_offs + p)
+        row_words = tl.multiple_of(tl.load(pool_rows + p), VEC)
+        base = ref + tl.multiple_of(tl.load(pool_offs + p), VEC)
         s = tl.load(src_idx + r).to(tl.int64)
         d = tl.load(dst_idx + r).to(tl.int64)
         offs = c * BLOCK + tl.arange(0, BLOCK)
         m = offs < row_words
-        v = tl.load(base + s * row_words + offs, mask=m)
-        tl.store(base + d * row_words + offs, v, mask=m)
+        src = tl.multiple_of(s * row_words, VEC)
+        dst = tl.multiple_of(d * row_words, VEC)
+        v = tl.load(base + src + offs, mask=m)
+        tl.store(base + dst + offs, v, mask=m)
 
 
 def _words(pool: torch.Tensor) -> torch.Tensor:
@@ -80,11 +84,12 @@ def copy_blocks_triton(
     for words in groups.values():
         ref = words[0]
         item = ref.element_size()
-        offs, rows = _pool_table(
-            tuple((w.data_ptr() - ref.data_ptr()) // item for w in words), tuple(w.shape[1] for w in words), ref.device
-        )
-        grid = (n, triton.cdiv(max(w.shape[1] for w in words), block_words), len(words))
-        _copy_rows_kernel[grid](ref, offs, rows, src, dst, BLOCK=block_words)
+        starts = tuple((w.data_ptr() - ref.data_ptr()) // item for w in words)
+        lengths = tuple(w.shape[1] for w in words)
+        offs, rows = _pool_table(starts, lengths, ref.device)
+        vec = math.gcd(max(16 // item, 1), *starts, *lengths)  # words per 16-byte vector, where aligned
+        grid = (n, triton.cdiv(max(lengths), block_words), len(words))
+        _copy_rows_kernel[grid](ref, offs, rows, src, dst, BLOCK=block_words, VEC=vec)
 
 
 @functools.lru_cache(maxsize=16)

@@ -503,7 +503,10 @@ class _Server:
     def _completion_lines(
         self, ev: ChoiceEvent, request_id: str, created: int, prepared: PreparedRequest, echo_lens: dict[int, int]
     ) -> list[str]:
-        """One chunk per event; the first chunk of a choice carries the echoed prompt (and its logprobs)."""
+        """One chunk per event; the first chunk of a choice carries the echoed prompt (and its logprobs).
+        Events with no text are skipped, except a choice's first: its chunk tells the client the first
+        token exists even when its text is still held back (part of a UTF-8 character, a possible stop
+        string), as the chat stream's role chunk does, so a client's time to first token is the server's."""
         p = ev.index // prepared.n
         echo_text, echo_pieces = "", list[Piece]()
         if prepared.echo and ev.first:
@@ -515,7 +518,7 @@ class _Server:
         if prepared.logprobs is not None:
             lp = self._completion_logprobs(echo_text, echo_pieces, ev.pieces, None, echo_lens.get(p, 0))
         text = echo_text + ev.text
-        if not text and (lp is None or not ev.pieces) and ev.finish_reason is None:
+        if not text and (lp is None or not ev.pieces) and ev.finish_reason is None and not ev.first:
             return []
         choice = R.completion_choice(ev.index, text, lp, ev.finish_reason)
         return [R.sse(R.completion_chunk(request_id, created, self.model_name, choice, prepared.include_usage))]

@@ -496,3 +496,22 @@ def test_a_failing_parser_is_never_a_500(client: openai.OpenAI, say, monkeypatch
     assert r.choices[0].message.content == "text" + BLOCK and r.choices[0].finish_reason == "stop"
     _c, out = _stream(client, messages=USER, tools=TOOLS)
     assert out[0]["content"] == "text" + BLOCK and out[0]["finish"] == "stop"
+
+
+def test_completion_stream_announces_a_first_token_whose_text_is_held_back(
+    client: openai.OpenAI, say, backend: ScriptedBackend
+) -> None:  # noqa: ANN001
+    """The first token's text can be held back (here: it may begin the stop string), yet the stream's
+    first chunk comes with that token, empty, so a client's time to first token is the server's; the
+    text then arrives whole, and only the first token gets an empty chunk."""
+    ids = say("ab cd")
+    first_text = client.completions.create(model=MODEL, prompt="x", max_tokens=1).choices[0].text
+    assert first_text and "ab cd".startswith(first_text)
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=len(ids) + 1, stream=True, stop=[first_text + "!"]
+        )
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert texts[0] == "" and "".join(texts) == "ab cd"
+    assert all(texts[1:-1])  # no other empty chunk (the last may carry only the finish reason)
