@@ -1,11 +1,11 @@
-"""Radix-select top-k (kernels/topk.py) against torch.topk (topk_ref)."""
+"""Radix-select top-k (kernels/radix_topk.py) against torch.topk (topk_ref)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from splitserve.kernels import topk as T
+from splitserve.kernels import radix_topk as T
 
 pytest.importorskip("triton")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
