@@ -5,6 +5,7 @@ ceilings measured in the same run (HBM copy bandwidth, bf16 matmul rate; bench/k
                             [--batches 1,8,32,64,128,256] [--contexts 4096,16384,65536,131072]
                             [--prefill 1024,2048,4096,8192,16384,32768] [--chunk 8192] [--profile 1,64,8192]
                             [--weights bf16,fp8] [--latent bf16|fp8] [--fp8-decode-kernels gemv|tiles]
+                            [--glue fused|unfused]
 
 --weights runs every selected case once per weight format, in one process, against the same
 ceilings: bf16, and fp8 = every linear DeepSeek's FP8 release quantises held in e4m3 with 128x128
@@ -54,6 +55,7 @@ from typing import Any
 
 import torch
 
+from splitserve.bench.kernel_count import count_kernels, layer_kernels, report
 from splitserve.bench.kernels import measure_ceilings
 from splitserve.bench.mtp import cpu_speedup, parts_case, project
 from splitserve.engine.cache import CachePool
@@ -324,10 +326,19 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
     gpu = cuda_ms(step_gpu)
     host = wall_ms(step_host)
     prof = None
+    counts: dict[str, Any] = {}
     if profile and DEV == "cuda":
         text, top = profile_top(step_gpu)
         print(f"\nprofile: decode step, batch {batch}, context {context}\n{text}", flush=True)
         prof = top
+        step_k, step_copies = count_kernels(step_gpu)
+        per_layer = layer_kernels(net, plan.to_batch(pool))
+        print(report(step_k, step_copies, per_layer), flush=True)
+        counts = {
+            "kernels_per_step": sum(step_k.values()),
+            "copies_per_step": step_copies,
+            "kernels_per_layer": [{k: v for k, v in r.items() if k != "by_name"} for r in per_layer],
+        }
     floor = decode_floor(wm, cfg, batch, context, topk, ceil["hbm_copy_bytes_per_s"], pool.latent_fp8)
     _empty_cache()
     set_topk(net, net.cfg.index_topk)
@@ -342,6 +353,7 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
         "tokens_per_s": batch / gpu * 1e3,
         "blocks_wrapped": tables.wrapped,
         **({"profile": prof} if prof else {}),
+        **counts,
     }
 
 
@@ -584,7 +596,20 @@ def main(argv: list[str] | None = None) -> int:
         help="FP8 linears and MoE at decode sizes: the weight-streaming kernels (gemv, the serving default) "
         "or the tiled GEMMs for every batch size (tiles: the kernels before them, for comparison)",
     )
+    ap.add_argument(
+        "--glue",
+        default="fused",
+        choices=["fused", "unfused"],
+        help="decode glue: the radix top-k and fused cache-write kernels (fused, the serving default) or "
+        "torch.topk and the separate norm / rope / quantise / index_put ops (unfused: the path before them)",
+    )
     args = ap.parse_args(argv)
+    if args.glue == "unfused":
+        from splitserve.kernels import indexer
+        from splitserve.model import attention
+
+        indexer.TOPK_KERNEL = False  # both read at every call
+        attention.FUSED_CACHE_WRITE = False
     if args.fp8_decode_kernels == "tiles":
         from splitserve.kernels import fp8_gemm, moe
 
@@ -632,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "indexer_fp8": True,
         "fp8_decode_kernels": args.fp8_decode_kernels,
+        "glue": args.glue,
     }
     ceil = measure_ceilings(DEV)
     result["ceilings"] = ceil

@@ -12,6 +12,8 @@ the references on a CPU.
 | indexer_topk_decode(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, topk) | q [B, 64, 128] bf16 or e4m3, keys paged [NB, L, 64, 128] (+ fp32 scales) -> [B, topk] int32 |
 | indexer_logits_decode(...) | the scores [B, W] fp32 before top-k |
 | sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] (or uint8 656-byte FP8 entries) -> [B, 128, 512] |
+| topk(logits, k) | [B, W] fp32 (-inf = not visible) -> [B, k] int32 (-1 padding); radix select, one launch |
+| kv_write(kv_a, k_idx, cos, sin, norms..., hadamard, latent, ikeys, iscale, layer, slots) | a layer's new latent entries + indexer keys (norms, rope, Hadamard, e4m3) into the pools, one launch |
 | rms_norm(x, w, eps, residual=None) | [..., D] -> y, or (y, x + residual) |
 | rope(x, cos, sin, interleaved) | [N, ..., d], cos/sin [N, d/2] |
 | act_quant(x, block=128, ue8m0=True) | [..., D] -> (e4m3 [..., D], fp32 [..., D/128]) |
@@ -22,11 +24,13 @@ the references on a CPU.
 """
 
 from ._common import HAS_TRITON, use_triton
+from .cache_write import kv_write
 from .fp8_gemm import fp8_linear
 from .indexer import indexer_logits_decode, indexer_topk_decode, topk_from_logits
 from .moe import fused_moe, fused_moe_fp8, moe_align
 from .norm import rms_norm
 from .quant import act_quant
+from .radix_topk import topk
 from .rotary import rope
 from .sparse_mla import sparse_mla_decode
 
@@ -36,6 +40,8 @@ __all__ = [
     "indexer_logits_decode",
     "indexer_topk_decode",
     "topk_from_logits",
+    "topk",
+    "kv_write",
     "sparse_mla_decode",
     "rms_norm",
     "rope",

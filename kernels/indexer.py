@@ -21,7 +21,8 @@ Score (fp32), with every per-head factor folded into `weights` by the caller::
   head_dim^-0.5 — exactly what model.attention.Indexer.queries returns.
 
 The Triton version computes the logits in one fused kernel (tensor-core dots: bf16 x bf16 on the exact
-path, e4m3 x e4m3 with fp32 accumulation on the FP8 path) and takes torch.topk of them.
+path, e4m3 x e4m3 with fp32 accumulation on the FP8 path) and selects the top-k by radix select
+(kernels/radix_topk.py): two launches per layer in all.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from .radix_topk import topk as topk_rows
+from .radix_topk import topk_ref, topk_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
+TOPK_KERNEL = True  # False: torch.topk after the logits kernel (bench/engine.py --glue unfused, for comparison)
 
 
 def _check(
@@ -96,13 +100,9 @@ def indexer_logits_decode_ref(
 
 def topk_from_logits(logits: torch.Tensor, topk: int) -> torch.Tensor:
     """logits [B, W] fp32 (-inf = not visible) -> indices [B, topk] int32, -1 where fewer than
-    topk positions are visible. Order within a row is unspecified. No host synchronisation."""
-    if logits.shape[1] <= topk:  # every visible position is selected: no sort needed
-        logits = F.pad(logits, (0, topk - logits.shape[1]), value=float("-inf"))
-        idx = torch.arange(topk, device=logits.device).expand_as(logits)
-        return torch.where(logits == float("-inf"), -1, idx).to(torch.int32)
-    vals, idx = logits.topk(topk, dim=-1, sorted=False)
-    return torch.where(vals == float("-inf"), torch.full_like(idx, -1), idx).to(torch.int32)
+    topk positions are visible. Order within a row is unspecified. No host synchronisation.
+    The radix-select kernel of kernels/radix_topk.py on CUDA, torch.topk elsewhere."""
+    return topk_rows(logits, topk)
 
 
 def indexer_topk_decode_ref(
@@ -117,7 +117,7 @@ def indexer_topk_decode_ref(
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
     logits = indexer_logits_decode_ref(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, max_seq_len)
-    return topk_from_logits(logits, topk)
+    return topk_ref(logits, topk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def indexer_topk_decode_triton(
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
     logits = indexer_logits_decode_triton(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, max_seq_len)
-    return topk_from_logits(logits, topk)
+    return topk_triton(logits, topk) if TOPK_KERNEL else topk_ref(logits, topk)
 
 
 # ---------------------------------------------------------------------------------------------

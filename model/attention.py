@@ -25,14 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels import act_quant, indexer_topk_decode, rope, sparse_mla_decode
+from splitserve.kernels import act_quant, indexer_topk_decode, kv_write, rope, sparse_mla_decode
 
-from .batch import ForwardBatch, IndexerKeys, PagedRows, SeqSpan
+from .batch import ForwardBatch, IndexerKeys, PagedPools, PagedRows, SeqSpan
 from .config import ModelConfig
-from .fp8 import hadamard_rotate
+from .fp8 import hadamard_matrix, hadamard_rotate
 from .linear import FusedLinear
 from .norm import RMSNorm
 from .parallel import ParallelState
+
+FUSED_CACHE_WRITE = True  # False: the unfused ops + pools.write (bench/engine.py --glue unfused, for comparison)
 
 
 class Indexer(nn.Module):
@@ -160,13 +162,13 @@ class MLA(nn.Module):
         q = self.q_b_proj(q_resid).view(n, h, cfg.qk_head_dim)
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_rope = rope(q_rope, cos, sin, interleaved=True)
-        latent, k_rope = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        entries = torch.cat([self.kv_a_layernorm(latent), rope(k_rope, cos, sin, interleaved=True)], dim=-1)
-        keys = self.indexer.keys(k_idx, cos, sin)
         q_idx, w_idx = self.indexer.queries(q_resid, x, cos, sin)
         if batch.rows is not None:
-            out = self._rows(q_nope, q_rope, entries, keys, q_idx, w_idx, batch.rows)
+            self.write_entries(kv_a, k_idx, cos, sin, batch.rows.pools, batch.rows.slots)
+            out = self._rows(q_nope, q_rope, q_idx, w_idx, batch.rows)
             return self.parallel.all_reduce(self.o_proj(out.reshape(n, h * cfg.v_head_dim)))
+        entries = self._entries(kv_a, cos, sin)
+        keys = self.indexer.keys(k_idx, cos, sin)
         assert batch.store is not None
         for i, sp in enumerate(batch.spans):
             batch.store.write(self.layer, i, entries[sp.start : sp.end], keys[sp.start : sp.end])
@@ -183,19 +185,57 @@ class MLA(nn.Module):
             out[sp.start : sp.end] = attend(q_nope[sp.start : sp.end], q_rope[sp.start : sp.end], cache, allowed)
         return self.parallel.all_reduce(self.o_proj(out.reshape(n, h * cfg.v_head_dim)))
 
+    def _entries(self, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """kv_a [N, kv_lora + rope] -> the cacheable latent entries [N, kv_lora + rope]."""
+        latent, k_rope = kv_a.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
+        return torch.cat([self.kv_a_layernorm(latent), rope(k_rope, cos, sin, interleaved=True)], dim=-1)
+
+    def write_entries(
+        self,
+        kv_a: torch.Tensor,
+        k_idx: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pools: PagedPools,
+        slots: torch.Tensor,
+    ) -> None:
+        """The rows' latent entries and indexer keys into the paged pools: one fused kernel on CUDA
+        (kernels/cache_write.py; its reference, the same ops as _entries + Indexer.keys, elsewhere).
+        The 656-byte FP8 latent entries go through pools.write."""
+        if pools.latent_fp8 or not FUSED_CACHE_WRITE:
+            pools.write(self.layer, slots, self._entries(kv_a, cos, sin), self.indexer.keys(k_idx, cos, sin))
+            return
+        ix, d = self.indexer, self.indexer.head_dim
+        kv_write(
+            kv_a,
+            k_idx,
+            cos,
+            sin,
+            self.kv_a_layernorm.weight,
+            self.kv_a_layernorm.eps,
+            ix.k_norm.weight,
+            ix.k_norm.bias,
+            ix.k_norm.eps,
+            self.cfg.indexer_rope_interleave,
+            hadamard_matrix(d, k_idx.dtype, k_idx.device) if ix.fp8 else None,
+            pools.latent,
+            pools.ikeys,
+            pools.iscale,
+            self.layer,
+            slots,
+        )
+
     def _rows(
         self,
         q_nope: torch.Tensor,
         q_rope: torch.Tensor,
-        entries: torch.Tensor,
-        keys: IndexerKeys,
         q_idx: torch.Tensor,
         w_idx: torch.Tensor,
         rows: PagedRows,
     ) -> torch.Tensor:
-        """Every row one query over the paged pools: write, select top-k, sparse absorbed attention."""
+        """Every row one query over the paged pools (its entries already written): select top-k,
+        sparse absorbed attention."""
         cfg, pools = self.cfg, rows.pools
-        pools.write(self.layer, rows.slots, entries, keys)
         if pools.iscale is None:  # exact indexer: relu(s * q.k) = s * relu(q.k), fold s into the weights
             q_sel, w_sel, k_cache = q_idx.to(pools.ikeys.dtype), w_idx * self.indexer.softmax_scale, pools.ikeys
         else:

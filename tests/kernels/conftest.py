@@ -18,7 +18,18 @@ CUDA = torch.cuda.is_available()
 
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
-    _ORDER = ["_common", "quant", "indexer", "sparse_mla", "norm", "rotary", "fp8_gemm", "moe"]
+    _ORDER = [
+        "_common",
+        "quant",
+        "radix_topk",
+        "indexer",
+        "sparse_mla",
+        "norm",
+        "rotary",
+        "cache_write",
+        "fp8_gemm",
+        "moe",
+    ]
     for _name in [f"splitserve.kernels.{m}" for m in _ORDER] + ["splitserve.kernels"]:
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
