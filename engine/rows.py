@@ -175,10 +175,17 @@ class DecodeGraphs:
             self.graphs.clear()
             return False
 
-    def run(self, plan: RowPlan, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run(
+        self,
+        plan: RowPlan,
+        hidden: torch.Tensor | None = None,
+        feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
         """Replay the graph for this plan; None when none fits (the caller runs eagerly). Before
         seal() a missing graph is captured; after it, never (counted in misses_after_ready).
-        hidden: the MTP layer's input states [N, hidden] (mtp graphs only)."""
+        hidden: the MTP layer's input states [N, hidden] (mtp graphs only).
+        feed: (rows, token ids), both on the device: these rows' input ids replace the plan's (the
+        tokens a step still in flight samples, copied on the device: engine/overlap.py)."""
         rows = None if self.disabled else self.key(plan)
         if rows is None:
             return None
@@ -191,6 +198,8 @@ class DecodeGraphs:
                 return None
         n, w = len(plan.input_ids), plan.tables.shape[1]
         self.ids[:n].copy_(torch.from_numpy(plan.input_ids), non_blocking=True)
+        if feed is not None:
+            self.ids.index_copy_(0, feed[0], feed[1])
         self.pos[:n].copy_(torch.from_numpy(plan.positions), non_blocking=True)
         self.seq_lens[:n].copy_(torch.from_numpy(plan.seq_lens), non_blocking=True)
         self.slots[:n].copy_(torch.from_numpy(plan.slots), non_blocking=True)

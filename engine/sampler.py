@@ -143,8 +143,12 @@ def token_counts(
 def _col(
     values: torch.Tensor | Sequence[float] | Sequence[int], like: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Per-row values as a [B, 1] column of `dtype` on `like`'s device."""
-    return torch.as_tensor(values, dtype=dtype, device=like.device).reshape(-1, 1)
+    """Per-row values as a [B, 1] column of `dtype` on `like`'s device (a host list travels by a
+    non-blocking copy: building it never waits for the device)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if t.device != like.device:
+        t = t.to(like.device, non_blocking=True)
+    return t.reshape(-1, 1)
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> torch.Tensor:
@@ -224,12 +228,10 @@ def apply_top_k_top_p(
     b, v = logits.shape
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True, stable=True)
     pos = torch.arange(v, device=logits.device).expand(b, v)
-    drop = torch.zeros(b, v, dtype=torch.bool, device=logits.device)
     if top_k is not None:
         k = _col(top_k, logits, torch.long)
         k = torch.where((k <= 0) | (k > v), torch.full_like(k, v), k)
-        drop |= pos >= k
-        sorted_logits = sorted_logits.masked_fill(drop, _MASK)
+        sorted_logits = sorted_logits.masked_fill(pos >= k, _MASK)
     if top_p is not None:
         p = _col(top_p, logits, torch.float32)
         probs = torch.softmax(sorted_logits.float(), dim=-1)
@@ -237,10 +239,8 @@ def apply_top_k_top_p(
         # which therefore always survives).
         mass_before = torch.nn.functional.pad(torch.cumsum(probs, dim=-1)[:, :-1], (1, 0))
         drop_p = (mass_before >= p) & (p < 1.0)
-        drop |= drop_p
         sorted_logits = sorted_logits.masked_fill(drop_p, _MASK)
-    if not bool(drop.any()):
-        return logits.clone()
+    # scattered back whether or not anything was dropped (asking would wait for the device)
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
@@ -335,8 +335,9 @@ def processed_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     """
     x = process_logits(logits, rows)
     probs = torch.softmax(x, dim=-1)
-    greedy = torch.tensor([r.params.greedy for r in rows], dtype=torch.bool, device=x.device)
-    if bool(greedy.any()):
+    flags = [r.params.greedy for r in rows]
+    if any(flags):  # decided on the host: nothing here waits for the device
+        greedy = torch.tensor(flags, dtype=torch.bool).to(x.device, non_blocking=True)
         onehot = torch.zeros_like(probs).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], onehot, probs)
     return probs
