@@ -31,6 +31,7 @@ kernels, the rows fit the token budget and the new blocks fit without preemption
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,11 +44,14 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class InFlight:
-    """A launched decode step: its requests in row order, and blocks to free once it has run."""
+    """A launched decode step: its requests in row order, the block each row writes, and blocks to
+    free once it has run (of requests that finished before it did)."""
 
     reqs: list[Request]
+    writes: list[int]
     launched: Launched
     deferred: list[int] = field(default_factory=list)
+    waited: bool = False  # the host waited for it: it has run (Overlap.wait)
 
 
 class Overlap:
@@ -74,7 +78,8 @@ class Overlap:
             return None
         reqs, positions, ids, fed = plan
         launched = self.eng.runner.launch_decode(reqs, positions, ids, fed, prev.launched.tokens if prev else None)
-        self.inflight = InFlight(reqs, launched)
+        bs = self.eng.cfg.block_size
+        self.inflight = InFlight(reqs, [r.block_table[p // bs] for r, p in zip(reqs, positions)], launched)
         self.steps += 1
         outputs = self._apply(prev) if prev is not None else []
         cur = self.inflight
@@ -91,6 +96,7 @@ class Overlap:
         """Wait for the step in flight to complete (its results stay to be applied)."""
         if self.inflight is not None:
             self.inflight.launched.wait()
+            self.inflight.waited = True
 
     def _plan(self, prev: InFlight | None) -> tuple[list[Request], list[int], list[int], list[tuple[int, int]]] | None:
         eng = self.eng
@@ -141,6 +147,7 @@ class Overlap:
         lp_index = {row: j for j, row in enumerate(f.launched.logprob_rows)}
         outputs: list[RequestOutput] = []
         eng.stats.steps += 1
+        now = time.monotonic()
         for i, r in enumerate(f.reqs):
             if r.is_finished:
                 continue  # finished by the step before or aborted: a wasted row
@@ -153,6 +160,8 @@ class Overlap:
                 lps = [f.launched.logprobs(j, int(r.params.logprobs or 0))]
                 r.output_logprobs.append(lps[0])
             eng.stats.decode_steps += 1
+            if r.first_token_time is None:  # adopted: its first token came from the prefill side
+                r.first_token_time = now
             eng.scheduler.register_full_blocks(r)
             reason = eng._finish_reason(r, [t])
             if reason is not None:
