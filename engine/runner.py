@@ -54,6 +54,7 @@ from .sampler import (
     prompt_logprobs,
     sample_from_probs,
     sample_tokens,
+    to_device,
     token_logprobs,
 )
 from .scheduler import ScheduledItem
@@ -449,8 +450,7 @@ class ModelRunner:
         feed = None
         if fed:
             assert prev is not None
-            idx = torch.tensor([r for r, _ in fed] + [j for _, j in fed], dtype=torch.long)
-            idx = idx.to(dev, non_blocking=True)
+            idx = to_device(torch.tensor([r for r, _ in fed] + [j for _, j in fed], dtype=torch.long), dev)
             feed = (idx[: len(fed)], prev.index_select(0, idx[len(fed) :]))
         timed = self._event()
         hidden = self.graphs.run(plan, feed=feed) if self.graphs is not None else None
@@ -468,7 +468,7 @@ class ModelRunner:
             tokens = sample_tokens(logits, [_row(r) for r in reqs])
         out = Launched(tokens, _to_host(tokens), [i for i, p in enumerate(params) if p.logprobs is not None])
         if out.logprob_rows:  # as sampler.token_logprobs computes them, left on the device until read
-            w = torch.tensor(out.logprob_rows, dtype=torch.long).to(dev, non_blocking=True)
+            w = to_device(torch.tensor(out.logprob_rows, dtype=torch.long), dev)
             lg = biased_logits(logits.index_select(0, w), [params[i] for i in out.logprob_rows])
             lp = torch.log_softmax(lg.to(torch.float32), dim=-1)
             out.host_chosen = _to_host(lp.gather(1, tokens.index_select(0, w)[:, None]).squeeze(1))

@@ -57,6 +57,7 @@ __all__ = [
     "SampleOutput",
     "Sampler",
     "make_generator",
+    "to_device",
     "token_counts",
     "apply_logit_bias",
     "biased_logits",
@@ -78,6 +79,17 @@ __all__ = [
 
 _MASK = float("-inf")
 _SEED_MASK = (1 << 64) - 1
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for it: through pinned memory on CUDA (a copy from
+    pageable memory may wait for the stream; PyTorch's pinned allocator keeps the buffer until the copy
+    has run), t itself when it is already there."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -145,10 +157,7 @@ def _col(
 ) -> torch.Tensor:
     """Per-row values as a [B, 1] column of `dtype` on `like`'s device (a host list travels by a
     non-blocking copy: building it never waits for the device)."""
-    t = torch.as_tensor(values, dtype=dtype)
-    if t.device != like.device:
-        t = t.to(like.device, non_blocking=True)
-    return t.reshape(-1, 1)
+    return to_device(torch.as_tensor(values, dtype=dtype), like.device).reshape(-1, 1)
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> torch.Tensor:
@@ -167,7 +176,7 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, 
     vals = torch.tensor([x for pairs in biases for _, x in pairs], dtype=logits.dtype)
     idx = torch.tensor([rows, toks], dtype=torch.long)
     if logits.device.type != "cpu":
-        idx, vals = idx.to(logits.device, non_blocking=True), vals.to(logits.device, non_blocking=True)
+        idx, vals = to_device(idx, logits.device), to_device(vals, logits.device)
     out.index_put_((idx[0], idx[1]), vals, accumulate=True)
     return out
 
@@ -337,7 +346,7 @@ def processed_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     probs = torch.softmax(x, dim=-1)
     flags = [r.params.greedy for r in rows]
     if any(flags):  # decided on the host: nothing here waits for the device
-        greedy = torch.tensor(flags, dtype=torch.bool).to(x.device, non_blocking=True)
+        greedy = to_device(torch.tensor(flags, dtype=torch.bool), x.device)
         onehot = torch.zeros_like(probs).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], onehot, probs)
     return probs

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import Engine
@@ -188,3 +189,39 @@ def test_where_overlap_is_on(tiny_net, predictable_net) -> None:
     assert make_engine(tiny_net, None).overlap is None  # a CPU cache: off unless asked for
     assert make_engine(tiny_net, True, paged_kernels=False).overlap is None  # rows come from a row plan
     assert make_engine(predictable_net, True, mtp_draft_tokens=1).overlap is None  # MTP steps stay synchronous
+
+
+# ---- on a GPU: the Triton kernels, CUDA graphs, the device-side token feed, events ------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def kernel_net(tmp_path_factory):
+    from .test_engine_cuda import _kernel_net
+
+    return _kernel_net(tmp_path_factory, torch.float32)
+
+
+@cuda
+@pytest.mark.parametrize("warm", [False, True], ids=["captured-on-use", "warm-up"])
+def test_overlap_on_cuda_with_graphs_streams_what_sync_does(kernel_net, warm) -> None:
+    kw = dict(num_blocks=160, block_size=16, chunk_size=128, max_batch_tokens=2048, device="cuda", paged_kernels=None)
+    work = mixed_workload(kernel_net)
+    runs = {}
+    for overlap in (False, True):
+        eng = make_engine(kernel_net, overlap, **kw)
+        assert eng.runner.graphs is not None and (eng.overlap is not None) == overlap
+        if warm:
+            eng.warm_up()
+        runs[overlap] = drive(eng, work, {"r1": 4, "r6": 2})
+        assert eng.runner.graphs.graphs, "decode steps did not replay CUDA graphs"
+        if warm:
+            assert eng.graph_stats["graph_misses_after_ready"] == 0
+    assert_same(runs[False], runs[True])
+    assert runs[True].overlapped_steps > 10
+
+
+@cuda
+def test_overlap_is_on_by_default_on_cuda(kernel_net) -> None:
+    eng = Engine(kernel_net, EngineConfig(num_blocks=32, block_size=16, device="cuda"))
+    assert eng.overlap is not None
