@@ -244,10 +244,10 @@ class Engine:
         elif self.mtp_cache:
             raise RequestError("MTP is on but the prefill side sent no MTP state")
         self.requests[request_id] = req
-        if self._finish_reason(req, [first_token]) is not None:
-            req.status = Status.FINISHED
-            req.finish_reason = self._finish_reason(req, [first_token])
-        self.scheduler.adopt(req)
+        self.scheduler.adopt(req)  # RUNNING; finished at once when its first token ends it (the next step reports it)
+        reason = self._finish_reason(req, [first_token])
+        if reason is not None:
+            req.status, req.finish_reason = Status.FINISHED, reason
         return req
 
     def release_prefilled(self, request_id: str) -> None:

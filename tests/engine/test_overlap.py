@@ -71,8 +71,11 @@ def drive(eng: Engine, arrivals: list[tuple[int, str, list[int], SamplingParams]
     while pending or eng.has_work:
         while pending and pending[0][0] <= call:
             _, rid, prompt, params = pending.pop(0)
-            eng.add_request(rid, prompt, params)
             run.streams[rid] = Stream()
+            if callable(prompt):  # a request prefilled elsewhere: adopt it (it returns the first token)
+                run.streams[rid].tokens.append(prompt(eng))
+            else:
+                eng.add_request(rid, prompt, params)
             if abort_after.get(rid) == 0:
                 assert eng.abort(rid)
                 run.streams[rid].finished, run.streams[rid].reason = True, "abort"
@@ -164,6 +167,49 @@ def test_aborts_mid_stream(tiny_net) -> None:
     for rid, n in abort_after.items():
         assert over.streams[rid].reason == "abort" and len(over.streams[rid].tokens) == n
     assert over.overlapped_steps > 0
+
+
+def adoption(net, rid: str, prompt: list[int], params: SamplingParams):
+    """What a decode worker does with a request a prefill worker prefilled (test_handoff.handoff): an
+    engine of its own prefills it (prefill_only), the blocks are copied into blocks reserved on the
+    decode engine, which adopts it. Returns the action for `drive` (it returns the first token)."""
+
+    def adopt(b: Engine) -> int:
+        a = make_engine(net, True)
+        req = a.add_request(rid, prompt, params, prefill_only=True)
+        while not req.is_finished:
+            a.step()
+        blocks = b.reserve(len(prompt) + 1)
+        n = -(-len(prompt) // a.cfg.block_size)
+        for src, dst in zip(a.pool.pools(), b.pool.pools()):
+            dst[blocks[:n]] = src[req.block_table[:n]]
+        first = req.output_ids[0]
+        b.adopt_prefilled(rid, prompt, params, blocks, first, None, None, req.generator.get_state())
+        a.release_prefilled(rid)
+        assert a.blocks_used == 0
+        return first
+
+    return adopt
+
+
+def test_requests_adopted_while_others_decode(tiny_net) -> None:
+    """The decode worker's path: requests prefilled elsewhere join a batch whose steps overlap (their
+    first input token comes from the host, the others' from the step in flight); one finishes on its
+    first token (the synchronous step reports it)."""
+    prompts = random_prompts([12, 30, 21, 9, 17], tiny_net.cfg.vocab_size, seed=8)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=13, ignore_eos=True, seed=21)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    work = [
+        (0, "local0", prompts[0], greedy),
+        (0, "local1", prompts[1], seeded),
+        (4, "adopted2", adoption(tiny_net, "adopted2", prompts[2], seeded), seeded),
+        (7, "adopted3", adoption(tiny_net, "adopted3", prompts[3], one), one),
+        (9, "adopted4", adoption(tiny_net, "adopted4", prompts[4], greedy), greedy),
+    ]
+    sync, over = both(tiny_net, work)
+    assert over.streams["adopted3"].reason == "length" and len(over.streams["adopted3"].tokens) == 1
+    assert over.overlapped_steps > 10
 
 
 def test_preemption_falls_back_and_gives_the_same_output(tiny_net) -> None:
