@@ -17,6 +17,12 @@ freed only when N+1 has completed (`InFlight.deferred`). An abort waits for the 
 (one step at most) and frees at once. No block is freed while a launched step can still write it:
 step N's blocks are freed after N's event, and only the newest step is ever in flight.
 
+Nothing between the launch of N+1 and the wait for N synchronises with the device: the row plan and
+the small index and parameter tensors reach it through pinned memory (rows.pack, sampler.to_device),
+the sampler decides its shortcuts on the host, and N's results come back by non-blocking copies into
+pinned memory. Requests that join the batch (adopted from a prefill worker) take their input token
+from the host in the same step.
+
 Exactness: the rows, inputs and sampling of an overlapped step are those of the synchronous step
 (greedy: the argmax of the biased logits; sampling: the sampler's exponential race from the request's
 generator, = verification with no drafts); logprobs are computed on the device at launch and read
@@ -25,8 +31,9 @@ the row in flight is the +1 of the next plan.
 
 Which steps overlap (`Overlap.step` returns None for the others, which run synchronously after the
 step in flight is applied): every running request decodes (no prefill chunk, nothing waiting that
-could be admitted), none has penalties (they need the tokens on the host), no MTP, one rank, paged
-kernels, the rows fit the token budget and the new blocks fit without preemption.
+could be admitted), none has penalties (they need the tokens on the host), none was adopted already
+finished, no MTP, one rank, paged kernels, the rows fit the token budget and the new blocks fit
+without preemption. Prefill chunks, preemption, MTP and tensor parallelism are therefore synchronous.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ class InFlight:
     launched: Launched
     deferred: list[int] = field(default_factory=list)
     waited: bool = False  # the host waited for it: it has run (Overlap.wait)
+    members: set[int] = field(default_factory=set)  # id() of its requests
+
+    def __post_init__(self) -> None:
+        self.members = {id(r) for r in self.reqs}
 
 
 class Overlap:
@@ -66,7 +77,7 @@ class Overlap:
         return engine.mtp_k == 0 and not engine.parallel.distributed and engine.runner.paged
 
     def holds(self, req: Request) -> bool:
-        return self.inflight is not None and any(r is req for r in self.inflight.reqs)
+        return self.inflight is not None and id(req) in self.inflight.members
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput] | None:
@@ -124,7 +135,7 @@ class Overlap:
                 ids.append(0)
             elif r.in_decode:
                 positions.append(r.num_computed)
-                ids.append(r.all_ids[-1])
+                ids.append(r.output_ids[-1])  # in decode: its last token is a sampled one
             else:
                 return None  # a prefill chunk
             reqs.append(r)
