@@ -12,6 +12,9 @@ nothing finishes):
   gpu_ms   GPU time per step of the forward + LM head, from CUDA events the runner records right
            before the step's graph replay (its input copies included) and right after the LM head
            (ModelRunner.gpu_events): the work a step cannot avoid. Sampling (an argmax) is outside it.
+           In a synchronous step the device is idle when the start event is recorded, so the span
+           also holds the host's packing of the row plan into pinned memory (tens of us): sync's
+           host_ms is, if anything, understated.
   ratio    wall_ms / gpu_ms: 1.0 = the device never waits for the host. The issue's goal: <= 1.05.
   host_ms  (sync only) wall_ms - gpu_ms: what the synchronous engine adds per step.
 
