@@ -37,6 +37,10 @@ class EngineConfig:
         reads bf16 latents or the FP8 entries of latent_fp8 directly). None: on when the cache is on
         CUDA; True on a CPU runs the kernels' PyTorch references (tests).
     cuda_graphs: replay captured CUDA graphs for decode-only steps (CUDA with paged_kernels only).
+    overlap_scheduling: plan and launch decode step N+1 while the device runs step N, reading step N's
+        tokens only after (engine/overlap.py); a step's outputs then come from the next step() call.
+        Decode-only steps without penalties, single rank, paged kernels, no MTP; other steps run
+        synchronously. None: on when the cache is on CUDA (on a CPU nothing runs in parallel).
     cache_memory_fraction: (cuda) size the cache to this fraction of the GPU memory that is free once
         the weights are loaded; num_blocks is then ignored. The rest is headroom for activations and
         CUDA graphs (prefill chunks of 8k tokens at DeepSeek-V3.2 widths need a few GB).
@@ -60,6 +64,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     paged_kernels: bool | None = None
     cuda_graphs: bool = True
+    overlap_scheduling: bool | None = None
     cache_memory_fraction: float | None = None
     staging_blocks: int = 0  # extra blocks of a prefill worker's transfer staging area (kvtransfer/staging.py)
 

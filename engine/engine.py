@@ -22,6 +22,7 @@ from splitserve.model import DeepseekV32
 from .block_manager import BlockManager
 from .cache import CachePool, block_bytes, blocks_for_memory
 from .config import EngineConfig
+from .overlap import Overlap
 from .request import Request, RequestOutput, Status
 from .runner import ModelRunner
 from .sampler import TokenLogprobs, make_generator
@@ -121,6 +122,10 @@ class Engine:
         )
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        # overlapped decode steps (overlap.py): on CUDA unless the config says otherwise; never where
+        # unsupported (MTP, tensor parallel, no paged kernels), which keeps every step synchronous
+        want = cfg.overlap_scheduling if cfg.overlap_scheduling is not None else self.pool.latent.is_cuda
+        self.overlap = Overlap(self) if want and Overlap.supported(self) else None
 
     def _size_cache(self, cfg: EngineConfig, num_layers: int) -> EngineConfig:
         """num_blocks from cache_memory_fraction of the GPU memory free after the weights."""
@@ -239,10 +244,10 @@ class Engine:
         elif self.mtp_cache:
             raise RequestError("MTP is on but the prefill side sent no MTP state")
         self.requests[request_id] = req
-        if self._finish_reason(req, [first_token]) is not None:
-            req.status = Status.FINISHED
-            req.finish_reason = self._finish_reason(req, [first_token])
-        self.scheduler.adopt(req)
+        self.scheduler.adopt(req)  # RUNNING; finished at once when its first token ends it (the next step reports it)
+        reason = self._finish_reason(req, [first_token])
+        if reason is not None:
+            req.status, req.finish_reason = Status.FINISHED, reason
         return req
 
     def release_prefilled(self, request_id: str) -> None:
@@ -259,6 +264,8 @@ class Engine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        if self.overlap is not None and self.overlap.holds(req):
+            self.overlap.wait()  # its row in the step in flight writes its blocks: let that step end first
         self.scheduler.remove(req)
         self.blocks.free(req.block_table)
         req.block_table = []
@@ -267,6 +274,8 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
+        if self.overlap is not None and self.overlap.inflight is not None:
+            return True
         return any(not (r.prefill_only and r.is_finished) for r in self.scheduler.running) or bool(
             self.scheduler.waiting
         )
@@ -283,9 +292,20 @@ class Engine:
         return None
 
     def step(self) -> list[RequestOutput]:
+        """One engine step; its outputs. With overlapped steps on (overlap.py), a decode step's outputs
+        come from the step() call after the one that launched it."""
         t0 = time.perf_counter()
+        if self.overlap is None:
+            return self._step(t0, [])
+        outputs = self.overlap.step()
+        if outputs is not None:
+            self.stats.step_seconds = time.perf_counter() - t0
+            return outputs
+        return self._step(t0, self.overlap.drain())  # not overlapped: apply the step in flight first
+
+    def _step(self, t0: float, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """A synchronous step (nothing in flight): schedule, execute, read the tokens, apply them."""
         items = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
         for req in self.scheduler.finished:
             outputs.append(self._finish(req, [], None))
         self.scheduler.finished.clear()
@@ -345,7 +365,15 @@ class Engine:
         self.stats.step_seconds = time.perf_counter() - t0
         return outputs
 
-    def _finish(self, req: Request, new: list[int], lps: list | None, reason: str | None = None) -> RequestOutput:
+    def _finish(
+        self,
+        req: Request,
+        new: list[int],
+        lps: list | None,
+        reason: str | None = None,
+        defer: list[int] | None = None,
+    ) -> RequestOutput:
+        """defer: a list to put req's blocks in instead of freeing them (a step in flight writes them)."""
         reason = reason or req.finish_reason
         req.status, req.finish_reason = Status.FINISHED, reason
         if reason == "prefilled" or (req.prefill_only and reason != "abort" and req.output_ids):
@@ -354,7 +382,10 @@ class Engine:
             pass
         else:
             self.scheduler.remove(req)
-            self.blocks.free(req.block_table)
+            if defer is not None:
+                defer.extend(req.block_table)
+            else:
+                self.blocks.free(req.block_table)
             req.block_table = []
             self.requests.pop(req.request_id, None)
             self.stats.requests_done += 1

@@ -93,6 +93,24 @@ class RowPlan:
         )
 
 
+def pack(arrays: tuple[np.ndarray, ...], pin: bool) -> list[torch.Tensor]:
+    """Copies of these arrays as views into one host buffer (each view 8-byte aligned), pinned when
+    `pin`: one allocation per step, from which non-blocking copies to the GPU do not wait for the
+    stream (a copy out of pageable memory may), and which PyTorch's pinned allocator does not hand out
+    again before the copies out of it have run."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 8) * 8
+    buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    host = buf.numpy()
+    out = []
+    for a, off in zip(arrays, offsets):
+        host[off : off + a.nbytes].view(a.dtype).reshape(a.shape)[...] = a
+        out.append(buf[off : off + a.nbytes].view(torch.from_numpy(a).dtype).view(a.shape))
+    return out
+
+
 def _pad_to(n: int, sizes: tuple[int, ...]) -> int | None:
     for s in sizes:
         if s >= n:
@@ -175,10 +193,17 @@ class DecodeGraphs:
             self.graphs.clear()
             return False
 
-    def run(self, plan: RowPlan, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run(
+        self,
+        plan: RowPlan,
+        hidden: torch.Tensor | None = None,
+        feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
         """Replay the graph for this plan; None when none fits (the caller runs eagerly). Before
         seal() a missing graph is captured; after it, never (counted in misses_after_ready).
-        hidden: the MTP layer's input states [N, hidden] (mtp graphs only)."""
+        hidden: the MTP layer's input states [N, hidden] (mtp graphs only).
+        feed: (rows, token ids), both on the device: these rows' input ids replace the plan's (the
+        tokens a step still in flight samples, copied on the device: engine/overlap.py)."""
         rows = None if self.disabled else self.key(plan)
         if rows is None:
             return None
@@ -190,11 +215,13 @@ class DecodeGraphs:
             if not self._try_capture(rows):
                 return None
         n, w = len(plan.input_ids), plan.tables.shape[1]
-        self.ids[:n].copy_(torch.from_numpy(plan.input_ids), non_blocking=True)
-        self.pos[:n].copy_(torch.from_numpy(plan.positions), non_blocking=True)
-        self.seq_lens[:n].copy_(torch.from_numpy(plan.seq_lens), non_blocking=True)
-        self.slots[:n].copy_(torch.from_numpy(plan.slots), non_blocking=True)
-        self.tables[:n, :w].copy_(torch.from_numpy(plan.tables), non_blocking=True)
+        arrays = (plan.input_ids, plan.positions, plan.slots, plan.seq_lens, plan.tables)
+        dsts = (self.ids[:n], self.pos[:n], self.slots[:n], self.seq_lens[:n], self.tables[:n, :w])
+        srcs = pack(arrays, pin=True) if self.ids.is_cuda else [torch.from_numpy(a) for a in arrays]
+        for dst, src in zip(dsts, srcs):
+            dst.copy_(src, non_blocking=True)
+        if feed is not None:
+            self.ids.index_copy_(0, feed[0], feed[1])
         if w < self.max_blocks:  # beyond a row's table: the scratch block (never read: seq_lens bound it)
             self.tables[:n, w:].fill_(self.pool.scratch_block)
         if self.hidden is not None:

@@ -48,11 +48,13 @@ from .request import Request
 from .rows import DecodeGraphs, RowPlan
 from .sampler import (
     SamplingRow,
+    TokenLogprobs,
     biased_logits,
     processed_probs,
     prompt_logprobs,
     sample_from_probs,
     sample_tokens,
+    to_device,
     token_logprobs,
 )
 from .scheduler import ScheduledItem
@@ -60,6 +62,40 @@ from .spec_step import RelaxedAcceptance, SpecStep, eligible, relaxed_accept, th
 from .speculative import VerifyResult, target_probs_for_drafts, verify_batch
 
 Group = tuple[list[int], int, list[int]]  # a run of tokens: ids, first position, block table
+
+
+@dataclass(slots=True)
+class Launched:
+    """A decode step launched without waiting for it (`ModelRunner.launch_decode`). Its sampled tokens
+    stay on the device (`tokens`: the next step's input rows are fed from them); the host reads its
+    copies (`host_tokens`, and the logprobs of the rows in `logprob_rows`) once `wait()` returns."""
+
+    tokens: torch.Tensor  # [B] int64 on the device
+    host_tokens: torch.Tensor  # [B] int64 on the host (pinned on CUDA)
+    logprob_rows: list[int]
+    host_chosen: torch.Tensor | None = None  # [L] the sampled tokens' logprobs
+    host_top: tuple[torch.Tensor, torch.Tensor] | None = None  # [L, n] logprobs and ids of the top n
+    ready: torch.cuda.Event | None = None  # None on a CPU: the step has run when launch returns
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def logprobs(self, j: int, n: int) -> TokenLogprobs:
+        """The TokenLogprobs of logprob row j (as sampler.token_logprobs makes them), n alternatives."""
+        assert self.host_chosen is not None
+        top: list[tuple[int, float]] = []
+        if n > 0 and self.host_top is not None:
+            top = list(zip(self.host_top[1][j, :n].tolist(), self.host_top[0][j, :n].tolist()))
+        return TokenLogprobs(int(self.host_tokens[self.logprob_rows[j]]), float(self.host_chosen[j]), top)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of t that does not wait for the device (pinned, non-blocking); t itself on a CPU."""
+    if t.device.type == "cpu":
+        return t
+    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return h.copy_(t, non_blocking=True)
 
 
 @dataclass(slots=True)
@@ -104,6 +140,8 @@ class ModelRunner:
             DecodeGraphs(net, pool, max_rows, max_blocks, mtp=True) if paged and graphs and mtp_k else None
         )
         self.relaxed = relaxed
+        # bench/overlap.py: (start, end) CUDA events around each decode step's forward and LM head
+        self.gpu_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         self.spec = (
             SpecStep(net, pool, mtp_k, max_requests, max_blocks, graphs=graphs, relaxed=relaxed)
             if paged and mtp_k and mtp_cache and self.parallel.world_size == 1  # its calls are not broadcast
@@ -380,6 +418,69 @@ class ModelRunner:
             results[req.request_id] = StepResult(toks, None, self.mtp_k, a)
         return results
 
+    # ---- overlapped decode (engine/overlap.py) ------------------------------------------------
+    def _event(self) -> torch.cuda.Event | None:
+        if self.gpu_events is None or self.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _timed(self, start: torch.cuda.Event | None) -> None:
+        end = self._event() if start is not None else None
+        if start is not None and end is not None and self.gpu_events is not None:
+            self.gpu_events.append((start, end))
+
+    @torch.inference_mode()
+    def launch_decode(
+        self,
+        reqs: list[Request],
+        positions: list[int],
+        ids: list[int],
+        fed: list[tuple[int, int]],
+        prev: torch.Tensor | None,
+    ) -> Launched:
+        """One decode row per request (row i: token ids[i] at positions[i] through reqs[i]'s block
+        table), sampled on the device, its results copied to the host without waiting: nothing here
+        synchronises with the device. fed: (row, j) pairs whose input token is prev[j], a token that a
+        step still in flight samples (copied on the device; ids[row] is only a placeholder).
+        Single rank, paged kernels, no MTP, no penalties (engine/overlap.py checks)."""
+        dev = self.device
+        plan = RowPlan.build([([t], p, r.block_table) for r, p, t in zip(reqs, positions, ids)], self.pool.block_size)
+        feed = None
+        if fed:
+            assert prev is not None
+            idx = to_device(torch.tensor([r for r, _ in fed] + [j for _, j in fed], dtype=torch.long), dev)
+            feed = (idx[: len(fed)], prev.index_select(0, idx[len(fed) :]))
+        timed = self._event()
+        hidden = self.graphs.run(plan, feed=feed) if self.graphs is not None else None
+        if hidden is None:
+            batch = plan.to_batch(self.pool)
+            if feed is not None:
+                batch.input_ids.index_copy_(0, feed[0], feed[1])
+            hidden = self.net.forward(batch)
+        logits = self.net.logits(hidden)
+        self._timed(timed)
+        params = [r.params for r in reqs]
+        if all(p.greedy for p in params):  # the sync path's argmax of the biased logits
+            tokens = biased_logits(logits, params).argmax(dim=-1)
+        else:  # = verification with no drafts (speculative.py): the sampler's exponential race
+            tokens = sample_tokens(logits, [_row(r) for r in reqs])
+        out = Launched(tokens, _to_host(tokens), [i for i, p in enumerate(params) if p.logprobs is not None])
+        if out.logprob_rows:  # as sampler.token_logprobs computes them, left on the device until read
+            w = to_device(torch.tensor(out.logprob_rows, dtype=torch.long), dev)
+            lg = biased_logits(logits.index_select(0, w), [params[i] for i in out.logprob_rows])
+            lp = torch.log_softmax(lg.to(torch.float32), dim=-1)
+            out.host_chosen = _to_host(lp.gather(1, tokens.index_select(0, w)[:, None]).squeeze(1))
+            n = min(max(int(params[i].logprobs or 0) for i in out.logprob_rows), lp.shape[1])
+            if n > 0:
+                top_lp, top_id = torch.topk(lp, n, dim=-1)
+                out.host_top = (_to_host(top_lp), _to_host(top_id))
+        if dev.type == "cuda":
+            out.ready = torch.cuda.Event()
+            out.ready.record()
+        return out
+
     # ---- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, items: list[ScheduledItem]) -> dict[str, StepResult]:
@@ -404,6 +505,7 @@ class ModelRunner:
             start += len(toks)
         plan = RowPlan.build(groups, self.pool.block_size) if self.paged else None
         hidden = None
+        timed = self._event() if all(it.decode for it in items) else None
         if self.graphs is not None and plan is not None and all(it.decode for it in items):
             hidden = self.graphs.run(plan)
         if hidden is None:
@@ -422,6 +524,7 @@ class ModelRunner:
                     want.append(sp.end - 1)
         row_of = {r: i for i, r in enumerate(want)}
         logits = self._logits(hidden[want]) if want else None
+        self._timed(timed)
 
         results: dict[str, StepResult] = {}
         sample_items: list[tuple[ScheduledItem, int]] = []

@@ -57,6 +57,7 @@ __all__ = [
     "SampleOutput",
     "Sampler",
     "make_generator",
+    "to_device",
     "token_counts",
     "apply_logit_bias",
     "biased_logits",
@@ -78,6 +79,17 @@ __all__ = [
 
 _MASK = float("-inf")
 _SEED_MASK = (1 << 64) - 1
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for it: through pinned memory on CUDA (a copy from
+    pageable memory may wait for the stream; PyTorch's pinned allocator keeps the buffer until the copy
+    has run), t itself when it is already there."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -143,8 +155,9 @@ def token_counts(
 def _col(
     values: torch.Tensor | Sequence[float] | Sequence[int], like: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Per-row values as a [B, 1] column of `dtype` on `like`'s device."""
-    return torch.as_tensor(values, dtype=dtype, device=like.device).reshape(-1, 1)
+    """Per-row values as a [B, 1] column of `dtype` on `like`'s device (a host list travels by a
+    non-blocking copy: building it never waits for the device)."""
+    return to_device(torch.as_tensor(values, dtype=dtype), like.device).reshape(-1, 1)
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> torch.Tensor:
@@ -163,7 +176,7 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, 
     vals = torch.tensor([x for pairs in biases for _, x in pairs], dtype=logits.dtype)
     idx = torch.tensor([rows, toks], dtype=torch.long)
     if logits.device.type != "cpu":
-        idx, vals = idx.to(logits.device, non_blocking=True), vals.to(logits.device, non_blocking=True)
+        idx, vals = to_device(idx, logits.device), to_device(vals, logits.device)
     out.index_put_((idx[0], idx[1]), vals, accumulate=True)
     return out
 
@@ -224,12 +237,10 @@ def apply_top_k_top_p(
     b, v = logits.shape
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True, stable=True)
     pos = torch.arange(v, device=logits.device).expand(b, v)
-    drop = torch.zeros(b, v, dtype=torch.bool, device=logits.device)
     if top_k is not None:
         k = _col(top_k, logits, torch.long)
         k = torch.where((k <= 0) | (k > v), torch.full_like(k, v), k)
-        drop |= pos >= k
-        sorted_logits = sorted_logits.masked_fill(drop, _MASK)
+        sorted_logits = sorted_logits.masked_fill(pos >= k, _MASK)
     if top_p is not None:
         p = _col(top_p, logits, torch.float32)
         probs = torch.softmax(sorted_logits.float(), dim=-1)
@@ -237,10 +248,8 @@ def apply_top_k_top_p(
         # which therefore always survives).
         mass_before = torch.nn.functional.pad(torch.cumsum(probs, dim=-1)[:, :-1], (1, 0))
         drop_p = (mass_before >= p) & (p < 1.0)
-        drop |= drop_p
         sorted_logits = sorted_logits.masked_fill(drop_p, _MASK)
-    if not bool(drop.any()):
-        return logits.clone()
+    # scattered back whether or not anything was dropped (asking would wait for the device)
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
@@ -335,8 +344,9 @@ def processed_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     """
     x = process_logits(logits, rows)
     probs = torch.softmax(x, dim=-1)
-    greedy = torch.tensor([r.params.greedy for r in rows], dtype=torch.bool, device=x.device)
-    if bool(greedy.any()):
+    flags = [r.params.greedy for r in rows]
+    if any(flags):  # decided on the host: nothing here waits for the device
+        greedy = to_device(torch.tensor(flags, dtype=torch.bool), x.device)
         onehot = torch.zeros_like(probs).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], onehot, probs)
     return probs

@@ -113,7 +113,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _grow(self, req: Request, num_tokens: int) -> bool:
+    def grow(self, req: Request, num_tokens: int) -> bool:
         need = self.blocks_for(num_tokens) - len(req.block_table)
         if need <= 0:
             return True
@@ -138,7 +138,7 @@ class Scheduler:
             if n <= 0 or n > budget:
                 i += 1
                 continue
-            grown = self._grow(req, req.num_computed + n)
+            grown = self.grow(req, req.num_computed + n)
             while not grown:
                 # a prefilled request (prefill_only, finished) is never a victim: its blocks may be on
                 # their way to a decode worker right now, and they come back once sent
@@ -156,7 +156,7 @@ class Scheduler:
                 self.preempt(victim)
                 if victim is req:
                     break
-                grown = self._grow(req, req.num_computed + n)
+                grown = self.grow(req, req.num_computed + n)
             if not grown:
                 continue  # req itself left the running list; running[i] is now the next request
             items.append(ScheduledItem(req, n, decode))
@@ -167,7 +167,7 @@ class Scheduler:
             req = self.waiting[0]
             self._match_prefix(req)
             # admission: blocks for every known token plus the next one
-            if not self._grow(req, req.num_tokens + 1):
+            if not self.grow(req, req.num_tokens + 1):
                 self.blocks.free(req.block_table)  # give back the prefix-cache hit until admitted
                 req.block_table, req.block_hashes = [], []
                 req.num_computed = req.mtp_computed = req.num_cached_prompt = 0

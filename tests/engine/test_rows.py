@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitserve.engine.rows import ROW_SIZES, RowPlan, _pad_to, capture_sizes
+from splitserve.engine.rows import ROW_SIZES, RowPlan, _pad_to, capture_sizes, pack
 
 
 @settings(max_examples=200, deadline=None)
@@ -31,6 +31,21 @@ def test_row_plan_matches_per_row_definition(runs, bs) -> None:
             assert plan.tables[r, : len(table)].tolist() == table
             r += 1
     assert r == len(plan.input_ids) == plan.tables.shape[0]
+
+
+@pytest.mark.parametrize("n,w", [(1, 1), (3, 5), (17, 2)])
+def test_packed_plan_arrays_equal_the_plan(n, w) -> None:
+    """A row plan's arrays staged in one host buffer (pinned on CUDA: DecodeGraphs.run) keep their
+    values, dtypes and shapes, whatever the odd sizes before them."""
+    rng = np.random.default_rng(n * w)
+    groups = [
+        ([int(t)], int(p), rng.permutation(100)[:w].tolist())
+        for t, p in zip(rng.integers(0, 999, n), rng.integers(0, w * 4, n))
+    ]
+    plan = RowPlan.build(groups, 4)
+    arrays = (plan.input_ids, plan.seq_lens, plan.tables, plan.positions, plan.slots)  # int32 between int64s
+    for a, t in zip(arrays, pack(arrays, pin=False)):
+        assert t.shape == a.shape and t.numpy().dtype == a.dtype and (t.numpy() == a).all()
 
 
 def test_row_plan_refuses_a_table_too_short() -> None:

@@ -1,0 +1,273 @@
+"""Overlapped decode steps (engine/overlap.py) against the synchronous engine: the same streamed tokens,
+logprobs and finish reasons for mixed workloads (arrivals while others decode, different lengths,
+greedy and seeded sampling, stop tokens, EOS, max_tokens, aborts mid-stream, preemption), with no
+block freed while a launched step still writes it, and every block free at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.engine import Engine
+from splitserve.engine.sampling_params import SamplingParams
+
+from .conftest import random_prompts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_engine(net, overlap: bool, **kw) -> Engine:
+    base = dict(
+        num_blocks=96,
+        block_size=8,
+        chunk_size=16,
+        max_batch_tokens=64,
+        paged_kernels=True,
+        overlap_scheduling=overlap,
+    )
+    base.update(kw)
+    return Engine(net, EngineConfig(**base))
+
+
+@dataclass
+class Stream:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    reason: str | None = None
+    finished: bool = False
+
+
+@dataclass
+class Run:
+    streams: dict[str, Stream]
+    overlapped_steps: int = 0
+    deferred_frees: int = 0  # step calls after which a finished request's blocks waited for a step in flight
+
+
+def check_in_flight(eng: Engine) -> int:
+    """Every block the step in flight writes is allocated, to its request or to the step's deferred
+    frees, unless the host has waited for that step (an abort does); returns how many blocks wait in
+    deferred frees."""
+    f = eng.overlap.inflight if eng.overlap is not None else None
+    if f is None:
+        return 0
+    for r, b in zip(f.reqs, f.writes):
+        held = eng.blocks.ref[b] > 0 and (b in r.block_table or b in f.deferred)
+        assert held or f.waited, f"block {b} of {r.request_id} freed while a launched step writes it"
+    return len(f.deferred)
+
+
+def drive(eng: Engine, arrivals: list[tuple[int, str, list[int], SamplingParams]], abort_after=None) -> Run:
+    """Add each request at its step() call index, step until idle, collect what streams out; a request
+    in abort_after is aborted as soon as it has streamed that many tokens (0: right after it is added),
+    as the router does on a stop string or a client gone."""
+    abort_after = abort_after or {}
+    run = Run({})
+    pending = sorted(arrivals, key=lambda a: a[0])
+    call = 0
+    while pending or eng.has_work:
+        while pending and pending[0][0] <= call:
+            _, rid, prompt, params = pending.pop(0)
+            run.streams[rid] = Stream()
+            if callable(prompt):  # a request prefilled elsewhere: adopt it (it returns the first token)
+                run.streams[rid].tokens.append(prompt(eng))
+            else:
+                eng.add_request(rid, prompt, params)
+            if abort_after.get(rid) == 0:
+                assert eng.abort(rid)
+                run.streams[rid].finished, run.streams[rid].reason = True, "abort"
+        for out in eng.step():
+            s = run.streams[out.request_id]
+            if s.reason == "abort":
+                continue  # the consumer is gone; anything still reported for it is dropped
+            assert not s.finished, f"{out.request_id} reported after it finished"
+            s.tokens += out.new_token_ids
+            s.logprobs += out.new_logprobs or []
+            if out.finished:
+                s.finished, s.reason = True, out.finish_reason
+            elif out.request_id in abort_after and len(s.tokens) >= abort_after[out.request_id]:
+                assert eng.abort(out.request_id)
+                s.finished, s.reason = True, "abort"
+                check_in_flight(eng)
+        run.deferred_frees += check_in_flight(eng) > 0
+        call += 1
+        assert call < 1000, "the engine does not finish"
+    assert all(s.finished for s in run.streams.values())
+    assert eng.blocks_used == 0 and not eng.requests
+    if eng.overlap is not None:
+        assert eng.overlap.inflight is None
+        run.overlapped_steps = eng.overlap.steps
+    return run
+
+
+def assert_same(a: Run, b: Run) -> None:
+    assert a.streams.keys() == b.streams.keys()
+    for rid, x in a.streams.items():
+        y = b.streams[rid]
+        assert x.tokens == y.tokens, rid
+        assert x.reason == y.reason, rid
+        assert len(x.logprobs) == len(y.logprobs), rid
+        for u, v in zip(x.logprobs, y.logprobs):
+            assert u.token_id == v.token_id
+            assert u.logprob == pytest.approx(v.logprob, abs=1e-5)
+            assert [t for t, _ in u.top] == [t for t, _ in v.top]
+            assert [p for _, p in u.top] == pytest.approx([p for _, p in v.top], abs=1e-5)
+
+
+def both(net, arrivals, abort_after=None, **kw) -> tuple[Run, Run]:
+    sync = drive(make_engine(net, False, **kw), arrivals, abort_after)
+    over = drive(make_engine(net, True, **kw), arrivals, abort_after)
+    assert sync.overlapped_steps == 0
+    assert_same(sync, over)
+    return sync, over
+
+
+def mixed_workload(net, stop_token: int | None = None) -> list[tuple[int, str, list[int], SamplingParams]]:
+    vocab, eos = net.cfg.vocab_size, net.cfg.eos_token_id
+    prompts = random_prompts([5, 23, 40, 9, 31, 14, 3, 18], vocab, seed=7)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=17, seed=3, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=30, logit_bias={eos: 5.5}),  # stops on EOS after a while
+        SamplingParams(temperature=1.0, top_k=20, max_tokens=21, seed=5, logprobs=1, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, stop_token_ids=(stop_token or 0,)),
+        SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),  # finished by its prefill's token
+        SamplingParams(temperature=0.7, min_p=0.05, max_tokens=11, seed=11, ignore_eos=True, logit_bias={7: 2.0}),
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0),
+    ]
+    calls = [0, 0, 2, 5, 9, 9, 14, 20]  # later requests arrive while the first ones decode
+    return [(c, f"r{i}", p, sp) for i, (c, p, sp) in enumerate(zip(calls, prompts, params))]
+
+
+def test_overlapped_engine_streams_what_the_synchronous_one_does(tiny_net) -> None:
+    # a stop token that request r4 does generate (its 6th token without a stop)
+    free = drive(make_engine(tiny_net, False), mixed_workload(tiny_net)).streams["r4"].tokens
+    work = mixed_workload(tiny_net, stop_token=free[5])
+    sync, over = both(tiny_net, work)
+    assert sync.streams["r4"].reason == "stop" and len(sync.streams["r4"].tokens) <= 6
+    assert sync.streams["r2"].reason == "stop" and sync.streams["r2"].tokens[-1] == tiny_net.cfg.eos_token_id
+    assert {s.reason for s in sync.streams.values()} == {"stop", "length"}
+    assert over.overlapped_steps > 10
+    assert over.deferred_frees > 0  # a stop token finished a request whose next row was in flight
+
+
+def test_a_full_batch_keeps_overlapping_while_requests_wait(tiny_net) -> None:
+    """max_running 3 of 8 requests: the rest wait until a slot frees (then a synchronous step admits)."""
+    sync, over = both(tiny_net, mixed_workload(tiny_net), max_running=3)
+    assert over.overlapped_steps > 10
+
+
+def test_aborts_mid_stream(tiny_net) -> None:
+    work = mixed_workload(tiny_net)
+    abort_after = {"r0": 3, "r1": 1, "r3": 0, "r6": 5}
+    sync, over = both(tiny_net, work, abort_after)
+    for rid, n in abort_after.items():
+        assert over.streams[rid].reason == "abort" and len(over.streams[rid].tokens) == n
+    assert over.overlapped_steps > 0
+
+
+def adoption(net, rid: str, prompt: list[int], params: SamplingParams):
+    """What a decode worker does with a request a prefill worker prefilled (test_handoff.handoff): an
+    engine of its own prefills it (prefill_only), the blocks are copied into blocks reserved on the
+    decode engine, which adopts it. Returns the action for `drive` (it returns the first token)."""
+
+    def adopt(b: Engine) -> int:
+        a = make_engine(net, True)
+        req = a.add_request(rid, prompt, params, prefill_only=True)
+        while not req.is_finished:
+            a.step()
+        blocks = b.reserve(len(prompt) + 1)
+        n = -(-len(prompt) // a.cfg.block_size)
+        for src, dst in zip(a.pool.pools(), b.pool.pools()):
+            dst[blocks[:n]] = src[req.block_table[:n]]
+        first = req.output_ids[0]
+        b.adopt_prefilled(rid, prompt, params, blocks, first, None, None, req.generator.get_state())
+        a.release_prefilled(rid)
+        assert a.blocks_used == 0
+        return first
+
+    return adopt
+
+
+def test_requests_adopted_while_others_decode(tiny_net) -> None:
+    """The decode worker's path: requests prefilled elsewhere join a batch whose steps overlap (their
+    first input token comes from the host, the others' from the step in flight); one finishes on its
+    first token (the synchronous step reports it)."""
+    prompts = random_prompts([12, 30, 21, 9, 17], tiny_net.cfg.vocab_size, seed=8)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=13, ignore_eos=True, seed=21)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    work = [
+        (0, "local0", prompts[0], greedy),
+        (0, "local1", prompts[1], seeded),
+        (4, "adopted2", adoption(tiny_net, "adopted2", prompts[2], seeded), seeded),
+        (7, "adopted3", adoption(tiny_net, "adopted3", prompts[3], one), one),
+        (9, "adopted4", adoption(tiny_net, "adopted4", prompts[4], greedy), greedy),
+    ]
+    sync, over = both(tiny_net, work)
+    assert over.streams["adopted3"].reason == "length" and len(over.streams["adopted3"].tokens) == 1
+    assert over.overlapped_steps > 10
+
+
+def test_preemption_falls_back_and_gives_the_same_output(tiny_net) -> None:
+    prompts = random_prompts([30, 30, 30, 30], tiny_net.cfg.vocab_size, seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    work = [(0, f"r{i}", p, params) for i, p in enumerate(prompts)]
+    tight = make_engine(tiny_net, True, num_blocks=20, prefix_cache=False)
+    over = drive(tight, work)
+    assert tight.scheduler.num_preemptions > 0 and over.overlapped_steps > 0
+    roomy = drive(make_engine(tiny_net, False), work)
+    assert_same(roomy, over)
+
+
+def test_penalties_run_synchronously_with_the_same_output(tiny_net) -> None:
+    prompts = random_prompts([12, 25], tiny_net.cfg.vocab_size, seed=4)
+    params = SamplingParams(temperature=0.9, max_tokens=10, ignore_eos=True, seed=2, repetition_penalty=1.3)
+    sync, over = both(tiny_net, [(0, f"r{i}", p, params) for i, p in enumerate(prompts)])
+    assert over.overlapped_steps == 0
+
+
+def test_where_overlap_is_on(tiny_net, predictable_net) -> None:
+    assert make_engine(tiny_net, True).overlap is not None
+    assert make_engine(tiny_net, None).overlap is None  # a CPU cache: off unless asked for
+    assert make_engine(tiny_net, True, paged_kernels=False).overlap is None  # rows come from a row plan
+    assert make_engine(predictable_net, True, mtp_draft_tokens=1).overlap is None  # MTP steps stay synchronous
+
+
+# ---- on a GPU: the Triton kernels, CUDA graphs, the device-side token feed, events ------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def kernel_net(tmp_path_factory):
+    from .test_engine_cuda import _kernel_net
+
+    return _kernel_net(tmp_path_factory, torch.float32)
+
+
+@cuda
+@pytest.mark.parametrize("warm", [False, True], ids=["captured-on-use", "warm-up"])
+def test_overlap_on_cuda_with_graphs_streams_what_sync_does(kernel_net, warm) -> None:
+    kw = dict(num_blocks=160, block_size=16, chunk_size=128, max_batch_tokens=2048, device="cuda", paged_kernels=None)
+    work = mixed_workload(kernel_net)
+    runs = {}
+    for overlap in (False, True):
+        eng = make_engine(kernel_net, overlap, **kw)
+        assert eng.runner.graphs is not None and (eng.overlap is not None) == overlap
+        if warm:
+            eng.warm_up()
+        runs[overlap] = drive(eng, work, {"r1": 4, "r6": 2})
+        assert eng.runner.graphs.graphs, "decode steps did not replay CUDA graphs"
+        if warm:
+            assert eng.graph_stats["graph_misses_after_ready"] == 0
+    assert_same(runs[False], runs[True])
+    assert runs[True].overlapped_steps > 10
+
+
+@cuda
+def test_overlap_is_on_by_default_on_cuda(kernel_net) -> None:
+    eng = Engine(kernel_net, EngineConfig(num_blocks=32, block_size=16, device="cuda"))
+    assert eng.overlap is not None
