@@ -236,6 +236,8 @@ if HAS_TRITON:
             h = tl.load(h_ptr + offs_d[:, None] * D + offs_d[None, :])
             if INTERP:
                 hk = tl.dot(key.to(tl.float32), h.to(tl.float32))
+            elif key.dtype == tl.float32:  # exact fp32 products, as the reference (tf32 would round them)
+                hk = tl.dot(key, h.to(tl.float32), input_precision="ieee")
             else:
                 hk = tl.dot(key, h.to(key.dtype))
             hk = (hk.to(key.dtype).to(tl.float32) * h_scale).to(key.dtype).to(tl.float32)

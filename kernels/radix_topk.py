@@ -55,7 +55,7 @@ if HAS_TRITON:
         k_rem = tl.zeros([], dtype=tl.int32) + K  # how many of the keys matching prefix are still wanted
         n_vis = tl.zeros([], dtype=tl.int32)
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
+            shift = 24 - 8 * p
             hist = tl.zeros([256], dtype=tl.int32)
             for start in range(0, width, BLOCK):
                 pos = start + offs

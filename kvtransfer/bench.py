@@ -16,9 +16,9 @@ sides consecutive: one descriptor per pool), ``scattered`` (every other block on
 descriptor per block per pool), and ``scattered -> staged`` (every other block on the sender, a run
 on the receiver as the decode worker's allocator reserves it: the transport gathers the blocks into
 its staging area with one kernel per pool and posts one descriptor per pool, as a prefill worker does;
-the time includes the gather; ``gather into staging only`` times the gather alone). NIXL runs every
-case twice: through the prepped per-block descriptor lists the transport uses by default, and through
-``initialize_xfer`` (cases ending in " (initialize_xfer)", their own one region beside them). Correctness is checked (the destination blocks hold
+the time includes the gather). For NIXL, the same two selections are also posted through the
+pre-built per-block descriptor lists (``prep_xfer_dlist`` + ``make_prepped_xfer``) for comparison
+with our coalesced ``initialize_xfer`` path. Correctness is checked (the destination blocks hold
 the source blocks' pattern) before anything is timed. Times are initiator-side: from
 ``write_blocks`` to DONE, median of ``--repeats``.
 """
@@ -42,7 +42,6 @@ from . import Compat, TransferState, Transport, make_transport, nixl_available
 from .staging import copy_blocks
 
 COMPAT = Compat({"bench": "kvtransfer"})
-INIT_SUFFIX = " (initialize_xfer)"
 
 
 @dataclass
@@ -71,23 +70,12 @@ def _pools(num_blocks: int, block_bytes: tuple[int, ...], device: str, fill: boo
 
 
 def _child(
-    conn: Connection,
-    role: str,
-    backend: str,
-    device: str,
-    num_blocks: int,
-    block_bytes: tuple[int, ...],
-    prepped: bool,
+    conn: Connection, role: str, backend: str, device: str, num_blocks: int, block_bytes: tuple[int, ...]
 ) -> None:
     logging.basicConfig(level=logging.WARNING)
     if device == "cpu":  # as a worker runs (one thread): OpenMP wake-ups on a busy host cost ms per copy
         torch.set_num_threads(1)
-    config = None
-    if backend == "nixl":
-        from .nixl_backend import NixlConfig
-
-        config = NixlConfig(prepped=prepped)
-    t = make_transport(backend, role, COMPAT, config=config)  # type: ignore[arg-type]
+    t = make_transport(backend, role, COMPAT)  # type: ignore[arg-type]
     staging = num_blocks // 2 if role == "pre" and num_blocks > 2 else 0  # the sender's staging area
     pools = _pools(num_blocks + staging, block_bytes, device, fill=(role == "pre"))
     t.register_pools(pools)
@@ -159,6 +147,8 @@ def _run_cases(t: Transport, blocks: int, repeats: int) -> list[dict[str, Any]]:
 
     for case, (local, remote) in cases.items():
         out.append(measure(case, local, remote))
+    if t.backend == "nixl" and blocks > 1:
+        out += _nixl_prepped(t, cases, repeats)
     if staged is not None:  # last: its destination blocks are the ones verified afterwards
         out.append(_gather_only(t, staged[0], repeats))
         out.append(measure("scattered -> staged", *staged))
@@ -191,26 +181,60 @@ def _gather_only(t: Any, local: list[int], repeats: int) -> dict[str, Any]:
     }
 
 
+def _nixl_prepped(t: Any, cases: dict[str, tuple[list[int], list[int]]], repeats: int) -> list[dict[str, Any]]:
+    """The alternative NIXL path: per-block prepped descriptor lists, blocks selected by index."""
+    agent = t.agent
+    peer_md = t._peers["dec"]  # bench-only peek at the peer's pool descriptors
+    lists = []
+    for lp, rp in zip(t.pool_infos, peer_md.pools, strict=True):  # the sender's pools also hold its staging
+        ld = [(lp.base_addr + b * lp.block_bytes, lp.block_bytes, lp.dev_id) for b in range(lp.num_blocks)]
+        rd = [(rp.base_addr + b * rp.block_bytes, rp.block_bytes, rp.dev_id) for b in range(rp.num_blocks)]
+        lh = agent.prep_xfer_dlist("NIXL_INIT_AGENT", ld, lp.mem_type)
+        lists.append((lh, agent.prep_xfer_dlist("dec", rd, rp.mem_type)))
+    out = []
+    for case, (local, remote) in cases.items():
+
+        def once(local: list[int] = local, remote: list[int] = remote) -> None:
+            # the notification rides on the last request, as ours rides on our one request
+            hs = [
+                agent.make_prepped_xfer("WRITE", lh, local, rh, remote, b"bench" if i == len(lists) - 1 else b"")
+                for i, (lh, rh) in enumerate(lists)
+            ]
+            for h in hs:
+                agent.transfer(h)
+            deadline = time.monotonic() + 60
+            for h in hs:
+                while (s := agent.check_xfer_state(h)) == "PROC":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("prepped transfer timed out")
+                if s != "DONE":
+                    raise RuntimeError(f"prepped transfer {s}")
+                h.release()
+
+        out.append(
+            {
+                "case": f"{case} (nixl prepped per-block)",
+                "descriptors": len(local) * len(lists),
+                "nbytes": len(local) * sum(i.block_bytes for i in t.pool_infos),
+                "s": _time(once, repeats),
+            }
+        )
+    for lh, rh in lists:
+        lh.release()
+        rh.release()
+    return out
+
+
 def run(
-    backend: str,
-    device: str,
-    blocks: int,
-    block_bytes: tuple[int, ...],
-    repeats: int,
-    tokens: int = 0,
-    prepped: bool = True,
+    backend: str, device: str, blocks: int, block_bytes: tuple[int, ...], repeats: int, tokens: int = 0
 ) -> list[Row]:
-    """Every case of one request size; ``prepped=False`` posts NIXL writes with initialize_xfer (the
-    rows' cases then end in " (initialize_xfer)")."""
     ctx = mp.get_context("spawn")
     num_blocks = 2 * blocks
     procs, conns = [], {}
     try:
         for role in ("dec", "pre"):
             parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=_child, args=(child, role, backend, device, num_blocks, block_bytes, prepped), daemon=True
-            )
+            p = ctx.Process(target=_child, args=(child, role, backend, device, num_blocks, block_bytes), daemon=True)
             p.start()
             child.close()
             procs.append(p)
@@ -244,7 +268,7 @@ def run(
         Row(
             backend=backend,
             device=device,
-            case=r["case"] + ("" if prepped or backend != "nixl" else INIT_SUFFIX),
+            case=r["case"],
             tokens=tokens,
             blocks=blocks,
             descriptors=r["descriptors"],
@@ -268,26 +292,17 @@ def preset_block_bytes(preset: str, block_size: int = 64) -> tuple[int, ...]:
     return tuple(int(torch.Size(shape).numel()) * dt.itemsize for shape, dt in specs)
 
 
-def _variant(case: str) -> tuple[str, str]:
-    """(case without the NIXL path suffix, the suffix)"""
-    return (case[: -len(INIT_SUFFIX)], INIT_SUFFIX) if case.endswith(INIT_SUFFIX) else (case, "")
-
-
 def _print(rows: list[Row]) -> None:
-    def key(r: Row, case: str) -> tuple[Any, ...] | None:
-        c, v = _variant(r.case)
-        return (r.backend, r.device, r.tokens, v) if c == case else None
-
-    region = {key(r, "one region"): r.median_ms for r in rows if key(r, "one region")}
-    base = {key(r, "contiguous"): r.median_ms for r in rows if key(r, "contiguous")}
+    region = {(r.backend, r.device, r.tokens): r.median_ms for r in rows if r.case == "one region"}
+    base = {(r.backend, r.device, r.tokens): r.median_ms for r in rows if r.case == "contiguous"}
     print(
         f"{'backend':8} {'device':6} {'tokens':>6} {'case':40} {'blocks':>6} {'descs':>6} {'MB':>8} {'ms':>9} {'post ms':>8} "
         f"{'GB/s':>7} {'x contig':>8} {'of region':>9}"
     )
     for r in rows:
-        k = (r.backend, r.device, r.tokens, _variant(r.case)[1])
-        ratio = r.median_ms / base[k] if k in base else float("nan")
-        of_region = region[k] / r.median_ms if k in region else float("nan")
+        key = (r.backend, r.device, r.tokens)
+        ratio = r.median_ms / base[key] if key in base else float("nan")
+        of_region = region[key] / r.median_ms if key in region else float("nan")
         print(
             f"{r.backend:8} {r.device:6} {r.tokens:6d} {r.case:40} {r.blocks:6d} {r.descriptors:6d} {r.mbytes:8.2f} "
             f"{r.median_ms:9.3f} {r.post_ms:8.3f} {r.gbps:7.2f} {ratio:8.2f} {of_region:9.2f}"
@@ -314,26 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "nixl" and not nixl_available():
             print("nixl is not installed: skipping the nixl backend", file=sys.stderr)
             continue
-        for prepped in (True, False) if backend == "nixl" else (True,):
-            if not args.tokens:
-                rows += run(
-                    backend,
-                    args.device,
-                    args.blocks,
-                    tuple(kb * 1024 for kb in args.block_kb),
-                    args.repeats,
-                    0,
-                    prepped,
-                )
-                continue
-            per_block = preset_block_bytes(args.preset)
-            for tokens in args.tokens:
-                blocks = -(-tokens // 64)
-                req = run(backend, args.device, blocks, per_block, args.repeats, tokens, prepped)
-                one = run(backend, args.device, 1, (blocks * sum(per_block),), args.repeats, tokens, prepped)
-                for r in one:
-                    r.case = "one region" + _variant(r.case)[1]
-                rows += req + one
+        if not args.tokens:
+            rows += run(backend, args.device, args.blocks, tuple(kb * 1024 for kb in args.block_kb), args.repeats)
+            continue
+        per_block = preset_block_bytes(args.preset)
+        for tokens in args.tokens:
+            blocks = -(-tokens // 64)
+            req = run(backend, args.device, blocks, per_block, args.repeats, tokens)
+            one = run(backend, args.device, 1, (blocks * sum(per_block),), args.repeats, tokens)
+            for r in one:
+                r.case = "one region"
+            rows += req + one
     _print(rows)
     if args.json:
         with open(args.json, "w") as f:

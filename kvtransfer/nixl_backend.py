@@ -18,16 +18,13 @@ NIXL does not order independent requests, and a request streamed as several writ
 announced only when all of them landed. NIXL's UCX backend flushes the endpoint before reporting
 DONE, so DONE means the bytes are in the peer's memory.
 
-Descriptors are prepared once (``prep_xfer_dlist``): at registration a list of every local block of
-every pool (index ``pool * num_blocks + block``, given to NIXL as one strided row per pool), at each
-handshake the same list of the peer's pools. A write selects blocks by index (``make_prepped_xfer``),
-and NIXL merges descriptors adjacent on both sides, so a run of consecutive blocks is still one
-descriptor per pool. Measured on one H200 over cuda_ipc (``splitserve bench transfer --device cuda``):
-``initialize_xfer`` with a request's few coalesced descriptors cost ~0.15-0.3 ms of set-up per write
-(it resolves every descriptor against the peer's registrations each time), more than the bytes of a
-4k-token request take; the prepped path pays that once per peer. ``initialize_xfer`` remains the path
-when one side's pools mix CPU and CUDA memory (one prepped list holds one memory type), and for
-comparison (``NixlConfig.prepped = False``).
+Why ``initialize_xfer`` and not ``prep_xfer_dlist`` + ``make_prepped_xfer``: the prepped path needs
+a per-block descriptor list for every pool of every peer (num_blocks descriptors each, rebuilt at
+every handshake) and selects blocks by index; NIXL then merges adjacent descriptors itself. With
+block-major pools a request is a few runs, so building the few coalesced descriptors per request is
+cheaper than keeping per-block lists, and it is the same code for any run length. On CPU (UCX over
+CMA) both paths cost the same for a request-sized transfer (see ``python -m
+splitserve.kvtransfer.bench``).
 
 UCX on CPU between two processes on one host uses ``cma`` (process_vm_writev) for the data and
 ``tcp`` over loopback for the notification active messages; no environment variable is needed.
@@ -86,9 +83,6 @@ class NixlConfig(TransportConfig):
     #: interval so the receiver gets its notification even if the caller polls rarely; None =
     #: no thread, the caller's ``poll`` alone drives completion and notification.
     progress_interval_s: float | None = 0.0005
-    #: post writes through per-block descriptor lists prepared once per peer (module docstring);
-    #: False: build each write's descriptors with initialize_xfer
-    prepped: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,9 +144,6 @@ class NixlTransport(TransportCore):
             self._agent = None
             raise TransportError(f"NIXL could not create an agent with UCX: {type(e).__name__}: {e}") from e
         self._regs: list[Any] = []
-        #: prepped per-block descriptors of the local pools / of each peer's pools (None / absent: not prepped)
-        self._local_dlist: Any = None
-        self._remote_dlists: dict[str, Any] = {}
         self._notifs: dict[str, list[bytes]] = defaultdict(list)
         self._leaked: list[Any] = []  # handles NIXL refused to release (kept alive, retried at close)
         self._active: set[XferRecord] = set()  # unfinished transfers, for the progress thread
@@ -184,8 +175,6 @@ class NixlTransport(TransportCore):
                 self._deregister(r)
             raise TransportError(f"NIXL could not register the pools: {type(e).__name__}: {e}") from e
         self._regs = regs
-        if self._cfg.prepped and len({i.mem_type for i in infos}) == 1:
-            self._local_dlist = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", _block_rows(infos), infos[0].mem_type)
 
     def _address(self) -> str:
         return self._host
@@ -204,16 +193,6 @@ class NixlTransport(TransportCore):
             if got_name != md.name:
                 self._forget_agent(got_name)
                 raise HandshakeError(f"peer metadata names {md.name!r} but its NIXL agent is called {got_name!r}")
-            if self._local_dlist is not None and len({p.mem_type for p in md.pools}) == 1:
-                try:
-                    self._remote_dlists[md.name] = self.agent.prep_xfer_dlist(
-                        md.name, _block_rows(md.pools), md.pools[0].mem_type
-                    )
-                except Exception as e:
-                    self._forget_agent(md.name)
-                    raise HandshakeError(
-                        f"NIXL could not prepare {md.name!r}'s descriptors: {type(e).__name__}: {e}"
-                    ) from e
 
     def _forget_agent(self, name: str) -> None:
         try:
@@ -224,10 +203,7 @@ class NixlTransport(TransportCore):
     def _disconnect(self, name: str) -> None:
         with self._lock:
             self._inflight.pop(name, None)
-            dlist = self._remote_dlists.pop(name, None)
             if self._agent is not None:
-                if dlist is not None:
-                    _release_dlist(dlist, name)
                 self._forget_agent(name)
 
     def _start(self, rec: XferRecord, peer: PeerMetadata) -> None:
@@ -238,9 +214,8 @@ class NixlTransport(TransportCore):
         if len(rec.runs) == 0 and rec.notif is None:
             self._finish(rec, TransferState.DONE)
             return
-        rdlist = self._remote_dlists.get(peer.name) if self._cfg.prepped else None
         groups: dict[tuple[str, str], tuple[list[np.ndarray], list[np.ndarray]]] = {}
-        if len(rec.runs) and rdlist is None:
+        if len(rec.runs):
             runs = rec.runs.astype(np.uint64)
             for lp, rp in zip(self._pool_infos, peer.pools, strict=True):
                 locs, rems = groups.setdefault((lp.mem_type, rp.mem_type), ([], []))
@@ -249,22 +224,13 @@ class NixlTransport(TransportCore):
         # NIXL can carry the notif itself only for one request with a non-empty message, and only
         # if no earlier write to this peer is still in flight (NIXL does not order independent
         # requests; a request streamed as several writes must not announce itself early).
-        one_request = (rdlist is not None and len(rec.runs) > 0) or len(groups) == 1
-        attach = one_request and bool(rec.notif) and not inflight
+        attach = len(groups) == 1 and bool(rec.notif) and not inflight
         if rec.notif is not None and not attach:
             ctx.pending_notif = rec.notif
-        notif = rec.notif if attach and rec.notif is not None else b""
-        if rdlist is not None and len(rec.runs):
-            local_idx, remote_idx = _block_indices(
-                rec.runs, len(self._pool_infos), self._pool_infos[0].num_blocks, peer.pools[0].num_blocks
-            )
-            h = self.agent.make_prepped_xfer("WRITE", self._local_dlist, local_idx, rdlist, remote_idx, notif)
-            ctx.handles.append(h)
-            if self.agent.transfer(h) == "ERR":
-                raise TransportError("NIXL refused to post the transfer")
         for (lmem, rmem), (locs, rems) in groups.items():
             ldescs = self.agent.get_xfer_descs(np.concatenate(locs), lmem)
             rdescs = self.agent.get_xfer_descs(np.concatenate(rems), rmem)
+            notif = rec.notif if attach and rec.notif is not None else b""
             h = self.agent.initialize_xfer("WRITE", ldescs, rdescs, peer.name, notif)
             ctx.handles.append(h)
             if self.agent.transfer(h) == "ERR":
@@ -374,12 +340,6 @@ class NixlTransport(TransportCore):
                 except Exception as e:
                     logger.warning("%r: NIXL release at close failed: %s", self.name, e)
             self._leaked.clear()
-            for name, dlist in self._remote_dlists.items():
-                _release_dlist(dlist, name)
-            self._remote_dlists.clear()
-            if self._local_dlist is not None:
-                _release_dlist(self._local_dlist, "local")
-                self._local_dlist = None
             for reg in self._regs:
                 self._deregister(reg)
             self._regs.clear()
@@ -394,33 +354,3 @@ def _descs(pool: PoolInfo, starts: np.ndarray, counts: np.ndarray) -> np.ndarray
     out[:, 1] = counts * bb
     out[:, 2] = pool.dev_id
     return out
-
-
-def _block_rows(pools: tuple[PoolInfo, ...]) -> np.ndarray:
-    """Nx5 strided rows ``(addr, len, dev_id, stride, count)`` for prep_xfer_dlist: every block of
-    every pool, pool after pool, so block b of pool p is descriptor ``p * num_blocks + b``."""
-    return np.array(
-        [(p.base_addr, p.block_bytes, p.dev_id, p.block_bytes, p.num_blocks) for p in pools], dtype=np.uint64
-    )
-
-
-def _block_indices(
-    runs: np.ndarray, num_pools: int, local_blocks: int, remote_blocks: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The prepped-list indices of a write's runs ``(local_start, remote_start, count)``, every pool."""
-    counts = runs[:, 2].astype(np.int64)
-    offs = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    local = np.repeat(runs[:, 0].astype(np.int64), counts) + offs
-    remote = np.repeat(runs[:, 1].astype(np.int64), counts) + offs
-    pools = np.arange(num_pools, dtype=np.int64)[:, None]
-    return (
-        (pools * local_blocks + local).astype(np.int32).ravel(),
-        (pools * remote_blocks + remote).astype(np.int32).ravel(),
-    )
-
-
-def _release_dlist(dlist: Any, what: str) -> None:
-    try:
-        dlist.release()
-    except Exception as e:
-        logger.warning("NIXL could not release the prepped descriptors of %s: %s", what, e)
