@@ -21,8 +21,9 @@
 #   PARTS="coloc" bash bench/run_cluster_gpu.sh                              (same $OUT: the summary has both)
 # Knobs: NP (prompts per serve run, 24), RATES ("2 4 8 16"), LONG ("4096 256"), CHAT ("1024 512"),
 # WORKLOADS ("long chat"), TTFT_LENS ("1024 4096"), TRANSFER_TOKENS ("4096 16384 32768"), MTP (0),
-# MPS (1: run the cluster parts under an NVIDIA MPS server started here in /tmp/mps and stopped at the end,
-# so the two workers' kernels share the GPU's SMs instead of time-slicing; results get the suffix "-mps"),
+# MPS (1: run the disagg/coloc parts under an NVIDIA MPS server started here in /tmp/mps and stopped after
+# them, so the two workers' kernels share the GPU's SMs instead of time-slicing; their files get the suffix
+# "-mps": ttft-disagg-mps.json, serve-disagg-mps-*.json, ...; the summary table lists serve runs of both),
 # PART_TIMEOUT (s per part, 420), CKPT (/tmp/splitserve-ckpt-bench), PRESET (bench), DEVICE (cuda; cpu: a
 # dry run of the disagg/coloc parts with CKPT=tiny checkpoint, small lengths).
 set -uo pipefail
@@ -49,14 +50,13 @@ H="$PY -m splitserve.bench.cluster_gpu"
 $H config --base deploy/gpu-1gpu.yaml --ckpt "$CKPT" --mode disaggregated --mtp "$MTP" --device "${DEVICE:-cuda}" --out "$out/cluster-disagg.yaml"
 $H config --base deploy/gpu-1gpu.yaml --ckpt "$CKPT" --mode colocated --decode-replicas 2 --mtp "$MTP" --device "${DEVICE:-cuda}" --out "$out/cluster-coloc.yaml"
 
-if [[ ${MPS:-0} == 1 ]]; then
+SUFFIX=""; [[ ${MPS:-0} == 1 ]] && SUFFIX=-mps
+mps_start() {  # only around the cluster parts: the tests, engine and transfer parts run as usual
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
   nvidia-cuda-mps-control -d && say "MPS server started (pipe $CUDA_MPS_PIPE_DIRECTORY)" || { say "MPS could not start"; exit 1; }
   trap 'echo quit | nvidia-cuda-mps-control; say "MPS server stopped"' EXIT
-  SUFFIX=-mps
-fi
-SUFFIX=${SUFFIX:-}
+}
 cluster_down() { timeout 120 splitserve down > /dev/null 2>&1; cp ~/.cache/splitserve/run/*.log "$out/logs-$1/" 2>/dev/null; }
 
 serve_runs() {  # $1: cluster name
@@ -99,10 +99,12 @@ fi
 # each cluster part in a child bash under `timeout`, so a hang cannot eat the next part's time
 export -f say serve_runs run_cluster cluster_down
 export t0 out H URL NP RATES LONG CHAT WORKLOADS TTFT_LENS PRESET PART_TIMEOUT SUFFIX
+[[ -n $SUFFIX ]] && { has disagg || has coloc; } && mps_start
 for c in disagg coloc; do
   has $c || continue
-  timeout "$PART_TIMEOUT" bash -c "run_cluster $c" || { say "$c part failed or timed out"; cluster_down $c; }
+  timeout "$PART_TIMEOUT" bash -c "run_cluster $c" || { say "$c part failed or timed out"; cluster_down "$c$SUFFIX"; }
 done
+if [[ -n $SUFFIX ]]; then echo quit | nvidia-cuda-mps-control; trap - EXIT; say "MPS server stopped"; fi
 if has transfer; then
   say "transfer benchmark"
   timeout "$PART_TIMEOUT" splitserve bench transfer --backend nixl --preset "$PRESET" --device cuda \

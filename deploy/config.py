@@ -446,6 +446,9 @@ class DecodePoolConfig(PoolConfig):
     # 0: off (exact acceptance everywhere). Needs a tokenizer with <think> and </think>.
     mtp_relaxed_topk: typing.Annotated[int, Field(ge=0)] = 0
     mtp_relaxed_delta: typing.Annotated[float, Field(ge=0.0)] = 0.0
+    # Overlapped decode steps (engine/overlap.py): step N+1 is planned and launched before step N's tokens
+    # are read on the host. None: on with CUDA, off on cpu; never with MTP or tensor parallel.
+    overlap_scheduling: bool | None = None
     # Tokens of one prompt computed per step: the chunked prefill of every prompt in colocated mode,
     # otherwise only the recomputation of a preempted request. <= max_batch_tokens.
     # None: min(512, max_batch_tokens).

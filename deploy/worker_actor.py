@@ -73,6 +73,7 @@ def engine_config_for(cfg: ClusterConfig, role: Role) -> EngineConfig:
         mtp_draft_tokens=cfg.decode.mtp_draft_tokens,
         mtp_relaxed_topk=cfg.decode.mtp_relaxed_topk if role == "decode" else 0,
         mtp_relaxed_delta=cfg.decode.mtp_relaxed_delta,
+        overlap_scheduling=cfg.decode.overlap_scheduling if role == "decode" else None,
         dtype=cfg.model.dtype,
         device=cfg.model.device,
         indexer_fp8=cfg.model.indexer_fp8,

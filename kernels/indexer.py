@@ -22,7 +22,7 @@ Score (fp32), with every per-head factor folded into `weights` by the caller::
 
 The Triton version computes the logits in one fused kernel (tensor-core dots: bf16 x bf16 on the exact
 path, e4m3 x e4m3 with fp32 accumulation on the FP8 path) and selects the top-k by radix select
-(kernels/radix_topk.py): two launches per layer in all.
+(kernels/radix_topk.py, from 64 rows on; torch.topk below, where it measured faster): two launches per layer.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
 from .radix_topk import topk as topk_rows
-from .radix_topk import topk_ref, topk_triton
+from .radix_topk import topk_ref
 
 FP8_DTYPE = torch.float8_e4m3fn
 TOPK_KERNEL = True  # False: torch.topk after the logits kernel (bench/engine.py --glue unfused, for comparison)
@@ -277,7 +277,7 @@ def indexer_topk_decode_triton(
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
     logits = indexer_logits_decode_triton(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, max_seq_len)
-    return topk_triton(logits, topk) if TOPK_KERNEL else topk_ref(logits, topk)
+    return topk_rows(logits, topk) if TOPK_KERNEL else topk_ref(logits, topk)
 
 
 # ---------------------------------------------------------------------------------------------

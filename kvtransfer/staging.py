@@ -84,7 +84,10 @@ def copy_blocks_triton(
     for words in groups.values():
         ref = words[0]
         item = ref.element_size()
-        starts = tuple((w.data_ptr() - ref.data_ptr()) // item for w in words)
+        gaps = [w.data_ptr() - ref.data_ptr() for w in words]
+        if any(g % item for g in gaps):  # never seen (allocations are 512-byte aligned); the kernel needs it
+            raise ValueError("pools whose starts are not a whole number of words apart")
+        starts = tuple(g // item for g in gaps)
         lengths = tuple(w.shape[1] for w in words)
         offs, rows = _pool_table(starts, lengths, ref.device)
         vec = math.gcd(max(16 // item, 1), *starts, *lengths)  # words per 16-byte vector, where aligned

@@ -86,3 +86,13 @@ def test_topk_gpu_real_shapes(bsz, width):
     ref = T.topk_ref(x, 2048)
     for b in range(bsz):
         assert set(got[b].tolist()) == set(ref[b].tolist())
+
+
+def test_topk_nan_counts_as_not_visible(device):
+    """The kernel never selects a NaN score (the module docstring's rule): a row with NaNs selects among
+    its other visible scores, an all-NaN row selects nothing."""
+    nan = float("nan")
+    x = torch.tensor([[1.0, nan, 3.0, NEG, 2.0, 0.5], [nan] * 6], device=device)
+    got = T.topk_triton(x, 2, block=8).cpu()
+    assert sorted(got[0].tolist()) == [2, 4]
+    assert got[1].tolist() == [-1, -1]
