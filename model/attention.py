@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.kernels import act_quant, indexer_topk_decode, kv_write, rope, sparse_mla_decode
+from splitserve.kernels.cache_write import kv_write_fits
 
 from .batch import ForwardBatch, IndexerKeys, PagedPools, PagedRows, SeqSpan
 from .config import ModelConfig
@@ -201,8 +202,10 @@ class MLA(nn.Module):
     ) -> None:
         """The rows' latent entries and indexer keys into the paged pools: one fused kernel on CUDA
         (kernels/cache_write.py; its reference, the same ops as _entries + Indexer.keys, elsewhere).
-        The 656-byte FP8 latent entries go through pools.write."""
-        if pools.latent_fp8 or not FUSED_CACHE_WRITE:
+        The 656-byte FP8 latent entries, and on CUDA the shapes the fused kernel does not serve, go
+        through the separate (Triton) norm / rope / quantisation kernels and pools.write."""
+        unfit = kv_a.is_cuda and not kv_write_fits(kv_a, k_idx, cos, pools.latent)
+        if pools.latent_fp8 or not FUSED_CACHE_WRITE or unfit:
             pools.write(self.layer, slots, self._entries(kv_a, cos, sin), self.indexer.keys(k_idx, cos, sin))
             return
         ix, d = self.indexer, self.indexer.head_dim
