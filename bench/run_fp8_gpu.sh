@@ -26,11 +26,7 @@
 set -uo pipefail
 out=${1:-${OUT:-bench/results}}
 stage=${2:-all}
-mkdir -p "$out" /tmp/ss/splitserve
-for d in model engine kernels bench tests kvtransfer protos router; do ln -sfn "$PWD/$d" "/tmp/ss/splitserve/$d"; done
-export PYTHONPATH=/tmp/ss${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu-fp8.txt"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu-fp8.txt"
+source bench/gpu_env.sh gpu-fp8.txt
 start=$(date +%s)
 if [ "$stage" = sweep ]; then
     timeout 220 python3 -m splitserve.bench.fp8_sweep --budget-s 180 --out "$out/fp8-sweep.json" 2>&1 | tee "$out/fp8-sweep.log"

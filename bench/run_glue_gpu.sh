@@ -9,11 +9,7 @@
 set -uo pipefail
 out=${1:-${OUT:-bench/results}}
 shift || true
-mkdir -p "$out" /tmp/ss/splitserve
-for d in model engine kernels bench tests kvtransfer protos router deploy; do ln -sfn "$PWD/$d" "/tmp/ss/splitserve/$d"; done
-export PYTHONPATH=/tmp/ss${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu-glue.txt"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu-glue.txt"
+source bench/gpu_env.sh gpu-glue.txt
 start=$(date +%s)
 timeout 180 python3 -m pytest tests/kernels tests/engine/test_engine_cuda.py -q -p no:cacheprovider -rfE \
     -o addopts="--import-mode=importlib" 2>&1 | tee "$out/glue-pytest.log" | tail -15

@@ -7,11 +7,7 @@
 set -uo pipefail
 out=${1:-${OUT:-bench/results}}
 shift || true
-mkdir -p "$out" /tmp/ss/splitserve
-for d in model engine kernels bench tests; do ln -sfn "$PWD/$d" "/tmp/ss/splitserve/$d"; done
-export PYTHONPATH=/tmp/ss${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
+source bench/gpu_env.sh gpu.txt
 start=$(date +%s)
 python3 -m pytest tests/kernels -q -p no:cacheprovider -rfE 2>&1 | tee "$out/pytest.log" | tail -25
 echo "pytest took $(( $(date +%s) - start )) s"

@@ -8,15 +8,7 @@
 set -uo pipefail
 out=${1:-${OUT:-bench/results}}
 shift || true
-mkdir -p "$out" /tmp/ss
-if [ -d /tmp/ss/splitserve ] && [ ! -L /tmp/ss/splitserve ]; then  # another script's folder of links
-    for d in model engine kernels bench tests kvtransfer protos router deploy; do ln -sfn "$PWD/$d" "/tmp/ss/splitserve/$d"; done
-else
-    ln -sfn "$PWD" /tmp/ss/splitserve
-fi
-export PYTHONPATH=/tmp/ss${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu-overlap.txt"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu-overlap.txt"
+source bench/gpu_env.sh gpu-overlap.txt
 start=$(date +%s)
 timeout 240 python3 -m pytest tests/engine/test_overlap.py tests/engine/test_sampler.py -q -p no:cacheprovider -rfE \
     -o addopts="--import-mode=importlib" 2>&1 | tee "$out/overlap-cuda-pytest.log" | tail -15
