@@ -26,7 +26,7 @@ the references on a CPU.
 from ._common import HAS_TRITON, use_triton
 from .cache_write import kv_write
 from .fp8_gemm import fp8_linear
-from .indexer import indexer_logits_decode, indexer_topk_decode, topk_from_logits
+from .indexer import indexer_logits_decode, indexer_topk_decode
 from .moe import fused_moe, fused_moe_fp8, moe_align
 from .norm import rms_norm
 from .quant import act_quant
@@ -39,7 +39,6 @@ __all__ = [
     "use_triton",
     "indexer_logits_decode",
     "indexer_topk_decode",
-    "topk_from_logits",
     "topk",
     "kv_write",
     "sparse_mla_decode",

@@ -98,13 +98,6 @@ def indexer_logits_decode_ref(
     return scores.masked_fill(~valid, float("-inf"))
 
 
-def topk_from_logits(logits: torch.Tensor, topk: int) -> torch.Tensor:
-    """logits [B, W] fp32 (-inf = not visible) -> indices [B, topk] int32, -1 where fewer than
-    topk positions are visible. Order within a row is unspecified. No host synchronisation.
-    The radix-select kernel of kernels/radix_topk.py on CUDA, torch.topk elsewhere."""
-    return topk_rows(logits, topk)
-
-
 def indexer_topk_decode_ref(
     q: torch.Tensor,
     weights: torch.Tensor,
