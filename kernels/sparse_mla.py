@@ -40,6 +40,7 @@ import math
 import torch
 
 from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from .sparse_mla_hopper import wgmma_fits
 
 
 def fp8_token_bytes(dl: int, dr: int) -> int:
@@ -117,6 +118,14 @@ def sparse_mla_decode_ref(
 if HAS_TRITON:
 
     @triton.jit
+    def _entry_offsets(pos, bt_ptr, b, layer, s_bt, s_l0, s_l1, s_l2, BS: tl.constexpr):
+        """Sequence positions (-1 = skip) -> offsets of their entries in the pool, and which are valid."""
+        valid = pos >= 0
+        pos = tl.where(valid, pos, 0)
+        blk = tl.load(bt_ptr + b * s_bt + pos // BS, mask=valid, other=0).to(tl.int64)
+        return blk * s_l0 + layer * s_l1 + (pos % BS) * s_l2, valid
+
+    @triton.jit
     def _sparse_mla_kernel(
         ql_ptr,
         qr_ptr,
@@ -148,21 +157,26 @@ if HAS_TRITON:
         DL: tl.constexpr,
         DR: tl.constexpr,
         BS: tl.constexpr,
+        GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr,
         MULTI: tl.constexpr,
         UPCAST: tl.constexpr,
         IEEE: tl.constexpr,
-        ROWS: tl.constexpr,
+        PREFETCH: tl.constexpr,
         FP8: tl.constexpr,
         G: tl.constexpr,
         NG: tl.constexpr,
     ):
-        b = tl.program_id(0)
-        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        sp = tl.program_id(2)
+        # a row's head groups are neighbours in launch order: they run together and share the row's
+        # gathered entries through L2 (prefill launches many waves of rows)
+        pid = tl.program_id(0)
+        b = pid // GROUPS
+        heads = (pid % GROUPS) * BLOCK_H + tl.arange(0, BLOCK_H)
+        sp = tl.program_id(1)
         offs_dl = tl.arange(0, DL)
         offs_dr = tl.arange(0, DR)
+        offs_t = tl.arange(0, BLOCK_N)
         ql = tl.load(ql_ptr + b * s_qlb + heads[:, None] * s_qlh + offs_dl[None, :])
         qr = tl.load(qr_ptr + b * s_qrb + heads[:, None] * s_qrh + offs_dr[None, :])
         if UPCAST:
@@ -173,18 +187,20 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_H, DL], tl.float32)
         start = sp * split_len
         end = tl.minimum(start + split_len, topk)
+        # PREFETCH: a software pipeline over the index chain. Tile i's entry offsets were computed in
+        # iteration i-1 (from positions loaded in i-2), so no dependent load (position -> block table
+        # -> entry) stands in front of a tile's gather; without it each tile resolves its own offsets.
+        pos = tl.load(idx_ptr + b * s_ib + start + offs_t, mask=start + offs_t < end, other=-1)
+        off, valid = _entry_offsets(pos, bt_ptr, b, layer, s_bt, s_l0, s_l1, s_l2, BS)
+        pos = tl.load(idx_ptr + b * s_ib + start + BLOCK_N + offs_t, mask=start + BLOCK_N + offs_t < end, other=-1)
         for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            if ROWS:  # idx_ptr holds element offsets of the entries (int64), -1 = skip
-                off = tl.load(idx_ptr + b * s_ib + offs_n, mask=offs_n < end, other=-1)
-                valid = off >= 0
-                off = tl.where(valid, off, 0)
+            if PREFETCH:
+                off_next, valid_next = _entry_offsets(pos, bt_ptr, b, layer, s_bt, s_l0, s_l1, s_l2, BS)
+                ahead = n0 + 2 * BLOCK_N + offs_t
+                pos = tl.load(idx_ptr + b * s_ib + ahead, mask=ahead < end, other=-1)
             else:
-                idx = tl.load(idx_ptr + b * s_ib + offs_n, mask=offs_n < end, other=-1)
-                valid = idx >= 0
-                idx = tl.where(valid, idx, 0)
-                blk = tl.load(bt_ptr + b * s_bt + idx // BS, mask=valid, other=0).to(tl.int64)
-                off = blk * s_l0 + layer * s_l1 + (idx % BS) * s_l2
+                cur = tl.load(idx_ptr + b * s_ib + n0 + offs_t, mask=n0 + offs_t < end, other=-1)
+                off, valid = _entry_offsets(cur, bt_ptr, b, layer, s_bt, s_l0, s_l1, s_l2, BS)
             row = lat_ptr + off
             if FP8:  # 656-byte entry: e4m3 values | fp32 scale per G | bf16 rope (off counts bytes)
                 kq = tl.load(row[:, None] + offs_dl[None, :], mask=valid[:, None], other=0)
@@ -222,6 +238,9 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(p.to(kl.dtype), kl, acc)
             m = m_new
+            if PREFETCH:
+                off = off_next
+                valid = valid_next
         safe_l = tl.where(l > 0.0, l, 1.0)
         out = acc / safe_l[:, None]
         o_ptrs = o_ptr + b * s_ob + heads[:, None] * s_oh + sp * s_os + offs_dl[None, :]
@@ -229,20 +248,6 @@ if HAS_TRITON:
         if MULTI:
             lse = tl.where(l > 0.0, m + tl.log2(safe_l), float("-inf"))
             tl.store(lse_ptr + b * s_lb + heads * s_lh + sp, lse)
-
-    @triton.jit
-    def _entry_offsets_kernel(
-        idx_ptr, bt_ptr, out_ptr, layer, topk, s_ib, s_bt, s_ob, s_l0, s_l1, s_l2, BS: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        b = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < topk
-        idx = tl.load(idx_ptr + b * s_ib + offs, mask=m, other=-1)
-        valid = idx >= 0
-        idx = tl.where(valid, idx, 0)
-        blk = tl.load(bt_ptr + b * s_bt + idx // BS, mask=valid & m, other=0).to(tl.int64)
-        off = blk * s_l0 + layer * s_l1 + (idx % BS).to(tl.int64) * s_l2
-        tl.store(out_ptr + b * s_ob + offs, tl.where(valid, off, -1), mask=m)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -287,8 +292,11 @@ def sparse_mla_decode_triton(
     num_splits: int | None = None,
     num_warps: int = 8,
     num_stages: int = 2,
-    precompute_offsets: bool = False,
+    prefetch: bool | None = None,
+    wgmma: bool | None = None,
 ) -> torch.Tensor:
+    """The Triton kernel, or with `wgmma` (default: where it fits, i.e. bf16 entries on Hopper) the
+    Gluon one of kernels/sparse_mla_hopper.py; `num_stages` is then the number of tiles in flight."""
     require_triton()
     _check(q_lat, q_rope, latent, block_tables, indices)
     bsz, heads, dl = q_lat.shape
@@ -297,10 +305,17 @@ def sparse_mla_decode_triton(
     bs = latent.shape[2]
     if latent.stride(3) != 1 or q_lat.stride(2) != 1 or q_rope.stride(2) != 1 or indices.stride(1) != 1:
         raise ValueError("latent, q_lat, q_rope and indices need a contiguous last dimension")
+    if wgmma is None:
+        wgmma = wgmma_fits(q_lat, q_rope, latent)
+    elif wgmma and not wgmma_fits(q_lat, q_rope, latent):
+        raise ValueError("the wgmma kernel needs bf16 entries on a Hopper GPU, 64k heads, Dl 256/512, Dr 32/64")
     block_h = block_h or min(64, heads)
-    # FP8 entries are widened to fp32 and scaled in registers: half the entries a step keeps that in
-    # bounds (a guess until measured: bench/fp8_kernels.py sweeps it)
-    block_n = block_n or (32 if latent.dtype == torch.uint8 else 64)
+    # FP8 entries: 64 a tile with the offsets one tile ahead (PREFETCH) measured best on an H100
+    # (206 us at 64 rows vs 291 for 32 a tile without; bench/results/sparse-mla-h100); bf16 entries
+    # in the Triton kernel: without (181 vs 265 us)
+    block_n = block_n or 64
+    if prefetch is None:
+        prefetch = latent.dtype == torch.uint8
     if heads % block_h or block_h < 16 or dl & (dl - 1) or dr & (dr - 1):
         raise ValueError(f"heads {heads} must be a multiple of block_h {block_h} >= 16; Dl, Dr powers of two")
     groups = heads // block_h
@@ -321,70 +336,90 @@ def sparse_mla_decode_triton(
         if splits < splits_p2:
             lse.fill_(float("-inf"))
         s_o = (part.stride(0), part.stride(1), part.stride(2))
-    kern = _sparse_mla_kernel
-    sel = indices
-    if precompute_offsets:  # one small kernel turns positions into entry offsets: one dependent load less per step
-        sel = torch.empty(bsz, topk, device=q_lat.device, dtype=torch.int64)
-        _entry_offsets_kernel[(bsz, triton.cdiv(topk, 1024))](
-            indices,
+    if wgmma:
+        from .sparse_mla_hopper import _sparse_mla_wgmma_kernel
+
+        _sparse_mla_wgmma_kernel[(bsz * groups, splits)](
+            q_lat,
+            q_rope,
+            latent,
             block_tables,
-            sel,
+            indices,
+            part,
+            lse,
             layer,
             topk,
-            indices.stride(0),
-            block_tables.stride(0),
-            sel.stride(0),
+            softmax_scale * math.log2(math.e),
+            split_len,
+            q_lat.stride(0),
+            q_lat.stride(1),
+            q_rope.stride(0),
+            q_rope.stride(1),
             latent.stride(0),
             latent.stride(1),
             latent.stride(2),
+            block_tables.stride(0),
+            indices.stride(0),
+            *s_o,
+            lse.stride(0) if splits_p2 > 1 else 0,
+            lse.stride(1) if splits_p2 > 1 else 0,
+            DL=dl,
+            DR=dr,
             BS=bs,
-            BLOCK=1024,
-            num_warps=4,
+            GROUPS=groups,
+            BLOCK_H=block_h,
+            BLOCK_N=block_n,
+            STAGES=num_stages,
+            MULTI=splits_p2 > 1,
+            num_warps=8,
         )
-    fp8 = latent.dtype == torch.uint8
-    # the FP8 entry's scales and rope, addressed as fp32 / bf16 elements of the same bytes
-    sc, rp = (latent.view(torch.float32), latent.view(torch.bfloat16)) if fp8 else (latent, latent)
-    kern[(bsz, groups, splits)](
-        q_lat,
-        q_rope,
-        latent,
-        sc,
-        rp,
-        block_tables,
-        sel,
-        part,
-        lse,
-        layer,
-        topk,
-        softmax_scale * math.log2(math.e),
-        split_len,
-        q_lat.stride(0),
-        q_lat.stride(1),
-        q_rope.stride(0),
-        q_rope.stride(1),
-        latent.stride(0),
-        latent.stride(1),
-        latent.stride(2),
-        block_tables.stride(0),
-        sel.stride(0),
-        *s_o,
-        lse.stride(0) if splits_p2 > 1 else 0,
-        lse.stride(1) if splits_p2 > 1 else 0,
-        DL=dl,
-        DR=dr,
-        BS=bs,
-        BLOCK_H=block_h,
-        BLOCK_N=block_n,
-        MULTI=splits_p2 > 1,
-        UPCAST=interpreting(kern),
-        IEEE=q_lat.dtype == torch.float32,
-        ROWS=precompute_offsets,
-        FP8=fp8,
-        G=min(128, dl),
-        NG=dl // min(128, dl),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    else:
+        kern = _sparse_mla_kernel
+        fp8 = latent.dtype == torch.uint8
+        # the FP8 entry's scales and rope, addressed as fp32 / bf16 elements of the same bytes
+        sc, rp = (latent.view(torch.float32), latent.view(torch.bfloat16)) if fp8 else (latent, latent)
+        kern[(bsz * groups, splits)](
+            q_lat,
+            q_rope,
+            latent,
+            sc,
+            rp,
+            block_tables,
+            indices,
+            part,
+            lse,
+            layer,
+            topk,
+            softmax_scale * math.log2(math.e),
+            split_len,
+            q_lat.stride(0),
+            q_lat.stride(1),
+            q_rope.stride(0),
+            q_rope.stride(1),
+            latent.stride(0),
+            latent.stride(1),
+            latent.stride(2),
+            block_tables.stride(0),
+            indices.stride(0),
+            *s_o,
+            lse.stride(0) if splits_p2 > 1 else 0,
+            lse.stride(1) if splits_p2 > 1 else 0,
+            DL=dl,
+            DR=dr,
+            BS=bs,
+            GROUPS=groups,
+            BLOCK_H=block_h,
+            BLOCK_N=block_n,
+            MULTI=splits_p2 > 1,
+            UPCAST=interpreting(kern),
+            IEEE=q_lat.dtype == torch.float32,
+            PREFETCH=prefetch,
+            FP8=fp8,
+            G=min(128, dl),
+            NG=dl // min(128, dl),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     if splits_p2 > 1:
         _merge_splits_kernel[(bsz, heads)](
             part,

@@ -30,8 +30,8 @@ def make_case(bsz, heads, dl, dr, bs, num_blocks, seq_lens, topk, dtype, device,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("splits,offsets", [(1, False), (2, True), (3, False)])
-def test_sparse_mla_small(dtype, splits, offsets, device):
+@pytest.mark.parametrize("splits,prefetch", [(1, False), (2, True), (3, True)])
+def test_sparse_mla_small(dtype, splits, prefetch, device):
     q_lat, q_rope, latent, layer, bt, idx = make_case(3, 32, 64, 16, 16, 24, [70, 5, 40], 48, dtype, device)
     idx[2, 7:] = -1
     scale = 0.1
@@ -48,7 +48,7 @@ def test_sparse_mla_small(dtype, splits, offsets, device):
         block_h=16,
         block_n=16,
         num_splits=splits,
-        precompute_offsets=offsets,
+        prefetch=prefetch,
     )
     assert out.dtype == dtype and not out.isnan().any()
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -86,9 +86,36 @@ def test_sparse_mla_gpu_real_shapes(bsz):
     )
     q_lat, q_rope = q_lat * 0.05, q_rope * 0.05
     ref = K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5)
-    for offsets in (False, True):
-        out = K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, precompute_offsets=offsets)
+    for prefetch in (False, True):
+        out = K.sparse_mla_decode_triton(
+            q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, prefetch=prefetch, wgmma=False
+        )
         assert rel(out, ref) < 1e-2
+    if hopper:
+        for block_n, stages in ((64, 2), (32, 3)):
+            out = K.sparse_mla_decode_triton(
+                q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, block_n=block_n, num_stages=stages
+            )
+            assert rel(out, ref) < 1e-2
+
+
+hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_sparse_mla_wgmma_short_rows(splits):
+    """The Hopper kernel where rows select fewer positions than top-k (-1 padding), top-k is not a
+    multiple of the tile, and splits end mid-tile; a row with nothing selected gives zeros."""
+    q_lat, q_rope, latent, layer, bt, idx = make_case(
+        4, 128, 512, 64, 64, 40, [300, 50, 120, 90], 200, torch.bfloat16, "cuda"
+    )
+    q_lat, q_rope = q_lat * 0.05, q_rope * 0.05
+    idx[3] = -1
+    ref = K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5)
+    out = K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, num_splits=splits)
+    assert rel(out[:3], ref[:3]) < 1e-2
+    assert out[3].abs().max() == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +132,8 @@ def to_fp8_pool(latent: torch.Tensor, dl: int) -> torch.Tensor:
     return pool._pack_fp8(flat).view(nb, nl, bs, -1)
 
 
-@pytest.mark.parametrize("dl,dr,splits,offsets", [(256, 32, 1, False), (256, 32, 2, True), (64, 16, 3, False)])
-def test_sparse_mla_fp8_cache_small(dl, dr, splits, offsets, device):
+@pytest.mark.parametrize("dl,dr,splits,prefetch", [(256, 32, 1, False), (256, 32, 2, True), (64, 16, 3, True)])
+def test_sparse_mla_fp8_cache_small(dl, dr, splits, prefetch, device):
     q_lat, q_rope, latent, layer, bt, idx = make_case(3, 16, dl, dr, 16, 24, [70, 5, 40], 48, torch.float32, device)
     idx[2, 7:] = -1
     raw = to_fp8_pool(latent, dl)
@@ -117,7 +144,7 @@ def test_sparse_mla_fp8_cache_small(dl, dr, splits, offsets, device):
     torch.testing.assert_close(ref, K.sparse_mla_decode_ref(q_lat, q_rope, unpacked, layer, bt, idx, 0.1))
     assert rel(ref, K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 0.1)) < 0.1
     out = K.sparse_mla_decode_triton(
-        q_lat, q_rope, raw, layer, bt, idx, 0.1, block_h=16, block_n=16, num_splits=splits, precompute_offsets=offsets
+        q_lat, q_rope, raw, layer, bt, idx, 0.1, block_h=16, block_n=16, num_splits=splits, prefetch=prefetch
     )
     assert rel(out, ref) < 1e-5
 

@@ -1,0 +1,213 @@
+"""Sparse MLA decode on Hopper tensor cores (Gluon: explicit layouts, cp.async gathers, wgmma).
+
+Same contract as kernels/sparse_mla.py (absorbed form over the paged bf16 latent cache, top-k positions
+per row, splits merged by log-sum-exp), written in Gluon because the Triton kernel cannot be steered
+where it loses: the compiler places both warp groups on the whole Q.K^T tile (each computes all of it,
+twice the tensor work of that half) and keeps 255 registers + ~360 bytes of spills per thread (the
+64 x 512 fp32 output plus the gather's addresses). Here, per program (one row, 64 heads, one split):
+
+* Q (64 x 512 latent + 64 x 64 rope) sits in shared memory for the whole program (wgmma's A operand);
+* the selected entries are gathered tile by tile (BLOCK_N positions: 1152 contiguous bytes each) with
+  16-byte cp.async straight into swizzled shared memory, STAGES tiles in flight; the chain
+  position -> block table -> entry address runs one tile ahead in registers, so no dependent load
+  stands in front of a gather;
+* S = Q.K^T is one wgmma over the tile with the two warp groups on different halves of the tile's
+  positions (no duplicated work); the softmax row statistics are combined across them;
+* O += P.V is one wgmma with each warp group owning half of the 512 output columns (FlashMLA's split
+  of the value dimension), P passed in registers; O stays in registers (128 per thread).
+
+The caller (sparse_mla.sparse_mla_decode_triton with kernel="wgmma") handles splits and the merge.
+Hopper (sm_90) with bf16 entries only; FP8 entries and other GPUs use the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+    HAS_GLUON = True
+except ImportError:  # pragma: no cover - Triton without Gluon (or no Triton at all)
+    HAS_GLUON = False
+
+
+def wgmma_fits(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor) -> bool:
+    """Whether the Hopper kernel serves these tensors (else the Triton kernel does)."""
+    if not (HAS_GLUON and q_lat.is_cuda and latent.dtype == torch.bfloat16 and q_lat.dtype == torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(q_lat.device)[0] != 9:
+        return False
+    heads, dl, dr = q_lat.shape[1], q_lat.shape[2], q_rope.shape[2]
+    return heads % 64 == 0 and dl in (256, 512) and dr in (32, 64) and latent.shape[-1] == dl + dr
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _tile_offsets(
+        idx_ptr, bt_ptr, b, t, end, layer, s_ib, s_bt, s_l0, s_l1, s_l2,
+        BS: gl.constexpr, BLOCK_N: gl.constexpr, layout: gl.constexpr,
+    ):  # fmt: skip
+        """Positions of tile t (synchronously) -> (entry offsets, valid): used outside the main loop."""
+        offs = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=layout)
+        pos = gl.load(idx_ptr + b * s_ib + offs, mask=offs < end, other=-1)
+        valid = pos >= 0
+        pos = gl.where(valid, pos, 0)
+        blk = gl.load(bt_ptr + b * s_bt + pos // BS, mask=valid, other=0).to(gl.int64)
+        return blk * s_l0 + layer * s_l1 + (pos % BS).to(gl.int64) * s_l2, valid
+
+    @gluon.jit
+    def _issue(lat_ptr, idx_ptr, b, s_ib, t, end, off_l, ok_l, off_r, ok_r, kl_buf, kr_buf, pos_buf,
+               DL: gl.constexpr, DR: gl.constexpr, BLOCK_N: gl.constexpr, gather_l: gl.constexpr,
+               gather_r: gl.constexpr, pos_l: gl.constexpr):  # fmt: skip
+        """cp.async of tile t's entries (latent part, rope part) and positions into one stage."""
+        cols = gl.arange(0, DL, layout=gl.SliceLayout(0, gather_l))
+        ptr = lat_ptr + off_l[:, None] + cols[None, :]
+        cp.async_copy_global_to_shared(kl_buf, ptr, mask=ok_l[:, None])
+        cols_r = gl.arange(0, DR, layout=gl.SliceLayout(0, gather_r))
+        ptr_r = lat_ptr + off_r[:, None] + DL + cols_r[None, :]
+        cp.async_copy_global_to_shared(kr_buf, ptr_r, mask=ok_r[:, None])
+        offs = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=pos_l)
+        cp.async_copy_global_to_shared(pos_buf, idx_ptr + b * s_ib + offs, mask=offs < end)
+
+    @gluon.jit
+    def _sparse_mla_wgmma_kernel(
+        ql_ptr, qr_ptr, lat_ptr, bt_ptr, idx_ptr, o_ptr, lse_ptr,
+        layer, topk, qk_scale, split_len,
+        s_qlb, s_qlh, s_qrb, s_qrh, s_l0, s_l1, s_l2, s_bt, s_ib, s_ob, s_oh, s_os, s_lb, s_lh,
+        DL: gl.constexpr, DR: gl.constexpr, BS: gl.constexpr, GROUPS: gl.constexpr, BLOCK_H: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MULTI: gl.constexpr,
+    ):  # fmt: skip
+        gl.static_assert(gl.num_warps() == 8, "two warp groups")
+        gl.static_assert(BLOCK_H == 64, "64 heads a program (wgmma M)")
+        # S [64 heads, BLOCK_N]: the two warp groups take different position halves; O [64, DL]: different
+        # column halves; P enters the O wgmma from registers
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, DL // 2, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        # gathers: 16-byte vectors, a warp on one entry's row at a time
+        gather_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])
+        gather_r: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (DR // 8), DR // 8], [8, 1], [1, 0])
+        row_l: gl.constexpr = gl.SliceLayout(1, gather_l)
+        row_r: gl.constexpr = gl.SliceLayout(1, gather_r)
+        pos_l: gl.constexpr = gl.BlockedLayout([1], [32], [8], [0])
+        pos_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+
+        pid = gl.program_id(0)
+        b = pid // GROUPS
+        h0 = (pid % GROUPS) * BLOCK_H
+        sp = gl.program_id(1)
+        start = sp * split_len
+        end = gl.minimum(start + split_len, topk)
+        n_tiles = gl.cdiv(end - start, BLOCK_N)
+        t0 = start // BLOCK_N  # split_len is a multiple of BLOCK_N
+
+        # Q into shared memory, once
+        hq = h0 + gl.arange(0, BLOCK_H, layout=row_l)
+        cq = gl.arange(0, DL, layout=gl.SliceLayout(0, gather_l))
+        q_smem = gl.allocate_shared_memory(
+            gl.bfloat16, [BLOCK_H, DL], smem_l, gl.load(ql_ptr + b * s_qlb + hq[:, None] * s_qlh + cq[None, :])
+        )
+        hr = h0 + gl.arange(0, BLOCK_H, layout=row_r)
+        cr = gl.arange(0, DR, layout=gl.SliceLayout(0, gather_r))
+        qr_smem = gl.allocate_shared_memory(
+            gl.bfloat16, [BLOCK_H, DR], smem_l, gl.load(qr_ptr + b * s_qrb + hr[:, None] * s_qrh + cr[None, :])
+        )
+        kl_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, DL], smem_l)
+        kr_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, DR], smem_l)
+        pos_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], pos_sl)
+
+        # prologue: tiles 0 .. STAGES-2 in flight, tile STAGES-1's offsets and tile STAGES's positions ready
+        for pre in gl.static_range(STAGES - 1):
+            o_l, v_l = _tile_offsets(
+                idx_ptr, bt_ptr, b, t0 + pre, end, layer, s_ib, s_bt, s_l0, s_l1, s_l2, BS, BLOCK_N, row_l
+            )
+            o_r, v_r = _tile_offsets(
+                idx_ptr, bt_ptr, b, t0 + pre, end, layer, s_ib, s_bt, s_l0, s_l1, s_l2, BS, BLOCK_N, row_r
+            )
+            _issue(lat_ptr, idx_ptr, b, s_ib, t0 + pre, end, o_l, v_l, o_r, v_r, kl_smem.index(pre), kr_smem.index(pre),
+                   pos_smem.index(pre), DL, DR, BLOCK_N, gather_l, gather_r, pos_l)  # fmt: skip
+            cp.commit_group()
+        off_l, ok_l = _tile_offsets(
+            idx_ptr, bt_ptr, b, t0 + STAGES - 1, end, layer, s_ib, s_bt, s_l0, s_l1, s_l2, BS, BLOCK_N, row_l
+        )
+        off_r, ok_r = _tile_offsets(
+            idx_ptr, bt_ptr, b, t0 + STAGES - 1, end, layer, s_ib, s_bt, s_l0, s_l1, s_l2, BS, BLOCK_N, row_r
+        )
+        nxt_l = (t0 + STAGES) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_l)
+        pos_nl = gl.load(idx_ptr + b * s_ib + nxt_l, mask=nxt_l < end, other=-1)
+        nxt_r = (t0 + STAGES) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_r)
+        pos_nr = gl.load(idx_ptr + b * s_ib + nxt_r, mask=nxt_r < end, other=-1)
+
+        m = gl.full([BLOCK_H], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_H, DL], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+        for i in range(n_tiles):
+            # gather tile i + STAGES - 1 into the stage tile i - 1 used (every warp is past it)
+            t = t0 + i + STAGES - 1
+            st = (i + STAGES - 1) % STAGES
+            _issue(lat_ptr, idx_ptr, b, s_ib, t, end, off_l, ok_l, off_r, ok_r, kl_smem.index(st), kr_smem.index(st),
+                   pos_smem.index(st), DL, DR, BLOCK_N, gather_l, gather_r, pos_l)  # fmt: skip
+            cp.commit_group()
+            # the next tile's block ids and the one after's positions load while this tile computes
+            ok_nl = pos_nl >= 0
+            blk_nl = gl.load(bt_ptr + b * s_bt + gl.where(ok_nl, pos_nl, 0) // BS, mask=ok_nl, other=0)
+            ok_nr = pos_nr >= 0
+            blk_nr = gl.load(bt_ptr + b * s_bt + gl.where(ok_nr, pos_nr, 0) // BS, mask=ok_nr, other=0)
+            ahead_l = (t + 2) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_l)
+            pos_al = gl.load(idx_ptr + b * s_ib + ahead_l, mask=ahead_l < end, other=-1)
+            ahead_r = (t + 2) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_r)
+            pos_ar = gl.load(idx_ptr + b * s_ib + ahead_r, mask=ahead_r < end, other=-1)
+
+            cp.wait_group(STAGES - 1)  # this thread's copies of tile i are in
+            gl.thread_barrier()  # ... and every thread's
+            fence_async_shared()  # visible to the tensor cores
+            cur = i % STAGES
+            kl = kl_smem.index(cur)
+            s = warpgroup_mma(q_smem, kl.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma(qr_smem, kr_smem.index(cur).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            # positions past the split's end were not copied (zeros): the column index says so
+            pos = pos_smem.index(cur).load(gl.SliceLayout(0, s_layout))
+            col = (t0 + i) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(((pos >= 0) & (col < end))[None, :], s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m, gl.max(s, axis=1))
+            alpha = gl.exp2(m - m_new)
+            p = gl.exp2(s - m_new[:, None])
+            l = l * alpha + gl.sum(p, axis=1)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(p_op, kl, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            m = m_new
+            gl.thread_barrier()  # every warp is done with stage `cur` before it is refilled
+
+            # carry the index chain one tile on
+            off_l = blk_nl.to(gl.int64) * s_l0 + layer * s_l1 + (gl.where(ok_nl, pos_nl, 0) % BS).to(gl.int64) * s_l2
+            ok_l = ok_nl
+            off_r = blk_nr.to(gl.int64) * s_l0 + layer * s_l1 + (gl.where(ok_nr, pos_nr, 0) % BS).to(gl.int64) * s_l2
+            ok_r = ok_nr
+            pos_nl = pos_al
+            pos_nr = pos_ar
+        cp.wait_group(0)
+
+        l_o = gl.convert_layout(l, gl.SliceLayout(1, o_layout))
+        safe = gl.where(l_o > 0.0, l_o, 1.0)
+        out = acc / safe[:, None]
+        ho = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
+        co = gl.arange(0, DL, layout=gl.SliceLayout(0, o_layout))
+        gl.store(o_ptr + b * s_ob + ho[:, None] * s_oh + sp * s_os + co[None, :], out.to(o_ptr.dtype.element_ty))
+        if MULTI:
+            hs = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
+            lse = gl.where(l > 0.0, m + gl.log2(gl.where(l > 0.0, l, 1.0)), float("-inf"))
+            gl.store(lse_ptr + b * s_lb + hs * s_lh + sp, lse)
