@@ -506,16 +506,18 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
         )
         for cfg, splits, po in trials:
             try:
-                fn = lambda: K.sparse_mla_decode_triton(*inp["args"], num_splits=splits, precompute_offsets=po, **cfg)  # noqa: F821 - runs before `del inp` frees this case
+                fn = lambda: K.sparse_mla_decode_triton(
+                    *inp["args"], num_splits=splits, prefetch=po, wgmma=False, **cfg
+                )  # noqa: F821 - runs before `del inp` frees this case
                 err = rel_err(fn(), ref)
                 g = graph_of(fn)
                 ms = bench_ms(g if g is not None else fn)
             except Exception as exc:  # noqa: BLE001
                 rows.append(
-                    {"B": bsz, **cfg, "splits": splits, "offsets": po, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                    {"B": bsz, **cfg, "splits": splits, "prefetch": po, "error": f"{type(exc).__name__}: {exc}"[:300]}
                 )
                 print(
-                    f"  sweep sparse_mla B={bsz} {cfg} splits={splits} offsets={po}: {type(exc).__name__}", flush=True
+                    f"  sweep sparse_mla B={bsz} {cfg} splits={splits} prefetch={po}: {type(exc).__name__}", flush=True
                 )
                 continue
             rows.append(
@@ -523,7 +525,7 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
                     "B": bsz,
                     **cfg,
                     "splits": splits,
-                    "offsets": po,
+                    "prefetch": po,
                     "graph_ms": ms,
                     "rel_err": err,
                     "floor_ratio": max(
@@ -534,7 +536,7 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
                 }
             )
             print(
-                f"  sweep sparse_mla B={bsz} {cfg} splits={splits} offsets={po}: {ms * 1e3:.1f} us (err {err:.1e})",
+                f"  sweep sparse_mla B={bsz} {cfg} splits={splits} prefetch={po}: {ms * 1e3:.1f} us (err {err:.1e})",
                 flush=True,
             )
         del inp, ref

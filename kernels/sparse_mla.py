@@ -27,10 +27,14 @@ model.attention.MLA._absorbed. A row with no valid index gets zeros.
 Triton version: one program per (row, 64-head group, split of the top-k list); each loads its
 queries once, gathers BLOCK_N selected entries per step (1152 contiguous bytes each) and runs
 two tensor-core dots per step; splits (flash-decoding) keep the GPU busy at small batch and a
-second kernel merges them by their log-sum-exp. Launch defaults (64 heads, 64 entries a step,
-8 warps, 2 stages; splits that fill the SMs once) come from a sweep on an H100
-(bench/results/kernels-h100-run2.json); `precompute_offsets=True` (positions -> entry offsets in a
-separate small kernel) measured slower there and is off by default.
+second kernel merges them by their log-sum-exp. A row's head groups are neighbours in the launch
+order (they share its gathered entries through L2). `prefetch=True` resolves the next tile's entry
+offsets while the current one is multiplied (FP8 entries: on by default, 291 -> 204 us at 64 rows on
+an H100; bf16: slower, off). Splits fill the SMs once (bench/results/kernels-h100-run2.json).
+
+On Hopper, bf16 entries go to the Gluon kernel of sparse_mla_hopper.py (same launcher, splits and
+merge): the compiler's choices for this kernel (both warp groups computing the whole Q.K^T tile,
+255 registers + 360 bytes of spills a thread) cost it 1.35-1.4x (bench/results/sparse-mla-h100).
 """
 
 from __future__ import annotations
