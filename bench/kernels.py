@@ -506,9 +506,9 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
         )
         for cfg, splits, po in trials:
             try:
-                fn = lambda: K.sparse_mla_decode_triton(
-                    *inp["args"], num_splits=splits, prefetch=po, wgmma=False, **cfg
-                )  # noqa: F821 - runs before `del inp` frees this case
+                fn = lambda a=inp["args"]: K.sparse_mla_decode_triton(
+                    *a, num_splits=splits, prefetch=po, wgmma=False, **cfg
+                )
                 err = rel_err(fn(), ref)
                 g = graph_of(fn)
                 ms = bench_ms(g if g is not None else fn)
@@ -539,7 +539,7 @@ def sweep_sparse_mla(ceil: dict[str, float], batches) -> list[dict[str, Any]]:
                 f"  sweep sparse_mla B={bsz} {cfg} splits={splits} prefetch={po}: {ms * 1e3:.1f} us (err {err:.1e})",
                 flush=True,
             )
-        del inp, ref
+        del inp, ref, fn
         torch.cuda.empty_cache()
     return rows
 

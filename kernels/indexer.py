@@ -328,6 +328,11 @@ def indexer_topk_decode(
         [B, topk] int32 positions (0 .. seq_lens[b] - 1) of the selected keys, in no particular
         order; -1 fills the row when fewer than topk keys are visible (then every visible key
         is selected). Feed it straight to sparse_mla_decode. No host synchronisation (graph-safe).
+    When the width (max_seq_len, or the block tables' span) is at most topk, every visible key is
+    selected whatever its score: positions 0 .. seq_lens[b] - 1 in order, without scoring.
     """
+    if _width(block_tables, k_cache.shape[2], max_seq_len) <= topk:
+        pos = torch.arange(topk, device=seq_lens.device, dtype=torch.int32)[None, :]
+        return torch.where(pos < seq_lens[:, None], pos, -1)
     fn = indexer_topk_decode_triton if _triton_fits(q, k_cache) else indexer_topk_decode_ref
     return fn(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, topk, max_seq_len)

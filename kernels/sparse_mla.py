@@ -169,6 +169,7 @@ if HAS_TRITON:
         IEEE: tl.constexpr,
         PREFETCH: tl.constexpr,
         FP8: tl.constexpr,
+        SCAN: tl.constexpr,
         G: tl.constexpr,
         NG: tl.constexpr,
     ):
@@ -197,7 +198,14 @@ if HAS_TRITON:
         pos = tl.load(idx_ptr + b * s_ib + start + offs_t, mask=start + offs_t < end, other=-1)
         off, valid = _entry_offsets(pos, bt_ptr, b, layer, s_bt, s_l0, s_l1, s_l2, BS)
         pos = tl.load(idx_ptr + b * s_ib + start + BLOCK_N + offs_t, mask=start + BLOCK_N + offs_t < end, other=-1)
-        for n0 in range(start, end, BLOCK_N):
+        # tiles past the split's last selected position hold nothing (short rows, prefill rows near
+        # the start, contexts under top-k: their -1 padding trails): the loop stops there
+        last = start - 1
+        for c0 in range(start, end, SCAN):
+            j = c0 + tl.arange(0, SCAN)
+            pj = tl.load(idx_ptr + b * s_ib + j, mask=j < end, other=-1)
+            last = tl.maximum(last, tl.max(tl.where(pj >= 0, j, -1), axis=0))
+        for n0 in range(start, last + 1, BLOCK_N):
             if PREFETCH:
                 off_next, valid_next = _entry_offsets(pos, bt_ptr, b, layer, s_bt, s_l0, s_l1, s_l2, BS)
                 ahead = n0 + 2 * BLOCK_N + offs_t
@@ -375,6 +383,7 @@ def sparse_mla_decode_triton(
             BLOCK_N=block_n,
             STAGES=num_stages,
             MULTI=splits_p2 > 1,
+            SCAN=min(1024, triton.next_power_of_2(split_len)),
             num_warps=8,
         )
     else:
@@ -419,6 +428,7 @@ def sparse_mla_decode_triton(
             IEEE=q_lat.dtype == torch.float32,
             PREFETCH=prefetch,
             FP8=fp8,
+            SCAN=min(1024, triton.next_power_of_2(split_len)),
             G=min(128, dl),
             NG=dl // min(128, dl),
             num_warps=num_warps,

@@ -80,7 +80,7 @@ if HAS_GLUON:
         layer, topk, qk_scale, split_len,
         s_qlb, s_qlh, s_qrb, s_qrh, s_l0, s_l1, s_l2, s_bt, s_ib, s_ob, s_oh, s_os, s_lb, s_lh,
         DL: gl.constexpr, DR: gl.constexpr, BS: gl.constexpr, GROUPS: gl.constexpr, BLOCK_H: gl.constexpr,
-        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MULTI: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MULTI: gl.constexpr, SCAN: gl.constexpr,
     ):  # fmt: skip
         gl.static_assert(gl.num_warps() == 8, "two warp groups")
         gl.static_assert(BLOCK_H == 64, "64 heads a program (wgmma M)")
@@ -108,7 +108,6 @@ if HAS_GLUON:
         sp = gl.program_id(1)
         start = sp * split_len
         end = gl.minimum(start + split_len, topk)
-        n_tiles = gl.cdiv(end - start, BLOCK_N)
         t0 = start // BLOCK_N  # split_len is a multiple of BLOCK_N
 
         # Q into shared memory, once
@@ -147,6 +146,15 @@ if HAS_GLUON:
         pos_nl = gl.load(idx_ptr + b * s_ib + nxt_l, mask=nxt_l < end, other=-1)
         nxt_r = (t0 + STAGES) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_r)
         pos_nr = gl.load(idx_ptr + b * s_ib + nxt_r, mask=nxt_r < end, other=-1)
+
+        # tiles past the split's last selected position hold nothing (short rows, prefill rows near the
+        # start, contexts under top-k: their -1 padding trails): scanned while the first tiles load
+        last = start - 1
+        for c0 in range(start, end, SCAN):
+            j = c0 + gl.arange(0, SCAN, layout=pos_l)
+            pj = gl.load(idx_ptr + b * s_ib + j, mask=j < end, other=-1)
+            last = gl.maximum(last, gl.max(gl.where(pj >= 0, j, -1), axis=0))
+        n_tiles = gl.cdiv(last + 1 - start, BLOCK_N)
 
         m = gl.full([BLOCK_H], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
         l = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `python -m pytest` puts the checkout itself on sys.path, where its top-level kernels/ folder would
+# shadow the `kernels` distribution that transformers (>= 5.25) imports at start; the project is
+# imported as splitserve.* (installed), never from there.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
 
 
 @pytest.fixture(scope="session")

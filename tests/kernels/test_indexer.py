@@ -103,3 +103,16 @@ def test_indexer_gpu_real_shapes(fp8, bsz, ctx):
     torch.testing.assert_close(got[fin], ref[fin], atol=tol * scale, rtol=tol)
     idx = K.indexer_topk_decode_triton(*args, topk=2048)
     assert_topk_valid(idx.cpu(), ref.cpu(), args[6].cpu(), 2048, atol=2 * tol * scale)
+
+
+def test_width_within_topk_selects_every_visible_position(device):
+    """Block tables spanning at most top-k positions: the selection is every visible position (what
+    scoring then top-k would pick), in order, without scoring."""
+    seq_lens = [20, 3, 33]
+    args = make_case(3, 16, 32, 16, 20, 1, seq_lens, False, torch.float32, device, layer=0)
+    width = args[5].shape[1] * 16
+    idx = K.indexer_topk_decode(*args, topk=width)
+    scored = K.indexer_topk_decode_ref(*args, topk=width)
+    for b, n in enumerate(seq_lens):
+        assert idx[b, :n].tolist() == list(range(n)) and (idx[b, n:] == -1).all()
+        assert sorted(scored[b][scored[b] >= 0].tolist()) == list(range(n))
