@@ -603,7 +603,17 @@ def main(argv: list[str] | None = None) -> int:
         help="decode glue: the radix top-k and fused cache-write kernels (fused, the serving default) or "
         "torch.topk and the separate norm / rope / quantise / index_put ops (unfused: the path before them)",
     )
+    ap.add_argument(
+        "--mla-kernel",
+        default="auto",
+        choices=["auto", "triton"],
+        help="sparse MLA: the Hopper (Gluon, wgmma) kernel where it fits (auto) or the Triton kernel everywhere",
+    )
     args = ap.parse_args(argv)
+    if args.mla_kernel == "triton":
+        from splitserve.kernels import sparse_mla
+
+        sparse_mla.WGMMA = False  # read at every call
     if args.glue == "unfused":
         from splitserve.kernels import indexer
         from splitserve.model import attention

@@ -280,6 +280,9 @@ if HAS_TRITON:
         tl.store(o_ptr + b * s_ob + h * s_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
+WGMMA = True  # the Hopper kernel where it fits (bench/engine.py --mla-kernel triton turns it off)
+
+
 def _num_splits(bsz: int, head_groups: int, topk: int, block_n: int, sms: int = 132) -> int:
     # one CTA per SM fits (registers): fill the SMs once; more splits only add merge work
     # (H100, bench shapes: B=64 one split 197 us vs two 225 us; B=1 32 splits 23 us vs 16 27 us)
@@ -318,7 +321,7 @@ def sparse_mla_decode_triton(
     if latent.stride(3) != 1 or q_lat.stride(2) != 1 or q_rope.stride(2) != 1 or indices.stride(1) != 1:
         raise ValueError("latent, q_lat, q_rope and indices need a contiguous last dimension")
     if wgmma is None:
-        wgmma = wgmma_fits(q_lat, q_rope, latent)
+        wgmma = WGMMA and wgmma_fits(q_lat, q_rope, latent)
     elif wgmma and not wgmma_fits(q_lat, q_rope, latent):
         raise ValueError("the wgmma kernel needs bf16 entries on a Hopper GPU, 64k heads, Dl 256/512, Dr 32/64")
     block_h = block_h or min(64, heads)
