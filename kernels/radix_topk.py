@@ -292,6 +292,11 @@ def _warps(block: int) -> int:
     return max(4, min(16, block // 512))
 
 
+def reg_warps(width: int) -> int:
+    """The reg kernel's default warps for a row of `width` scores (8 at 4096, 16 from 8192 on)."""
+    return _warps(max(16, next_pow2(width)))
+
+
 def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
     """The stream kernel: one program per row, five reads of it in `block` pieces (block < 2^15)."""
     logits = _check(logits, k)
@@ -322,7 +327,6 @@ def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None) 
     out = torch.empty(bsz, k, device=logits.device, dtype=torch.int32)
     if bsz == 0:
         return out
-    block = max(16, next_pow2(width))
     _topk_reg_kernel[(bsz,)](
         logits,
         out,
@@ -330,9 +334,9 @@ def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None) 
         logits.stride(0),
         out.stride(0),
         K=k,
-        BLOCK=block,
+        BLOCK=max(16, next_pow2(width)),
         OBLOCK=min(2048, next_pow2(k)),
-        num_warps=num_warps or _warps(block),
+        num_warps=num_warps or reg_warps(width),
     )
     return out
 

@@ -212,3 +212,21 @@ def test_variants_cuda_graph_replay(variant):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fn(x, 2048))
+
+
+def test_bench_cell_and_min_rows_rule(device):
+    """bench/topk.py at a small cell (its check passes, every implementation timed, choose_kernel's pick
+    among them), and its MIN_ROWS suggestion: the smallest row count from which the pick beats torch at
+    every width."""
+    from splitserve.bench import topk as B
+
+    cell = B.run_cell(2, 300, 16, calls=2, device=device)
+    assert {"torch", "stream", "reg", "split"} <= set(cell["times"]) and cell["pick"] in cell["times"]
+    assert cell["fastest_triton"] != "torch"
+
+    def c(rows, ratio):
+        return {"rows": rows, "pick_over_torch_warm": ratio}
+
+    assert B.suggest_min_rows([c(1, 1.2), c(4, 0.9), c(4, 0.8), c(16, 0.5)]) == 4
+    assert B.suggest_min_rows([c(1, 0.9), c(4, 1.1), c(16, 0.5)]) == 16
+    assert B.suggest_min_rows([c(1, 0.9), c(16, 1.5)]) is None
