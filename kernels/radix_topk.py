@@ -35,10 +35,12 @@ Three kernels, none with a host synchronisation or a data-dependent grid (all CU
   equal to T lie in the chunks before its own, so every chunk writes its positions straight into their
   final slots (the same order as above; no atomics decide a slot). For a few long rows.
 
-`topk` picks one by (rows, width): `choose_kernel` below, whose constants come from
-bench/topk.py (torch.topk and each variant, CUDA-graph replays, rows {1..256} x widths {4k..64k}).
-Measured so far (the stream kernel only, H200, bench/results/glue-h200): 124 us per decode step
-(4 layers) at batch 1 and width 4096 where torch.topk took 96 us, about the same at batch 64.
+`topk` picks one by (rows, width): `choose_kernel` below. Its constants are to be set from bench/topk.py
+(torch.topk and each variant, CUDA-graph replays, rows {1, 4, 16, 64, 256} x widths {4k, 16k, 64k}, k 2048;
+it prints each cell's fastest variant and the smallest row count from which the pick beats torch.topk).
+Until then REG_MAX_WIDTH and SPLIT_MAX_ROWS are unmeasured first guesses and MIN_ROWS = 64 keeps torch.topk
+below 64 rows, as measured for the stream kernel alone (H200, bench/results/glue-h200): 124 us per decode
+step (4 layers) at batch 1 and width 4096 where torch.topk took 96 us, about the same at batch 64.
 """
 
 from __future__ import annotations
@@ -298,8 +300,10 @@ def reg_warps(width: int) -> int:
 
 
 def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
-    """The stream kernel: one program per row, five reads of it in `block` pieces (block < 2^15)."""
+    """The stream kernel: one program per row, five reads of it in `block` pieces (a power of two < 2^15)."""
     logits = _check(logits, k)
+    if block & (block - 1) or not 16 <= block < 1 << 15:
+        raise ValueError(f"block must be a power of two in [16, 2^15), got {block}")
     bsz, width = logits.shape
     out = torch.empty(bsz, k, device=logits.device, dtype=torch.int32)
     if bsz == 0:
