@@ -290,6 +290,12 @@ def _check(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
+def _check_block(block: int) -> None:
+    """A power of two below 2^15: the write pass packs two counts of up to `block` into one int32."""
+    if block < 1 or block & (block - 1) or block >= 1 << 15:
+        raise ValueError(f"block must be a power of two below 2^15, got {block}")
+
+
 def _warps(block: int) -> int:
     return max(4, min(16, block // 512))
 
@@ -302,8 +308,7 @@ def reg_warps(width: int) -> int:
 def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
     """The stream kernel: one program per row, five reads of it in `block` pieces (a power of two < 2^15)."""
     logits = _check(logits, k)
-    if block & (block - 1) or not 16 <= block < 1 << 15:
-        raise ValueError(f"block must be a power of two in [16, 2^15), got {block}")
+    _check_block(block)
     bsz, width = logits.shape
     out = torch.empty(bsz, k, device=logits.device, dtype=torch.int32)
     if bsz == 0:
@@ -360,8 +365,7 @@ def topk_triton_split(logits: torch.Tensor, k: int, block: int | None = None) ->
     if bsz == 0:
         return out
     block = block or split_block(bsz, width)
-    if block & (block - 1) or not 16 <= block < 1 << 15:
-        raise ValueError(f"block must be a power of two in [16, 2^15), got {block}")
+    _check_block(block)
     chunks = max(1, -(-width // block))
     dev = logits.device
     tot = torch.zeros(4, bsz, 256, device=dev, dtype=torch.int32)
