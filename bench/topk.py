@@ -13,8 +13,9 @@ per implementation, in microseconds per call:
 Both are do_bench medians. "torch" is topk_ref (torch.topk, then -1 where -inf, then int32: what `topk`
 runs below MIN_ROWS).
 
-Implementations: torch; stream (one program per row); reg:wN (whole row in registers, N warps; widths up to
-REG_MAX_WIDTH; reg = reg_warps' default); split:B (B-wide chunks, one program each; split = split_block's default).
+Implementations: torch; stream (one program per row); reg (whole row in registers, widths up to REG_MAX_WIDTH,
+reg_warps' default warps and 6-bit digits; reg:wN with N warps, reg:bB with B-bit digits); split (split_block's
+default chunk width; split:B with B-wide chunks).
 
 The table ends with, per cell, the fastest implementation (warm), what choose_kernel(rows, width, min_rows=1)
 picks and its time against torch's; and the smallest row count from which that pick beats torch.topk at
@@ -63,6 +64,8 @@ def implementations(rows: int, width: int, k: int) -> dict[str, Callable[[torch.
         for w in (4, 8, 16):
             if w != T.reg_warps(width):
                 impls[f"reg:w{w}"] = partial(T.topk_triton_reg, k=k, num_warps=w)
+        for bits in (4, 5, 8):
+            impls[f"reg:b{bits}"] = partial(T.topk_triton_reg, k=k, bits=bits)
     impls["split"] = partial(T.topk_triton_split, k=k)
     for block in (1024, 2048, 4096, 8192):
         if block != T.split_block(rows, width) and block < 2 * width:

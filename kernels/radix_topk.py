@@ -9,11 +9,11 @@ scores the lowest positions win; torch.topk may pick others). With distinct scor
 equals torch.topk's. Every Triton variant below writes exactly this output, bit for bit.
 
 Radix select: each fp32 score maps to a uint32 key in the same order (negative floats: all bits flipped;
-others: the sign bit set; a position that is not visible gets key 0 and is masked out). Four digit
-passes histogram one byte of the keys (high byte first) among the keys that match the bytes found so
-far, each time picking the byte value that holds the k-th largest key (the histogram is taken over
-255 - byte, so one cumulative sum gives "how many keys have a byte >= b" and one packed reduction
-gives both the byte and the count above it). The key so found is the threshold T; a write pass stores
+others: the sign bit set; a position that is not visible gets key 0 and is masked out). Digit passes
+(four of 8 bits unless said otherwise) histogram one digit of the keys (high digit first) among the keys
+that match the digits found so far, each time picking the digit value that holds the k-th largest key
+(the histogram is taken over the reversed digit, so one cumulative sum gives "how many keys have a digit
+>= d" and one packed reduction gives both the digit and the count above it). The key so found is the threshold T; a write pass stores
 the positions with key > T (by a cumulative count of them) and then the first ties key == T.
 -0.0 ranks just below +0.0 (torch.topk treats them as equal), and a NaN score counts as not visible
 (torch.topk ranks NaN above everything); the indexer's scores are never NaN.
@@ -23,8 +23,10 @@ Three kernels, none with a host synchronisation or a data-dependent grid (all CU
 - stream (`topk_triton`): one program per row streams the row in BLOCK pieces, five reads of it
   (four digit passes and the write pass). Fills the GPU only with many rows.
 - reg (`topk_triton_reg`, widths up to REG_MAX_WIDTH): one program per row loads the whole row once
-  (BLOCK = next power of two >= W, 8 to 16 warps) and keeps its keys in registers for the four digit
-  passes and the write pass: one read, one launch. For short rows at any batch.
+  (BLOCK = next power of two >= W, 8 to 16 warps) and keeps its keys in registers for the digit passes
+  and the write pass: one read, one launch. Its digits are narrower (default 6 bits: six passes of 64
+  bins), since with the row in registers a pass costs tl.histogram's work, which grows with the bins per
+  lane, not a read. For short rows at any batch.
 - split (`topk_triton_split`): a [rows, chunks] grid, each program owning one BLOCK-wide chunk of a
   row, five launches (four digit passes, one write pass) after a memset. Digit pass p adds its chunk's
   histogram into a per-row total with atomics (tot [4, B, 256]) and, from p = 1 on, first reads pass
@@ -44,6 +46,8 @@ step (4 layers) at batch 1 and width 4096 where torch.topk took 96 us, about the
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,21 +81,21 @@ if HAS_TRITON:
         return vis, tl.where(vis, _sort_key(x), 0).to(tl.uint32)
 
     @triton.jit
-    def _rdigit(key, shift):
-        """255 - (byte of key at shift): the histogram bin, so that a cumulative sum counts keys >= a byte."""
-        return (((key ^ 0xFFFFFFFF) >> shift) & 0xFF).to(tl.int32)
+    def _rdigit(key, shift, NB: tl.constexpr = 256):
+        """NB - 1 - (the digit of key at shift): the histogram bin, so that a cumulative sum counts keys >= a digit."""
+        return (((key ^ 0xFFFFFFFF) >> shift) & (NB - 1)).to(tl.int32)
 
     @triton.jit
-    def _pick(rhist, k_rem):
-        """From the histogram over 255 - byte of the live keys, the byte d holding the k_rem-th largest
-        key and how many of that byte's keys are still wanted: (d, k_rem - keys with a byte above d).
+    def _pick(rhist, k_rem, NB: tl.constexpr = 256):
+        """From the histogram over NB - 1 - digit of the live keys, the digit d holding the k_rem-th largest
+        key and how many of that digit's keys are still wanted: (d, k_rem - keys with a digit above d).
 
-        One packed reduction (counts < 2^22) gives both the number of bins below the one reaching k_rem
-        and the count in them. An empty histogram (no visible key) gives d = 0.
+        One packed reduction (NB <= 256, counts < 2^22) gives both the number of bins below the one
+        reaching k_rem and the count in them. An empty histogram (no visible key) gives d = 0.
         """
-        ge = tl.cumsum(rhist, 0)  # ge[j]: live keys whose byte >= 255 - j (non-decreasing)
+        ge = tl.cumsum(rhist, 0)  # ge[j]: live keys whose digit >= NB - 1 - j (non-decreasing)
         s = tl.sum(tl.where(ge < k_rem, 1 + (rhist << 9), 0))
-        d = tl.maximum(255 - (s & 511), 0)
+        d = tl.maximum(NB - 1 - (s & 511), 0)
         return d, k_rem - (s >> 9)
 
     @triton.jit
@@ -140,8 +144,18 @@ if HAS_TRITON:
             tl.store(orow + o, tl.full([OBLOCK], -1, tl.int32), mask=(o >= n_sel) & (o < K))
 
     @triton.jit
-    def _topk_reg_kernel(x_ptr, out_ptr, width, s_x, s_o, K: tl.constexpr, BLOCK: tl.constexpr, OBLOCK: tl.constexpr):
-        """The whole row (width <= BLOCK) in registers: one read, four digit passes, one write."""
+    def _topk_reg_kernel(
+        x_ptr,
+        out_ptr,
+        width,
+        s_x,
+        s_o,
+        K: tl.constexpr,
+        BLOCK: tl.constexpr,
+        OBLOCK: tl.constexpr,
+        BITS: tl.constexpr,  # digit width: ceil(32 / BITS) passes of 2^BITS bins (the top digit may be narrower)
+    ):
+        """The whole row (width <= BLOCK) in registers: one read, ceil(32 / BITS) digit passes, one write."""
         row = tl.program_id(0).to(tl.int64)
         orow = out_ptr + row * s_o
         pos = tl.arange(0, BLOCK)
@@ -151,15 +165,16 @@ if HAS_TRITON:
         known = tl.zeros([], dtype=tl.uint32)
         k_rem = tl.zeros([], dtype=tl.int32) + K
         n_vis = tl.zeros([], dtype=tl.int32)
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            hist = tl.histogram(_rdigit(key, shift), 256, mask=(key != 0) & ((key & known) == prefix))
+        for p in tl.static_range((31 + BITS) // BITS):
+            shift = BITS * ((31 + BITS) // BITS - 1 - p)  # digits aligned at bit 0; bits past 31 shift out
+            live = (key != 0) & ((key & known) == prefix)
+            hist = tl.histogram(_rdigit(key, shift, 1 << BITS), 1 << BITS, mask=live)
             if p == 0:
                 n_vis = tl.sum(hist)
                 k_rem = tl.minimum(k_rem, tl.maximum(n_vis, 1))
-            d, k_rem = _pick(hist, k_rem)
+            d, k_rem = _pick(hist, k_rem, 1 << BITS)
             prefix = prefix | (d.to(tl.uint32) << shift)
-            known = known | (tl.full([], 0xFF, tl.uint32) << shift)
+            known = known | (tl.full([], (1 << BITS) - 1, tl.uint32) << shift)
         take_all = n_vis <= K
         n_sel = tl.minimum(n_vis, K)
         n_above = n_sel - k_rem
@@ -327,9 +342,16 @@ def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor
     return out
 
 
-def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None) -> torch.Tensor:
-    """The reg kernel: one program per row holding the whole row (width <= REG_MAX_WIDTH) in registers."""
+def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None, bits: int = 6) -> torch.Tensor:
+    """The reg kernel: one program per row holding the whole row (width <= REG_MAX_WIDTH) in registers.
+
+    bits: digit width, 4..8: ceil(32 / bits) passes over 2^bits bins. Narrower digits mean more passes but a
+    cheaper tl.histogram (its cost per element grows with the bins per lane, 2^bits / 32), which is the
+    kernel's main work once the row is loaded; 6 (six passes, 64 bins) is a first guess for bench/topk.py.
+    """
     logits = _check(logits, k)
+    if not 4 <= bits <= 8:
+        raise ValueError(f"bits must be in 4..8, got {bits}")
     bsz, width = logits.shape
     if width > REG_MAX_WIDTH:
         raise ValueError(f"topk_triton_reg takes rows of at most {REG_MAX_WIDTH} scores, got {width}")
@@ -345,6 +367,7 @@ def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None) 
         K=k,
         BLOCK=max(16, next_pow2(width)),
         OBLOCK=min(2048, next_pow2(k)),
+        BITS=bits,
         num_warps=num_warps or reg_warps(width),
     )
     return out
@@ -424,7 +447,12 @@ REG_MAX_WIDTH = 16384
 #: rows wider than REG_MAX_WIDTH: the split kernel up to this many rows, the stream kernel beyond
 SPLIT_MAX_ROWS = 32
 
-VARIANTS = {"stream": topk_triton, "reg": topk_triton_reg, "split": topk_triton_split}
+#: the Triton variants by choose_kernel's names, each called as fn(logits, k)
+VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "stream": topk_triton,
+    "reg": topk_triton_reg,
+    "split": topk_triton_split,
+}
 
 
 def choose_kernel(rows: int, width: int, min_rows: int | None = None) -> str:

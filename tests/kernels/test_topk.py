@@ -63,6 +63,8 @@ def order_ref(x: torch.Tensor, k: int) -> torch.Tensor:
 VARIANTS = {
     "stream": lambda x, k: T.topk_triton(x, k, block=128),
     "reg": T.topk_triton_reg,
+    "reg8": lambda x, k: T.topk_triton_reg(x, k, bits=8),
+    "reg5": lambda x, k: T.topk_triton_reg(x, k, bits=5),
     "split32": lambda x, k: T.topk_triton_split(x, k, block=32),
     "split64": lambda x, k: T.topk_triton_split(x, k, block=64),
 }
