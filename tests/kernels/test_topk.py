@@ -230,5 +230,22 @@ def test_bench_cell_and_min_rows_rule(device):
         return {"rows": rows, "pick_over_torch_warm": ratio}
 
     assert B.suggest_min_rows([c(1, 1.2), c(4, 0.9), c(4, 0.8), c(16, 0.5)]) == 4
+    assert B.suggest_min_rows([c(1, 0.5), c(4, None), c(16, 0.5)]) == 16
     assert B.suggest_min_rows([c(1, 0.9), c(4, 1.1), c(16, 0.5)]) == 16
     assert B.suggest_min_rows([c(1, 0.9), c(16, 1.5)]) is None
+
+
+@pytest.mark.parametrize("width,k", [(700, 100), (50, 64), (64, 64), (300, 7)])
+def test_bench_exact_ref_is_order_ref(width, k):
+    """bench/topk.py's whole-tensor reference (what it checks the GPU outputs against) equals order_ref on
+    ties, both zeros, +inf, NaN and short rows."""
+    from splitserve.bench import topk as B
+
+    x = torch.randint(-3, 4, (5, width)).float()
+    x[1, ::7] = -0.0
+    x[1, 5] = float("inf")
+    x[2, : width // 2] = NEG
+    x[3, ::3] = float("nan")
+    x[4] = torch.randn(width)
+    x[4, k // 2 :] = NEG
+    assert torch.equal(B.exact_ref(x, k), order_ref(x, k))
