@@ -64,7 +64,7 @@ def implementations(rows: int, width: int, k: int) -> dict[str, Callable[[torch.
         for w in (4, 8, 16):
             if w != T.reg_warps(width):
                 impls[f"reg:w{w}"] = partial(T.topk_triton_reg, k=k, num_warps=w)
-        for bits in (4, 5, 8):
+        for bits in (5, 7, 8):
             impls[f"reg:b{bits}"] = partial(T.topk_triton_reg, k=k, bits=bits)
     impls["split"] = partial(T.topk_triton_split, k=k)
     for block in (1024, 2048, 4096, 8192):

@@ -345,13 +345,14 @@ def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor
 def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None, bits: int = 6) -> torch.Tensor:
     """The reg kernel: one program per row holding the whole row (width <= REG_MAX_WIDTH) in registers.
 
-    bits: digit width, 4..8: ceil(32 / bits) passes over 2^bits bins. Narrower digits mean more passes but a
+    bits: digit width, 5..8: ceil(32 / bits) passes over 2^bits bins. Narrower digits mean more passes but a
     cheaper tl.histogram (its cost per element grows with the bins per lane, 2^bits / 32), which is the
     kernel's main work once the row is loaded; 6 (six passes, 64 bins) is a first guess for bench/topk.py.
+    Not below 5: Triton lowers a histogram of fewer bins than a warp's 32 lanes by padding it to 32.
     """
     logits = _check(logits, k)
-    if not 4 <= bits <= 8:
-        raise ValueError(f"bits must be in 4..8, got {bits}")
+    if not 5 <= bits <= 8:
+        raise ValueError(f"bits must be in 5..8, got {bits}")
     bsz, width = logits.shape
     if width > REG_MAX_WIDTH:
         raise ValueError(f"topk_triton_reg takes rows of at most {REG_MAX_WIDTH} scores, got {width}")
