@@ -3,31 +3,56 @@
     logits [B, W] fp32, -inf = not visible  ->  indices [B, k] int32, -1 padding
 
 Row b selects min(k, visible_b) positions; when at most k positions are visible every one of them is
-selected. Order within a row: the positions whose score is above the k-th largest, ascending, then
-the ties at the k-th largest value, lowest positions first (so among equal scores the lowest
-positions win; torch.topk may pick others). With distinct scores the selected SET equals torch.topk's.
+selected, ascending. Otherwise the order within a row is: the positions whose score is above the k-th
+largest, ascending, then the ties at the k-th largest value, lowest positions first (so among equal
+scores the lowest positions win; torch.topk may pick others). With distinct scores the selected SET
+equals torch.topk's. Every Triton variant below writes exactly this output, bit for bit.
 
-The Triton kernel runs one program per row, with no host synchronisation (CUDA-graph capturable):
-each fp32 score maps to a uint32 key in the same order (negative floats: all bits flipped; others:
-the sign bit set); four passes over the row histogram one byte of the keys (high byte first) among
-the keys that match the bytes found so far, each time picking the byte value that holds the k-th
-largest key; the fifth pass writes the positions above that threshold key and then enough positions
-equal to it. Five reads of the row in all (its first histogram also counts the visible positions).
--0.0 ranks just below +0.0 in the kernel (torch.topk treats them as equal), and a NaN score counts as
-not visible (torch.topk ranks NaN above everything); the indexer's scores are never NaN.
+Radix select: each fp32 score maps to a uint32 key in the same order (negative floats: all bits flipped;
+others: the sign bit set; a position that is not visible gets key 0 and is masked out). Digit passes
+(four of 8 bits unless said otherwise) histogram one digit of the keys (high digit first) among the keys
+that match the digits found so far, each time picking the digit value that holds the k-th largest key
+(the histogram is taken over the reversed digit, so one cumulative sum gives "how many keys have a digit
+>= d" and one packed reduction gives both the digit and the count above it). The key so found is the threshold T; a write pass stores
+the positions with key > T (by a cumulative count of them) and then the first ties key == T.
+-0.0 ranks just below +0.0 (torch.topk treats them as equal), and a NaN score counts as not visible
+(torch.topk ranks NaN above everything); the indexer's scores are never NaN.
 
-One program per row: a batch of one row runs on one SM. On an H200 (bench/results/glue-h200) the kernel
-took 124 us per decode step (4 layers) at batch 1 where torch.topk took 96 us, and about the same at
-batch 64 (122 vs 126 us), so `topk` uses it from MIN_ROWS rows on; splitting a row across programs
-(a second launch to merge) is what would make it pay at small batches.
+Three kernels, none with a host synchronisation or a data-dependent grid (all CUDA-graph capturable):
+
+- stream (`topk_triton`): one program per row streams the row in BLOCK pieces, five reads of it
+  (four digit passes and the write pass). Fills the GPU only with many rows.
+- reg (`topk_triton_reg`, widths up to REG_MAX_WIDTH): one program per row loads the whole row once
+  (BLOCK = next power of two >= W, 8 to 16 warps) and keeps its keys in registers for the digit passes
+  and the write pass: one read, one launch. Its digits are narrower (default 6 bits: six passes of 64
+  bins), since with the row in registers a pass costs tl.histogram's work, which grows with the bins per
+  lane, not a read. For short rows at any batch.
+- split (`topk_triton_split`): a [rows, chunks] grid, each program owning one BLOCK-wide chunk of a
+  row, five launches (four digit passes, one write pass) after a memset. Digit pass p adds its chunk's
+  histogram into a per-row total with atomics (tot [4, B, 256]) and, from p = 1 on, first reads pass
+  p-1's total to pick byte p-1 and records (threshold prefix, k still wanted, visible count) per row
+  (state [4, B, 4]; only chunk 0 writes, and pass p reads what pass p-1 wrote, so no race). Pass 0
+  also stores each chunk's visible count, pass 3 each chunk's cumulative low-byte histogram and its
+  count of keys above the 24-bit prefix: from these the write pass knows how many keys above T and
+  equal to T lie in the chunks before its own, so every chunk writes its positions straight into their
+  final slots (the same order as above; no atomics decide a slot). For a few long rows.
+
+`topk` picks one by (rows, width): `choose_kernel` below. Its constants are to be set from bench/topk.py
+(torch.topk and each variant, CUDA-graph replays, rows {1, 4, 16, 64, 256} x widths {4k, 16k, 64k}, k 2048;
+it prints each cell's fastest variant and the smallest row count from which the pick beats torch.topk).
+Until then REG_MAX_WIDTH and SPLIT_MAX_ROWS are unmeasured first guesses and MIN_ROWS = 64 keeps torch.topk
+below 64 rows, as measured for the stream kernel alone (H200, bench/results/glue-h200): 124 us per decode
+step (4 layers) at batch 1 and width 4096 where torch.topk took 96 us, about the same at batch 64.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
 
 
 def topk_ref(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,12 +75,35 @@ if HAS_TRITON:
         return u ^ flip.to(tl.uint32)
 
     @triton.jit
+    def _keys(x):
+        """(visible, key): key 0 where not visible (-inf, NaN or past the row's end)."""
+        vis = x > float("-inf")
+        return vis, tl.where(vis, _sort_key(x), 0).to(tl.uint32)
+
+    @triton.jit
+    def _rdigit(key, shift, NB: tl.constexpr = 256):
+        """NB - 1 - (the digit of key at shift): the histogram bin, so that a cumulative sum counts keys >= a digit."""
+        return (((key ^ 0xFFFFFFFF) >> shift) & (NB - 1)).to(tl.int32)
+
+    @triton.jit
+    def _pick(rhist, k_rem, NB: tl.constexpr = 256):
+        """From the histogram over NB - 1 - digit of the live keys, the digit d holding the k_rem-th largest
+        key and how many of that digit's keys are still wanted: (d, k_rem - keys with a digit above d).
+
+        One packed reduction (NB <= 256, counts < 2^22) gives both the number of bins below the one
+        reaching k_rem and the count in them. An empty histogram (no visible key) gives d = 0.
+        """
+        ge = tl.cumsum(rhist, 0)  # ge[j]: live keys whose digit >= NB - 1 - j (non-decreasing)
+        s = tl.sum(tl.where(ge < k_rem, 1 + (rhist << 9), 0))
+        d = tl.maximum(NB - 1 - (s & 511), 0)
+        return d, k_rem - (s >> 9)
+
+    @triton.jit
     def _topk_kernel(x_ptr, out_ptr, width, s_x, s_o, K: tl.constexpr, BLOCK: tl.constexpr, OBLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         xrow = x_ptr + row * s_x
         orow = out_ptr + row * s_o
         offs = tl.arange(0, BLOCK)
-        bins = tl.arange(0, 256)
         prefix = tl.zeros([], dtype=tl.uint32)  # the threshold key's bytes found so far
         known = tl.zeros([], dtype=tl.uint32)  # which bits of prefix are found
         k_rem = tl.zeros([], dtype=tl.int32) + K  # how many of the keys matching prefix are still wanted
@@ -65,51 +113,217 @@ if HAS_TRITON:
             hist = tl.zeros([256], dtype=tl.int32)
             for start in range(0, width, BLOCK):
                 pos = start + offs
-                x = tl.load(xrow + pos, mask=pos < width, other=float("-inf"))
-                key = _sort_key(x)
-                live = (x > float("-inf")) & ((key & known) == prefix)
-                digit = ((key >> shift) & 0xFF).to(tl.int32)
-                hist += tl.histogram(digit, 256, mask=live)
+                vis, key = _keys(tl.load(xrow + pos, mask=pos < width, other=float("-inf")))
+                live = vis & ((key & known) == prefix)
+                hist += tl.histogram(_rdigit(key, shift), 256, mask=live)
             if p == 0:
                 n_vis = tl.sum(hist)
                 k_rem = tl.minimum(k_rem, tl.maximum(n_vis, 1))
-            # count of live keys whose byte is >= b, for every b; the byte holding the k_rem-th largest
-            ge = tl.sum(hist) - tl.cumsum(hist, 0) + hist
-            d = tl.sum((ge >= k_rem).to(tl.int32)) - 1
-            k_rem -= tl.sum(tl.where(bins > d, hist, 0))
+            d, k_rem = _pick(hist, k_rem)
             prefix = prefix | (d.to(tl.uint32) << shift)
             known = known | (tl.full([], 0xFF, tl.uint32) << shift)
-        take_all = (n_vis <= K).to(tl.int32)
+        take_all = n_vis <= K
         n_sel = tl.minimum(n_vis, K)
         n_above = n_sel - k_rem  # positions strictly above the threshold; then k_rem ties
         done_above = tl.zeros([], dtype=tl.int32)
         done_ties = tl.zeros([], dtype=tl.int32)
         for start in range(0, width, BLOCK):
             pos = start + offs
-            x = tl.load(xrow + pos, mask=pos < width, other=float("-inf"))
-            key = _sort_key(x)
-            vis = x > float("-inf")
-            above = vis & (((key > prefix).to(tl.int32) + take_all) > 0)
-            tie = vis & ((key == prefix).to(tl.int32) > take_all)
-            a = above.to(tl.int32)
-            t = tie.to(tl.int32)
-            slot_a = done_above + tl.cumsum(a, 0) - 1
-            rank_t = done_ties + tl.cumsum(t, 0) - 1
-            tl.store(orow + slot_a, pos, mask=above)
+            vis, key = _keys(tl.load(xrow + pos, mask=pos < width, other=float("-inf")))
+            above = tl.where(take_all, vis, vis & (key > prefix))  # (a scalar & a tensor: the interpreter errs)
+            tie = tl.where(take_all, False, vis & (key == prefix))
+            cnt = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), 0)  # BLOCK < 2^15
+            rank_t = done_ties + (cnt >> 16) - 1
+            tl.store(orow + done_above + (cnt & 0xFFFF) - 1, pos, mask=above)
             tl.store(orow + n_above + rank_t, pos, mask=tie & (rank_t < k_rem))
-            done_above += tl.sum(a)
-            done_ties += tl.sum(t)
+            last = tl.sum(tl.where(offs == BLOCK - 1, cnt, 0))
+            done_above += last & 0xFFFF
+            done_ties += last >> 16
         for start in range(0, K, OBLOCK):
             o = start + tl.arange(0, OBLOCK)
             tl.store(orow + o, tl.full([OBLOCK], -1, tl.int32), mask=(o >= n_sel) & (o < K))
 
+    @triton.jit
+    def _topk_reg_kernel(
+        x_ptr,
+        out_ptr,
+        width,
+        s_x,
+        s_o,
+        K: tl.constexpr,
+        BLOCK: tl.constexpr,
+        OBLOCK: tl.constexpr,
+        BITS: tl.constexpr,  # digit width: ceil(32 / BITS) passes of 2^BITS bins (the top digit may be narrower)
+    ):
+        """The whole row (width <= BLOCK) in registers: one read, ceil(32 / BITS) digit passes, one write."""
+        row = tl.program_id(0).to(tl.int64)
+        orow = out_ptr + row * s_o
+        pos = tl.arange(0, BLOCK)
+        _, key = _keys(tl.load(x_ptr + row * s_x + pos, mask=pos < width, other=float("-inf")))
+        # visible <=> key != 0 (only a NaN maps to 0): no mask held in registers beside the keys
+        prefix = tl.zeros([], dtype=tl.uint32)
+        known = tl.zeros([], dtype=tl.uint32)
+        k_rem = tl.zeros([], dtype=tl.int32) + K
+        n_vis = tl.zeros([], dtype=tl.int32)
+        for p in tl.static_range((31 + BITS) // BITS):
+            shift = BITS * ((31 + BITS) // BITS - 1 - p)  # digits aligned at bit 0; bits past 31 shift out
+            live = (key != 0) & ((key & known) == prefix)
+            hist = tl.histogram(_rdigit(key, shift, 1 << BITS), 1 << BITS, mask=live)
+            if p == 0:
+                n_vis = tl.sum(hist)
+                k_rem = tl.minimum(k_rem, tl.maximum(n_vis, 1))
+            d, k_rem = _pick(hist, k_rem, 1 << BITS)
+            prefix = prefix | (d.to(tl.uint32) << shift)
+            known = known | (tl.full([], (1 << BITS) - 1, tl.uint32) << shift)
+        take_all = n_vis <= K
+        n_sel = tl.minimum(n_vis, K)
+        n_above = n_sel - k_rem
+        above = tl.where(take_all, key != 0, key > prefix)  # prefix > 0 when some key is visible
+        tie = tl.where(take_all, False, (key == prefix) & (key != 0))
+        cnt = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), 0)  # BLOCK < 2^15
+        rank_t = (cnt >> 16) - 1
+        tl.store(orow + (cnt & 0xFFFF) - 1, pos, mask=above)
+        tl.store(orow + n_above + rank_t, pos, mask=tie & (rank_t < k_rem))
+        for start in range(0, K, OBLOCK):
+            o = start + tl.arange(0, OBLOCK)
+            tl.store(orow + o, tl.full([OBLOCK], -1, tl.int32), mask=(o >= n_sel) & (o < K))
 
-def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
+    @triton.jit
+    def _split_hist_kernel(
+        x_ptr,
+        tot_ptr,  # [4, B, 256] int32, zeroed: per-row histograms (over 255 - byte), one per pass
+        state_ptr,  # [4, B, 4] int32: (prefix bits, k still wanted, visible count, 0) before pass p
+        vis_ptr,  # [B, C] int32: visible keys per chunk (pass 0)
+        ge_ptr,  # [B, C, 256] int32: per chunk, cumulative pass-3 histogram (pass 3)
+        above_ptr,  # [B, C] int32: per chunk, keys above the 24-bit prefix (pass 3)
+        width,
+        s_x,
+        n_rows,
+        n_chunks,
+        K: tl.constexpr,
+        P: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        bins = tl.arange(0, 256)
+        pos = chunk * BLOCK + tl.arange(0, BLOCK)
+        vis, key = _keys(tl.load(x_ptr + row.to(tl.int64) * s_x + pos, mask=pos < width, other=float("-inf")))
+        prefix = tl.zeros([], dtype=tl.uint32)
+        if P > 0:  # pick byte P-1 from pass P-1's total, carry the state on
+            prev = tl.load(tot_ptr + ((P - 1) * n_rows + row) * 256 + bins)
+            if P == 1:
+                n_vis = tl.sum(prev)
+                k_rem = tl.minimum(tl.maximum(n_vis, 1), K)
+            else:
+                st = state_ptr + ((P - 1) * n_rows + row) * 4
+                prefix = tl.load(st).to(tl.uint32, bitcast=True)
+                k_rem = tl.load(st + 1)
+                n_vis = tl.load(st + 2)
+            d, k_rem = _pick(prev, k_rem)
+            prefix = prefix | (d.to(tl.uint32) << (32 - 8 * P))
+            st = state_ptr + (P * n_rows + row) * 4
+            first = chunk == 0
+            tl.store(st, prefix.to(tl.int32, bitcast=True), mask=first)
+            tl.store(st + 1, k_rem, mask=first)
+            tl.store(st + 2, n_vis, mask=first)
+            live = vis & ((key >> (32 - 8 * P)) == (prefix >> (32 - 8 * P)))
+        else:
+            live = vis
+        hist = tl.histogram(_rdigit(key, 24 - 8 * P), 256, mask=live)
+        tl.atomic_add(tot_ptr + (P * n_rows + row) * 256 + bins, hist, mask=hist != 0, sem="relaxed")
+        if P == 0:
+            tl.store(vis_ptr + row * n_chunks + chunk, tl.sum(vis.to(tl.int32)))
+        if P == 3:
+            tl.store(ge_ptr + (row * n_chunks + chunk) * 256 + bins, tl.cumsum(hist, 0))
+            n_up = tl.sum((vis & ((key >> 8) > (prefix >> 8))).to(tl.int32))
+            tl.store(above_ptr + row * n_chunks + chunk, n_up)
+
+    @triton.jit
+    def _split_write_kernel(
+        x_ptr,
+        out_ptr,
+        tot_ptr,
+        state_ptr,
+        vis_ptr,
+        ge_ptr,
+        above_ptr,
+        width,
+        s_x,
+        s_o,
+        n_rows,
+        n_chunks,
+        K: tl.constexpr,
+        BLOCK: tl.constexpr,
+        CP2: tl.constexpr,  # next power of two >= n_chunks
+        OBLOCK: tl.constexpr,  # this chunk's share of the -1 padding; n_chunks * OBLOCK >= K
+    ):
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        bins = tl.arange(0, 256)
+        st = state_ptr + (3 * n_rows + row) * 4
+        prefix = tl.load(st).to(tl.uint32, bitcast=True)
+        k_rem = tl.load(st + 1)
+        n_vis = tl.load(st + 2)
+        d, k_rem = _pick(tl.load(tot_ptr + (3 * n_rows + row) * 256 + bins), k_rem)
+        thr = prefix | d.to(tl.uint32)
+        take_all = n_vis <= K
+        n_sel = tl.minimum(n_vis, K)
+        n_above = n_sel - k_rem
+        # keys above thr and equal to it in the chunks before this one
+        cs = tl.arange(0, CP2)
+        before = cs < chunk
+        crow = row * n_chunks + cs
+        j = 255 - d  # ge[c, j]: chunk c's keys matching the 24-bit prefix with a low byte >= d
+        ge_d = tl.load(ge_ptr + crow * 256 + j, mask=before, other=0)
+        ge_up = tl.load(ge_ptr + crow * 256 + j - 1, mask=tl.where(j > 0, before, False), other=0)
+        n_vis_before = tl.sum(tl.load(vis_ptr + crow, mask=before, other=0))
+        n_up_before = tl.sum(tl.load(above_ptr + crow, mask=before, other=0) + ge_up)
+        base_above = tl.where(take_all, n_vis_before, n_up_before)
+        base_ties = tl.where(take_all, 0, tl.sum(ge_d - ge_up))
+        pos = chunk * BLOCK + tl.arange(0, BLOCK)
+        vis, key = _keys(tl.load(x_ptr + row.to(tl.int64) * s_x + pos, mask=pos < width, other=float("-inf")))
+        above = tl.where(take_all, vis, vis & (key > thr))  # (a scalar & a tensor: the interpreter errs)
+        tie = tl.where(take_all, False, vis & (key == thr))
+        cnt = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), 0)  # BLOCK < 2^15
+        rank_t = base_ties + (cnt >> 16) - 1
+        orow = out_ptr + row.to(tl.int64) * s_o
+        tl.store(orow + base_above + (cnt & 0xFFFF) - 1, pos, mask=above)
+        tl.store(orow + n_above + rank_t, pos, mask=tie & (rank_t < k_rem))
+        o = chunk * OBLOCK + tl.arange(0, OBLOCK)
+        tl.store(orow + o, tl.full([OBLOCK], -1, tl.int32), mask=(o >= n_sel) & (o < K))
+
+
+def _check(logits: torch.Tensor, k: int) -> torch.Tensor:
     require_triton()
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"logits must be [B, W] fp32, got {tuple(logits.shape)} {logits.dtype}")
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if logits.shape[1] >= 1 << 22:  # _pick packs counts into 22 bits
+        raise ValueError(f"rows of at most 2^22 - 1 scores, got {logits.shape[1]}")
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def _check_block(block: int) -> None:
+    """A power of two below 2^15: the write pass packs two counts of up to `block` into one int32."""
+    if block < 1 or block & (block - 1) or block >= 1 << 15:
+        raise ValueError(f"block must be a power of two below 2^15, got {block}")
+
+
+def _warps(block: int) -> int:
+    return max(4, min(16, block // 512))
+
+
+def reg_warps(width: int) -> int:
+    """The reg kernel's default warps for a row of `width` scores (8 at 4096, 16 from 8192 on)."""
+    return _warps(max(16, next_pow2(width)))
+
+
+def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
+    """The stream kernel: one program per row, five reads of it in `block` pieces (a power of two < 2^15)."""
+    logits = _check(logits, k)
+    _check_block(block)
     bsz, width = logits.shape
     out = torch.empty(bsz, k, device=logits.device, dtype=torch.int32)
     if bsz == 0:
@@ -122,10 +336,133 @@ def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor
         out.stride(0),
         K=k,
         BLOCK=block,
-        OBLOCK=min(1024, triton.next_power_of_2(k)),
+        OBLOCK=min(1024, next_pow2(k)),
         num_warps=8,
     )
     return out
+
+
+def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None, bits: int = 6) -> torch.Tensor:
+    """The reg kernel: one program per row holding the whole row (width <= REG_MAX_WIDTH) in registers.
+
+    bits: digit width, 5..8: ceil(32 / bits) passes over 2^bits bins. Narrower digits mean more passes but a
+    cheaper tl.histogram (its cost per element grows with the bins per lane, 2^bits / 32), which is the
+    kernel's main work once the row is loaded; 6 (six passes, 64 bins) is a first guess for bench/topk.py.
+    Not below 5: Triton lowers a histogram of fewer bins than a warp's 32 lanes by padding it to 32.
+    """
+    logits = _check(logits, k)
+    if not 5 <= bits <= 8:
+        raise ValueError(f"bits must be in 5..8, got {bits}")
+    bsz, width = logits.shape
+    if width > REG_MAX_WIDTH:
+        raise ValueError(f"topk_triton_reg takes rows of at most {REG_MAX_WIDTH} scores, got {width}")
+    out = torch.empty(bsz, k, device=logits.device, dtype=torch.int32)
+    if bsz == 0:
+        return out
+    _topk_reg_kernel[(bsz,)](
+        logits,
+        out,
+        width,
+        logits.stride(0),
+        out.stride(0),
+        K=k,
+        BLOCK=max(16, next_pow2(width)),
+        OBLOCK=min(2048, next_pow2(k)),
+        BITS=bits,
+        num_warps=num_warps or reg_warps(width),
+    )
+    return out
+
+
+def split_block(rows: int, width: int, programs: int = 264) -> int:
+    """The chunk width of the split kernel: about `programs` programs in all (two per SM of an H100/H200),
+    chunks of 1024..8192 scores."""
+    return min(8192, max(1024, next_pow2(-(-rows * width // programs))))
+
+
+def topk_triton_split(logits: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
+    """The split kernel: each row cut into `block`-wide chunks (default split_block), one program per chunk,
+    a memset and five launches."""
+    logits = _check(logits, k)
+    bsz, width = logits.shape
+    out = torch.empty(bsz, k, device=logits.device, dtype=torch.int32)
+    if bsz == 0:
+        return out
+    block = block or split_block(bsz, width)
+    _check_block(block)
+    chunks = max(1, -(-width // block))
+    dev = logits.device
+    tot = torch.zeros(4, bsz, 256, device=dev, dtype=torch.int32)
+    scratch = torch.empty(bsz * (16 + chunks * 258), device=dev, dtype=torch.int32)
+    state = scratch[: bsz * 16]
+    vis = scratch[bsz * 16 : bsz * (16 + chunks)]
+    above = scratch[bsz * (16 + chunks) : bsz * (16 + 2 * chunks)]
+    ge = scratch[bsz * (16 + 2 * chunks) :]
+    grid = (bsz, chunks)
+    warps = _warps(block)
+    for p in range(4):
+        _split_hist_kernel[grid](
+            logits,
+            tot,
+            state,
+            vis,
+            ge,
+            above,
+            width,
+            logits.stride(0),
+            bsz,
+            chunks,
+            K=k,
+            P=p,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    _split_write_kernel[grid](
+        logits,
+        out,
+        tot,
+        state,
+        vis,
+        ge,
+        above,
+        width,
+        logits.stride(0),
+        out.stride(0),
+        bsz,
+        chunks,
+        K=k,
+        BLOCK=block,
+        CP2=max(2, next_pow2(chunks)),
+        OBLOCK=max(16, next_pow2(-(-k // chunks))),
+        num_warps=warps,
+    )
+    return out
+
+
+#: rows from which a Triton kernel serves `topk` on CUDA (below: torch.topk). 64 is where the stream kernel
+#: measured level with torch.topk (module docstring); lower it once bench/topk.py shows choose_kernel's pick
+#: beating torch.topk at every width for the smaller row counts.
+MIN_ROWS = 64
+#: widest row the reg kernel takes (its keys live in registers: 32 per thread at 16 warps)
+REG_MAX_WIDTH = 16384
+#: rows wider than REG_MAX_WIDTH: the split kernel up to this many rows, the stream kernel beyond
+SPLIT_MAX_ROWS = 32
+
+#: the Triton variants by choose_kernel's names, each called as fn(logits, k)
+VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "stream": topk_triton,
+    "reg": topk_triton_reg,
+    "split": topk_triton_split,
+}
+
+
+def choose_kernel(rows: int, width: int, min_rows: int | None = None) -> str:
+    """Which implementation `topk` runs on CUDA for a [rows, width] input: "torch", "reg", "split" or "stream"."""
+    if rows < (MIN_ROWS if min_rows is None else min_rows):
+        return "torch"
+    if width <= REG_MAX_WIDTH:
+        return "reg"
+    return "split" if rows <= SPLIT_MAX_ROWS else "stream"
 
 
 def topk(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -135,12 +472,8 @@ def topk(logits: torch.Tensor, k: int) -> torch.Tensor:
         logits: [B, W] fp32 scores, -inf at positions a row cannot see.
         k: how many to select per row.
     Returns:
-        [B, k] int32 positions in no promised order (module docstring: the kernel's order and ties);
+        [B, k] int32 positions in no promised order (module docstring: the kernels' order and ties);
         -1 fills the row when fewer than k positions are visible. No host synchronisation.
     """
-    fn = topk_triton if use_triton(logits) and logits.shape[0] >= MIN_ROWS else topk_ref
-    return fn(logits, k)
-
-
-#: rows from which the Triton kernel is used on CUDA (module docstring: measured equal at 64, slower at 1)
-MIN_ROWS = 64
+    name = choose_kernel(*logits.shape) if use_triton(logits) else "torch"
+    return topk_ref(logits, k) if name == "torch" else VARIANTS[name](logits, k)
