@@ -55,6 +55,7 @@ from .sampler import (
     sample_from_probs,
     sample_tokens,
     to_device,
+    to_host,
     token_logprobs,
 )
 from .scheduler import ScheduledItem
@@ -88,14 +89,6 @@ class Launched:
         if n > 0 and self.host_top is not None:
             top = list(zip(self.host_top[1][j, :n].tolist(), self.host_top[0][j, :n].tolist()))
         return TokenLogprobs(int(self.host_tokens[self.logprob_rows[j]]), float(self.host_chosen[j]), top)
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of t that does not wait for the device (pinned, non-blocking); t itself on a CPU."""
-    if t.device.type == "cpu":
-        return t
-    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return h.copy_(t, non_blocking=True)
 
 
 @dataclass(slots=True)
@@ -466,16 +459,16 @@ class ModelRunner:
             tokens = biased_logits(logits, params).argmax(dim=-1)
         else:  # = verification with no drafts (speculative.py): the sampler's exponential race
             tokens = sample_tokens(logits, [_row(r) for r in reqs])
-        out = Launched(tokens, _to_host(tokens), [i for i, p in enumerate(params) if p.logprobs is not None])
+        out = Launched(tokens, to_host(tokens), [i for i, p in enumerate(params) if p.logprobs is not None])
         if out.logprob_rows:  # as sampler.token_logprobs computes them, left on the device until read
             w = to_device(torch.tensor(out.logprob_rows, dtype=torch.long), dev)
             lg = biased_logits(logits.index_select(0, w), [params[i] for i in out.logprob_rows])
             lp = torch.log_softmax(lg.to(torch.float32), dim=-1)
-            out.host_chosen = _to_host(lp.gather(1, tokens.index_select(0, w)[:, None]).squeeze(1))
+            out.host_chosen = to_host(lp.gather(1, tokens.index_select(0, w)[:, None]).squeeze(1))
             n = min(max(int(params[i].logprobs or 0) for i in out.logprob_rows), lp.shape[1])
             if n > 0:
                 top_lp, top_id = torch.topk(lp, n, dim=-1)
-                out.host_top = (_to_host(top_lp), _to_host(top_id))
+                out.host_top = (to_host(top_lp), to_host(top_id))
         if dev.type == "cuda":
             out.ready = torch.cuda.Event()
             out.ready.record()
