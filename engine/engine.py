@@ -123,7 +123,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         # overlapped decode steps (overlap.py): on CUDA unless the config says otherwise; never where
-        # unsupported (MTP, tensor parallel, no paged kernels), which keeps every step synchronous
+        # unsupported (tensor parallel, no paged kernels, relaxed MTP acceptance): every step synchronous
         want = cfg.overlap_scheduling if cfg.overlap_scheduling is not None else self.pool.latent.is_cuda
         self.overlap = Overlap(self) if want and Overlap.supported(self) else None
 
