@@ -299,6 +299,46 @@ def accepted(run: Run) -> int:
     return sum(s.drafts[1] for s in run.streams.values())
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_device_feed_plans_what_the_host_plans_after_reading_the_step(mtp_net, k) -> None:
+    """SpecStep._feed (a step's rows planned on the device from the step before it) writes the plan and
+    the MTP layer's input states that _fill computes on the host once that step's results are read
+    (as Overlap._apply reads them), padding slots and row order included."""
+    from splitserve.engine.spec_step import eligible
+
+    net, r = mtp_net, k + 1
+    eng = make_engine(net, False, mtp_draft_tokens=k)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    for i, p in enumerate(random_prompts([5, 23, 40, 9, 17, 12], net.cfg.vocab_size, seed=1)):
+        eng.add_request(f"r{i}", p, params)
+    for _ in range(5):  # prefills, then synchronous decode steps
+        eng.step()
+    reqs = list(eng.scheduler.running)
+    assert all(q.in_decode and eligible(q) for q in reqs)
+    spec, n = eng.runner.spec, len(reqs)
+    base = [q.num_computed for q in reqs]
+    for q, nc in zip(reqs, base):  # N's blocks and N+1's worst case, as Overlap._launch_spec grows them
+        assert eng.scheduler.grow(q, nc + 2 * r)
+    prev = eng.runner.launch_spec(reqs, [], None)  # step N, planned from the host
+    order = reqs[::-1]  # step N+1's rows in another order than N's
+    fed = [(i, n - 1 - i, base[n - 1 - i]) for i in range(n)]
+    spec._fill(order, n, False, frozenset(range(n)))
+    spec._feed(n, fed, prev)
+    planned = spec.plan[: spec.nf * n * r].clone(), spec.hidden_in[: n * r].clone()
+    got = prev.host.tolist()
+    for i, q in enumerate(reqs):  # read step N as Overlap._apply does
+        a = got[i][0]
+        q.mtp_computed = q.num_computed
+        q.pending_hidden = prev.hidden[i * r : i * r + a + 1]
+        q.num_computed += a + 1
+        q.output_ids += got[i][1 : a + 2]
+    spec._fill(order, n, False)
+    assert torch.equal(spec.plan[: spec.nf * n * r], planned[0])
+    assert torch.equal(spec.hidden_in[: n * r], planned[1])
+    accepted = {row[0] for row in got}
+    assert len(accepted) > 1  # rows with different accepted counts (pending slots and padding differ)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_mtp_overlapped_engine_streams_what_the_synchronous_one_does(mtp_net, k) -> None:
     net = mtp_net
