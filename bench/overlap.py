@@ -1,7 +1,7 @@
 """Overlapped scheduling (engine/overlap.py): decode step wall time against GPU time, synchronous vs
 overlapped, on the `bench` preset (real DeepSeek-V3.2 widths, 4 layers, random bf16 weights).
 
-    python -m splitserve.bench.overlap [--batches 1,64,256] [--context 512] [--steps 60] [--out f.json]
+    python -m splitserve.bench.overlap [--batches 1,64,256] [--context 512] [--steps 60] [--mtp K] [--out f.json]
 
 For each batch size B and mode (sync: EngineConfig.overlap_scheduling=False; overlap: True), an engine
 with max_running = B prefills B random prompts of --context tokens, runs a few decode steps (the CUDA
@@ -17,6 +17,10 @@ nothing finishes):
            host_ms is, if anything, understated.
   ratio    wall_ms / gpu_ms: 1.0 = the device never waits for the host. The issue's goal: <= 1.05.
   host_ms  wall_ms - gpu_ms: what the host adds per step (the synchronous engine's cost; ~0 overlapped).
+
+--mtp K: steps are the fused speculative step with K drafts (engine/spec_step.py); its events bracket
+the whole step (the host's plan copies and, overlapped, the device-side feed from the step before, up to
+the acceptance). The random weights' MTP layer rarely agrees with the main model: about 1 token a step.
 
 A synchronous step waits for its tokens, so its host work (reading tokens, stop checks, the next row
 plan and its copies) leaves the device idle; an overlapped step does that work while the device runs
@@ -43,9 +47,10 @@ from splitserve.model.checkpoint import PRESETS
 BLOCK = 64
 
 
-def case(net, batch: int, context: int, steps: int, overlap: bool) -> dict[str, Any]:
+def case(net, batch: int, context: int, steps: int, overlap: bool, mtp: int = 0) -> dict[str, Any]:
     warm = 5
-    blocks = batch * (-(-(context + warm + steps + 16) // BLOCK)) + 8
+    tokens = (warm + steps + 16) * (mtp + 1)  # nothing finishes while timed, whatever is accepted
+    blocks = batch * (-(-(context + tokens + 2 * mtp + 2) // BLOCK)) + 8
     eng = Engine(
         net,
         EngineConfig(
@@ -58,10 +63,11 @@ def case(net, batch: int, context: int, steps: int, overlap: bool) -> dict[str, 
             dtype="bfloat16",
             prefix_cache=False,
             overlap_scheduling=overlap,
+            mtp_draft_tokens=mtp,
         ),
     )
     assert (eng.overlap is not None) == overlap
-    params = SamplingParams(temperature=0.0, max_tokens=warm + steps + 16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     for b in range(batch):
         eng.add_request(f"r{b}", torch.randint(2, net.cfg.vocab_size, (context,), generator=g).tolist(), params)
@@ -94,6 +100,7 @@ def case(net, batch: int, context: int, steps: int, overlap: bool) -> dict[str, 
         "batch": batch,
         "context": context,
         "mode": "overlap" if overlap else "sync",
+        "mtp": mtp,
         "steps": steps,
         "gpu_events": len(gpu),
         "overlapped_steps": overlapped,
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--mtp", type=int, default=0, help="MTP draft tokens (0: plain decode steps)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         for overlap in (False, True):
-            r = case(net, b, args.context, args.steps, overlap)
+            r = case(net, b, args.context, args.steps, overlap, args.mtp)
             rows.append(r)
             print(
                 f"B={r['batch']:4d} {r['mode']:8s} wall {r['wall_ms']:7.3f} ms  gpu {r['gpu_ms']:7.3f} ms  "
@@ -138,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{o['ratio']:.3f} | {s['wall_ms'] / o['wall_ms']:.2f}x |"
         )
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "context": args.context}
+        meta = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "context": args.context,
+            "mtp": args.mtp,
+        }
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 

@@ -5,6 +5,7 @@
 # (bench/overlap.py): decode step wall time vs GPU time (CUDA events) at batch 1/64/256, sync vs overlap.
 # The package is reached through a namespace dir of symlinks (the GPU image has torch, triton; no install).
 # Usage, from the repository root:  bash bench/run_overlap_gpu.sh [OUTDIR] [extra args for bench/overlap.py]
+# (e.g. --mtp 1: the fused MTP step, sync vs overlapped)
 set -uo pipefail
 out=${1:-${OUT:-bench/results}}
 shift || true

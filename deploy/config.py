@@ -447,7 +447,8 @@ class DecodePoolConfig(PoolConfig):
     mtp_relaxed_topk: typing.Annotated[int, Field(ge=0)] = 0
     mtp_relaxed_delta: typing.Annotated[float, Field(ge=0.0)] = 0.0
     # Overlapped decode steps (engine/overlap.py): step N+1 is planned and launched before step N's tokens
-    # are read on the host. None: on with CUDA, off on cpu; never with MTP or tensor parallel.
+    # are read on the host (with MTP too). None: on with CUDA, off on cpu; never with tensor parallel or
+    # relaxed MTP acceptance.
     overlap_scheduling: bool | None = None
     # Tokens of one prompt computed per step: the chunked prefill of every prompt in colocated mode,
     # otherwise only the recomputation of a preempted request. <= max_batch_tokens.

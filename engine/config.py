@@ -39,8 +39,9 @@ class EngineConfig:
     cuda_graphs: replay captured CUDA graphs for decode-only steps (CUDA with paged_kernels only).
     overlap_scheduling: plan and launch decode step N+1 while the device runs step N, reading step N's
         tokens only after (engine/overlap.py); a step's outputs then come from the next step() call.
-        Decode-only steps without penalties, single rank, paged kernels, no MTP; other steps run
-        synchronously. None: on when the cache is on CUDA (on a CPU nothing runs in parallel).
+        Decode-only steps without penalties, single rank, paged kernels (with MTP: steps of the fused
+        speculative step, no relaxed acceptance); other steps run synchronously. None: on when the
+        cache is on CUDA (on a CPU nothing runs in parallel).
     cache_memory_fraction: (cuda) size the cache to this fraction of the GPU memory that is free once
         the weights are loaded; num_blocks is then ignored. The rest is headroom for activations and
         CUDA graphs (prefill chunks of 8k tokens at DeepSeek-V3.2 widths need a few GB).

@@ -123,7 +123,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         # overlapped decode steps (overlap.py): on CUDA unless the config says otherwise; never where
-        # unsupported (MTP, tensor parallel, no paged kernels), which keeps every step synchronous
+        # unsupported (tensor parallel, no paged kernels, relaxed MTP acceptance): every step synchronous
         want = cfg.overlap_scheduling if cfg.overlap_scheduling is not None else self.pool.latent.is_cuda
         self.overlap = Overlap(self) if want and Overlap.supported(self) else None
 
@@ -330,18 +330,7 @@ class Engine:
             else:
                 self.stats.prefill_tokens += it.num_tokens
             new, lps = res.new_tokens, res.new_logprobs
-            reason = None
-            kept: list[int] = []
-            for i, t in enumerate(new):  # truncate at the first finishing token
-                kept.append(t)
-                req.output_ids.append(t)
-                if lps is not None and lps[i] is not None:
-                    req.output_logprobs.append(lps[i])
-                reason = self._finish_reason(req, kept)
-                if reason is not None:
-                    break
-            if len(kept) < len(new):
-                req.num_computed = min(req.num_computed, req.num_tokens - 1)
+            kept, reason = self._append(req, new, lps)
             if kept and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             self.scheduler.register_full_blocks(req)
@@ -364,6 +353,23 @@ class Engine:
                 outputs[-1].prompt_logprobs = req.prompt_logprobs
         self.stats.step_seconds = time.perf_counter() - t0
         return outputs
+
+    def _append(self, req: Request, new: list[int], lps: list | None) -> tuple[list[int], str | None]:
+        """Append a step's new tokens (and logprobs) to req up to the first that finishes it; returns
+        the tokens kept and the finish reason (None: it goes on)."""
+        reason = None
+        kept: list[int] = []
+        for i, t in enumerate(new):  # truncate at the first finishing token
+            kept.append(t)
+            req.output_ids.append(t)
+            if lps is not None and lps[i] is not None:
+                req.output_logprobs.append(lps[i])
+            reason = self._finish_reason(req, kept)
+            if reason is not None:
+                break
+        if len(kept) < len(new):
+            req.num_computed = min(req.num_computed, req.num_tokens - 1)
+        return kept, reason
 
     def _finish(
         self,

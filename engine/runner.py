@@ -55,10 +55,19 @@ from .sampler import (
     sample_from_probs,
     sample_tokens,
     to_device,
+    to_host,
     token_logprobs,
 )
 from .scheduler import ScheduledItem
-from .spec_step import RelaxedAcceptance, SpecStep, eligible, relaxed_accept, thinking_after, thinking_states
+from .spec_step import (
+    RelaxedAcceptance,
+    SpecLaunched,
+    SpecStep,
+    eligible,
+    relaxed_accept,
+    thinking_after,
+    thinking_states,
+)
 from .speculative import VerifyResult, target_probs_for_drafts, verify_batch
 
 Group = tuple[list[int], int, list[int]]  # a run of tokens: ids, first position, block table
@@ -88,14 +97,6 @@ class Launched:
         if n > 0 and self.host_top is not None:
             top = list(zip(self.host_top[1][j, :n].tolist(), self.host_top[0][j, :n].tolist()))
         return TokenLogprobs(int(self.host_tokens[self.logprob_rows[j]]), float(self.host_chosen[j]), top)
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of t that does not wait for the device (pinned, non-blocking); t itself on a CPU."""
-    if t.device.type == "cpu":
-        return t
-    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return h.copy_(t, non_blocking=True)
 
 
 @dataclass(slots=True)
@@ -401,14 +402,14 @@ class ModelRunner:
         reqs = [it.req for it in items]
         if not all(eligible(r) for r in reqs):
             return None
-        r = self.mtp_k + 1
-        behind = [q for q in reqs if q.num_computed - q.mtp_computed > r]
-        if behind:
-            self._mtp_catch_up(behind, graphed=True, keep=1)
         self._update_thinking(reqs)
-        out = self.spec.run(reqs)
+        out = self.launch_spec(reqs, [], None)
+        out.wait()
+        host = out.host.tolist()  # the step's one device->host copy: accepted count, then the tokens
+        r = self.mtp_k + 1
         results: dict[str, StepResult] = {}
-        for i, (req, a, toks) in enumerate(zip(reqs, out.num_accepted, out.tokens)):
+        for i, (req, row) in enumerate(zip(reqs, host)):
+            a, toks = row[0], row[1 : row[0] + 2]
             req.mtp_computed = req.num_computed
             req.pending_hidden = out.hidden[i * r : i * r + a + 1]
             req.num_computed += a + 1
@@ -444,7 +445,7 @@ class ModelRunner:
         table), sampled on the device, its results copied to the host without waiting: nothing here
         synchronises with the device. fed: (row, j) pairs whose input token is prev[j], a token that a
         step still in flight samples (copied on the device; ids[row] is only a placeholder).
-        Single rank, paged kernels, no MTP, no penalties (engine/overlap.py checks)."""
+        Single rank, paged kernels, no MTP (launch_spec), no penalties (engine/overlap.py checks)."""
         dev = self.device
         plan = RowPlan.build([([t], p, r.block_table) for r, p, t in zip(reqs, positions, ids)], self.pool.block_size)
         feed = None
@@ -466,19 +467,42 @@ class ModelRunner:
             tokens = biased_logits(logits, params).argmax(dim=-1)
         else:  # = verification with no drafts (speculative.py): the sampler's exponential race
             tokens = sample_tokens(logits, [_row(r) for r in reqs])
-        out = Launched(tokens, _to_host(tokens), [i for i, p in enumerate(params) if p.logprobs is not None])
+        out = Launched(tokens, to_host(tokens), [i for i, p in enumerate(params) if p.logprobs is not None])
         if out.logprob_rows:  # as sampler.token_logprobs computes them, left on the device until read
             w = to_device(torch.tensor(out.logprob_rows, dtype=torch.long), dev)
             lg = biased_logits(logits.index_select(0, w), [params[i] for i in out.logprob_rows])
             lp = torch.log_softmax(lg.to(torch.float32), dim=-1)
-            out.host_chosen = _to_host(lp.gather(1, tokens.index_select(0, w)[:, None]).squeeze(1))
+            out.host_chosen = to_host(lp.gather(1, tokens.index_select(0, w)[:, None]).squeeze(1))
             n = min(max(int(params[i].logprobs or 0) for i in out.logprob_rows), lp.shape[1])
             if n > 0:
                 top_lp, top_id = torch.topk(lp, n, dim=-1)
-                out.host_top = (_to_host(top_lp), _to_host(top_id))
+                out.host_top = (to_host(top_lp), to_host(top_id))
         if dev.type == "cuda":
             out.ready = torch.cuda.Event()
             out.ready.record()
+        return out
+
+    @torch.inference_mode()
+    def launch_spec(
+        self, reqs: list[Request], fed: list[tuple[int, int, int]], prev: SpecLaunched | None
+    ) -> SpecLaunched:
+        """The fused speculative step (spec_step.py) launched without waiting for it: nothing here
+        synchronises with the device. fed: (row, j, num_computed) for rows that continue row j of
+        `prev`, a step still in flight whose accepted tokens and hidden states feed them on the device
+        (engine/overlap.py); the other rows are planned from the host, a request more than R positions
+        behind (its first decode step after a local prefill) first catching the MTP layer up eagerly.
+        Single rank, paged kernels, `eligible` requests; with fed rows, no relaxed acceptance (the
+        thinking state is the host's)."""
+        assert self.spec is not None
+        fed_rows = {row for row, _, _ in fed}
+        behind = [
+            q for i, q in enumerate(reqs) if i not in fed_rows and q.num_computed - q.mtp_computed > self.mtp_k + 1
+        ]
+        if behind:
+            self._mtp_catch_up(behind, graphed=True, keep=1)
+        timed = self._event()
+        out = self.spec.launch(reqs, fed, prev)
+        self._timed(timed)
         return out
 
     # ---- the step ---------------------------------------------------------------------------

@@ -58,6 +58,7 @@ __all__ = [
     "Sampler",
     "make_generator",
     "to_device",
+    "to_host",
     "token_counts",
     "apply_logit_bias",
     "biased_logits",
@@ -90,6 +91,15 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of t that does not wait for the device (pinned, non-blocking; valid once the device
+    has run the copy); t itself on a CPU."""
+    if t.device.type == "cpu":
+        return t
+    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return h.copy_(t, non_blocking=True)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -43,6 +43,11 @@ Randomness: a sampling request consumes its generator in the order of the per-ph
 exponentials for the drafts, then k uniforms, then V exponentials for the correction / bonus), drawn
 before the replay into static buffers; greedy requests consume nothing.
 
+Overlapped scheduling (engine/overlap.py) launches the step without waiting for it (`launch`: the
+packed result and the verified hidden states stay on the device, copied to pinned host memory behind
+an event); the next step's rows of the same requests are then planned on the device from them
+(`_feed`: positions, slots, catch-up ids and hidden states from the accepted count), not on the host.
+
 Graphs are keyed by (padded request count, sampling): `capture_sizes(max_requests)` sizes, each once
 with the greedy program (no sampler pipeline) and once with the sampling one; `capture_all()` takes
 them all before the worker is ready and `seal()` forbids captures after (a step with no graph runs
@@ -65,7 +70,8 @@ from splitserve.model.batch import PagedRows
 
 from .cache import CachePool
 from .request import Request
-from .rows import _pad_to, capture_sizes
+from .rows import _pad_to, capture_sizes, pack
+from .sampler import to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +194,19 @@ _NF_BASE = 9  # then, per extra draft j = 2..k: positions and slots
 
 
 @dataclass(slots=True)
-class SpecOutput:
-    num_accepted: list[int]
-    tokens: list[list[int]]  # per request, num_accepted + 1 tokens
-    hidden: torch.Tensor  # [B * R, hidden]: the main model's states at the verified rows (a copy)
+class SpecLaunched:
+    """A speculative step launched without waiting for it (`SpecStep.launch`): its results stay on the
+    device (the next step is fed from them, `SpecStep.launch`'s fed rows), the host reads `host` once
+    `wait()` returns."""
+
+    packed: torch.Tensor  # [B, 1 + R] int64 on the device: accepted count, then the tokens (-1 after)
+    hidden: torch.Tensor  # [B * R, hidden] the main model's states at the verified rows (a copy)
+    host: torch.Tensor  # packed's host copy (pinned on CUDA)
+    ready: torch.cuda.Event | None = None  # None on a CPU: the step has run when launch returns
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
 
 
 class SpecStep:
@@ -331,8 +346,9 @@ class SpecStep:
             self.uniforms = torch.zeros(bmax, k, dtype=torch.float32, device=self.dev)
             self.bonus_noise = torch.ones(bmax, v, dtype=torch.float32, device=self.dev)
 
-    def _fill(self, reqs: list[Request], b: int, sampling: bool) -> None:
-        """Write the plan of these requests (padded to b) into the static buffers."""
+    def _fill(self, reqs: list[Request], b: int, sampling: bool, fed: frozenset[int] = frozenset()) -> None:
+        """Write the plan of these requests (padded to b) into the static buffers. Rows in `fed` get
+        only their block table and sampling parameters: `_feed` writes the rest on the device."""
         k, r, bs = self.k, self.r, self.pool.block_size
         nreq = len(reqs)
         plan = np.zeros((self.nf, b * r), np.int64)
@@ -346,6 +362,12 @@ class SpecStep:
             if len(t) > self.max_blocks:
                 raise RuntimeError(f"request {req.request_id}: block table wider than the step's buffers")
             tables[i, : len(t)] = t
+            plan[_F_GREEDY, i] = req.params.greedy
+            plan[_F_TOPK, i] = req.params.top_k
+            plan[_F_THINK, i] = req.thinking
+            if i in fed:
+                pieces.append(self.zero_rows)
+                continue
             nc, m0 = req.num_computed, req.mtp_computed
             n = nc - m0
             ids = req.all_ids
@@ -361,9 +383,6 @@ class SpecStep:
             plan[_F_V_POS, i * r : (i + 1) * r] = vpos
             plan[_F_V_SLOT, i * r : (i + 1) * r] = t[vpos // bs] * bs + vpos % bs
             plan[_F_V_IDS0, i] = ids[-1]
-            plan[_F_GREEDY, i] = req.params.greedy
-            plan[_F_TOPK, i] = req.params.top_k
-            plan[_F_THINK, i] = req.thinking
             for j in range(1, k):
                 p = nc + j - 1
                 plan[_NF_BASE + 2 * (j - 1), i] = p
@@ -375,17 +394,23 @@ class SpecStep:
         plan[_F_GREEDY, nreq:b] = 1
         if nreq < b:
             pieces.append(self.zero_rows[:1].expand((b - nreq) * r, -1))
-        self.plan[: self.nf * b * r].copy_(torch.from_numpy(plan.reshape(-1)), non_blocking=True)
-        self.tables[:b].copy_(torch.from_numpy(tables), non_blocking=True)
-        torch.cat(pieces, out=self.hidden_in[: b * r])
+        arrays: tuple[np.ndarray, ...] = (plan.reshape(-1), tables)
+        dsts = [self.plan[: self.nf * b * r], self.tables[:b]]
         if sampling:
-            self._random_buffers()
             bm = self.max_requests
             fp = np.zeros(3 * bm, np.float32)
             for i, req in enumerate(reqs):
                 fp[i], fp[bm + i], fp[2 * bm + i] = req.params.temperature, req.params.top_p, req.params.min_p
             fp[bm + nreq : bm + b] = 1.0
-            self.fparams.copy_(torch.from_numpy(fp), non_blocking=True)
+            arrays += (fp,)
+            dsts.append(self.fparams)
+        # through one pinned buffer on CUDA: copies that do not wait for the step still running
+        srcs = pack(arrays, pin=True) if self.dev.type == "cuda" else [torch.from_numpy(a) for a in arrays]
+        for dst, src in zip(dsts, srcs):
+            dst.copy_(src, non_blocking=True)
+        torch.cat(pieces, out=self.hidden_in[: b * r])
+        if sampling:
+            self._random_buffers()
             self.draft_noise[:b].fill_(1.0)
             self.uniforms[:b].zero_()
             self.bonus_noise[:b].fill_(1.0)
@@ -401,8 +426,52 @@ class SpecStep:
                 self.uniforms[i].copy_(torch.rand(k, generator=g, device=self.dev))
                 self.bonus_noise[i].copy_(torch.empty(v, device=self.dev).exponential_(generator=g))
 
-    def run(self, reqs: list[Request]) -> SpecOutput:
-        """One speculative step for these eligible decode requests (each with 1..R pending positions)."""
+    @torch.inference_mode()
+    def _feed(self, b: int, fed: Sequence[tuple[int, int, int]], prev: SpecLaunched) -> None:
+        """Plan the fed rows on the device from the step before (engine/overlap.py): for each (row, its
+        row in prev, its num_computed before prev), prev accepted a drafts and emitted a + 1 tokens, so
+        this step catches the MTP layer up on those a + 1 positions (right-aligned in the R slots, the
+        padding slots replicating the first, on the scratch block) with prev's verified hidden states,
+        and verifies at the a + 1 positions after: what `_fill` computes on the host once prev's
+        results are read. Nothing here waits for the device."""
+        r, k, bs, h = self.r, self.k, self.pool.block_size, self.hidden_in.shape[1]
+        idx = to_device(torch.tensor(fed, dtype=torch.long).T.contiguous(), self.dev)
+        rows, src, base = idx[0], idx[1], idx[2]
+        got = prev.packed.index_select(0, src)
+        a, toks = got[:, 0], got[:, 1:]
+        s = torch.arange(r, device=self.dev)[None, :]
+        first = (r - 1 - a)[:, None]  # the first of the a + 1 pending slots
+        off = (s - first).clamp_min(0)  # [F, R]: the pending position each slot holds (padding: the first)
+        tables = self.tables.index_select(0, rows).long()
+
+        def slot(p: torch.Tensor) -> torch.Tensor:
+            return tables.gather(1, p // bs) * bs + p % bs
+
+        c_pos = base[:, None] + off
+        v_pos = c_pos[:, -1:] + 1 + s  # the last pending position is the last known token's
+        v_slot = slot(v_pos)
+        plan = self.plan[: self.nf * b * r].view(self.nf, b, r)
+        plan[_F_C_IDS].index_copy_(0, rows, toks.gather(1, off))
+        plan[_F_C_POS].index_copy_(0, rows, c_pos)
+        plan[_F_C_SLOT].index_copy_(0, rows, torch.where(s >= first, slot(c_pos), self.scratch_slot))
+        plan[_F_V_POS].index_copy_(0, rows, v_pos)
+        plan[_F_V_SLOT].index_copy_(0, rows, v_slot)
+        flat = plan.view(self.nf, b * r)
+        flat[_F_V_IDS0].index_copy_(0, rows, toks.gather(1, a[:, None])[:, 0])
+        for j in range(1, k):  # draft j + 1 runs at the position of verification row j - 1
+            flat[_NF_BASE + 2 * (j - 1)].index_copy_(0, rows, v_pos[:, j - 1])
+            flat[_NF_BASE + 2 * (j - 1) + 1].index_copy_(0, rows, v_slot[:, j - 1])
+        hid = prev.hidden.view(-1, r, h).index_select(0, src).gather(1, off[..., None].expand(-1, -1, h))
+        self.hidden_in[: b * r].view(b, r, h).index_copy_(0, rows, hid)
+
+    @torch.inference_mode()
+    def launch(
+        self, reqs: list[Request], fed: Sequence[tuple[int, int, int]] = (), prev: SpecLaunched | None = None
+    ) -> SpecLaunched:
+        """One speculative step for these decode requests, launched without waiting for it. Rows not
+        in `fed` are eligible requests planned on the host (1..R pending positions each); fed rows,
+        (row, row in prev, num_computed before prev), continue from `prev`, a step that may still be
+        running: their inputs come from its results on the device (`_feed`)."""
         nreq = len(reqs)
         self.steps += 1
         sampling = any(not r.params.greedy for r in reqs)
@@ -417,7 +486,10 @@ class SpecStep:
                     if self.sealed:
                         self.misses_after_ready += 1
                         key, b = None, nreq
-        self._fill(reqs, b, sampling)
+        self._fill(reqs, b, sampling, frozenset(row for row, _, _ in fed))
+        if fed:
+            assert prev is not None
+            self._feed(b, fed, prev)
         if key is not None and key not in self.graphs and not self._try_capture(*key):
             key = None
         if key is not None:
@@ -425,9 +497,12 @@ class SpecStep:
             graph.replay()
         else:
             packed, hidden = self.compute(b, sampling)
-        host = packed[:nreq].cpu().tolist()  # the step's one device->host copy
-        hid = hidden[: nreq * self.r].clone()
-        return SpecOutput([row[0] for row in host], [row[1 : row[0] + 2] for row in host], hid)
+        packed = packed[:nreq].clone()  # the graph's outputs are overwritten by its next replay
+        out = SpecLaunched(packed, hidden[: nreq * self.r].clone(), to_host(packed))
+        if self.dev.type == "cuda":
+            out.ready = torch.cuda.Event()
+            out.ready.record()
+        return out
 
     # ---- graphs -----------------------------------------------------------------------------
     def _padding_plan(self, b: int) -> None:
