@@ -600,16 +600,18 @@ def main(argv: list[str] | None = None) -> int:
         "--glue",
         default="fused",
         choices=["fused", "unfused"],
-        help="decode glue: the radix top-k and fused cache-write kernels (fused, the serving default) or "
+        help="decode glue: the radix top-k, fused cache-write and GLUE_KERNELS (kernels/_common.py) kernels "
+        "(fused, the serving default) or "
         "torch.topk and the separate norm / rope / quantise / index_put ops (unfused: the path before them)",
     )
     args = ap.parse_args(argv)
     if args.glue == "unfused":
-        from splitserve.kernels import indexer
+        from splitserve.kernels import _common, indexer
         from splitserve.model import attention
 
-        indexer.TOPK_KERNEL = False  # both read at every call
+        indexer.TOPK_KERNEL = False  # all three read at every call
         attention.FUSED_CACHE_WRITE = False
+        _common.GLUE_KERNELS = False
     if args.fp8_decode_kernels == "tiles":
         from splitserve.kernels import fp8_gemm, moe
 

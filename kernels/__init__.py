@@ -17,6 +17,7 @@ the references on a CPU.
 | rms_norm(x, w, eps, residual=None) | [..., D] -> y, or (y, x + residual) |
 | rope(x, cos, sin, interleaved) | [N, ..., d], cos/sin [N, d/2] |
 | act_quant(x, block=128, ue8m0=True) | [..., D] -> (e4m3 [..., D], fp32 [..., D/128]) |
+| moe_route(logits, bias, n_group, topk_group, top_k, normalize, scale) | gate logits [T, E] fp32 -> (weights [T, k] fp32, ids [T, k] int64); one program per token |
 | moe_align(topk_ids, num_experts, block_m) | [N, k] -> sorted ids, block experts, rows used |
 | fused_moe(x, w13, w2, topk_weights, topk_ids) | [N, H], [E, 2I, H], [E, H, I] -> [N, H] |
 | fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) | e4m3 weights, 128x128 scales; <= 16 tokens: each active expert streamed once (moe.fused_moe_fp8_gemv_triton) |
@@ -28,6 +29,7 @@ from .cache_write import kv_write
 from .fp8_gemm import fp8_linear
 from .indexer import indexer_logits_decode, indexer_topk_decode
 from .moe import fused_moe, fused_moe_fp8, moe_align
+from .moe_router import moe_route
 from .norm import rms_norm
 from .quant import act_quant
 from .radix_topk import topk
@@ -46,6 +48,7 @@ __all__ = [
     "rope",
     "act_quant",
     "moe_align",
+    "moe_route",
     "fused_moe",
     "fused_moe_fp8",
     "fp8_linear",

@@ -27,6 +27,7 @@ if not CUDA:
         "norm",
         "rotary",
         "cache_write",
+        "moe_router",
         "fp8_gemm",
         "moe",
     ]
