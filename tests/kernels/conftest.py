@@ -28,6 +28,7 @@ if not CUDA:
         "rotary",
         "cache_write",
         "moe_router",
+        "indexer_query",
         "fp8_gemm",
         "moe",
     ]
