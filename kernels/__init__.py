@@ -22,12 +22,14 @@ the references on a CPU.
 | moe_align(topk_ids, num_experts, block_m) | [N, k] -> sorted ids, block experts, rows used |
 | fused_moe(x, w13, w2, topk_weights, topk_ids) | [N, H], [E, 2I, H], [E, H, I] -> [N, H] |
 | fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) | e4m3 weights, 128x128 scales; <= 16 tokens: each active expert streamed once (moe.fused_moe_fp8_gemv_triton) |
+| argmax(x) | [B, V] -> [B] int64, torch.argmax exactly (lowest index among ties); two stages (vocab chunks, then rows) |
 | fp8_linear(x, weight, scale) | [..., K] x e4m3 [N, K] (+ fp32 [N/128, K/128]) -> [..., N]; x quantised per 1x128; M <= 64 rows: the weight-streaming GEMV (fp8_gemm.fp8_gemv_triton) |
 """
 
 from ._common import HAS_TRITON, use_triton
 from .cache_write import kv_write
 from .fp8_gemm import fp8_linear
+from .greedy import argmax
 from .indexer import indexer_logits_decode, indexer_topk_decode
 from .indexer_query import index_query
 from .moe import fused_moe, fused_moe_fp8, moe_align
@@ -55,4 +57,5 @@ __all__ = [
     "fused_moe",
     "fused_moe_fp8",
     "fp8_linear",
+    "argmax",
 ]

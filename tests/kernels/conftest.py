@@ -29,6 +29,7 @@ if not CUDA:
         "cache_write",
         "moe_router",
         "indexer_query",
+        "greedy",
         "fp8_gemm",
         "moe",
     ]
