@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
+
+if HAS_TRITON:
+    from triton.language.extra import libdevice
 
 
 def moe_route_ref(
@@ -64,13 +67,19 @@ if HAS_TRITON:
         TOP_K: tl.constexpr,
         KP: tl.constexpr,
         NORMALIZE: tl.constexpr,
+        INTERP: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         offs_g = tl.arange(0, G)
         offs_j = tl.arange(0, GS)
         expert = offs_g[:, None] * GS + offs_j[None, :]  # [G, GS]: the expert ids, group by group
         x = tl.load(l_ptr + t * s_l + expert).to(tl.float32)
-        s = 1.0 / (1.0 + tl.exp(-x))
+        # torch's sigmoid, 1 / (1 + exp(-x)), with the same correctly rounded division and CUDA's
+        # expf (libdevice; tl.exp is the approximate ex2 form), so the GPU picks what torch picks
+        if INTERP:  # the CPU interpreter has no libdevice
+            s = 1.0 / (1.0 + tl.exp(-x))
+        else:
+            s = tl.math.div_rn(1.0, 1.0 + libdevice.exp(-x))
         c = s + tl.load(b_ptr + expert).to(tl.float32)
         neg = float("-inf")
         # group score: the two largest of each group (the largest masked once, at its first place)
@@ -96,7 +105,7 @@ if HAS_TRITON:
             ws = tl.where(offs_k == k, tl.sum(tl.sum(tl.where(hit, s, 0.0), axis=1), axis=0), ws)
             c = tl.where(hit, neg, c)
         if NORMALIZE:
-            ws = ws / (tl.sum(ws, axis=0) + 1e-20)
+            ws = tl.math.div_rn(ws, tl.sum(ws, axis=0) + 1e-20)
         kmask = offs_k < TOP_K
         tl.store(w_ptr + t * s_w + offs_k, ws * scale, mask=kmask)
         tl.store(id_ptr + t * s_id + offs_k, ids, mask=kmask)
@@ -146,6 +155,7 @@ def moe_route_triton(
         TOP_K=top_k,
         KP=next_pow2(top_k),
         NORMALIZE=bool(normalize),
+        INTERP=interpreting(_moe_route_kernel),
         num_warps=1 if e <= 256 else 4,
     )
     return weights, ids
