@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["fused", "unfused"],
         help="decode glue: the radix top-k, fused cache-write and GLUE_KERNELS (kernels/_common.py) kernels "
         "(fused, the serving default) or torch.topk, the separate norm / rope / quantise / index_put ops and "
-        "the torch router, indexer-query and argmax ops (unfused: the path before them)",
+        "the torch router, indexer-query, SwiGLU and argmax ops (unfused: the path before them)",
     )
     args = ap.parse_args(argv)
     if args.glue == "unfused":

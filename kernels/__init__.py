@@ -23,10 +23,12 @@ the references on a CPU.
 | fused_moe(x, w13, w2, topk_weights, topk_ids) | [N, H], [E, 2I, H], [E, H, I] -> [N, H] |
 | fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) | e4m3 weights, 128x128 scales; <= 16 tokens: each active expert streamed once (moe.fused_moe_fp8_gemv_triton) |
 | argmax(x) | [B, V] -> [B] int64, torch.argmax exactly (lowest index among ties); two stages (vocab chunks, then rows) |
+| silu_mul(gate, up) | [..., I] x2 -> silu(gate) * up, one launch (SwiGLU of the dense MLP and shared experts) |
 | fp8_linear(x, weight, scale) | [..., K] x e4m3 [N, K] (+ fp32 [N/128, K/128]) -> [..., N]; x quantised per 1x128; M <= 64 rows: the weight-streaming GEMV (fp8_gemm.fp8_gemv_triton) |
 """
 
 from ._common import HAS_TRITON, use_triton
+from .activation import silu_mul
 from .cache_write import kv_write
 from .fp8_gemm import fp8_linear
 from .greedy import argmax
@@ -58,4 +60,5 @@ __all__ = [
     "fused_moe_fp8",
     "fp8_linear",
     "argmax",
+    "silu_mul",
 ]

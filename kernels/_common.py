@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - exercised on installs without triton
 
 HAS_TRITON = triton is not None
 
-# The decode-glue kernels (moe_route, index_query, argmax): False sends their dispatchers to the
+# The decode-glue kernels (moe_route, index_query, argmax, silu_mul): False sends their dispatchers to the
 # torch compositions they replace, on CUDA too (bench/engine.py --glue unfused, for comparison). Read
 # at every call, as `_common.GLUE_KERNELS`.
 GLUE_KERNELS = True

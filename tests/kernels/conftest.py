@@ -30,6 +30,7 @@ if not CUDA:
         "moe_router",
         "indexer_query",
         "greedy",
+        "activation",
         "fp8_gemm",
         "moe",
     ]
