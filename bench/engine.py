@@ -63,6 +63,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import Engine
 from splitserve.engine.rows import DecodeGraphs, RowPlan
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kernels import argmax
 from splitserve.model import DeepseekV32
 from splitserve.model.checkpoint import PRESETS
 
@@ -306,7 +307,7 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
 
         def step_host():  # what the engine pays: the row plan built and copied, the graph replayed
             hidden = graphs.run(RowPlan.build(groups, BLOCK))
-            return net.logits(hidden).argmax(-1)
+            return argmax(net.logits(hidden))
 
         step_host()  # captures the graph
         key = graphs.key(plan)
@@ -315,11 +316,11 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
 
         def step_gpu():
             graph.replay()
-            return net.logits(out[:batch]).argmax(-1)
+            return argmax(net.logits(out[:batch]))
     else:
 
         def step_host():
-            return net.logits(net.forward(RowPlan.build(groups, BLOCK).to_batch(pool))).argmax(-1)
+            return argmax(net.logits(net.forward(RowPlan.build(groups, BLOCK).to_batch(pool))))
 
         step_gpu = step_host
 
@@ -600,8 +601,9 @@ def main(argv: list[str] | None = None) -> int:
         "--glue",
         default="fused",
         choices=["fused", "unfused"],
-        help="decode glue: the radix top-k and fused cache-write kernels (fused, the serving default) or "
-        "torch.topk and the separate norm / rope / quantise / index_put ops (unfused: the path before them)",
+        help="decode glue: the radix top-k, fused cache-write and GLUE_KERNELS (kernels/_common.py) kernels "
+        "(fused, the serving default) or torch.topk, the separate norm / rope / quantise / index_put ops and "
+        "the torch router, indexer-query, SwiGLU and argmax ops (unfused: the path before them)",
     )
     ap.add_argument(
         "--mla-kernel",
@@ -615,11 +617,12 @@ def main(argv: list[str] | None = None) -> int:
 
         sparse_mla.WGMMA = False  # read at every call
     if args.glue == "unfused":
-        from splitserve.kernels import indexer
+        from splitserve.kernels import _common, indexer
         from splitserve.model import attention
 
-        indexer.TOPK_KERNEL = False  # both read at every call
+        indexer.TOPK_KERNEL = False  # all three read at every call
         attention.FUSED_CACHE_WRITE = False
+        _common.GLUE_KERNELS = False
     if args.fp8_decode_kernels == "tiles":
         from splitserve.kernels import fp8_gemm, moe
 

@@ -5,8 +5,8 @@
     weights      the bytes one GPU holds AS LOADED: FP8 e4m3 + fp32 128x128 block scales for the linears
                  the checkpoint quantises (checkpoint_format.fp8_quantised) when model.fp8_weights resolves
                  to FP8 (model/loader.py's rule), kv_b_proj dequantised to the compute dtype (MLA's absorbed
-                 form), everything else in the compute dtype (the router's correction bias and the indexer's
-                 weights_proj in fp32, as the loader keeps them); plus the zero rows FusedLinear pads FP8
+                 form), everything else in the compute dtype (the router's weight and correction bias and the
+                 indexer's weights_proj in fp32, as the loader keeps them); plus the zero rows FusedLinear pads FP8
                  parts with (model/linear.py). Split by tensor_parallel_size: attention heads (q_b, kv_b,
                  o), dense MLP and shared experts, embedding and LM head (vocab-parallel); the routed experts
                  split across ranks with expert_parallel, else each expert tensor-parallel (the same bytes per
@@ -175,7 +175,7 @@ def weight_plan(cfg: ModelConfig, *, tp: int, ep: bool, fp8: bool, dtype_bytes: 
         keep_fp8 = fp8 and t.fp8 and not t.name.endswith("kv_b_proj.weight")
         if keep_fp8:
             b = _fp8_bytes((r, c), (_FP8_BLOCK, _FP8_BLOCK))
-        elif t.name.endswith(("e_score_correction_bias", "indexer.weights_proj.weight")):
+        elif t.name.endswith(("e_score_correction_bias", "mlp.gate.weight", "indexer.weights_proj.weight")):
             b = r * c * 4
         else:
             b = r * c * dtype_bytes

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.kernels import argmax
 from splitserve.model import DeepseekV32, ForwardBatch, SeqSpan
 from splitserve.model.parallel import ParallelState
 
@@ -312,7 +313,7 @@ class ModelRunner:
                 # Drafts see the request's logit_bias too (so do sampled drafts, through processed_probs):
                 # the target they are verified against is biased, and unbiased drafts would be rejected.
                 lg = biased_logits(logits[greedy_rows], [active[i].params for i in greedy_rows])
-                for i, t in zip(greedy_rows, lg.argmax(dim=-1).tolist()):
+                for i, t in zip(greedy_rows, argmax(lg).tolist()):
                     active[i].drafts.append(int(t))
             sampling = [i for i, r in enumerate(active) if not r.params.greedy]
             if sampling:
@@ -357,7 +358,7 @@ class ModelRunner:
         if plain:
             rows = [row_of[r] for i in plain for r in range(items[i][1].start, items[i][1].end)]
             params = [items[i][0].req.params for i in plain for _ in range(items[i][1].length)]
-            best = biased_logits(logits[rows], params).argmax(dim=-1).tolist()
+            best = argmax(biased_logits(logits[rows], params)).tolist()
             j = 0
             for i in plain:
                 drafts, n = items[i][0].req.drafts, items[i][1].length
@@ -464,7 +465,7 @@ class ModelRunner:
         self._timed(timed)
         params = [r.params for r in reqs]
         if all(p.greedy for p in params):  # the sync path's argmax of the biased logits
-            tokens = biased_logits(logits, params).argmax(dim=-1)
+            tokens = argmax(biased_logits(logits, params))
         else:  # = verification with no drafts (speculative.py): the sampler's exponential race
             tokens = sample_tokens(logits, [_row(r) for r in reqs])
         out = Launched(tokens, to_host(tokens), [i for i, p in enumerate(params) if p.logprobs is not None])

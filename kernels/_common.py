@@ -22,6 +22,11 @@ except ImportError:  # pragma: no cover - exercised on installs without triton
 
 HAS_TRITON = triton is not None
 
+# The decode-glue kernels (moe_route, index_query, argmax, silu_mul): False sends their dispatchers to the
+# torch compositions they replace, on CUDA too (bench/engine.py --glue unfused, for comparison). Read
+# at every call, as `_common.GLUE_KERNELS`.
+GLUE_KERNELS = True
+
 
 def use_triton(x: torch.Tensor) -> bool:
     """True when the Triton kernel should serve a call whose main tensor is `x`."""

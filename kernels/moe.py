@@ -15,7 +15,7 @@ for decode-sized batches, torch ops otherwise; no host synchronisation, graph-sa
 ids by expert into blocks of BLOCK_M rows; then
 kernel 1 computes gate and up for one block of rows x BLOCK_N columns of both halves and writes
 silu(gate) * up; kernel 2 computes the down projection, scales by the routing weight and writes
-row f of a [N * k, H] buffer; the k rows of each token are summed in fp32.
+row f of a [N * k, H] buffer; the k rows of each token are summed in fp32 (one combine kernel).
 
 FP8 variant (`fused_moe_fp8`): e4m3 weights with one fp32 scale per 128x128 block
 (`weight_scale_inv` layout: w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]); activations
@@ -512,7 +512,11 @@ def _fused_moe_triton(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    return y.view(n, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    out = torch.empty(n, hidden, device=x.device, dtype=x.dtype)
+    _moe_combine_kernel[(n, triton.cdiv(hidden, 1024))](
+        y, out, hidden, top_k, 0, y.stride(0), out.stride(0), SPLITS=1, BLOCK=1024, num_warps=4
+    )
+    return out
 
 
 def fused_moe_triton(

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels import act_quant, indexer_topk_decode, kv_write, rope, sparse_mla_decode
+from splitserve.kernels import act_quant, index_query, indexer_topk_decode, kv_write, rope, sparse_mla_decode
 from splitserve.kernels.cache_write import kv_write_fits
 
 from .batch import ForwardBatch, IndexerKeys, PagedPools, PagedRows, SeqSpan
@@ -84,6 +84,25 @@ class Indexer(nn.Module):
             return q, w
         qq, qs = act_quant(hadamard_rotate(q), self.head_dim)
         return qq, w * qs[..., 0] * self.softmax_scale
+
+    def row_queries(
+        self, q_resid: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries() as indexer_topk_decode takes them: every scale folded into the weights (the exact
+        path's head_dim^-0.5 too) and the exact path's q in out_dtype (the key pool's). Between the two
+        GEMMs one kernel on CUDA (kernels/indexer_query.py), the same ops as queries() elsewhere."""
+        n = x.shape[0]
+        q = self.wq_b(q_resid).view(n, self.n_heads, self.head_dim)
+        w = F.linear(x.float(), self.weights_proj.weight.float())
+        hadamard = hadamard_matrix(self.head_dim, q.dtype, q.device) if self.fp8 else None
+        interleaved = self.cfg.indexer_rope_interleave
+        return index_query(q, w, cos, sin, interleaved, hadamard, self.softmax_scale, out_dtype)
+
+    @torch.no_grad()
+    def fuse_weights(self) -> None:
+        """Hold weights_proj in fp32 (exact; the loader does so too), so that a forward does not convert it."""
+        if isinstance(self.weights_proj, nn.Linear) and self.weights_proj.weight.dtype != torch.float32:
+            self.weights_proj.float()
 
     def scores(self, q: torch.Tensor, w: torch.Tensor, keys: IndexerKeys) -> torch.Tensor:
         """q [n, heads, D], w [n, heads], keys [L] -> index scores [n, L] fp32."""
@@ -163,11 +182,12 @@ class MLA(nn.Module):
         q = self.q_b_proj(q_resid).view(n, h, cfg.qk_head_dim)
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_rope = rope(q_rope, cos, sin, interleaved=True)
-        q_idx, w_idx = self.indexer.queries(q_resid, x, cos, sin)
         if batch.rows is not None:
+            q_idx, w_idx = self.indexer.row_queries(q_resid, x, cos, sin, batch.rows.pools.ikeys.dtype)
             self.write_entries(kv_a, k_idx, cos, sin, batch.rows.pools, batch.rows.slots)
             out = self._rows(q_nope, q_rope, q_idx, w_idx, batch.rows)
             return self.parallel.all_reduce(self.o_proj(out.reshape(n, h * cfg.v_head_dim)))
+        q_idx, w_idx = self.indexer.queries(q_resid, x, cos, sin)
         entries = self._entries(kv_a, cos, sin)
         keys = self.indexer.keys(k_idx, cos, sin)
         assert batch.store is not None
@@ -237,16 +257,13 @@ class MLA(nn.Module):
         rows: PagedRows,
     ) -> torch.Tensor:
         """Every row one query over the paged pools (its entries already written): select top-k,
-        sparse absorbed attention."""
+        sparse absorbed attention. q_idx, w_idx from Indexer.row_queries (the exact indexer's
+        relu(s * q.k) = s * relu(q.k): s folded into the weights)."""
         cfg, pools = self.cfg, rows.pools
-        if pools.iscale is None:  # exact indexer: relu(s * q.k) = s * relu(q.k), fold s into the weights
-            q_sel, w_sel, k_cache = q_idx.to(pools.ikeys.dtype), w_idx * self.indexer.softmax_scale, pools.ikeys
-        else:
-            q_sel, w_sel, k_cache = q_idx, w_idx, pools.ikeys
         selected = indexer_topk_decode(
-            q_sel,
-            w_sel.float().contiguous(),
-            k_cache,
+            q_idx,
+            w_idx,
+            pools.ikeys,
             pools.iscale,
             self.layer,
             rows.block_tables,

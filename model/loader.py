@@ -192,9 +192,11 @@ def load(
         net.to(dtype)
         net.to_fp8(keep_modules)
     net.to_empty(device=device)
-    for name, mod in net.named_modules():  # the router's correction bias and the indexer's head weights stay fp32
+    # the router (weight, correction bias) and the indexer's head weights stay fp32
+    for name, mod in net.named_modules():
         if hasattr(mod, "e_score_correction_bias"):
             mod.e_score_correction_bias.data = mod.e_score_correction_bias.data.float()
+            mod.weight.data = mod.weight.data.float()
         if name.endswith("indexer.weights_proj"):
             mod.float()
     net.rotary.inv_freq = net.rotary.inv_freq.to(device)

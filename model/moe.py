@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels import fused_moe, fused_moe_fp8
+from splitserve.kernels import fused_moe, fused_moe_fp8, moe_route, silu_mul
 
 from .config import ModelConfig
 from .fp8 import FP8_DTYPE, quantize_weight
@@ -46,9 +46,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
             gate, up = self.gate_up(x)
-            out = self.down_proj(F.silu(gate) * up)
         else:
-            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        out = self.down_proj(silu_mul(gate, up))  # one Triton kernel on CUDA
         return self.parallel.all_reduce(out) if self.reduce else out
 
 
@@ -63,24 +63,29 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
+    @torch.no_grad()
+    def fuse_weights(self) -> None:
+        """Hold the gate weight and the correction bias in fp32 (exact: the router computes in fp32),
+        so that a forward converts neither (a copy kernel and ~2 bytes per weight each step)."""
+        if self.weight.dtype != torch.float32:
+            self.weight = nn.Parameter(self.weight.float(), requires_grad=self.weight.requires_grad)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] -> (weights [N, k] fp32, expert ids [N, k] int64)."""
+        """x [N, H] -> (weights [N, k] fp32, expert ids [N, k] int64): one Triton kernel after the
+        GEMM on CUDA (kernels/moe_router.py), the torch composition elsewhere."""
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias.float()
-        n = x.shape[0]
-        # top-k over a few dozen values by sorting: on CUDA one bitonic-sort kernel (~4 us) where
-        # torch.topk launches its radix select (~12 us each, three per layer at decode batch sizes)
-        grouped = choice.view(n, cfg.n_group, -1)
-        group_scores = grouped.sort(dim=-1, descending=True).values[..., :2].sum(-1)
-        keep = group_scores.sort(dim=-1, descending=True).indices[:, : cfg.topk_group]
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        choice = choice.masked_fill(~group_mask[:, :, None].expand_as(grouped).reshape(n, -1), float("-inf"))
-        ids = choice.sort(dim=-1, descending=True).indices[:, : cfg.num_experts_per_tok]
-        weights = scores.gather(1, ids)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, ids
+        logits = F.linear(x.float(), self.weight.float())
+        return moe_route(
+            logits,
+            self.e_score_correction_bias,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.num_experts_per_tok,
+            cfg.norm_topk_prob,
+            cfg.routed_scaling_factor,
+        )
 
 
 class MoE(nn.Module):

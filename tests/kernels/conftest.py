@@ -27,6 +27,10 @@ if not CUDA:
         "norm",
         "rotary",
         "cache_write",
+        "moe_router",
+        "indexer_query",
+        "greedy",
+        "activation",
         "fp8_gemm",
         "moe",
     ]
