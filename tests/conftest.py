@@ -20,10 +20,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # `python -m pytest` puts the checkout itself on sys.path, where its top-level kernels/ folder would
-# shadow the `kernels` distribution that transformers (>= 5.25) imports at start; the project is
-# imported as splitserve.* (installed), never from there.
+# shadow the `kernels` distribution that transformers (>= 5.25) imports at start: import that one
+# first (with the checkout off the path for the moment), so `import kernels` finds it in sys.modules.
+# The checkout stays on sys.path: worker processes the tests start import `tests.*` through it.
 _CHECKOUT = Path(__file__).resolve().parents[1]
+_saved_path = list(sys.path)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+try:
+    import kernels  # noqa: F401  (Hugging Face's, when installed)
+except ImportError:
+    pass
+finally:
+    sys.path[:] = _saved_path
 
 
 @pytest.fixture(scope="session")
