@@ -13,7 +13,7 @@ or run, is listed under the cell's errors and not timed. Then per implementation
 Both are do_bench medians. "torch" is topk_ref (torch.topk, then -1 where -inf, then int32: what `topk`
 runs below MIN_ROWS).
 
-Implementations: torch; stream (one program per row); reg (whole row in registers, widths up to REG_MAX_WIDTH,
+Implementations: torch; stream (one program per row); reg (whole row in registers, widths up to REG_WIDTH_LIMIT,
 reg_warps' default warps and 6-bit digits; reg:wN with N warps, reg:bB with B-bit digits); split (split_block's
 default chunk width; split:B with B-wide chunks).
 
@@ -59,7 +59,7 @@ def implementations(rows: int, width: int, k: int) -> dict[str, Callable[[torch.
         "torch": partial(T.topk_ref, k=k),
         "stream": partial(T.topk_triton, k=k),
     }
-    if width <= T.REG_MAX_WIDTH:
+    if width <= T.REG_WIDTH_LIMIT:
         impls["reg"] = partial(T.topk_triton_reg, k=k)
         for w in (4, 8, 16):
             if w != T.reg_warps(width):

@@ -179,19 +179,20 @@ def test_variants_low_byte_decides(variant, device):
 
 def test_split_block_and_choice():
     assert T.split_block(1, 4096) == 1024 and T.split_block(256, 65536) == 8192
-    assert T.choose_kernel(1, 4096, min_rows=1) == "reg"
     assert T.choose_kernel(1, T.REG_MAX_WIDTH + 1, min_rows=1) == "split"
     assert T.choose_kernel(T.SPLIT_MAX_ROWS + 1, T.REG_MAX_WIDTH + 1, min_rows=1) == "stream"
     assert T.choose_kernel(T.MIN_ROWS - 1, 4096) == "torch"
+    if T.REG_MAX_WIDTH:
+        assert T.choose_kernel(1, T.REG_MAX_WIDTH, min_rows=1) == "reg"
     with pytest.raises(ValueError):
-        T.topk_triton_reg(torch.zeros(1, T.REG_MAX_WIDTH + 1), 8)
+        T.topk_triton_reg(torch.zeros(1, T.REG_WIDTH_LIMIT + 1), 8)
 
 
 @gpu
 @pytest.mark.parametrize("variant", ["stream", "reg", "split"])
 @pytest.mark.parametrize("bsz,width", [(1, 4160), (3, 16384), (2, 65536), (64, 4160)])
 def test_variants_gpu_real_shapes(variant, bsz, width):
-    if variant == "reg" and width > T.REG_MAX_WIDTH:
+    if variant == "reg" and width > T.REG_WIDTH_LIMIT:
         pytest.skip("wider than the reg kernel takes")
     x = rows_case("cuda", bsz, width, [width - 13 * b for b in range(bsz)])
     got = T.VARIANTS[variant](x, 2048)
