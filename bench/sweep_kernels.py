@@ -41,11 +41,7 @@ def _ints(s: str) -> list[int]:
 MLA_CONFIGS: list[dict[str, Any]] = [  # the Triton kernel (its two best), then the Hopper one's tiles x stages
     dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=False),
     dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=True),
-] + [
-    dict(wgmma=True, block_n=n, num_stages=st, late_issue=late)
-    for n, st in ((64, 2), (32, 3), (32, 4))
-    for late in (False, True)
-]
+] + [dict(wgmma=True, block_n=n, num_stages=st) for n, st in ((64, 2), (32, 2), (32, 3), (32, 4))]
 
 
 def sweep_mla(rows: int, ceil: dict[str, float], fp8: bool = False) -> list[dict[str, Any]]:

@@ -309,7 +309,6 @@ def sparse_mla_decode_triton(
     num_stages: int = 2,
     prefetch: bool | None = None,
     wgmma: bool | None = None,
-    late_issue: bool = False,
 ) -> torch.Tensor:
     """The Triton kernel, or with `wgmma` (default: where it fits, i.e. bf16 entries on Hopper) the
     Gluon one of kernels/sparse_mla_hopper.py; `num_stages` is then the number of tiles in flight."""
@@ -388,7 +387,6 @@ def sparse_mla_decode_triton(
             STAGES=num_stages,
             MULTI=splits_p2 > 1,
             SCAN=min(1024, triton.next_power_of_2(split_len)),
-            LATE=late_issue,
             num_warps=8,
         )
     else:

@@ -28,12 +28,7 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        warpgroup_mma,
-        warpgroup_mma_init,
-        warpgroup_mma_wait,
-    )
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - Triton without Gluon (or no Triton at all)
@@ -86,7 +81,6 @@ if HAS_GLUON:
         s_qlb, s_qlh, s_qrb, s_qrh, s_l0, s_l1, s_l2, s_bt, s_ib, s_ob, s_oh, s_os, s_lb, s_lh,
         DL: gl.constexpr, DR: gl.constexpr, BS: gl.constexpr, GROUPS: gl.constexpr, BLOCK_H: gl.constexpr,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MULTI: gl.constexpr, SCAN: gl.constexpr,
-        LATE: gl.constexpr,
     ):  # fmt: skip
         gl.static_assert(gl.num_warps() == 8, "two warp groups")
         gl.static_assert(BLOCK_H == 64, "64 heads a program (wgmma M)")
@@ -166,17 +160,13 @@ if HAS_GLUON:
         l = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_H, DL], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
-        if LATE:  # O is carried as wgmma's in-flight accumulator
-            acc = warpgroup_mma_init(acc)
         for i in range(n_tiles):
-            # gather tile i + STAGES - 1 into the stage tile i - 1 used: at the top of the iteration, or
-            # (LATE) once tile i's Q.K^T is done, so that tile i - 1's P.V runs on under it
+            # gather tile i + STAGES - 1 into the stage tile i - 1 used (every warp is past it)
             t = t0 + i + STAGES - 1
             st = (i + STAGES - 1) % STAGES
-            if not LATE:
-                _issue(lat_ptr, idx_ptr, b, s_ib, t, end, off_l, ok_l, off_r, ok_r, kl_smem.index(st),
-                       kr_smem.index(st), pos_smem.index(st), DL, DR, BLOCK_N, gather_l, gather_r, pos_l)  # fmt: skip
-                cp.commit_group()
+            _issue(lat_ptr, idx_ptr, b, s_ib, t, end, off_l, ok_l, off_r, ok_r, kl_smem.index(st), kr_smem.index(st),
+                   pos_smem.index(st), DL, DR, BLOCK_N, gather_l, gather_r, pos_l)  # fmt: skip
+            cp.commit_group()
             # the next tile's block ids and the one after's positions load while this tile computes
             ok_nl = pos_nl >= 0
             blk_nl = gl.load(bt_ptr + b * s_bt + gl.where(ok_nl, pos_nl, 0) // BS, mask=ok_nl, other=0)
@@ -187,21 +177,14 @@ if HAS_GLUON:
             ahead_r = (t + 2) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_r)
             pos_ar = gl.load(idx_ptr + b * s_ib + ahead_r, mask=ahead_r < end, other=-1)
 
-            cp.wait_group(STAGES - 2 if LATE else STAGES - 1)  # this thread's copies of tile i are in
+            cp.wait_group(STAGES - 1)  # this thread's copies of tile i are in
             gl.thread_barrier()  # ... and every thread's
             fence_async_shared()  # visible to the tensor cores
             cur = i % STAGES
             kl = kl_smem.index(cur)
             s = warpgroup_mma(q_smem, kl.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma(qr_smem, kr_smem.index(cur).permute((1, 0)), s, is_async=True)
-            if LATE:
-                s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s, acc))  # and tile i - 1's P.V
-                gl.thread_barrier()  # both warp groups are past stage st
-                _issue(lat_ptr, idx_ptr, b, s_ib, t, end, off_l, ok_l, off_r, ok_r, kl_smem.index(st),
-                       kr_smem.index(st), pos_smem.index(st), DL, DR, BLOCK_N, gather_l, gather_r, pos_l)  # fmt: skip
-                cp.commit_group()
-            else:
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             # positions past the split's end were not copied (zeros): the column index says so
             pos = pos_smem.index(cur).load(gl.SliceLayout(0, s_layout))
             col = (t0 + i) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -213,10 +196,9 @@ if HAS_GLUON:
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
             acc = warpgroup_mma(p_op, kl, acc, is_async=True)
-            if not LATE:
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                gl.thread_barrier()  # every warp is done with stage `cur` before it is refilled
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             m = m_new
+            gl.thread_barrier()  # every warp is done with stage `cur` before it is refilled
 
             # carry the index chain one tile on
             off_l = blk_nl.to(gl.int64) * s_l0 + layer * s_l1 + (gl.where(ok_nl, pos_nl, 0) % BS).to(gl.int64) * s_l2
@@ -225,8 +207,6 @@ if HAS_GLUON:
             ok_r = ok_nr
             pos_nl = pos_al
             pos_nr = pos_ar
-        if LATE:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         cp.wait_group(0)
 
         l_o = gl.convert_layout(l, gl.SliceLayout(1, o_layout))

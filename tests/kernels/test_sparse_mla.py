@@ -92,19 +92,9 @@ def test_sparse_mla_gpu_real_shapes(bsz):
         )
         assert rel(out, ref) < 1e-2
     if hopper:
-        for block_n, stages, late in ((64, 2, False), (32, 3, False), (64, 2, True), (32, 3, True)):
+        for block_n, stages in ((64, 2), (32, 3)):
             out = K.sparse_mla_decode_triton(
-                q_lat,
-                q_rope,
-                latent,
-                layer,
-                bt,
-                idx,
-                192**-0.5,
-                wgmma=True,
-                block_n=block_n,
-                num_stages=stages,
-                late_issue=late,
+                q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, block_n=block_n, num_stages=stages
             )
             assert rel(out, ref) < 1e-2
 
@@ -114,8 +104,7 @@ hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 
 @pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("splits", [1, 2, 5])
-@pytest.mark.parametrize("late", [False, True])
-def test_sparse_mla_wgmma_short_rows(splits, late):
+def test_sparse_mla_wgmma_short_rows(splits):
     """The Hopper kernel where rows select fewer positions than top-k (-1 padding), top-k is not a
     multiple of the tile, and splits end mid-tile; a row with nothing selected gives zeros."""
     q_lat, q_rope, latent, layer, bt, idx = make_case(
@@ -124,9 +113,7 @@ def test_sparse_mla_wgmma_short_rows(splits, late):
     q_lat, q_rope = q_lat * 0.05, q_rope * 0.05
     idx[3] = -1
     ref = K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5)
-    out = K.sparse_mla_decode_triton(
-        q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, num_splits=splits, late_issue=late
-    )
+    out = K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, num_splits=splits)
     assert rel(out[:3], ref[:3]) < 1e-2
     assert out[3].abs().max() == 0
 
