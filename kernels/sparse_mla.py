@@ -323,7 +323,7 @@ def sparse_mla_decode_triton(
     if wgmma is None:
         wgmma = WGMMA and wgmma_fits(q_lat, q_rope, latent)
     elif wgmma and not wgmma_fits(q_lat, q_rope, latent):
-        raise ValueError("the wgmma kernel needs bf16 entries on a Hopper GPU, 64k heads, Dl 256/512, Dr 32/64")
+        raise ValueError("the wgmma kernel needs bf16 entries on a Hopper GPU, a multiple of 64 heads, Dl 512, Dr 64")
     block_h = block_h or min(64, heads)
     # FP8 entries: 64 a tile with the offsets one tile ahead (PREFETCH) measured best on an H100
     # (206 us at 64 rows vs 291 for 32 a tile without; bench/results/sparse-mla-h100); bf16 entries
