@@ -40,10 +40,11 @@ Three kernels, none with a host synchronisation or a data-dependent grid (all CU
 `topk` picks one by (rows, width): `choose_kernel` below. Its constants are to be set from bench/topk.py
 (torch.topk and each variant, CUDA-graph replays, rows {1, 4, 16, 64, 256} x widths {4k, 16k, 64k}, k 2048;
 it prints each cell's fastest variant and the smallest row count from which the pick beats torch.topk).
-Until then SPLIT_MAX_ROWS is an unmeasured first guess, REG_MAX_WIDTH is 0 (see its comment: the reg
-kernel misbehaved inside the engine on an H100) and MIN_ROWS = 64 keeps torch.topk
-below 64 rows, as measured for the stream kernel alone (H200, bench/results/glue-h200): 124 us per decode
-step (4 layers) at batch 1 and width 4096 where torch.topk took 96 us, about the same at batch 64.
+Until then `topk` runs torch.topk below MIN_ROWS = 64 rows (where the stream kernel alone measured level
+with it on an H200, bench/results/glue-h200: 124 vs 96 us per decode step at batch 1, width 4096; 122 vs
+126 us at batch 64) and the stream kernel from 64 rows on. The reg kernel is off (REG_MAX_WIDTH = 0: it
+misbehaved inside the engine on an H100, see that constant) and the split kernel is unreachable while
+SPLIT_MAX_ROWS (32) < MIN_ROWS; both are reached directly (VARIANTS, tests, bench/topk.py) until measured.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ if HAS_TRITON:
         orow = out_ptr + row * s_o
         pos = tl.arange(0, BLOCK)
         _, key = _keys(tl.load(x_ptr + row * s_x + pos, mask=pos < width, other=float("-inf")))
-        # visible <=> key != 0 (only a NaN maps to 0): no mask held in registers beside the keys
+        # visible <=> key != 0 (_keys gives 0 to -inf, NaN and past-the-row positions; no finite score maps
+        # to 0): no mask held in registers beside the keys
         prefix = tl.zeros([], dtype=tl.uint32)
         known = tl.zeros([], dtype=tl.uint32)
         k_rem = tl.zeros([], dtype=tl.int32) + K

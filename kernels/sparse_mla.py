@@ -44,7 +44,7 @@ import math
 import torch
 
 from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
-from .sparse_mla_hopper import wgmma_fits
+from .sparse_mla_hopper import SMEM_LIMIT, smem_bytes, wgmma_fits
 
 
 def fp8_token_bytes(dl: int, dr: int) -> int:
@@ -320,10 +320,19 @@ def sparse_mla_decode_triton(
     bs = latent.shape[2]
     if latent.stride(3) != 1 or q_lat.stride(2) != 1 or q_rope.stride(2) != 1 or indices.stride(1) != 1:
         raise ValueError("latent, q_lat, q_rope and indices need a contiguous last dimension")
+    # the Hopper kernel: 64 heads a program, 8 warps, its tiles and stages within shared memory
+    fits = (
+        wgmma_fits(q_lat, q_rope, latent)
+        and block_h in (None, 64)
+        and smem_bytes(block_n or 64, num_stages) <= SMEM_LIMIT
+    )
     if wgmma is None:
-        wgmma = WGMMA and wgmma_fits(q_lat, q_rope, latent)
-    elif wgmma and not wgmma_fits(q_lat, q_rope, latent):
-        raise ValueError("the wgmma kernel needs bf16 entries on a Hopper GPU, a multiple of 64 heads, Dl 512, Dr 64")
+        wgmma = WGMMA and fits
+    elif wgmma and not fits:
+        raise ValueError(
+            "the wgmma kernel needs bf16 entries on a Hopper GPU, a multiple of 64 heads, Dl 512, Dr 64, "
+            f"block_h 64 and tiles x stages within shared memory (block_n {block_n}, stages {num_stages})"
+        )
     block_h = block_h or min(64, heads)
     # FP8 entries: 64 a tile with the offsets one tile ahead (PREFETCH) measured best on an H100
     # (206 us at 64 rows vs 291 for 32 a tile without; bench/results/sparse-mla-h100); bf16 entries

@@ -16,7 +16,8 @@ twice the tensor work of that half) and keeps 255 registers + ~360 bytes of spil
 * O += P.V is one wgmma with each warp group owning half of the 512 output columns (FlashMLA's split
   of the value dimension), P passed in registers; O stays in registers (128 per thread).
 
-The caller (sparse_mla.sparse_mla_decode_triton with kernel="wgmma") handles splits and the merge.
+The caller (sparse_mla.sparse_mla_decode_triton, wgmma=True or by default where wgmma_fits) handles splits
+and the merge.
 Hopper (sm_90) with bf16 entries only; FP8 entries and other GPUs use the Triton kernel.
 """
 
@@ -33,6 +34,15 @@ try:
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - Triton without Gluon (or no Triton at all)
     HAS_GLUON = False
+
+
+SMEM_LIMIT = 232448  # bytes of shared memory a block may use on H100 / H200 (227 KB)
+
+
+def smem_bytes(block_n: int, stages: int, dl: int = 512, dr: int = 64) -> int:
+    """Shared memory of one program: Q (64 heads), `stages` tiles of entries and positions, and the
+    ~4 KB the compiler adds for layout changes (equal to what it reported for (64, 2), (32, 3), (32, 4))."""
+    return 2 * 64 * (dl + dr) + stages * block_n * (2 * (dl + dr) + 4) + 4096
 
 
 def wgmma_fits(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor) -> bool:

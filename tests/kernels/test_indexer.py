@@ -111,8 +111,10 @@ def test_width_within_topk_selects_every_visible_position(device):
     seq_lens = [20, 3, 33]
     args = make_case(3, 16, 32, 16, 20, 1, seq_lens, False, torch.float32, device, layer=0)
     width = args[5].shape[1] * 16
-    idx = K.indexer_topk_decode(*args, topk=width)
-    scored = K.indexer_topk_decode_ref(*args, topk=width)
-    for b, n in enumerate(seq_lens):
-        assert idx[b, :n].tolist() == list(range(n)) and (idx[b, n:] == -1).all()
-        assert sorted(scored[b][scored[b] >= 0].tolist()) == list(range(n))
+    for topk in (width, width + 24):  # block tables spanning exactly top-k, and fewer positions than top-k
+        idx = K.indexer_topk_decode(*args, topk=topk)
+        scored = K.indexer_topk_decode_ref(*args, topk=topk)
+        assert idx.shape == scored.shape == (3, topk)
+        for b, n in enumerate(seq_lens):
+            assert idx[b, :n].tolist() == list(range(n)) and (idx[b, n:] == -1).all()
+            assert sorted(scored[b][scored[b] >= 0].tolist()) == list(range(n))

@@ -184,6 +184,10 @@ def test_split_block_and_choice():
     assert T.choose_kernel(T.MIN_ROWS - 1, 4096) == "torch"
     if T.REG_MAX_WIDTH:
         assert T.choose_kernel(1, T.REG_MAX_WIDTH, min_rows=1) == "reg"
+    # what the engine gets with the defaults: torch.topk below MIN_ROWS, the stream kernel from there on
+    for width in (300, 4096, 65536):
+        assert T.choose_kernel(T.MIN_ROWS - 1, width) == "torch"
+        assert T.choose_kernel(T.MIN_ROWS, width) == T.choose_kernel(1024, width) == "stream"
     with pytest.raises(ValueError):
         T.topk_triton_reg(torch.zeros(1, T.REG_WIDTH_LIMIT + 1), 8)
 
