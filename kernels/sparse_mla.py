@@ -34,7 +34,7 @@ an H100; bf16: slower, off). Splits fill the SMs once (bench/results/kernels-h10
 
 On Hopper, bf16 entries go to the Gluon kernel of sparse_mla_hopper.py (same launcher, splits and
 merge): the compiler's choices for this kernel (both warp groups computing the whole Q.K^T tile,
-255 registers + 360 bytes of spills a thread) cost it 1.35-1.4x (bench/results/sparse-mla-h100).
+all 255 registers a thread, spilling under triton 3.9) cost it 1.35-1.4x (bench/results/sparse-mla-h100).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Same contract as kernels/sparse_mla.py (absorbed form over the paged bf16 latent cache, top-k positions
 per row, splits merged by log-sum-exp), written in Gluon because the Triton kernel cannot be steered
 where it loses: the compiler places both warp groups on the whole Q.K^T tile (each computes all of it,
-twice the tensor work of that half) and keeps 255 registers + ~360 bytes of spills per thread (the
-64 x 512 fp32 output plus the gather's addresses). Here, per program (one row, 64 heads, one split):
+twice the tensor work of that half) and uses all 255 registers a thread (the 64 x 512 fp32 output plus
+the gather's addresses; triton 3.9 also spills ~360 bytes). Here, per program (one row, 64 heads, one split):
 
 * Q (64 x 512 latent + 64 x 64 rope) sits in shared memory for the whole program (wgmma's A operand);
 * the selected entries are gathered tile by tile (BLOCK_N positions: 1152 contiguous bytes each) with
@@ -17,8 +17,7 @@ twice the tensor work of that half) and keeps 255 registers + ~360 bytes of spil
   of the value dimension), P passed in registers; O stays in registers (128 per thread).
 
 The caller (sparse_mla.sparse_mla_decode_triton, wgmma=True or by default where wgmma_fits) handles splits
-and the merge.
-Hopper (sm_90) with bf16 entries only; FP8 entries and other GPUs use the Triton kernel.
+and the merge. Hopper (sm_90) with bf16 entries only; FP8 entries and other GPUs use the Triton kernel.
 """
 
 from __future__ import annotations
