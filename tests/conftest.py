@@ -8,6 +8,7 @@ the PyTorch references, so the setting changes nothing for them.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -26,8 +27,8 @@ if not torch.cuda.is_available():
 _CHECKOUT = Path(__file__).resolve().parents[1]
 _saved_path = list(sys.path)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
-try:
-    import kernels  # noqa: F401  (Hugging Face's, when installed)
+try:  # not a dependency of ours (transformers' own): imported by name only to claim the module name
+    importlib.import_module("kernels")
 except ImportError:
     pass
 finally:
