@@ -49,3 +49,7 @@ def require_triton() -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and not n & (n - 1)

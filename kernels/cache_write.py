@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, is_pow2, require_triton, tl, triton, use_triton
 from .norm import rms_norm_ref
 from .quant import act_quant_ref
 from .rotary import rope_ref
@@ -93,6 +93,28 @@ def kv_write_ref(
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _hadamard_e4m3(key, h_ptr, h_scale, offs_d, D: tl.constexpr, INTERP: tl.constexpr):
+        """Rows of `key` [R, D] rotated by the Hadamard matrix at h_ptr (times h_scale, rounded to key's dtype)
+        and quantised to e4m3 with one power-of-two (ue8m0) scale per row: (values in [-448, 448] as fp32,
+        scales). The references: Indexer.keys / act_quant_ref (exact fp32 products, not tf32)."""
+        h = tl.load(h_ptr + offs_d[:, None] * D + offs_d[None, :])
+        if INTERP:
+            hk = tl.dot(key.to(tl.float32), h.to(tl.float32))
+        elif key.dtype == tl.float32:  # exact fp32 products, as the reference (tf32 would round them)
+            hk = tl.dot(key, h.to(tl.float32), input_precision="ieee")
+        else:
+            hk = tl.dot(key, h.to(key.dtype))
+        hk = (hk.to(key.dtype).to(tl.float32) * h_scale).to(key.dtype).to(tl.float32)
+        sc = tl.math.div_rn(tl.maximum(tl.max(tl.abs(hk), axis=1), 1e-4), 448.0)
+        bits = sc.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        sc = (e << 23).to(tl.float32, bitcast=True)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(hk, sc[:, None]), -448.0), 448.0)
+        if INTERP:
+            q = round_to_e4m3(q)
+        return q, sc
 
     @triton.jit
     def _rotated(
@@ -233,29 +255,11 @@ if HAS_TRITON:
         )
         ik_row = ik_ptr + blk * s_i0 + layer * s_i1 + off * s_i2
         if FP8:
-            h = tl.load(h_ptr + offs_d[:, None] * D + offs_d[None, :])
-            if INTERP:
-                hk = tl.dot(key.to(tl.float32), h.to(tl.float32))
-            elif key.dtype == tl.float32:  # exact fp32 products, as the reference (tf32 would round them)
-                hk = tl.dot(key, h.to(tl.float32), input_precision="ieee")
-            else:
-                hk = tl.dot(key, h.to(key.dtype))
-            hk = (hk.to(key.dtype).to(tl.float32) * h_scale).to(key.dtype).to(tl.float32)
-            sc = tl.math.div_rn(tl.maximum(tl.max(tl.abs(hk), axis=1), 1e-4), 448.0)
-            bits = sc.to(tl.int32, bitcast=True)
-            e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-            sc = (e << 23).to(tl.float32, bitcast=True)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(hk, sc[:, None]), -448.0), 448.0)
-            if INTERP:
-                q = round_to_e4m3(q)
+            q, sc = _hadamard_e4m3(key, h_ptr, h_scale, offs_d, D, INTERP)
             tl.store(ik_row[:, None] + offs_d[None, :], q.to(ik_ptr.dtype.element_ty), mask=rmask[:, None])
             tl.store(is_ptr + blk * s_is0 + layer * s_is1 + off, sc, mask=rmask)
         else:
             tl.store(ik_row[:, None] + offs_d[None, :], key.to(ik_ptr.dtype.element_ty), mask=rmask[:, None])
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and not n & (n - 1)
 
 
 def kv_write_fits(kv_a: torch.Tensor, k_idx: torch.Tensor, cos: torch.Tensor, latent: torch.Tensor) -> bool:
@@ -266,7 +270,7 @@ def kv_write_fits(kv_a: torch.Tensor, k_idx: torch.Tensor, cos: torch.Tensor, la
     return (
         latent.dtype != torch.uint8
         and kv_a.shape[-1] == kv_lora + 2 * half
-        and all(_pow2(v) for v in (kv_lora, half, d))
+        and all(is_pow2(v) for v in (kv_lora, half, d))
         and d >= 16
         and kv_a.stride(-1) == 1
         and k_idx.stride(-1) == 1

@@ -20,13 +20,12 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, is_pow2, require_triton, tl, triton, use_triton
 from .quant import act_quant_ref
 from .rotary import rope_ref
 
 if HAS_TRITON:
-    from .cache_write import _rotated
-    from .quant import round_to_e4m3
+    from .cache_write import _hadamard_e4m3, _rotated
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -105,21 +104,7 @@ if HAS_TRITON:
         w = tl.load(w_ptr + n * s_wn + hs, mask=hmask, other=0.0).to(tl.float32) * w_scale
         o_rows = qo_ptr + n * s_on + hs[:, None].to(tl.int64) * s_oh + offs_d[None, :]
         if FP8:
-            hm = tl.load(h_ptr + offs_d[:, None] * D + offs_d[None, :])
-            if INTERP:
-                hk = tl.dot(key.to(tl.float32), hm.to(tl.float32))
-            elif key.dtype == tl.float32:  # exact fp32 products, as the reference (tf32 would round them)
-                hk = tl.dot(key, hm.to(tl.float32), input_precision="ieee")
-            else:
-                hk = tl.dot(key, hm.to(key.dtype))
-            hk = (hk.to(key.dtype).to(tl.float32) * h_scale).to(key.dtype).to(tl.float32)
-            sc = tl.math.div_rn(tl.maximum(tl.max(tl.abs(hk), axis=1), 1e-4), 448.0)
-            bits = sc.to(tl.int32, bitcast=True)
-            e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-            sc = (e << 23).to(tl.float32, bitcast=True)
-            qv = tl.minimum(tl.maximum(tl.math.div_rn(hk, sc[:, None]), -448.0), 448.0)
-            if INTERP:
-                qv = round_to_e4m3(qv)
+            qv, sc = _hadamard_e4m3(key, h_ptr, h_scale, offs_d, D, INTERP)
             tl.store(o_rows, qv.to(qo_ptr.dtype.element_ty), mask=hmask[:, None])
             w = w * sc
         else:
@@ -127,14 +112,10 @@ if HAS_TRITON:
         tl.store(wo_ptr + n * s_won + hs, w * softmax_scale, mask=hmask)
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and not n & (n - 1)
-
-
 def index_query_fits(q: torch.Tensor, cos: torch.Tensor) -> bool:
     """Shapes the kernel serves: power-of-two head and rope widths (head >= 16), contiguous last dims."""
     half, d = cos.shape[-1], q.shape[-1]
-    return q.dim() == 3 and _pow2(half) and _pow2(d) and d >= 16 and 2 * half <= d and q.stride(-1) == 1
+    return q.dim() == 3 and is_pow2(half) and is_pow2(d) and d >= 16 and 2 * half <= d and q.stride(-1) == 1
 
 
 def index_query_triton(
