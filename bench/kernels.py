@@ -427,8 +427,8 @@ def moe_cases(batches) -> list[Case]:
 # ---------------------------------------------------------------------------------------------
 # runner
 # ---------------------------------------------------------------------------------------------
-def graph_of(fn: Callable[[], Any]) -> Callable[[], Any] | None:
-    """A CUDA graph replay of fn (None if fn cannot be captured)."""
+def graph_of(fn: Callable[[], Any], calls: int = 1) -> Callable[[], Any] | None:
+    """A CUDA graph replay of `calls` back-to-back calls of fn (None if fn cannot be captured)."""
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -438,7 +438,8 @@ def graph_of(fn: Callable[[], Any]) -> Callable[[], Any] | None:
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            fn()
+            for _ in range(calls):
+                fn()
         return g.replay
     except Exception as exc:  # noqa: BLE001 - reported in the results
         print(f"    (graph capture failed: {type(exc).__name__}: {exc})", file=sys.stderr)

@@ -119,19 +119,13 @@ def check(x: torch.Tensor, k: int, outs: dict[str, torch.Tensor]) -> dict[str, s
     return bad
 
 
-def graph_of(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
-    """A replay of a CUDA graph holding `calls` back-to-back calls of fn."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return g.replay
+def _graph(fn: Callable[[], Any], calls: int) -> Callable[[], Any]:
+    from splitserve.bench.kernels import graph_of
+
+    replay = graph_of(fn, calls)
+    if replay is None:
+        raise RuntimeError("CUDA graph capture failed")
+    return replay
 
 
 def time_us(fn: Callable[[], Any], calls: int, device: str) -> dict[str, float]:
@@ -146,7 +140,7 @@ def time_us(fn: Callable[[], Any], calls: int, device: str) -> dict[str, float]:
     def med(f: Callable[[], Any]) -> float:
         return float(triton.testing.do_bench(f, warmup=10, rep=100, return_mode="median")) * 1e3
 
-    return {"warm_us": med(graph_of(fn, calls)) / calls, "cold_us": med(graph_of(fn, 1))}
+    return {"warm_us": med(_graph(fn, calls)) / calls, "cold_us": med(_graph(fn, 1))}
 
 
 def run_cell(rows: int, width: int, k: int, calls: int, device: str) -> dict[str, Any]:
