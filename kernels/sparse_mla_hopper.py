@@ -58,6 +58,17 @@ def wgmma_fits(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor) 
 if HAS_GLUON:
 
     @gluon.jit
+    def _blocks(pos, bt_ptr, b, s_bt, BS: gl.constexpr):
+        """Positions (-1 = skip) -> (their blocks' ids from the row's block table, valid)."""
+        ok = pos >= 0
+        return gl.load(bt_ptr + b * s_bt + gl.where(ok, pos, 0) // BS, mask=ok, other=0), ok
+
+    @gluon.jit
+    def _offsets(blk, pos, ok, layer, s_l0, s_l1, s_l2, BS: gl.constexpr):
+        """Blocks and positions -> the entries' offsets in the pool."""
+        return blk.to(gl.int64) * s_l0 + layer * s_l1 + (gl.where(ok, pos, 0) % BS).to(gl.int64) * s_l2
+
+    @gluon.jit
     def _tile_offsets(
         idx_ptr, bt_ptr, b, t, end, layer, s_ib, s_bt, s_l0, s_l1, s_l2,
         BS: gl.constexpr, BLOCK_N: gl.constexpr, layout: gl.constexpr,
@@ -65,10 +76,8 @@ if HAS_GLUON:
         """Positions of tile t (synchronously) -> (entry offsets, valid): used outside the main loop."""
         offs = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=layout)
         pos = gl.load(idx_ptr + b * s_ib + offs, mask=offs < end, other=-1)
-        valid = pos >= 0
-        pos = gl.where(valid, pos, 0)
-        blk = gl.load(bt_ptr + b * s_bt + pos // BS, mask=valid, other=0).to(gl.int64)
-        return blk * s_l0 + layer * s_l1 + (pos % BS).to(gl.int64) * s_l2, valid
+        blk, ok = _blocks(pos, bt_ptr, b, s_bt, BS)
+        return _offsets(blk, pos, ok, layer, s_l0, s_l1, s_l2, BS), ok
 
     @gluon.jit
     def _issue(lat_ptr, idx_ptr, b, s_ib, t, end, off_l, ok_l, off_r, ok_r, kl_buf, kr_buf, pos_buf,
@@ -178,10 +187,8 @@ if HAS_GLUON:
                    pos_smem.index(st), DL, DR, BLOCK_N, gather_l, gather_r, pos_l)  # fmt: skip
             cp.commit_group()
             # the next tile's block ids and the one after's positions load while this tile computes
-            ok_nl = pos_nl >= 0
-            blk_nl = gl.load(bt_ptr + b * s_bt + gl.where(ok_nl, pos_nl, 0) // BS, mask=ok_nl, other=0)
-            ok_nr = pos_nr >= 0
-            blk_nr = gl.load(bt_ptr + b * s_bt + gl.where(ok_nr, pos_nr, 0) // BS, mask=ok_nr, other=0)
+            blk_nl, ok_nl = _blocks(pos_nl, bt_ptr, b, s_bt, BS)
+            blk_nr, ok_nr = _blocks(pos_nr, bt_ptr, b, s_bt, BS)
             ahead_l = (t + 2) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_l)
             pos_al = gl.load(idx_ptr + b * s_ib + ahead_l, mask=ahead_l < end, other=-1)
             ahead_r = (t + 2) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_r)
@@ -211,9 +218,9 @@ if HAS_GLUON:
             gl.thread_barrier()  # every warp is done with stage `cur` before it is refilled
 
             # carry the index chain one tile on
-            off_l = blk_nl.to(gl.int64) * s_l0 + layer * s_l1 + (gl.where(ok_nl, pos_nl, 0) % BS).to(gl.int64) * s_l2
+            off_l = _offsets(blk_nl, pos_nl, ok_nl, layer, s_l0, s_l1, s_l2, BS)
             ok_l = ok_nl
-            off_r = blk_nr.to(gl.int64) * s_l0 + layer * s_l1 + (gl.where(ok_nr, pos_nr, 0) % BS).to(gl.int64) * s_l2
+            off_r = _offsets(blk_nr, pos_nr, ok_nr, layer, s_l0, s_l1, s_l2, BS)
             ok_r = ok_nr
             pos_nl = pos_al
             pos_nr = pos_ar
