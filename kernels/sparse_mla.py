@@ -195,9 +195,10 @@ if HAS_TRITON:
         # PREFETCH: a software pipeline over the index chain. Tile i's entry offsets were computed in
         # iteration i-1 (from positions loaded in i-2), so no dependent load (position -> block table
         # -> entry) stands in front of a tile's gather; without it each tile resolves its own offsets.
-        pos = tl.load(idx_ptr + b * s_ib + start + offs_t, mask=start + offs_t < end, other=-1)
-        off, valid = _entry_offsets(pos, bt_ptr, b, layer, s_bt, s_l0, s_l1, s_l2, BS)
-        pos = tl.load(idx_ptr + b * s_ib + start + BLOCK_N + offs_t, mask=start + BLOCK_N + offs_t < end, other=-1)
+        if PREFETCH:
+            pos = tl.load(idx_ptr + b * s_ib + start + offs_t, mask=start + offs_t < end, other=-1)
+            off, valid = _entry_offsets(pos, bt_ptr, b, layer, s_bt, s_l0, s_l1, s_l2, BS)
+            pos = tl.load(idx_ptr + b * s_ib + start + BLOCK_N + offs_t, mask=start + BLOCK_N + offs_t < end, other=-1)
         # tiles past the split's last selected position hold nothing (short rows, prefill rows near
         # the start, contexts under top-k: their -1 padding trails): the loop stops there
         last = start - 1
