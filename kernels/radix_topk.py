@@ -327,21 +327,26 @@ def topk_triton(logits: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor
     """The stream kernel: one program per row, five reads of it in `block` pieces (a power of two < 2^15)."""
     logits = _check(logits, k)
     _check_block(block)
+    out = torch.empty(logits.shape[0], k, device=logits.device, dtype=torch.int32)
+    return _stream_into(logits, out, k, block)
+
+
+def _stream_into(logits: torch.Tensor, out: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
+    """The stream kernel writing into `out` ([B, k] int32, unit column stride, any row stride): every slot of
+    it and nothing else. For bench/topk_diag.py (out a view into a guarded buffer)."""
     bsz, width = logits.shape
-    out = torch.empty(bsz, k, device=logits.device, dtype=torch.int32)
-    if bsz == 0:
-        return out
-    _topk_kernel[(bsz,)](
-        logits,
-        out,
-        width,
-        logits.stride(0),
-        out.stride(0),
-        K=k,
-        BLOCK=block,
-        OBLOCK=min(1024, next_pow2(k)),
-        num_warps=8,
-    )
+    if bsz:
+        _topk_kernel[(bsz,)](
+            logits,
+            out,
+            width,
+            logits.stride(0),
+            out.stride(0),
+            K=k,
+            BLOCK=block,
+            OBLOCK=min(1024, next_pow2(k)),
+            num_warps=8,
+        )
     return out
 
 
@@ -360,20 +365,27 @@ def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None, 
     if width > REG_WIDTH_LIMIT:
         raise ValueError(f"topk_triton_reg takes rows of at most {REG_WIDTH_LIMIT} scores, got {width}")
     out = torch.empty(bsz, k, device=logits.device, dtype=torch.int32)
-    if bsz == 0:
-        return out
-    _topk_reg_kernel[(bsz,)](
-        logits,
-        out,
-        width,
-        logits.stride(0),
-        out.stride(0),
-        K=k,
-        BLOCK=max(16, next_pow2(width)),
-        OBLOCK=min(2048, next_pow2(k)),
-        BITS=bits,
-        num_warps=num_warps or reg_warps(width),
-    )
+    return _reg_into(logits, out, k, num_warps, bits)
+
+
+def _reg_into(
+    logits: torch.Tensor, out: torch.Tensor, k: int, num_warps: int | None = None, bits: int = 6
+) -> torch.Tensor:
+    """The reg kernel writing into `out` ([B, k] int32, unit column stride, any row stride), as _stream_into."""
+    bsz, width = logits.shape
+    if bsz:
+        _topk_reg_kernel[(bsz,)](
+            logits,
+            out,
+            width,
+            logits.stride(0),
+            out.stride(0),
+            K=k,
+            BLOCK=max(16, next_pow2(width)),
+            OBLOCK=min(2048, next_pow2(k)),
+            BITS=bits,
+            num_warps=num_warps or reg_warps(width),
+        )
     return out
 
 
