@@ -608,14 +608,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--mla-kernel",
         default="auto",
-        choices=["auto", "triton"],
-        help="sparse MLA: the Hopper (Gluon, wgmma) kernel where it fits (auto) or the Triton kernel everywhere",
+        choices=["auto", "wgmma", "triton"],
+        help="sparse MLA: the Hopper (Gluon) warp-specialised kernel where it fits (auto), the pipelined Hopper "
+        "kernel where it fits (wgmma), or the Triton kernel everywhere",
     )
     args = ap.parse_args(argv)
-    if args.mla_kernel == "triton":
+    if args.mla_kernel != "auto":
         from splitserve.kernels import sparse_mla
 
-        sparse_mla.WGMMA = False  # read at every call
+        sparse_mla.WGMMA = args.mla_kernel == "wgmma"  # both read at every call
+        sparse_mla.WARP_SPECIALIZED = False
     if args.glue == "unfused":
         from splitserve.kernels import _common, indexer
         from splitserve.model import attention

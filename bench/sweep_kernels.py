@@ -38,10 +38,15 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-MLA_CONFIGS: list[dict[str, Any]] = [  # the Triton kernel (its two best), then the Hopper one's tiles x stages
-    dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=False),
-    dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=True),
-] + [dict(wgmma=True, block_n=n, num_stages=st) for n, st in ((64, 2), (32, 2), (32, 3), (32, 4))]
+MLA_CONFIGS: list[dict[str, Any]] = (
+    [  # the Triton kernel (its two best), the pipelined Hopper one's tiles x
+        # stages, the warp-specialised Hopper one
+        dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=False),
+        dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=True),
+    ]
+    + [dict(wgmma=True, warp_specialized=False, block_n=n, num_stages=st) for n, st in ((64, 2), (32, 2), (32, 3))]
+    + [dict(wgmma=True, warp_specialized=True)]
+)
 
 
 def sweep_mla(rows: int, ceil: dict[str, float], fp8: bool = False) -> list[dict[str, Any]]:
@@ -73,7 +78,11 @@ def sweep_mla(rows: int, ceil: dict[str, float], fp8: bool = False) -> list[dict
         if fp8 and cfg["wgmma"]:
             continue  # bf16 entries only
         try:
-            fn = lambda: K.sparse_mla_decode_triton(ql, qr, latent, 1, bt, idx, 0.1, **cfg)
+            from splitserve.kernels import sparse_mla_hopper as H
+
+            call = {k: v for k, v in cfg.items() if k != "ws_overlap"}
+            H.WS_OVERLAP = cfg.get("ws_overlap", H.WS_OVERLAP)  # read at every call
+            fn = lambda: K.sparse_mla_decode_triton(ql, qr, latent, 1, bt, idx, 0.1, **call)
             err = rel_err(fn()[sub], ref)
             gr = graph_of(fn)
             ms = bench_ms(gr if gr is not None else fn)

@@ -281,7 +281,9 @@ if HAS_TRITON:
         tl.store(o_ptr + b * s_ob + h * s_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
-WGMMA = True  # the Hopper kernel where it fits (bench/engine.py --mla-kernel triton turns it off)
+WGMMA = True  # the Hopper kernels where they fit (bench/engine.py --mla-kernel triton turns them off)
+#: of the Hopper kernels, the warp-specialised one (64-position tiles; bench/engine.py --mla-kernel wgmma: the other)
+WARP_SPECIALIZED = True
 
 
 def _num_splits(bsz: int, head_groups: int, topk: int, block_n: int, sms: int = 132) -> int:
@@ -310,9 +312,11 @@ def sparse_mla_decode_triton(
     num_stages: int = 2,
     prefetch: bool | None = None,
     wgmma: bool | None = None,
+    warp_specialized: bool | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel, or with `wgmma` (default: where it fits, i.e. bf16 entries on Hopper) the
-    Gluon one of kernels/sparse_mla_hopper.py; `num_stages` is then the number of tiles in flight."""
+    """The Triton kernel, or with `wgmma` (default: where it fits, i.e. bf16 entries on Hopper) a
+    Gluon one of kernels/sparse_mla_hopper.py: the warp-specialised kernel (`warp_specialized`, default
+    WARP_SPECIALIZED, 64-position tiles) or the pipelined one, whose `num_stages` is the tiles in flight."""
     require_triton()
     _check(q_lat, q_rope, latent, block_tables, indices)
     bsz, heads, dl = q_lat.shape
@@ -334,6 +338,11 @@ def sparse_mla_decode_triton(
             "the wgmma kernel needs bf16 entries on a Hopper GPU, a multiple of 64 heads, Dl 512, Dr 64, "
             f"block_h 64 and tiles x stages within shared memory (block_n {block_n}, stages {num_stages})"
         )
+    ws = wgmma and (WARP_SPECIALIZED if warp_specialized is None else warp_specialized)
+    if ws and block_n not in (None, 64):
+        if warp_specialized:
+            raise ValueError(f"the warp-specialised kernel takes 64 positions a tile, not block_n {block_n}")
+        ws = False
     block_h = block_h or min(64, heads)
     # FP8 entries: 64 a tile with the offsets one tile ahead (PREFETCH) measured best on an H100
     # (206 us at 64 rows vs 291 for 32 a tile without; bench/results/sparse-mla-h100); bf16 entries
@@ -345,8 +354,11 @@ def sparse_mla_decode_triton(
         raise ValueError(f"heads {heads} must be a multiple of block_h {block_h} >= 16; Dl, Dr powers of two")
     groups = heads // block_h
     sms = torch.cuda.get_device_properties(q_lat.device).multi_processor_count if q_lat.is_cuda else 132
-    splits = num_splits or _num_splits(bsz, groups, topk, block_n, sms)
-    split_len = triton.cdiv(triton.cdiv(topk, splits), block_n) * block_n
+    # the warp-specialised kernel takes tiles in pairs (one a computing group): splits of whole pairs, or a
+    # one-tile split would leave a group idle (at batch 1: 16 splits of 128 positions rather than 32 of 64)
+    unit = 2 * block_n if ws else block_n
+    splits = num_splits or _num_splits(bsz, groups, topk, unit, sms)
+    split_len = triton.cdiv(triton.cdiv(topk, splits), unit) * unit
     splits = triton.cdiv(topk, split_len)
     splits_p2 = 1 << (splits - 1).bit_length()
     out = torch.empty(bsz, heads, dl, device=q_lat.device, dtype=q_lat.dtype)
@@ -395,7 +407,14 @@ def sparse_mla_decode_triton(
         MULTI=splits_p2 > 1,
         SCAN=min(1024, triton.next_power_of_2(split_len)),
     )
-    if wgmma:
+    if ws:
+        from . import sparse_mla_hopper as H
+
+        # 4 warps of its own (the gathering group) + 2 computing groups of 4 (warp_specialize)
+        H._sparse_mla_ws_kernel[grid](
+            q_lat, q_rope, latent, *rest, **shape, OVERLAP=H.WS_OVERLAP, num_warps=4, maxnreg=H.WS_MAXNREG
+        )
+    elif wgmma:
         from .sparse_mla_hopper import _sparse_mla_wgmma_kernel
 
         _sparse_mla_wgmma_kernel[grid](q_lat, q_rope, latent, *rest, **shape, STAGES=num_stages, num_warps=8)

@@ -94,7 +94,13 @@ def test_sparse_mla_gpu_real_shapes(bsz):
     if hopper:
         for block_n, stages in ((64, 2), (32, 3)):
             out = K.sparse_mla_decode_triton(
-                q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, block_n=block_n, num_stages=stages
+                q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, block_n=block_n, num_stages=stages,
+                warp_specialized=False,
+            )  # fmt: skip
+            assert rel(out, ref) < 1e-2
+        for splits in (None, 1, 4):  # by default one split at 8 and 64 rows, 16 at 1 row
+            out = K.sparse_mla_decode_triton(
+                q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, warp_specialized=True, num_splits=splits
             )
             assert rel(out, ref) < 1e-2
 
@@ -103,19 +109,54 @@ hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 
 
 @pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("ws", [True, False])
 @pytest.mark.parametrize("splits", [1, 2, 3])
-def test_sparse_mla_wgmma_short_rows(splits):
-    """The Hopper kernel where rows select fewer positions than top-k (-1 padding), top-k is not a
-    multiple of the tile, and splits end mid-tile; a row with nothing selected gives zeros."""
+def test_sparse_mla_wgmma_short_rows(splits, ws):
+    """The Hopper kernels where rows select fewer positions than top-k (-1 padding), top-k is not a
+    multiple of the tile, and splits end mid-tile (or mid-pair of tiles); a row with nothing selected gives
+    zeros."""
     q_lat, q_rope, latent, layer, bt, idx = make_case(
         4, 128, 512, 64, 64, 40, [300, 50, 120, 90], 200, torch.bfloat16, "cuda"
     )
     q_lat, q_rope = q_lat * 0.05, q_rope * 0.05
     idx[3] = -1
     ref = K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5)
-    out = K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, num_splits=splits)
+    out = K.sparse_mla_decode_triton(
+        q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, num_splits=splits, warp_specialized=ws
+    )
     assert rel(out[:3], ref[:3]) < 1e-2
     assert out[3].abs().max() == 0
+
+
+@pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("bs,topk", [(16, 128), (64, 2048)])
+def test_sparse_mla_ws_is_deterministic_and_equals_the_pipelined_kernel(bs, topk):
+    """Engine-like shapes (64 heads, rows of many lengths, one or several pairs of tiles): repeated calls of
+    the warp-specialised kernel are bitwise equal (a race between its warp groups would show), with the
+    remote product left in flight or not, and within bf16 rounding of the pipelined kernel and the reference."""
+    from splitserve.kernels import sparse_mla_hopper as H
+
+    lens = [max(1, 3000 - 37 * i) for i in range(80)]
+    q_lat, q_rope, latent, layer, bt, idx = make_case(
+        80, 64, 512, 64, bs, 80 * (-(-3000 // bs)) + 4, lens, topk, torch.bfloat16, "cuda"
+    )
+    q_lat, q_rope = q_lat * 0.05, q_rope * 0.05
+    ref = K.sparse_mla_decode_ref(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5)
+    piped = K.sparse_mla_decode_triton(
+        q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, warp_specialized=False
+    )
+    saved = H.WS_OVERLAP
+    try:
+        for overlap in (True, False):
+            H.WS_OVERLAP = overlap
+            runs = [
+                K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, warp_specialized=True)
+                for _ in range(20)
+            ]
+            assert all(torch.equal(r, runs[0]) for r in runs), f"overlap={overlap}: calls differ"
+            assert rel(runs[0], ref) < 1e-2 and rel(runs[0], piped) < 1e-2
+    finally:
+        H.WS_OVERLAP = saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +213,11 @@ def test_sparse_mla_fp8_gpu_real_shapes(bsz):
 def test_wgmma_smem_estimate_and_refusals():
     """The shared-memory estimate equals what the compiler reported for the measured launches (sm_90,
     triton 3.6), and an explicit wgmma=True that cannot run is refused with a message."""
-    from splitserve.kernels.sparse_mla_hopper import SMEM_LIMIT, smem_bytes
+    from splitserve.kernels.sparse_mla_hopper import SMEM_LIMIT, smem_bytes, ws_smem_bytes
 
     assert smem_bytes(64, 2) == smem_bytes(32, 4) == 225792 and smem_bytes(32, 3) == 188800
     assert smem_bytes(64, 2) <= SMEM_LIMIT < smem_bytes(64, 3)
+    assert 222544 <= ws_smem_bytes() <= SMEM_LIMIT  # the warp-specialised kernel, with and without splits
     q_lat, q_rope, latent, layer, bt, idx = make_case(1, 16, 32, 16, 16, 8, [20], 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="wgmma"):
         K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 0.1, wgmma=True)
