@@ -183,9 +183,12 @@ def test_a_failed_capture_keeps_outputs_exact(kernel_net32, monkeypatch) -> None
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU"
 )
 def test_hopper_sparse_mla_in_the_engine_equals_the_triton_kernel(tmp_path_factory) -> None:
-    """DeepSeek-V3.2's attention widths (64 heads here, latent 512, rope 64) in a small net, bf16: the engine's
-    sparse MLA runs the Gluon wgmma kernel (kernels/sparse_mla_hopper.py) in eager steps and CUDA graphs; its
-    greedy tokens equal those of the same engine on the Triton kernel (itself tested against the reference)."""
+    """DeepSeek-V3.2's attention widths (64 heads here, latent 512, rope 64) in a small net, bf16: every sparse
+    MLA call of an eager run (prefill chunks and decode steps, as the engine shapes them) is computed by the
+    default Hopper kernel (the warp-specialised Gluon one) and by the Triton kernel (itself tested against the
+    reference): equal within bf16 rounding; and the engine on the Hopper kernel gives the same tokens with CUDA
+    graphs as eager. (Greedy tokens of the two kernels are not compared: with random weights a bf16 rounding
+    difference can flip a near-tie argmax; on an H100 one of four prefill tokens did.)"""
     from dataclasses import replace
 
     from splitserve.kernels import sparse_mla
@@ -196,41 +199,30 @@ def test_hopper_sparse_mla_in_the_engine_equals_the_triton_kernel(tmp_path_facto
     net = load(path, device="cuda", dtype=torch.bfloat16)
     prompts = random_prompts([500, 200, 130, 33], net.cfg.vocab_size, seed=7)  # 500, 200, 130 > index_topk 128
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    calls = {"wgmma": 0}
     real = sparse_mla.sparse_mla_decode_triton
+    errors: list[float] = []
 
-    def counted(*args, **kw):
+    def both(*args, **kw):
         out = real(*args, **kw)
-        calls["wgmma"] += bool(sparse_mla.WGMMA) and sparse_mla.wgmma_fits(args[0], args[1], args[2])
+        if not torch.cuda.is_current_stream_capturing() and sparse_mla.wgmma_fits(args[0], args[1], args[2]):
+            ref = real(*args, **{**kw, "wgmma": False})
+            errors.append(float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)))
         return out
 
     out = {}
-    saved = sparse_mla.WGMMA
-    try:
-        for wgmma in (True, False):
-            sparse_mla.WGMMA = wgmma
-            for graphs in (False, True):
-                eng = Engine(
-                    net,
-                    EngineConfig(
-                        num_blocks=128,
-                        block_size=16,
-                        chunk_size=256,
-                        device="cuda",
-                        dtype="bfloat16",
-                        cuda_graphs=graphs,
-                    ),
-                )
-                sparse_mla.sparse_mla_decode_triton = counted
-                try:
-                    out[wgmma, graphs] = [r.token_ids for r in eng.generate(prompts, params)]
-                finally:
-                    sparse_mla.sparse_mla_decode_triton = real
-                assert eng.blocks_used == 0
-    finally:
-        sparse_mla.WGMMA = saved
-    assert calls["wgmma"] > 0, "the Hopper kernel never ran"
-    assert out[True, True] == out[True, False]  # graphs replay what eager steps computed
-    assert [t[0] for t in out[True, False]] == [t[0] for t in out[False, False]]  # the prefill's token
-    same = sum(a == b for x, y in zip(out[True, False], out[False, False]) for a, b in zip(x, y))
-    assert same >= 0.9 * sum(len(t) for t in out[False, False]), (out[True, False], out[False, False])
+    for graphs in (False, True):
+        eng = Engine(
+            net,
+            EngineConfig(
+                num_blocks=128, block_size=16, chunk_size=256, device="cuda", dtype="bfloat16", cuda_graphs=graphs
+            ),
+        )
+        sparse_mla.sparse_mla_decode_triton = both
+        try:
+            out[graphs] = [r.token_ids for r in eng.generate(prompts, params)]
+        finally:
+            sparse_mla.sparse_mla_decode_triton = real
+        assert eng.blocks_used == 0
+    assert len(errors) >= 2 * cfg.num_hidden_layers, "the Hopper kernel never ran"  # prefill and decode calls
+    assert max(errors) < 1e-2, errors
+    assert out[True] == out[False]  # graphs replay what eager steps computed
