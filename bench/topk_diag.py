@@ -176,6 +176,8 @@ def _line(c: dict[str, Any]) -> str:
         extra += f" unwritten {c['unwritten_count']} in rows {c['unwritten_rows'][:4]}"
     if "error" in c:
         extra += " " + c["error"][:120]
+    if "rows" not in c:  # an engine run's own entry (its error)
+        return f"{c['variant']:6} {c.get('run', '')} -> {c['status']}{extra}"
     head = f"{c['variant']:6} rows {c['rows']:4} width {c['width']:5} k {c['k']:4} {c['kind']:6} {c['layout']:4}"
     return f"{head} -> {c['status']}{extra}"
 

@@ -460,9 +460,15 @@ def topk_triton_split(logits: torch.Tensor, k: int, block: int | None = None) ->
 MIN_ROWS = 64
 #: widest row `topk` gives the reg kernel (its keys live in registers: 32 per thread at 16 warps; the kernel
 #: takes up to 16384). 0 for now: the reg kernel passes tests/kernels/test_topk.py on an H100 (78 tests,
-#: exact order) but inside the engine (tests/engine/test_engine_cuda.py, prefill chunks of 64-128 rows of
-#: width ~300 with k = 128) it changed fp32 greedy tokens and, with bf16 + the FP8 indexer, led to an
-#: illegal memory access; with it off (stream from 64 rows) those tests pass. Cause not found yet.
+#: exact order) but inside the engine it changed fp32 greedy tokens and, with bf16 + the FP8 indexer, led to
+#: an illegal memory access. Located on an H100 (bench/topk_diag.py --engine, bench/results/topk-diag-h100):
+#: on an engine call of 142 rows x 304 scores, k 128, it left the tie slot of 7 rows unwritten (garbage
+#: indices, which sparse MLA then reads); the interpreter gives the exact output on the same scores. It fails
+#: only with 6-bit digits at 4 warps (the default for rows up to 2048) and a width divisible by 16: 5, 7 or
+#: 8 bits, 8 or 16 warps, width 300, or the kernel compiled without integer specialisation
+#: (do_not_specialize width and strides) all give the exact output there: a triton 3.6 sm_90 code-generation
+#: fault around the 64-bin histogram held over 128 threads with 4-element vectors. Before raising this: pick
+#: one of those (and a test that reaches it), then rerun topk_diag --engine and the engine CUDA tests.
 REG_MAX_WIDTH = 0
 REG_WIDTH_LIMIT = 16384
 #: rows wider than REG_MAX_WIDTH: the split kernel up to this many rows, the stream kernel beyond
