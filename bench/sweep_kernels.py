@@ -38,15 +38,14 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-MLA_CONFIGS: list[dict[str, Any]] = (
-    [  # the Triton kernel (its two best), the pipelined Hopper one's tiles x
-        # stages, the warp-specialised Hopper one
-        dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=False),
-        dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=True),
-    ]
-    + [dict(wgmma=True, warp_specialized=False, block_n=n, num_stages=st) for n, st in ((64, 2), (32, 2), (32, 3))]
-    + [dict(wgmma=True, warp_specialized=True)]
-)
+#: the Triton kernel (its two best), the pipelined Hopper kernel's tiles x stages, the warp-specialised Hopper
+#: kernel with its remote product left in flight (the default) or waited for
+MLA_CONFIGS: list[dict[str, Any]] = [
+    dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=False),
+    dict(wgmma=False, block_n=64, num_warps=8, num_stages=2, prefetch=True),
+    *(dict(wgmma=True, warp_specialized=False, block_n=n, num_stages=st) for n, st in ((64, 2), (32, 2), (32, 3))),
+    *(dict(wgmma=True, warp_specialized=True, ws_overlap=o) for o in (True, False)),
+]
 
 
 def sweep_mla(rows: int, ceil: dict[str, float], fp8: bool = False) -> list[dict[str, Any]]:
@@ -73,15 +72,16 @@ def sweep_mla(rows: int, ceil: dict[str, float], fp8: bool = False) -> list[dict
     ref = K.sparse_mla_decode_ref(ql[sub], qr[sub], latent, 1, bt[sub], idx[sub], 0.1)
     nbytes = rows * TOPK * latent.shape[-1] * latent.element_size()
     flops = rows * HEADS * TOPK * (2 * KV_LORA + ROPE) * 2
+    from splitserve.kernels import sparse_mla_hopper as H
+
     out: list[dict[str, Any]] = []
+    overlap = H.WS_OVERLAP
     for cfg in MLA_CONFIGS:
         if fp8 and cfg["wgmma"]:
             continue  # bf16 entries only
         try:
-            from splitserve.kernels import sparse_mla_hopper as H
-
             call = {k: v for k, v in cfg.items() if k != "ws_overlap"}
-            H.WS_OVERLAP = cfg.get("ws_overlap", H.WS_OVERLAP)  # read at every call
+            H.WS_OVERLAP = cfg.get("ws_overlap", overlap)  # read at every call
             fn = lambda: K.sparse_mla_decode_triton(ql, qr, latent, 1, bt, idx, 0.1, **call)
             err = rel_err(fn()[sub], ref)
             gr = graph_of(fn)
@@ -105,6 +105,7 @@ def sweep_mla(rows: int, ceil: dict[str, float], fp8: bool = False) -> list[dict
             f"bytes {r['bytes_ratio']:.2f} flops {r['flops_ratio']:.2f}",
             flush=True,
         )
+    H.WS_OVERLAP = overlap
     return out
 
 
