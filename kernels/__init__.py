@@ -11,7 +11,7 @@ the references on a CPU.
 |---|---|
 | indexer_topk_decode(q, weights, k_cache, k_scale, layer, block_tables, seq_lens, topk) | q [B, 64, 128] bf16 or e4m3, keys paged [NB, L, 64, 128] (+ fp32 scales) -> [B, topk] int32 |
 | indexer_logits_decode(...) | the scores [B, W] fp32 before top-k |
-| sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] (or uint8 656-byte FP8 entries) -> [B, 128, 512]; bf16 entries on Hopper: the Gluon wgmma kernel (sparse_mla_hopper.py) |
+| sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] (or uint8 656-byte FP8 entries) -> [B, 128, 512]; bf16 entries on Hopper: the warp-specialised Gluon kernel (sparse_mla_hopper.py) |
 | index_query(q, w, cos, sin, interleaved, hadamard, softmax_scale, out_dtype) | wq_b / weights_proj outputs [N, 64, 128], [N, 64] -> the indexer's q (rope, Hadamard, e4m3) and weights, one launch |
 | topk(logits, k) | [B, W] fp32 (-inf = not visible) -> [B, k] int32 (-1 padding); torch.topk below 64 rows, the stream radix select (one launch) from 64; reg / split variants not yet chosen (radix_topk.choose_kernel) |
 | kv_write(kv_a, k_idx, cos, sin, norms..., hadamard, latent, ikeys, iscale, layer, slots) | a layer's new latent entries + indexer keys (norms, rope, Hadamard, e4m3) into the pools, one launch |

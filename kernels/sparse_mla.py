@@ -44,7 +44,7 @@ import math
 import torch
 
 from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
-from .sparse_mla_hopper import SMEM_LIMIT, smem_bytes, wgmma_fits
+from .sparse_mla_hopper import SMEM_LIMIT, smem_bytes, wgmma_fits, ws_smem_bytes
 
 
 def fp8_token_bytes(dl: int, dr: int) -> int:
@@ -316,7 +316,9 @@ def sparse_mla_decode_triton(
 ) -> torch.Tensor:
     """The Triton kernel, or with `wgmma` (default: where it fits, i.e. bf16 entries on Hopper) a
     Gluon one of kernels/sparse_mla_hopper.py: the warp-specialised kernel (`warp_specialized`, default
-    WARP_SPECIALIZED, 64-position tiles) or the pipelined one, whose `num_stages` is the tiles in flight."""
+    WARP_SPECIALIZED, 64-position tiles) or the pipelined one, whose `num_stages` is the tiles in flight.
+    The warp-specialised kernel splits top-k in whole pairs of tiles: `num_splits` is rounded to that (fewer
+    splits than asked where top-k / num_splits is not a multiple of 128)."""
     require_triton()
     _check(q_lat, q_rope, latent, block_tables, indices)
     bsz, heads, dl = q_lat.shape
@@ -325,24 +327,23 @@ def sparse_mla_decode_triton(
     bs = latent.shape[2]
     if latent.stride(3) != 1 or q_lat.stride(2) != 1 or q_rope.stride(2) != 1 or indices.stride(1) != 1:
         raise ValueError("latent, q_lat, q_rope and indices need a contiguous last dimension")
-    # the Hopper kernel: 64 heads a program, 8 warps, its tiles and stages within shared memory
-    fits = (
-        wgmma_fits(q_lat, q_rope, latent)
-        and block_h in (None, 64)
-        and smem_bytes(block_n or 64, num_stages) <= SMEM_LIMIT
-    )
-    if wgmma is None:
-        wgmma = WGMMA and fits
-    elif wgmma and not fits:
+    # the Hopper kernels: 64 heads a program; the warp-specialised one 64 positions a tile, the pipelined one
+    # its tiles x stages within shared memory
+    hopper = wgmma_fits(q_lat, q_rope, latent) and block_h in (None, 64)
+    ws_fits = hopper and block_n in (None, 64) and ws_smem_bytes() <= SMEM_LIMIT
+    piped_fits = hopper and smem_bytes(block_n or 64, num_stages) <= SMEM_LIMIT
+    want_ws = WARP_SPECIALIZED if warp_specialized is None else warp_specialized
+    if warp_specialized and wgmma is False:
+        raise ValueError("warp_specialized=True is a Hopper kernel: it needs wgmma True or None")
+    if wgmma is None:  # an explicit warp_specialized=True asks for that kernel whatever the module switch
+        wgmma = ws_fits if warp_specialized else WGMMA and (piped_fits or want_ws and ws_fits)
+    ws = wgmma and want_ws and ws_fits
+    if wgmma and not (ws or piped_fits) or warp_specialized and not ws:
         raise ValueError(
-            "the wgmma kernel needs bf16 entries on a Hopper GPU, a multiple of 64 heads, Dl 512, Dr 64, "
-            f"block_h 64 and tiles x stages within shared memory (block_n {block_n}, stages {num_stages})"
+            "the wgmma kernels need bf16 entries on a Hopper GPU, 16-byte aligned tensors and strides, a multiple "
+            f"of 64 heads, Dl 512, Dr 64, block_h 64 and (warp-specialised) block_n 64 or (pipelined) tiles x "
+            f"stages within shared memory (block_n {block_n}, stages {num_stages})"
         )
-    ws = wgmma and (WARP_SPECIALIZED if warp_specialized is None else warp_specialized)
-    if ws and block_n not in (None, 64):
-        if warp_specialized:
-            raise ValueError(f"the warp-specialised kernel takes 64 positions a tile, not block_n {block_n}")
-        ws = False
     block_h = block_h or min(64, heads)
     # FP8 entries: 64 a tile with the offsets one tile ahead (PREFETCH) measured best on an H100
     # (206 us at 64 rows vs 291 for 32 a tile without; bench/results/sparse-mla-h100); bf16 entries

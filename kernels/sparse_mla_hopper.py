@@ -60,15 +60,23 @@ def smem_bytes(block_n: int, stages: int, dl: int = 512, dr: int = 64) -> int:
     return 2 * 64 * (dl + dr) + stages * block_n * (2 * (dl + dr) + 4) + 4096
 
 
+def aligned_16(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors' 16-byte cp.async gathers are legal: each starts 16-byte aligned and every stride
+    but the last (unit) one is a multiple of 16 elements (what the JIT specialises on; with less it cannot
+    prove the alignment and refuses to compile the 16-byte copies)."""
+    return all(t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
 def wgmma_fits(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor) -> bool:
-    """Whether the Hopper kernel serves these tensors (else the Triton kernel does)."""
+    """Whether the Hopper kernels serve these tensors (else the Triton kernel does)."""
     if not (HAS_GLUON and q_lat.is_cuda and latent.dtype == torch.bfloat16 and q_lat.dtype == torch.bfloat16):
         return False
     if torch.cuda.get_device_capability(q_lat.device)[0] != 9:
         return False
     heads, dl, dr = q_lat.shape[1], q_lat.shape[2], q_rope.shape[2]
-    # the widths it was tested and measured at (DeepSeek-V3.2's); others take the Triton kernel
-    return heads % 64 == 0 and dl == 512 and dr == 64 and latent.shape[-1] == dl + dr
+    # the widths they were tested and measured at (DeepSeek-V3.2's); others take the Triton kernel
+    widths = heads % 64 == 0 and dl == 512 and dr == 64 and latent.shape[-1] == dl + dr
+    return widths and aligned_16(q_lat, q_rope, latent)
 
 
 if HAS_GLUON:
@@ -257,7 +265,7 @@ if HAS_GLUON:
 # ---------------------------------------------------------------------------------------------
 # warp-specialised: a gathering warp group and two computing ones that take alternate tiles
 # ---------------------------------------------------------------------------------------------
-# Shared memory (216 KB): Q in three parts (latent columns 0-255 "lo", 256-511 "hi", rope "r"); two tile
+# Shared memory (~217 KB): Q in three parts (latent columns 0-255 "lo", 256-511 "hi", rope "r"); two tile
 # buffers w = 0, 1, each split the same way. Computing warp group w takes the tiles 2j + w (buffer w):
 # it computes S = Q.K^T of its tile alone (64 heads x 64 positions, no work shared), and its output
 # columns are the half of the value dimension it owns (group 0: lo, group 1: hi). So each tile's P.V is
@@ -272,7 +280,8 @@ if HAS_GLUON:
 
 def ws_smem_bytes(dl: int = 512, dr: int = 64, block_n: int = 64) -> int:
     """Shared memory of the warp-specialised kernel: Q, two tile buffers, the row statistics, the barriers
-    and 256 bytes for alignment and the scan's scratch (the compiler reported 222528 / 222544 with splits)."""
+    and 256 bytes for alignment and the scan's scratch: 222584, at least the 222528 / 222544 (with splits)
+    the compiler reported (triton 3.6, sm_90)."""
     return 2 * 64 * (dl + dr) + 2 * 2 * block_n * (dl + dr) + 4 * 64 * 4 + 15 * 8 + 256
 
 
@@ -484,6 +493,7 @@ if HAS_GLUON:
         gl.static_assert(gl.num_warps() == 4, "the first computing warp group runs the kernel's own warps")
         gl.static_assert(BLOCK_H == 64, "64 heads a program (wgmma M)")
         gl.static_assert(BLOCK_N == 64, "64 positions a tile")
+        gl.static_assert(DR == BLOCK_N, "P [64 heads, BLOCK_N] is written over a tile's rope part [BLOCK_N, DR]")
         HALF: gl.constexpr = DL // 2
         smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
@@ -502,7 +512,8 @@ if HAS_GLUON:
         k_lo = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, HALF], smem_l)
         k_hi = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, HALF], smem_l)
         k_r = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DR], smem_l)
-        stats = gl.allocate_shared_memory(gl.float32, [4, BLOCK_H], flat)
+        stats = gl.allocate_shared_memory(gl.float32, [4, BLOCK_H], flat)  # rows m0, m1, l0, l1 (flat: rank 1 fits
+        # a buffer used row by row through .index)
         bars = gl.allocate_shared_memory(gl.int64, [_N_BARRIERS, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(_N_BARRIERS):
             if i < _FREE_OWN or i == _Q_READY:  # arrived on by every producer thread's cp.async

@@ -201,12 +201,14 @@ def test_hopper_sparse_mla_in_the_engine_equals_the_triton_kernel(tmp_path_facto
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     real = sparse_mla.sparse_mla_decode_triton
     errors: list[float] = []
+    rows: list[int] = []
 
     def both(*args, **kw):
         out = real(*args, **kw)
         if not torch.cuda.is_current_stream_capturing() and sparse_mla.wgmma_fits(args[0], args[1], args[2]):
             ref = real(*args, **{**kw, "wgmma": False})
             errors.append(float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)))
+            rows.append(args[0].shape[0])
         return out
 
     out = {}
@@ -223,6 +225,7 @@ def test_hopper_sparse_mla_in_the_engine_equals_the_triton_kernel(tmp_path_facto
         finally:
             sparse_mla.sparse_mla_decode_triton = real
         assert eng.blocks_used == 0
-    assert len(errors) >= 2 * cfg.num_hidden_layers, "the Hopper kernel never ran"  # prefill and decode calls
+    assert errors, "the Hopper kernel never ran"
+    assert any(n <= len(prompts) for n in rows), "no decode step compared"  # prefill chunks have more rows
     assert max(errors) < 1e-2, errors
     assert out[True] == out[False]  # graphs replay what eager steps computed

@@ -98,7 +98,7 @@ def test_sparse_mla_gpu_real_shapes(bsz):
                 warp_specialized=False,
             )  # fmt: skip
             assert rel(out, ref) < 1e-2
-        for splits in (None, 1, 4):  # by default one split at 8 and 64 rows, 16 at 1 row
+        for splits in (None, 1, 4):  # by default (pairs of tiles) 16 splits at 1 row, 8 at 8 rows, 1 at 64
             out = K.sparse_mla_decode_triton(
                 q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, wgmma=True, warp_specialized=True, num_splits=splits
             )
@@ -129,8 +129,8 @@ def test_sparse_mla_wgmma_short_rows(splits, ws):
 
 
 @pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("bs,topk", [(16, 128), (64, 2048)])
-def test_sparse_mla_ws_is_deterministic_and_equals_the_pipelined_kernel(bs, topk):
+@pytest.mark.parametrize("bs,topk,splits", [(16, 128, None), (64, 2048, None), (64, 2048, 4)])
+def test_sparse_mla_ws_is_deterministic_and_equals_the_pipelined_kernel(bs, topk, splits):
     """Engine-like shapes (64 heads, rows of many lengths, one or several pairs of tiles): repeated calls of
     the warp-specialised kernel are bitwise equal (a race between its warp groups would show), with the
     remote product left in flight or not, and within bf16 rounding of the pipelined kernel and the reference."""
@@ -150,7 +150,9 @@ def test_sparse_mla_ws_is_deterministic_and_equals_the_pipelined_kernel(bs, topk
         for overlap in (True, False):
             H.WS_OVERLAP = overlap
             runs = [
-                K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, warp_specialized=True)
+                K.sparse_mla_decode_triton(
+                    q_lat, q_rope, latent, layer, bt, idx, 192**-0.5, warp_specialized=True, num_splits=splits
+                )
                 for _ in range(20)
             ]
             assert all(torch.equal(r, runs[0]) for r in runs), f"overlap={overlap}: calls differ"
@@ -221,3 +223,18 @@ def test_wgmma_smem_estimate_and_refusals():
     q_lat, q_rope, latent, layer, bt, idx = make_case(1, 16, 32, 16, 16, 8, [20], 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="wgmma"):
         K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 0.1, wgmma=True)
+    with pytest.raises(ValueError, match="wgmma"):
+        K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 0.1, warp_specialized=True)
+    with pytest.raises(ValueError, match="Hopper kernel"):
+        K.sparse_mla_decode_triton(q_lat, q_rope, latent, layer, bt, idx, 0.1, wgmma=False, warp_specialized=True)
+
+
+def test_hopper_kernels_need_16_byte_aligned_tensors():
+    """The Hopper kernels' 16-byte cp.async gathers: tensors starting off a 16-byte boundary or with a stride
+    that is not a multiple of 16 elements are not theirs (the launcher falls back instead of failing to compile)."""
+    from splitserve.kernels.sparse_mla_hopper import aligned_16
+
+    x = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
+    assert aligned_16(x, x[:, :, 512:], x[1:])  # q_rope as a slice of a fused projection, a sub-batch
+    assert not aligned_16(x, x[:, :, 4:])  # 8 bytes in
+    assert not aligned_16(torch.zeros(4, 64, 584, dtype=torch.bfloat16)[..., :576])  # rows 584 elements apart
