@@ -82,6 +82,31 @@ def wgmma_fits(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor) 
 if HAS_GLUON:
 
     @gluon.jit
+    def _program_split(topk, split_len, GROUPS: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
+        """This program's (row, first head, split, the split's positions start..end, its first tile)."""
+        pid = gl.program_id(0)
+        sp = gl.program_id(1)
+        start = sp * split_len
+        end = gl.minimum(start + split_len, topk)
+        return pid // GROUPS, (pid % GROUPS) * BLOCK_H, sp, start, end, start // BLOCK_N  # split_len: BLOCK_N's
+
+    @gluon.jit
+    def _last_selected(idx_ptr, b, s_ib, start, end, SCAN: gl.constexpr, layout: gl.constexpr):
+        """The split's last selected position (start - 1 if none). Tiles past it hold nothing (short rows,
+        prefill rows near the start, contexts under top-k: their -1 padding trails)."""
+        last = start - 1
+        for c0 in range(start, end, SCAN):
+            j = c0 + gl.arange(0, SCAN, layout=layout)
+            pj = gl.load(idx_ptr + b * s_ib + j, mask=j < end, other=-1)
+            last = gl.maximum(last, gl.max(gl.where(pj >= 0, j, -1), axis=0))
+        return last
+
+    @gluon.jit
+    def _lse(m, l):
+        """log2 of the softmax denominator at running max m (base-2 units), -inf where nothing was selected."""
+        return gl.where(l > 0.0, m + gl.log2(gl.where(l > 0.0, l, 1.0)), float("-inf"))
+
+    @gluon.jit
     def _blocks(pos, bt_ptr, b, s_bt, BS: gl.constexpr):
         """Positions (-1 = skip) -> (their blocks' ids from the row's block table, valid)."""
         ok = pos >= 0
@@ -145,13 +170,7 @@ if HAS_GLUON:
         pos_l: gl.constexpr = gl.BlockedLayout([1], [32], [8], [0])
         pos_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
-        pid = gl.program_id(0)
-        b = pid // GROUPS
-        h0 = (pid % GROUPS) * BLOCK_H
-        sp = gl.program_id(1)
-        start = sp * split_len
-        end = gl.minimum(start + split_len, topk)
-        t0 = start // BLOCK_N  # split_len is a multiple of BLOCK_N
+        b, h0, sp, start, end, t0 = _program_split(topk, split_len, GROUPS, BLOCK_H, BLOCK_N)
 
         # Q into shared memory, once
         hq = h0 + gl.arange(0, BLOCK_H, layout=row_l)
@@ -190,13 +209,7 @@ if HAS_GLUON:
         nxt_r = (t0 + STAGES) * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_r)
         pos_nr = gl.load(idx_ptr + b * s_ib + nxt_r, mask=nxt_r < end, other=-1)
 
-        # tiles past the split's last selected position hold nothing (short rows, prefill rows near the
-        # start, contexts under top-k: their -1 padding trails): scanned while the first tiles load
-        last = start - 1
-        for c0 in range(start, end, SCAN):
-            j = c0 + gl.arange(0, SCAN, layout=pos_l)
-            pj = gl.load(idx_ptr + b * s_ib + j, mask=j < end, other=-1)
-            last = gl.maximum(last, gl.max(gl.where(pj >= 0, j, -1), axis=0))
+        last = _last_selected(idx_ptr, b, s_ib, start, end, SCAN, pos_l)  # scanned while the first tiles load
         n_tiles = gl.cdiv(last + 1 - start, BLOCK_N)
 
         m = gl.full([BLOCK_H], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -258,8 +271,7 @@ if HAS_GLUON:
         gl.store(o_ptr + b * s_ob + ho[:, None] * s_oh + sp * s_os + co[None, :], out.to(o_ptr.dtype.element_ty))
         if MULTI:
             hs = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
-            lse = gl.where(l > 0.0, m + gl.log2(gl.where(l > 0.0, l, 1.0)), float("-inf"))
-            gl.store(lse_ptr + b * s_lb + hs * s_lh + sp, lse)
+            gl.store(lse_ptr + b * s_lb + hs * s_lh + sp, _lse(m, l))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,8 +491,7 @@ if HAS_GLUON:
         gl.store(o_ptr + b * s_ob + ho[:, None] * s_oh + sp * s_os + co[None, :], out.to(o_ptr.dtype.element_ty))
         if MULTI and WG == 0:
             hs = h0 + gl.arange(0, 64, layout=row_s)
-            lse = gl.where(l > 0.0, m + gl.log2(gl.where(l > 0.0, l, 1.0)), float("-inf"))
-            gl.store(lse_ptr + b * s_lb + hs * s_lh + sp, lse)
+            gl.store(lse_ptr + b * s_lb + hs * s_lh + sp, _lse(m, l))
 
     @gluon.jit
     def _sparse_mla_ws_kernel(
@@ -499,13 +510,7 @@ if HAS_GLUON:
         flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         pos_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
 
-        pid = gl.program_id(0)
-        b = pid // GROUPS
-        h0 = (pid % GROUPS) * BLOCK_H
-        sp = gl.program_id(1)
-        start = sp * split_len
-        end = gl.minimum(start + split_len, topk)
-        t0 = start // BLOCK_N  # split_len is a multiple of BLOCK_N
+        b, h0, sp, start, end, t0 = _program_split(topk, split_len, GROUPS, BLOCK_H, BLOCK_N)
 
         q_l = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, HALF], smem_l)  # latent columns 0-255, 256-511
         q_r = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, DR], smem_l)
@@ -521,12 +526,7 @@ if HAS_GLUON:
             else:
                 mbarrier.init(bars.index(i), count=1)
 
-        # tiles past the split's last selected position hold nothing (module docstring of the other kernel)
-        last = start - 1
-        for c0 in range(start, end, SCAN):
-            jj = c0 + gl.arange(0, SCAN, layout=pos_l)
-            pj = gl.load(idx_ptr + b * s_ib + jj, mask=jj < end, other=-1)
-            last = gl.maximum(last, gl.max(gl.where(pj >= 0, jj, -1), axis=0))
+        last = _last_selected(idx_ptr, b, s_ib, start, end, SCAN, pos_l)
         n_pairs = gl.cdiv(gl.cdiv(last + 1 - start, BLOCK_N), 2)
 
         # the producer runs in the kernel's own warps (the default partition: it gets the registers the
