@@ -18,6 +18,7 @@ the references on a CPU.
 | rms_norm(x, w, eps, residual=None) | [..., D] -> y, or (y, x + residual) |
 | rope(x, cos, sin, interleaved) | [N, ..., d], cos/sin [N, d/2] |
 | act_quant(x, block=128, ue8m0=True) | [..., D] -> (e4m3 [..., D], fp32 [..., D/128]) |
+| fp32_linear(x, w) | bf16 [..., K] x fp32 [N, K] -> [..., N] fp32 at fp32 precision (the router's and the indexer's head-weight GEMMs): three bf16 MMAs per weight split hi + mid + lo, K split at decode sizes |
 | moe_route(logits, bias, n_group, topk_group, top_k, normalize, scale) | gate logits [T, E] fp32 -> (weights [T, k] fp32, ids [T, k] int64); one program per token |
 | moe_align(topk_ids, num_experts, block_m) | [N, k] -> sorted ids, block experts, rows used |
 | fused_moe(x, w13, w2, topk_weights, topk_ids) | [N, H], [E, 2I, H], [E, H, I] -> [N, H] |
@@ -31,6 +32,7 @@ from ._common import HAS_TRITON, use_triton
 from .activation import silu_mul
 from .cache_write import kv_write
 from .fp8_gemm import fp8_linear
+from .fp32_gemm import fp32_linear
 from .greedy import argmax
 from .indexer import indexer_logits_decode, indexer_topk_decode
 from .indexer_query import index_query
@@ -48,6 +50,7 @@ __all__ = [
     "indexer_logits_decode",
     "indexer_topk_decode",
     "index_query",
+    "fp32_linear",
     "topk",
     "kv_write",
     "sparse_mla_decode",

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels import act_quant, index_query, indexer_topk_decode, kv_write, rope, sparse_mla_decode
+from splitserve.kernels import (
+    act_quant,
+    fp32_linear,
+    index_query,
+    indexer_topk_decode,
+    kv_write,
+    rope,
+    sparse_mla_decode,
+)
 from splitserve.kernels.cache_write import kv_write_fits
 
 from .batch import ForwardBatch, IndexerKeys, PagedPools, PagedRows, SeqSpan
@@ -79,7 +87,7 @@ class Indexer(nn.Module):
         """-> (q [N, heads, D] (float, or e4m3 on the FP8 path), head weights [N, heads] fp32 with scales folded in)."""
         n = x.shape[0]
         q = self._rope(self.wq_b(q_resid).view(n, self.n_heads, self.head_dim), cos, sin)
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5
+        w = fp32_linear(x, self.weights_proj.weight) * self.n_heads**-0.5
         if not self.fp8:
             return q, w
         qq, qs = act_quant(hadamard_rotate(q), self.head_dim)
@@ -93,7 +101,7 @@ class Indexer(nn.Module):
         GEMMs one kernel on CUDA (kernels/indexer_query.py), the same ops as queries() elsewhere."""
         n = x.shape[0]
         q = self.wq_b(q_resid).view(n, self.n_heads, self.head_dim)
-        w = F.linear(x.float(), self.weights_proj.weight.float())
+        w = fp32_linear(x, self.weights_proj.weight)
         hadamard = hadamard_matrix(self.head_dim, q.dtype, q.device) if self.fp8 else None
         interleaved = self.cfg.indexer_rope_interleave
         return index_query(q, w, cos, sin, interleaved, hadamard, self.softmax_scale, out_dtype)

@@ -9,10 +9,9 @@ Routed experts are stored stacked — `w13` [E, 2·I, H] (gate rows, then up row
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels import fused_moe, fused_moe_fp8, moe_route, silu_mul
+from splitserve.kernels import fp32_linear, fused_moe, fused_moe_fp8, moe_route, silu_mul
 
 from .config import ModelConfig
 from .fp8 import FP8_DTYPE, quantize_weight
@@ -73,10 +72,10 @@ class Gate(nn.Module):
             self.e_score_correction_bias = self.e_score_correction_bias.float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] -> (weights [N, k] fp32, expert ids [N, k] int64): one Triton kernel after the
-        GEMM on CUDA (kernels/moe_router.py), the torch composition elsewhere."""
+        """x [N, H] -> (weights [N, k] fp32, expert ids [N, k] int64): the fp32 GEMM (kernels/fp32_gemm.py)
+        and one Triton kernel after it on CUDA (kernels/moe_router.py), the torch composition elsewhere."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
+        logits = fp32_linear(x, self.weight)  # fp32 product; one kernel + a split sum on CUDA
         return moe_route(
             logits,
             self.e_score_correction_bias,

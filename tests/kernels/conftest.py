@@ -29,6 +29,7 @@ if not CUDA:
         "cache_write",
         "moe_router",
         "indexer_query",
+        "fp32_gemm",
         "greedy",
         "activation",
         "fp8_gemm",

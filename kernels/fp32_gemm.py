@@ -1,0 +1,159 @@
+"""x · W^T with fp32 weights and fp32 results for bf16 activations: the MoE router's gate GEMM and the
+lightning indexer's head-weight projection, which DeepSeek computes in fp32 (F.linear(x.float(), W.float())).
+
+    x [M, K] bf16, w [N, K] fp32  ->  [M, N] fp32
+
+cuBLAS has no bf16 x fp32 product: the torch composition converts x to fp32 (a copy kernel) and runs an fp32
+SIMT GEMM, at decode sizes a cutlass sgemm and a split-K reduction (or a GEMV and a reduction): three kernels
+and ~12 us per call at batch 64 on an H100 for the router's 7.3 MB, whose bytes take 2.4 us
+(bench/results/sparse-mla-ws-h100/engine.log: 83 us of fp32 GEMMs and ~40 us of conversions per step).
+
+The kernel runs the product on the tensor cores at fp32 precision. Every fp32 weight is the exact sum of three
+bf16 numbers: hi = bf16(w), mid = bf16(w - hi), lo = bf16(w - hi - mid) (each difference is exact in fp32 and
+the three pieces hold 8 + 8 + 8 of fp32's 24 significant bits; weights below ~1e-36, where a piece would be
+subnormal, lose bits there). A bf16 activation is itself exact, each bf16 x bf16 product is exact in fp32, and
+three bf16 MMAs accumulate them in fp32: the result differs from an fp32 GEMM by summation order and the tensor
+cores' accumulation rounding, i.e. at fp32's own rounding level. One program owns a BM x BN tile of the output
+over one K range; at decode sizes the K dimension is split over enough programs to fill the GPU (about 264) and
+torch sums the split partials in a fixed order (deterministic), so a call is two kernels and reads each weight
+once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _common
+from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+
+
+def fp32_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), w.float())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _fp32_linear_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_os,  # between the split partials (0 with one split)
+        stride_om,
+        K_SPLIT,  # K per split program, a multiple of BK
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+        UPCAST: tl.constexpr,  # the interpreter's tl.dot takes fp32 operands only (_common.interpreting)
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        m_ok = rm < M
+        n_ok = rn < N
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        w_cols = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        k_start = pid_s * K_SPLIT
+        for kk in range(0, K_SPLIT, BK):
+            k = k_start + kk + rk
+            k_ok = k < K
+            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN] = W^T
+            hi = w.to(tl.bfloat16)
+            rest = w - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            if UPCAST:
+                xf = x.to(tl.float32)
+                acc = tl.dot(xf, hi.to(tl.float32), acc)
+                acc = tl.dot(xf, mid.to(tl.float32), acc)
+                acc = tl.dot(xf, lo.to(tl.float32), acc)
+            else:
+                acc = tl.dot(x, hi, acc)
+                acc = tl.dot(x, mid, acc)
+                acc = tl.dot(x, lo, acc)
+        out = out_ptr + pid_s * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+#: programs a call aims for (two per SM of an H100 / H200): the K split fills the GPU at decode sizes
+TARGET_PROGRAMS = 264
+
+
+def plan(m: int, n: int, k: int, bk: int = 64) -> tuple[int, int, int, int]:
+    """(BM, BN, splits, K per split) for an [m, k] x [k, n] product: 16-row tiles for a few rows, narrow
+    output tiles at decode sizes (each program then reads a thin slice of the weights), and the K dimension
+    split until about TARGET_PROGRAMS programs run, each with at least two BK steps."""
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    bn = 16 if m <= 16 else (32 if m <= 64 else 64)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    steps = triton.cdiv(k, bk)
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), steps // 2))
+    k_split = triton.cdiv(steps, splits) * bk
+    return bm, bn, triton.cdiv(k, k_split), k_split
+
+
+def fp32_linear_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    require_triton()
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"fp32_linear takes x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dtype != torch.bfloat16 or w.dtype != torch.float32:
+        raise ValueError(f"fp32_linear takes bf16 x and fp32 w, got {x.dtype} and {w.dtype}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    (m, k), n = x.shape, w.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=torch.float32)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    bk = 64
+    bm, bn, splits, k_split = plan(m, n, k, bk)
+    part = out if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
+    _fp32_linear_kernel[grid](
+        x,
+        w,
+        part,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        m * n if splits > 1 else 0,
+        n,
+        k_split,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        UPCAST=interpreting(_fp32_linear_kernel),
+        num_warps=4,
+        num_stages=4,
+    )
+    return out if splits == 1 else torch.sum(part, dim=0, out=out)
+
+
+def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] x w [N, K] fp32 -> [..., N] fp32 at fp32 precision (module docstring): the Triton kernel for
+    bf16 x on CUDA when no gradient is recorded (behind _common.GLUE_KERNELS), F.linear(x.float(), w.float()) otherwise."""
+    triton_ok = (
+        _common.GLUE_KERNELS
+        and use_triton(x)
+        and x.dtype == torch.bfloat16
+        and w.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    )
+    if not triton_ok:
+        return fp32_linear_ref(x, w)
+    lead = x.shape[:-1]
+    return fp32_linear_triton(x.reshape(-1, x.shape[-1]), w).view(*lead, w.shape[0])

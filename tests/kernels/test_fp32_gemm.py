@@ -1,0 +1,90 @@
+"""The fp32 linear of bf16 activations (kernels/fp32_gemm.py) against a float64 product.
+
+The claim to hold: fp32 precision, i.e. the error against the exact product stays at fp32's rounding level
+(a few 2^-24 of sum |x| |w|), where rounding the weights to bf16 once (one MMA instead of three) is off by
+~2^-9 of it, so the bound below tells the two apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.kernels import fp32_gemm as L
+
+pytest.importorskip("triton")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BOUND = 2.0**-19  # of sum_k |x_mk| |w_nk|: fp32 accumulation over a few thousand terms sits well inside it
+
+
+def inputs(m, n, k, device, spread=1.0):
+    x = (torch.randn(m, k, device=device) * spread).bfloat16()
+    w = torch.randn(n, k, device=device) * 0.02 * torch.rand(n, 1, device=device).exp()
+    return x, w
+
+
+def rel_error(y, x, w):
+    exact = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    return ((y.double() - exact).abs() / scale.clamp_min(1e-300)).max().item()
+
+
+@pytest.mark.parametrize(
+    "m,n,k",
+    [(1, 256, 512), (5, 64, 1000), (16, 24, 512), (37, 256, 640), (64, 64, 448), (130, 256, 512), (300, 64, 128)],
+)
+def test_fp32_precision_against_float64(m, n, k, device):
+    x, w = inputs(m, n, k, device)
+    y = L.fp32_linear_triton(x, w)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert rel_error(y, x, w) < BOUND
+    bf16_weights = x.float() @ w.bfloat16().float().T  # what a single bf16 MMA would give
+    assert rel_error(bf16_weights, x, w) > 8 * BOUND  # so the bound above does tell fp32 from bf16
+
+
+def test_split_and_unsplit_plans_are_both_taken():
+    """plan() splits K at decode sizes and not for many rows over a short K (the shapes above cover both)."""
+    assert L.plan(1, 256, 512)[2] > 1
+    assert L.plan(64, 256, 7168)[2] > 1
+    assert L.plan(300, 64, 128)[2] == 1
+    for m, n, k in [(1, 256, 7168), (64, 64, 7168), (256, 256, 7168), (8192, 256, 7168), (3, 5, 70)]:
+        bm, bn, splits, k_split = L.plan(m, n, k)
+        assert k_split % 64 == 0 and (splits - 1) * k_split < k <= splits * k_split  # every K step covered once
+
+
+def test_weights_across_magnitudes_and_signs(device):
+    """Weights from 1e-30 to 1e30 in one row: the three bf16 pieces keep each one's 24 bits."""
+    k = 256
+    w = torch.randn(32, k, device=device) * torch.logspace(-30, 30, k, device=device)[None, :]
+    x = torch.randn(3, k, device=device).bfloat16()
+    assert rel_error(L.fp32_linear_triton(x, w), x, w) < BOUND
+
+
+def test_repeated_calls_are_bitwise_equal(device):
+    x, w = inputs(64, 256, 1024, device)
+    assert torch.equal(L.fp32_linear_triton(x, w), L.fp32_linear_triton(x, w))
+
+
+def test_dispatch_and_bad_input():
+    """CPU tensors and tensors with autograd take F.linear (gradients flow); the kernel refuses other dtypes."""
+    x = torch.randn(4, 32).bfloat16()
+    w = torch.randn(16, 32, requires_grad=True)
+    y = L.fp32_linear(x, w)
+    assert y.grad_fn is not None
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.float(), w), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bf16 x and fp32 w"):
+        L.fp32_linear_triton(x.float(), w.detach())
+    with pytest.raises(ValueError, match="x \\[M, K\\]"):
+        L.fp32_linear_triton(x, w.detach()[:, :16])
+
+
+@gpu
+def test_bench_shapes_on_the_gpu():
+    """The router (256 x 7168) and the indexer head weights (64 x 7168) at batch 1 / 64 / 256 / 4096, through the
+    dispatcher the model calls, and 3-D input."""
+    for n in (256, 64):
+        for m in (1, 64, 256, 4096):
+            x, w = inputs(m, n, 7168, "cuda", spread=4.0)
+            assert rel_error(L.fp32_linear(x, w), x, w) < BOUND
+    x, w = inputs(6, 64, 7168, "cuda")
+    assert torch.equal(L.fp32_linear(x.view(2, 3, -1), w), L.fp32_linear(x, w).view(2, 3, -1))
