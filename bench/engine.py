@@ -5,7 +5,7 @@ ceilings measured in the same run (HBM copy bandwidth, bf16 matmul rate; bench/k
                             [--batches 1,8,32,64,128,256] [--contexts 4096,16384,65536,131072]
                             [--prefill 1024,2048,4096,8192,16384,32768] [--chunk 8192] [--profile 1,64,8192]
                             [--weights bf16,fp8] [--latent bf16|fp8] [--fp8-decode-kernels gemv|tiles]
-                            [--glue fused|unfused]
+                            [--glue fused|unfused] [--mla-kernel auto|wgmma|triton] [--topk auto|torch|stream|reg]
 
 --weights runs every selected case once per weight format, in one process, against the same
 ceilings: bf16, and fp8 = every linear DeepSeek's FP8 release quantises held in e4m3 with 128x128
@@ -612,7 +612,20 @@ def main(argv: list[str] | None = None) -> int:
         help="sparse MLA: the Hopper (Gluon) warp-specialised kernel where it fits (auto), the pipelined Hopper "
         "kernel where it fits (wgmma), or the Triton kernel everywhere",
     )
+    ap.add_argument(
+        "--topk",
+        default="auto",
+        choices=["auto", "torch", "stream", "reg"],
+        help="the indexer's top-k: radix_topk.choose_kernel's pick (auto), or one implementation at every row count "
+        "(reg: rows up to its REG_WIDTH_LIMIT, the stream kernel beyond)",
+    )
     args = ap.parse_args(argv)
+    if args.topk != "auto":
+        from splitserve.kernels import radix_topk
+
+        radix_topk.MIN_ROWS = 1 << 30 if args.topk == "torch" else 1  # all three read at every call
+        radix_topk.REG_MAX_WIDTH = radix_topk.REG_WIDTH_LIMIT if args.topk == "reg" else 0
+        radix_topk.SPLIT_MAX_ROWS = 0
     if args.mla_kernel != "auto":
         from splitserve.kernels import sparse_mla
 
@@ -673,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         "indexer_fp8": True,
         "fp8_decode_kernels": args.fp8_decode_kernels,
         "glue": args.glue,
+        "topk": args.topk,
+        "mla_kernel": args.mla_kernel,
     }
     ceil = measure_ceilings(DEV)
     result["ceilings"] = ceil

@@ -14,7 +14,7 @@ Both are do_bench medians. "torch" is topk_ref (torch.topk, then -1 where -inf, 
 runs below MIN_ROWS).
 
 Implementations: torch; stream (one program per row); reg (whole row in registers, widths up to REG_WIDTH_LIMIT,
-reg_warps' default warps and 6-bit digits; reg:wN with N warps, reg:bB with B-bit digits); split (split_block's
+reg_warps' default warps and REG_BITS-bit digits; reg:wN with N warps, reg:bB with B-bit digits); split (split_block's
 default chunk width; split:B with B-wide chunks).
 
 The table ends with, per cell, the fastest implementation (warm), what choose_kernel(rows, width, min_rows=1)
@@ -64,8 +64,9 @@ def implementations(rows: int, width: int, k: int) -> dict[str, Callable[[torch.
         for w in (4, 8, 16):
             if w != T.reg_warps(width):
                 impls[f"reg:w{w}"] = partial(T.topk_triton_reg, k=k, num_warps=w)
-        for bits in (5, 7, 8):
-            impls[f"reg:b{bits}"] = partial(T.topk_triton_reg, k=k, bits=bits)
+        for bits in (5, 6, 7, 8):
+            if bits != T.REG_BITS:
+                impls[f"reg:b{bits}"] = partial(T.topk_triton_reg, k=k, bits=bits)
     impls["split"] = partial(T.topk_triton_split, k=k)
     for block in (1024, 2048, 4096, 8192):
         if block != T.split_block(rows, width) and block < 2 * width:

@@ -24,7 +24,7 @@ Three kernels, none with a host synchronisation or a data-dependent grid (all CU
   (four digit passes and the write pass). Fills the GPU only with many rows.
 - reg (`topk_triton_reg`, widths up to REG_MAX_WIDTH): one program per row loads the whole row once
   (BLOCK = next power of two >= W, 8 to 16 warps) and keeps its keys in registers for the digit passes
-  and the write pass: one read, one launch. Its digits are narrower (default 6 bits: six passes of 64
+  and the write pass: one read, one launch. Its digits are narrower (REG_BITS = 7: five passes of 128
   bins), since with the row in registers a pass costs tl.histogram's work, which grows with the bins per
   lane, not a read. For short rows at any batch.
 - split (`topk_triton_split`): a [rows, chunks] grid, each program owning one BLOCK-wide chunk of a
@@ -350,15 +350,19 @@ def _stream_into(logits: torch.Tensor, out: torch.Tensor, k: int, block: int = 2
     return out
 
 
-def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None, bits: int = 6) -> torch.Tensor:
+def topk_triton_reg(
+    logits: torch.Tensor, k: int, num_warps: int | None = None, bits: int | None = None
+) -> torch.Tensor:
     """The reg kernel: one program per row holding the whole row (width <= REG_MAX_WIDTH) in registers.
 
     bits: digit width, 5..8: ceil(32 / bits) passes over 2^bits bins. Narrower digits mean more passes but a
     cheaper tl.histogram (its cost per element grows with the bins per lane, 2^bits / 32), which is the
-    kernel's main work once the row is loaded; 6 (six passes, 64 bins) is a first guess for bench/topk.py.
+    kernel's main work once the row is loaded. Default REG_BITS (7): 6 is miscompiled by triton 3.6 at 4 warps
+    (REG_MAX_WIDTH's comment).
     Not below 5: Triton lowers a histogram of fewer bins than a warp's 32 lanes by padding it to 32.
     """
     logits = _check(logits, k)
+    bits = REG_BITS if bits is None else bits
     if not 5 <= bits <= 8:
         raise ValueError(f"bits must be in 5..8, got {bits}")
     bsz, width = logits.shape
@@ -369,7 +373,7 @@ def topk_triton_reg(logits: torch.Tensor, k: int, num_warps: int | None = None, 
 
 
 def _reg_into(
-    logits: torch.Tensor, out: torch.Tensor, k: int, num_warps: int | None = None, bits: int = 6
+    logits: torch.Tensor, out: torch.Tensor, k: int, num_warps: int | None = None, bits: int | None = None
 ) -> torch.Tensor:
     """The reg kernel writing into `out` ([B, k] int32, unit column stride, any row stride), as _stream_into."""
     bsz, width = logits.shape
@@ -383,7 +387,7 @@ def _reg_into(
             K=k,
             BLOCK=max(16, next_pow2(width)),
             OBLOCK=min(2048, next_pow2(k)),
-            BITS=bits,
+            BITS=REG_BITS if bits is None else bits,
             num_warps=num_warps or reg_warps(width),
         )
     return out
@@ -459,17 +463,17 @@ def topk_triton_split(logits: torch.Tensor, k: int, block: int | None = None) ->
 #: beating torch.topk at every width for the smaller row counts.
 MIN_ROWS = 64
 #: widest row `topk` gives the reg kernel (its keys live in registers: 32 per thread at 16 warps; the kernel
-#: takes up to 16384). 0 for now: the reg kernel passes tests/kernels/test_topk.py on an H100 (78 tests,
-#: exact order) but inside the engine it changed fp32 greedy tokens and, with bf16 + the FP8 indexer, led to
-#: an illegal memory access. Located on an H100 (bench/topk_diag.py --engine, bench/results/topk-diag-h100):
-#: on an engine call of 142 rows x 304 scores, k 128, it left the tie slot of 7 rows unwritten (garbage
-#: indices, which sparse MLA then reads); the interpreter gives the exact output on the same scores. It fails
-#: only with 6-bit digits at 4 warps (the default for rows up to 2048) and a width divisible by 16: 5, 7 or
-#: 8 bits, 8 or 16 warps, width 300, or the kernel compiled without integer specialisation
-#: (do_not_specialize width and strides) all give the exact output there: a triton 3.6 sm_90 code-generation
-#: fault around the 64-bin histogram held over 128 threads with 4-element vectors. Before raising this: pick
-#: one of those (and a test that reaches it), then rerun topk_diag --engine and the engine CUDA tests.
+#: takes up to 16384). 0 for now: bench/topk.py has to show it beating the stream kernel / torch.topk first.
+#: History: with 6-bit digits it passed tests/kernels/test_topk.py on an H100 but inside the engine it left
+#: the tie slot of 7 rows unwritten on a call of 142 rows x 304 scores, k 128 (garbage indices that sparse MLA
+#: then read: an illegal memory access; bench/topk_diag.py --engine, bench/results/topk-diag-h100). Only with
+#: 6-bit digits at 4 warps (the default for rows up to 2048) and a width divisible by 16: 5, 7 or 8 bits, 8 or
+#: 16 warps, width 300, or the kernel compiled without integer specialisation all gave the exact output, and
+#: so does the interpreter: a triton 3.6 sm_90 code-generation fault around the 64-bin histogram held over 128
+#: threads. Hence REG_BITS = 7, and tests/kernels/test_topk.py replays that call (GPU).
 REG_MAX_WIDTH = 0
+#: the reg kernel's digit width (topk_triton_reg's bits)
+REG_BITS = 7
 REG_WIDTH_LIMIT = 16384
 #: rows wider than REG_MAX_WIDTH: the split kernel up to this many rows, the stream kernel beyond
 SPLIT_MAX_ROWS = 32
