@@ -41,9 +41,23 @@ class DecoderLayer(nn.Module):
             MoE(cfg, parallel) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, parallel)
         )
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream comes in as x + residual (x alone when residual is None) and leaves the same way,
+        as (the MLP's output, the stream before it): each add is fused into the RMSNorm that follows it (this
+        layer's two, the next layer's input norm or the final norm), so no add runs on its own."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, batch, cos, sin), residual)
+        return self.mlp(h), residual
 
 
 class SharedHead(nn.Module):
@@ -202,9 +216,10 @@ class DeepseekV32(nn.Module):
         """
         cos, sin = self._cos_sin(batch.positions)
         x = self.model.embed_tokens(batch.input_ids)
+        residual = None
         for layer in self.model.layers[: self.cfg.num_hidden_layers]:
-            x = layer(x, batch, cos, sin)
-        return self.model.norm(x)
+            x, residual = layer(x, batch, cos, sin, residual)
+        return self.model.norm(x) if residual is None else self.model.norm.add_and_norm(x, residual)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -221,8 +236,8 @@ class DeepseekV32(nn.Module):
         cos, sin = self._cos_sin(batch.positions)
         e = mtp.enorm(self.model.embed_tokens(next_ids))
         x = mtp.eh_proj(torch.cat([e, mtp.hnorm(hidden)], dim=-1))
-        x = mtp(x, batch, cos, sin)
-        return mtp.shared_head.norm(x)
+        x, residual = mtp(x, batch, cos, sin)
+        return mtp.shared_head.norm.add_and_norm(x, residual)[0]
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -18,3 +18,10 @@ class RMSNorm(nn.Module):
         out = rms_norm(x, self.weight, self.eps)  # one Triton kernel on CUDA, torch ops elsewhere
         assert isinstance(out, torch.Tensor)  # no residual given: one tensor back
         return out
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(h), h) with h = x + residual rounded to x's dtype: the decoder's residual add fused into the
+        norm after it (one kernel on CUDA; the same values as the add and the norm apart)."""
+        out = rms_norm(x, self.weight, self.eps, residual)
+        assert isinstance(out, tuple)
+        return out
