@@ -31,7 +31,16 @@ def rel_error(y, x, w):
 
 @pytest.mark.parametrize(
     "m,n,k",
-    [(1, 256, 512), (5, 64, 1000), (16, 24, 512), (37, 256, 640), (64, 64, 448), (130, 256, 512), (300, 64, 128)],
+    [
+        (1, 256, 512),
+        (1, 64, 1344),
+        (5, 64, 1000),
+        (16, 24, 512),
+        (37, 256, 640),
+        (64, 64, 448),
+        (130, 256, 512),
+        (300, 64, 128),
+    ],
 )
 def test_fp32_precision_against_float64(m, n, k, device):
     x, w = inputs(m, n, k, device)
@@ -47,6 +56,7 @@ def test_split_and_unsplit_plans_are_both_taken():
     assert L.plan(1, 256, 512)[2] > 1
     assert L.plan(64, 256, 7168)[2] > 1
     assert L.plan(300, 64, 128)[2] == 1
+    assert L.plan(1, 64, 1344)[2] == 7  # a split count that is not a power of two (the sum's masked rows)
     for m, n, k in [(1, 256, 7168), (64, 64, 7168), (256, 256, 7168), (8192, 256, 7168), (3, 5, 70)]:
         bm, bn, splits, k_split = L.plan(m, n, k)
         assert k_split % 64 == 0 and (splits - 1) * k_split < k <= splits * k_split  # every K step covered once
