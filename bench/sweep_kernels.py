@@ -126,7 +126,7 @@ def sweep_moe(tokens: int, ceil: dict[str, float]) -> list[dict[str, Any]]:
     ]  # the default
     configs += [
         dict(block_m=m, block_n=n, block_k=64, num_warps=w, num_stages=s)
-        for m in ((16, 32) if tokens <= 256 else (64, 128))
+        for m in ((16, 32) if tokens <= 64 else (32, 64, 128) if tokens <= 256 else (64, 128))
         for n in (64, 128)
         for w in (4, 8)
         for s in (3, 4)

@@ -389,6 +389,13 @@ def _block_k(k: int) -> int:
     raise ValueError(f"hidden and intermediate sizes must be multiples of 16, got {k}")
 
 
+#: (token, expert) pairs per expert from which the grouped GEMMs take 128x128 tiles: each expert's weights are
+#: then read once per 128 rows instead of once per 64 (was 512, prefill only; at batch 256 of the bench preset,
+#: 128 rows per expert, the 64-row tiles read the weights twice: MoE 2.17 ms of a 6.9 ms step on an H100,
+#: bench/results/decode-h100-r3)
+LARGE_TILES_PER_EXPERT = 64
+
+
 def _block_m(num_ids: int, num_experts: int) -> int:
     per_expert = num_ids / max(1, num_experts)
     return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
@@ -420,10 +427,11 @@ def _fused_moe_triton(
     top_k = topk_ids.shape[1]
     num_ids = n * top_k
     fp8 = fp8_scales is not None
-    if block_m is None and x.dtype != torch.float32 and num_ids >= 512 * e:
-        # prefill-sized batches: 128x128 tiles, 8 warps (H100 sweep at 8192 tokens: 13.4 ms vs 23.2 ms
-        # for the decode tiles, 62% of the bf16 matmul rate; bench/results/sweep-kernels-h100.json);
-        # the FP8 kernels take the same tiles (their K step is the 128-deep scale block)
+    if block_m is None and x.dtype != torch.float32 and num_ids >= LARGE_TILES_PER_EXPERT * e:
+        # 128x128 tiles, 8 warps, from 64 rows per expert on average (H100 sweep at 8192 tokens: 13.4 ms vs
+        # 23.2 ms for the decode tiles, 62% of the bf16 matmul rate, bench/results/sweep-kernels-h100.json;
+        # at 256 tokens x 8 of 16 experts see LARGE_TILES_PER_EXPERT); the FP8 kernels take the same tiles
+        # (their K step is the 128-deep scale block)
         block_m, block_n, block_k, num_warps, num_stages = 128, 128, block_k or 64, 8, 3
     bm = block_m or _block_m(num_ids, e)
     if fp8:

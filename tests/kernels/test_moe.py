@@ -112,7 +112,7 @@ def test_fused_moe_fp8_small(device):
 
 
 @gpu
-@pytest.mark.parametrize("n", [1, 8, 64, 1024])  # 1024 x 8 ids >= 512 per expert: the prefill tiles
+@pytest.mark.parametrize("n", [1, 8, 64, 256, 1024])  # from 256 x 8 ids (>= 64 per expert): 128x128 tiles
 def test_fused_moe_gpu_real_shapes(n):
     x, w13, w2, tw, ids = make_case(n, 7168, 2048, 16, 8, torch.bfloat16, "cuda")
     ref = K.fused_moe_ref(x, w13, w2, tw, ids)
