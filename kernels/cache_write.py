@@ -203,63 +203,65 @@ if HAS_TRITON:
         r64 = rows.to(tl.int64)
         slot = tl.load(slot_ptr + r64, mask=rmask, other=0).to(tl.int64)
         blk, off = slot // BS, slot % BS
-        lat_row = lat_ptr + blk * s_l0 + layer * s_l1 + off * s_l2
-        ty = lat_ptr.dtype.element_ty
-        # MLA latent entry: rms_norm(latent) ‖ rope(k_rope), interleaved
-        offs_l = tl.arange(0, LAT)
-        x = tl.load(kv_ptr + r64[:, None] * s_kv + offs_l[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / LAT + kv_eps)
-        n = (x * rstd[:, None]).to(kv_ptr.dtype.element_ty).to(tl.float32)
-        y = n * tl.load(nw_ptr + offs_l).to(tl.float32)[None, :]
-        tl.store(lat_row[:, None] + offs_l[None, :], y.to(ty), mask=rmask[:, None])
-        offs_r = tl.arange(0, 2 * HALF)
-        kr = _rotated(
-            kv_ptr + r64[:, None] * s_kv + LAT,
-            cos_ptr + r64[:, None] * s_c,
-            sin_ptr + r64[:, None] * s_s,
-            rows,
-            rmask,
-            offs_r,
-            HALF,
-            True,
-            False,
-            rstd,
-            rstd,
-            nw_ptr,
-            nw_ptr,
-            k_ptr.dtype.element_ty,
-        )
-        tl.store(lat_row[:, None] + LAT + offs_r[None, :], kr.to(ty), mask=rmask[:, None])
-        # indexer key: layer_norm -> rope of its first 2 IHALF dims (-> Hadamard -> act_quant)
-        offs_d = tl.arange(0, D)
-        src = k_ptr + r64[:, None] * s_k
-        kx = tl.load(src + offs_d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        mean = tl.sum(kx, axis=1) / D
-        dev = kx - mean[:, None]
-        krstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / D + k_eps)
-        key = _rotated(
-            src,
-            cos_ptr + r64[:, None] * s_c,
-            sin_ptr + r64[:, None] * s_s,
-            rows,
-            rmask,
-            offs_d,
-            IHALF,
-            IDX_INTERLEAVED,
-            True,
-            mean,
-            krstd,
-            kw_ptr,
-            kb_ptr,
-            k_ptr.dtype.element_ty,
-        )
-        ik_row = ik_ptr + blk * s_i0 + layer * s_i1 + off * s_i2
-        if FP8:
-            q, sc = _hadamard_e4m3(key, h_ptr, h_scale, offs_d, D, INTERP)
-            tl.store(ik_row[:, None] + offs_d[None, :], q.to(ik_ptr.dtype.element_ty), mask=rmask[:, None])
-            tl.store(is_ptr + blk * s_is0 + layer * s_is1 + off, sc, mask=rmask)
+        if tl.program_id(1) == 0:  # the two parts in programs of their own, side by side
+            lat_row = lat_ptr + blk * s_l0 + layer * s_l1 + off * s_l2
+            ty = lat_ptr.dtype.element_ty
+            # MLA latent entry: rms_norm(latent) ‖ rope(k_rope), interleaved
+            offs_l = tl.arange(0, LAT)
+            x = tl.load(kv_ptr + r64[:, None] * s_kv + offs_l[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / LAT + kv_eps)
+            n = (x * rstd[:, None]).to(kv_ptr.dtype.element_ty).to(tl.float32)
+            y = n * tl.load(nw_ptr + offs_l).to(tl.float32)[None, :]
+            tl.store(lat_row[:, None] + offs_l[None, :], y.to(ty), mask=rmask[:, None])
+            offs_r = tl.arange(0, 2 * HALF)
+            kr = _rotated(
+                kv_ptr + r64[:, None] * s_kv + LAT,
+                cos_ptr + r64[:, None] * s_c,
+                sin_ptr + r64[:, None] * s_s,
+                rows,
+                rmask,
+                offs_r,
+                HALF,
+                True,
+                False,
+                rstd,
+                rstd,
+                nw_ptr,
+                nw_ptr,
+                k_ptr.dtype.element_ty,
+            )
+            tl.store(lat_row[:, None] + LAT + offs_r[None, :], kr.to(ty), mask=rmask[:, None])
         else:
-            tl.store(ik_row[:, None] + offs_d[None, :], key.to(ik_ptr.dtype.element_ty), mask=rmask[:, None])
+            # indexer key: layer_norm -> rope of its first 2 IHALF dims (-> Hadamard -> act_quant)
+            offs_d = tl.arange(0, D)
+            src = k_ptr + r64[:, None] * s_k
+            kx = tl.load(src + offs_d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            mean = tl.sum(kx, axis=1) / D
+            dev = kx - mean[:, None]
+            krstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / D + k_eps)
+            key = _rotated(
+                src,
+                cos_ptr + r64[:, None] * s_c,
+                sin_ptr + r64[:, None] * s_s,
+                rows,
+                rmask,
+                offs_d,
+                IHALF,
+                IDX_INTERLEAVED,
+                True,
+                mean,
+                krstd,
+                kw_ptr,
+                kb_ptr,
+                k_ptr.dtype.element_ty,
+            )
+            ik_row = ik_ptr + blk * s_i0 + layer * s_i1 + off * s_i2
+            if FP8:
+                q, sc = _hadamard_e4m3(key, h_ptr, h_scale, offs_d, D, INTERP)
+                tl.store(ik_row[:, None] + offs_d[None, :], q.to(ik_ptr.dtype.element_ty), mask=rmask[:, None])
+                tl.store(is_ptr + blk * s_is0 + layer * s_is1 + off, sc, mask=rmask)
+            else:
+                tl.store(ik_row[:, None] + offs_d[None, :], key.to(ik_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 def kv_write_fits(kv_a: torch.Tensor, k_idx: torch.Tensor, cos: torch.Tensor, latent: torch.Tensor) -> bool:
@@ -311,7 +313,7 @@ def kv_write_triton(
     isc = iscale if iscale is not None else latent
     h = hadamard.contiguous() if hadamard is not None else kv_norm_w
     block_n = 16
-    _kv_write_kernel[(triton.cdiv(n, block_n),)](
+    _kv_write_kernel[(triton.cdiv(n, block_n), 2)](
         kv_a,
         k_idx,
         cos,
