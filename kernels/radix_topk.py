@@ -24,7 +24,7 @@ Three kernels, none with a host synchronisation or a data-dependent grid (all CU
   (four digit passes and the write pass). Fills the GPU only with many rows.
 - reg (`topk_triton_reg`, widths up to REG_MAX_WIDTH): one program per row loads the whole row once
   (BLOCK = next power of two >= W, 8 to 16 warps) and keeps its keys in registers for the digit passes
-  and the write pass: one read, one launch. Its digits are narrower (REG_BITS = 7: five passes of 128
+  and the write pass: one read, one launch. Its digits are narrower (REG_BITS = 5: seven passes of 32
   bins), since with the row in registers a pass costs tl.histogram's work, which grows with the bins per
   lane, not a read. For short rows at any batch.
 - split (`topk_triton_split`): a [rows, chunks] grid, each program owning one BLOCK-wide chunk of a
@@ -37,14 +37,11 @@ Three kernels, none with a host synchronisation or a data-dependent grid (all CU
   equal to T lie in the chunks before its own, so every chunk writes its positions straight into their
   final slots (the same order as above; no atomics decide a slot). For a few long rows.
 
-`topk` picks one by (rows, width): `choose_kernel` below. Its constants are to be set from bench/topk.py
-(torch.topk and each variant, CUDA-graph replays, rows {1, 4, 16, 64, 256} x widths {4k, 16k, 64k}, k 2048;
-it prints each cell's fastest variant and the smallest row count from which the pick beats torch.topk).
-Until then `topk` runs torch.topk below MIN_ROWS = 64 rows (where the stream kernel alone measured level
-with it on an H200, bench/results/glue-h200: 124 vs 96 us per decode step at batch 1, width 4096; 122 vs
-126 us at batch 64) and the stream kernel from 64 rows on. The reg kernel is off (REG_MAX_WIDTH = 0: it
-misbehaved inside the engine on an H100, see that constant) and the split kernel is unreachable while
-SPLIT_MAX_ROWS (32) < MIN_ROWS; both are reached directly (VARIANTS, tests, bench/topk.py) until measured.
+`topk` picks one by (rows, width): `choose_kernel` below, with constants from bench/topk.py (torch.topk and each
+variant, CUDA-graph replays; it prints each cell's fastest variant and the smallest row count from which the
+pick beats torch.topk): torch.topk below MIN_ROWS (64) rows, then the reg kernel for rows up to REG_MAX_WIDTH
+wide (0: off, see there), else the split kernel up to SPLIT_MAX_ROWS rows and the stream kernel beyond (from 64
+rows: the stream kernel).
 """
 
 from __future__ import annotations
@@ -458,22 +455,33 @@ def topk_triton_split(logits: torch.Tensor, k: int, block: int | None = None) ->
     return out
 
 
-#: rows from which a Triton kernel serves `topk` on CUDA (below: torch.topk). 64 is where the stream kernel
-#: measured level with torch.topk (module docstring); lower it once bench/topk.py shows choose_kernel's pick
-#: beating torch.topk at every width for the smaller row counts.
+#: rows from which a Triton kernel serves `topk` on CUDA (below: torch.topk). bench/topk.py on an H100
+#: (bench/results/decode-h100-r3/run1-topk.log, k 2048, us per call warm): at 1 / 8 / 64 / 256 rows x 4096
+#: torch.topk takes 24 / 32 / 34 / 74, choose_kernel's pick with the reg kernel on 15 / 16 / 11 / 18; x 8192:
+#: 44 / 52 / 61 / 84 against 15 / 16 / 32 / 54 (split, split, stream, stream): MIN_ROWS = 1 would win
+#: everywhere (the engine's decode step at batch 1: -35 us). It stays 64 until the capture failure below is
+#: understood: with MIN_ROWS = 1 and REG_MAX_WIDTH = 4096, tests/engine/test_engine_cuda.py::
+#: test_warm_up_captures_every_size_and_nothing_while_serving failed on an H100 (the fp32 engine's decode graph
+#: of 8 rows: the capture invalidated, cuBLAS's next call inside it failing with EXECUTION_FAILED;
+#: bench/results/decode-h100-r3/t-engine-cuda.log), the same symptom the reg kernel showed in
+#: bench/results/issue19-h100/engine-tests-with-reg-topk.log; with torch.topk below 64 rows the test passed.
 MIN_ROWS = 64
-#: widest row `topk` gives the reg kernel (its keys live in registers: 32 per thread at 16 warps; the kernel
-#: takes up to 16384). 0 for now: bench/topk.py has to show it beating the stream kernel / torch.topk first.
+#: widest row `topk` gives the reg kernel: it holds next_pow2(width) keys in registers, so its time is set by
+#: that power of two (4096: 11 us at 1-64 rows, 18 at 256; 8192: 18.5 / 37), where the stream kernel's grows
+#: with the width itself (4096: 17.5 / 28; 8192: 32 / 54): the reg kernel wins at and just below a power of
+#: two, the stream kernel just above one (a decode row at context 4096 is 4160 wide). 4096 is the value to
+#: set once the capture failure above is understood; 0 (off) until then.
 #: History: with 6-bit digits it passed tests/kernels/test_topk.py on an H100 but inside the engine it left
 #: the tie slot of 7 rows unwritten on a call of 142 rows x 304 scores, k 128 (garbage indices that sparse MLA
 #: then read: an illegal memory access; bench/topk_diag.py --engine, bench/results/topk-diag-h100). Only with
 #: 6-bit digits at 4 warps (the default for rows up to 2048) and a width divisible by 16: 5, 7 or 8 bits, 8 or
 #: 16 warps, width 300, or the kernel compiled without integer specialisation all gave the exact output, and
 #: so does the interpreter: a triton 3.6 sm_90 code-generation fault around the 64-bin histogram held over 128
-#: threads. Hence REG_BITS = 7, and tests/kernels/test_topk.py replays that call (GPU).
+#: threads. Hence REG_BITS = 5 (also the fastest: 10.5 against 11.1 us for 7 bits at 1 x 4096), and
+#: tests/kernels/test_topk.py replays that call (passes on an H100 at 4, 8 and 16 warps).
 REG_MAX_WIDTH = 0
 #: the reg kernel's digit width (topk_triton_reg's bits)
-REG_BITS = 7
+REG_BITS = 5
 REG_WIDTH_LIMIT = 16384
 #: rows wider than REG_MAX_WIDTH: the split kernel up to this many rows, the stream kernel beyond
 SPLIT_MAX_ROWS = 32
@@ -486,11 +494,12 @@ VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 }
 
 
-def choose_kernel(rows: int, width: int, min_rows: int | None = None) -> str:
-    """Which implementation `topk` runs on CUDA for a [rows, width] input: "torch", "reg", "split" or "stream"."""
+def choose_kernel(rows: int, width: int, min_rows: int | None = None, reg_max_width: int | None = None) -> str:
+    """Which implementation `topk` runs on CUDA for a [rows, width] input: "torch", "reg", "split" or "stream"
+    (min_rows, reg_max_width: other values for MIN_ROWS, REG_MAX_WIDTH)."""
     if rows < (MIN_ROWS if min_rows is None else min_rows):
         return "torch"
-    if width <= REG_MAX_WIDTH:
+    if width <= (REG_MAX_WIDTH if reg_max_width is None else reg_max_width):
         return "reg"
     return "split" if rows <= SPLIT_MAX_ROWS else "stream"
 
