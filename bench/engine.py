@@ -617,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         choices=["auto", "torch", "stream", "reg"],
         help="the indexer's top-k: radix_topk.choose_kernel's pick (auto), or one implementation at every row count "
-        "(reg: rows up to its REG_WIDTH_LIMIT, the stream kernel beyond)",
+        "(reg: rows up to its REG_WIDTH_LIMIT, the stream kernel beyond; reg and stream from 1 row on are the "
+        "settings radix_topk.MIN_ROWS documents a failed fp32 graph capture with)",
     )
     args = ap.parse_args(argv)
     if args.topk != "auto":

@@ -17,9 +17,9 @@ Implementations: torch; stream (one program per row); reg (whole row in register
 reg_warps' default warps and REG_BITS-bit digits; reg:wN with N warps, reg:bB with B-bit digits); split (split_block's
 default chunk width; split:B with B-wide chunks).
 
-The table ends with, per cell, the fastest implementation (warm), what choose_kernel(rows, width, min_rows=1)
-picks and its time against torch's; and the smallest row count from which that pick beats torch.topk at
-every width measured (a value for MIN_ROWS). On `--device cpu` the kernels run in Triton's interpreter with
+The table ends with, per cell, the fastest implementation (warm), what choose_kernel(rows, width, min_rows=1,
+reg_max_width=REG_MAX_WIDTH_PICK) picks and its time against torch's; and the smallest row count from which
+that pick beats torch.topk at every width measured (a value for MIN_ROWS). On `--device cpu` the kernels run in Triton's interpreter with
 wall-clock timing: only a smoke test of this script.
 """
 
@@ -38,6 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+#: the reg kernel's width limit the table's pick assumes: radix_topk.REG_MAX_WIDTH's measured value (the module
+#: keeps it at 0 while a graph-capture failure with it is open, radix_topk.MIN_ROWS)
+REG_MAX_WIDTH_PICK = 4096
 
 
 def _ints(s: str) -> list[int]:
@@ -173,7 +177,7 @@ def run_cell(rows: int, width: int, k: int, calls: int, device: str) -> dict[str
         print(f"    {name} at rows {rows} width {width}: {why}", file=sys.stderr)
     triton_names = [n for n in times if n != "torch"]
     fastest = min(triton_names, key=lambda n: times[n]["warm_us"]) if triton_names else None
-    pick = T.choose_kernel(rows, width, min_rows=1)
+    pick = T.choose_kernel(rows, width, min_rows=1, reg_max_width=REG_MAX_WIDTH_PICK)
     pick_t = times[pick]["warm_us"] if pick in times else None
     return {
         "rows": rows,
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "constants": {
             "MIN_ROWS": T.MIN_ROWS,
             "REG_MAX_WIDTH": T.REG_MAX_WIDTH,
+            "REG_MAX_WIDTH_PICK": REG_MAX_WIDTH_PICK,
             "SPLIT_MAX_ROWS": T.SPLIT_MAX_ROWS,
         },
         "timing": "us per call, do_bench median of CUDA-graph replays: warm = graph of `calls` calls / calls; "

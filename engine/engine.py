@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitserve.kernels.moe import LARGE_TILES_PER_EXPERT
 from splitserve.model import DeepseekV32
 
 from .block_manager import BlockManager
@@ -453,7 +454,7 @@ class Engine:
         mcfg = self.net.cfg
         per_expert = max(1, mcfg.num_experts_per_tok) / max(1, mcfg.n_routed_experts or 1)
         want = {1, 7, 16, 17, 64, 65, self.cfg.chunk_size, self.cfg.chunk_size + self.cfg.block_size + 1}
-        for tokens_per_expert in (16, 48, 49, 512):  # _block_m's edges and the prefill tiles
+        for tokens_per_expert in (16, 48, 49, LARGE_TILES_PER_EXPERT):  # _block_m's edges and the 128x128 tiles
             want.add(max(1, int(tokens_per_expert / per_expert) + 1))
         return sorted(n for n in want if 1 <= n <= limit)
 

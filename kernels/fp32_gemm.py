@@ -10,13 +10,13 @@ and ~12 us per call at batch 64 on an H100 for the router's 7.3 MB, whose bytes 
 
 The kernel runs the product on the tensor cores at fp32 precision. Every fp32 weight is the exact sum of three
 bf16 numbers: hi = bf16(w), mid = bf16(w - hi), lo = bf16(w - hi - mid) (each difference is exact in fp32 and
-the three pieces hold 8 + 8 + 8 of fp32's 24 significant bits; weights below ~1e-36, where a piece would be
+the three pieces hold 8 + 8 + 8 of fp32's 24 significant bits; weights below ~1e-33, where the last piece would be
 subnormal, lose bits there). A bf16 activation is itself exact, each bf16 x bf16 product is exact in fp32, and
 three bf16 MMAs accumulate them in fp32: the result differs from an fp32 GEMM by summation order and the tensor
 cores' accumulation rounding, i.e. at fp32's own rounding level. One program owns a BM x BN tile of the output
-over one K range; at decode sizes the K dimension is split over enough programs to fill the GPU (about 264) and
-a second kernel sums the split partials in a fixed order (deterministic), so a call is two kernels and reads each
-weight once.
+over one K range. At decode sizes (one M tile: each weight read once) the K dimension is split over enough
+programs to fill the GPU (about 264) and a second kernel sums the partials in a fixed order: deterministic for a
+given number of rows (the plan depends on it, so results are not batch-invariant; cuBLAS's were not either).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ if HAS_TRITON:
                 acc = tl.dot(x, hi, acc)
                 acc = tl.dot(x, mid, acc)
                 acc = tl.dot(x, lo, acc)
-        out = out_ptr + pid_s * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        out = out_ptr + pid_s.to(tl.int64) * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
@@ -108,7 +108,7 @@ def plan(m: int, n: int, k: int, bk: int = 64) -> tuple[int, int, int, int]:
     bn = 16 if m <= 16 else (32 if m <= 64 else 64)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     steps = triton.cdiv(k, bk)
-    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), steps // 2))
+    splits = max(1, min(TARGET_PROGRAMS // tiles, steps // 2))  # no split once the tiles alone fill the GPU
     k_split = triton.cdiv(steps, splits) * bk
     return bm, bn, triton.cdiv(k, k_split), k_split
 

@@ -354,7 +354,7 @@ def topk_triton_reg(
 
     bits: digit width, 5..8: ceil(32 / bits) passes over 2^bits bins. Narrower digits mean more passes but a
     cheaper tl.histogram (its cost per element grows with the bins per lane, 2^bits / 32), which is the
-    kernel's main work once the row is loaded. Default REG_BITS (7): 6 is miscompiled by triton 3.6 at 4 warps
+    kernel's main work once the row is loaded. Default REG_BITS (5): 6 is miscompiled by triton 3.6 at 4 warps
     (REG_MAX_WIDTH's comment).
     Not below 5: Triton lowers a histogram of fewer bins than a warp's 32 lanes by padding it to 32.
     """

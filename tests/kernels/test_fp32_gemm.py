@@ -63,11 +63,13 @@ def test_split_and_unsplit_plans_are_both_taken():
 
 
 def test_weights_across_magnitudes_and_signs(device):
-    """Weights from 1e-30 to 1e30 in one row: the three bf16 pieces keep each one's 24 bits."""
+    """Weight rows from 1e-30 to 1e30 (one magnitude per output, so each output's error is measured against its
+    own scale): the three bf16 pieces keep each weight's 24 bits, where one bf16 piece would not."""
     k = 256
-    w = torch.randn(32, k, device=device) * torch.logspace(-30, 30, k, device=device)[None, :]
+    w = torch.randn(32, k, device=device) * torch.logspace(-30, 30, 32, device=device)[:, None]
     x = torch.randn(3, k, device=device).bfloat16()
     assert rel_error(L.fp32_linear_triton(x, w), x, w) < BOUND
+    assert rel_error(x.float() @ w.bfloat16().float().T, x, w) > 8 * BOUND
 
 
 def test_repeated_calls_are_bitwise_equal(device):
@@ -86,6 +88,19 @@ def test_dispatch_and_bad_input():
         L.fp32_linear_triton(x.float(), w.detach())
     with pytest.raises(ValueError, match="x \\[M, K\\]"):
         L.fp32_linear_triton(x, w.detach()[:, :16])
+
+
+@gpu
+def test_autograd_takes_the_reference_on_the_gpu():
+    """With a gradient to record, the dispatcher runs F.linear (the kernel has no backward); without, the kernel."""
+    x, w = inputs(8, 64, 512, "cuda")
+    w.requires_grad_()
+    y = L.fp32_linear(x, w)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
+    with torch.no_grad():
+        assert L.fp32_linear(x, w).grad_fn is None
 
 
 @gpu
