@@ -1,4 +1,5 @@
-"""What every kernel module shares: the optional Triton import and the dispatch rule.
+"""What every kernel module shares: the optional Triton import, the dispatch rule, and the split-K sum of
+the GEMMs that split their K dimension over programs (fp8_gemm, fp32_gemm).
 
 Dispatch rule (one place, no environment switches of ours): a dispatched function runs its Triton
 kernel when Triton is importable and its first tensor argument lives on a CUDA device, and its
@@ -53,3 +54,26 @@ def next_pow2(n: int) -> int:
 
 def is_pow2(n: int) -> bool:
     return n > 0 and not n & (n - 1)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _splitk_sum_kernel(p_ptr, y_ptr, numel, s_split, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """y = sum over the split axis of the fp32 partials, splits in ascending order, cast to y's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros([BLOCK], tl.float32)
+        for sp in tl.static_range(SPLITS):
+            acc += tl.load(p_ptr + sp * s_split + offs, mask=mask, other=0.0)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_sum(part: torch.Tensor, out: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """out = part.sum(0) for fp32 partials part [S, ...] and a contiguous `out` of any float dtype: one launch,
+    the splits added in ascending order (the same bits at every call)."""
+    numel = out.numel()
+    _splitk_sum_kernel[(triton.cdiv(numel, block),)](
+        part, out, numel, part.stride(0), SPLITS=part.shape[0], BLOCK=block, num_warps=4
+    )
+    return out

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, splitk_sum, tl, triton, use_triton
 
 
 def fp32_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -74,26 +74,12 @@ if HAS_TRITON:
             mid = rest.to(tl.bfloat16)
             lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
             if UPCAST:
-                xf = x.to(tl.float32)
-                acc = tl.dot(xf, hi.to(tl.float32), acc)
-                acc = tl.dot(xf, mid.to(tl.float32), acc)
-                acc = tl.dot(xf, lo.to(tl.float32), acc)
-            else:
-                acc = tl.dot(x, hi, acc)
-                acc = tl.dot(x, mid, acc)
-                acc = tl.dot(x, lo, acc)
+                x, hi, mid, lo = x.to(tl.float32), hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
+            acc = tl.dot(x, hi, acc)
+            acc = tl.dot(x, mid, acc)
+            acc = tl.dot(x, lo, acc)
         out = out_ptr + pid_s.to(tl.int64) * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _sum_splits_kernel(part_ptr, out_ptr, numel, splits, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        """out[i] = sum over s of part[s, i]: one [SPLITS, BLOCK] load (every split's partials at once, no chain
-        of dependent loads) and a tree sum over the splits, the same order at every call (deterministic)."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        sp = tl.arange(0, SPLITS)
-        mask = (sp[:, None] < splits) & (offs[None, :] < numel)
-        part = tl.load(part_ptr + sp.to(tl.int64)[:, None] * numel + offs[None, :], mask=mask, other=0.0)
-        tl.store(out_ptr + offs, tl.sum(part, axis=0), mask=offs < numel)
 
 
 #: programs a call aims for (two per SM of an H100 / H200): the K split fills the GPU at decode sizes
@@ -150,10 +136,8 @@ def fp32_linear_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         num_warps=4,
         num_stages=4,
     )
-    if splits > 1:  # (torch.sum over the split dimension took ~6 us a call; a loop over the splits, 11)
-        sp2 = next_pow2(splits)
-        block = max(32, min(1024, 8192 // sp2))
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, splits, SPLITS=sp2, BLOCK=block, num_warps=4)
+    if splits > 1:  # blocks of at most 8192 partials (splits x block) a program
+        splitk_sum(part, out, max(32, min(1024, 8192 // next_pow2(splits))))
     return out
 
 

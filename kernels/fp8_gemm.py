@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, splitk_sum, tl, triton, use_triton
 from .quant import FP8_DTYPE, act_quant, act_quant_ref
 
 GROUP = 128
@@ -171,19 +171,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-if HAS_TRITON:
-
-    @triton.jit
-    def _splitk_sum_kernel(p_ptr, y_ptr, numel, s_split, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        """y = sum over the split axis of the fp32 partials, cast to y's dtype (one launch)."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        acc = tl.zeros([BLOCK], tl.float32)
-        for sp in tl.static_range(SPLITS):
-            acc += tl.load(p_ptr + sp * s_split + offs, mask=mask, other=0.0)
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 def _config(m: int, n: int, k: int, sms: int) -> dict[str, int]:
     """Launch parameters by shape. Decode (M <= 64): 64-column tiles of the weight, K split until
     about two programs per SM stream it (while the fp32 partial sums stay small beside the weight);
@@ -279,9 +266,7 @@ def fp8_linear_triton(
     )
     if nsplit > 1:
         part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)
-        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
-            part, y, m * n, part.stride(0), SPLITS=nsplit, BLOCK=1024, num_warps=4
-        )
+        splitk_sum(part, y)
     return y.view(*x.shape[:-1], n)
 
 
@@ -536,9 +521,7 @@ def fp8_gemv_triton(
     )
     if nsplit > 1:
         part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)
-        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
-            part, y, m * n, part.stride(0), SPLITS=nsplit, BLOCK=1024, num_warps=4
-        )
+        splitk_sum(part, y)
     return y.view(*x.shape[:-1], n)
 
 
