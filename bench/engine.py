@@ -5,7 +5,7 @@ ceilings measured in the same run (HBM copy bandwidth, bf16 matmul rate; bench/k
                             [--batches 1,8,32,64,128,256] [--contexts 4096,16384,65536,131072]
                             [--prefill 1024,2048,4096,8192,16384,32768] [--chunk 8192] [--profile 1,64,8192]
                             [--weights bf16,fp8] [--latent bf16|fp8] [--fp8-decode-kernels gemv|tiles]
-                            [--glue fused|unfused] [--mla-kernel auto|wgmma|triton] [--topk auto|torch|stream|reg]
+                            [--glue fused|unfused] [--mla-kernel auto|wgmma|triton] [--topk auto|torch|triton|stream|reg]
 
 --weights runs every selected case once per weight format, in one process, against the same
 ceilings: bf16, and fp8 = every linear DeepSeek's FP8 release quantises held in e4m3 with 128x128
@@ -615,10 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--topk",
         default="auto",
-        choices=["auto", "torch", "stream", "reg"],
-        help="the indexer's top-k: radix_topk.choose_kernel's pick (auto), or one implementation at every row count "
-        "(reg: rows up to its REG_WIDTH_LIMIT, the stream kernel beyond; reg and stream from 1 row on are the "
-        "settings radix_topk.MIN_ROWS documents a failed fp32 graph capture with)",
+        choices=["auto", "torch", "triton", "stream", "reg"],
+        help="the indexer's top-k: radix_topk.choose_kernel's pick (auto), its pick with the Triton kernels from "
+        "1 row on and the reg kernel off (triton: split up to SPLIT_MAX_ROWS rows, stream beyond), or one "
+        "implementation at every row count (reg: rows up to its REG_WIDTH_LIMIT, the stream kernel beyond; reg "
+        "from 1 row on is the setting radix_topk.MIN_ROWS documents a failed fp32 graph capture with)",
     )
     args = ap.parse_args(argv)
     if args.topk != "auto":
@@ -626,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
 
         radix_topk.MIN_ROWS = 1 << 30 if args.topk == "torch" else 1  # all three read at every call
         radix_topk.REG_MAX_WIDTH = radix_topk.REG_WIDTH_LIMIT if args.topk == "reg" else 0
-        radix_topk.SPLIT_MAX_ROWS = 0
+        if args.topk != "triton":
+            radix_topk.SPLIT_MAX_ROWS = 0
     if args.mla_kernel != "auto":
         from splitserve.kernels import sparse_mla
 

@@ -3,13 +3,27 @@
 # engine bench (decode by batch with profiles, prefill) with the default kernels and with the reg top-k at
 # every row count, the top-k bench, then the engine's CUDA tests. Each step bounded; logs and JSON to OUTDIR.
 # Usage, from the repository root:  bash bench/run_issue19_gpu.sh OUTDIR [STEPS]   (STEPS: a subset of
-# "kernels engine engine-reg topk engine-tests moe-sweep mla-tests", default all)
+# "kernels engine engine-reg topk engine-tests moe-sweep mla-tests", default all; also, not in the default:
+# "glue-tests decode decode-triton-topk engine-tests-triton-topk capture-diag-reg")
 set -uo pipefail
 out=${1:?OUTDIR}
 steps=${2:-kernels engine engine-reg topk engine-tests moe-sweep mla-tests}
 source bench/gpu_env.sh gpu.txt >/dev/null
 T="python3 -m pytest -q -p no:cacheprovider -rfE -o addopts=--import-mode=importlib"
 E="python3 -m splitserve.bench.engine --pool-tokens 1100000"
+# python snippets for the -c steps: the top-k dispatch (MIN_ROWS, REG_MAX_WIDTH), torch.cuda.graph's capture mode,
+# pytest on the remaining arguments
+topk_set='import sys, pytest, torch; from splitserve.kernels import radix_topk as R
+def topk_set(m, w): R.MIN_ROWS, R.REG_MAX_WIDTH = m, w
+topk_set'
+graph_mode='def graph_mode(mode):
+    init = torch.cuda.graph.__init__
+    def patched(self, *a, **k):
+        k.setdefault("capture_error_mode", mode)
+        init(self, *a, **k)
+    torch.cuda.graph.__init__ = patched
+graph_mode'
+pytest_run='sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-rfE", "-o", "addopts=--import-mode=importlib", *sys.argv[1:]]))'
 step() { echo "== $1 $(date +%T)"; }
 for s in $steps; do
     step "$s"
@@ -31,6 +45,26 @@ for s in $steps; do
     moe-sweep) timeout 200 python3 -m splitserve.bench.sweep_kernels --mla-rows "" --mla-fp8-rows "" \
         --moe-tokens 256 --out "$out/sweep-moe.json" >"$out/sweep-moe.log" 2>&1
         grep -E "^moe" "$out/sweep-moe.log" | cut -c1-150 ;;
+    glue-tests) timeout 150 $T tests/kernels/test_fp32_gemm.py tests/kernels/test_sparse_mla.py \
+        tests/kernels/test_cache_write.py >"$out/t-glue.log" 2>&1
+        tail -3 "$out/t-glue.log" ;;
+    decode) timeout 200 $E --only decode --batches 1,64,256 --profile 1,64,256 --out "$out/decode.json" \
+        >"$out/decode.log" 2>&1
+        grep -E "^bf16 \||ceilings" "$out/decode.log" ;;
+    decode-triton-topk) timeout 150 $E --only decode --batches 1,64 --topk triton --profile 1 \
+        --out "$out/decode-triton-topk.json" >"$out/decode-triton-topk.log" 2>&1
+        grep -E "^bf16 \||ceilings" "$out/decode-triton-topk.log" ;;
+    engine-tests-triton-topk) timeout 200 python3 -c "$topk_set(1, 0)
+$pytest_run" tests/engine/test_engine_cuda.py \
+        >"$out/t-engine-cuda-triton-topk.log" 2>&1
+        tail -3 "$out/t-engine-cuda-triton-topk.log" ;;
+    capture-diag-reg) for mode in global thread_local relaxed; do
+        timeout 100 python3 -c "$topk_set(1, 4096)
+$graph_mode('$mode')
+$pytest_run" \
+            "tests/engine/test_engine_cuda.py::test_warm_up_captures_every_size_and_nothing_while_serving" \
+            >"$out/capture-diag-reg-$mode.log" 2>&1
+        echo "$mode: $(tail -n 1 "$out/capture-diag-reg-$mode.log")"; done ;;
     mla-tests) timeout 120 $T tests/kernels/test_sparse_mla.py >"$out/t-sparse-mla.log" 2>&1
         tail -3 "$out/t-sparse-mla.log" ;;
     esac

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 #: the reg kernel's width limit the table's pick assumes: radix_topk.REG_MAX_WIDTH's measured value (the module
-#: keeps it at 0 while a graph-capture failure with it is open, radix_topk.MIN_ROWS)
+#: keeps it at 0 while a graph-capture failure with it is open, radix_topk.MIN_ROWS's comment)
 REG_MAX_WIDTH_PICK = 4096
 
 

@@ -13,7 +13,7 @@ the references on a CPU.
 | indexer_logits_decode(...) | the scores [B, W] fp32 before top-k |
 | sparse_mla_decode(q_lat, q_rope, latent, layer, block_tables, indices, softmax_scale) | [B, 128, 512] + [B, 128, 64], latent paged [NB, L, 64, 576] (or uint8 656-byte FP8 entries) -> [B, 128, 512]; bf16 entries on Hopper: the warp-specialised Gluon kernel (sparse_mla_hopper.py) |
 | index_query(q, w, cos, sin, interleaved, hadamard, softmax_scale, out_dtype) | wq_b / weights_proj outputs [N, 64, 128], [N, 64] -> the indexer's q (rope, Hadamard, e4m3) and weights, one launch |
-| topk(logits, k) | [B, W] fp32 (-inf = not visible) -> [B, k] int32 (-1 padding); torch.topk below 64 rows, the stream radix select (one launch) from 64; reg / split variants measured faster but not on yet (radix_topk.MIN_ROWS says why) |
+| topk(logits, k) | [B, W] fp32 (-inf = not visible) -> [B, k] int32 (-1 padding); radix select: the split kernel (a [rows, chunks] grid) up to 32 rows, the stream kernel (one program a row) beyond; the reg variant measured faster but not on yet (radix_topk.REG_MAX_WIDTH says why) |
 | kv_write(kv_a, k_idx, cos, sin, norms..., hadamard, latent, ikeys, iscale, layer, slots) | a layer's new latent entries + indexer keys (norms, rope, Hadamard, e4m3) into the pools, one launch |
 | rms_norm(x, w, eps, residual=None) | [..., D] -> y, or (y, x + residual) |
 | rope(x, cos, sin, interleaved) | [N, ..., d], cos/sin [N, d/2] |

@@ -12,8 +12,9 @@ The kernel runs the product on the tensor cores at fp32 precision. Every fp32 we
 bf16 numbers: hi = bf16(w), mid = bf16(w - hi), lo = bf16(w - hi - mid) (each difference is exact in fp32 and
 the three pieces hold 8 + 8 + 8 of fp32's 24 significant bits; weights below ~1e-33, where the last piece would be
 subnormal, lose bits there). A bf16 activation is itself exact, each bf16 x bf16 product is exact in fp32, and
-three bf16 MMAs accumulate them in fp32: the result differs from an fp32 GEMM by summation order and the tensor
-cores' accumulation rounding, i.e. at fp32's own rounding level. One program owns a BM x BN tile of the output
+three bf16 MMAs accumulate them in fp32, into a fresh accumulator each K step that an fp32 add then takes into
+the running sum: the result differs from an fp32 GEMM by summation order and the tensor cores' accumulation
+rounding within one step, i.e. at fp32's own rounding level. One program owns a BM x BN tile of the output
 over one K range. At decode sizes (one M tile: each weight read once) the K dimension is split over enough
 programs to fill the GPU (about 264) and a second kernel sums the partials in a fixed order: deterministic for a
 given number of rows (the plan depends on it, so results are not batch-invariant; cuBLAS's were not either).
@@ -75,9 +76,13 @@ if HAS_TRITON:
             lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
             if UPCAST:
                 x, hi, mid, lo = x.to(tl.float32), hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
-            acc = tl.dot(x, hi, acc)
-            acc = tl.dot(x, mid, acc)
-            acc = tl.dot(x, lo, acc)
+            # this K step's three products summed on the tensor cores, smallest first, then added to the running
+            # sum in an fp32 add: the tensor cores' accumulation truncates, which over a whole K of 7168 (112
+            # steps x 3 MMAs into one accumulator) drifted to 2^-18.9 of sum |x| |w| on an H100; a fresh
+            # accumulator per step bounds that to one step's terms (DeepSeek promotes FP8 MMA sums the same way)
+            step = tl.dot(x, lo, tl.zeros((BM, BN), dtype=tl.float32))
+            step = tl.dot(x, mid, step)
+            acc += tl.dot(x, hi, step)
         out = out_ptr + pid_s.to(tl.int64) * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -133,7 +138,7 @@ def fp32_linear_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         BN=bn,
         BK=bk,
         UPCAST=interpreting(_fp32_linear_kernel),
-        num_warps=4,
+        num_warps=8 if bm == 64 else 4,  # 64 x 64 at 4 warps spills (two accumulators: the kernel's K-step comment)
         num_stages=4,
     )
     if splits > 1:  # blocks of at most 8192 partials (splits x block) a program

@@ -39,9 +39,9 @@ Three kernels, none with a host synchronisation or a data-dependent grid (all CU
 
 `topk` picks one by (rows, width): `choose_kernel` below, with constants from bench/topk.py (torch.topk and each
 variant, CUDA-graph replays; it prints each cell's fastest variant and the smallest row count from which the
-pick beats torch.topk): torch.topk below MIN_ROWS (64) rows, then the reg kernel for rows up to REG_MAX_WIDTH
-wide (0: off, see there), else the split kernel up to SPLIT_MAX_ROWS rows and the stream kernel beyond (from 64
-rows: the stream kernel).
+pick beats torch.topk): torch.topk below MIN_ROWS rows (1: never), then the reg kernel for rows up to
+REG_MAX_WIDTH wide (0: off, see there), else the split kernel up to SPLIT_MAX_ROWS (32) rows and the stream kernel
+beyond.
 """
 
 from __future__ import annotations
@@ -458,19 +458,20 @@ def topk_triton_split(logits: torch.Tensor, k: int, block: int | None = None) ->
 #: rows from which a Triton kernel serves `topk` on CUDA (below: torch.topk). bench/topk.py on an H100
 #: (bench/results/decode-h100-r3/run1-topk.log, k 2048, us per call warm): at 1 / 8 / 64 / 256 rows x 4096
 #: torch.topk takes 24 / 32 / 34 / 74, choose_kernel's pick with the reg kernel on 15 / 16 / 11 / 18; x 8192:
-#: 44 / 52 / 61 / 84 against 15 / 16 / 32 / 54 (split, split, stream, stream): MIN_ROWS = 1 would win
-#: everywhere (the engine's decode step at batch 1: -35 us). It stays 64 until the capture failure below is
-#: understood: with MIN_ROWS = 1 and REG_MAX_WIDTH = 4096, tests/engine/test_engine_cuda.py::
-#: test_warm_up_captures_every_size_and_nothing_while_serving failed on an H100 (the fp32 engine's decode graph
-#: of 8 rows: the capture invalidated, cuBLAS's next call inside it failing with EXECUTION_FAILED;
-#: bench/results/decode-h100-r3/t-engine-cuda.log), the same symptom the reg kernel showed in
-#: bench/results/issue19-h100/engine-tests-with-reg-topk.log; with torch.topk below 64 rows the test passed.
-MIN_ROWS = 64
+#: 44 / 52 / 61 / 84 against 15 / 16 / 32 / 54 (split, split, stream, stream): the Triton kernels win from one
+#: row on. The engine's decode step at batch 1: 2.74 -> 2.69 ms (bench/results/decode-h100-r4). It was 64 while a
+#: graph-capture failure with the reg kernel was open: with MIN_ROWS = 1 and REG_MAX_WIDTH = 4096,
+#: tests/engine/test_engine_cuda.py::test_warm_up_captures_every_size_and_nothing_while_serving failed on an
+#: H100 (the fp32 engine's decode graph of 8 rows: the capture invalidated, cuBLAS's next call inside it failing
+#: with EXECUTION_FAILED; bench/results/decode-h100-r3/t-engine-cuda.log, and the same in
+#: bench/results/issue19-h100/engine-tests-with-reg-topk.log). With the reg kernel off (REG_MAX_WIDTH = 0: the
+#: split and stream kernels from one row on) the engine's CUDA tests pass (decode-h100-r4/t-engine-cuda-triton-topk.log).
+MIN_ROWS = 1
 #: widest row `topk` gives the reg kernel: it holds next_pow2(width) keys in registers, so its time is set by
 #: that power of two (4096: 11 us at 1-64 rows, 18 at 256; 8192: 18.5 / 37), where the stream kernel's grows
 #: with the width itself (4096: 17.5 / 28; 8192: 32 / 54): the reg kernel wins at and just below a power of
 #: two, the stream kernel just above one (a decode row at context 4096 is 4160 wide). 4096 is the value to
-#: set once the capture failure above is understood; 0 (off) until then.
+#: set once the capture failure under MIN_ROWS is understood (it was seen only with this kernel); 0 (off) until then.
 #: History: with 6-bit digits it passed tests/kernels/test_topk.py on an H100 but inside the engine it left
 #: the tie slot of 7 rows unwritten on a call of 142 rows x 304 scores, k 128 (garbage indices that sparse MLA
 #: then read: an illegal memory access; bench/topk_diag.py --engine, bench/results/topk-diag-h100). Only with

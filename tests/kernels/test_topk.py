@@ -184,12 +184,12 @@ def test_split_block_and_choice():
     assert T.choose_kernel(T.SPLIT_MAX_ROWS + 1, T.REG_MAX_WIDTH + 1, min_rows=1) == "stream"
     assert T.choose_kernel(3, 4096, min_rows=4) == "torch"
     assert T.choose_kernel(1, 4096, min_rows=1, reg_max_width=4096) == "reg"
-    # what the engine gets with the defaults: torch.topk below 64 rows, the stream kernel from there on
-    # (radix_topk.MIN_ROWS says why the measured-faster choice is not on yet)
-    assert (T.MIN_ROWS, T.REG_MAX_WIDTH, T.SPLIT_MAX_ROWS) == (64, 0, 32)
+    # what the engine gets with the defaults: the split kernel up to 32 rows, the stream kernel beyond, the reg
+    # kernel off (radix_topk.REG_MAX_WIDTH says why), torch.topk never (MIN_ROWS 1)
+    assert (T.MIN_ROWS, T.REG_MAX_WIDTH, T.SPLIT_MAX_ROWS) == (1, 0, 32)
     for width in (300, 4096, 65536):
-        assert T.choose_kernel(63, width) == "torch"
-        assert T.choose_kernel(64, width) == T.choose_kernel(1024, width) == "stream"
+        assert T.choose_kernel(1, width) == T.choose_kernel(32, width) == "split"
+        assert T.choose_kernel(33, width) == T.choose_kernel(1024, width) == "stream"
     with pytest.raises(ValueError):
         T.topk_triton_reg(torch.zeros(1, T.REG_WIDTH_LIMIT + 1), 8)
 
