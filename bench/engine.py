@@ -5,7 +5,8 @@ ceilings measured in the same run (HBM copy bandwidth, bf16 matmul rate; bench/k
                             [--batches 1,8,32,64,128,256] [--contexts 4096,16384,65536,131072]
                             [--prefill 1024,2048,4096,8192,16384,32768] [--chunk 8192] [--profile 1,64,8192]
                             [--weights bf16,fp8] [--latent bf16|fp8] [--fp8-decode-kernels gemv|tiles]
-                            [--glue fused|unfused] [--mla-kernel auto|wgmma|triton] [--topk auto|torch|triton|stream|reg]
+                            [--glue fused|unfused] [--mla-kernel auto|wgmma|triton]
+                            [--topk auto|torch|triton|stream|reg] [--pdl on|off]
 
 --weights runs every selected case once per weight format, in one process, against the same
 ceilings: bf16, and fp8 = every linear DeepSeek's FP8 release quantises held in e4m3 with 128x128
@@ -621,7 +622,18 @@ def main(argv: list[str] | None = None) -> int:
         "implementation at every row count (reg: rows up to its REG_WIDTH_LIMIT, the stream kernel beyond; reg "
         "from 1 row on is the setting radix_topk.MIN_ROWS documents a failed fp32 graph capture with)",
     )
+    ap.add_argument(
+        "--pdl",
+        default="on",
+        choices=["on", "off"],
+        help="programmatic dependent launch of the Triton kernels on Hopper (kernels/_common.py PDL; on: the "
+        "serving default)",
+    )
     args = ap.parse_args(argv)
+    if args.pdl == "off":
+        from splitserve.kernels import _common
+
+        _common.PDL = False  # read at every launch
     if args.topk != "auto":
         from splitserve.kernels import radix_topk
 
@@ -690,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp8_decode_kernels": args.fp8_decode_kernels,
         "glue": args.glue,
         "topk": args.topk,
+        "pdl": args.pdl,
         "mla_kernel": args.mla_kernel,
     }
     ceil = measure_ceilings(DEV)

@@ -4,7 +4,7 @@
 # every row count, the top-k bench, then the engine's CUDA tests. Each step bounded; logs and JSON to OUTDIR.
 # Usage, from the repository root:  bash bench/run_issue19_gpu.sh OUTDIR [STEPS]   (STEPS: a subset of
 # "kernels engine engine-reg topk engine-tests moe-sweep mla-tests", default all; also, not in the default:
-# "glue-tests decode decode-triton-topk engine-tests-triton-topk capture-diag-reg")
+# "glue-tests decode decode-triton-topk decode-pdl-off engine-tests-triton-topk capture-diag-reg")
 set -uo pipefail
 out=${1:?OUTDIR}
 steps=${2:-kernels engine engine-reg topk engine-tests moe-sweep mla-tests}
@@ -46,7 +46,7 @@ for s in $steps; do
         --moe-tokens 256 --out "$out/sweep-moe.json" >"$out/sweep-moe.log" 2>&1
         grep -E "^moe" "$out/sweep-moe.log" | cut -c1-150 ;;
     glue-tests) timeout 150 $T tests/kernels/test_fp32_gemm.py tests/kernels/test_sparse_mla.py \
-        tests/kernels/test_cache_write.py >"$out/t-glue.log" 2>&1
+        tests/kernels/test_cache_write.py tests/kernels/test_pdl.py >"$out/t-glue.log" 2>&1
         tail -3 "$out/t-glue.log" ;;
     decode) timeout 200 $E --only decode --batches 1,64,256 --profile 1,64,256 --out "$out/decode.json" \
         >"$out/decode.log" 2>&1
@@ -54,6 +54,9 @@ for s in $steps; do
     decode-triton-topk) timeout 150 $E --only decode --batches 1,64 --topk triton --profile 1 \
         --out "$out/decode-triton-topk.json" >"$out/decode-triton-topk.log" 2>&1
         grep -E "^bf16 \||ceilings" "$out/decode-triton-topk.log" ;;
+    decode-pdl-off) timeout 150 $E --only decode --batches 1,64 --pdl off --profile 1 \
+        --out "$out/decode-pdl-off.json" >"$out/decode-pdl-off.log" 2>&1
+        grep -E "^bf16 \||ceilings" "$out/decode-pdl-off.log" ;;
     engine-tests-triton-topk) timeout 200 python3 -c "$topk_set(1, 0)
 $pytest_run" tests/engine/test_engine_cuda.py \
         >"$out/t-engine-cuda-triton-topk.log" 2>&1

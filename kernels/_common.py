@@ -1,5 +1,5 @@
 """What every kernel module shares: the optional Triton import, the dispatch rule, and the split-K sum of
-the GEMMs that split their K dimension over programs (fp8_gemm, fp32_gemm).
+the GEMMs that split their K dimension over programs (fp8_gemm, fp32_gemm), and programmatic dependent launch.
 
 Dispatch rule (one place, no environment switches of ours): a dispatched function runs its Triton
 kernel when Triton is importable and its first tensor argument lives on a CUDA device, and its
@@ -10,6 +10,7 @@ before the kernel modules are imported).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch
 try:  # triton is in the `gpu` / `dev` extras; the CPU install runs the references only
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - exercised on installs without triton
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
@@ -43,6 +45,32 @@ def interpreting(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+#: programmatic dependent launch (Hopper and later): every Triton kernel of ours launches with it on such a GPU,
+#: so the GPU may start a kernel's programs while the kernel before it in the stream is still finishing; each
+#: program first waits (`pdl_start`: griddepcontrol.wait) until that kernel has completed and its writes are
+#: visible, then lets the next kernel launch. What it hides is the launch latency between dependent kernels
+#: (~1-2 us each; a decode step at batch 1 runs ~150 kernels), also inside CUDA graphs, where stream capture
+#: records it as a programmatic edge. Correctness rests on the wait coming before any memory access in every
+#: kernel launched with it, which holds by construction: the wait is each kernel's first statement (a kernel
+#: without the launch attribute, cuBLAS's or torch's, starts only after everything before it, as usual). False:
+#: plain launches (for comparison: bench/engine.py --pdl off). Read at every call, as `_common.PDL`.
+PDL = True
+
+
+@functools.cache
+def _has_pdl(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl(kernel: Any, x: torch.Tensor) -> dict[str, bool]:
+    """Launch options that turn programmatic dependent launch on for `kernel` running on x's device (PDL's
+    comment): {"PDL": True, "launch_pdl": True} on a CUDA GPU of compute capability 9 or later, when PDL is
+    set and the kernel is compiled (not interpreted); {} otherwise (the kernel's PDL constexpr stays False)."""
+    if PDL and x.is_cuda and not interpreting(kernel) and _has_pdl(x.device):
+        return {"PDL": True, "launch_pdl": True}
+    return {}
+
+
 def require_triton() -> None:
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed: install the `gpu` or `dev` extra, or call the *_ref function")
@@ -59,8 +87,19 @@ def is_pow2(n: int) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _splitk_sum_kernel(p_ptr, y_ptr, numel, s_split, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    def pdl_start(PDL: tl.constexpr):
+        """A kernel's first statement: under programmatic dependent launch (PDL's comment) wait for the kernel
+        before it to complete, then let the next one launch; nothing without it."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
+    def _splitk_sum_kernel(
+        p_ptr, y_ptr, numel, s_split, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+    ):
         """y = sum over the split axis of the fp32 partials, splits in ascending order, cast to y's dtype."""
+        pdl_start(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         acc = tl.zeros([BLOCK], tl.float32)
@@ -68,12 +107,22 @@ if HAS_TRITON:
             acc += tl.load(p_ptr + sp * s_split + offs, mask=mask, other=0.0)
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+else:  # pragma: no cover - installs without triton: kernel modules import the name, nothing calls it
+    pdl_start = None
+
 
 def splitk_sum(part: torch.Tensor, out: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """out = part.sum(0) for fp32 partials part [S, ...] and a contiguous `out` of any float dtype: one launch,
     the splits added in ascending order (the same bits at every call)."""
     numel = out.numel()
     _splitk_sum_kernel[(triton.cdiv(numel, block),)](
-        part, out, numel, part.stride(0), SPLITS=part.shape[0], BLOCK=block, num_warps=4
+        part,
+        out,
+        numel,
+        part.stride(0),
+        SPLITS=part.shape[0],
+        BLOCK=block,
+        num_warps=4,
+        **pdl(_splitk_sum_kernel, part),
     )
     return out

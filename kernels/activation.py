@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, pdl, pdl_start, require_triton, tl, triton, use_triton
 
 if HAS_TRITON:
     from triton.language.extra import libdevice
@@ -25,7 +25,10 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, cols, s_g, s_u, s_o, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    def _silu_mul_kernel(
+        g_ptr, u_ptr, o_ptr, cols, s_g, s_u, s_o, BLOCK: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr = False
+    ):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < cols
@@ -64,6 +67,7 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         BLOCK=block,
         INTERP=interpreting(_silu_mul_kernel),
         num_warps=4,
+        **pdl(_silu_mul_kernel, g),
     )
     return out.view(gate.shape)
 

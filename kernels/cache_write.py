@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, interpreting, is_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, is_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 from .norm import rms_norm_ref
 from .quant import act_quant_ref
 from .rotary import rope_ref
@@ -197,7 +197,9 @@ if HAS_TRITON:
         IDX_INTERLEAVED: tl.constexpr,
         FP8: tl.constexpr,
         INTERP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < n_rows
         r64 = rows.to(tl.int64)
@@ -353,6 +355,7 @@ def kv_write_triton(
         FP8=fp8,
         INTERP=interpreting(_kv_write_kernel),
         num_warps=4,
+        **pdl(_kv_write_kernel, kv_a),
     )
 
 

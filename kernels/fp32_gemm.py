@@ -26,7 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, splitk_sum, tl, triton, use_triton
+from ._common import (
+    HAS_TRITON,
+    interpreting,
+    next_pow2,
+    pdl,
+    pdl_start,
+    require_triton,
+    splitk_sum,
+    tl,
+    triton,
+    use_triton,
+)
 
 
 def fp32_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -52,7 +63,9 @@ if HAS_TRITON:
         BN: tl.constexpr,
         BK: tl.constexpr,
         UPCAST: tl.constexpr,  # the interpreter's tl.dot takes fp32 operands only (_common.interpreting)
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -140,6 +153,7 @@ def fp32_linear_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         UPCAST=interpreting(_fp32_linear_kernel),
         num_warps=8 if bm == 64 else 4,  # 64 x 64 at 4 warps spills (two accumulators: the kernel's K-step comment)
         num_stages=4,
+        **pdl(_fp32_linear_kernel, x),
     )
     if splits > 1:  # blocks of at most 8192 partials (splits x block) a program
         splitk_sum(part, out, max(32, min(1024, 8192 // next_pow2(splits))))

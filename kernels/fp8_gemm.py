@@ -48,7 +48,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, splitk_sum, tl, triton, use_triton
+from ._common import (
+    HAS_TRITON,
+    interpreting,
+    next_pow2,
+    pdl,
+    pdl_start,
+    require_triton,
+    splitk_sum,
+    tl,
+    triton,
+    use_triton,
+)
 from .quant import FP8_DTYPE, act_quant, act_quant_ref
 
 GROUP = 128
@@ -117,7 +128,9 @@ if HAS_TRITON:
         FUSED_QUANT: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -263,6 +276,7 @@ def fp8_linear_triton(
         PRECISE=bool(precise),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **pdl(kern, xq),
     )
     if nsplit > 1:
         part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -411,7 +425,9 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         PRECISE: tl.constexpr,
         PREQUANT: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -518,6 +534,7 @@ def fp8_gemv_triton(
         PREQUANT=pre,
         num_warps=int(num_warps or cfg.num_warps),
         num_stages=int(num_stages or cfg.num_stages),
+        **pdl(kern, xq),
     )
     if nsplit > 1:
         part, y = y, torch.empty(m, n, device=x.device, dtype=x.dtype)

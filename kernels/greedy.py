@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, next_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 
 
 def argmax_ref(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,8 @@ def argmax_ref(x: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _argmax_chunks_kernel(x_ptr, v_ptr, i_ptr, n_cols, s_x, s_p, BLOCK: tl.constexpr):
+    def _argmax_chunks_kernel(x_ptr, v_ptr, i_ptr, n_cols, s_x, s_p, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         offs = c * BLOCK + tl.arange(0, BLOCK)
@@ -37,7 +38,10 @@ if HAS_TRITON:
         tl.store(i_ptr + row * s_p + c, tl.where(has_nan, first_nan, first_max))
 
     @triton.jit
-    def _argmax_rows_kernel(v_ptr, i_ptr, o_ptr, n_chunks, n_cols, s_p, CHUNKS: tl.constexpr):
+    def _argmax_rows_kernel(
+        v_ptr, i_ptr, o_ptr, n_chunks, n_cols, s_p, CHUNKS: tl.constexpr, PDL: tl.constexpr = False
+    ):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, CHUNKS)
         mask = offs < n_chunks
@@ -66,8 +70,20 @@ def argmax_triton(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     out = torch.empty(b, device=x.device, dtype=torch.int64)
     if b == 0:
         return out
-    _argmax_chunks_kernel[(b, chunks)](x, vals, idx, v, x.stride(0), vals.stride(0), BLOCK=block, num_warps=4)
-    _argmax_rows_kernel[(b,)](vals, idx, out, chunks, v, vals.stride(0), CHUNKS=next_pow2(chunks), num_warps=4)
+    _argmax_chunks_kernel[(b, chunks)](
+        x, vals, idx, v, x.stride(0), vals.stride(0), BLOCK=block, num_warps=4, **pdl(_argmax_chunks_kernel, x)
+    )
+    _argmax_rows_kernel[(b,)](
+        vals,
+        idx,
+        out,
+        chunks,
+        v,
+        vals.stride(0),
+        CHUNKS=next_pow2(chunks),
+        num_warps=4,
+        **pdl(_argmax_rows_kernel, vals),
+    )
     return out
 
 

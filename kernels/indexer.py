@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, pdl, pdl_start, require_triton, tl, triton, use_triton
 from .radix_topk import topk as topk_rows
 from .radix_topk import topk_ref
 
@@ -147,7 +147,9 @@ if HAS_TRITON:
         FP8: tl.constexpr,
         UPCAST: tl.constexpr,
         IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         b = tl.program_id(0)
         p0 = tl.program_id(1) * pages
         seq_len = tl.load(sl_ptr + b)
@@ -254,6 +256,7 @@ def indexer_logits_decode_triton(
         IEEE=(not fp8 and q.dtype == torch.float32),
         num_warps=4,
         num_stages=3,
+        **pdl(kern, qv),
     )
     return out
 

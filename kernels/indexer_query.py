@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import HAS_TRITON, interpreting, is_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, is_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 from .quant import act_quant_ref
 from .rotary import rope_ref
 
@@ -79,7 +79,9 @@ if HAS_TRITON:
         INTERLEAVED: tl.constexpr,
         FP8: tl.constexpr,
         INTERP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         n = tl.program_id(0).to(tl.int64)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = hs < heads
@@ -172,6 +174,7 @@ def index_query_triton(
         FP8=fp8,
         INTERP=interpreting(_index_query_kernel),
         num_warps=4,
+        **pdl(_index_query_kernel, q),
     )
     return q_out, w_out
 

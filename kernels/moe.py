@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, next_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 from .fp8_gemm import GemvConfig, _sm_count, gemv_splits
 from .quant import act_quant
 
@@ -180,7 +180,9 @@ if HAS_TRITON:
         FP8: tl.constexpr,
         UPCAST: tl.constexpr,
         IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(npad_ptr):
@@ -257,7 +259,9 @@ if HAS_TRITON:
         FP8: tl.constexpr,
         UPCAST: tl.constexpr,
         IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(npad_ptr):
@@ -310,9 +314,11 @@ if HAS_TRITON:
         BLOCK_E: tl.constexpr,
         NB: tl.constexpr,
         BM: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """moe_align in one program (small batches): counts, padded offsets and stable ranks from a
         [tokens x experts] one-hot, then the scatter. Same output as the torch version."""
+        pdl_start(PDL)
         offs_t = tl.arange(0, BLOCK_T)
         tmask = offs_t < num_ids
         ids = tl.load(ids_ptr + offs_t, mask=tmask, other=-1).to(tl.int32)
@@ -365,6 +371,7 @@ def moe_align_triton(
         NB=next_pow2(p // block_m),
         BM=block_m,
         num_warps=8 if block_t * block_e > 8192 else 4,
+        **pdl(_moe_align_kernel, flat),
     )
     return sorted_ids, expert_ids, npad
 
@@ -484,6 +491,7 @@ def _fused_moe_triton(
         IEEE=x.dtype == torch.float32 and not fp8,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl(k1, xq),
     )
     if fp8:
         hq, hs = act_quant(h)
@@ -519,10 +527,21 @@ def _fused_moe_triton(
         IEEE=x.dtype == torch.float32 and not fp8,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl(k2, hq),
     )
     out = torch.empty(n, hidden, device=x.device, dtype=x.dtype)
     _moe_combine_kernel[(n, triton.cdiv(hidden, 1024))](
-        y, out, hidden, top_k, 0, y.stride(0), out.stride(0), SPLITS=1, BLOCK=1024, num_warps=4
+        y,
+        out,
+        hidden,
+        top_k,
+        0,
+        y.stride(0),
+        out.stride(0),
+        SPLITS=1,
+        BLOCK=1024,
+        num_warps=4,
+        **pdl(_moe_combine_kernel, y),
     )
     return out
 
@@ -612,7 +631,9 @@ if HAS_TRITON:
         PRECISE: tl.constexpr,
         PARTIAL: tl.constexpr,
         PREQUANT: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         pid_b = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -660,9 +681,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _moe_silu_sum_kernel(
-        p_ptr, h_ptr, npad_ptr, inter, s_ps, s_pm, s_hm, SPLITS: tl.constexpr, BLOCK: tl.constexpr
+        p_ptr,
+        h_ptr,
+        npad_ptr,
+        inter,
+        s_ps,
+        s_pm,
+        s_hm,
+        SPLITS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """h[r] = silu(sum_s gate partial) * (sum_s up partial) for row r of the sorted buffer."""
+        pdl_start(PDL)
         r = tl.program_id(0)
         if r >= tl.load(npad_ptr):
             return
@@ -706,7 +737,9 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         PRECISE: tl.constexpr,
         PREQUANT: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         pid_b = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -744,8 +777,20 @@ if HAS_TRITON:
         )
 
     @triton.jit
-    def _moe_combine_kernel(y_ptr, out_ptr, hidden, top_k, s_ys, s_ym, s_om, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    def _moe_combine_kernel(
+        y_ptr,
+        out_ptr,
+        hidden,
+        top_k,
+        s_ys,
+        s_ym,
+        s_om,
+        SPLITS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         """out[t] = sum over splits s and slots j of y[s, t * top_k + j] (fp32), in out's dtype."""
+        pdl_start(PDL)
         t = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < hidden
@@ -856,10 +901,21 @@ def fused_moe_fp8_gemv_triton(
         PREQUANT=pre,
         num_warps=nw,
         num_stages=ns,
+        **pdl(_moe_gemv_gate_up_kernel, xq),
     )
     if ns1 > 1:
         _moe_silu_sum_kernel[(p, triton.cdiv(inter, 1024))](
-            part, h, npad, inter, part.stride(0), part.stride(1), h.stride(0), SPLITS=ns1, BLOCK=1024, num_warps=4
+            part,
+            h,
+            npad,
+            inter,
+            part.stride(0),
+            part.stride(1),
+            h.stride(0),
+            SPLITS=ns1,
+            BLOCK=1024,
+            num_warps=4,
+            **pdl(_moe_silu_sum_kernel, part),
         )
     y = torch.empty(ns2, num_ids, hidden, device=x.device, dtype=torch.float32)
     tw = topk_weights.reshape(-1).float().contiguous()
@@ -894,10 +950,21 @@ def fused_moe_fp8_gemv_triton(
         PREQUANT=pre,
         num_warps=nw,
         num_stages=ns,
+        **pdl(_moe_gemv_down_kernel, hq),
     )
     out = torch.empty(n, hidden, device=x.device, dtype=x.dtype)
     _moe_combine_kernel[(n, triton.cdiv(hidden, 1024))](
-        y, out, hidden, top_k, y.stride(0), y.stride(1), out.stride(0), SPLITS=ns2, BLOCK=1024, num_warps=4
+        y,
+        out,
+        hidden,
+        top_k,
+        y.stride(0),
+        y.stride(1),
+        out.stride(0),
+        SPLITS=ns2,
+        BLOCK=1024,
+        num_warps=4,
+        **pdl(_moe_combine_kernel, y),
     )
     return out
 

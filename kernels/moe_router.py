@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, next_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 
 if HAS_TRITON:
     from triton.language.extra import libdevice
@@ -68,7 +68,9 @@ if HAS_TRITON:
         KP: tl.constexpr,
         NORMALIZE: tl.constexpr,
         INTERP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         offs_g = tl.arange(0, G)
         offs_j = tl.arange(0, GS)
@@ -157,6 +159,7 @@ def moe_route_triton(
         NORMALIZE=bool(normalize),
         INTERP=interpreting(_moe_route_kernel),
         num_warps=1 if e <= 256 else 4,
+        **pdl(_moe_route_kernel, logits),
     )
     return weights, ids
 

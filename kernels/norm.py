@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, next_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 
 
 def rms_norm_ref(
@@ -27,8 +27,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, dim, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr
+        x_ptr,
+        r_ptr,
+        w_ptr,
+        y_ptr,
+        h_ptr,
+        dim,
+        eps,
+        s_x,
+        s_r,
+        s_y,
+        s_h,
+        BLOCK: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < dim
@@ -78,6 +92,7 @@ def rms_norm_triton(
         BLOCK=block,
         HAS_RES=residual is not None,
         num_warps=warps,
+        **pdl(_rms_norm_kernel, x2),
     )
     y = y.view(shape)
     return y if residual is None else (y, h.view(shape))

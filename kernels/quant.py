@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, interpreting, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, next_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -57,7 +57,9 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         UE8M0: tl.constexpr,
         INTERP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         g = tl.program_id(1)
         offs_c = g * BLOCK + tl.arange(0, BLOCK)
@@ -104,6 +106,7 @@ def act_quant_triton(x: torch.Tensor, block: int = 128, ue8m0: bool = True) -> t
         UE8M0=ue8m0,
         INTERP=interpreting(_act_quant_kernel),
         num_warps=4,
+        **pdl(_act_quant_kernel, x2),
     )
     return q.view(x.shape), s.view(*x.shape[:-1], d // block)
 

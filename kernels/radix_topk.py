@@ -51,7 +51,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, next_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 
 
 def topk_ref(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,7 +98,18 @@ if HAS_TRITON:
         return d, k_rem - (s >> 9)
 
     @triton.jit
-    def _topk_kernel(x_ptr, out_ptr, width, s_x, s_o, K: tl.constexpr, BLOCK: tl.constexpr, OBLOCK: tl.constexpr):
+    def _topk_kernel(
+        x_ptr,
+        out_ptr,
+        width,
+        s_x,
+        s_o,
+        K: tl.constexpr,
+        BLOCK: tl.constexpr,
+        OBLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         xrow = x_ptr + row * s_x
         orow = out_ptr + row * s_o
@@ -153,8 +164,10 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
         OBLOCK: tl.constexpr,
         BITS: tl.constexpr,  # digit width: ceil(32 / BITS) passes of 2^BITS bins (the top digit may be narrower)
+        PDL: tl.constexpr = False,
     ):
         """The whole row (width <= BLOCK) in registers: one read, ceil(32 / BITS) digit passes, one write."""
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         orow = out_ptr + row * s_o
         pos = tl.arange(0, BLOCK)
@@ -203,7 +216,9 @@ if HAS_TRITON:
         K: tl.constexpr,
         P: tl.constexpr,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         row = tl.program_id(0)
         chunk = tl.program_id(1)
         bins = tl.arange(0, 256)
@@ -257,7 +272,9 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
         CP2: tl.constexpr,  # next power of two >= n_chunks
         OBLOCK: tl.constexpr,  # this chunk's share of the -1 padding; n_chunks * OBLOCK >= K
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         row = tl.program_id(0)
         chunk = tl.program_id(1)
         bins = tl.arange(0, 256)
@@ -343,6 +360,7 @@ def _stream_into(logits: torch.Tensor, out: torch.Tensor, k: int, block: int = 2
             BLOCK=block,
             OBLOCK=min(1024, next_pow2(k)),
             num_warps=8,
+            **pdl(_topk_kernel, logits),
         )
     return out
 
@@ -386,6 +404,7 @@ def _reg_into(
             OBLOCK=min(2048, next_pow2(k)),
             BITS=REG_BITS if bits is None else bits,
             num_warps=num_warps or reg_warps(width),
+            **pdl(_topk_reg_kernel, logits),
         )
     return out
 
@@ -432,6 +451,7 @@ def topk_triton_split(logits: torch.Tensor, k: int, block: int | None = None) ->
             P=p,
             BLOCK=block,
             num_warps=warps,
+            **pdl(_split_hist_kernel, logits),
         )
     _split_write_kernel[grid](
         logits,
@@ -451,6 +471,7 @@ def topk_triton_split(logits: torch.Tensor, k: int, block: int | None = None) ->
         CP2=max(2, next_pow2(chunks)),
         OBLOCK=max(16, next_pow2(-(-k // chunks))),
         num_warps=warps,
+        **pdl(_split_write_kernel, logits),
     )
     return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, next_pow2, pdl, pdl_start, require_triton, tl, triton, use_triton
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -44,7 +44,9 @@ if HAS_TRITON:
         HALF: tl.constexpr,
         BLOCK_M: tl.constexpr,
         INTERLEAVED: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         n = tl.program_id(0).to(tl.int64)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_j = tl.arange(0, HALF)
@@ -96,6 +98,7 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
         BLOCK_M=block_m,
         INTERLEAVED=interleaved,
         num_warps=4,
+        **pdl(_rope_kernel, xv),
     )
     return out.view(x.shape)
 

@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from ._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from ._common import HAS_TRITON, interpreting, pdl, pdl_start, require_triton, tl, triton, use_triton
 from .sparse_mla_hopper import SMEM_LIMIT, smem_bytes, wgmma_fits, ws_smem_bytes
 
 
@@ -172,7 +172,9 @@ if HAS_TRITON:
         SCAN: tl.constexpr,
         G: tl.constexpr,
         NG: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         # a row's head groups are neighbours in launch order: they run together and share the row's
         # gathered entries through L2 (prefill launches many waves of rows)
         pid = tl.program_id(0)
@@ -264,8 +266,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _merge_splits_kernel(
-        part_ptr, lse_ptr, o_ptr, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh, DL: tl.constexpr, SPLITS: tl.constexpr
+        part_ptr,
+        lse_ptr,
+        o_ptr,
+        s_pb,
+        s_ph,
+        s_ps,
+        s_lb,
+        s_lh,
+        s_ob,
+        s_oh,
+        DL: tl.constexpr,
+        SPLITS: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_s = tl.arange(0, SPLITS)
@@ -439,6 +454,7 @@ def sparse_mla_decode_triton(
             NG=dl // min(128, dl),
             num_warps=num_warps,
             num_stages=num_stages,
+            **pdl(_sparse_mla_kernel, q_lat),
         )
     if splits_p2 > 1:
         _merge_splits_kernel[(bsz, heads)](
@@ -455,6 +471,7 @@ def sparse_mla_decode_triton(
             DL=dl,
             SPLITS=splits_p2,
             num_warps=4,
+            **pdl(_merge_splits_kernel, part),
         )
     return out
 
