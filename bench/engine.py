@@ -64,7 +64,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import Engine
 from splitserve.engine.rows import DecodeGraphs, RowPlan
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.kernels import argmax
+from splitserve.kernels import _common, argmax
 from splitserve.model import DeepseekV32
 from splitserve.model.checkpoint import PRESETS
 
@@ -331,7 +331,13 @@ def decode_case(net, pool, wm, ceil, batch: int, context: int, topk: int, profil
     counts: dict[str, Any] = {}
     if profile and DEV == "cuda":
         text, top = profile_top(step_gpu)
-        print(f"\nprofile: decode step, batch {batch}, context {context}\n{text}", flush=True)
+        pdl = (
+            " (PDL on: a Triton kernel's time includes its wait for the kernel before it, so the sum overstates "
+            "the step; --pdl off gives each kernel its own time)"
+            if _common.PDL
+            else ""
+        )
+        print(f"\nprofile: decode step, batch {batch}, context {context}{pdl}\n{text}", flush=True)
         prof = top
         step_k, step_copies = count_kernels(step_gpu)
         per_layer = layer_kernels(net, plan.to_batch(pool))
@@ -631,8 +637,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.pdl == "off":
-        from splitserve.kernels import _common
-
         _common.PDL = False  # read at every launch
     if args.topk != "auto":
         from splitserve.kernels import radix_topk
@@ -647,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         sparse_mla.WGMMA = args.mla_kernel == "wgmma"  # both read at every call
         sparse_mla.WARP_SPECIALIZED = False
     if args.glue == "unfused":
-        from splitserve.kernels import _common, indexer
+        from splitserve.kernels import indexer
         from splitserve.model import attention
 
         indexer.TOPK_KERNEL = False  # all three read at every call

@@ -23,6 +23,7 @@ graph_mode='def graph_mode(mode):
         init(self, *a, **k)
     torch.cuda.graph.__init__ = patched
 graph_mode'
+pdl_off='import sys, pytest; from splitserve.kernels import _common; _common.PDL = False'
 pytest_run='sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-rfE", "-o", "addopts=--import-mode=importlib", *sys.argv[1:]]))'
 step() { echo "== $1 $(date +%T)"; }
 for s in $steps; do
@@ -41,7 +42,13 @@ for s in $steps; do
         --out "$out/topk.json" >"$out/topk.log" 2>&1
         tail -25 "$out/topk.log" ;;
     engine-tests) timeout 300 $T tests/engine/test_engine_cuda.py >"$out/t-engine-cuda.log" 2>&1
-        tail -5 "$out/t-engine-cuda.log" ;;
+        tail -5 "$out/t-engine-cuda.log"
+        if grep -qE "[0-9]+ (failed|error)" "$out/t-engine-cuda.log"; then  # the same without PDL, to tell
+            echo "-- again with kernels/_common.py PDL off"
+            timeout 200 python3 -c "$pdl_off
+$pytest_run" tests/engine/test_engine_cuda.py >"$out/t-engine-cuda-pdl-off.log" 2>&1
+            tail -3 "$out/t-engine-cuda-pdl-off.log"
+        fi ;;
     moe-sweep) timeout 200 python3 -m splitserve.bench.sweep_kernels --mla-rows "" --mla-fp8-rows "" \
         --moe-tokens 256 --out "$out/sweep-moe.json" >"$out/sweep-moe.log" 2>&1
         grep -E "^moe" "$out/sweep-moe.log" | cut -c1-150 ;;

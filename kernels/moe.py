@@ -10,12 +10,14 @@ topk_ids [N, k] int. Flat id f = n * k + j names the (token, slot) pair.
 
     out[n] = sum_j topk_weights[n, j] * w2[e] @ (silu(w13[e, :I] @ x[n]) * (w13[e, I:] @ x[n])),  e = topk_ids[n, j]
 
-The shared expert is not included (the caller adds it). Triton path: moe_align (one Triton program
+The shared experts' output is the caller's to compute; passed as `shared` it is added in the last kernel.
+Triton path: moe_align (one Triton program
 for decode-sized batches, torch ops otherwise; no host synchronisation, graph-safe) sorts the flat
 ids by expert into blocks of BLOCK_M rows; then
 kernel 1 computes gate and up for one block of rows x BLOCK_N columns of both halves and writes
 silu(gate) * up; kernel 2 computes the down projection, scales by the routing weight and writes
-row f of a [N * k, H] buffer; the k rows of each token are summed in fp32 (one combine kernel).
+row f of a [N * k, H] buffer; the k rows of each token are summed in fp32, `shared` added, and the sum
+rounded once to x's dtype (one combine kernel).
 
 FP8 variant (`fused_moe_fp8`): e4m3 weights with one fp32 scale per 128x128 block
 (`weight_scale_inv` layout: w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]); activations
@@ -40,9 +42,14 @@ if HAS_TRITON:
 # references
 # ---------------------------------------------------------------------------------------------
 def fused_moe_ref(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The loop of model.moe.MoE.forward (routed experts only)."""
+    """The loop of model.moe.MoE.forward (routed experts, plus `shared` when given)."""
     out = torch.zeros_like(x)
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
@@ -58,7 +65,7 @@ def fused_moe_ref(
         y = F.linear(F.silu(gate) * up, w2[e]) * w_sorted[start : start + c, None].to(x.dtype)
         out.index_add_(0, tok, y)
         start += c
-    return out
+    return out if shared is None else out + shared
 
 
 def quantize_stacked(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +95,10 @@ def fused_moe_fp8_ref(
     w2_scale: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FP8 semantics in plain torch: activations round-tripped through act_quant (per 1x128 group,
-    ue8m0), weights dequantised per 128x128 block. Also serves sizes that are not multiples of 128
+    """FP8 semantics in plain torch (plus `shared` when given): activations round-tripped through act_quant
+    (per 1x128 group, ue8m0), weights dequantised per 128x128 block. Also serves sizes that are not multiples of 128
     (small test presets): gate's and up's scale blocks are then stacked separately
     (w13_scale [E, 2 * ceil(I/128), ceil(H/128)]) and a partial activation group counts as zero-padded."""
     from .fp8_gemm import dequant_weight_ref, quantize_act_ref
@@ -109,7 +117,7 @@ def fused_moe_fp8_ref(
         h = (F.silu(xd[rows] @ g.t()) * (xd[rows] @ u.t())).to(x.dtype)
         y = (quantize_act_ref(h) @ w2e.t()) * topk_weights[rows, slots][:, None].float()
         out.index_add_(0, rows, y.to(x.dtype))
-    return out
+    return out if shared is None else out + shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +428,7 @@ def _fused_moe_triton(
     num_warps=4,
     num_stages=4,
     block_k=None,
+    shared=None,
 ):
     require_triton()
     n, hidden = x.shape
@@ -529,21 +538,7 @@ def _fused_moe_triton(
         num_stages=num_stages,
         **pdl(k2, hq),
     )
-    out = torch.empty(n, hidden, device=x.device, dtype=x.dtype)
-    _moe_combine_kernel[(n, triton.cdiv(hidden, 1024))](
-        y,
-        out,
-        hidden,
-        top_k,
-        0,
-        y.stride(0),
-        out.stride(0),
-        SPLITS=1,
-        BLOCK=1024,
-        num_warps=4,
-        **pdl(_moe_combine_kernel, y),
-    )
-    return out
+    return _combine(y, 0, 1, n, top_k, x.dtype, shared)
 
 
 def fused_moe_triton(
@@ -785,11 +780,15 @@ if HAS_TRITON:
         s_ys,
         s_ym,
         s_om,
+        a_ptr,
+        s_am,
         SPLITS: tl.constexpr,
         BLOCK: tl.constexpr,
+        ADD: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        """out[t] = sum over splits s and slots j of y[s, t * top_k + j] (fp32), in out's dtype."""
+        """out[t] = sum over splits s and slots j of y[s, t * top_k + j] (fp32) [+ a[t], the shared experts'
+        output, with ADD], rounded once to out's dtype."""
         pdl_start(PDL)
         t = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -799,7 +798,35 @@ if HAS_TRITON:
             row = y_ptr + (t * top_k + j).to(tl.int64) * s_ym + offs
             for sp in tl.static_range(SPLITS):
                 acc += tl.load(row + sp * s_ys, mask=mask, other=0.0)
+        if ADD:
+            acc += tl.load(a_ptr + t.to(tl.int64) * s_am + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + t.to(tl.int64) * s_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _combine(y: torch.Tensor, s_ys: int, splits: int, n: int, top_k: int, dtype, shared) -> torch.Tensor:
+    """The MoE's last kernel: each token's weighted slot rows (y [.., n * top_k, H], fp32 or x's dtype, `splits`
+    partials s_ys apart) summed, plus the shared experts' output when given, into [n, H] of `dtype`."""
+    hidden = y.shape[-1]
+    out = torch.empty(n, hidden, device=y.device, dtype=dtype)
+    if shared is not None and (shared.shape != out.shape or shared.stride(-1) != 1):
+        raise ValueError(f"shared must be [{n}, {hidden}] with a contiguous last dimension, got {tuple(shared.shape)}")
+    _moe_combine_kernel[(n, triton.cdiv(hidden, 1024))](
+        y,
+        out,
+        hidden,
+        top_k,
+        s_ys,
+        y.stride(-2),
+        out.stride(0),
+        out if shared is None else shared,
+        0 if shared is None else shared.stride(0),
+        SPLITS=splits,
+        BLOCK=1024,
+        ADD=shared is not None,
+        num_warps=4,
+        **pdl(_moe_combine_kernel, y),
+    )
+    return out
 
 
 def fused_moe_fp8_gemv_triton(
@@ -819,6 +846,7 @@ def fused_moe_fp8_gemv_triton(
     dot: bool | None = None,
     prequant: bool | None = None,
     precise: bool = False,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decode-size FP8 MoE (N <= MOE_GEMV_MAX_N tokens; contract of fused_moe_fp8_ref, H and I
     multiples of 128); keyword arguments override MOE_GEMV_TABLE's choice (tests, bench/fp8_sweep.py)."""
@@ -952,28 +980,19 @@ def fused_moe_fp8_gemv_triton(
         num_stages=ns,
         **pdl(_moe_gemv_down_kernel, hq),
     )
-    out = torch.empty(n, hidden, device=x.device, dtype=x.dtype)
-    _moe_combine_kernel[(n, triton.cdiv(hidden, 1024))](
-        y,
-        out,
-        hidden,
-        top_k,
-        y.stride(0),
-        y.stride(1),
-        out.stride(0),
-        SPLITS=ns2,
-        BLOCK=1024,
-        num_warps=4,
-        **pdl(_moe_combine_kernel, y),
-    )
-    return out
+    return _combine(y, y.stride(0), ns2, n, top_k, x.dtype, shared)
 
 
 # ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
 def fused_moe(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer (bf16 grouped GEMMs), combined with the routing weights.
 
@@ -981,11 +1000,14 @@ def fused_moe(
         x: [N, H] tokens (bf16).
         w13: [E, 2I, H] stacked gate ‖ up weights; w2: [E, H, I] stacked down weights.
         topk_weights: [N, k] fp32 routing weights; topk_ids: [N, k] int expert ids.
+        shared: [N, H] in x's dtype or None: the shared experts' output, added in the combining kernel
+            (on CUDA: to the fp32 sum, one rounding; no separate add kernel).
     Returns:
-        [N, H] in x's dtype (shared expert not included).
+        [N, H] in x's dtype: the routed experts' sum (+ shared).
     """
-    fn = fused_moe_triton if use_triton(x) else fused_moe_ref
-    return fn(x, w13, w2, topk_weights, topk_ids)
+    if use_triton(x):
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, shared=shared)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, shared)
 
 
 def fused_moe_fp8(
@@ -996,6 +1018,7 @@ def fused_moe_fp8(
     w2_scale: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fused_moe with float8_e4m3fn weights and 128x128 block scales (checkpoint `weight_scale_inv`
     stacked per expert: w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]); activations are
@@ -1004,6 +1027,6 @@ def fused_moe_fp8(
     the decode kernels (each active expert streamed once), above them the grouped-GEMM tiles."""
     fits = x.shape[1] % 128 == 0 and w2.shape[2] % 128 == 0
     if not (use_triton(x) and fits):
-        return fused_moe_fp8_ref(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+        return fused_moe_fp8_ref(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, shared)
     fn = fused_moe_fp8_gemv_triton if x.shape[0] <= MOE_GEMV_MAX_N else fused_moe_fp8_triton
-    return fn(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+    return fn(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, shared=shared)

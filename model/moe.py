@@ -148,13 +148,14 @@ class MoE(nn.Module):
         self.w13_scale_inv = nn.Parameter(s13, requires_grad=False)
         self.w2_scale_inv = nn.Parameter(s2, requires_grad=False)
 
-    def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _routed(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, shared: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum (+ shared, added in the MoE's last kernel on CUDA)."""
         if self.fp8:  # block-scaled FP8 grouped GEMMs on CUDA, a loop over dequantised experts elsewhere
             assert self.w13_scale_inv is not None and self.w2_scale_inv is not None  # set with fp8 (to_fp8)
-            out = fused_moe_fp8(x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, weights, ids)
-        else:
-            out = fused_moe(x, self.w13, self.w2, weights, ids)  # Triton grouped GEMMs on CUDA, a loop elsewhere
-        return out
+            return fused_moe_fp8(x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, weights, ids, shared)
+        return fused_moe(x, self.w13, self.w2, weights, ids, shared)  # Triton grouped GEMMs on CUDA, a loop elsewhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
@@ -166,8 +167,8 @@ class MoE(nn.Module):
             if tok.numel():
                 y = self._routed(x[tok], weights[tok, slot][:, None], (ids[tok, slot] - self.expert_start)[:, None])
                 out.index_add_(0, tok, y)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(x)
         else:
-            out = self._routed(x, weights, ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = self._routed(x, weights, ids, self.shared_experts(x) if self.shared_experts is not None else None)
         return self.parallel.all_reduce(out)

@@ -80,6 +80,24 @@ def test_fused_moe_small(dtype, device):
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1.5e-2)
 
 
+def test_shared_output_added_in_the_combine(device):
+    """`shared` (the shared experts' output) is added to the fp32 slot sum in the last kernel, on every path:
+    in fp32 exactly routed + shared; a wrong shape is refused."""
+    x, w13, w2, tw, ids = make_case(4, 256, 128, 4, 2, torch.float32, device)
+    shared = torch.randn_like(x)
+    q13, s13, q2, s2 = _fp8_weights(w13, w2)
+    paths = [
+        lambda **kw: K.fused_moe_triton(x, w13, w2, tw, ids, block_m=16, block_n=32, **kw),
+        lambda **kw: K.fused_moe_fp8_triton(x, q13, s13, q2, s2, tw, ids, block_n=32, **kw),
+        lambda **kw: K.fused_moe_fp8_gemv_triton(x, q13, s13, q2, s2, tw, ids, dot=False, down_splits=2, **kw),
+    ]
+    for run in paths:
+        assert torch.equal(run(shared=shared), run() + shared)
+    assert torch.equal(K.fused_moe_ref(x, w13, w2, tw, ids, shared), K.fused_moe_ref(x, w13, w2, tw, ids) + shared)
+    with pytest.raises(ValueError, match="shared must be"):
+        paths[0](shared=shared[:, :64])
+
+
 def _fp8_weights(w13, w2):
     q13, s13 = K.quantize_stacked(w13)
     q2, s2 = K.quantize_stacked(w2)
@@ -117,9 +135,12 @@ def test_fused_moe_gpu_real_shapes(n):
     x, w13, w2, tw, ids = make_case(n, 7168, 2048, 16, 8, torch.bfloat16, "cuda")
     ref = K.fused_moe_ref(x, w13, w2, tw, ids)
     assert rel(K.fused_moe_triton(x, w13, w2, tw, ids), ref) < 1e-2
+    shared = torch.randn_like(x) * ref.float().std().to(x.dtype)
+    assert rel(K.fused_moe(x, w13, w2, tw, ids, shared), ref + shared) < 1e-2
     q13, s13, q2, s2 = _fp8_weights(w13, w2)
     ref8 = K.fused_moe_fp8_ref(x, q13, s13, q2, s2, tw, ids)
     assert rel(K.fused_moe_fp8_triton(x, q13, s13, q2, s2, tw, ids), ref8) < 2e-2
+    assert rel(K.fused_moe_fp8(x, q13, s13, q2, s2, tw, ids, shared), ref8 + shared) < 2e-2
 
 
 # ---------------------------------------------------------------------------------------------
