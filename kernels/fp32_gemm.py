@@ -18,6 +18,8 @@ rounding within one step, i.e. at fp32's own rounding level. One program owns a 
 over one K range. At decode sizes (one M tile: each weight read once) the K dimension is split over enough
 programs to fill the GPU (about 264) and a second kernel sums the partials in a fixed order: deterministic for a
 given number of rows (the plan depends on it, so results are not batch-invariant; cuBLAS's were not either).
+Up to GEMV_MAX_ROWS rows (the decode step at batch 1) a GEMV kernel serves instead: one program an output, the
+whole K in fp32 FMAs on the CUDA cores, one launch (the split-K pair is two).
 """
 
 from __future__ import annotations
@@ -99,9 +101,47 @@ if HAS_TRITON:
         out = out_ptr + pid_s.to(tl.int64) * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _fp32_gemv_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        M,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        K: tl.constexpr,
+        BM: tl.constexpr,
+        BK: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        """out[m, n] for the few rows m < M (BM >= M) and one output n over the whole K, in CUDA-core fp32 FMAs
+        (IEEE, like an fp32 GEMM): one launch, no partials to sum. K is unrolled, so every load of the weight
+        row can be in flight at once (the program's time is about one memory latency, not K / BK of them)."""
+        pdl_start(PDL)
+        n = tl.program_id(0).to(tl.int64)
+        rm = tl.arange(0, BM)
+        m_ok = rm < M
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BK), dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            k = k0 + rk
+            k_ok = k < K
+            w = tl.load(w_ptr + n * stride_wn + k, mask=k_ok, other=0.0)
+            x = tl.load(
+                x_ptr + rm.to(tl.int64)[:, None] * stride_xm + k[None, :],
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            acc += x.to(tl.float32) * w[None, :]
+        tl.store(out_ptr + rm.to(tl.int64) * stride_om + n, tl.sum(acc, axis=1), mask=m_ok)
+
 
 #: programs a call aims for (two per SM of an H100 / H200): the K split fills the GPU at decode sizes
 TARGET_PROGRAMS = 264
+#: up to this many rows the GEMV kernel serves a call (one program an output, no K split and so no second
+#: launch summing partials; the decode step at batch 1 runs 7 of these calls)
+GEMV_MAX_ROWS = 4
 
 
 def plan(m: int, n: int, k: int, bk: int = 64) -> tuple[int, int, int, int]:
@@ -131,6 +171,22 @@ def fp32_linear_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return out
     if k == 0:
         return out.zero_()
+    if m <= GEMV_MAX_ROWS:
+        _fp32_gemv_kernel[(n,)](
+            x,
+            w,
+            out,
+            m,
+            x.stride(0),
+            w.stride(0),
+            out.stride(0),
+            K=k,
+            BM=next_pow2(m),
+            BK=1024,
+            num_warps=4,
+            **pdl(_fp32_gemv_kernel, x),
+        )
+        return out
     bk = 64
     bm, bn, splits, k_split = plan(m, n, k, bk)
     part = out if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)

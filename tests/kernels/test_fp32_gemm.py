@@ -31,9 +31,11 @@ def rel_error(y, x, w):
 
 @pytest.mark.parametrize(
     "m,n,k",
-    [
+    [  # up to GEMV_MAX_ROWS rows the GEMV kernel (one program an output), above it the tiles
         (1, 256, 512),
         (1, 64, 1344),
+        (3, 48, 1100),  # K not a multiple of the GEMV's 1024-wide steps, rows below its power of two
+        (4, 16, 256),
         (5, 64, 1000),
         (16, 24, 512),
         (37, 256, 640),
@@ -62,18 +64,20 @@ def test_split_and_unsplit_plans_are_both_taken():
         assert k_split % 64 == 0 and (splits - 1) * k_split < k <= splits * k_split  # every K step covered once
 
 
-def test_weights_across_magnitudes_and_signs(device):
+@pytest.mark.parametrize("m", [3, 8])  # the GEMV kernel (fp32 FMAs), the tiles (three bf16 pieces a weight)
+def test_weights_across_magnitudes_and_signs(m, device):
     """Weight rows from 1e-30 to 1e30 (one magnitude per output, so each output's error is measured against its
-    own scale): the three bf16 pieces keep each weight's 24 bits, where one bf16 piece would not."""
+    own scale): both kernels keep each weight's 24 bits, where one bf16 piece would not."""
     k = 256
     w = torch.randn(32, k, device=device) * torch.logspace(-30, 30, 32, device=device)[:, None]
-    x = torch.randn(3, k, device=device).bfloat16()
+    x = torch.randn(m, k, device=device).bfloat16()
     assert rel_error(L.fp32_linear_triton(x, w), x, w) < BOUND
     assert rel_error(x.float() @ w.bfloat16().float().T, x, w) > 8 * BOUND
 
 
-def test_repeated_calls_are_bitwise_equal(device):
-    x, w = inputs(64, 256, 1024, device)
+@pytest.mark.parametrize("m", [2, 64])
+def test_repeated_calls_are_bitwise_equal(m, device):
+    x, w = inputs(m, 256, 1024, device)
     assert torch.equal(L.fp32_linear_triton(x, w), L.fp32_linear_triton(x, w))
 
 
@@ -108,7 +112,7 @@ def test_bench_shapes_on_the_gpu():
     """The router (256 x 7168) and the indexer head weights (64 x 7168) at batch 1 / 64 / 256 / 4096, through the
     dispatcher the model calls, and 3-D input."""
     for n in (256, 64):
-        for m in (1, 64, 256, 4096):
+        for m in (1, 2, 4, 5, 64, 256, 4096):
             x, w = inputs(m, n, 7168, "cuda", spread=4.0)
             assert rel_error(L.fp32_linear(x, w), x, w) < BOUND
     x, w = inputs(6, 64, 7168, "cuda")
