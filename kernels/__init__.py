@@ -21,8 +21,8 @@ the references on a CPU.
 | fp32_linear(x, w) | bf16 [..., K] x fp32 [N, K] -> [..., N] fp32 at fp32 precision (the router's and the indexer's head-weight GEMMs): three bf16 MMAs per weight split hi + mid + lo, K split at decode sizes |
 | moe_route(logits, bias, n_group, topk_group, top_k, normalize, scale) | gate logits [T, E] fp32 -> (weights [T, k] fp32, ids [T, k] int64); one program per token |
 | moe_align(topk_ids, num_experts, block_m) | [N, k] -> sorted ids, block experts, rows used |
-| fused_moe(x, w13, w2, topk_weights, topk_ids) | [N, H], [E, 2I, H], [E, H, I] -> [N, H] |
-| fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) | e4m3 weights, 128x128 scales; <= 16 tokens: each active expert streamed once (moe.fused_moe_fp8_gemv_triton) |
+| fused_moe(x, w13, w2, topk_weights, topk_ids, shared=None) | [N, H], [E, 2I, H], [E, H, I] -> [N, H]; `shared` ([N, H], the shared experts' output) added in the combining kernel |
+| fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, shared=None) | e4m3 weights, 128x128 scales; <= 16 tokens: each active expert streamed once (moe.fused_moe_fp8_gemv_triton) |
 | argmax(x) | [B, V] -> [B] int64, torch.argmax exactly (lowest index among ties); two stages (vocab chunks, then rows) |
 | silu_mul(gate, up) | [..., I] x2 -> silu(gate) * up, one launch (SwiGLU of the dense MLP and shared experts) |
 | fp8_linear(x, weight, scale) | [..., K] x e4m3 [N, K] (+ fp32 [N/128, K/128]) -> [..., N]; x quantised per 1x128; M <= 64 rows: the weight-streaming GEMV (fp8_gemm.fp8_gemv_triton) |

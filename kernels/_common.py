@@ -18,12 +18,18 @@ import torch
 try:  # triton is in the `gpu` / `dev` extras; the CPU install runs the references only
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - exercised on installs without triton
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
 HAS_TRITON = triton is not None
+
+try:  # grid dependency control (triton >= 3.4): programmatic dependent launch, PDL below
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:  # pragma: no cover - older triton: plain launches
+    HAS_PDL = False
 
 # The decode-glue kernels (moe_route, index_query, argmax, silu_mul): False sends their dispatchers to the
 # torch compositions they replace, on CUDA too (bench/engine.py --glue unfused, for comparison). Read
@@ -64,9 +70,10 @@ def _has_pdl(device: torch.device) -> bool:
 
 def pdl(kernel: Any, x: torch.Tensor) -> dict[str, bool]:
     """Launch options that turn programmatic dependent launch on for `kernel` running on x's device (PDL's
-    comment): {"PDL": True, "launch_pdl": True} on a CUDA GPU of compute capability 9 or later, when PDL is
-    set and the kernel is compiled (not interpreted); {} otherwise (the kernel's PDL constexpr stays False)."""
-    if PDL and x.is_cuda and not interpreting(kernel) and _has_pdl(x.device):
+    comment): {"PDL": True, "launch_pdl": True} on an NVIDIA GPU of compute capability 9 or later, when PDL is
+    set, triton has grid dependency control and the kernel is compiled (not interpreted); {} otherwise (the
+    kernel's PDL constexpr stays False, and pdl_start compiles to nothing)."""
+    if PDL and HAS_PDL and x.is_cuda and torch.version.hip is None and not interpreting(kernel) and _has_pdl(x.device):
         return {"PDL": True, "launch_pdl": True}
     return {}
 
@@ -85,14 +92,21 @@ def is_pow2(n: int) -> bool:
 
 
 if HAS_TRITON:
+    if HAS_PDL:
 
-    @triton.jit
-    def pdl_start(PDL: tl.constexpr):
-        """A kernel's first statement: under programmatic dependent launch (PDL's comment) wait for the kernel
-        before it to complete, then let the next one launch; nothing without it."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        @triton.jit
+        def pdl_start(PDL: tl.constexpr):
+            """A kernel's first statement: under programmatic dependent launch (PDL's comment) wait for the kernel
+            before it to complete, then let the next one launch; nothing without it."""
+            if PDL:
+                gdc_wait()
+                gdc_launch_dependents()
+
+    else:  # pragma: no cover - triton without grid dependency control: pdl() never sets PDL
+
+        @triton.jit
+        def pdl_start(PDL: tl.constexpr):
+            pass
 
     @triton.jit
     def _splitk_sum_kernel(

@@ -142,6 +142,8 @@ TARGET_PROGRAMS = 264
 #: up to this many rows the GEMV kernel serves a call (one program an output, no K split and so no second
 #: launch summing partials; the decode step at batch 1 runs 7 of these calls)
 GEMV_MAX_ROWS = 4
+#: and K up to this (its K loop is unrolled: one compiled kernel per K, each step in the code)
+GEMV_MAX_K = 16384
 
 
 def plan(m: int, n: int, k: int, bk: int = 64) -> tuple[int, int, int, int]:
@@ -171,7 +173,7 @@ def fp32_linear_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return out
     if k == 0:
         return out.zero_()
-    if m <= GEMV_MAX_ROWS:
+    if m <= GEMV_MAX_ROWS and k <= GEMV_MAX_K:
         _fp32_gemv_kernel[(n,)](
             x,
             w,

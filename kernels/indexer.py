@@ -22,7 +22,8 @@ Score (fp32), with every per-head factor folded into `weights` by the caller::
 
 The Triton version computes the logits in one fused kernel (tensor-core dots: bf16 x bf16 on the exact
 path, e4m3 x e4m3 with fp32 accumulation on the FP8 path) and selects the top-k by radix select
-(kernels/radix_topk.py, from 64 rows on; torch.topk below, where it measured faster): two launches per layer.
+(kernels/radix_topk.py: the split kernel up to 32 rows, the stream kernel beyond): the logits kernel, then one
+(stream) or six (split: a memset, four histogram passes, the write) launches per layer.
 """
 
 from __future__ import annotations

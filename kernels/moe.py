@@ -431,6 +431,7 @@ def _fused_moe_triton(
     shared=None,
 ):
     require_triton()
+    _check_shared(shared, x)
     n, hidden = x.shape
     e, two_i, hid_w = w13.shape
     inter = two_i // 2
@@ -803,13 +804,21 @@ if HAS_TRITON:
         tl.store(out_ptr + t.to(tl.int64) * s_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _check_shared(shared: torch.Tensor | None, x: torch.Tensor) -> None:
+    """`shared` (the shared experts' output) must be x-shaped, on x's device, rows contiguous: checked before any
+    launch (a refusal inside a CUDA-graph capture would invalidate it)."""
+    if shared is not None and (shared.shape != x.shape or shared.device != x.device or shared.stride(-1) != 1):
+        raise ValueError(
+            f"shared must be [{x.shape[0]}, {x.shape[1]}] on {x.device} with a contiguous last dimension, "
+            f"got {tuple(shared.shape)} on {shared.device}"
+        )
+
+
 def _combine(y: torch.Tensor, s_ys: int, splits: int, n: int, top_k: int, dtype, shared) -> torch.Tensor:
     """The MoE's last kernel: each token's weighted slot rows (y [.., n * top_k, H], fp32 or x's dtype, `splits`
     partials s_ys apart) summed, plus the shared experts' output when given, into [n, H] of `dtype`."""
     hidden = y.shape[-1]
     out = torch.empty(n, hidden, device=y.device, dtype=dtype)
-    if shared is not None and (shared.shape != out.shape or shared.stride(-1) != 1):
-        raise ValueError(f"shared must be [{n}, {hidden}] with a contiguous last dimension, got {tuple(shared.shape)}")
     _moe_combine_kernel[(n, triton.cdiv(hidden, 1024))](
         y,
         out,
@@ -851,6 +860,7 @@ def fused_moe_fp8_gemv_triton(
     """The decode-size FP8 MoE (N <= MOE_GEMV_MAX_N tokens; contract of fused_moe_fp8_ref, H and I
     multiples of 128); keyword arguments override MOE_GEMV_TABLE's choice (tests, bench/fp8_sweep.py)."""
     require_triton()
+    _check_shared(shared, x)
     n, hidden = x.shape
     e, two_i, hid_w = w13.shape
     inter = two_i // 2

@@ -37,6 +37,7 @@ def rel_error(y, x, w):
         (3, 48, 1100),  # K not a multiple of the GEMV's 1024-wide steps, rows below its power of two
         (4, 16, 256),
         (5, 64, 1000),
+        (5, 64, 1344),
         (16, 24, 512),
         (37, 256, 640),
         (64, 64, 448),
@@ -54,11 +55,13 @@ def test_fp32_precision_against_float64(m, n, k, device):
 
 
 def test_split_and_unsplit_plans_are_both_taken():
-    """plan() splits K at decode sizes and not for many rows over a short K (the shapes above cover both)."""
-    assert L.plan(1, 256, 512)[2] > 1
+    """plan() (the tiles, above GEMV_MAX_ROWS rows) splits K at decode sizes and not for many rows over a short K
+    (the shapes above cover both)."""
+    assert L.GEMV_MAX_ROWS < 5
+    assert L.plan(5, 64, 1000)[2] > 1
     assert L.plan(64, 256, 7168)[2] > 1
     assert L.plan(300, 64, 128)[2] == 1
-    assert L.plan(1, 64, 1344)[2] == 7  # a split count that is not a power of two (the sum's masked rows)
+    assert L.plan(5, 64, 1344)[2] == 7  # a split count that is not a power of two (the sum's masked rows)
     for m, n, k in [(1, 256, 7168), (64, 64, 7168), (256, 256, 7168), (8192, 256, 7168), (3, 5, 70)]:
         bm, bn, splits, k_split = L.plan(m, n, k)
         assert k_split % 64 == 0 and (splits - 1) * k_split < k <= splits * k_split  # every K step covered once

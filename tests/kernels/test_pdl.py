@@ -4,6 +4,9 @@ replayed from a CUDA graph, computes exactly what plain launches compute."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,3 +64,55 @@ def test_dependent_kernels_under_pdl_equal_plain_launches(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(a, b) for a, b in zip(out, want))
+
+
+KERNELS = Path(_common.__file__).parent
+
+
+def _is_jit(fn: ast.FunctionDef) -> bool:
+    return any(ast.unparse(d) in ("triton.jit", "gluon.jit") for d in fn.decorator_list)
+
+
+def test_every_kernel_taking_pdl_waits_first_and_every_launch_names_its_own_kernel():
+    """The rule PDL's correctness rests on, read from the source of kernels/: a @triton.jit kernel with a PDL
+    parameter runs pdl_start(PDL) before anything else (after its docstring), and a launch `k[grid](...,
+    **pdl(j, x))` passes the kernel it launches (j is k) and one that takes PDL. A kernel that read memory
+    before waiting would race under PDL, and no single GPU run is sure to show it."""
+    takes_pdl, launched_names = set(), []
+    for path in sorted(KERNELS.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if (
+                isinstance(fn, ast.FunctionDef)
+                and _is_jit(fn)
+                and fn.name != "pdl_start"
+                and "PDL" in [a.arg for a in fn.args.args]
+            ):
+                takes_pdl.add(fn.name)
+                body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
+                assert ast.unparse(body[0]) == "pdl_start(PDL)", f"{path.name}:{fn.name} does not wait first"
+        for call in ast.walk(tree):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Subscript)):
+                continue
+            for kw in call.keywords:
+                if kw.arg is None and isinstance(kw.value, ast.Call) and ast.unparse(kw.value.func) == "pdl":
+                    launched, named = ast.unparse(call.func.value), ast.unparse(kw.value.args[0])
+                    assert launched == named, f"{path.name}: launches {launched} with pdl({named}, ...)"
+                    launched_names.append(launched)
+    assert len(launched_names) >= 20 and len(takes_pdl) >= 20  # the rule was checked on the kernels
+    aliases = {}  # the launch sites' local names for kernels (k1, k2, kern) and what they are bound to
+    for path in sorted(KERNELS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, value = node.targets[0], node.value
+                if isinstance(target, ast.Tuple) != isinstance(value, ast.Tuple):
+                    continue
+                pairs = zip(target.elts, value.elts) if isinstance(target, ast.Tuple) else [(target, value)]
+                for t, v in pairs:
+                    if isinstance(t, ast.Name) and ast.unparse(v).endswith("_kernel"):
+                        aliases.setdefault(t.id, set()).add(ast.unparse(v))
+    assert {"k1", "k2", "kern"} <= aliases.keys()
+    for name, values in aliases.items():
+        assert values <= takes_pdl, f"{name} = {values}: not a kernel that takes PDL"
+    for name in launched_names:
+        assert name in takes_pdl or name in aliases, f"{name} is launched with pdl() but takes no PDL"
