@@ -29,8 +29,8 @@ step() { echo "== $1 $(date +%T)"; }
 for s in $steps; do
     step "$s"
     case $s in
-    kernels) timeout 240 $T tests/kernels/test_fp32_gemm.py tests/kernels/test_topk.py \
-        "tests/kernels/test_moe.py::test_fused_moe_gpu_real_shapes" >"$out/t-kernels.log" 2>&1
+    kernels) timeout 300 $T tests/kernels/test_fp32_gemm.py tests/kernels/test_topk.py tests/kernels/test_pdl.py \
+        tests/kernels/test_moe.py >"$out/t-kernels.log" 2>&1
         tail -3 "$out/t-kernels.log" ;;
     engine) timeout 300 $E --only decode,prefill --batches 1,64,256 --prefill 1024,8192 --profile 1,64,256 \
         --out "$out/engine.json" >"$out/engine.log" 2>&1
