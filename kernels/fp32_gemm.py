@@ -92,8 +92,8 @@ if HAS_TRITON:
             if UPCAST:
                 x, hi, mid, lo = x.to(tl.float32), hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
             # this K step's three products summed on the tensor cores, smallest first, then added to the running
-            # sum in an fp32 add: the tensor cores' accumulation truncates, which over a whole K of 7168 (112
-            # steps x 3 MMAs into one accumulator) drifted to 2^-18.9 of sum |x| |w| on an H100; a fresh
+            # sum in an fp32 add: the tensor cores' accumulation is coarser than an IEEE add, which over a whole K
+            # of 7168 (112 steps x 3 MMAs into one accumulator) drifted to 2^-18.9 of sum |x| |w| on an H100; a fresh
             # accumulator per step bounds that to one step's terms (DeepSeek promotes FP8 MMA sums the same way)
             step = tl.dot(x, lo, tl.zeros((BM, BN), dtype=tl.float32))
             step = tl.dot(x, mid, step)
