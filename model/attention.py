@@ -283,10 +283,16 @@ class MLA(nn.Module):
         o_lat = sparse_mla_decode(
             q_lat, q_rope, pools.latent, self.layer, rows.block_tables, selected, cfg.softmax_scale
         )
+        return self._value_up(o_lat, w_uv)
+
+    @staticmethod
+    def _value_up(o_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+        """The absorbed attention's latent output o_lat [n, H, C] through each head's value projection w_uv
+        [H, D, C] -> [n, H, D]. Serving (no gradient recorded): the batched GEMM over heads writes [n, H, D]
+        rows in place (its output a transposed view), so o_proj's reshape needs no copy kernel (einsum's result
+        is [H, n, D] permuted: a copy per layer)."""
         if torch.is_grad_enabled():
             return torch.einsum("nhc,hdc->nhd", o_lat, w_uv)
-        # serving: the batched GEMM over heads writes [n, h, d] rows in place (its output a transposed view), so
-        # o_proj's reshape needs no copy kernel (einsum's result is [h, n, d] permuted: a copy per layer)
         out = o_lat.new_empty(o_lat.shape[0], o_lat.shape[1], w_uv.shape[1])
         torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
         return out
@@ -323,10 +329,4 @@ class MLA(nn.Module):
         logits = torch.einsum("nhc,lc->hnl", q_lat, lat) + torch.einsum("nhd,ld->hnl", q_rope, k_rope)
         p = self._softmax(logits, allowed).to(lat.dtype)
         o_lat = torch.einsum("hnl,lc->nhc", p, lat)
-        if torch.is_grad_enabled():
-            return torch.einsum("nhc,hdc->nhd", o_lat, w_uv)
-        # serving: the batched GEMM over heads writes [n, h, d] rows in place (its output a transposed view), so
-        # o_proj's reshape needs no copy kernel (einsum's result is [h, n, d] permuted: a copy per layer)
-        out = o_lat.new_empty(o_lat.shape[0], o_lat.shape[1], w_uv.shape[1])
-        torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
-        return out
+        return self._value_up(o_lat, w_uv)
