@@ -1,5 +1,5 @@
-"""What every kernel module shares: the optional Triton import, the dispatch rule, and the split-K sum of
-the GEMMs that split their K dimension over programs (fp8_gemm, fp32_gemm), and programmatic dependent launch.
+"""What every kernel module shares: the optional Triton import, the dispatch rule, programmatic dependent
+launch, and the split-K sum of the GEMMs that split their K dimension over programs (fp8_gemm, fp32_gemm).
 
 Dispatch rule (one place, no environment switches of ours): a dispatched function runs its Triton
 kernel when Triton is importable and its first tensor argument lives on a CUDA device, and its
