@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import httpx
@@ -64,8 +64,27 @@ def kill_session(sid: int, timeout_s: float = 5.0) -> None:
             return
 
 
-def ray_start(args: list[str], env: dict[str, str], sessions: list[int]) -> None:
-    """`ray start` in a new session (its daemons keep that session id, so they can be found and stopped)."""
+def ray_logs(temp_dir: str) -> str:
+    """The tails of the newest session's GCS and raylet logs: why a node did not come up."""
+    logs = os.path.join(temp_dir, "session_latest", "logs")
+    tails = []
+    for name in ("gcs_server.out", "gcs_server.err", "raylet.out", "raylet.err"):
+        try:
+            with open(os.path.join(logs, name), errors="replace") as f:
+                tails.append(f"--- {name}\n{f.read()[-1500:]}")
+        except OSError:
+            continue
+    return "\n".join(tails)
+
+
+def ray_start(
+    make_args: Callable[[], list[str]], env: dict[str, str], sessions: list[int], temp_dir: str, attempts: int = 3
+) -> list[str]:
+    """`ray start` in a new session (its daemons keep that session id, so they can be found and stopped).
+
+    `make_args` picks fresh ports on each call. A node that does not register within Ray's own 30 s (a port
+    taken between picking and binding, a GCS slow to answer on a loaded 2-core CI machine) is stopped and
+    started again on new ports, `attempts` times at most; the args that worked are returned."""
     ports = [
         "--node-manager-port",
         "--object-manager-port",
@@ -74,26 +93,33 @@ def ray_start(args: list[str], env: dict[str, str], sessions: list[int]) -> None
         "--runtime-env-agent-port",
         "--metrics-export-port",
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "ray.scripts.scripts",
-        "start",
-        *args,
-        "--num-cpus",
-        "2",
-        "--object-store-memory",
-        str(100 * 1024 * 1024),
-        "--disable-usage-stats",
-    ]
-    for flag in ports:
-        cmd += [flag, str(free_port())]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    sessions.append(proc.pid)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}"
+    failures = []
+    for _ in range(attempts):
+        args = make_args()
+        cmd = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            *args,
+            "--num-cpus",
+            "2",
+            "--object-store-memory",
+            str(100 * 1024 * 1024),
+            "--disable-usage-stats",
+        ]
+        for flag in ports:
+            cmd += [flag, str(free_port())]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
+        sessions.append(proc.pid)
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            return args
+        failures.append(f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{ray_logs(temp_dir)}")
+        kill_session(sessions.pop())
+    raise AssertionError(f"ray start failed {attempts} times:\n" + "\n\n".join(failures))
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +129,10 @@ def two_nodes() -> Iterator[SimpleNamespace]:
     env.pop("RAY_ADDRESS", None)
     sessions: list[int] = []
     try:
-        gcs_port = free_port()
-        ray_start(
-            [
+        head = ray_start(
+            lambda: [
                 "--head",
-                f"--port={gcs_port}",
+                f"--port={free_port()}",
                 "--temp-dir",
                 temp_dir,
                 "--include-dashboard=false",
@@ -118,9 +143,12 @@ def two_nodes() -> Iterator[SimpleNamespace]:
             ],
             env,
             sessions,
+            temp_dir,
         )
-        address = f"127.0.0.1:{gcs_port}"
-        ray_start([f"--address={address}", "--resources", json.dumps({"decode_node": 1})], env, sessions)
+        address = "127.0.0.1:" + head[1].removeprefix("--port=")
+        ray_start(
+            lambda: [f"--address={address}", "--resources", json.dumps({"decode_node": 1})], env, sessions, temp_dir
+        )
         yield SimpleNamespace(address=address, sessions=sessions)
     finally:
         if ray.is_initialized():
