@@ -79,12 +79,14 @@ def ray_logs(temp_dir: str) -> str:
 
 def ray_start(
     make_args: Callable[[], list[str]], env: dict[str, str], sessions: list[int], temp_dir: str, attempts: int = 3
-) -> list[str]:
+) -> tuple[list[str], int]:
     """`ray start` in a new session (its daemons keep that session id, so they can be found and stopped).
 
     `make_args` picks fresh ports on each call. A node that does not register within Ray's own 30 s (a port
     taken between picking and binding, a GCS slow to answer on a loaded 2-core CI machine) is stopped and
-    started again on new ports, `attempts` times at most; the args that worked are returned."""
+    started again on new ports, `attempts` times at most. Every session tried stays in `sessions` (the fixture's
+    check that nothing is left running covers the failed ones too); the args that worked and their session id
+    are returned."""
     ports = [
         "--node-manager-port",
         "--object-manager-port",
@@ -116,9 +118,9 @@ def ray_start(
         sessions.append(proc.pid)
         out, _ = proc.communicate(timeout=120)
         if proc.returncode == 0:
-            return args
+            return args, proc.pid
         failures.append(f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{ray_logs(temp_dir)}")
-        kill_session(sessions.pop())
+        kill_session(proc.pid)
     raise AssertionError(f"ray start failed {attempts} times:\n" + "\n\n".join(failures))
 
 
@@ -129,7 +131,7 @@ def two_nodes() -> Iterator[SimpleNamespace]:
     env.pop("RAY_ADDRESS", None)
     sessions: list[int] = []
     try:
-        head = ray_start(
+        head, head_sid = ray_start(
             lambda: [
                 "--head",
                 f"--port={free_port()}",
@@ -146,10 +148,10 @@ def two_nodes() -> Iterator[SimpleNamespace]:
             temp_dir,
         )
         address = "127.0.0.1:" + head[1].removeprefix("--port=")
-        ray_start(
+        _, node_sid = ray_start(
             lambda: [f"--address={address}", "--resources", json.dumps({"decode_node": 1})], env, sessions, temp_dir
         )
-        yield SimpleNamespace(address=address, sessions=sessions)
+        yield SimpleNamespace(address=address, node_sessions=[head_sid, node_sid])
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -215,4 +217,4 @@ def test_pools_land_on_their_node_groups(two_nodes: SimpleNamespace) -> None:
     # joined, not started here: the Ray cluster keeps running, the workers are gone
     assert not ray.is_initialized()
     wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the worker processes to exit")
-    assert all(session_pids(sid) for sid in two_nodes.sessions)  # both nodes still up
+    assert all(session_pids(sid) for sid in two_nodes.node_sessions)  # both nodes still up
